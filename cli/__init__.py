@@ -1,0 +1,3 @@
+from .main import cli
+
+__all__ = ["cli"]

@@ -1,0 +1,120 @@
+"""The ``geosat2map`` command: thin click wrappers over the library.
+
+Every command turns a :class:`geosat2map.Geosat2mapError` into one line on stderr and exit
+status 1; Ctrl-C exits 130 after the library has cleaned up.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from geosat2map.errors import Geosat2mapError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Geosat2mapError as exc:
+            click.echo(f"geosat2map: error: {exc}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("geosat2map: interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="geosat2map")
+def cli() -> None:
+    """Satellite or aerial GeoTIFF in, georeferenced map-style GeoTIFF out (Pix2Pix)."""
+
+
+@cli.command()
+@click.argument("data", type=click.Path(file_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--direction", type=click.Choice(["AtoB", "BtoA"]), default="AtoB", show_default=True)
+@click.option("--ngf", type=int, default=64, show_default=True, help="Generator width.")
+@click.option("--ndf", type=int, default=64, show_default=True, help="Discriminator width.")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--load-size", type=int, default=286, show_default=True)
+@click.option("--crop-size", type=int, default=256, show_default=True)
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--lambda-l1", type=float, default=100.0, show_default=True)
+@click.option("--epochs", type=int, default=100, show_default=True, help="Epochs at the initial rate.")
+@click.option("--epochs-decay", type=int, default=100, show_default=True, help="Epochs of linear decay to 0.")
+@click.option("--checkpoint-every", type=int, default=500, show_default=True, help="Iterations.")
+@click.option("--holdout", type=int, default=10, show_default=True,
+              help="Aligned folders: every Nth image is validation (0: none).")
+@click.option("--gsd", "gsd_m", type=float, default=None,
+              help="Ground sampling distance of the training images, metres/pixel (stored in the weights).")
+@click.option("--init-from", default=None, help="Fine-tune from a weights file ('default': the shipped model).")
+@click.option("--max-steps", type=int, default=None, help="Stop (with a checkpoint) after this many steps.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", is_flag=True)
+def train(data, out, resume, quiet, **options) -> None:
+    """Train Pix2Pix on DATA (a pix2pix aligned folder or a `geosat2map tiles` output)."""
+    from tqdm import tqdm
+
+    from geosat2map.train import TrainConfig, train as run_training
+
+    config = TrainConfig(data=data, out=out, **options)
+    bar = tqdm(unit="step", disable=quiet, dynamic_ncols=True, smoothing=0.05)
+
+    def progress(info: dict) -> None:
+        bar.update(1)
+        bar.set_postfix(epoch=info["epoch"] + 1, L1=f"{info['G_L1']:.3f}", D=f"{info['D']:.3f}", refresh=False)
+
+    record = run_training(config, resume=resume, progress=progress)
+    bar.close()
+    if record:
+        val = record.get("val", {})
+        click.echo(f"epoch {record['epoch']} step {record['step']}: L1 {record.get('G_L1', 0):.4f}"
+                   + (f", val RMSE {val['rmse']:.2f} acc@5 {val['acc5']:.3f}" if val else ""))
+
+
+@cli.command()
+@click.argument("data", type=click.Path(file_okay=False))
+@click.option("--weights", default=None, help="Generator weights (default: the shipped model).")
+@click.option("--split", type=click.Choice(["all", "train", "val"]), default="all", show_default=True)
+@click.option("--holdout", type=int, default=10, show_default=True, help="Aligned folders: every Nth is val.")
+@click.option("--direction", type=click.Choice(["AtoB", "BtoA"]), default="AtoB", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def evaluate(data, weights, split, holdout, direction, device, as_json) -> None:
+    """Score a generator on paired DATA: RMSE, accuracy at delta 5 and 10, PSNR, SSIM."""
+    from geosat2map.evaluate import evaluate as run_eval
+
+    result = run_eval(weights, data, split=split, direction=direction, holdout=holdout, device=device)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"{int(result['count'])} pairs: RMSE {result['rmse']:.2f}  acc@5 {result['acc5']:.3f}  "
+                   f"acc@10 {result['acc10']:.3f}  PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.3f}")
+
+
+@cli.command("export-weights")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--which", type=click.Choice(["best", "latest"]), default="best", show_default=True)
+@click.option("--half", is_flag=True, help="Store fp16 (half the size).")
+@click.option("--gsd", "gsd_m", type=float, default=None, help="Override the ground sampling distance (m/px).")
+@click.option("--overwrite", is_flag=True)
+def export_weights(run_dir, out, which, half, gsd_m, overwrite) -> None:
+    """Export a training run's generator to the weights file translate loads."""
+    from geosat2map.weights import export_run
+
+    spec = export_run(run_dir, out, which=which, half=half, gsd_m=gsd_m, overwrite=overwrite)
+    click.echo(f"wrote {out} (ngf {spec.ngf}, gsd {spec.gsd_m} m)")
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m`
+    cli(prog_name="geosat2map")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""torchrun / DistributedDataParallel helpers.
+
+PyTorch's SyncBatchNorm runs only on GPUs, so CPU (gloo) training would normalise each rank's
+batch of one on its own. :class:`CrossRankBatchNorm2d` computes the batch statistics over all
+ranks with autograd-aware all-reduces, on any device, with the state dict of a BatchNorm2d.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_type: str) -> DistContext:
+    """Join the process group torchrun describes in the environment; a no-op without torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class CrossRankBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics span every rank's batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        c = x.shape[1]
+        count = torch.full((1,), x.numel() / c, dtype=x.dtype, device=x.device)
+        stats = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count])
+        stats = dist_fn.all_reduce(stats)  # differentiable: gradients flow back to every rank
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = stats[c : 2 * c] / n - mean * mean
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean.detach())
+            self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1).clamp(min=1))
+        y = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
+def convert_batchnorm(module: nn.Module) -> nn.Module:
+    """Swap every BatchNorm2d in ``module`` for a CrossRankBatchNorm2d holding the same state."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            new = CrossRankBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine)
+            new.load_state_dict(child.state_dict())
+            new.to(child.weight.device)
+            setattr(module, name, new)
+        else:
+            convert_batchnorm(child)
+    return module

@@ -1,0 +1,29 @@
+"""Exceptions that carry a one-line message for the user.
+
+The CLI prints ``str(exc)`` of these as a single line and exits non-zero; anything else is a
+bug and keeps its traceback.
+"""
+
+
+class Geosat2mapError(Exception):
+    """Base class: a problem with the user's input or environment, not with the code."""
+
+
+class InputError(Geosat2mapError):
+    """The input raster cannot be used (missing, unreadable, not georeferenced, ...)."""
+
+
+class OutputError(Geosat2mapError):
+    """The output cannot be written where asked."""
+
+
+class WeightsError(Geosat2mapError):
+    """A weights file is missing, corrupt, unsafe or does not fit the input."""
+
+
+class DataError(Geosat2mapError):
+    """A training or evaluation data set cannot be used."""
+
+
+class TrainingError(Geosat2mapError):
+    """Training cannot go on (diverged, corrupt checkpoint, ...)."""

@@ -1,0 +1,72 @@
+"""Image-translation metrics as the maps literature computes them.
+
+All functions take uint8-range images as float tensors shaped ``(3, H, W)`` (values 0..255).
+RMSE and accuracy follow the aerial->map protocol (e.g. GcGAN, SelectionGAN): both images at
+256 x 256, ``RMSE = sqrt(sum over channels and pixels of squared difference / (H*W))`` and
+``acc@delta`` = share of pixels whose largest channel difference is below ``delta``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rmse(output: torch.Tensor, target: torch.Tensor) -> float:
+    diff = output.double() - target.double()
+    return math.sqrt(float((diff**2).sum()) / (diff.shape[-1] * diff.shape[-2]))
+
+
+def accuracy(output: torch.Tensor, target: torch.Tensor, delta: float) -> float:
+    worst = (output.double() - target.double()).abs().amax(dim=0)
+    return float((worst < delta).double().mean())
+
+
+def psnr(output: torch.Tensor, target: torch.Tensor) -> float:
+    mse = float(((output.double() - target.double()) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def _gaussian_kernel(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g /= g.sum()
+    return torch.outer(g, g)
+
+
+def ssim(output: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean SSIM (Wang et al. 2004: 11x11 Gaussian, sigma 1.5, K1 0.01, K2 0.03), averaged over channels."""
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    x = output.double().unsqueeze(1)  # channels as batch
+    y = target.double().unsqueeze(1)
+    k = _gaussian_kernel().to(x)[None, None]
+    mu_x, mu_y = F.conv2d(x, k), F.conv2d(y, k)
+    sxx = F.conv2d(x * x, k) - mu_x**2
+    syy = F.conv2d(y * y, k) - mu_y**2
+    sxy = F.conv2d(x * y, k) - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+    return float(s.mean())
+
+
+def image_metrics(output: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """All per-image metrics for one (output, target) pair."""
+    return {
+        "rmse": rmse(output, target),
+        "acc5": accuracy(output, target, 5),
+        "acc10": accuracy(output, target, 10),
+        "psnr": psnr(output, target),
+        "ssim": ssim(output, target),
+    }
+
+
+def summarize(per_image: list[dict[str, float]]) -> dict[str, float]:
+    """Mean of each metric over images (PSNR of identical pairs, infinite, is left out of its mean)."""
+    if not per_image:
+        return {}
+    out: dict[str, float] = {"count": float(len(per_image))}
+    for key in per_image[0]:
+        vals = [m[key] for m in per_image if math.isfinite(m[key])]
+        out[key] = sum(vals) / len(vals) if vals else math.inf
+    return out

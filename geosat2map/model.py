@@ -1,0 +1,103 @@
+"""The Pix2Pix networks: U-Net 256 generator and 70x70 PatchGAN discriminator.
+
+The architecture follows the pix2pix reference (``networks.py``: ``UnetGenerator`` with
+``num_downs=8`` and ``NLayerDiscriminator`` with ``n_layers=3``), written as an explicit
+encoder/decoder instead of recursive blocks so the skip connections are easy to read.
+Inference and training share this one definition.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: Channel multipliers of the eight encoder levels (times ``ngf``).
+_ENCODER_MULT = (1, 2, 4, 8, 8, 8, 8, 8)
+#: Decoder levels whose output gets dropout (the three ``ngf*8`` levels above the innermost).
+_DROPOUT_LEVELS = frozenset({1, 2, 3})
+
+
+class UNetGenerator(nn.Module):
+    """U-Net 256: eight 4x4 stride-2 downsamplings to 1x1, eight upsamplings back, with skips.
+
+    Encoder level i: LeakyReLU(0.2) -> Conv -> BatchNorm (the first level has neither the
+    activation nor the norm, the innermost no norm). Decoder level: ReLU -> ConvTranspose ->
+    BatchNorm (-> Dropout 0.5 in the three ngf*8 levels below the innermost), concatenated
+    with the mirrored encoder output; the outermost ends in Tanh. Convolutions followed by
+    BatchNorm carry no bias, as in the reference.
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int = 3, ngf: int = 64) -> None:
+        super().__init__()
+        widths = [ngf * m for m in _ENCODER_MULT]
+        self.encoder = nn.ModuleList()
+        prev = in_channels
+        for level, width in enumerate(widths):
+            layers: list[nn.Module] = []
+            if level > 0:
+                layers.append(nn.LeakyReLU(0.2))
+            layers.append(nn.Conv2d(prev, width, 4, 2, 1, bias=False))
+            if 0 < level < len(widths) - 1:
+                layers.append(nn.BatchNorm2d(width))
+            self.encoder.append(nn.Sequential(*layers))
+            prev = width
+
+        self.decoder = nn.ModuleList()
+        # Decoder level k (0 = innermost) outputs the width of encoder level 6 - k and takes the
+        # previous decoder output concatenated with the skip of encoder level 7 - k.
+        for k in range(len(widths)):
+            in_width = widths[-1] if k == 0 else 2 * widths[len(widths) - 1 - k]
+            outermost = k == len(widths) - 1
+            if outermost:
+                self.decoder.append(
+                    nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(in_width, out_channels, 4, 2, 1), nn.Tanh())
+                )
+                continue
+            out_width = widths[len(widths) - 2 - k]
+            layers = [nn.ReLU(), nn.ConvTranspose2d(in_width, out_width, 4, 2, 1, bias=False), nn.BatchNorm2d(out_width)]
+            if k in _DROPOUT_LEVELS:
+                layers.append(nn.Dropout(0.5))
+            self.decoder.append(nn.Sequential(*layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+        skips.pop()  # the innermost output feeds the decoder directly
+        for k, block in enumerate(self.decoder):
+            if k > 0:
+                x = torch.cat([skips.pop(), x], dim=1)
+            x = block(x)
+        return x
+
+
+class PatchDiscriminator(nn.Module):
+    """70x70 PatchGAN: classifies overlapping 70x70 patches of (input, output) pairs as real/fake."""
+
+    def __init__(self, in_channels: int = 6, ndf: int = 64, n_layers: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2)]
+        width = ndf
+        for n in range(1, n_layers + 1):
+            stride = 2 if n < n_layers else 1
+            nxt = ndf * min(2**n, 8)
+            layers += [nn.Conv2d(width, nxt, 4, stride, 1, bias=False), nn.BatchNorm2d(nxt), nn.LeakyReLU(0.2)]
+            width = nxt
+        layers.append(nn.Conv2d(width, 1, 4, 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """The pix2pix 'normal' init: conv weights N(0, std), BatchNorm weights N(1, std), biases 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, std)
+            nn.init.zeros_(m.bias)

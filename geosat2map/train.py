@@ -1,0 +1,321 @@
+"""Pix2Pix training: the original recipe, resumable to the step, runnable under torchrun.
+
+Layout of a run directory::
+
+    config.json              the TrainConfig (a resumed run reads it back)
+    checkpoint.pt            models, optimisers, schedules, position and RNG (weights_only-loadable)
+    generator.safetensors    the generator after the latest epoch
+    best_generator.safetensors  the generator with the best validation RMSE so far
+    history.jsonl            one line per epoch: mean losses, validation metrics, time
+    samples/epochNNN.png     validation triplets (input | output | target)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+
+from . import datasets
+from .devices import resolve_device
+from .distributed import DistContext, convert_batchnorm, init_distributed
+from .errors import TrainingError
+from .evaluate import evaluate_generator, write_triplets
+from .model import PatchDiscriminator, UNetGenerator, init_weights
+from .weights import ModelSpec, load_generator, save_generator
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Defaults are the pix2pix recipe (Isola et al. 2017)."""
+
+    data: str
+    out: str
+    direction: str = "AtoB"
+    ngf: int = 64
+    ndf: int = 64
+    batch_size: int = 1
+    load_size: int = 286
+    crop_size: int = 256
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    lambda_l1: float = 100.0
+    epochs: int = 100
+    epochs_decay: int = 100
+    checkpoint_every: int = 500
+    holdout: int = 10
+    seed: int = 0
+    device: str = "auto"
+    gsd_m: float | None = None
+    init_from: str | None = None
+    max_steps: int | None = None
+    samples: int = 4
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, path: Path) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
+
+
+def _atomic_torch_save(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".part")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _lr_lambda(epochs: int, epochs_decay: int) -> Callable[[int], float]:
+    """Constant for ``epochs``, then linear to zero over ``epochs_decay`` (reference 'linear' policy)."""
+
+    def factor(epoch: int) -> float:
+        return 1.0 - max(0, epoch + 1 - epochs) / float(epochs_decay + 1)
+
+    return factor
+
+
+class Trainer:
+    """Holds the models, optimisers and data of one run; :meth:`run` trains to the end or ``max_steps``."""
+
+    def __init__(self, config: TrainConfig, dist_ctx: DistContext | None = None) -> None:
+        self.cfg = config
+        self.out = Path(config.out)
+        self.device = resolve_device(config.device)
+        if dist_ctx is None:
+            dist_ctx = init_distributed(self.device.type)
+        self.dist = dist_ctx
+        if self.device.type == "cuda" and dist_ctx.enabled:
+            self.device = torch.device("cuda", dist_ctx.local_rank)
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(config.seed)
+
+        pairs, names = datasets.load_pairs(config.data, "train", config.direction, config.holdout)
+        self.train_set = datasets.PairDataset(pairs, names, config.load_size, config.crop_size, True, config.seed)
+        val_pairs, val_names = datasets.load_pairs(config.data, "val", config.direction, config.holdout)
+        self.val_set = (
+            datasets.PairDataset(val_pairs, val_names, config.crop_size, config.crop_size, False) if val_pairs else None
+        )
+        self.sampler = DistributedSampler(
+            self.train_set, num_replicas=dist_ctx.world_size, rank=dist_ctx.rank, shuffle=True, seed=config.seed
+        )
+
+        self.spec = ModelSpec(ngf=config.ngf, gsd_m=config.gsd_m)
+        self.G = UNetGenerator(3, 3, config.ngf)
+        self.D = PatchDiscriminator(6, config.ndf)
+        init_weights(self.G)
+        init_weights(self.D)
+        if config.init_from:
+            pretrained, pspec = load_generator(None if config.init_from == "default" else config.init_from)
+            self.G = pretrained.train()
+            self.spec = ModelSpec(ngf=pspec.ngf, gsd_m=config.gsd_m or pspec.gsd_m)
+        if dist_ctx.enabled:
+            convert_batchnorm(self.G)
+            convert_batchnorm(self.D)
+        self.G.to(self.device, memory_format=torch.channels_last)
+        self.D.to(self.device, memory_format=torch.channels_last)
+        betas = (config.beta1, config.beta2)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=betas)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=config.lr, betas=betas)
+        factor = _lr_lambda(config.epochs, config.epochs_decay)
+        self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G, factor)
+        self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D, factor)
+        if dist_ctx.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.G_ddp: nn.Module = DistributedDataParallel(self.G, device_ids=ids)
+            self.D_ddp: nn.Module = DistributedDataParallel(self.D, device_ids=ids)
+        else:
+            self.G_ddp, self.D_ddp = self.G, self.D
+        self.amp = self.device.type == "cuda"
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.best_rmse = math.inf
+
+    @property
+    def total_epochs(self) -> int:
+        return self.cfg.epochs + self.cfg.epochs_decay
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.sampler) / self.cfg.batch_size)
+
+    # --- checkpoints -------------------------------------------------------------------
+    def state(self) -> dict:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "opt_G": self.opt_G.state_dict(),
+            "opt_D": self.opt_D.state_dict(),
+            "sched_G": self.sched_G.state_dict(),
+            "sched_D": self.sched_D.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_rmse": self.best_rmse,
+            "rng": rng,
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.dist.is_main:
+            _atomic_torch_save(self.state(), self.out / CHECKPOINT)
+
+    def load_checkpoint(self) -> None:
+        path = self.out / CHECKPOINT
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            self.G.load_state_dict(state["G"])
+            self.D.load_state_dict(state["D"])
+            self.opt_G.load_state_dict(state["opt_G"])
+            self.opt_D.load_state_dict(state["opt_D"])
+            self.sched_G.load_state_dict(state["sched_G"])
+            self.sched_D.load_state_dict(state["sched_D"])
+        except FileNotFoundError:
+            raise TrainingError(f"nothing to resume: {path} does not exist") from None
+        except (RuntimeError, KeyError, EOFError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TrainingError(f"checkpoint {path} is corrupt or does not fit this run: {first}") from None
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.best_rmse = state["global_step"], state["best_rmse"]
+        torch.set_rng_state(state["rng"]["cpu"].cpu())
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
+
+    # --- one optimisation step ----------------------------------------------------------
+    def train_step(self, real_a: torch.Tensor, real_b: torch.Tensor) -> dict[str, float]:
+        """Update D on (real, fake) pairs, then G on GAN + lambda*L1, as the reference does."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            fake_b = self.G_ddp(real_a)
+            pred_fake = self.D_ddp(torch.cat([real_a, fake_b.detach()], 1))
+            pred_real = self.D_ddp(torch.cat([real_a, real_b], 1))
+            loss_d = 0.5 * (
+                F.binary_cross_entropy_with_logits(pred_fake, torch.zeros_like(pred_fake))
+                + F.binary_cross_entropy_with_logits(pred_real, torch.ones_like(pred_real))
+            )
+        self.opt_D.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_D.step()
+
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            # D's gradients from this pass are discarded (zeroed before D's next update), so
+            # ranks need not synchronise them.
+            no_sync = self.D_ddp.no_sync() if self.dist.enabled else nullcontext()
+            with no_sync:
+                pred = self.D_ddp(torch.cat([real_a, fake_b], 1))
+            loss_gan = F.binary_cross_entropy_with_logits(pred, torch.ones_like(pred))
+            loss_l1 = F.l1_loss(fake_b.float(), real_b.float())
+            loss_g = loss_gan + self.cfg.lambda_l1 * loss_l1
+        self.opt_G.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self.opt_G.step()
+        losses = {"G_GAN": loss_gan.item(), "G_L1": loss_l1.item(), "D": loss_d.item()}
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise TrainingError(
+                f"loss became non-finite at step {self.global_step} ({losses}); "
+                f"the last good checkpoint is kept in {self.out / CHECKPOINT}"
+            )
+        return losses
+
+    def _batches(self):
+        self.sampler.set_epoch(self.epoch)
+        self.train_set.set_epoch(self.epoch)
+        indices = list(self.sampler)
+        bs = self.cfg.batch_size
+        for start in range(self.step_in_epoch * bs, len(indices), bs):
+            items = [self.train_set[i] for i in indices[start : start + bs]]
+            a = torch.stack([x for x, _ in items]).to(self.device, memory_format=torch.channels_last)
+            b = torch.stack([y for _, y in items]).to(self.device, memory_format=torch.channels_last)
+            yield a, b
+
+    # --- the loop -------------------------------------------------------------------------
+    def run(self, progress: Callable[[dict], None] | None = None) -> dict:
+        """Train until the schedule ends or ``max_steps`` more steps have run; returns the last record."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        steps_left = self.cfg.max_steps
+        record: dict = {}
+        while self.epoch < self.total_epochs:
+            sums: dict[str, float] = {}
+            count = 0
+            started = time.time()
+            self.G_ddp.train()
+            self.D_ddp.train()
+            for a, b in self._batches():
+                if steps_left is not None and steps_left <= 0:
+                    self.save_checkpoint()
+                    return record
+                losses = self.train_step(a, b)
+                self.step_in_epoch += 1
+                self.global_step += 1
+                count += 1
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if steps_left is not None:
+                    steps_left -= 1
+                if progress:
+                    progress({"epoch": self.epoch, "step": self.global_step, **losses})
+                if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+            record = self._end_epoch({k: v / max(count, 1) for k, v in sums.items()}, time.time() - started)
+        return record
+
+    def _end_epoch(self, losses: dict[str, float], seconds: float) -> dict:
+        record = {"epoch": self.epoch + 1, "step": self.global_step, "seconds": round(seconds, 1),
+                  "lr": self.opt_G.param_groups[0]["lr"], **losses}
+        self.sched_G.step()
+        self.sched_D.step()
+        self.epoch += 1
+        self.step_in_epoch = 0
+        if self.dist.is_main:
+            if self.val_set is not None:
+                metrics, outputs = evaluate_generator(self.G, self.val_set, self.device, keep=self.cfg.samples)
+                record["val"] = metrics
+                write_triplets(outputs, self.out / "samples" / f"epoch{self.epoch:03d}.png")
+                if metrics["rmse"] < self.best_rmse:
+                    self.best_rmse = metrics["rmse"]
+                    save_generator(self.G, self._spec(record), self.out / "best_generator.safetensors")
+            save_generator(self.G, self._spec(record), self.out / "generator.safetensors")
+            with open(self.out / "history.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.save_checkpoint()
+        return record
+
+    def _spec(self, record: dict) -> ModelSpec:
+        prov = {"data": str(self.cfg.data), "epoch": self.epoch, "step": self.global_step,
+                "recipe": "pix2pix", "val": record.get("val")}
+        return ModelSpec(ngf=self.spec.ngf, gsd_m=self.spec.gsd_m, provenance=prov)
+
+
+def train(config: TrainConfig, resume: bool = False, progress: Callable[[dict], None] | None = None) -> dict:
+    """Train a run directory from scratch, or continue it with ``resume`` (its stored config wins).
+
+    ``max_steps`` is taken from the caller's config either way, so a resumed run can be bounded.
+    """
+    out = Path(config.out)
+    if resume:
+        max_steps = config.max_steps
+        config = TrainConfig.from_json(out / "config.json")
+        config.max_steps = max_steps
+    elif (out / CHECKPOINT).exists():
+        raise TrainingError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    trainer = Trainer(config)
+    if resume:
+        trainer.load_checkpoint()
+    elif trainer.dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    return trainer.run(progress)

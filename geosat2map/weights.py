@@ -1,0 +1,138 @@
+"""The generator weights file: safetensors tensors plus the metadata translate needs.
+
+safetensors stores raw tensors and a string map, so loading a file can never run code (a
+pickled ``.pt`` can). The metadata is one JSON document under the ``geosat2map`` key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import WeightsError
+from .model import UNetGenerator
+
+FORMAT = "geosat2map-generator/1"
+DEFAULT_WEIGHTS_NAME = "default_generator.safetensors"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a generator expects and where it came from.
+
+    ``gsd_m`` is the ground sampling distance (metres per pixel) of the imagery the model was
+    trained on: translate resamples scenes to it so roads and buildings have the size the
+    model learned. Pixel values are scaled from ``[0, 255]`` to ``[-1, 1]`` in and out.
+    """
+
+    ngf: int = 64
+    in_channels: int = 3
+    out_channels: int = 3
+    arch: str = "unet256"
+    norm: str = "batch"
+    tile_size: int = 256
+    input_bands: str = "RGB"
+    value_scaling: str = "uint8 [0,255] -> [-1,1]"
+    gsd_m: float | None = None
+    provenance: dict = field(default_factory=dict)
+
+    def build(self) -> UNetGenerator:
+        if self.arch != "unet256" or self.norm != "batch":
+            raise WeightsError(f"unsupported architecture {self.arch}/{self.norm}")
+        return UNetGenerator(self.in_channels, self.out_channels, self.ngf)
+
+
+def save_generator(model: torch.nn.Module, spec: ModelSpec, path: str | Path, half: bool = False) -> None:
+    """Write the generator's state dict and spec; ``half`` stores fp16 to halve the size."""
+    state = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().cpu().contiguous()
+        if half and value.is_floating_point():
+            value = value.half()
+        state[key] = value
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    save_file(state, str(tmp), metadata={"format": FORMAT, "geosat2map": json.dumps(asdict(spec))})
+    tmp.replace(path)
+
+
+def read_spec(path: str | Path) -> ModelSpec:
+    """The spec of a weights file, read from its header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except FileNotFoundError:
+        raise WeightsError(f"weights file not found: {path}") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"not a safetensors weights file: {path} ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise WeightsError(f"{path} is not a geosat2map generator (format {meta.get('format')!r})")
+    try:
+        return ModelSpec(**json.loads(meta["geosat2map"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{path} has unreadable metadata ({exc})") from None
+
+
+def load_generator(path: str | Path | None = None) -> tuple[UNetGenerator, ModelSpec]:
+    """Build the generator a weights file describes and load it, in float32 and eval mode.
+
+    ``path=None`` loads the default model shipped in the package.
+    """
+    if path is None:
+        path = default_weights_path()
+    spec = read_spec(path)
+    model = spec.build()
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"cannot read tensors from {path} ({exc})") from None
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise WeightsError(f"{path} does not fit its declared architecture: {first}") from None
+    return model.eval(), spec
+
+
+def default_weights_path() -> Path:
+    """The generator shipped in the package; a clear error while none has been trained."""
+    path = Path(str(resources.files("geosat2map") / "weights" / DEFAULT_WEIGHTS_NAME))
+    if not path.is_file():
+        raise WeightsError(
+            "no default model is shipped yet (geosat2map/weights/"
+            f"{DEFAULT_WEIGHTS_NAME} is missing): pass --weights PATH"
+        )
+    return path
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    which: str = "best",
+    half: bool = False,
+    gsd_m: float | None = None,
+    overwrite: bool = False,
+) -> ModelSpec:
+    """Copy a training run's best (or latest) generator to ``out``, optionally fp16 and with a new GSD."""
+    from dataclasses import replace
+
+    from .errors import OutputError
+
+    src = Path(run_dir) / ("best_generator.safetensors" if which == "best" else "generator.safetensors")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out} exists (pass --overwrite to replace it)")
+    model, spec = load_generator(src)
+    if gsd_m is not None:
+        spec = replace(spec, gsd_m=gsd_m)
+    save_generator(model, spec, out, half=half)
+    return spec
