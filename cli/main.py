@@ -32,6 +32,68 @@ def cli() -> None:
     """Satellite or aerial GeoTIFF in, georeferenced map-style GeoTIFF out (Pix2Pix)."""
 
 
+def _parse_resolution(ctx, param, value: str):
+    if value in ("model", "native"):
+        return value
+    try:
+        metres = float(value)
+    except ValueError:
+        raise click.BadParameter("use model, native or a number of metres per pixel") from None
+    if metres <= 0:
+        raise click.BadParameter("metres per pixel must be positive")
+    return metres
+
+
+def _parse_bands(ctx, param, value: str | None):
+    if value is None:
+        return None
+    try:
+        return [int(b) for b in value.split(",")]
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of band numbers, e.g. 1,2,3") from None
+
+
+@cli.command()
+@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--weights", default=None, help="Generator weights (.safetensors); default: the shipped model.")
+@click.option("--resolution", default="model", show_default=True, callback=_parse_resolution,
+              help="model (the model's ground sampling distance), native, or metres per pixel.")
+@click.option("--tile-size", type=int, default=256, show_default=True)
+@click.option("--overlap", type=int, default=None, help="Overlap between tiles in pixels [default: 64].")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
+@click.option("--bands", default=None, callback=_parse_bands,
+              help="Input bands, e.g. 1,2,3 (default: by colour interpretation, else 1,2,3; one band as grey).")
+@click.option("--cog", is_flag=True, help="Write a Cloud Optimized GeoTIFF.")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@click.option("--allow-ungeoreferenced", is_flag=True, help="Translate a raster without georeferencing.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def translate(src, dst, overlap, quiet, **options) -> None:
+    """Translate the satellite/aerial raster SRC into a map-style GeoTIFF DST."""
+    from tqdm import tqdm
+
+    from geosat2map.translate import DEFAULT_OVERLAP, translate as run_translate
+
+    bar = tqdm(unit="tile", disable=quiet, dynamic_ncols=True, leave=False)
+
+    def progress(advance: int, total: int) -> None:
+        bar.total = total
+        bar.update(advance)
+
+    try:
+        result = run_translate(src, dst, overlap=DEFAULT_OVERLAP if overlap is None else overlap,
+                               progress=progress, **options)
+    finally:
+        bar.close()
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    gsd = f", {result.gsd_m:.2f} m/px" if result.gsd_m else ""
+    click.echo(f"wrote {result.dst}: {result.width} x {result.height}{gsd}, {result.tiles_computed}/{result.tiles} "
+               f"tiles computed on {result.device} in {result.seconds:.1f} s "
+               f"({result.tiles_computed / max(result.seconds, 1e-9):.1f} tiles/s)")
+
+
 @cli.command()
 @click.argument("data", type=click.Path(file_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")

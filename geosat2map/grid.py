@@ -1,0 +1,151 @@
+"""The overlapping tile grid and the blending that hides its seams.
+
+Tiles are spread evenly along each axis so every overlap is at least ``overlap`` pixels and
+the last tile ends exactly at the scene edge. Each tile carries a separable weight window: a
+raised-cosine ramp across the stretch it shares with each neighbour and flat 1 elsewhere,
+including the sides that touch the scene edge (so edges and corners are never faded out).
+Neighbouring ramps are complementary, so the weights already sum to one; the blender still
+divides by the accumulated weight, which keeps the sum exact where three tiles meet or where a
+neighbour was skipped as all-nodata.
+
+:class:`RowBlender` accumulates only the output rows that tiles still write to and hands back
+each band of rows as soon as no later tile can touch it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+
+def axis_positions(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles covering ``[0, length)``; one tile at 0 when the axis is shorter than a tile."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    n = math.ceil((length - tile) / stride) + 1
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+
+def ramp(n: int) -> np.ndarray:
+    """Raised cosine rising over ``n`` pixels, sampled at pixel centres: ``ramp(n) + ramp(n)[::-1] == 1``."""
+    t = (np.arange(n, dtype=np.float64) + 0.5) / n
+    return 0.5 - 0.5 * np.cos(np.pi * t)
+
+
+def axis_weights(length: int, tile: int, positions: list[int]) -> list[np.ndarray]:
+    """1-D weights of each tile along one axis, clipped to the scene (``length`` may be < ``tile``)."""
+    weights = []
+    for i, p in enumerate(positions):
+        size = min(tile, length - p)
+        w = np.ones(size, dtype=np.float64)
+        if i > 0:  # ramp up across the overlap with the previous tile
+            shared = positions[i - 1] + tile - p
+            w[:shared] *= ramp(shared)
+        if i < len(positions) - 1:  # ramp down across the overlap with the next tile
+            shared = p + tile - positions[i + 1]
+            w[size - shared :] *= ramp(shared)[::-1]
+        weights.append(w.astype(np.float32))
+    return weights
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tiles of ``tile`` pixels overlapping by at least ``overlap`` over a ``width`` x ``height`` scene."""
+
+    width: int
+    height: int
+    tile: int = 256
+    overlap: int = 64
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.height < 1:
+            raise ValueError("the grid needs at least one pixel")
+        if not 0 <= self.overlap <= self.tile // 2:
+            raise ValueError(f"overlap must be between 0 and half the tile size ({self.tile // 2})")
+
+    @cached_property
+    def xs(self) -> list[int]:
+        return axis_positions(self.width, self.tile, self.overlap)
+
+    @cached_property
+    def ys(self) -> list[int]:
+        return axis_positions(self.height, self.tile, self.overlap)
+
+    @cached_property
+    def x_weights(self) -> list[np.ndarray]:
+        return axis_weights(self.width, self.tile, self.xs)
+
+    @cached_property
+    def y_weights(self) -> list[np.ndarray]:
+        return axis_weights(self.height, self.tile, self.ys)
+
+    def __len__(self) -> int:
+        return len(self.xs) * len(self.ys)
+
+    def tile_shape(self, row: int, col: int) -> tuple[int, int]:
+        """(height, width) of a tile clipped to the scene."""
+        return len(self.y_weights[row]), len(self.x_weights[col])
+
+    def weight(self, row: int, col: int) -> np.ndarray:
+        return self.y_weights[row][:, None] * self.x_weights[col][None, :]
+
+    def row_end(self, row: int) -> int:
+        """First output row that tiles after ``row`` still write to (the scene height for the last)."""
+        return self.ys[row + 1] if row + 1 < len(self.ys) else self.height
+
+
+class RowBlender:
+    """Weighted accumulation over a rolling band of rows: memory grows with width, never height."""
+
+    def __init__(self, grid: TileGrid, channels: int = 3) -> None:
+        self.grid = grid
+        self.channels = channels
+        self.top = 0  # scene row held at buffer row 0
+        self.acc = np.zeros((channels, 0, grid.width), np.float32)
+        self.wsum = np.zeros((0, grid.width), np.float32)
+        self.valid = np.zeros((0, grid.width), bool)
+
+    def _ensure(self, bottom: int) -> None:
+        """Grow the buffer down to scene row ``bottom``."""
+        extra = bottom - self.top - self.wsum.shape[0]
+        if extra > 0:
+            w = self.grid.width
+            self.acc = np.concatenate([self.acc, np.zeros((self.channels, extra, w), np.float32)], axis=1)
+            self.wsum = np.concatenate([self.wsum, np.zeros((extra, w), np.float32)], axis=0)
+            self.valid = np.concatenate([self.valid, np.zeros((extra, w), bool)], axis=0)
+
+    def add(self, row: int, col: int, pixels: np.ndarray, valid: np.ndarray) -> None:
+        """Blend one tile's output (channels, h, w), clipped to the scene, with its validity mask."""
+        y, x = self.grid.ys[row], self.grid.xs[col]
+        h, w = self.grid.tile_shape(row, col)
+        self._ensure(y + h)
+        weight = self.grid.weight(row, col)
+        r0 = y - self.top
+        self.acc[:, r0 : r0 + h, x : x + w] += pixels[:, :h, :w] * weight
+        self.wsum[r0 : r0 + h, x : x + w] += weight
+        self.valid[r0 : r0 + h, x : x + w] |= valid[:h, :w]
+
+    def mark_empty(self, row: int, col: int) -> None:
+        """A tile skipped as all-nodata: its rows still have to exist in the buffer."""
+        h, _ = self.grid.tile_shape(row, col)
+        self._ensure(self.grid.ys[row] + h)
+
+    def flush(self, row: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """After every tile of ``row`` is in: (first scene row, uint8 pixels, bool mask) of the finished band."""
+        end = self.grid.row_end(row)
+        n = end - self.top
+        wsum = self.wsum[:n]
+        valid = self.valid[:n] & (wsum > 0)
+        out = np.zeros((self.channels, n, self.grid.width), np.uint8)
+        if valid.any():
+            blended = self.acc[:, :n] / np.where(wsum > 0, wsum, 1.0)
+            out[:] = np.clip(np.rint(blended), 0, 255)
+            out[:, ~valid] = 0
+        top = self.top
+        self.acc, self.wsum, self.valid = self.acc[:, n:], self.wsum[n:], self.valid[n:]
+        self.top = end
+        return top, out, valid

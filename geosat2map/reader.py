@@ -1,0 +1,186 @@
+"""Reading a scene window by window, on the grid the model wants.
+
+:func:`open_scene` checks the input, picks the bands, works out the output grid (the scene's
+footprint in its own CRS, at the model's ground sampling distance by default) and computes the
+value scaling once for the whole scene. :meth:`Scene.read` then returns one window at a time as
+float32 0..255 plus a validity mask; resampling is GDAL's (a WarpedVRT), never ours.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from affine import Affine
+from pyproj import Geod, Transformer
+from rasterio.enums import ColorInterp, Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from .errors import InputError
+
+#: Share of the darkest and brightest pixels clipped when stretching non-8-bit input to 0..255.
+STRETCH_PERCENT = (2.0, 98.0)
+#: Longest side of the decimated read used for scene statistics.
+STATS_SIZE = 1024
+
+
+@dataclass
+class Scene:
+    """An open input scene and the grid it is read on (``width`` x ``height`` at ``transform``)."""
+
+    path: Path
+    src: rasterio.io.DatasetReader
+    source: rasterio.io.DatasetReader | WarpedVRT
+    bands: list[int]
+    width: int
+    height: int
+    transform: Affine
+    crs: rasterio.crs.CRS | None
+    native_gsd_m: float | None
+    gsd_m: float | None
+    stretch: tuple[np.ndarray, np.ndarray] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels of ``window`` as float32 (bands, h, w) scaled to 0..255 and a bool validity mask."""
+        data = self.source.read(self.bands, window=window, out_dtype="float32")
+        valid = self.source.dataset_mask(window=window) > 0
+        if self.stretch is not None:
+            valid &= np.isfinite(data).all(axis=0)
+            lo, hi = self.stretch
+            data = (data - lo[:, None, None]) * (255.0 / (hi - lo))[:, None, None]
+            np.clip(data, 0.0, 255.0, out=data)
+            data[:, ~valid] = 0.0
+        return data, valid
+
+    def close(self) -> None:
+        if self.source is not self.src:
+            self.source.close()
+        self.src.close()
+
+
+def _open(path: Path) -> rasterio.io.DatasetReader:
+    if not path.exists():
+        raise InputError(f"input not found: {path}")
+    if path.is_dir():
+        raise InputError(f"input is a folder, not a raster: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
+    except RasterioIOError:
+        raise InputError(f"{path} is not a raster GDAL can read") from None
+
+
+def default_bands(src: rasterio.io.DatasetReader) -> list[int]:
+    """Red, green, blue by colour interpretation; else bands 1-3; one or two bands: band 1 as grey."""
+    interp = list(src.colorinterp)
+    wanted = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
+    if all(c in interp for c in wanted):
+        return [interp.index(c) + 1 for c in wanted]
+    if src.count >= 3:
+        return [1, 2, 3]
+    return [1, 1, 1]
+
+
+def ground_gsd_m(crs, transform: Affine, width: int, height: int) -> float:
+    """Metres on the ground per pixel at the scene centre (geodesic, so degrees and Web Mercator work)."""
+    to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    cx, cy = width / 2, height / 2
+    pts = [transform * (cx, cy), transform * (cx + 1, cy), transform * (cx, cy + 1)]
+    lon, lat = to_lonlat.transform([p[0] for p in pts], [p[1] for p in pts])
+    geod = Geod(ellps="WGS84")
+    dx = geod.inv(lon[0], lat[0], lon[1], lat[1])[2]
+    dy = geod.inv(lon[0], lat[0], lon[2], lat[2])[2]
+    return math.sqrt(dx * dy)
+
+
+def _stretch(src, bands: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band 2-98 % percentiles over the whole scene, from one decimated read (computed once)."""
+    factor = max(1, math.ceil(max(src.width, src.height) / STATS_SIZE))
+    shape = (len(bands), max(1, src.height // factor), max(1, src.width // factor))
+    data = src.read(bands, out_shape=shape, out_dtype="float64", resampling=Resampling.nearest)
+    valid = src.dataset_mask(out_shape=shape[1:], resampling=Resampling.nearest) > 0
+    valid &= np.isfinite(data).all(axis=0)
+    if not valid.any():
+        raise InputError(f"{src.name} has no valid pixels (everything is nodata or not finite)")
+    lo = np.array([np.percentile(b[valid], STRETCH_PERCENT[0]) for b in data], dtype=np.float32)
+    hi = np.array([np.percentile(b[valid], STRETCH_PERCENT[1]) for b in data], dtype=np.float32)
+    hi = np.where(hi > lo, hi, lo + 1)
+    return lo, hi
+
+
+def open_scene(
+    path: str | Path,
+    bands: list[int] | None = None,
+    resolution: str | float = "model",
+    model_gsd_m: float | None = None,
+    allow_ungeoreferenced: bool = False,
+) -> Scene:
+    """Open ``path`` for windowed reading on the output grid.
+
+    ``resolution``: ``"model"`` resamples to ``model_gsd_m`` (native when the model does not
+    say), ``"native"`` keeps the scene's pixels, a number is metres per pixel.
+    """
+    path = Path(path)
+    src = _open(path)
+    try:
+        return _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced)
+    except BaseException:
+        src.close()
+        raise
+
+
+def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced) -> Scene:
+    if src.width < 1 or src.height < 1:
+        raise InputError(f"{path} is empty ({src.width} x {src.height})")
+    georeferenced = src.crs is not None and not src.transform.is_identity
+    if not georeferenced and not allow_ungeoreferenced:
+        raise InputError(f"{path} has no georeferencing (pass --allow-ungeoreferenced to translate it in pixel space)")
+    if not src.transform.is_rectilinear:
+        raise InputError(f"{path} has a rotated or sheared geotransform; warp it north-up first (gdalwarp)")
+    bands = list(bands) if bands else default_bands(src)
+    bad = [b for b in bands if not 1 <= b <= src.count]
+    if bad:
+        raise InputError(f"{path} has {src.count} band(s); cannot read band(s) {bad}")
+    if len(bands) == 1:
+        bands = bands * 3
+    stretch = None if all(src.dtypes[b - 1] == "uint8" for b in bands) else _stretch(src, bands)
+
+    notes: list[str] = []
+    native = ground_gsd_m(src.crs, src.transform, src.width, src.height) if georeferenced else None
+    target = None
+    if resolution == "model":
+        if model_gsd_m is None:
+            notes.append("the model records no ground sampling distance: native resolution used")
+        elif native is None:
+            notes.append("the scene has no georeferencing: native resolution used")
+        else:
+            target = model_gsd_m
+    elif resolution != "native":
+        target = float(resolution)
+        if not target > 0:
+            raise InputError(f"resolution must be positive metres, not {resolution}")
+        if native is None:
+            raise InputError("a resolution in metres needs a georeferenced scene")
+
+    if target is None or math.isclose(target, native, rel_tol=1e-3):
+        return Scene(path, src, src, bands, src.width, src.height, src.transform, src.crs, native, native,
+                     stretch, notes)
+
+    # Same CRS and footprint, pixels scaled so one covers `target` metres on the ground.
+    scale = target / native
+    t = src.transform
+    width = max(1, math.ceil(src.width / scale))
+    height = max(1, math.ceil(src.height / scale))
+    transform = Affine(t.a * src.width / width, 0, t.c, 0, t.e * src.height / height, t.f)
+    method = Resampling.average if scale > 1 else Resampling.bilinear
+    vrt = WarpedVRT(src, crs=src.crs, transform=transform, width=width, height=height, resampling=method)
+    return Scene(path, src, vrt, bands, width, height, transform, src.crs, native,
+                 native * src.width / width, stretch, notes)
