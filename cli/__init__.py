@@ -1,3 +1,1 @@
-from .main import cli
-
-__all__ = ["cli"]
+"""The geosat2map command-line interface (click); the work is done by the geosat2map library."""

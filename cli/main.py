@@ -7,7 +7,6 @@ status 1; Ctrl-C exits 130 after the library has cleaned up.
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
@@ -75,23 +74,39 @@ def translate(src, dst, overlap, quiet, **options) -> None:
 
     from geosat2map.translate import DEFAULT_OVERLAP, translate as run_translate
 
-    bar = tqdm(unit="tile", disable=quiet, dynamic_ncols=True, leave=False)
+    bars: list[tqdm] = []  # created on the first tile, so an early error prints only its line
 
     def progress(advance: int, total: int) -> None:
-        bar.total = total
-        bar.update(advance)
+        if not bars:
+            bars.append(tqdm(total=total, unit="tile", disable=quiet, dynamic_ncols=True, leave=False))
+        bars[0].update(advance)
 
     try:
         result = run_translate(src, dst, overlap=DEFAULT_OVERLAP if overlap is None else overlap,
                                progress=progress, **options)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     gsd = f", {result.gsd_m:.2f} m/px" if result.gsd_m else ""
     click.echo(f"wrote {result.dst}: {result.width} x {result.height}{gsd}, {result.tiles_computed}/{result.tiles} "
                f"tiles computed on {result.device} in {result.seconds:.1f} s "
                f"({result.tiles_computed / max(result.seconds, 1e-9):.1f} tiles/s)")
+
+
+@cli.command()
+@click.argument("scene", type=click.Path(dir_okay=False))
+@click.argument("map_path", metavar="MAP", type=click.Path(dir_okay=False))
+@click.argument("png", type=click.Path(dir_okay=False))
+@click.option("--size", type=int, default=512, show_default=True, help="Long side of each panel, pixels.")
+@click.option("--overwrite", is_flag=True)
+def preview(scene, map_path, png, size, overwrite) -> None:
+    """Write PNG: SCENE beside the MAP translated from it."""
+    from geosat2map.preview import side_by_side
+
+    h, w = side_by_side(scene, map_path, png, size=size, overwrite=overwrite)
+    click.echo(f"wrote {png} ({w} x {h})")
 
 
 @cli.command()
@@ -173,10 +188,3 @@ def export_weights(run_dir, out, which, half, gsd_m, overwrite) -> None:
     spec = export_run(run_dir, out, which=which, half=half, gsd_m=gsd_m, overwrite=overwrite)
     click.echo(f"wrote {out} (ngf {spec.ngf}, gsd {spec.gsd_m} m)")
 
-
-def main() -> None:  # pragma: no cover - console entry for `python -m`
-    cli(prog_name="geosat2map")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

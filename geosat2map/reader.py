@@ -51,6 +51,17 @@ class Scene:
         """Pixels of ``window`` as float32 (bands, h, w) scaled to 0..255 and a bool validity mask."""
         data = self.source.read(self.bands, window=window, out_dtype="float32")
         valid = self.source.dataset_mask(window=window) > 0
+        return self._scale(data, valid)
+
+    def read_decimated(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """The whole scene resampled to ``height`` x ``width`` (for previews), scaled like :meth:`read`."""
+        shape = (height, width)
+        data = self.src.read(self.bands, out_shape=(len(self.bands), *shape), out_dtype="float32",
+                             resampling=Resampling.bilinear)
+        valid = self.src.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
+        return self._scale(data, valid)
+
+    def _scale(self, data: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.stretch is not None:
             valid &= np.isfinite(data).all(axis=0)
             lo, hi = self.stretch
@@ -93,7 +104,7 @@ def ground_gsd_m(crs, transform: Affine, width: int, height: int) -> float:
     """Metres on the ground per pixel at the scene centre (geodesic, so degrees and Web Mercator work)."""
     to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
     cx, cy = width / 2, height / 2
-    pts = [transform * (cx, cy), transform * (cx + 1, cy), transform * (cx, cy + 1)]
+    pts = [transform @ (cx, cy), transform @ (cx + 1, cy), transform @ (cx, cy + 1)]
     lon, lat = to_lonlat.transform([p[0] for p in pts], [p[1] for p in pts])
     geod = Geod(ellps="WGS84")
     dx = geod.inv(lon[0], lat[0], lon[1], lat[1])[2]
@@ -177,8 +188,8 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced) -> S
     # Same CRS and footprint, pixels scaled so one covers `target` metres on the ground.
     scale = target / native
     t = src.transform
-    width = max(1, math.ceil(src.width / scale))
-    height = max(1, math.ceil(src.height / scale))
+    width = max(1, round(src.width / scale))
+    height = max(1, round(src.height / scale))
     transform = Affine(t.a * src.width / width, 0, t.c, 0, t.e * src.height / height, t.f)
     method = Resampling.average if scale > 1 else Resampling.bilinear
     vrt = WarpedVRT(src, crs=src.crs, transform=transform, width=width, height=height, resampling=method)

@@ -1,0 +1,47 @@
+"""A PNG preview of a translation: the input scene beside the map, on the same footprint."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning
+
+from .errors import InputError
+from .reader import open_scene
+from .writer import check_destination
+
+
+def side_by_side(scene: str | Path, map_path: str | Path, png: str | Path, size: int = 512,
+                 overwrite: bool = False) -> tuple[int, int]:
+    """Write ``png``: the scene (left) and its map (right), each ``size`` pixels on the long side.
+
+    Pixels outside the footprint are white. Returns the PNG's (height, width).
+    """
+    png = Path(png)
+    check_destination(png, None, overwrite)
+    with rasterio.open(map_path) as dst:
+        scale = size / max(dst.width, dst.height)
+        h, w = max(1, round(dst.height * scale)), max(1, round(dst.width * scale))
+        if dst.count < 3:
+            raise InputError(f"{map_path} is not an RGB map")
+        mapped = dst.read([1, 2, 3], out_shape=(3, h, w), resampling=Resampling.nearest)
+        map_valid = dst.dataset_mask(out_shape=(h, w), resampling=Resampling.nearest) > 0
+    src = open_scene(scene, resolution="native", allow_ungeoreferenced=True)
+    try:
+        photo, photo_valid = src.read_decimated(h, w)
+    finally:
+        src.close()
+    photo = np.clip(np.rint(photo), 0, 255).astype(np.uint8)
+    photo[:, ~photo_valid] = 255
+    mapped[:, ~map_valid] = 255
+    gap = np.full((3, h, 8), 255, np.uint8)
+    grid = np.concatenate([photo, gap, mapped], axis=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(png, "w", driver="PNG", width=grid.shape[2], height=h, count=3, dtype="uint8") as out:
+            out.write(grid)
+    return h, grid.shape[2]

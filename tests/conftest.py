@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny generators and synthetic georeferenced scenes made on the fly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+
+from geosat2map.model import UNetGenerator, init_weights
+from geosat2map.weights import ModelSpec, save_generator
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_SCENE = ROOT / "sample_data" / "vegas_spacenet_rgb.tif"
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def random_generator(ngf: int = 8, seed: int = 0) -> UNetGenerator:
+    torch.manual_seed(seed)
+    g = UNetGenerator(ngf=ngf)
+    init_weights(g)
+    # Running statistics that are not the identity, so eval mode is really exercised.
+    for m in g.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return g.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A random width-8 generator with no recorded GSD (translate then keeps native resolution)."""
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_generator(random_generator(), ModelSpec(ngf=8), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_weights_gsd(tmp_path_factory) -> Path:
+    """The same generator, declaring it was trained at 2 m/pixel."""
+    path = tmp_path_factory.mktemp("weights") / "tiny_gsd2.safetensors"
+    save_generator(random_generator(), ModelSpec(ngf=8, gsd_m=2.0), path)
+    return path
+
+
+def synthetic_image(height: int, width: int, count: int = 3, seed: int = 0) -> np.ndarray:
+    """Smooth fields plus rectangles: enough structure for seams and blending to show."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    bands = []
+    for _ in range(count):
+        fx, fy, ph = rng.uniform(0.005, 0.05), rng.uniform(0.005, 0.05), rng.uniform(0, 6)
+        bands.append(127 + 80 * np.sin(fx * xx + ph) * np.cos(fy * yy))
+    img = np.stack(bands)
+    for _ in range(max(1, height * width // 4000)):
+        y, x = rng.integers(0, height), rng.integers(0, width)
+        img[:, y : y + 12, x : x + 20] = rng.uniform(0, 255, size=(count, 1, 1))
+    return np.clip(img, 0, 255)
+
+
+def write_scene(
+    path: Path,
+    width: int = 600,
+    height: int = 500,
+    count: int = 3,
+    dtype: str = "uint8",
+    crs: str | None = "EPSG:32633",
+    res: float = 1.0,
+    nodata: float | None = None,
+    data: np.ndarray | None = None,
+    **profile,
+) -> Path:
+    """Write a georeferenced test GeoTIFF (UTM by default, origin at a plausible easting/northing)."""
+    if data is None:
+        data = synthetic_image(height, width, count)
+        if dtype == "uint16":
+            data = data * 40 + 500
+        elif dtype.startswith("float"):
+            data = data / 255.0
+    transform = from_origin(500000.0, 4500000.0, res, res) if crs else None
+    with rasterio.open(
+        path, "w", driver="GTiff", width=width, height=height, count=count, dtype=dtype,
+        crs=crs, transform=transform, nodata=nodata, **profile,
+    ) as dst:
+        dst.write(data.astype(dtype))
+    return path
+
+
+@pytest.fixture
+def scene(tmp_path) -> Path:
+    return write_scene(tmp_path / "scene.tif")

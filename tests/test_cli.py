@@ -1,0 +1,183 @@
+"""The CLI: bad input gets one line on stderr, a non-zero exit and nothing at OUT."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from click.testing import CliRunner
+
+from geosat2map.weights import ModelSpec, save_generator
+from geosat2map_cli.main import cli
+
+from .conftest import random_generator, write_scene
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_clean_failure(result, out: Path, phrase: str) -> None:
+    assert result.exit_code not in (0, None), result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("geosat2map: error:") and phrase in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if ".part" in p.name or ".cog." in p.name]
+
+
+def test_translate_writes_a_map_and_reports_one_line(scene, tiny_weights, tmp_path):
+    out = tmp_path / "map.tif"
+    result = run("translate", scene, out, "--weights", tiny_weights, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"wrote {out}") and len(result.stdout.strip().splitlines()) == 1
+    with rasterio.open(out) as dst:
+        assert dst.count == 3
+
+
+def test_missing_input(tiny_weights, tmp_path):
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", tmp_path / "nope.tif", out, "--weights", tiny_weights), out, "not found")
+
+
+def test_not_a_raster(tiny_weights, tmp_path):
+    bogus = tmp_path / "notes.tif"
+    bogus.write_text("hello")
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", bogus, out, "--weights", tiny_weights), out, "not a raster")
+
+
+def test_no_georeferencing_unless_allowed(tiny_weights, tmp_path):
+    png = tmp_path / "photo.png"
+    with rasterio.open(png, "w", driver="PNG", width=300, height=200, count=3, dtype="uint8") as dst:
+        dst.write(np.zeros((3, 200, 300), np.uint8))
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", png, out, "--weights", tiny_weights), out, "no georeferencing")
+    ok = run("translate", png, out, "--weights", tiny_weights, "--allow-ungeoreferenced", "--quiet")
+    assert ok.exit_code == 0 and out.exists()
+
+
+def test_bands_that_do_not_fit_the_weights(scene, tmp_path):
+    four = tmp_path / "four_band.safetensors"
+    g = random_generator()
+    save_generator(type(g)(in_channels=4, ngf=8), ModelSpec(ngf=8, in_channels=4), four)
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", scene, out, "--weights", four), out, "takes 4 bands")
+
+
+def test_band_out_of_range(scene, tiny_weights, tmp_path):
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", scene, out, "--weights", tiny_weights, "--bands", "1,2,7"), out, "band")
+
+
+def test_output_equal_to_input(scene, tiny_weights):
+    before = scene.read_bytes()
+    result = run("translate", scene, scene, "--weights", tiny_weights, "--overwrite")
+    assert result.exit_code != 0 and "is the input" in result.stderr
+    assert scene.read_bytes() == before
+
+
+def test_existing_output_is_kept_unless_overwrite(scene, tiny_weights, tmp_path):
+    out = tmp_path / "map.tif"
+    out.write_text("precious")
+    result = run("translate", scene, out, "--weights", tiny_weights)
+    assert result.exit_code != 0 and "--overwrite" in result.stderr
+    assert out.read_text() == "precious"
+    assert run("translate", scene, out, "--weights", tiny_weights, "--overwrite", "--quiet").exit_code == 0
+    with rasterio.open(out) as dst:
+        assert dst.count == 3
+
+
+def test_missing_output_folder(scene, tiny_weights, tmp_path):
+    out = tmp_path / "no" / "such" / "map.tif"
+    result = run("translate", scene, out, "--weights", tiny_weights)
+    assert result.exit_code != 0 and "does not exist" in result.stderr
+    assert not out.exists()
+
+
+def test_unwritable_output_folder(tiny_weights):
+    """Run as an unprivileged user when the tests run as root (root can write anywhere)."""
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)
+        scene = write_scene(base / "scene.tif")
+        weights = base / "w.safetensors"
+        shutil.copy(tiny_weights, weights)
+        locked = base / "locked"
+        locked.mkdir(mode=0o555)
+        locked.chmod(0o555)
+        for p in (scene, weights):
+            p.chmod(0o644)
+        cmd = [sys.executable, "-m", "geosat2map_cli", "translate", str(scene), str(locked / "map.tif"),
+               "--weights", str(weights)]
+        if os.geteuid() == 0:
+            if not shutil.which("setpriv"):
+                pytest.skip("running as root without setpriv: cannot drop privileges")
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=base)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip().splitlines() == [f"geosat2map: error: the output folder {locked} is not writable"]
+        assert list(locked.iterdir()) == []
+    finally:
+        shutil.rmtree(base)
+
+
+def test_ctrl_c_midway_leaves_nothing(tmp_path, tiny_weights, monkeypatch):
+    scene = write_scene(tmp_path / "scene.tif", width=900, height=900)
+    calls = {"n": 0}
+    from geosat2map import engine
+
+    original = engine.InferenceEngine.__call__
+
+    def interrupted(self, tiles):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, tiles)
+
+    monkeypatch.setattr(engine.InferenceEngine, "__call__", interrupted)
+    out = tmp_path / "map.tif"
+    result = run("translate", scene, out, "--weights", tiny_weights, "--batch-size", "2", "--quiet")
+    assert result.exit_code == 130
+    assert result.stderr.strip() == "geosat2map: interrupted"
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
+
+
+def test_corrupt_weights(scene, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", scene, out, "--weights", bad), out, "safetensors")
+
+
+def test_pickle_weights_are_refused_without_running_them(scene, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump({"state": Evil()}, f)
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", scene, out, "--weights", evil), out, "safetensors")
+    assert not marker.exists()
+
+
+def test_torch_checkpoint_is_not_taken_for_weights(scene, tmp_path):
+    ckpt = tmp_path / "model.pt"
+    torch.save(random_generator().state_dict(), ckpt)
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", scene, out, "--weights", ckpt), out, "safetensors")

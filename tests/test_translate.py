@@ -1,0 +1,208 @@
+"""translate: georeferencing, masks, scaling, batching and seams."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.windows import Window
+
+import geosat2map.grid
+from geosat2map.engine import InferenceEngine
+from geosat2map.grid import TileGrid
+from geosat2map.model import UNetGenerator, init_weights
+from geosat2map.reader import ground_gsd_m, open_scene
+from geosat2map.translate import translate
+from geosat2map.weights import ModelSpec, save_generator
+
+from .conftest import SAMPLE_SCENE, random_generator, synthetic_image, write_scene
+
+
+def test_output_keeps_crs_transform_and_footprint(scene, tiny_weights, tmp_path):
+    out = tmp_path / "map.tif"
+    result = translate(scene, out, weights=tiny_weights)
+    with rasterio.open(scene) as src, rasterio.open(out) as dst:
+        assert dst.crs == src.crs
+        assert dst.transform == src.transform
+        assert dst.bounds == src.bounds
+        assert (dst.width, dst.height) == (src.width, src.height)
+        assert dst.count == 3 and dst.dtypes == ("uint8",) * 3
+        assert [c.name for c in dst.colorinterp] == ["red", "green", "blue"]  # PHOTOMETRIC=RGB
+        assert dst.profile["tiled"] and dst.compression.name == "zstd"
+        assert dst.overviews(1) == [2, 4]
+        assert dst.tags(ns="IMAGE_STRUCTURE").get("PREDICTOR") == "2"
+    assert result.tiles == result.tiles_computed == len(TileGrid(600, 500))
+
+
+def test_resamples_to_the_model_gsd_over_the_same_footprint(scene, tiny_weights_gsd, tmp_path):
+    out = tmp_path / "map.tif"
+    translate(scene, out, weights=tiny_weights_gsd)
+    with rasterio.open(scene) as src, rasterio.open(out) as dst:
+        assert dst.bounds == pytest.approx(src.bounds, abs=1e-6)
+        assert dst.res == pytest.approx((2.0, 2.0), rel=0.01)
+        assert (dst.width, dst.height) == (300, 250)
+
+
+def test_geographic_scene_is_resampled_by_ground_distance(tiny_weights_gsd, tmp_path):
+    out = tmp_path / "map.tif"
+    translate(SAMPLE_SCENE, out, weights=tiny_weights_gsd)
+    with rasterio.open(SAMPLE_SCENE) as src, rasterio.open(out) as dst:
+        assert dst.crs == src.crs and dst.crs.is_geographic
+        assert dst.bounds == pytest.approx(src.bounds, abs=1e-9)
+        assert ground_gsd_m(dst.crs, dst.transform, dst.width, dst.height) == pytest.approx(2.0, rel=0.02)
+
+
+def test_nodata_footprint_becomes_the_output_mask_and_empty_tiles_are_skipped(tiny_weights, tmp_path):
+    data = synthetic_image(700, 900)
+    data[:, :, 600:] = 0  # a third of the scene outside the footprint
+    data[:, 200:260, 100:160] = 0
+    src_path = write_scene(tmp_path / "nd.tif", width=900, height=700, nodata=0, data=data)
+    out = tmp_path / "map.tif"
+    result = translate(src_path, out, weights=tiny_weights)
+    with rasterio.open(src_path) as src, rasterio.open(out) as dst:
+        src_mask = src.dataset_mask() > 0
+        dst_mask = dst.dataset_mask() > 0
+        assert dst.mask_flag_enums[0][0].name == "per_dataset"
+        assert (src_mask == dst_mask).all()
+        assert (dst.read()[:, ~dst_mask] == 0).all()
+    assert result.tiles_computed < result.tiles
+
+
+def test_alpha_band_becomes_the_output_mask(tiny_weights, tmp_path):
+    rgb = synthetic_image(400, 500)
+    alpha = np.full((1, 400, 500), 255.0)
+    alpha[:, :, :120] = 0
+    path = write_scene(tmp_path / "rgba.tif", width=500, height=400, count=4, data=np.concatenate([rgb, alpha]),
+                       photometric="RGB", alpha="YES")
+    out = tmp_path / "map.tif"
+    translate(path, out, weights=tiny_weights)
+    with rasterio.open(out) as dst:
+        mask = dst.dataset_mask() > 0
+    assert not mask[:, :120].any() and mask[:, 120:].all()
+
+
+def test_a_tile_does_not_depend_on_its_batch_mates():
+    engine = InferenceEngine(random_generator(), torch.device("cpu"))
+    tiles = np.stack([synthetic_image(256, 256, seed=s) for s in range(16)]).astype(np.float32)
+    together = engine(tiles)
+    alone = np.concatenate([engine(tiles[i : i + 1]) for i in range(16)])
+    assert np.allclose(together, alone, atol=1e-3)
+
+
+def test_batch_size_does_not_change_the_output(scene, tiny_weights, tmp_path):
+    translate(scene, tmp_path / "b1.tif", weights=tiny_weights, batch_size=1)
+    translate(scene, tmp_path / "b16.tif", weights=tiny_weights, batch_size=16)
+    with rasterio.open(tmp_path / "b1.tif") as a, rasterio.open(tmp_path / "b16.tif") as b:
+        assert np.abs(a.read().astype(int) - b.read().astype(int)).max() <= 1
+
+
+def test_uint16_is_scaled_once_for_the_whole_scene(tmp_path):
+    data = synthetic_image(600, 800, count=1) * 40 + 500
+    data[:, :, :400] *= 0.25  # a dark half: per-window stretching would brighten it
+    path = write_scene(tmp_path / "pan.tif", width=800, height=600, count=1, dtype="uint16", data=data)
+    scene = open_scene(path, resolution="native")
+    try:
+        assert scene.bands == [1, 1, 1]
+        dark, _ = scene.read(Window(0, 0, 256, 256))
+        overlap_a, _ = scene.read(Window(300, 0, 256, 256))
+        overlap_b, _ = scene.read(Window(350, 0, 256, 256))
+    finally:
+        scene.close()
+    assert dark.max() < 128  # the dark half stays dark
+    assert np.array_equal(overlap_a[:, :, 50:], overlap_b[:, :, :206])  # same pixel, same value, any window
+
+
+def test_single_band_uint16_translates_to_rgb(tiny_weights, tmp_path):
+    path = write_scene(tmp_path / "pan.tif", count=1, dtype="uint16", nodata=0)
+    out = tmp_path / "map.tif"
+    translate(path, out, weights=tiny_weights)
+    with rasterio.open(out) as dst:
+        assert dst.count == 3
+
+
+def test_float_nan_and_inf_are_masked(tiny_weights, tmp_path):
+    data = synthetic_image(300, 300) / 255.0
+    data[:, 10:20, 10:20] = np.nan
+    data[:, 50:60, 50:60] = np.inf
+    path = write_scene(tmp_path / "f.tif", width=300, height=300, dtype="float32", data=data)
+    out = tmp_path / "map.tif"
+    translate(path, out, weights=tiny_weights)
+    with rasterio.open(out) as dst:
+        mask = dst.dataset_mask() > 0
+    assert not mask[10:20, 10:20].any() and not mask[50:60, 50:60].any()
+    assert mask[100:, 100:].all()
+
+
+def test_bands_option_picks_bands_in_order(tmp_path):
+    data = np.stack([np.full((300, 300), v, np.float32) for v in (10, 20, 30, 40)])
+    path = write_scene(tmp_path / "four.tif", width=300, height=300, count=4, data=data)
+    scene = open_scene(path, bands=[4, 3, 2], resolution="native")
+    try:
+        pixels, _ = scene.read(Window(0, 0, 8, 8))
+    finally:
+        scene.close()
+    assert pixels[:, 0, 0].tolist() == [40, 30, 20]
+
+
+def test_scene_smaller_than_a_tile(tiny_weights, tmp_path):
+    path = write_scene(tmp_path / "small.tif", width=37, height=1)
+    out = tmp_path / "map.tif"
+    translate(path, out, weights=tiny_weights)
+    with rasterio.open(out) as dst:
+        assert (dst.width, dst.height) == (37, 1)
+
+
+def test_cog_output_is_a_cloud_optimized_geotiff(tiny_weights, tmp_path):
+    path = write_scene(tmp_path / "big.tif", width=1100, height=900)
+    out = tmp_path / "map.tif"
+    translate(path, out, weights=tiny_weights, cog=True)
+    with rasterio.open(out) as dst:
+        assert dst.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert dst.overviews(1)
+        assert dst.crs.to_epsg() == 32633
+
+
+def _seam_ratio(image: np.ndarray, positions: list[int], tile: int, axis: int) -> float:
+    """Mean gradient across the lines where tiles meet, over the mean gradient inside tiles.
+
+    The border lines of each pair of neighbours: where the next tile starts, where the previous
+    one ends, and mid-overlap (where a hard cut would put the seam).
+    """
+    grad = np.abs(np.diff(image.astype(np.float64), axis=axis)).mean(axis=(0, 1 if axis == 2 else 2))
+    lines: set[int] = set()
+    inside = np.ones(grad.shape[0], bool)
+    for a, b in zip(positions, positions[1:]):
+        shared = a + tile - b
+        lines |= {b - 1, b + shared // 2 - 1, a + tile - 1}
+        inside[b - 1 : a + tile] = False
+    return float(grad[sorted(lines)].mean() / grad[inside].mean())
+
+
+@pytest.fixture(scope="module")
+def seam_model(tmp_path_factory):
+    """A random generator with weights large enough that tiles disagree at their borders."""
+    torch.manual_seed(0)
+    g = UNetGenerator(ngf=8)
+    init_weights(g, std=0.1)
+    path = tmp_path_factory.mktemp("seam") / "seam.safetensors"
+    save_generator(g.eval(), ModelSpec(ngf=8), path)
+    return path
+
+
+def _translate_sample(weights, out) -> tuple[np.ndarray, TileGrid]:
+    translate(SAMPLE_SCENE, out, weights=weights, resolution="native")
+    with rasterio.open(out) as dst:
+        return dst.read(), TileGrid(dst.width, dst.height, 256, 64)
+
+
+def test_no_seam_along_tile_borders_on_a_real_scene(seam_model, tmp_path, monkeypatch):
+    image, grid = _translate_sample(seam_model, tmp_path / "blended.tif")
+    assert _seam_ratio(image, grid.xs, 256, axis=2) <= 1.0
+    assert _seam_ratio(image, grid.ys, 256, axis=1) <= 1.0
+
+    # The same measurement catches the seams when blending is switched off (hard cuts mid-overlap).
+    monkeypatch.setattr(geosat2map.grid, "ramp", lambda n: (np.arange(n) >= n // 2).astype(np.float64))
+    image, grid = _translate_sample(seam_model, tmp_path / "cut.tif")
+    assert _seam_ratio(image, grid.xs, 256, axis=2) > 1.0
+    assert _seam_ratio(image, grid.ys, 256, axis=1) > 1.0
