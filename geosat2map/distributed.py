@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 
@@ -46,6 +45,22 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose gradient is the sum of the ranks' gradients (every rank's loss uses it)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class CrossRankBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics span every rank's batch."""
 
@@ -55,7 +70,7 @@ class CrossRankBatchNorm2d(nn.BatchNorm2d):
         c = x.shape[1]
         count = torch.full((1,), x.numel() / c, dtype=x.dtype, device=x.device)
         stats = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count])
-        stats = dist_fn.all_reduce(stats)  # differentiable: gradients flow back to every rank
+        stats = _AllReduceSum.apply(stats)
         n = stats[-1]
         mean = stats[:c] / n
         var = stats[c : 2 * c] / n - mean * mean

@@ -29,7 +29,7 @@ from torch.utils.data import DistributedSampler
 
 from . import datasets
 from .devices import resolve_device
-from .distributed import DistContext, convert_batchnorm, init_distributed
+from .distributed import DistContext, convert_batchnorm, init_distributed, shutdown_distributed
 from .errors import TrainingError
 from .evaluate import evaluate_generator, write_triplets
 from .model import PatchDiscriminator, UNetGenerator, init_weights
@@ -313,9 +313,12 @@ def train(config: TrainConfig, resume: bool = False, progress: Callable[[dict], 
     elif (out / CHECKPOINT).exists():
         raise TrainingError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     trainer = Trainer(config)
-    if resume:
-        trainer.load_checkpoint()
-    elif trainer.dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    return trainer.run(progress)
+    try:
+        if resume:
+            trainer.load_checkpoint()
+        elif trainer.dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+        return trainer.run(progress)
+    finally:
+        shutdown_distributed()

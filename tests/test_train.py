@@ -1,0 +1,216 @@
+"""Training: the recipe learns, resumes to the step, and runs under torchrun; metrics are right."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from geosat2map import metrics
+from geosat2map.errors import TrainingError
+from geosat2map.model import PatchDiscriminator, UNetGenerator
+from geosat2map.train import TrainConfig, Trainer, train
+from geosat2map_cli.main import cli
+
+from .conftest import synthetic_image
+
+
+def write_aligned(folder: Path, n: int = 6, size: int = 64) -> Path:
+    """A pix2pix aligned folder: photo-like left half, a 'map' (posterised copy) right half."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        a = synthetic_image(size, size, seed=i).astype(np.uint8)
+        b = (a // 64 * 64 + 32).astype(np.uint8)
+        img = np.concatenate([a, b], axis=2)
+        with rasterio.open(folder / f"{i}.png", "w", driver="PNG", width=2 * size, height=size, count=3,
+                           dtype="uint8") as dst:
+            dst.write(img)
+    return folder
+
+
+def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=str(data), out=str(out), ngf=4, ndf=4, load_size=286, crop_size=256, epochs=2,
+                epochs_decay=1, holdout=3, checkpoint_every=0, samples=1, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_generator_and_discriminator_match_the_reference_sizes():
+    g = UNetGenerator(ngf=64)
+    d = PatchDiscriminator(ndf=64)
+    assert sum(p.numel() for p in g.parameters()) == 54_413_955  # pix2pix unet_256
+    assert sum(p.numel() for p in d.parameters()) == 2_768_705  # pix2pix basic (n_layers=3)
+    x = torch.zeros(1, 6, 256, 256)
+    assert d(x).shape == (1, 1, 30, 30)  # 30 x 30 patches of 70 x 70 pixels
+    assert sum(isinstance(m, torch.nn.Dropout) for m in g.modules()) == 3
+
+
+def test_l1_falls_on_a_fixed_pair(tmp_path):
+    data = write_aligned(tmp_path / "data", n=1)
+    trainer = Trainer(tiny_config(data, tmp_path / "run", holdout=0, ngf=8, lr=1e-3, load_size=256))
+    a, b = trainer.train_set[0]
+    a, b = a[None], b[None]
+    losses = [trainer.train_step(a, b)["G_L1"] for _ in range(40)]
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+
+
+def test_resumed_run_takes_the_same_next_step(tmp_path):
+    data = write_aligned(tmp_path / "data")
+    # Uninterrupted: 5 steps (crossing the epoch boundary at 4).
+    full = tiny_config(data, tmp_path / "full", max_steps=5)
+    train(full)
+    # Interrupted after 3 steps, then resumed for 2.
+    part = tiny_config(data, tmp_path / "part", max_steps=3)
+    train(part)
+    train(tiny_config(data, tmp_path / "part", max_steps=2), resume=True)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 5
+    for key in ("G", "D"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
+    assert a["opt_G"]["state"][0]["exp_avg"].equal(b["opt_G"]["state"][0]["exp_avg"])
+
+
+def test_epoch_outputs_and_schedule(tmp_path):
+    data = write_aligned(tmp_path / "data")
+    record = train(tiny_config(data, tmp_path / "run"))
+    run = tmp_path / "run"
+    assert record["epoch"] == 3
+    lines = (run / "history.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    assert (run / "samples" / "epoch003.png").is_file()
+    assert (run / "best_generator.safetensors").is_file()
+    trainer = Trainer(tiny_config(data, run))
+    trainer.load_checkpoint()
+    # lr constant for 2 epochs, then linear decay: after 3 epochs the factor is 1 - 2/2 = 0.
+    assert trainer.opt_G.param_groups[0]["lr"] == pytest.approx(0.0)
+    assert set(load_file(run / "generator.safetensors")) == set(UNetGenerator(ngf=4).state_dict())
+
+
+def test_existing_run_needs_resume(tmp_path):
+    data = write_aligned(tmp_path / "data")
+    train(tiny_config(data, tmp_path / "run", max_steps=1))
+    with pytest.raises(TrainingError, match="--resume"):
+        train(tiny_config(data, tmp_path / "run", max_steps=1))
+
+
+def test_corrupt_checkpoint_is_detected_on_resume(tmp_path):
+    data = write_aligned(tmp_path / "data")
+    train(tiny_config(data, tmp_path / "run", max_steps=1))
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(TrainingError, match="corrupt"):
+        train(tiny_config(data, tmp_path / "run", max_steps=1), resume=True)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    data = write_aligned(tmp_path / "data")
+    train(tiny_config(data, tmp_path / "run", max_steps=2))
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    import geosat2map.train as train_mod
+
+    monkeypatch.setattr(train_mod.F, "l1_loss", lambda a, b: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(TrainingError, match="non-finite"):
+        train(tiny_config(data, tmp_path / "run", max_steps=2), resume=True)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
+def test_train_and_evaluate_cli(tmp_path):
+    data = write_aligned(tmp_path / "data")
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", str(data), "--out", str(run), "--ngf", "4", "--ndf", "4",
+                                      "--epochs", "1", "--epochs-decay", "0", "--holdout", "3", "--gsd", "2.0",
+                                      "--quiet", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "val RMSE" in result.stdout
+    out = tmp_path / "exported.safetensors"
+    result = CliRunner().invoke(cli, ["export-weights", str(run), str(out), "--half"])
+    assert result.exit_code == 0, result.output
+    from geosat2map.weights import read_spec
+
+    assert read_spec(out).gsd_m == 2.0
+    result = CliRunner().invoke(cli, ["evaluate", str(data), "--weights", str(out), "--split", "val",
+                                      "--holdout", "3", "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    scores = json.loads(result.stdout)
+    assert scores["count"] == 2 and 0 <= scores["acc5"] <= 1 and scores["rmse"] > 0
+
+
+# --- metrics on constructed images ------------------------------------------------------------
+
+def test_rmse_follows_the_maps_protocol():
+    a = torch.zeros(3, 256, 256)
+    b = torch.full((3, 256, 256), 10.0)
+    # sum over channels and pixels of 100, divided by 256^2, is 300.
+    assert metrics.rmse(a, b) == pytest.approx(math.sqrt(300))
+
+
+def test_accuracy_uses_the_largest_channel_difference():
+    a = torch.zeros(3, 4, 4)
+    b = torch.zeros(3, 4, 4)
+    b[0, :2] = 7  # half the pixels off by 7 in one channel only
+    assert metrics.accuracy(a, b, 5) == pytest.approx(0.5)
+    assert metrics.accuracy(a, b, 10) == pytest.approx(1.0)
+
+
+def test_psnr_and_ssim_known_values():
+    a = torch.zeros(3, 32, 32)
+    b = torch.full((3, 32, 32), 255.0)
+    assert metrics.psnr(a, b) == pytest.approx(0.0)
+    # Flat images: only the luminance term, (2*100*150 + C1) / (100^2 + 150^2 + C1).
+    c1 = (0.01 * 255) ** 2
+    flat = metrics.ssim(torch.full((3, 32, 32), 100.0), torch.full((3, 32, 32), 150.0))
+    assert flat == pytest.approx((30000 + c1) / (32500 + c1))
+    noise = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255
+    assert metrics.ssim(noise, noise) == pytest.approx(1.0)
+    assert metrics.ssim(noise, 255 - noise) < -0.5
+    assert math.isinf(metrics.psnr(noise, noise))
+
+
+# --- torchrun -------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not shutil.which("torchrun", path=os.path.dirname(sys.executable)), reason="torchrun not installed")
+def test_torchrun_two_cpu_ranks_end_with_identical_weights(tmp_path):
+    data = write_aligned(tmp_path / "data", n=4)
+    script = tmp_path / "ddp_check.py"
+    script.write_text(
+        "import sys, torch\n"
+        "import torch.distributed as dist\n"
+        "from geosat2map.distributed import CrossRankBatchNorm2d\n"
+        "from geosat2map.train import TrainConfig, Trainer\n"
+        f"cfg = TrainConfig(data={str(data)!r}, out={str(tmp_path / 'run')!r}, ngf=4, ndf=4, holdout=0,\n"
+        "                  epochs=2, epochs_decay=0, max_steps=3, checkpoint_every=0, device='cpu')\n"
+        "t = Trainer(cfg)\n"
+        "assert any(isinstance(m, CrossRankBatchNorm2d) for m in t.G.modules())\n"
+        "t.run()\n"
+        "for name, p in list(t.G.state_dict().items()) + list(t.D.state_dict().items()):\n"
+        "    mine = p.detach().float().clone()\n"
+        "    other = mine.clone(); dist.broadcast(other, 0)\n"
+        "    assert torch.equal(mine, other), name\n"
+        "xs = [torch.randn(1, 5, 8, 8, generator=torch.Generator().manual_seed(r)) for r in range(2)]\n"
+        "bn = CrossRankBatchNorm2d(5).train()\n"
+        "ref = torch.nn.BatchNorm2d(5).train()(torch.cat(xs))[dist.get_rank()]\n"
+        "assert torch.allclose(bn(xs[dist.get_rank()])[0], ref, atol=1e-5), 'statistics are not cross-rank'\n"
+        "print('rank', dist.get_rank(), 'steps', t.global_step, 'identical', flush=True)\n"
+        "dist.destroy_process_group()\n"
+    )
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29531", str(script)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("identical") == 2
+    assert "steps 3" in proc.stdout
