@@ -41,7 +41,9 @@ def init_distributed(device_type: str) -> DistContext:
 
 
 def shutdown_distributed() -> None:
+    """Leave the process group together: a rank tearing down while another still talks aborts gloo."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -98,35 +98,50 @@ class TileGrid:
         return self.ys[row + 1] if row + 1 < len(self.ys) else self.height
 
 
+def _axis_sum(length: int, positions: list[int], weights: list[np.ndarray]) -> np.ndarray:
+    total = np.zeros(length, np.float32)
+    for p, w in zip(positions, weights):
+        total[p : p + len(w)] += w
+    return total
+
+
 class RowBlender:
-    """Weighted accumulation over a rolling band of rows: memory grows with width, never height."""
+    """Weighted accumulation over a rolling band of rows: memory grows with width, never height.
+
+    Every pixel covered by a skipped (all-nodata) tile is nodata itself, so at every valid pixel
+    all covering tiles were blended and the weight sum is the full grid's, which factorises into
+    a row sum times a column sum: no per-pixel weight buffer is needed.
+    """
 
     def __init__(self, grid: TileGrid, channels: int = 3) -> None:
         self.grid = grid
         self.channels = channels
         self.top = 0  # scene row held at buffer row 0
-        self.acc = np.zeros((channels, 0, grid.width), np.float32)
-        self.wsum = np.zeros((0, grid.width), np.float32)
-        self.valid = np.zeros((0, grid.width), bool)
+        self.used = 0  # buffer rows in use
+        self.col_sum = _axis_sum(grid.width, grid.xs, grid.x_weights)
+        self.row_sum = _axis_sum(grid.height, grid.ys, grid.y_weights)
+        rows = min(grid.height, 2 * grid.tile)
+        self.acc = np.zeros((channels, rows, grid.width), np.float32)
+        self.valid = np.zeros((rows, grid.width), bool)
 
     def _ensure(self, bottom: int) -> None:
-        """Grow the buffer down to scene row ``bottom``."""
-        extra = bottom - self.top - self.wsum.shape[0]
-        if extra > 0:
-            w = self.grid.width
-            self.acc = np.concatenate([self.acc, np.zeros((self.channels, extra, w), np.float32)], axis=1)
-            self.wsum = np.concatenate([self.wsum, np.zeros((extra, w), np.float32)], axis=0)
-            self.valid = np.concatenate([self.valid, np.zeros((extra, w), bool)], axis=0)
+        """Make buffer rows available down to scene row ``bottom`` (grows only in rare layouts)."""
+        need = bottom - self.top
+        if need > self.acc.shape[1]:
+            grow = need - self.acc.shape[1]
+            self.acc = np.concatenate([self.acc, np.zeros((self.channels, grow, self.grid.width), np.float32)], 1)
+            self.valid = np.concatenate([self.valid, np.zeros((grow, self.grid.width), bool)], 0)
+        self.used = max(self.used, need)
 
     def add(self, row: int, col: int, pixels: np.ndarray, valid: np.ndarray) -> None:
         """Blend one tile's output (channels, h, w), clipped to the scene, with its validity mask."""
         y, x = self.grid.ys[row], self.grid.xs[col]
         h, w = self.grid.tile_shape(row, col)
         self._ensure(y + h)
-        weight = self.grid.weight(row, col)
         r0 = y - self.top
-        self.acc[:, r0 : r0 + h, x : x + w] += pixels[:, :h, :w] * weight
-        self.wsum[r0 : r0 + h, x : x + w] += weight
+        pixels = pixels[:, :h, :w]
+        pixels *= self.grid.weight(row, col)
+        self.acc[:, r0 : r0 + h, x : x + w] += pixels
         self.valid[r0 : r0 + h, x : x + w] |= valid[:h, :w]
 
     def mark_empty(self, row: int, col: int) -> None:
@@ -138,14 +153,19 @@ class RowBlender:
         """After every tile of ``row`` is in: (first scene row, uint8 pixels, bool mask) of the finished band."""
         end = self.grid.row_end(row)
         n = end - self.top
-        wsum = self.wsum[:n]
-        valid = self.valid[:n] & (wsum > 0)
-        out = np.zeros((self.channels, n, self.grid.width), np.uint8)
-        if valid.any():
-            blended = self.acc[:, :n] / np.where(wsum > 0, wsum, 1.0)
-            out[:] = np.clip(np.rint(blended), 0, 255)
-            out[:, ~valid] = 0
-        top = self.top
-        self.acc, self.wsum, self.valid = self.acc[:, n:], self.wsum[n:], self.valid[n:]
-        self.top = end
+        band = self.acc[:, :n]
+        band /= self.col_sum[None, None, :]  # in place: no full-size temporaries
+        band /= self.row_sum[None, self.top : end, None]
+        np.rint(band, out=band)
+        np.clip(band, 0, 255, out=band)
+        out = band.astype(np.uint8)
+        valid = self.valid[:n].copy()
+        out[:, ~valid] = 0
+        # Shift the rows still being blended to the top and clear the rest.
+        keep = self.used - n
+        self.acc[:, :keep] = self.acc[:, n : self.used]
+        self.acc[:, keep : self.used] = 0
+        self.valid[:keep] = self.valid[n : self.used]
+        self.valid[keep : self.used] = False
+        top, self.top, self.used = self.top, end, keep
         return top, out, valid

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import rasterio
 import torch
 from rasterio.windows import Window
 
@@ -25,6 +26,9 @@ from .writer import GeoTIFFWriter, check_destination
 
 #: Default overlap between 256-pixel tiles (see benchmarks/overlap.py for the measurement).
 DEFAULT_OVERLAP = 64
+#: GDAL block cache, MB: a block row of a 16384-pixel-wide scene in and out is about 25 MB, so
+#: this holds what streaming needs without the cache growing with the scene.
+GDAL_CACHE_MB = 64
 
 
 @dataclass
@@ -110,7 +114,14 @@ def translate(
     net, spec = model if model is not None else load_generator(weights)
     torch_device = resolve_device(device)
     started = time.perf_counter()
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        return _run(src, dst, net, spec, torch_device, started, bands=bands, resolution=resolution,
+                    tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
+                    allow_ungeoreferenced=allow_ungeoreferenced, progress=progress)
 
+
+def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_size, overlap, batch_size, cog,
+         allow_ungeoreferenced, progress) -> TranslateResult:
     scene = open_scene(src, bands, resolution, spec.gsd_m, allow_ungeoreferenced)
     try:
         if len(scene.bands) != spec.in_channels:
