@@ -12,6 +12,7 @@ Layout of a run directory::
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -143,6 +144,11 @@ class Trainer:
         self.step_in_epoch = 0
         self.global_step = 0
         self.best_rmse = math.inf
+
+    def release(self) -> None:
+        """Drop the DDP wrappers: their reducers must go before the process group is destroyed."""
+        self.G_ddp, self.D_ddp = self.G, self.D
+        gc.collect()
 
     @property
     def total_epochs(self) -> int:
@@ -321,4 +327,5 @@ def train(config: TrainConfig, resume: bool = False, progress: Callable[[dict], 
             (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
         return trainer.run(progress)
     finally:
+        trainer.release()
         shutdown_distributed()

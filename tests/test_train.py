@@ -206,6 +206,7 @@ def test_torchrun_two_cpu_ranks_end_with_identical_weights(tmp_path):
         "assert torch.allclose(bn(xs[dist.get_rank()])[0], ref, atol=1e-5), 'statistics are not cross-rank'\n"
         f"open({str(tmp_path)!r} + f'/rank{{dist.get_rank()}}.txt', 'w').write(f'steps {{t.global_step}} identical')\n"
         "from geosat2map.distributed import shutdown_distributed\n"
+        "t.release()\n"
         "shutdown_distributed()\n"
     )
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
