@@ -98,6 +98,25 @@ class TileGrid:
         return self.ys[row + 1] if row + 1 < len(self.ys) else self.height
 
 
+def seam_ratio(image: np.ndarray, positions: list[int], tile: int, axis: int) -> float:
+    """How much a (channels, h, w) mosaic changes across tile borders, relative to inside tiles.
+
+    Mean absolute gradient on the lines where neighbours meet (where the next tile starts, where
+    the previous one ends, and mid-overlap, where a hard cut would fall) over the mean gradient
+    on lines inside single tiles, along ``axis`` (2: columns, 1: rows). About 1 or below: no seam.
+    """
+    grad = np.abs(np.diff(image.astype(np.float64), axis=axis)).mean(axis=(0, 1 if axis == 2 else 2))
+    lines: set[int] = set()
+    inside = np.ones(grad.shape[0], bool)
+    for a, b in zip(positions, positions[1:]):
+        shared = a + tile - b
+        lines |= {b - 1, b + shared // 2 - 1, a + tile - 1}
+        inside[max(b - 1, 0) : a + tile] = False
+    if not lines or not inside.any():
+        return float("nan")
+    return float(grad[sorted(lines)].mean() / grad[inside].mean())
+
+
 def _axis_sum(length: int, positions: list[int], weights: list[np.ndarray]) -> np.ndarray:
     total = np.zeros(length, np.float32)
     for p, w in zip(positions, weights):
@@ -120,7 +139,7 @@ class RowBlender:
         self.used = 0  # buffer rows in use
         self.col_sum = _axis_sum(grid.width, grid.xs, grid.x_weights)
         self.row_sum = _axis_sum(grid.height, grid.ys, grid.y_weights)
-        rows = min(grid.height, 2 * grid.tile)
+        rows = min(grid.height, grid.tile)
         self.acc = np.zeros((channels, rows, grid.width), np.float32)
         self.valid = np.zeros((rows, grid.width), bool)
 

@@ -145,7 +145,7 @@ class GeoTIFFWriter:
     def _write(self, window: Window, pixels: np.ndarray, valid: np.ndarray) -> None:
         try:
             self._ds.write(pixels, window=window)
-            self._ds.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=window)
+            self._ds.write_mask(valid.view(np.uint8) * np.uint8(255), window=window)  # uint8, no int64 temp
         except (RasterioIOError, OSError) as exc:
             raise OutputError(f"writing {self.dst} failed: {exc}") from None
 

@@ -10,7 +10,7 @@ from rasterio.windows import Window
 
 import geosat2map.grid
 from geosat2map.engine import InferenceEngine
-from geosat2map.grid import TileGrid
+from geosat2map.grid import TileGrid, seam_ratio
 from geosat2map.model import UNetGenerator, init_weights
 from geosat2map.reader import ground_gsd_m, open_scene
 from geosat2map.translate import translate
@@ -163,22 +163,6 @@ def test_cog_output_is_a_cloud_optimized_geotiff(tiny_weights, tmp_path):
         assert dst.crs.to_epsg() == 32633
 
 
-def _seam_ratio(image: np.ndarray, positions: list[int], tile: int, axis: int) -> float:
-    """Mean gradient across the lines where tiles meet, over the mean gradient inside tiles.
-
-    The border lines of each pair of neighbours: where the next tile starts, where the previous
-    one ends, and mid-overlap (where a hard cut would put the seam).
-    """
-    grad = np.abs(np.diff(image.astype(np.float64), axis=axis)).mean(axis=(0, 1 if axis == 2 else 2))
-    lines: set[int] = set()
-    inside = np.ones(grad.shape[0], bool)
-    for a, b in zip(positions, positions[1:]):
-        shared = a + tile - b
-        lines |= {b - 1, b + shared // 2 - 1, a + tile - 1}
-        inside[b - 1 : a + tile] = False
-    return float(grad[sorted(lines)].mean() / grad[inside].mean())
-
-
 @pytest.fixture(scope="module")
 def seam_model(tmp_path_factory):
     """A random generator with weights large enough that tiles disagree at their borders."""
@@ -198,11 +182,11 @@ def _translate_sample(weights, out) -> tuple[np.ndarray, TileGrid]:
 
 def test_no_seam_along_tile_borders_on_a_real_scene(seam_model, tmp_path, monkeypatch):
     image, grid = _translate_sample(seam_model, tmp_path / "blended.tif")
-    assert _seam_ratio(image, grid.xs, 256, axis=2) <= 1.0
-    assert _seam_ratio(image, grid.ys, 256, axis=1) <= 1.0
+    assert seam_ratio(image, grid.xs, 256, axis=2) <= 1.0
+    assert seam_ratio(image, grid.ys, 256, axis=1) <= 1.0
 
     # The same measurement catches the seams when blending is switched off (hard cuts mid-overlap).
     monkeypatch.setattr(geosat2map.grid, "ramp", lambda n: (np.arange(n) >= n // 2).astype(np.float64))
     image, grid = _translate_sample(seam_model, tmp_path / "cut.tif")
-    assert _seam_ratio(image, grid.xs, 256, axis=2) > 1.0
-    assert _seam_ratio(image, grid.ys, 256, axis=1) > 1.0
+    assert seam_ratio(image, grid.xs, 256, axis=2) > 1.0
+    assert seam_ratio(image, grid.ys, 256, axis=1) > 1.0
