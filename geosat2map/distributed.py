@@ -78,7 +78,8 @@ class CrossRankBatchNorm2d(nn.BatchNorm2d):
         var = stats[c : 2 * c] / n - mean * mean
         with torch.no_grad():
             self.num_batches_tracked += 1
-            m = self.momentum
+            # momentum None: cumulative average, as BatchNorm2d does.
+            m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
             self.running_mean.mul_(1 - m).add_(m * mean.detach())
             self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1).clamp(min=1))
         y = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)

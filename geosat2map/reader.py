@@ -100,8 +100,11 @@ def default_bands(src: rasterio.io.DatasetReader) -> list[int]:
     return [1, 1, 1]
 
 
-def ground_gsd_m(crs, transform: Affine, width: int, height: int) -> float:
-    """Metres on the ground per pixel at the scene centre (geodesic, so degrees and Web Mercator work)."""
+def ground_pixel_size(crs, transform: Affine, width: int, height: int) -> tuple[float, float]:
+    """Metres on the ground spanned by one pixel along x and along y, at the scene centre.
+
+    Geodesic, so degrees (EPSG:4326) and Web Mercator's scale factor come out right.
+    """
     to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
     cx, cy = width / 2, height / 2
     pts = [transform @ (cx, cy), transform @ (cx + 1, cy), transform @ (cx, cy + 1)]
@@ -109,6 +112,12 @@ def ground_gsd_m(crs, transform: Affine, width: int, height: int) -> float:
     geod = Geod(ellps="WGS84")
     dx = geod.inv(lon[0], lat[0], lon[1], lat[1])[2]
     dy = geod.inv(lon[0], lat[0], lon[2], lat[2])[2]
+    return dx, dy
+
+
+def ground_gsd_m(crs, transform: Affine, width: int, height: int) -> float:
+    """Metres on the ground per pixel at the scene centre (geometric mean of the two axes)."""
+    dx, dy = ground_pixel_size(crs, transform, width, height)
     return math.sqrt(dx * dy)
 
 

@@ -65,6 +65,8 @@ class TrainConfig:
     init_from: str | None = None
     max_steps: int | None = None
     samples: int = 4
+    bn_recalibration: int = 200
+    bn_recalibration_batch: int = 4
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -279,6 +281,35 @@ class Trainer:
             record = self._end_epoch({k: v / max(count, 1) for k, v in sums.items()}, time.time() - started)
         return record
 
+    @torch.no_grad()
+    def recalibrate_batchnorm(self) -> None:
+        """Recompute the generator's BatchNorm running statistics for its current weights.
+
+        Translate runs the generator in eval mode, on running statistics. Those are an
+        exponential average over past weights and, with batch 1, of single-image statistics;
+        re-estimating them over ``bn_recalibration`` training crops in batches of
+        ``bn_recalibration_batch`` cut validation RMSE from 44.9 to 34.2 on an early maps
+        generator (see docs/model_card.md). Every rank runs it on the same crops.
+        """
+        n = min(self.cfg.bn_recalibration, len(self.train_set))
+        if n <= 0:
+            return
+        bns = [m for m in self.G.modules() if isinstance(m, nn.BatchNorm2d)]
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the recalibration batches
+        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.cfg.seed + self.epoch))
+        was_training = self.G.training
+        self.G.train()
+        bs = self.cfg.bn_recalibration_batch
+        for start in range(0, n, bs):
+            batch = [self.train_set[int(i)][0] for i in order[start : min(start + bs, n)]]
+            self.G(torch.stack(batch).to(self.device, memory_format=torch.channels_last))
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        self.G.train(was_training)
+
     def _end_epoch(self, losses: dict[str, float], seconds: float) -> dict:
         record = {"epoch": self.epoch + 1, "step": self.global_step, "seconds": round(seconds, 1),
                   "lr": self.opt_G.param_groups[0]["lr"], **losses}
@@ -286,6 +317,7 @@ class Trainer:
         self.sched_D.step()
         self.epoch += 1
         self.step_in_epoch = 0
+        self.recalibrate_batchnorm()
         if self.dist.is_main:
             if self.val_set is not None:
                 metrics, outputs = evaluate_generator(self.G, self.val_set, self.device, keep=self.cfg.samples)
