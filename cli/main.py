@@ -109,6 +109,51 @@ def preview(scene, map_path, png, size, overwrite) -> None:
     click.echo(f"wrote {png} ({w} x {h})")
 
 
+@cli.command("render-map")
+@click.argument("vectors", nargs=-1, required=True)
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--like", type=click.Path(dir_okay=False), help="Take the grid (CRS, transform, size) of this raster.")
+@click.option("--bounds", nargs=4, type=float, help="left bottom right top, in --crs units.")
+@click.option("--crs", help="CRS of --bounds, e.g. EPSG:32633.")
+@click.option("--resolution", type=float, help="Pixel size in --crs units (with --bounds).")
+@click.option("--style", type=click.Path(dir_okay=False), help="Style file (default: the shipped maps style).")
+@click.option("--overwrite", is_flag=True)
+def render_map_cmd(vectors, dst, like, bounds, crs, resolution, style, overwrite) -> None:
+    """Render VECTORS (FILE or FILE:LAYER) in map style onto a grid, as an RGB GeoTIFF DST."""
+    from geosat2map.render import grid_from, render_map
+
+    grid = grid_from(like=like, bounds=bounds, crs=crs, resolution=resolution)
+    n = render_map(list(vectors), dst, grid, style=style, overwrite=overwrite)
+    click.echo(f"wrote {dst}: {grid.width} x {grid.height}, {n} features drawn")
+
+
+@cli.command()
+@click.argument("sat", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--map", "map_raster", type=click.Path(dir_okay=False), help="A map raster of the same ground.")
+@click.option("--vector", "vectors", multiple=True, help="Vector layer FILE or FILE:LAYER (repeatable).")
+@click.option("--resolution", default="model", show_default=True, callback=_parse_resolution,
+              help="model (the default model's ground sampling distance), native, or metres per pixel.")
+@click.option("--tile-size", type=int, default=256, show_default=True)
+@click.option("--stride", type=int, default=None, help="Pixels between tiles [default: tile size].")
+@click.option("--aoi", type=click.Path(dir_okay=False), help="Only tiles at least half inside this area (any CRS).")
+@click.option("--max-nodata", type=float, default=0.05, show_default=True)
+@click.option("--val-fraction", type=float, default=0.2, show_default=True)
+@click.option("--block-tiles", type=int, default=4, show_default=True, help="Side of a split block, in tiles.")
+@click.option("--style", type=click.Path(dir_okay=False), help="Style for --vector (default: maps).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True)
+def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
+    """Cut aligned satellite/map training pairs from SAT into OUT_DIR (what `train` reads)."""
+    from geosat2map.tiles import TileOptions, make_tiles
+
+    result = make_tiles(sat, out_dir, map_raster=map_raster, vectors=list(vectors), aoi=aoi,
+                        options=TileOptions(**options), overwrite=overwrite)
+    skipped = ", ".join(f"{k} {v}" for k, v in result.skipped.items() if v)
+    click.echo(f"wrote {result.out_dir}: {result.train} train + {result.val} val tiles at {result.gsd_m:.2f} m"
+               + (f" (skipped: {skipped})" if skipped else ""))
+
+
 @cli.command()
 @click.argument("data", type=click.Path(file_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")

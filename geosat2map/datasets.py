@@ -8,6 +8,7 @@ resumed run draw exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from pathlib import Path
@@ -151,6 +152,14 @@ def load_tile_folder(folder: Path, split: str = "train"):
 
 def is_tile_folder(folder: Path) -> bool:
     return (folder / "manifest.json").is_file()
+
+
+def tile_folder_gsd(folder: str | Path) -> float | None:
+    """The ground sampling distance a ``geosat2map tiles`` folder was cut at (None for other data)."""
+    folder = Path(folder)
+    if not is_tile_folder(folder):
+        return None
+    return json.loads((folder / "manifest.json").read_text()).get("gsd_m")
 
 
 def load_pairs(folder: str | Path, split: str, direction: str = "AtoB", holdout: int = 10):

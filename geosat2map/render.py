@@ -10,6 +10,7 @@ then painted over the background in draw order.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -230,6 +231,29 @@ class MapRenderer:
             h = min(rows, self.grid.height - y)
             pixels, _ = self.render(0, y, self.grid.width, h)
             yield y, pixels
+
+
+def grid_from(like: str | Path | None = None, bounds=None, crs: str | None = None,
+              resolution: float | None = None) -> Grid:
+    """A grid copied from a reference raster, or made from bounds + CRS + resolution."""
+    if like is not None:
+        import rasterio
+        from rasterio.errors import RasterioIOError
+
+        try:
+            with rasterio.open(like) as ref:
+                if ref.crs is None:
+                    raise InputError(f"{like} has no georeferencing")
+                return Grid(ref.crs, ref.transform, ref.width, ref.height)
+        except RasterioIOError:
+            raise InputError(f"{like} is not a raster GDAL can read") from None
+    if not bounds or not crs or not resolution:
+        raise InputError("give --like RASTER, or --bounds with --crs and --resolution")
+    left, bottom, right, top = bounds
+    if right <= left or top <= bottom or resolution <= 0:
+        raise InputError("bounds must be left bottom right top with right > left and top > bottom")
+    width, height = math.ceil((right - left) / resolution), math.ceil((top - bottom) / resolution)
+    return Grid(CRS.from_user_input(crs), Affine(resolution, 0, left, 0, -resolution, top), width, height)
 
 
 def check_overlap(layers: list[VectorLayer], grid: Grid) -> None:

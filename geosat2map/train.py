@@ -18,7 +18,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -67,7 +67,6 @@ class TrainConfig:
     samples: int = 4
     bn_recalibration: int = 200
     bn_recalibration_batch: int = 4
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, path: Path) -> "TrainConfig":
@@ -115,7 +114,8 @@ class Trainer:
             self.train_set, num_replicas=dist_ctx.world_size, rank=dist_ctx.rank, shuffle=True, seed=config.seed
         )
 
-        self.spec = ModelSpec(ngf=config.ngf, gsd_m=config.gsd_m)
+        gsd = config.gsd_m if config.gsd_m is not None else datasets.tile_folder_gsd(config.data)
+        self.spec = ModelSpec(ngf=config.ngf, gsd_m=gsd)
         self.G = UNetGenerator(3, 3, config.ngf)
         self.D = PatchDiscriminator(6, config.ndf)
         init_weights(self.G)
@@ -123,7 +123,7 @@ class Trainer:
         if config.init_from:
             pretrained, pspec = load_generator(None if config.init_from == "default" else config.init_from)
             self.G = pretrained.train()
-            self.spec = ModelSpec(ngf=pspec.ngf, gsd_m=config.gsd_m or pspec.gsd_m)
+            self.spec = ModelSpec(ngf=pspec.ngf, gsd_m=gsd if gsd is not None else pspec.gsd_m)
         if dist_ctx.enabled:
             convert_batchnorm(self.G)
             convert_batchnorm(self.D)

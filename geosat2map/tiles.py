@@ -1,0 +1,278 @@
+"""Cutting aligned satellite/map training pairs from a new region.
+
+The satellite scene sets the grid (its CRS and footprint, at the target ground sampling
+distance); the map comes onto that grid by GDAL warping (a map raster) or by rendering (vector
+layers). Tiles are cut on a regular grid, filtered (AOI, nodata, empty map) and split into train
+and validation by spatial blocks, with training tiles that touch a validation tile dropped, so no
+validation pixel lies next to a training pixel. The output folder is what ``geosat2map train``
+reads::
+
+    OUTDIR/train/sat/NAME.tif  OUTDIR/train/map/NAME.tif   (georeferenced 8-bit RGB tiles)
+    OUTDIR/val/sat/NAME.tif    OUTDIR/val/map/NAME.tif
+    OUTDIR/index.geojson       tile footprints (EPSG:4326) with their split
+    OUTDIR/manifest.json       inputs, options and counts
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+import rasterio
+import shapely
+import shapely.geometry
+from pyproj import Transformer
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioIOError
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
+from rasterio.windows import Window
+
+from .errors import InputError, OutputError
+from .reader import Scene, open_scene
+from .render import Grid, MapRenderer, Style, check_overlap, read_vectors
+
+
+@dataclass(frozen=True)
+class TileOptions:
+    resolution: float | str = "model"  # metres per pixel, "native", or "model" (the default model's)
+    tile_size: int = 256
+    stride: int | None = None  # default: tile_size
+    max_nodata: float = 0.05  # share of nodata pixels above which a tile is skipped
+    min_map_cover: float = 0.01  # vector maps: share of pixels that must show a feature
+    val_fraction: float = 0.2
+    block_tiles: int = 4  # side of a split block, in tiles
+    seed: int = 0
+    style: str | None = None
+
+
+@dataclass
+class TilesResult:
+    out_dir: Path
+    train: int
+    val: int
+    skipped: dict[str, int]
+    gsd_m: float | None
+
+
+def _model_resolution() -> float:
+    from .weights import default_weights_path, read_spec
+
+    spec = read_spec(default_weights_path())
+    if spec.gsd_m is None:
+        raise InputError("the default model records no ground sampling distance: pass --resolution")
+    return spec.gsd_m
+
+
+class _RasterMap:
+    """A map raster warped onto the scene's grid (average when shrinking, so lines stay visible)."""
+
+    def __init__(self, path: str | Path, grid: Grid) -> None:
+        try:
+            self.src = rasterio.open(path)
+        except RasterioIOError:
+            raise InputError(f"{path} is not a raster GDAL can read") from None
+        if self.src.crs is None:
+            self.src.close()
+            raise InputError(f"map raster {path} has no georeferencing")
+        left, bottom, right, top = transform_bounds(self.src.crs, grid.crs, *self.src.bounds)
+        gl, gb, gr, gt = grid.bounds
+        if left >= gr or right <= gl or bottom >= gt or top <= gb:
+            self.src.close()
+            raise InputError(f"the map {path} does not overlap the satellite scene")
+        self.bands = [1, 2, 3] if self.src.count >= 3 else [1, 1, 1]
+        self.vrt = WarpedVRT(self.src, crs=grid.crs, transform=grid.transform, width=grid.width,
+                             height=grid.height, resampling=Resampling.average)
+
+    def read(self, x: int, y: int, size: int) -> tuple[np.ndarray, bool]:
+        window = Window(x, y, size, size)
+        pixels = self.vrt.read(self.bands, window=window)
+        valid = self.vrt.dataset_mask(window=window) > 0
+        usable = bool(valid.all()) and float(pixels.reshape(3, -1).std(axis=1).max()) > 1.0
+        return pixels.astype(np.uint8), usable
+
+    def close(self) -> None:
+        self.vrt.close()
+        self.src.close()
+
+
+class _VectorMap:
+    def __init__(self, specs: list[str], grid: Grid, style: str | None, min_cover: float) -> None:
+        layers = [read_vectors(s) for s in specs]
+        check_overlap(layers, grid)
+        self.renderer = MapRenderer(layers, grid, Style.load(style))
+        self.min_cover = min_cover
+
+    def read(self, x: int, y: int, size: int) -> tuple[np.ndarray, bool]:
+        pixels, cover = self.renderer.render(x, y, size, size)
+        return pixels, cover >= self.min_cover
+
+    def close(self) -> None:
+        pass
+
+
+def _aoi_in_crs(path: str | Path, crs) -> shapely.Geometry:
+    try:
+        meta, _, wkb, _ = pyogrio.raw.read(path)
+    except Exception as exc:  # pyogrio's own error types
+        raise InputError(f"cannot read the AOI {path}: {str(exc).splitlines()[0]}") from None
+    geoms = shapely.from_wkb(wkb)
+    if not len(geoms) or meta.get("crs") is None:
+        raise InputError(f"the AOI {path} is empty or has no CRS")
+    to_grid = Transformer.from_crs(meta["crs"], crs, always_xy=True)
+    area = shapely.union_all(geoms)
+    return shapely.transform(area, lambda c: np.column_stack(to_grid.transform(c[:, 0], c[:, 1])))
+
+
+def _split(positions: list[tuple[int, int]], opts: TileOptions) -> tuple[list, list, int]:
+    """(train, val, dropped): val = whole random blocks; train tiles touching a val tile are dropped."""
+    # Blocks shrink (down to one tile) on small scenes, so there are enough to split.
+    block_tiles = opts.block_tiles
+    while block_tiles > 1 and len({(y // (block_tiles * opts.tile_size), x // (block_tiles * opts.tile_size))
+                                   for y, x in positions}) < 4:
+        block_tiles //= 2
+    block = block_tiles * opts.tile_size
+    blocks = sorted({(y // block, x // block) for y, x in positions})
+    rng = np.random.default_rng(opts.seed)
+    n_val = 0 if len(blocks) < 2 else max(1, round(opts.val_fraction * len(blocks)))
+    val_blocks = {blocks[i] for i in rng.permutation(len(blocks))[:n_val]}
+    val = [p for p in positions if (p[0] // block, p[1] // block) in val_blocks]
+    t = opts.tile_size
+    # A training tile may not overlap or touch a validation tile: at least one pixel between them.
+    train = [p for p in positions if (p[0] // block, p[1] // block) not in val_blocks
+             and not any(abs(p[0] - v[0]) <= t and abs(p[1] - v[1]) <= t for v in val)]
+    return train, val, len(positions) - len(val) - len(train)
+
+
+def _write_tile(path: Path, pixels: np.ndarray, scene: Scene, x: int, y: int) -> None:
+    transform = scene.transform * rasterio.Affine.translation(x, y)
+    with rasterio.open(path, "w", driver="GTiff", width=pixels.shape[2], height=pixels.shape[1], count=3,
+                       dtype="uint8", crs=scene.crs, transform=transform, compress="deflate",
+                       photometric="RGB") as dst:
+        dst.write(pixels)
+
+
+def make_tiles(
+    sat: str | Path,
+    out_dir: str | Path,
+    *,
+    map_raster: str | Path | None = None,
+    vectors: list[str] | None = None,
+    aoi: str | Path | None = None,
+    options: TileOptions = TileOptions(),
+    overwrite: bool = False,
+) -> TilesResult:
+    """Cut training pairs from ``sat`` and a map raster or vector layers into ``out_dir``."""
+    if (map_raster is None) == (not vectors):
+        raise InputError("give either a map raster (--map) or vector layers (--vector), not both or neither")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise OutputError(f"{out_dir} exists (pass --overwrite to replace it)")
+    if not out_dir.parent.is_dir():
+        raise OutputError(f"the output folder {out_dir.parent} does not exist")
+    resolution = _model_resolution() if options.resolution == "model" else options.resolution
+    t = options.tile_size
+    stride = options.stride or t
+    scene = open_scene(sat, resolution=resolution)
+    work = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.part")
+    source = None
+    try:
+        grid = Grid(scene.crs, scene.transform, scene.width, scene.height)
+        source = (_RasterMap(map_raster, grid) if map_raster is not None
+                  else _VectorMap(list(vectors), grid, options.style, options.min_map_cover))
+        area = _aoi_in_crs(aoi, scene.crs) if aoi is not None else None
+        if area is not None and not shapely.intersects(area, shapely.box(*grid.bounds)):
+            raise InputError(f"the AOI {aoi} lies outside the scene")
+        candidates = [(y, x) for y in range(0, scene.height - t + 1, stride) for x in range(0, scene.width - t + 1, stride)]
+        if not candidates:
+            raise InputError(f"the scene is {scene.width} x {scene.height} pixels at {scene.gsd_m:.2f} m: "
+                             f"smaller than one {t}-pixel tile")
+        skipped = {"aoi": 0, "nodata": 0, "empty_map": 0}
+        # Tiles go to a staging folder as they are cut (memory stays flat), then move to their split.
+        if work.exists():
+            shutil.rmtree(work)
+        staging = work / "staging"
+        for kind in ("sat", "map"):
+            (staging / kind).mkdir(parents=True)
+        kept: dict[tuple[int, int], float] = {}
+        for y, x in candidates:
+            footprint = _footprint(scene, x, y, t)
+            if area is not None and shapely.intersection(footprint, area).area < 0.5 * footprint.area:
+                skipped["aoi"] += 1
+                continue
+            sat_px, valid = scene.read(Window(x, y, t, t))
+            nodata = 1.0 - float(valid.mean())
+            if nodata > options.max_nodata:
+                skipped["nodata"] += 1
+                continue
+            map_px, usable = source.read(x, y, t)
+            if not usable:
+                skipped["empty_map"] += 1
+                continue
+            name = _tile_name(y, x)
+            _write_tile(staging / "sat" / name, np.clip(np.rint(sat_px), 0, 255).astype(np.uint8), scene, x, y)
+            _write_tile(staging / "map" / name, map_px, scene, x, y)
+            kept[(y, x)] = nodata
+        if not kept:
+            raise InputError(f"no usable tile: skipped {skipped}")
+        train, val, dropped = _split(sorted(kept), options)
+        skipped["split_buffer"] = dropped
+
+        features = []
+        for split, positions in (("train", train), ("val", val)):
+            for kind in ("sat", "map"):
+                (work / split / kind).mkdir(parents=True, exist_ok=True)
+            for y, x in positions:
+                name = _tile_name(y, x)
+                for kind in ("sat", "map"):
+                    (staging / kind / name).rename(work / split / kind / name)
+                features.append(_index_feature(scene, x, y, t, name, split, kept[(y, x)]))
+        shutil.rmtree(staging)  # what is left are tiles dropped by the split buffer
+        (work / "index.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+        manifest = {
+            "format": "geosat2map-tiles/1",
+            "satellite": str(sat),
+            "map": str(map_raster) if map_raster is not None else None,
+            "vectors": list(vectors or []),
+            "aoi": str(aoi) if aoi is not None else None,
+            "crs": scene.crs.to_string(),
+            "gsd_m": scene.gsd_m,
+            "options": {**asdict(options), "resolution": resolution, "stride": stride},
+            "counts": {"train": len(train), "val": len(val), "skipped": skipped},
+        }
+        (work / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        work.rename(out_dir)
+    finally:
+        if source is not None:
+            source.close()
+        scene.close()
+        if work.exists():
+            shutil.rmtree(work)
+    return TilesResult(out_dir, len(train), len(val), skipped, scene.gsd_m)
+
+
+def _tile_name(y: int, x: int) -> str:
+    return f"r{y:06d}_c{x:06d}.tif"
+
+
+def _footprint(scene: Scene, x: int, y: int, t: int) -> shapely.Geometry:
+    a = scene.transform @ (x, y)
+    b = scene.transform @ (x + t, y + t)
+    return shapely.box(min(a[0], b[0]), min(a[1], b[1]), max(a[0], b[0]), max(a[1], b[1]))
+
+
+def _index_feature(scene: Scene, x: int, y: int, t: int, name: str, split: str, nodata: float) -> dict:
+    """A tile footprint in EPSG:4326 (GeoJSON's CRS), edges densified so reprojection stays exact."""
+    to_wgs84 = Transformer.from_crs(scene.crs, "EPSG:4326", always_xy=True)
+    ring = shapely.segmentize(_footprint(scene, x, y, t), _footprint(scene, x, y, t).length / 64)
+    wgs = shapely.transform(ring, lambda c: np.column_stack(to_wgs84.transform(c[:, 0], c[:, 1])))
+    return {"type": "Feature", "geometry": shapely.geometry.mapping(wgs),
+            "properties": {"name": name, "split": split, "x": x, "y": y, "nodata": round(nodata, 4)}}
+

@@ -1,0 +1,185 @@
+"""render-map and tiles: reprojected vectors land on the right pixels; tiles, index and split agree."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+from pyproj import Transformer
+
+from geosat2map.errors import InputError
+from geosat2map.render import Grid, MapRenderer, Style, grid_from, read_vectors, render_map
+from geosat2map.tiles import TileOptions, make_tiles
+from geosat2map.train import TrainConfig, Trainer
+from geosat2map_cli.main import cli
+
+from .conftest import write_scene
+
+ORIGIN = (500000.0, 4500000.0)  # the test scenes' top-left corner in EPSG:32633 (conftest.write_scene)
+
+
+def to_lonlat(points):
+    t = Transformer.from_crs("EPSG:32633", "EPSG:4326", always_xy=True)
+    return [list(t.transform(x, y)) for x, y in points]
+
+
+def utm(col: float, row: float, res: float = 1.0):
+    return ORIGIN[0] + col * res, ORIGIN[1] - row * res
+
+
+def write_geojson(path: Path, features: list[dict], crs: str | None = None) -> Path:
+    doc = {"type": "FeatureCollection", "features": features}
+    if crs:
+        doc["crs"] = {"type": "name", "properties": {"name": crs}}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def square(col0, row0, col1, row1, res=1.0, **props) -> dict:
+    ring = to_lonlat([utm(col0, row0, res), utm(col1, row0, res), utm(col1, row1, res), utm(col0, row1, res),
+                      utm(col0, row0, res)])
+    return {"type": "Feature", "properties": props, "geometry": {"type": "Polygon", "coordinates": [ring]}}
+
+
+def test_polygon_in_another_crs_lands_on_the_right_pixels(tmp_path):
+    vec = write_geojson(tmp_path / "b.geojson", [square(50, 60, 100, 120)])
+    grid = Grid(rasterio.crs.CRS.from_epsg(32633), rasterio.Affine(1, 0, ORIGIN[0], 0, -1, ORIGIN[1]), 200, 200)
+    style = Style.load()
+    pixels, cover = MapRenderer([read_vectors(str(vec))], grid, style).render(0, 0, 200, 200)
+    fill = [int(style.rules[4].fill[i : i + 2], 16) for i in (1, 3, 5)]
+    background = [int(style.background[i : i + 2], 16) for i in (1, 3, 5)]
+    assert (pixels[:, 62:118, 52:98].reshape(3, -1).T == fill).all()  # inside, clear of the outline
+    assert (pixels[:, :58, :].reshape(3, -1).T == background).all()
+    assert (pixels[:, :, 102:].reshape(3, -1).T == background).all()
+    # 50 x 60 m, plus the 1 m outline half outside and anti-aliased edge pixels.
+    assert 50 * 60 <= cover * 200**2 <= 52 * 62
+
+
+def test_line_width_is_in_ground_metres_and_edges_are_antialiased(tmp_path):
+    t = Transformer.from_crs("EPSG:32633", "EPSG:3857", always_xy=True)
+    line = [list(t.transform(*utm(0, 100))), list(t.transform(*utm(200, 100)))]
+    vec = write_geojson(tmp_path / "r.geojson", [{"type": "Feature", "properties": {},
+                                                 "geometry": {"type": "LineString", "coordinates": line}}],
+                        crs="urn:ogc:def:crs:EPSG::3857")
+    grid = Grid(rasterio.crs.CRS.from_epsg(32633), rasterio.Affine(1, 0, ORIGIN[0], 0, -1, ORIGIN[1]), 200, 200)
+    pixels, _ = MapRenderer([read_vectors(str(vec))], grid).render(0, 0, 200, 200)
+    column = pixels[0, :, 100].astype(int)
+    background = column[0]
+    painted = np.abs(column - background) > 0
+    # 9 m wide on a grid whose pixels are 0.9996 m on the ground (UTM scale factor), centred on row 100.
+    assert 8 <= painted.sum() <= 11
+    assert painted[96:104].all() and not painted[:90].any() and not painted[110:].any()
+    partial = (column != background) & (column != column[100])
+    assert partial.any()  # anti-aliased: edge pixels are blends, not hard steps
+
+
+def test_render_map_cli_writes_on_the_reference_grid(tmp_path):
+    ref = write_scene(tmp_path / "ref.tif", width=300, height=200)
+    vec = write_geojson(tmp_path / "b.geojson", [square(10, 10, 60, 60)])
+    out = tmp_path / "map.tif"
+    result = CliRunner().invoke(cli, ["render-map", str(vec), str(out), "--like", str(ref)])
+    assert result.exit_code == 0, result.output
+    with rasterio.open(ref) as r, rasterio.open(out) as m:
+        assert (m.crs, m.transform, m.width, m.height) == (r.crs, r.transform, r.width, r.height)
+        assert m.count == 3 and m.dtypes[0] == "uint8"
+
+
+def make_region(tmp_path: Path, size: int = 1536) -> tuple[Path, Path]:
+    """A 1 m scene with buildings scattered over it."""
+    sat = write_scene(tmp_path / "sat.tif", width=size, height=size)
+    rng = np.random.default_rng(1)
+    feats = []
+    for _ in range(120):
+        c, r = rng.integers(0, size - 40, 2)
+        feats.append(square(c, r, c + rng.integers(10, 40), r + rng.integers(10, 40), building="yes"))
+    return sat, write_geojson(tmp_path / "buildings.geojson", feats)
+
+
+@pytest.fixture
+def region(tmp_path):
+    return make_region(tmp_path)
+
+
+def test_tiles_index_and_split(region, tmp_path):
+    sat, vec = region
+    out = tmp_path / "tiles"
+    result = make_tiles(sat, out, vectors=[str(vec)], options=TileOptions(resolution=1.0, block_tiles=2))
+    assert result.train > 0 and result.val > 0
+    index = json.loads((out / "index.geojson").read_text())["features"]
+    assert len(index) == result.train + result.val
+    positions = {"train": [], "val": []}
+    for feat in index:
+        p = feat["properties"]
+        for kind in ("sat", "map"):
+            path = out / p["split"] / kind / p["name"]
+            with rasterio.open(path) as tile:
+                assert tile.shape == (256, 256) and tile.count == 3
+                # The tile's georeferencing is where the index says it is.
+                assert tile.transform.c == pytest.approx(ORIGIN[0] + p["x"])
+                assert tile.transform.f == pytest.approx(ORIGIN[1] - p["y"])
+        lons = [c[0] for c in feat["geometry"]["coordinates"][0]]
+        corners = to_lonlat([utm(p["x"] + dx, p["y"] + dy) for dx in (0, 256) for dy in (0, 256)])
+        assert min(lons) == pytest.approx(min(c[0] for c in corners), abs=1e-9)
+        assert max(lons) == pytest.approx(max(c[0] for c in corners), abs=1e-9)
+        positions[p["split"]].append((p["x"], p["y"]))
+    assert sorted(f.name for f in (out / "train" / "sat").iterdir()) == sorted(
+        f["properties"]["name"] for f in index if f["properties"]["split"] == "train")
+    # No validation pixel next to a training pixel: at least one pixel between any two tiles.
+    for tx, ty in positions["train"]:
+        for vx, vy in positions["val"]:
+            assert abs(tx - vx) > 256 or abs(ty - vy) > 256
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["train"] == result.train and manifest["gsd_m"] == pytest.approx(1.0, rel=0.01)
+
+
+def test_train_runs_on_tiles(region, tmp_path):
+    sat, vec = region
+    out = tmp_path / "tiles"
+    make_tiles(sat, out, vectors=[str(vec)], options=TileOptions(resolution=1.0, block_tiles=2))
+    trainer = Trainer(TrainConfig(data=str(out), out=str(tmp_path / "run"), ngf=4, ndf=4, max_steps=2,
+                                  device="cpu", checkpoint_every=0))
+    assert len(trainer.train_set) > 0 and trainer.val_set is not None
+    trainer.run()
+    assert trainer.global_step == 2
+    assert trainer.spec.gsd_m == pytest.approx(1.0, rel=0.01)  # taken from the manifest
+
+
+def test_tiles_from_a_map_raster(region, tmp_path):
+    sat, vec = region
+    with rasterio.open(sat) as s:
+        grid = Grid(s.crs, s.transform, s.width, s.height)
+    map_tif = tmp_path / "map.tif"
+    render_map([str(vec)], map_tif, grid)
+    out = tmp_path / "tiles"
+    result = make_tiles(sat, out, map_raster=map_tif, options=TileOptions(resolution=2.0, block_tiles=1))
+    assert result.train + result.val > 0
+    assert result.gsd_m == pytest.approx(2.0, rel=0.01)
+
+
+def test_no_overlap_empty_layer_and_aoi_outside_are_clear_errors(region, tmp_path):
+    sat, _ = region
+    far = write_geojson(tmp_path / "far.geojson", [square(50000, 50000, 50100, 50100)])
+    with pytest.raises(InputError, match="falls within"):
+        make_tiles(sat, tmp_path / "a", vectors=[str(far)], options=TileOptions(resolution=1.0))
+    empty = write_geojson(tmp_path / "empty.geojson", [])
+    with pytest.raises(InputError):
+        make_tiles(sat, tmp_path / "b", vectors=[str(empty)], options=TileOptions(resolution=1.0))
+    aoi = write_geojson(tmp_path / "aoi.geojson", [square(40000, 40000, 41000, 41000)])
+    _, vec = region
+    result = CliRunner().invoke(cli, ["tiles", str(sat), str(tmp_path / "c"), "--vector", str(vec),
+                                      "--resolution", "1", "--aoi", str(aoi)])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"geosat2map: error: the AOI {aoi} lies outside the scene"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+
+
+def test_grid_from_bounds():
+    grid = grid_from(bounds=(0, 0, 100, 50), crs="EPSG:32633", resolution=2)
+    assert (grid.width, grid.height) == (50, 25)
+    with pytest.raises(InputError):
+        grid_from(bounds=(0, 0, 100, 50), crs="EPSG:32633")
