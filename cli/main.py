@@ -7,6 +7,8 @@ status 1; Ctrl-C exits 130 after the library has cleaned up.
 from __future__ import annotations
 
 import json
+import signal
+import threading
 
 import click
 
@@ -25,10 +27,17 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
+def _terminate(signum, frame) -> None:
+    # SIGTERM takes the same path as Ctrl-C, so temporary outputs are removed on the way out.
+    raise KeyboardInterrupt
+
+
 @click.group(cls=_Group)
 @click.version_option(package_name="geosat2map")
 def cli() -> None:
     """Satellite or aerial GeoTIFF in, georeferenced map-style GeoTIFF out (Pix2Pix)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
 
 
 def _parse_resolution(ctx, param, value: str):

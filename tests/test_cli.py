@@ -181,3 +181,23 @@ def test_torch_checkpoint_is_not_taken_for_weights(scene, tmp_path):
     torch.save(random_generator().state_dict(), ckpt)
     out = tmp_path / "map.tif"
     assert_clean_failure(run("translate", scene, out, "--weights", ckpt), out, "safetensors")
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_signal_in_the_middle_of_a_run_leaves_nothing(tmp_path, tiny_weights, sig):
+    import signal
+    import time
+
+    scene = write_scene(tmp_path / "scene.tif", width=4000, height=4000)
+    out = tmp_path / "map.tif"
+    proc = subprocess.Popen([sys.executable, "-m", "geosat2map_cli", "translate", str(scene), str(out),
+                             "--weights", str(tiny_weights), "--batch-size", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not [p for p in tmp_path.iterdir() if ".part" in p.name] and time.time() < deadline:
+        time.sleep(0.05)  # wait until the temporary output exists: the run is under way
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "geosat2map: interrupted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
