@@ -209,22 +209,28 @@ def train(data, out, resume, quiet, **options) -> None:
 
 
 @cli.command()
-@click.argument("data", type=click.Path(file_okay=False))
+@click.argument("data", type=click.Path(exists=True))
+@click.option("--map", "map_raster", type=click.Path(dir_okay=False),
+              help="DATA is a translate output: score it against this map raster.")
 @click.option("--weights", default=None, help="Generator weights (default: the shipped model).")
 @click.option("--split", type=click.Choice(["all", "train", "val"]), default="all", show_default=True)
 @click.option("--holdout", type=int, default=10, show_default=True, help="Aligned folders: every Nth is val.")
 @click.option("--direction", type=click.Choice(["AtoB", "BtoA"]), default="AtoB", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def evaluate(data, weights, split, holdout, direction, device, as_json) -> None:
-    """Score a generator on paired DATA: RMSE, accuracy at delta 5 and 10, PSNR, SSIM."""
-    from geosat2map.evaluate import evaluate as run_eval
+def evaluate(data, map_raster, weights, split, holdout, direction, device, as_json) -> None:
+    """Score a generator on paired DATA (a pix2pix aligned folder or a tiles folder), or a translate
+    output DATA against --map: RMSE, accuracy at delta 5 and 10, PSNR, SSIM."""
+    from geosat2map.evaluate import evaluate as run_eval, evaluate_rasters
 
-    result = run_eval(weights, data, split=split, direction=direction, holdout=holdout, device=device)
+    if map_raster:
+        result = evaluate_rasters(data, map_raster)
+    else:
+        result = run_eval(weights, data, split=split, direction=direction, holdout=holdout, device=device)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
-        click.echo(f"{int(result['count'])} pairs: RMSE {result['rmse']:.2f}  acc@5 {result['acc5']:.3f}  "
+        click.echo(f"{int(result['count'])} pairs of 256 x 256: RMSE {result['rmse']:.2f}  acc@5 {result['acc5']:.3f}  "
                    f"acc@10 {result['acc10']:.3f}  PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.3f}")
 
 

@@ -77,3 +77,36 @@ def evaluate(
     dataset = datasets.PairDataset(pairs, names, spec.tile_size, spec.tile_size, augment=False)
     summary, _ = evaluate_generator(model, dataset, dev)
     return {"weights": str(weights or "default"), "data": str(data), "split": split, **summary}
+
+
+def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256) -> dict:
+    """Score a translate output against a map raster of the same ground.
+
+    The map is warped onto the output's grid (GDAL, average resampling); both are cut into
+    ``tile`` x ``tile`` windows, and windows with any nodata in either are left out.
+    """
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+    from rasterio.windows import Window
+
+    from .errors import InputError
+
+    try:
+        out_ds, map_ds = rasterio.open(output), rasterio.open(map_raster)
+    except rasterio.errors.RasterioIOError as exc:
+        raise InputError(f"cannot open a raster to evaluate: {exc}") from None
+    with out_ds, map_ds, WarpedVRT(map_ds, crs=out_ds.crs, transform=out_ds.transform, width=out_ds.width,
+                                   height=out_ds.height, resampling=Resampling.average) as warped:
+        bands = [1, 2, 3] if map_ds.count >= 3 else [1, 1, 1]
+        per_tile = []
+        for y in range(0, out_ds.height - tile + 1, tile):
+            for x in range(0, out_ds.width - tile + 1, tile):
+                w = Window(x, y, tile, tile)
+                if not ((out_ds.dataset_mask(window=w) > 0).all() and (warped.dataset_mask(window=w) > 0).all()):
+                    continue
+                a = torch.from_numpy(out_ds.read([1, 2, 3], window=w).astype(np.float32))
+                b = torch.from_numpy(warped.read(bands, window=w).astype(np.float32))
+                per_tile.append(metrics.image_metrics(a, b))
+    if not per_tile:
+        raise InputError(f"no complete {tile}-pixel window where {output} and {map_raster} both have data")
+    return {"output": str(output), "map": str(map_raster), **metrics.summarize(per_tile)}

@@ -201,3 +201,11 @@ def test_signal_in_the_middle_of_a_run_leaves_nothing(tmp_path, tiny_weights, si
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "geosat2map: interrupted"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
+
+
+def test_missing_default_model_says_so_in_one_line(scene, tmp_path, monkeypatch):
+    import geosat2map.weights
+
+    monkeypatch.setattr(geosat2map.weights, "DEFAULT_WEIGHTS_NAME", "absent.safetensors")
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", scene, out), out, "no default model is shipped")

@@ -183,3 +183,22 @@ def test_grid_from_bounds():
     assert (grid.width, grid.height) == (50, 25)
     with pytest.raises(InputError):
         grid_from(bounds=(0, 0, 100, 50), crs="EPSG:32633")
+
+
+def test_evaluate_a_translate_output_against_a_map_raster(tmp_path):
+    sat, vec = make_region(tmp_path, size=768)
+    with rasterio.open(sat) as s:
+        grid = Grid(s.crs, s.transform, s.width, s.height)
+    map_tif = tmp_path / "map.tif"
+    render_map([str(vec)], map_tif, grid)
+    result = CliRunner().invoke(cli, ["evaluate", str(map_tif), "--map", str(map_tif), "--json"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout)
+    assert scores["count"] == (768 // 256) ** 2
+    assert scores["rmse"] == 0 and scores["acc5"] == 1.0  # a map against itself
+    other = tmp_path / "other.tif"
+    render_map([str(vec)], other, grid, style=None)
+    with rasterio.open(other, "r+") as ds:
+        ds.write(np.full((3, 768, 768), 255, np.uint8))
+    worse = json.loads(CliRunner().invoke(cli, ["evaluate", str(other), "--map", str(map_tif), "--json"]).stdout)
+    assert worse["rmse"] > 10 and worse["acc5"] < 0.5
