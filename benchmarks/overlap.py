@@ -16,7 +16,7 @@ from pathlib import Path
 import rasterio
 
 from geosat2map.grid import TileGrid, seam_ratio
-from geosat2map.translate import translate
+from geosat2map import translate
 
 ROOT = Path(__file__).resolve().parents[1]
 

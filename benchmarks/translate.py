@@ -30,7 +30,7 @@ from geosat2map.weights import load_generator
 
 CHILD = """
 import json, resource, sys, time
-from geosat2map.translate import translate
+from geosat2map import translate
 src, dst, weights, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 t = time.perf_counter()
 r = translate(src, dst, weights=None if weights == "default" else weights, resolution="native",

@@ -81,7 +81,7 @@ def translate(src, dst, overlap, quiet, **options) -> None:
     """Translate the satellite/aerial raster SRC into a map-style GeoTIFF DST."""
     from tqdm import tqdm
 
-    from geosat2map.translate import DEFAULT_OVERLAP, translate as run_translate
+    from geosat2map.pipeline import DEFAULT_OVERLAP, translate as run_translate
 
     bars: list[tqdm] = []  # created on the first tile, so an early error prints only its line
 

@@ -13,7 +13,7 @@ from geosat2map.engine import InferenceEngine
 from geosat2map.grid import TileGrid, seam_ratio
 from geosat2map.model import UNetGenerator, init_weights
 from geosat2map.reader import ground_gsd_m, open_scene
-from geosat2map.translate import translate
+from geosat2map import translate
 from geosat2map.weights import ModelSpec, save_generator
 
 from .conftest import SAMPLE_SCENE, random_generator, synthetic_image, write_scene
