@@ -7,6 +7,7 @@ status 1; Ctrl-C exits 130 after the library has cleaned up.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 
@@ -36,8 +37,13 @@ def _terminate(signum, frame) -> None:
 @click.version_option(package_name="geosat2map")
 def cli() -> None:
     """Satellite or aerial GeoTIFF in, georeferenced map-style GeoTIFF out (Pix2Pix)."""
+    # GDAL's messages reach us as exceptions; without this, Python's last-resort handler would
+    # also print rasterio's error log lines on stderr next to our one-line error.
+    logging.getLogger("rasterio").addHandler(logging.NullHandler())
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
+        if hasattr(signal, "SIGXFSZ"):  # over a file-size limit: a write error to report, not a crash
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
 def _parse_resolution(ctx, param, value: str):

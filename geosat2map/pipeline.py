@@ -146,19 +146,17 @@ def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_
         computed = 0
         with GeoTIFFWriter(dst, scene.width, scene.height, scene.crs, scene.transform, cog=cog) as writer:
             pending: list[tuple[int, int, np.ndarray | None, np.ndarray]] = []
-            # On wide scenes a batch never spans two tile rows, so only one tile row of output is
-            # held; on narrow ones batches fill across rows to keep the model busy.
-            wide = len(grid.xs) >= 2 * batch_size
             for item in _tiles(scene, grid):
                 pending.append(item)
                 real = sum(t is not None for _, _, t, _ in pending)
                 # Run when the batch is full; also when nothing real waits or the pending tiles
                 # span three tile rows, so all-nodata stretches never hold rows in memory.
-                row_ends = item[1] == len(grid.xs) - 1
-                if real >= batch_size or real == 0 or (wide and row_ends) or pending[-1][0] - pending[0][0] >= 2:
+                if real >= batch_size or real == 0 or pending[-1][0] - pending[0][0] >= 2:
                     computed += _process(pending, engine, blender, tile_done)
                     pending = []
             computed += _process(pending, engine, blender, tile_done)
+            if computed == 0:
+                raise InputError(f"{src} has no valid pixels: everything is nodata")
             writer.commit()
     finally:
         scene.close()

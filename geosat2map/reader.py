@@ -49,8 +49,11 @@ class Scene:
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """Pixels of ``window`` as float32 (bands, h, w) scaled to 0..255 and a bool validity mask."""
-        data = self.source.read(self.bands, window=window, out_dtype="float32")
-        valid = self.source.dataset_mask(window=window) > 0
+        try:
+            data = self.source.read(self.bands, window=window, out_dtype="float32")
+            valid = self.source.dataset_mask(window=window) > 0
+        except RasterioIOError as exc:  # a truncated or corrupt file fails here, not at open
+            raise InputError(f"reading {self.path} failed: {str(exc).splitlines()[0]}") from None
         return self._scale(data, valid)
 
     def read_decimated(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:

@@ -147,7 +147,7 @@ class GeoTIFFWriter:
             self._ds.write(pixels, window=window)
             self._ds.write_mask(valid.view(np.uint8) * np.uint8(255), window=window)  # uint8, no int64 temp
         except (RasterioIOError, OSError) as exc:
-            raise OutputError(f"writing {self.dst} failed: {exc}") from None
+            raise OutputError(f"writing {self.dst} failed (disk full or over a file size limit?): {exc}") from None
 
     def _wait(self) -> None:
         if self._inflight is not None:

@@ -209,3 +209,55 @@ def test_missing_default_model_says_so_in_one_line(scene, tmp_path, monkeypatch)
     monkeypatch.setattr(geosat2map.weights, "DEFAULT_WEIGHTS_NAME", "absent.safetensors")
     out = tmp_path / "map.tif"
     assert_clean_failure(run("translate", scene, out), out, "no default model is shipped")
+
+
+def test_empty_file(tiny_weights, tmp_path):
+    empty = tmp_path / "empty.tif"
+    empty.write_bytes(b"")
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", empty, out, "--weights", tiny_weights), out, "not a raster")
+
+
+def test_truncated_geotiff(tiny_weights, tmp_path):
+    whole = write_scene(tmp_path / "whole.tif", width=800, height=800, tiled=True, blockxsize=256, blockysize=256)
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    out = tmp_path / "map.tif"
+    result = run("translate", cut, out, "--weights", tiny_weights, "--quiet")
+    assert_clean_failure(result, out, "cut.tif")
+
+
+def test_all_nodata_scene(tiny_weights, tmp_path):
+    blank = write_scene(tmp_path / "blank.tif", nodata=0, data=np.zeros((3, 500, 600)))
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", blank, out, "--weights", tiny_weights, "--quiet"), out, "no valid pixels")
+
+
+def test_rotated_transform(tiny_weights, tmp_path):
+    from rasterio.transform import Affine
+
+    path = tmp_path / "rot.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=300, height=300, count=3, dtype="uint8", crs="EPSG:32633",
+                       transform=Affine(1, 0.2, 500000, 0.2, -1, 4500000)) as dst:
+        dst.write(np.zeros((3, 300, 300), np.uint8))
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", path, out, "--weights", tiny_weights), out, "rotated")
+
+
+def test_full_disk_is_a_clean_error(tiny_weights, tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk: writes beyond 200 kB fail.
+
+    libtiff itself also prints "_tiffWriteProc: File too large." lines on stderr, from C, before
+    ours; our own message is the last line.
+    """
+    scene = write_scene(tmp_path / "scene.tif", width=1500, height=1500)
+    out = tmp_path / "map.tif"
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
+            "from geosat2map_cli.main import cli; cli(prog_name='geosat2map')")
+    proc = subprocess.run([sys.executable, "-c", code, "translate", str(scene), str(out), "--weights",
+                           str(tiny_weights), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("geosat2map: error: writing") and "map.tif" in lines[-1], lines
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
