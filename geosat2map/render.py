@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyogrio
@@ -65,7 +65,7 @@ class Style:
     supersample: int = 4
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "Style":
+    def load(cls, path: str | Path | None = None) -> Style:
         """A style file, or the shipped default (``geosat2map/styles/maps.json``) when ``path`` is None."""
         if path is None:
             path = Path(str(resources.files("geosat2map") / "styles" / f"{DEFAULT_STYLE}.json"))

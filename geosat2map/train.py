@@ -20,7 +20,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,7 @@ class TrainConfig:
     bn_recalibration_batch: int = 4
 
     @classmethod
-    def from_json(cls, path: Path) -> "TrainConfig":
+    def from_json(cls, path: Path) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
 

@@ -105,7 +105,7 @@ class GeoTIFFWriter:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geotiff-writer")
         self._inflight: Future | None = None
 
-    def __enter__(self) -> "GeoTIFFWriter":
+    def __enter__(self) -> GeoTIFFWriter:
         self._env.__enter__()
         try:
             self._ds = rasterio.open(self.tmp, "w", **self.profile)
