@@ -146,14 +146,15 @@ def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_
         computed = 0
         with GeoTIFFWriter(dst, scene.width, scene.height, scene.crs, scene.transform, cog=cog) as writer:
             pending: list[tuple[int, int, np.ndarray | None, np.ndarray]] = []
+            real = 0  # pending tiles with data
             for item in _tiles(scene, grid):
                 pending.append(item)
-                real = sum(t is not None for _, _, t, _ in pending)
+                real += item[2] is not None
                 # Run when the batch is full; also when nothing real waits or the pending tiles
                 # span three tile rows, so all-nodata stretches never hold rows in memory.
                 if real >= batch_size or real == 0 or pending[-1][0] - pending[0][0] >= 2:
                     computed += _process(pending, engine, blender, tile_done)
-                    pending = []
+                    pending, real = [], 0
             computed += _process(pending, engine, blender, tile_done)
             if computed == 0:
                 raise InputError(f"{src} has no valid pixels: everything is nodata")

@@ -173,6 +173,7 @@ class MapRenderer:
         self.style = style or Style.load()
         self.grid = grid
         self.frame = GroundFrame(grid)
+        self.layer_names = [layer.name for layer in layers]
         buckets: dict[tuple[int, bool], list] = {}
         for layer in layers:
             ground = self.frame.from_crs(layer.geometries, layer.crs)
@@ -196,6 +197,12 @@ class MapRenderer:
             self.paints.append(_Paint(colour, rule.z + (0.5 if outline else 0), arr, shapely.STRtree(arr)))
         self.paints.sort(key=lambda p: p.z)
         self.background = _colour(self.style.background)
+
+    def require_features(self) -> None:
+        """One clear error when no drawable feature falls on the grid (checked on the prepared shapes)."""
+        if not self.extent_has_features(0, 0, self.grid.width, self.grid.height):
+            names = ", ".join(self.layer_names)
+            raise InputError(f"no vector feature of {names} falls within the raster's extent")
 
     @property
     def feature_count(self) -> int:
@@ -256,20 +263,6 @@ def grid_from(like: str | Path | None = None, bounds=None, crs: str | None = Non
     return Grid(CRS.from_user_input(crs), Affine(resolution, 0, left, 0, -resolution, top), width, height)
 
 
-def check_overlap(layers: list[VectorLayer], grid: Grid) -> None:
-    """One clear error when no feature falls on the grid."""
-    frame = GroundFrame(grid)
-    box = frame.window_box(0, 0, grid.width, grid.height)
-    for layer in layers:
-        if not len(layer.geometries):
-            continue
-        ground = frame.from_crs(layer.geometries, layer.crs)
-        if shapely.intersects(ground, box).any():
-            return
-    names = ", ".join(layer.name for layer in layers)
-    raise InputError(f"no vector feature of {names} falls within the raster's extent")
-
-
 def render_map(
     vectors: list[str],
     dst: str | Path,
@@ -282,9 +275,8 @@ def render_map(
 
     dst = Path(dst)
     check_destination(dst, None, overwrite)
-    layers = [read_vectors(v) for v in vectors]
-    check_overlap(layers, grid)
-    renderer = MapRenderer(layers, grid, Style.load(style))
+    renderer = MapRenderer([read_vectors(v) for v in vectors], grid, Style.load(style))
+    renderer.require_features()
     valid = np.ones((256, grid.width), bool)
     with GeoTIFFWriter(dst, grid.width, grid.height, grid.crs, grid.transform) as writer:
         for y, pixels in renderer.bands():

@@ -35,7 +35,7 @@ from rasterio.windows import Window
 
 from .errors import InputError, OutputError
 from .reader import Scene, open_scene
-from .render import Grid, MapRenderer, Style, check_overlap, read_vectors
+from .render import Grid, MapRenderer, Style, read_vectors
 
 
 @dataclass(frozen=True)
@@ -103,9 +103,8 @@ class _RasterMap:
 
 class _VectorMap:
     def __init__(self, specs: list[str], grid: Grid, style: str | None, min_cover: float) -> None:
-        layers = [read_vectors(s) for s in specs]
-        check_overlap(layers, grid)
-        self.renderer = MapRenderer(layers, grid, Style.load(style))
+        self.renderer = MapRenderer([read_vectors(s) for s in specs], grid, Style.load(style))
+        self.renderer.require_features()
         self.min_cover = min_cover
 
     def read(self, x: int, y: int, size: int) -> tuple[np.ndarray, bool]:
@@ -224,6 +223,7 @@ def make_tiles(
         skipped["split_buffer"] = dropped
 
         features = []
+        to_wgs84 = Transformer.from_crs(scene.crs, "EPSG:4326", always_xy=True)
         for split, positions in (("train", train), ("val", val)):
             for kind in ("sat", "map"):
                 (work / split / kind).mkdir(parents=True, exist_ok=True)
@@ -231,7 +231,7 @@ def make_tiles(
                 name = _tile_name(y, x)
                 for kind in ("sat", "map"):
                     (staging / kind / name).rename(work / split / kind / name)
-                features.append(_index_feature(scene, x, y, t, name, split, kept[(y, x)]))
+                features.append(_index_feature(scene, to_wgs84, x, y, t, name, split, kept[(y, x)]))
         shutil.rmtree(staging)  # what is left are tiles dropped by the split buffer
         (work / "index.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
         manifest = {
@@ -268,10 +268,11 @@ def _footprint(scene: Scene, x: int, y: int, t: int) -> shapely.Geometry:
     return shapely.box(min(a[0], b[0]), min(a[1], b[1]), max(a[0], b[0]), max(a[1], b[1]))
 
 
-def _index_feature(scene: Scene, x: int, y: int, t: int, name: str, split: str, nodata: float) -> dict:
+def _index_feature(scene: Scene, to_wgs84: Transformer, x: int, y: int, t: int, name: str, split: str,
+                   nodata: float) -> dict:
     """A tile footprint in EPSG:4326 (GeoJSON's CRS), edges densified so reprojection stays exact."""
-    to_wgs84 = Transformer.from_crs(scene.crs, "EPSG:4326", always_xy=True)
-    ring = shapely.segmentize(_footprint(scene, x, y, t), _footprint(scene, x, y, t).length / 64)
+    footprint = _footprint(scene, x, y, t)
+    ring = shapely.segmentize(footprint, footprint.length / 64)
     wgs = shapely.transform(ring, lambda c: np.column_stack(to_wgs84.transform(c[:, 0], c[:, 1])))
     return {"type": "Feature", "geometry": shapely.geometry.mapping(wgs),
             "properties": {"name": name, "split": split, "x": x, "y": y, "nodata": round(nodata, 4)}}

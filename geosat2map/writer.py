@@ -32,9 +32,7 @@ GDAL_ENV = {"GDAL_TIFF_INTERNAL_MASK": True}
 
 def check_destination(dst: Path, src: Path | None, overwrite: bool) -> None:
     """Refuse, before any work, outputs that would lose data or cannot be written."""
-    if src is not None and dst.exists() and src.exists() and os.path.samefile(src, dst):
-        raise OutputError(f"the output {dst} is the input; choose another path")
-    if src is not None and dst.resolve() == src.resolve():
+    if src is not None and dst.exists() and src.exists() and os.path.samefile(src, dst):  # links included
         raise OutputError(f"the output {dst} is the input; choose another path")
     if dst.is_dir():
         raise OutputError(f"the output {dst} is a folder")
