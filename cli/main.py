@@ -193,8 +193,13 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True)
-def train(data, out, resume, quiet, **options) -> None:
-    """Train Pix2Pix on DATA (a pix2pix aligned folder or a `geosat2map tiles` output)."""
+@click.pass_context
+def train(ctx, data, out, resume, quiet, **options) -> None:
+    """Train Pix2Pix on DATA (a pix2pix aligned folder or a `geosat2map tiles` output).
+
+    With --resume, the run's stored options are used; --epochs/--epochs-decay given on the command line
+    replace its schedule (train a finished run longer).
+    """
     from tqdm import tqdm
 
     from geosat2map.train import TrainConfig, train as run_training
@@ -206,7 +211,11 @@ def train(data, out, resume, quiet, **options) -> None:
         bar.update(1)
         bar.set_postfix(epoch=info["epoch"] + 1, L1=f"{info['G_L1']:.3f}", D=f"{info['D']:.3f}", refresh=False)
 
-    record = run_training(config, resume=resume, progress=progress)
+    given = {name for name in ("epochs", "epochs_decay")
+             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+    schedule = tuple(options[name] if name in given else None for name in ("epochs", "epochs_decay"))
+    schedule = schedule if resume and given else None
+    record = run_training(config, resume=resume, progress=progress, schedule=schedule)
     bar.close()
     if record:
         val = record.get("val", {})

@@ -200,6 +200,12 @@ class Trainer:
             raise TrainingError(f"checkpoint {path} is corrupt or does not fit this run: {first}") from None
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best_rmse = state["global_step"], state["best_rmse"]
+        # The rate comes from this run's schedule, not the saved optimiser: a schedule extended on
+        # resume (see train()) would otherwise continue at the old, decayed rate.
+        factor = _lr_lambda(self.cfg.epochs, self.cfg.epochs_decay)(self.epoch)
+        for opt, sched in ((self.opt_G, self.sched_G), (self.opt_D, self.sched_D)):
+            for group, base in zip(opt.param_groups, sched.base_lrs):
+                group["lr"] = base * factor
         torch.set_rng_state(state["rng"]["cpu"].cpu())
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
@@ -338,22 +344,34 @@ class Trainer:
         return ModelSpec(ngf=self.spec.ngf, gsd_m=self.spec.gsd_m, provenance=prov)
 
 
-def train(config: TrainConfig, resume: bool = False, progress: Callable[[dict], None] | None = None) -> dict:
+def train(
+    config: TrainConfig,
+    resume: bool = False,
+    progress: Callable[[dict], None] | None = None,
+    schedule: tuple[int | None, int | None] | None = None,
+) -> dict:
     """Train a run directory from scratch, or continue it with ``resume`` (its stored config wins).
 
     ``max_steps`` is taken from the caller's config either way, so a resumed run can be bounded.
+    ``schedule`` (epochs at the initial rate, epochs of decay; None keeps the stored value) replaces a
+    resumed run's schedule, so a finished run can be trained longer with its discriminator and optimiser.
     """
     out = Path(config.out)
     if resume:
         max_steps = config.max_steps
         config = TrainConfig.from_json(out / "config.json")
         config.max_steps = max_steps
+        if schedule is not None:
+            config.epochs = schedule[0] if schedule[0] is not None else config.epochs
+            config.epochs_decay = schedule[1] if schedule[1] is not None else config.epochs_decay
     elif (out / CHECKPOINT).exists():
         raise TrainingError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     trainer = Trainer(config)
     try:
         if resume:
             trainer.load_checkpoint()
+            if schedule is not None and trainer.dist.is_main:
+                (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
         elif trainer.dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps(asdict(config), indent=2))

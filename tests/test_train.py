@@ -98,6 +98,30 @@ def test_epoch_outputs_and_schedule(tmp_path):
     assert set(load_file(run / "generator.safetensors")) == set(UNetGenerator(ngf=4).state_dict())
 
 
+def test_finished_run_trains_longer_with_an_extended_schedule(tmp_path, monkeypatch):
+    data = write_aligned(tmp_path / "data")
+    run = tmp_path / "run"
+    train(tiny_config(data, run))  # 2 + 1 epochs: ends at rate 0
+    # Only --epochs given: the stored decay (1) is kept, so the run goes on to 4 + 1 epochs,
+    # at the full rate again from epoch 4 (factor 1 - max(0, 4 - 4) / 2 = 1).
+    seen: list[float] = []
+    import geosat2map.train as train_mod
+
+    original = train_mod.Trainer.train_step
+
+    def spy(self, a, b):
+        seen.append(self.opt_G.param_groups[0]["lr"])
+        return original(self, a, b)
+
+    monkeypatch.setattr(train_mod.Trainer, "train_step", spy)
+    record = train(tiny_config(data, run), resume=True, schedule=(4, None))
+    assert record["epoch"] == 5
+    assert seen[0] == pytest.approx(2e-4)
+    stored = TrainConfig.from_json(run / "config.json")
+    assert (stored.epochs, stored.epochs_decay) == (4, 1)
+    assert len((run / "history.jsonl").read_text().splitlines()) == 5
+
+
 def test_existing_run_needs_resume(tmp_path):
     data = write_aligned(tmp_path / "data")
     train(tiny_config(data, tmp_path / "run", max_steps=1))
