@@ -15,6 +15,7 @@ each band of rows as soon as no later tile can touch it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -168,23 +169,32 @@ class RowBlender:
         h, _ = self.grid.tile_shape(row, col)
         self._ensure(self.grid.ys[row] + h)
 
-    def flush(self, row: int) -> tuple[int, np.ndarray, np.ndarray]:
-        """After every tile of ``row`` is in: (first scene row, uint8 pixels, bool mask) of the finished band."""
+    def release(self) -> None:
+        """Free the buffers once every row has been flushed."""
+        self.acc = np.zeros((self.channels, 0, self.grid.width), np.float32)
+        self.valid = np.zeros((0, self.grid.width), bool)
+
+    def flush(self, row: int, sink: Callable[[int, np.ndarray, np.ndarray], None]) -> None:
+        """After every tile of ``row`` is in, hand its finished band of rows to ``sink``.
+
+        ``sink(first scene row, pixels, mask)`` gets float32 pixels already rounded to 0..255 (0 where
+        the mask is False) as views of the buffer, valid only during the call: the writer casts them
+        into its own block buffer, so no uint8 copy of the band is made here.
+        """
         end = self.grid.row_end(row)
         n = end - self.top
         band = self.acc[:, :n]
+        valid = self.valid[:n]
         band /= self.col_sum[None, None, :]  # in place: no full-size temporaries
         band /= self.row_sum[None, self.top : end, None]
         np.rint(band, out=band)
         np.clip(band, 0, 255, out=band)
-        out = band.astype(np.uint8)
-        valid = self.valid[:n].copy()
-        out[:, ~valid] = 0
+        band *= valid[None]
+        sink(self.top, band, valid)
         # Shift the rows still being blended to the top and clear the rest.
         keep = self.used - n
         self.acc[:, :keep] = self.acc[:, n : self.used]
         self.acc[:, keep : self.used] = 0
         self.valid[:keep] = self.valid[n : self.used]
         self.valid[keep : self.used] = False
-        top, self.top, self.used = self.top, end, keep
-        return top, out, valid
+        self.top, self.used = end, keep

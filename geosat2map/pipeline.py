@@ -138,7 +138,7 @@ def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_
             nonlocal done_rows
             row_left[row] -= 1
             while done_rows < len(grid.ys) and row_left[done_rows] == 0:
-                writer.write_rows(*blender.flush(done_rows))
+                blender.flush(done_rows, writer.write_rows)
                 done_rows += 1
             if progress:
                 progress(1, len(grid))
@@ -158,6 +158,7 @@ def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_
             computed += _process(pending, engine, blender, tile_done)
             if computed == 0:
                 raise InputError(f"{src} has no valid pixels: everything is nodata")
+            blender.release()  # the overviews are built next: no blending buffers held meanwhile
             writer.commit()
     finally:
         scene.close()

@@ -95,7 +95,7 @@ class GeoTIFFWriter:
         self._ds = None
         # Two block-row buffers: one being filled here while the writer thread writes the other.
         rows = min(BLOCK, height)
-        self._buffers = [(np.zeros((3, rows, width), np.uint8), np.zeros((rows, width), bool)) for _ in range(2)]
+        self._buffers = [(np.zeros((3, rows, width), np.uint8), np.zeros((rows, width), np.uint8)) for _ in range(2)]
         self._current = 0
         self._filled = 0  # rows in the current buffer
         self._received = 0  # rows handed to write_rows so far
@@ -114,7 +114,11 @@ class GeoTIFFWriter:
         return self
 
     def write_rows(self, top: int, pixels: np.ndarray, valid: np.ndarray) -> None:
-        """Take rows ``top .. top + h`` (in order); each full block row goes to the writer thread."""
+        """Take rows ``top .. top + h`` (in order); each full block row goes to the writer thread.
+
+        ``pixels`` may be uint8 or any numeric type already holding integers in 0..255 (it is cast
+        straight into the block buffer); ``valid`` is the bool mask.
+        """
         if top != self._received:
             raise ValueError(f"rows must arrive in order: got {top}, expected {self._received}")
         h = pixels.shape[1]
@@ -123,8 +127,8 @@ class GeoTIFFWriter:
         while done < h:
             buf, mask = self._buffers[self._current]
             k = min(buf.shape[1] - self._filled, h - done)
-            buf[:, self._filled : self._filled + k] = pixels[:, done : done + k]
-            mask[self._filled : self._filled + k] = valid[done : done + k]
+            np.copyto(buf[:, self._filled : self._filled + k], pixels[:, done : done + k], casting="unsafe")
+            np.multiply(valid[done : done + k], np.uint8(255), out=mask[self._filled : self._filled + k])
             self._filled += k
             done += k
             if self._filled == buf.shape[1] or self._received == self.height and done == h:
@@ -143,7 +147,7 @@ class GeoTIFFWriter:
     def _write(self, window: Window, pixels: np.ndarray, valid: np.ndarray) -> None:
         try:
             self._ds.write(pixels, window=window)
-            self._ds.write_mask(valid.view(np.uint8) * np.uint8(255), window=window)  # uint8, no int64 temp
+            self._ds.write_mask(valid, window=window)  # uint8 0/255
         except (RasterioIOError, OSError) as exc:
             raise OutputError(f"writing {self.dst} failed (disk full or over a file size limit?): {exc}") from None
 
@@ -157,6 +161,7 @@ class GeoTIFFWriter:
         self._wait()
         if self._written != self.height:
             raise ValueError(f"only {self._written} of {self.height} rows were written")
+        self._buffers.clear()  # not needed while the overviews are built
         try:
             if self.cog:
                 self._ds.close()

@@ -67,8 +67,7 @@ def test_blender_reassembles_a_constant_image_exactly():
         for c in range(len(grid.xs)):
             h, w = grid.tile_shape(r, c)
             blender.add(r, c, np.full((3, 256, 256), 77.0, np.float32), np.ones((h, w), bool))
-        top, pixels, valid = blender.flush(r)
-        rows.append((top, pixels, valid))
+        blender.flush(r, lambda top, pixels, valid: rows.append((top, pixels.copy(), valid.copy())))
     assert [t for t, _, _ in rows] == grid.ys
     image = np.concatenate([p for _, p, _ in rows], axis=1)
     assert image.shape == (3, 600, 700)
@@ -84,7 +83,7 @@ def test_blender_buffer_holds_at_most_a_few_tile_rows():
         for c in range(len(grid.xs)):
             blender.add(r, c, np.zeros((3, 256, 256), np.float32), np.ones((256, 256), bool))
         biggest = max(biggest, blender.used)
-        blender.flush(r)
+        blender.flush(r, lambda *band: None)
     assert biggest <= 256 and blender.acc.shape[1] <= 512
 
 
