@@ -23,8 +23,8 @@ class _Group(click.Group):
         except Geosat2mapError as exc:
             click.echo(f"geosat2map: error: {exc}", err=True)
             ctx.exit(1)
-        except KeyboardInterrupt:
-            click.echo("geosat2map: interrupted", err=True)
+        except KeyboardInterrupt as exc:
+            click.echo("geosat2map: interrupted" + (f": {exc}" if str(exc) else ""), err=True)
             ctx.exit(130)
 
 
@@ -81,6 +81,8 @@ def _parse_bands(ctx, param, value: str | None):
               help="Input bands, e.g. 1,2,3 (default: by colour interpretation, else 1,2,3; one band as grey).")
 @click.option("--cog", is_flag=True, help="Write a Cloud Optimized GeoTIFF.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run (Ctrl-C, SIGTERM) of the same command from the rows it kept.")
 @click.option("--allow-ungeoreferenced", is_flag=True, help="Translate a raster without georeferencing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def translate(src, dst, overlap, quiet, **options) -> None:

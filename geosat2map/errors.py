@@ -27,3 +27,7 @@ class DataError(Geosat2mapError):
 
 class TrainingError(Geosat2mapError):
     """Training cannot go on (diverged, corrupt checkpoint, ...)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a run that kept its progress; the message says how to resume."""

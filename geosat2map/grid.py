@@ -133,10 +133,11 @@ class RowBlender:
     a row sum times a column sum: no per-pixel weight buffer is needed.
     """
 
-    def __init__(self, grid: TileGrid, channels: int = 3) -> None:
+    def __init__(self, grid: TileGrid, first_row: int = 0, channels: int = 3) -> None:
+        """``first_row``: the tile row blending starts at (a resumed run starts past row 0)."""
         self.grid = grid
         self.channels = channels
-        self.top = 0  # scene row held at buffer row 0
+        self.top = grid.ys[first_row] if first_row < len(grid.ys) else grid.height  # scene row at buffer row 0
         self.used = 0  # buffer rows in use
         self.col_sum = _axis_sum(grid.width, grid.xs, grid.x_weights)
         self.row_sum = _axis_sum(grid.height, grid.ys, grid.y_weights)

@@ -18,11 +18,12 @@ from rasterio.windows import Window
 
 from .devices import resolve_device
 from .engine import InferenceEngine
-from .errors import InputError, WeightsError
+from . import resume as progress_record
+from .errors import InputError, Interrupted, WeightsError
 from .grid import RowBlender, TileGrid
 from .reader import Scene, open_scene
 from .weights import ModelSpec, load_generator
-from .writer import GeoTIFFWriter, check_destination
+from .writer import GeoTIFFWriter, check_destination, partial_path
 
 #: Default overlap between 256-pixel tiles (see benchmarks/overlap.py for the measurement).
 DEFAULT_OVERLAP = 64
@@ -59,17 +60,19 @@ def _pad(tile: np.ndarray, size: int) -> np.ndarray:
     return tile
 
 
-def _tiles(scene: Scene, grid: TileGrid) -> Iterator[tuple[int, int, np.ndarray | None, np.ndarray]]:
-    """(row, col, pixels or None when all-nodata, valid mask) in row-major order."""
-    for r, y in enumerate(grid.ys):
+def _tiles(scene: Scene, grid: TileGrid, first_row: int = 0) -> Iterator[tuple[int, int, np.ndarray | None, np.ndarray]]:
+    """(row, col, pixels or None when all-nodata, valid mask) in row-major order from ``first_row``."""
+    for r in range(first_row, len(grid.ys)):
+        y = grid.ys[r]
         for c, x in enumerate(grid.xs):
             h, w = grid.tile_shape(r, c)
             data, valid = scene.read(Window(x, y, w, h))
             yield r, c, (_pad(data, grid.tile) if valid.any() else None), valid
 
 
-def _process(pending, engine: InferenceEngine, blender: RowBlender, tile_done: Callable[[int], None]) -> int:
-    """Run the model on the pending tiles that have data, blend all of them in order; returns tiles run."""
+def _process(pending, engine: InferenceEngine, blender: RowBlender, tile_done: Callable[[int], None],
+             computed_in_row: list[int]) -> None:
+    """Run the model on the pending tiles that have data, blend all of them in order."""
     tiles = [t for _, _, t, _ in pending if t is not None]
     outputs = iter(engine(np.stack(tiles))) if tiles else iter(())
     for r, c, tile, valid in pending:
@@ -77,8 +80,8 @@ def _process(pending, engine: InferenceEngine, blender: RowBlender, tile_done: C
             blender.mark_empty(r, c)
         else:
             blender.add(r, c, next(outputs), valid)
+            computed_in_row[r] += 1
         tile_done(r)
-    return len(tiles)
 
 
 def translate(
@@ -97,11 +100,14 @@ def translate(
     allow_ungeoreferenced: bool = False,
     progress: Callable[[int, int], None] | None = None,
     model: tuple[torch.nn.Module, ModelSpec] | None = None,
+    resume: bool = False,
 ) -> TranslateResult:
     """Translate the GeoTIFF ``src`` into a map GeoTIFF at ``dst``; see ``geosat2map translate --help``.
 
     ``model`` passes an already loaded (generator, spec) pair, to translate many scenes without
-    reloading. ``progress(advance, total)`` is called as tiles finish.
+    reloading. ``progress(advance, total)`` is called as tiles finish. Interrupted (Ctrl-C,
+    SIGTERM), a run keeps its finished rows beside ``dst`` and raises :class:`Interrupted`;
+    ``resume=True`` with the same input, options and model continues it.
     """
     src, dst = Path(src), Path(dst)
     if tile_size % 256 or tile_size <= 0:
@@ -117,22 +123,60 @@ def translate(
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
         return _run(src, dst, net, spec, torch_device, started, bands=bands, resolution=resolution,
                     tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
-                    allow_ungeoreferenced=allow_ungeoreferenced, progress=progress)
+                    allow_ungeoreferenced=allow_ungeoreferenced, progress=progress, resume=resume)
+
+
+def row_buffer_bytes(width: int, tile: int) -> int:
+    """Memory the streaming needs beyond the model: the blending accumulator (float32 RGB and a mask
+    over one tile's rows) and the writer's two uint8 block rows with their masks."""
+    return width * (tile * (3 * 4 + 1) + 2 * 256 * 4)
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def first_row_after(grid: TileGrid, rows: int) -> int:
+    """The first tile row that writes to output rows at or below ``rows`` (earlier ones cannot)."""
+    return next((r for r, y in enumerate(grid.ys) if y + grid.tile_shape(r, 0)[0] > rows), len(grid.ys))
 
 
 def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_size, overlap, batch_size, cog,
-         allow_ungeoreferenced, progress) -> TranslateResult:
+         allow_ungeoreferenced, progress, resume) -> TranslateResult:
     scene = open_scene(src, bands, resolution, spec.gsd_m, allow_ungeoreferenced)
     try:
         if len(scene.bands) != spec.in_channels:
             raise WeightsError(
                 f"the model takes {spec.in_channels} bands but {len(scene.bands)} were selected (--bands)"
             )
-        engine = InferenceEngine(net, torch_device)
         grid = TileGrid(scene.width, scene.height, tile_size, overlap)
-        blender = RowBlender(grid)
-        done_rows = 0
+        need, free = row_buffer_bytes(scene.width, tile_size), available_memory()
+        if free is not None and need > 0.8 * free:  # a hostile header or a truly huge scene: say so now
+            raise InputError(f"{src} is {scene.width} pixels wide at this resolution: streaming it needs "
+                             f"{need / 2**30:.1f} GiB of row buffers and {free / 2**30:.1f} GiB is available; "
+                             "use a coarser --resolution or cut the scene into strips")
+        options = {"resolution": resolution, "tile_size": tile_size, "overlap": overlap, "bands": scene.bands,
+                   "cog": cog}
+        record_file = progress_record.record_path(dst)
+        kept_rows, computed_before = 0, 0
+        if resume:
+            record = progress_record.load(record_file, partial_path(dst), dst)
+            progress_record.check(record, progress_record.identity(src, options, net), dst)
+            kept_rows, computed_before = record["rows"], record["computed"]
+        first_row = first_row_after(grid, kept_rows)
+        engine = InferenceEngine(net, torch_device)
+        blender = RowBlender(grid, first_row)
+        done_rows = first_row
         row_left = [len(grid.xs)] * len(grid.ys)
+        computed_in_row = [0] * len(grid.ys)
 
         def tile_done(row: int) -> None:
             nonlocal done_rows
@@ -143,24 +187,49 @@ def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_
             if progress:
                 progress(1, len(grid))
 
-        computed = 0
-        with GeoTIFFWriter(dst, scene.width, scene.height, scene.crs, scene.transform, cog=cog) as writer:
-            pending: list[tuple[int, int, np.ndarray | None, np.ndarray]] = []
-            real = 0  # pending tiles with data
-            for item in _tiles(scene, grid):
-                pending.append(item)
-                real += item[2] is not None
-                # Run when the batch is full; also when nothing real waits or the pending tiles
-                # span three tile rows, so all-nodata stretches never hold rows in memory.
-                if real >= batch_size or real == 0 or pending[-1][0] - pending[0][0] >= 2:
-                    computed += _process(pending, engine, blender, tile_done)
-                    pending, real = [], 0
-            computed += _process(pending, engine, blender, tile_done)
+        with GeoTIFFWriter(dst, scene.width, scene.height, scene.crs, scene.transform, cog=cog,
+                           resume_rows=kept_rows) as writer:
+            if not resume and record_file.exists():
+                record_file.unlink()
+                scene.notes.append("an interrupted run's partial output was replaced (--resume continues one)")
+            if progress and first_row:
+                progress(first_row * len(grid.xs), len(grid))
+            try:
+                _stream(scene, grid, first_row, batch_size, engine, blender, tile_done, computed_in_row)
+            except KeyboardInterrupt:
+                rows = writer.keep_partial()
+                if not rows:
+                    raise
+                done = computed_before + sum(computed_in_row[first_row : first_row_after(grid, rows)])
+                try:
+                    progress_record.save(record_file, progress_record.identity(src, options, net), rows, done)
+                except OSError:
+                    writer.drop_partial()
+                    raise KeyboardInterrupt from None
+                raise Interrupted(f"{rows} of {scene.height} rows are kept; the same command with --resume "
+                                  "continues") from None
+            computed = computed_before + sum(computed_in_row[first_row:])
             if computed == 0:
                 raise InputError(f"{src} has no valid pixels: everything is nodata")
             blender.release()  # the overviews are built next: no blending buffers held meanwhile
             writer.commit()
+            record_file.unlink(missing_ok=True)
     finally:
         scene.close()
     return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
                            time.perf_counter() - started, scene.gsd_m, str(torch_device), scene.notes)
+
+
+def _stream(scene, grid, first_row, batch_size, engine, blender, tile_done, computed_in_row) -> None:
+    """Read, infer and blend every tile from ``first_row`` on, in batches; counts tiles run per row."""
+    pending: list[tuple[int, int, np.ndarray | None, np.ndarray]] = []
+    real = 0  # pending tiles with data
+    for item in _tiles(scene, grid, first_row):
+        pending.append(item)
+        real += item[2] is not None
+        # Run when the batch is full; also when nothing real waits or the pending tiles
+        # span three tile rows, so all-nodata stretches never hold rows in memory.
+        if real >= batch_size or real == 0 or pending[-1][0] - pending[0][0] >= 2:
+            _process(pending, engine, blender, tile_done, computed_in_row)
+            pending, real = [], 0
+    _process(pending, engine, blender, tile_done, computed_in_row)

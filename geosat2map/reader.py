@@ -28,6 +28,9 @@ from .errors import InputError
 STRETCH_PERCENT = (2.0, 98.0)
 #: Longest side of the decimated read used for scene statistics.
 STATS_SIZE = 1024
+#: Smallest side, in pixels at the working resolution, worth translating: below it nearly all of
+#: the 256-pixel tile the model sees would be invented by padding.
+MIN_SIDE = 8
 
 
 @dataclass
@@ -53,7 +56,8 @@ class Scene:
             data = self.source.read(self.bands, window=window, out_dtype="float32")
             valid = self.source.dataset_mask(window=window) > 0
         except RasterioIOError as exc:  # a truncated or corrupt file fails here, not at open
-            raise InputError(f"reading {self.path} failed: {str(exc).splitlines()[0]}") from None
+            cause = exc.__cause__ or exc  # rasterio's own text is "Read failed. See previous exception"
+            raise InputError(f"reading {self.path} failed: {str(cause).strip().splitlines()[0]}") from None
         return self._scale(data, valid)
 
     def read_decimated(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +164,13 @@ def open_scene(
         raise
 
 
+def _check_size(path: Path, width: int, height: int, gsd_m: float | None) -> None:
+    if min(width, height) < MIN_SIDE:
+        at = f" at {gsd_m:.2f} m/pixel" if gsd_m else ""
+        raise InputError(f"{path} is only {width} x {height} pixels{at}; translate needs at least {MIN_SIDE} x "
+                         f"{MIN_SIDE} (a small clip may fit at --resolution native)")
+
+
 def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced) -> Scene:
     if src.width < 1 or src.height < 1:
         raise InputError(f"{path} is empty ({src.width} x {src.height})")
@@ -194,6 +205,7 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced) -> S
             raise InputError("a resolution in metres needs a georeferenced scene")
 
     if target is None or math.isclose(target, native, rel_tol=1e-3):
+        _check_size(path, src.width, src.height, native)
         return Scene(path, src, src, bands, src.width, src.height, src.transform, src.crs, native, native,
                      stretch, notes)
 
@@ -202,6 +214,7 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced) -> S
     t = src.transform
     width = max(1, round(src.width / scale))
     height = max(1, round(src.height / scale))
+    _check_size(path, width, height, target)
     transform = Affine(t.a * src.width / width, 0, t.c, 0, t.e * src.height / height, t.f)
     method = Resampling.average if scale > 1 else Resampling.bilinear
     vrt = WarpedVRT(src, crs=src.crs, transform=transform, width=width, height=height, resampling=method)

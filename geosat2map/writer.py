@@ -5,10 +5,17 @@ has to re-read and re-compress a half-filled block, on one background thread so 
 (GDAL releases the GIL) overlaps the model's compute. The file is built under a temporary name
 beside the destination and renamed over it only when complete, so an interrupted run never
 leaves a half-written file at the destination.
+
+An interrupted run (Ctrl-C, SIGTERM) can leave its partial file for ``translate --resume``:
+:meth:`GeoTIFFWriter.keep_partial` closes it with every whole block row written so far, and a
+resumed writer copies those rows into a fresh file (same creation options, same block order)
+before taking new ones. The partial names are fixed per destination, so a lock file keeps two
+runs from writing the same destination at once.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -45,6 +52,11 @@ def check_destination(dst: Path, src: Path | None, overwrite: bool) -> None:
         raise OutputError(f"the output folder {folder} is not writable")
 
 
+def partial_path(dst: Path) -> Path:
+    """The temporary file a run builds (and an interrupted run leaves) beside ``dst``."""
+    return dst.with_name(f".{dst.name}.part.tif")
+
+
 def overview_factors(width: int, height: int, smallest: int = BLOCK) -> list[int]:
     """Powers of two until the overview fits in one block."""
     factors, f = [], 2
@@ -66,13 +78,21 @@ class GeoTIFFWriter:
         transform: Affine,
         cog: bool = False,
         compress: str = "zstd",
+        resume_rows: int = 0,
     ) -> None:
+        """``resume_rows``: continue the partial file of an interrupted run, whose first
+        ``resume_rows`` rows are kept; rows given to :meth:`write_rows` above them are ignored."""
         self.dst = Path(dst)
         self.width, self.height = width, height
         self.cog = cog
         self.compress = compress
-        self.tmp = self.dst.with_name(f".{self.dst.name}.{os.getpid()}.part.tif")
-        self.cog_tmp = self.dst.with_name(f".{self.dst.name}.{os.getpid()}.cog.tif")
+        self.tmp = partial_path(self.dst)
+        self.cog_tmp = self.dst.with_name(f".{self.dst.name}.cog.tif")
+        self.prev = self.dst.with_name(f".{self.dst.name}.part.prev.tif")
+        self.lock_path = self.dst.with_name(f".{self.dst.name}.lock")
+        self.resume_rows = resume_rows
+        self._lock: int | None = None
+        self._keep = False
         self.profile = {
             "driver": "GTiff",
             "width": width,
@@ -104,14 +124,53 @@ class GeoTIFFWriter:
         self._inflight: Future | None = None
 
     def __enter__(self) -> GeoTIFFWriter:
+        self._take_lock()
         self._env.__enter__()
         try:
+            if self.resume_rows:
+                os.replace(self.tmp, self.prev)
             self._ds = rasterio.open(self.tmp, "w", **self.profile)
+            self._ds.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
+            if self.resume_rows:
+                self._copy_previous()
         except (RasterioIOError, OSError) as exc:
-            self._env.__exit__(None, None, None)
+            self.__exit__(None, None, None)
             raise OutputError(f"cannot create {self.tmp}: {exc}") from None
-        self._ds.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
+        except KeyboardInterrupt:
+            if self.prev.exists():  # interrupted while copying: the previous partial stays as it was
+                if self._ds is not None:
+                    self._ds.close()
+                os.replace(self.prev, self.tmp)
+                self._keep = True
+            self.__exit__(None, None, None)
+            raise
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(f"another geosat2map run is writing {self.dst}") from None
+        self._lock = fd
+
+    def _copy_previous(self) -> None:
+        """Copy the kept rows of the interrupted run's file, block row by block row."""
+        with rasterio.open(self.prev) as prev:
+            if (prev.width, prev.height, prev.count) != (self.width, self.height, 3):
+                raise OutputError(f"the partial file {self.prev} does not fit this run")
+            for top in range(0, self.resume_rows, BLOCK):
+                window = Window(0, top, self.width, min(BLOCK, self.resume_rows - top))
+                try:
+                    self._write(window, prev.read(window=window), prev.read_masks(1, window=window))
+                except RasterioIOError as exc:
+                    raise OutputError(f"the partial file {self.prev} is unreadable: {exc}") from None
+                self._written = self._received = window.row_off + window.height
+        self.prev.unlink()
 
     def write_rows(self, top: int, pixels: np.ndarray, valid: np.ndarray) -> None:
         """Take rows ``top .. top + h`` (in order); each full block row goes to the writer thread.
@@ -119,6 +178,11 @@ class GeoTIFFWriter:
         ``pixels`` may be uint8 or any numeric type already holding integers in 0..255 (it is cast
         straight into the block buffer); ``valid`` is the bool mask.
         """
+        if top < self.resume_rows:  # rows the interrupted run wrote already
+            skip = min(self.resume_rows - top, pixels.shape[1])
+            top, pixels, valid = top + skip, pixels[:, skip:], valid[skip:]
+            if not pixels.shape[1]:
+                return
         if top != self._received:
             raise ValueError(f"rows must arrive in order: got {top}, expected {self._received}")
         h = pixels.shape[1]
@@ -184,12 +248,30 @@ class GeoTIFFWriter:
         finally:
             self._cleanup()
 
+    def keep_partial(self) -> int:
+        """After an interruption: close the partial file with its whole block rows and keep it
+        (and the lock's release) for a resumed run; returns the rows it holds (0: nothing kept)."""
+        try:
+            self._wait()
+        except OutputError:
+            return 0
+        self._keep = self._written > 0
+        return self._written
+
+    def drop_partial(self) -> None:
+        """Undo :meth:`keep_partial` (its progress record could not be saved)."""
+        self._keep = False
+
     def _cleanup(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self._ds is not None and not self._ds.closed:
             self._ds.close()
-        for p in (self.tmp, self.cog_tmp):
+        for p in (self.cog_tmp, self.prev) if self._keep else (self.tmp, self.cog_tmp, self.prev):
             p.unlink(missing_ok=True)
+        if self._lock is not None:
+            self.lock_path.unlink(missing_ok=True)
+            os.close(self._lock)
+            self._lock = None
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._cleanup()

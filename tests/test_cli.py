@@ -199,8 +199,12 @@ def test_signal_in_the_middle_of_a_run_leaves_nothing(tmp_path, tiny_weights, si
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "geosat2map: interrupted"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
+    last = err.strip().splitlines()[-1]
+    if last == "geosat2map: interrupted":  # stopped before a whole block row was written: nothing kept
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
+    else:  # finished rows kept for --resume, and nothing else
+        assert last.startswith("geosat2map: interrupted: ") and last.endswith("with --resume continues"), last
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".map.tif.part.json", ".map.tif.part.tif", "scene.tif"]
 
 
 def test_missing_default_model_says_so_in_one_line(scene, tmp_path, monkeypatch):
@@ -261,3 +265,49 @@ def test_full_disk_is_a_clean_error(tiny_weights, tmp_path):
     assert lines[-1].startswith("geosat2map: error: writing") and "map.tif" in lines[-1], lines
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
+
+
+def tiff_declaring(path: Path, width: int, height: int) -> Path:
+    """A 1 x 1 GeoTIFF whose header is then edited to declare ``width`` x ``height`` pixels."""
+    import struct
+
+    write_scene(path, width=1, height=1)
+    raw = bytearray(path.read_bytes())
+    assert raw[:4] == b"II*\x00"  # classic little-endian TIFF
+    ifd = struct.unpack_from("<I", raw, 4)[0]
+    for i in range(struct.unpack_from("<H", raw, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        tag = struct.unpack_from("<H", raw, entry)[0]
+        if tag in (256, 257):  # ImageWidth, ImageLength, rewritten as LONG
+            struct.pack_into("<HHII", raw, entry, tag, 4, 1, width if tag == 256 else height)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_zero_by_zero_raster(tiny_weights, tmp_path):
+    path = tiff_declaring(tmp_path / "zero.tif", 0, 0)
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", path, out, "--weights", tiny_weights), out, "zero.tif")
+
+
+def test_one_by_one_raster(tiny_weights, tmp_path):
+    path = write_scene(tmp_path / "one.tif", width=1, height=1)
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", path, out, "--weights", tiny_weights), out, "only 1 x 1 pixels")
+
+
+def test_header_declaring_a_huge_size(tiny_weights, tmp_path):
+    path = tiff_declaring(tmp_path / "huge.tif", 200_000, 200_000)
+    out = tmp_path / "map.tif"
+    result = run("translate", path, out, "--weights", tiny_weights, "--quiet")
+    assert_clean_failure(result, out, "huge.tif")
+    assert "Read failed. See previous exception" not in result.stderr  # GDAL's own reason is given
+
+
+def test_a_scene_too_wide_for_memory_is_refused_up_front(scene, tiny_weights, tmp_path, monkeypatch):
+    import geosat2map.pipeline
+
+    monkeypatch.setattr(geosat2map.pipeline, "available_memory", lambda: 1_000_000)
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", scene, out, "--weights", tiny_weights), out, "GiB of row buffers")
+

@@ -1,0 +1,75 @@
+"""The progress record of an interrupted translate, kept beside its partial output.
+
+``translate --resume`` continues only the run that made the partial file: the record names the
+input (path, size, modification time), the options that shape the output grid and pixels, and a
+digest of the generator's weights, and a resumed run must match all three. It also says how many
+output rows the partial file holds; everything else (which tiles to recompute, how the blend
+continues) follows from the tile grid, so no blending state is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+VERSION = 1
+
+
+def record_path(dst: Path) -> Path:
+    return dst.with_name(f".{dst.name}.part.json")
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over the generator's tensors (names, dtypes, shapes and values)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def identity(src: Path, options: dict, model: torch.nn.Module) -> dict:
+    """What a resumed run must share with the interrupted one."""
+    st = src.stat()
+    return {"input": {"path": str(src.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns},
+            "options": options, "model_sha256": model_digest(model)}
+
+
+def save(path: Path, ident: dict, rows: int, computed: int) -> None:
+    """Write the record atomically (a torn record would make the partial file unusable)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"version": VERSION, **ident, "rows": rows, "computed": computed}, indent=1))
+    os.replace(tmp, path)
+
+
+def load(path: Path, partial: Path, dst: Path) -> dict:
+    """The record of an interrupted run for ``dst``, or a one-line error saying why there is none."""
+    if not path.exists() or not partial.exists():
+        raise InputError(f"nothing to resume for {dst}: no partial output of an interrupted run beside it")
+    try:
+        record = json.loads(path.read_text())
+        if record.get("version") != VERSION or not isinstance(record.get("rows"), int):
+            raise ValueError
+    except (ValueError, OSError):
+        raise InputError(f"the progress record {path} is unreadable; run without --resume to start over") from None
+    return record
+
+
+def check(record: dict, ident: dict, dst: Path) -> None:
+    """Refuse to continue a partial output made from another input, options or model."""
+    for key, what in (("input", "input file"), ("model_sha256", "model")):
+        if record.get(key) != ident[key]:
+            raise InputError(f"the partial output of {dst} was made from another {what}; "
+                             "run without --resume to start over")
+    saved = record.get("options", {})
+    for name, value in ident["options"].items():
+        if saved.get(name) != value:
+            raise InputError(f"the partial output of {dst} was made with {name}={saved.get(name)!r}, "
+                             f"not {value!r}; pass the same options, or run without --resume")

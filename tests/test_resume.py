@@ -1,0 +1,135 @@
+"""translate --resume: an interrupted run keeps its finished rows and a resumed run ends as if never stopped."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+
+from geosat2map import translate
+from geosat2map.errors import InputError, Interrupted
+from geosat2map_cli.main import cli
+
+from .conftest import write_scene
+
+PARTIAL, RECORD = ".map.tif.part.tif", ".map.tif.part.json"
+
+
+@pytest.fixture
+def scene(tmp_path) -> Path:
+    """1500 rows (6 block rows) with a nodata corner, so masks have to survive the resume too."""
+    data = write_scene(tmp_path / "src.tif", width=700, height=1500, nodata=0)
+    with rasterio.open(data, "r+") as ds:
+        corner = ds.read()
+        corner[:, :300, :200] = 0
+        ds.write(corner)
+    return data
+
+
+def stop_after(tiles: int):
+    """A progress callback that presses Ctrl-C once ``tiles`` tiles are done."""
+    seen = [0]
+
+    def progress(advance: int, total: int) -> None:
+        seen[0] += advance
+        if seen[0] >= tiles:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+def content(path: Path) -> tuple:
+    with rasterio.open(path) as ds:
+        return (ds.read(), ds.dataset_mask(), ds.transform, ds.crs, ds.overviews(1), ds.profile["compress"],
+                [ds.read(1, out_shape=(1, ds.height // f, ds.width // f)).sum() for f in ds.overviews(1)])
+
+
+def test_interrupted_twice_and_resumed_equals_an_uninterrupted_run(scene, tiny_weights, tmp_path):
+    whole = tmp_path / "whole.tif"
+    uninterrupted = translate(scene, whole, weights=tiny_weights, batch_size=3)
+    out = tmp_path / "map.tif"
+    total = 4 * 8  # 700 x 1500 with 256-pixel tiles and 64 overlap: 4 columns, 8 rows
+    with pytest.raises(Interrupted, match="rows are kept"):
+        translate(scene, out, weights=tiny_weights, batch_size=3, progress=stop_after(20))
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([PARTIAL, RECORD, "src.tif", "whole.tif"])
+    # A second interruption, later in the resumed run, keeps more rows.
+    with pytest.raises(Interrupted):
+        translate(scene, out, weights=tiny_weights, batch_size=5, resume=True, progress=stop_after(total - 6))
+    result = translate(scene, out, weights=tiny_weights, batch_size=2, resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.tif", "src.tif", "whole.tif"]
+    a, b = content(whole), content(out)
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y
+    # Same blocks in the same order with the same compression: the very same bytes.
+    assert hashlib.sha256(whole.read_bytes()).digest() == hashlib.sha256(out.read_bytes()).digest()
+    assert result.tiles_computed == uninterrupted.tiles_computed == total
+
+
+def test_interrupted_before_a_block_row_is_done_keeps_nothing(scene, tiny_weights, tmp_path):
+    out = tmp_path / "map.tif"
+    with pytest.raises(KeyboardInterrupt) as info:
+        translate(scene, out, weights=tiny_weights, progress=stop_after(2))
+    assert not isinstance(info.value, Interrupted)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.tif"]
+
+
+def test_resume_refuses_other_options_input_or_nothing(scene, tiny_weights, tmp_path):
+    out = tmp_path / "map.tif"
+    with pytest.raises(InputError, match="nothing to resume"):
+        translate(scene, out, weights=tiny_weights, resume=True)
+    with pytest.raises(Interrupted):
+        translate(scene, out, weights=tiny_weights, progress=stop_after(25))
+    with pytest.raises(InputError, match="overlap=64"):
+        translate(scene, out, weights=tiny_weights, overlap=32, resume=True)
+    os.utime(scene, ns=(1, 1))
+    with pytest.raises(InputError, match="another input file"):
+        translate(scene, out, weights=tiny_weights, resume=True)
+    assert (tmp_path / PARTIAL).exists() and (tmp_path / RECORD).exists()  # refusals keep the partial
+    # Starting over without --resume replaces the partial output, and says so.
+    result = translate(scene, out, weights=tiny_weights)
+    assert any("replaced" in n for n in result.notes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.tif", "src.tif"]
+
+
+def test_cli_interrupt_message_and_resume_flag(scene, tiny_weights, tmp_path, monkeypatch):
+    import geosat2map.pipeline as pipeline
+
+    out = tmp_path / "map.tif"
+    real = pipeline.translate
+
+    def interrupted(*args, **kwargs):
+        kwargs["progress"] = stop_after(13)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "translate", interrupted)
+    first = CliRunner().invoke(cli, ["translate", str(scene), str(out), "--weights", str(tiny_weights), "--quiet"])
+    assert first.exit_code == 130
+    assert first.stderr.strip().splitlines() == [
+        "geosat2map: interrupted: 512 of 1500 rows are kept; the same command with --resume continues"
+    ]
+    monkeypatch.setattr(pipeline, "translate", real)
+    second = CliRunner().invoke(cli, ["translate", str(scene), str(out), "--weights", str(tiny_weights), "--quiet",
+                                      "--resume"])
+    assert second.exit_code == 0, second.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.tif", "src.tif"]
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_one_writes(scene, tiny_weights, tmp_path):
+    import fcntl
+
+    out = tmp_path / "map.tif"
+    lock = tmp_path / ".map.tif.lock"
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(Exception, match="another geosat2map run is writing"):
+            translate(scene, out, weights=tiny_weights)
+    finally:
+        os.close(fd)
+    assert not out.exists()
