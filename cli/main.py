@@ -8,18 +8,64 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import sys
+import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import click
 
 from geosat2map.errors import Geosat2mapError
 
 
+@contextmanager
+def _c_stderr_aside() -> Iterator[None]:
+    """Keep C libraries' direct writes to file descriptor 2 off the terminal.
+
+    GDAL's bundled libtiff prints some errors itself ("_tiffWriteProc: File too large.") on top
+    of the exception we turn into one line. Python's sys.stderr (our messages, tqdm, warnings,
+    tracebacks) moves to a duplicate of the real descriptor; what C writes to 2 goes to a
+    temporary file, shown only if the command dies of an unexpected error.
+    """
+    try:
+        real_fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real stream (e.g. click's test runner)
+        yield
+        return
+    if real_fd != 2:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    sink = tempfile.TemporaryFile()
+    os.dup2(sink.fileno(), 2)
+    previous, sys.stderr = sys.stderr, os.fdopen(saved, "w", buffering=1, closefd=False)
+    clean = False
+    try:
+        yield
+        clean = True
+    except (Geosat2mapError, KeyboardInterrupt, click.exceptions.Exit, click.exceptions.ClickException):
+        clean = True
+        raise
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        sys.stderr = previous
+        if not clean:
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+        sink.close()
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with _c_stderr_aside():
+                return super().invoke(ctx)
         except Geosat2mapError as exc:
             click.echo(f"geosat2map: error: {exc}", err=True)
             ctx.exit(1)

@@ -52,6 +52,12 @@ def check_destination(dst: Path, src: Path | None, overwrite: bool) -> None:
         raise OutputError(f"the output folder {folder} is not writable")
 
 
+def _gdal_reason(exc: Exception) -> str:
+    """GDAL's own first line: rasterio's text is often just "Write failed. See previous exception"."""
+    cause = exc.__cause__ or exc
+    return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+
+
 def partial_path(dst: Path) -> Path:
     """The temporary file a run builds (and an interrupted run leaves) beside ``dst``."""
     return dst.with_name(f".{dst.name}.part.tif")
@@ -213,7 +219,8 @@ class GeoTIFFWriter:
             self._ds.write(pixels, window=window)
             self._ds.write_mask(valid, window=window)  # uint8 0/255
         except (RasterioIOError, OSError) as exc:
-            raise OutputError(f"writing {self.dst} failed (disk full or over a file size limit?): {exc}") from None
+            raise OutputError(f"writing {self.dst} failed (disk full or over a file size limit?): "
+                              f"{_gdal_reason(exc)}") from None
 
     def _wait(self) -> None:
         if self._inflight is not None:
@@ -244,7 +251,7 @@ class GeoTIFFWriter:
                 self._ds.close()
                 os.replace(self.tmp, self.dst)
         except (RasterioIOError, OSError) as exc:
-            raise OutputError(f"finishing {self.dst} failed: {exc}") from None
+            raise OutputError(f"finishing {self.dst} failed: {_gdal_reason(exc)}") from None
         finally:
             self._cleanup()
 
