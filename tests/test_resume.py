@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -66,8 +65,8 @@ def test_interrupted_twice_and_resumed_equals_an_uninterrupted_run(scene, tiny_w
     a, b = content(whole), content(out)
     for x, y in zip(a, b):
         assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y
-    # Same blocks in the same order with the same compression: the very same bytes.
-    assert hashlib.sha256(whole.read_bytes()).digest() == hashlib.sha256(out.read_bytes()).digest()
+    # (Not byte for byte: where GDAL places each block depends on when its cache flushes, which
+    # varies between uninterrupted runs too.)
     assert result.tiles_computed == uninterrupted.tiles_computed == total
 
 
