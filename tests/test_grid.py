@@ -90,3 +90,32 @@ def test_blender_buffer_holds_at_most_a_few_tile_rows():
 def test_overlap_beyond_half_a_tile_is_refused():
     with pytest.raises(ValueError):
         TileGrid(1000, 1000, 256, 200)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    width=st.integers(1, 1300),
+    height=st.integers(1, 1300),
+    tile=st.sampled_from([256, 512]),
+    overlap_share=st.floats(0, 0.5),
+    value=st.integers(0, 255),
+)
+def test_property_blended_weights_sum_to_one_for_any_grid(width, height, tile, overlap_share, value):
+    """What the blender applies (each tile's weight over the accumulated sum) sums to one at every
+    pixel, three-tile overlaps included: constant tiles come back as that constant, everywhere."""
+    grid = TileGrid(width, height, tile, int(overlap_share * tile))
+    blender = RowBlender(grid)
+    image = np.full((3, height, width), -1.0, np.float32)
+    covered = np.zeros((height, width), bool)
+
+    def sink(top, pixels, valid):
+        image[:, top : top + pixels.shape[1]] = pixels
+        covered[top : top + pixels.shape[1]] |= valid
+
+    for r in range(len(grid.ys)):
+        for c in range(len(grid.xs)):
+            h, w = grid.tile_shape(r, c)
+            blender.add(r, c, np.full((3, tile, tile), value, np.float32), np.ones((h, w), bool))
+        blender.flush(r, sink)
+    assert covered.all()
+    assert np.array_equal(image, np.full_like(image, value))
