@@ -79,7 +79,7 @@ def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, name="geosat2map")
 @click.version_option(package_name="geosat2map")
 def cli() -> None:
     """Satellite or aerial GeoTIFF in, georeferenced map-style GeoTIFF out (Pix2Pix)."""
@@ -311,3 +311,24 @@ def export_weights(run_dir, out, which, half, gsd_m, overwrite) -> None:
     spec = export_run(run_dir, out, which=which, half=half, gsd_m=gsd_m, overwrite=overwrite)
     click.echo(f"wrote {out} (ngf {spec.ngf}, gsd {spec.gsd_m} m)")
 
+
+
+@cli.command("export-onnx")
+@click.argument("weights")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--tile-size", type=int, default=256, show_default=True)
+@click.option("--overlap", type=int, default=64, show_default=True, help="Overlap to suggest to Deepness, pixels.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Compare ONNX Runtime's output with torch's on random tiles.")
+@click.option("--overwrite", is_flag=True)
+def export_onnx_cmd(weights, out, tile_size, overlap, check, overwrite) -> None:
+    """Export WEIGHTS (a .safetensors file, or 'default') as an ONNX model OUT for the Deepness QGIS plugin."""
+    from geosat2map.onnx_export import export_onnx, onnx_matches_torch
+
+    source = None if weights == "default" else weights
+    meta = export_onnx(source, out, tile_size=tile_size, overlap=overlap, overwrite=overwrite)
+    res = f", {meta['resolution']} cm/px" if "resolution" in meta else ""
+    line = f"wrote {out} ({meta['model_type']}{res}, tile {meta['tile_size']}, overlap {meta['tiles_overlap']} %)"
+    if check:
+        line += f"; ONNX Runtime vs torch: max difference {onnx_matches_torch(source, out):.1e}"
+    click.echo(line)
