@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # The CPU build of torch (a bare `torch` requirement would pull a multi-GB CUDA build).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-qgis demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,17 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q
+
+# translate's output in real QGIS: installs Debian's QGIS where apt-get runs as root (else the
+# QGIS tests skip and say why), then runs them.
+QGIS_PACKAGES := qgis python3-qgis qgis-providers
+test-qgis: install
+	@if /usr/bin/python3 -c "import qgis.core" 2>/dev/null && [ -x /usr/bin/qgis_process.bin ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $(QGIS_PACKAGES) >/dev/null) || echo "test-qgis: installing QGIS failed; its tests will skip"; \
+	else echo "test-qgis: no apt-get as root here; the QGIS tests will skip"; fi
+	$(PY) -m pytest -q -rs tests/test_qgis.py
 
 demo: install
 	mkdir -p out
