@@ -114,8 +114,8 @@ def _parse_bands(ctx, param, value: str | None):
 
 
 @cli.command()
-@click.argument("src", type=click.Path(dir_okay=False))
-@click.argument("dst", type=click.Path(dir_okay=False))
+@click.argument("src", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("dst", type=click.Path())
 @click.option("--weights", default=None, help="Generator weights (.safetensors); default: the shipped model.")
 @click.option("--resolution", default="model", show_default=True, callback=_parse_resolution,
               help="model (the model's ground sampling distance), native, or metres per pixel.")
@@ -132,10 +132,14 @@ def _parse_bands(ctx, param, value: str | None):
 @click.option("--allow-ungeoreferenced", is_flag=True, help="Translate a raster without georeferencing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def translate(src, dst, overlap, quiet, **options) -> None:
-    """Translate the satellite/aerial raster SRC into a map-style GeoTIFF DST."""
+    """Translate the satellite/aerial raster SRC into a map-style GeoTIFF DST.
+
+    With several SRC, DST is a folder: each map gets its scene's file name there, and the model
+    is loaded once. A scene that fails is reported and the others go on (exit status 1 at the end).
+    """
     from tqdm import tqdm
 
-    from geosat2map.pipeline import DEFAULT_OVERLAP, translate as run_translate
+    from geosat2map.pipeline import DEFAULT_OVERLAP, translate as run_translate, translate_many
 
     bars: list[tqdm] = []  # created on the first tile, so an early error prints only its line
 
@@ -144,12 +148,35 @@ def translate(src, dst, overlap, quiet, **options) -> None:
             bars.append(tqdm(total=total, unit="tile", disable=quiet, dynamic_ncols=True, leave=False))
         bars[0].update(advance)
 
+    def close_bars() -> None:
+        while bars:
+            bars.pop().close()
+
+    options.update(overlap=DEFAULT_OVERLAP if overlap is None else overlap, progress=progress)
+    if len(src) == 1:
+        try:
+            result = run_translate(src[0], dst, **options)
+        finally:
+            close_bars()
+        _report(result)
+        return
+    failed = 0
     try:
-        result = run_translate(src, dst, overlap=DEFAULT_OVERLAP if overlap is None else overlap,
-                               progress=progress, **options)
+        for scene, outcome in translate_many(list(src), dst, **options):
+            close_bars()
+            if isinstance(outcome, Geosat2mapError):
+                failed += 1
+                where = "" if str(scene) in str(outcome) else f"{scene}: "
+                click.echo(f"geosat2map: error: {where}{outcome}", err=True)
+            else:
+                _report(outcome)
     finally:
-        for bar in bars:
-            bar.close()
+        close_bars()
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+def _report(result) -> None:
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     gsd = f", {result.gsd_m:.2f} m/px" if result.gsd_m else ""

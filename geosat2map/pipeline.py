@@ -19,7 +19,7 @@ from rasterio.windows import Window
 from .devices import resolve_device
 from .engine import InferenceEngine
 from . import resume as progress_record
-from .errors import InputError, Interrupted, WeightsError
+from .errors import Geosat2mapError, InputError, Interrupted, OutputError, WeightsError
 from .grid import RowBlender, TileGrid
 from .reader import Scene, open_scene
 from .weights import ModelSpec, load_generator
@@ -124,6 +124,34 @@ def translate(
         return _run(src, dst, net, spec, torch_device, started, bands=bands, resolution=resolution,
                     tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
                     allow_ungeoreferenced=allow_ungeoreferenced, progress=progress, resume=resume)
+
+
+def translate_many(
+    srcs: list[str | Path],
+    dst_dir: str | Path,
+    *,
+    weights: str | Path | None = None,
+    **options,
+) -> Iterator[tuple[Path, TranslateResult | Geosat2mapError]]:
+    """Translate several scenes into the folder ``dst_dir`` (same file names), loading the model once.
+
+    Yields ``(src, result)`` per scene, or ``(src, error)`` for a scene that fails with a
+    :class:`Geosat2mapError`, so one bad file does not stop the others. Other options as for
+    :func:`translate`.
+    """
+    dst_dir = Path(dst_dir)
+    if not dst_dir.is_dir():
+        raise OutputError(f"with several inputs the output must be an existing folder, not {dst_dir}")
+    names = [Path(s).name for s in srcs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"several inputs share a file name, their outputs would collide: {', '.join(twice)}")
+    model = options.pop("model", None) or load_generator(weights)
+    for src in srcs:
+        try:
+            yield Path(src), translate(src, dst_dir / Path(src).name, model=model, **options)
+        except Geosat2mapError as exc:
+            yield Path(src), exc
 
 
 def row_buffer_bytes(width: int, tile: int) -> int:

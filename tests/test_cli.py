@@ -312,3 +312,27 @@ def test_a_scene_too_wide_for_memory_is_refused_up_front(scene, tiny_weights, tm
     out = tmp_path / "map.tif"
     assert_clean_failure(run("translate", scene, out, "--weights", tiny_weights), out, "GiB of row buffers")
 
+
+
+def test_several_scenes_into_a_folder_one_model_load_and_a_bad_one_reported(tiny_weights, tmp_path, monkeypatch):
+    import geosat2map.pipeline
+
+    a = write_scene(tmp_path / "a.tif", width=300, height=280)
+    b = write_scene(tmp_path / "b.tif", width=260, height=300, dtype="uint16")
+    bad = tmp_path / "bad.tif"
+    bad.write_text("not a raster")
+    out = tmp_path / "maps"
+    out.mkdir()
+    loads = []
+    real_load = geosat2map.pipeline.load_generator
+    monkeypatch.setattr(geosat2map.pipeline, "load_generator", lambda w: loads.append(w) or real_load(w))
+    result = run("translate", a, bad, b, out, "--weights", tiny_weights, "--quiet")
+    assert result.exit_code == 1
+    assert len(loads) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["a.tif", "b.tif"]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("geosat2map:")]
+    assert errors == [f"geosat2map: error: {bad} is not a raster GDAL can read"]
+    assert [line.split(":")[0] for line in result.stdout.strip().splitlines()] == [f"wrote {out}/a.tif",
+                                                                                  f"wrote {out}/b.tif"]
+    not_a_folder = run("translate", a, b, tmp_path / "x.tif", "--weights", tiny_weights)
+    assert not_a_folder.exit_code == 1 and "must be an existing folder" in not_a_folder.stderr
