@@ -27,6 +27,19 @@ from rasterio.windows import Window
 
 from geosat2map.grid import TileGrid
 
+
+def gflop_per_tile(weights: str | None) -> float:
+    """FLOPs of one 256 x 256 forward pass (counted here, not in the child whose memory is measured)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from geosat2map.weights import load_generator
+
+    model, _ = load_generator(weights)
+    with torch.inference_mode(), FlopCounterMode(display=False) as flops:
+        model(torch.zeros(1, 3, 256, 256))
+    return flops.get_total_flops() / 1e9
+
 CHILD = """
 import json, resource, sys, time
 import numpy as np, torch
@@ -85,14 +98,16 @@ def main() -> None:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows.append((size, tiles, json.loads(proc.stdout.strip().splitlines()[-1])))
             src.unlink()
-    print(f"{'scene':>13} {'tiles':>6} {'model-only t/s (before/after)':>30} {'end-to-end t/s':>15} {'ratio':>6} "
-          f"{'wall s':>7} {'peak RSS MB':>12}")
+    gflop = gflop_per_tile(args.weights)
+    print(f"generator: {gflop:.2f} GFLOP per 256 x 256 tile (2 FLOP per multiply-add)")
+    print(f"{'scene':>13} {'tiles':>6} {'model-only t/s (before/after)':>30} {'GFLOP/s':>8} {'end-to-end t/s':>15} "
+          f"{'ratio':>6} {'wall s':>7} {'peak RSS MB':>12}")
     for size, tiles, r in rows:
         mo = (r["model_before"] + r["model_after"]) / 2
         e2e = r["tiles"] / r["seconds"]
         both = f"{mo:.1f} ({r['model_before']:.1f}/{r['model_after']:.1f})"
-        print(f"{size:>5} x {size:<5} {tiles:>6} {both:>30} {e2e:>15.1f} {e2e / mo:>6.2f} {r['seconds']:>7.1f} "
-              f"{r['peak_rss_mb']:>12.0f}")
+        print(f"{size:>5} x {size:<5} {tiles:>6} {both:>30} {mo * gflop:>8.0f} {e2e:>15.1f} "
+              f"{e2e / mo:>6.2f} {r['seconds']:>7.1f} {r['peak_rss_mb']:>12.0f}")
     if len(rows) > 1:
         ratio = rows[-1][2]["peak_rss_mb"] / rows[0][2]["peak_rss_mb"]
         print(f"peak RSS {rows[-1][0]} vs {rows[0][0]}: {ratio:.2f}x")
