@@ -3,8 +3,8 @@
     python benchmarks/translate.py [--sizes 2048,8192,16384] [--weights W] [--batch-size 8]
 
 For each size a synthetic uint8 RGB GeoTIFF (tiled, ZSTD) is written to a temporary folder and
-translated at native resolution in a child process. The child loads the model once, then times
-the model alone on random tiles (same batch size; as many tiles as the scene has, capped by
+translated at native resolution in a child process. The child loads the model once, picks the backend
+(--backend, default auto: the faster of PyTorch and ONNX Runtime), then times that engine alone on random tiles (same batch size; as many tiles as the scene has, capped by
 --model-tiles), the translate call (translate's own clock: open, read, infer, blend, write,
 overviews, rename), and the model alone again. The model-only figure is the mean of the two;
 drift in the machine's speed during the run shows as a gap between them (printed). Peak RSS is
@@ -44,10 +44,10 @@ CHILD = """
 import json, resource, sys, time
 import numpy as np, torch
 from geosat2map import load_generator, translate
-from geosat2map.engine import InferenceEngine
-src, dst, weights, batch, tiles = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+from geosat2map.engine import make_engine
+src, dst, weights, batch, tiles, backend = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 model = load_generator(None if weights == "default" else weights)
-engine = InferenceEngine(model[0], torch.device("cpu"))
+engine = make_engine(model[0], torch.device("cpu"), backend, batch_size=batch)
 x = np.random.default_rng(0).uniform(0, 255, (batch, 3, 256, 256)).astype(np.float32)
 engine(x)  # warm-up
 
@@ -59,9 +59,11 @@ def model_only():
     return done / (time.perf_counter() - start)
 
 before = model_only()
-r = translate(src, dst, model=model, resolution="native", batch_size=batch, device="cpu", overwrite=True)
+r = translate(src, dst, model=model, resolution="native", batch_size=batch, device="cpu", overwrite=True,
+              backend=engine.name)
 after = model_only()
 print(json.dumps({"seconds": r.seconds, "tiles": r.tiles_computed, "model_before": before, "model_after": after,
+                  "backend": r.backend,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -84,6 +86,7 @@ def main() -> None:
     parser.add_argument("--weights", default=None, help="default: the shipped model")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--model-tiles", type=int, default=512)
+    parser.add_argument("--backend", default="auto", help="auto, torch or onnxruntime (both sides use the same)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"batch {args.batch_size}, CPU")
@@ -94,12 +97,13 @@ def main() -> None:
             make_scene(src, size)
             tiles = len(TileGrid(size, size))
             cmd = [sys.executable, "-c", CHILD, str(src), str(Path(tmp) / "out.tif"), args.weights or "default",
-                   str(args.batch_size), str(min(tiles, args.model_tiles))]
+                   str(args.batch_size), str(min(tiles, args.model_tiles)), args.backend]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows.append((size, tiles, json.loads(proc.stdout.strip().splitlines()[-1])))
             src.unlink()
     gflop = gflop_per_tile(args.weights)
-    print(f"generator: {gflop:.2f} GFLOP per 256 x 256 tile (2 FLOP per multiply-add)")
+    print(f"generator: {gflop:.2f} GFLOP per 256 x 256 tile (2 FLOP per multiply-add); backend "
+          f"{', '.join(sorted({r['backend'] for _, _, r in rows}))}")
     print(f"{'scene':>13} {'tiles':>6} {'model-only t/s (before/after)':>30} {'GFLOP/s':>8} {'end-to-end t/s':>15} "
           f"{'ratio':>6} {'wall s':>7} {'peak RSS MB':>12}")
     for size, tiles, r in rows:

@@ -123,6 +123,8 @@ def _parse_bands(ctx, param, value: str | None):
 @click.option("--overlap", type=int, default=None, help="Overlap between tiles in pixels [default: 64].")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
+              help="auto: on the CPU, the faster of PyTorch and ONNX Runtime (onnx extra), timed on this scene.")
 @click.option("--bands", default=None, callback=_parse_bands,
               help="Input bands, e.g. 1,2,3 (default: by colour interpretation, else 1,2,3; one band as grey).")
 @click.option("--cog", is_flag=True, help="Write a Cloud Optimized GeoTIFF.")
@@ -181,7 +183,7 @@ def _report(result) -> None:
         click.echo(f"note: {note}", err=True)
     gsd = f", {result.gsd_m:.2f} m/px" if result.gsd_m else ""
     click.echo(f"wrote {result.dst}: {result.width} x {result.height}{gsd}, {result.tiles_computed}/{result.tiles} "
-               f"tiles computed on {result.device} in {result.seconds:.1f} s "
+               f"tiles computed on {result.device} ({result.backend}) in {result.seconds:.1f} s "
                f"({result.tiles_computed / max(result.seconds, 1e-9):.1f} tiles/s)")
 
 

@@ -1,18 +1,50 @@
-"""Running the generator on batches of tiles.
+"""Running the generator on batches of tiles, with PyTorch or ONNX Runtime.
 
 The model runs in eval mode: BatchNorm uses its learned running statistics and dropout is off,
 so a tile's output depends only on that tile, never on the other tiles in its batch (the
 pix2pix reference keeps train-mode BatchNorm at test time, which couples batch mates).
+
+On the CPU, ONNX Runtime runs the same generator about a fifth faster than eager PyTorch on
+these 2-core machines (10.2 against 13.1 ms per 256-pixel tile, width 32, batch 8).
+:func:`make_engine` picks the faster of the two by timing both on the scene's batch size, once
+the generator has been exported to ONNX (cached by weights digest, so only the first run of a
+model pays the few seconds of export). GPUs use PyTorch (bf16 autocast, channels_last).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Protocol
+
 import numpy as np
 import torch
+from torch import nn
+
+from .errors import WeightsError
+from .weights import model_digest
+
+#: Scenes with fewer tiles run on PyTorch: exporting (first run of a model, seconds) and timing
+#: both engines (about half a second) would cost more than ONNX Runtime saves on them.
+AUTO_MIN_TILES = 200
+BACKENDS = ("auto", "torch", "onnxruntime")
+
+
+class Engine(Protocol):
+    """Float32 0..255 tiles (N, C, T, T) in, float32 0..255 map tiles (N, 3, T, T) out."""
+
+    name: str
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray: ...
 
 
 class InferenceEngine:
-    """Turns float32 0..255 tiles (N, C, T, T) into float32 0..255 map tiles (N, 3, T, T)."""
+    """The generator in PyTorch, on any device."""
+
+    name = "torch"
 
     def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
         self.device = device
@@ -28,3 +60,126 @@ class InferenceEngine:
             y = self.model(x)
         y = (y.float().clamp_(-1.0, 1.0) + 1.0) * 127.5
         return y.cpu().numpy()
+
+
+class _Scaled(nn.Module):
+    """The generator with translate's value mapping inside the graph: 0..255 in, 0..255 out."""
+
+    def __init__(self, generator: nn.Module) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.generator(x / 127.5 - 1.0).clamp(-1.0, 1.0) + 1.0) * 127.5
+
+
+class OnnxRuntimeEngine:
+    """The generator exported to ONNX, run by ONNX Runtime on the CPU."""
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: Path) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # the same cores PyTorch would use
+        # Memory-pattern planning keeps a second copy of the activations: off, it saved ~90 MB of
+        # peak memory at batch 8 and was no slower (10.0 against 10.3 ms/tile).
+        options.enable_mem_pattern = False
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"tiles": np.ascontiguousarray(tiles, np.float32)})[0]
+
+
+def onnx_available() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cache_dir() -> Path:
+    """Where exported engines are kept: $GEOSAT2MAP_CACHE, else $XDG_CACHE_HOME or ~/.cache, /geosat2map."""
+    if os.environ.get("GEOSAT2MAP_CACHE"):
+        return Path(os.environ["GEOSAT2MAP_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "geosat2map"
+
+
+def engine_onnx(model: nn.Module, in_channels: int, tile: int) -> Path:
+    """The ONNX export of ``model`` for ``OnnxRuntimeEngine`` (any batch size), exported once per weights."""
+    import onnx
+
+    digest = model_digest(model)
+    path = cache_dir() / f"engine-{digest[:32]}-{in_channels}x{tile}.onnx"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(2, in_channels, tile, tile)
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                _Scaled(model.float().eval().cpu()), (example,), input_names=["tiles"], output_names=["maps"],
+                opset_version=18, dynamo=True, verbose=False,
+                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
+            )
+    finally:
+        exporter_log.setLevel(level)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    onnx.save_model(program.model_proto, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def _seconds_per_batch(engine: Engine, batch: np.ndarray, runs: int = 1) -> float:
+    engine(batch)  # warm-up
+    start = time.perf_counter()
+    for _ in range(runs):
+        engine(batch)
+    return (time.perf_counter() - start) / runs
+
+
+def make_engine(
+    model: nn.Module,
+    device: torch.device,
+    backend: str = "auto",
+    *,
+    in_channels: int = 3,
+    tile: int = 256,
+    batch_size: int = 8,
+    tiles: int | None = None,
+) -> Engine:
+    """The engine for ``backend``; ``auto`` times PyTorch against ONNX Runtime on the CPU and keeps
+    the faster (PyTorch on GPUs, without the onnx extra, or for scenes under ``AUTO_MIN_TILES``)."""
+    if backend not in BACKENDS:
+        raise WeightsError(f"unknown backend {backend!r} (use {', '.join(BACKENDS)})")
+    torch_engine = InferenceEngine(model, device)
+    if backend == "torch":
+        return torch_engine
+    if device.type != "cpu":
+        if backend == "onnxruntime":
+            raise WeightsError("the onnxruntime backend runs on the CPU only; use --device cpu or --backend torch")
+        return torch_engine
+    if not onnx_available():
+        if backend == "onnxruntime":
+            raise WeightsError("the onnxruntime backend needs the onnx extra: pip install 'geosat2map[onnx]'")
+        return torch_engine
+    if backend == "auto" and tiles is not None and tiles < AUTO_MIN_TILES:
+        return torch_engine
+    try:
+        ort_engine = OnnxRuntimeEngine(engine_onnx(model, in_channels, tile))
+    except OSError as exc:  # no writable cache: say so if asked for, else stay on PyTorch
+        if backend == "onnxruntime":
+            raise WeightsError(f"cannot keep the ONNX export in {cache_dir()}: {exc} (set GEOSAT2MAP_CACHE)") from None
+        return torch_engine
+    if backend == "onnxruntime":
+        return ort_engine
+    batch = np.random.default_rng(0).uniform(0, 255, (batch_size, in_channels, tile, tile)).astype(np.float32)
+    ort_time, torch_time = _seconds_per_batch(ort_engine, batch), _seconds_per_batch(torch_engine, batch)
+    return ort_engine if ort_time < torch_time else torch_engine

@@ -17,7 +17,7 @@ import torch
 from rasterio.windows import Window
 
 from .devices import resolve_device
-from .engine import InferenceEngine
+from .engine import Engine, make_engine
 from . import resume as progress_record
 from .errors import Geosat2mapError, InputError, Interrupted, OutputError, WeightsError
 from .grid import RowBlender, TileGrid
@@ -44,6 +44,7 @@ class TranslateResult:
     seconds: float
     gsd_m: float | None
     device: str
+    backend: str = "torch"
     notes: list[str] = field(default_factory=list)
 
 
@@ -70,7 +71,7 @@ def _tiles(scene: Scene, grid: TileGrid, first_row: int = 0) -> Iterator[tuple[i
             yield r, c, (_pad(data, grid.tile) if valid.any() else None), valid
 
 
-def _process(pending, engine: InferenceEngine, blender: RowBlender, tile_done: Callable[[int], None],
+def _process(pending, engine: Engine, blender: RowBlender, tile_done: Callable[[int], None],
              computed_in_row: list[int]) -> None:
     """Run the model on the pending tiles that have data, blend all of them in order."""
     tiles = [t for _, _, t, _ in pending if t is not None]
@@ -101,11 +102,13 @@ def translate(
     progress: Callable[[int, int], None] | None = None,
     model: tuple[torch.nn.Module, ModelSpec] | None = None,
     resume: bool = False,
+    backend: str = "auto",
 ) -> TranslateResult:
     """Translate the GeoTIFF ``src`` into a map GeoTIFF at ``dst``; see ``geosat2map translate --help``.
 
     ``model`` passes an already loaded (generator, spec) pair, to translate many scenes without
-    reloading. ``progress(advance, total)`` is called as tiles finish. Interrupted (Ctrl-C,
+    reloading. ``progress(advance, total)`` is called as tiles finish. ``backend``: ``torch``,
+    ``onnxruntime`` (CPU, needs the onnx extra) or ``auto`` (the faster of the two, timed). Interrupted (Ctrl-C,
     SIGTERM), a run keeps its finished rows beside ``dst`` and raises :class:`Interrupted`;
     ``resume=True`` with the same input, options and model continues it.
     """
@@ -123,7 +126,8 @@ def translate(
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
         return _run(src, dst, net, spec, torch_device, started, bands=bands, resolution=resolution,
                     tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
-                    allow_ungeoreferenced=allow_ungeoreferenced, progress=progress, resume=resume)
+                    allow_ungeoreferenced=allow_ungeoreferenced, progress=progress, resume=resume,
+                    backend=backend)
 
 
 def translate_many(
@@ -178,7 +182,7 @@ def first_row_after(grid: TileGrid, rows: int) -> int:
 
 
 def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_size, overlap, batch_size, cog,
-         allow_ungeoreferenced, progress, resume) -> TranslateResult:
+         allow_ungeoreferenced, progress, resume, backend) -> TranslateResult:
     scene = open_scene(src, bands, resolution, spec.gsd_m, allow_ungeoreferenced)
     try:
         if len(scene.bands) != spec.in_channels:
@@ -191,16 +195,19 @@ def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_
             raise InputError(f"{src} is {scene.width} pixels wide at this resolution: streaming it needs "
                              f"{need / 2**30:.1f} GiB of row buffers and {free / 2**30:.1f} GiB is available; "
                              "use a coarser --resolution or cut the scene into strips")
-        options = {"resolution": resolution, "tile_size": tile_size, "overlap": overlap, "bands": scene.bands,
-                   "cog": cog}
         record_file = progress_record.record_path(dst)
         kept_rows, computed_before = 0, 0
-        if resume:
+        if resume:  # the interrupted run's engine again: backends may differ in the last float bit
             record = progress_record.load(record_file, partial_path(dst), dst)
+            backend = record.get("options", {}).get("backend", backend)
+        engine = make_engine(net, torch_device, backend, in_channels=spec.in_channels, tile=tile_size,
+                             batch_size=batch_size, tiles=len(grid))
+        options = {"resolution": resolution, "tile_size": tile_size, "overlap": overlap, "bands": scene.bands,
+                   "cog": cog, "backend": engine.name}
+        if resume:
             progress_record.check(record, progress_record.identity(src, options, net), dst)
             kept_rows, computed_before = record["rows"], record["computed"]
         first_row = first_row_after(grid, kept_rows)
-        engine = InferenceEngine(net, torch_device)
         blender = RowBlender(grid, first_row)
         done_rows = first_row
         row_left = [len(grid.xs)] * len(grid.ys)
@@ -245,7 +252,7 @@ def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_
     finally:
         scene.close()
     return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
-                           time.perf_counter() - started, scene.gsd_m, str(torch_device), scene.notes)
+                           time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name, scene.notes)
 
 
 def _stream(scene, grid, first_row, batch_size, engine, blender, tile_done, computed_in_row) -> None:

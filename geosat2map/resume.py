@@ -9,7 +9,6 @@ continues) follows from the tile grid, so no blending state is stored.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,22 +16,13 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .weights import model_digest
 
 VERSION = 1
 
 
 def record_path(dst: Path) -> Path:
     return dst.with_name(f".{dst.name}.part.json")
-
-
-def model_digest(model: torch.nn.Module) -> str:
-    """SHA-256 over the generator's tensors (names, dtypes, shapes and values)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def identity(src: Path, options: dict, model: torch.nn.Module) -> dict:

@@ -6,6 +6,7 @@ pickled ``.pt`` can). The metadata is one JSON document under the ``geosat2map``
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -136,3 +137,13 @@ def export_run(
         spec = replace(spec, gsd_m=gsd_m)
     save_generator(model, spec, out, half=half)
     return spec
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over the generator's tensors (names, dtypes, shapes and values)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,14 @@ def random_generator(ngf: int = 8, seed: int = 0) -> UNetGenerator:
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
     return g.eval()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def engine_cache(tmp_path_factory) -> Path:
+    """ONNX exports made by translate's auto backend go to a temporary cache, not the user's."""
+    path = tmp_path_factory.mktemp("engine-cache")
+    os.environ["GEOSAT2MAP_CACHE"] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,77 @@
+"""Inference backends: PyTorch and ONNX Runtime agree; auto picks one and translate reports it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from geosat2map import translate
+from geosat2map.engine import AUTO_MIN_TILES, cache_dir, make_engine
+from geosat2map.errors import Interrupted
+
+from .conftest import random_generator, write_scene
+
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+
+
+def test_onnxruntime_engine_agrees_with_torch_and_is_exported_once(engine_cache):
+    model = random_generator()
+    tiles = np.random.default_rng(1).uniform(0, 255, (3, 3, 256, 256)).astype(np.float32)
+    reference = make_engine(model, torch.device("cpu"), "torch")(tiles)
+    ort = make_engine(model, torch.device("cpu"), "onnxruntime")
+    assert ort.name == "onnxruntime"
+    got = ort(tiles)
+    assert got.shape == reference.shape and got.dtype == np.float32
+    assert np.abs(got - reference).max() < 0.05  # on the 0..255 scale
+    assert np.abs(ort(tiles[:1]) - got[:1]).max() < 1e-3  # batch mates do not matter
+    exports = sorted(cache_dir().glob("engine-*.onnx"))
+    assert exports and cache_dir() == engine_cache
+    before = [p.stat().st_mtime_ns for p in exports]
+    make_engine(model, torch.device("cpu"), "onnxruntime")
+    assert [p.stat().st_mtime_ns for p in sorted(cache_dir().glob("engine-*.onnx"))] == before
+
+
+def test_auto_uses_torch_for_small_scenes_and_times_both_for_big_ones():
+    model = random_generator()
+    assert make_engine(model, torch.device("cpu"), "auto", tiles=AUTO_MIN_TILES - 1).name == "torch"
+    assert make_engine(model, torch.device("cpu"), "auto", tiles=AUTO_MIN_TILES, batch_size=2).name in (
+        "torch", "onnxruntime")
+
+
+def test_translate_on_either_backend_gives_the_same_map_within_one_level(tiny_weights, tmp_path):
+    scene = write_scene(tmp_path / "scene.tif", width=500, height=400)
+    maps = {}
+    for backend in ("torch", "onnxruntime"):
+        result = translate(scene, tmp_path / f"{backend}.tif", weights=tiny_weights, backend=backend)
+        assert result.backend == backend
+        with rasterio.open(result.dst) as dst:
+            maps[backend] = dst.read().astype(int)
+    assert np.abs(maps["torch"] - maps["onnxruntime"]).max() <= 1
+
+
+def test_resume_keeps_the_interrupted_runs_backend(tiny_weights, tmp_path):
+    scene = write_scene(tmp_path / "scene.tif", width=600, height=1200)
+    whole = translate(scene, tmp_path / "whole.tif", weights=tiny_weights, backend="onnxruntime")
+    seen = [0]
+
+    def stop(advance, total):
+        seen[0] += advance
+        if seen[0] >= 12:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "map.tif"
+    with pytest.raises(Interrupted):
+        translate(scene, out, weights=tiny_weights, backend="onnxruntime", progress=stop)
+    resumed = translate(scene, out, weights=tiny_weights, backend="torch", resume=True)
+    assert resumed.backend == "onnxruntime"
+    with rasterio.open(whole.dst) as a, rasterio.open(out) as b:
+        assert np.array_equal(a.read(), b.read())
+
+
+def test_unknown_or_impossible_backend_is_a_clean_error():
+    from geosat2map.errors import WeightsError
+
+    with pytest.raises(WeightsError, match="unknown backend"):
+        make_engine(random_generator(), torch.device("cpu"), "tensorrt")
