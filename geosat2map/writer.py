@@ -139,21 +139,21 @@ class GeoTIFFWriter:
             self._ds.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
             if self.resume_rows:
                 self._copy_previous()
-        except (RasterioIOError, OSError) as exc:
+        except BaseException as exc:
+            self._restore_previous()
             self.__exit__(None, None, None)
-            raise OutputError(f"cannot create {self.tmp}: {exc}") from None
-        except KeyboardInterrupt:
-            if self.prev.exists():  # interrupted while copying: the previous partial stays as it was
-                if self._ds is not None:
-                    self._ds.close()
-                os.replace(self.prev, self.tmp)
-                self._keep = True
-            self.__exit__(None, None, None)
-            raise
-        except BaseException:
-            self.__exit__(None, None, None)
+            if isinstance(exc, (RasterioIOError, OSError)):
+                raise OutputError(f"cannot create {self.tmp}: {exc}") from None
             raise
         return self
+
+    def _restore_previous(self) -> None:
+        """A resumed run that fails (or is interrupted) before its copy is done keeps the old partial."""
+        if self.prev.exists():
+            if self._ds is not None and not self._ds.closed:
+                self._ds.close()
+            os.replace(self.prev, self.tmp)
+            self._keep = True
 
     def _take_lock(self) -> None:
         fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o644)

@@ -132,3 +132,24 @@ def test_a_second_run_on_the_same_output_is_refused_while_one_writes(scene, tiny
     finally:
         os.close(fd)
     assert not out.exists()
+
+
+def test_a_resume_that_fails_before_its_copy_is_done_keeps_the_partial(scene, tiny_weights, tmp_path, monkeypatch):
+    from geosat2map.errors import OutputError
+    from geosat2map.writer import GeoTIFFWriter
+
+    out = tmp_path / "map.tif"
+    with pytest.raises(Interrupted):
+        translate(scene, out, weights=tiny_weights, progress=stop_after(20))
+    kept = (tmp_path / PARTIAL).read_bytes()
+
+    def broken(self):
+        raise OutputError("simulated failure while copying")
+
+    monkeypatch.setattr(GeoTIFFWriter, "_copy_previous", broken)
+    with pytest.raises(OutputError, match="simulated"):
+        translate(scene, out, weights=tiny_weights, resume=True)
+    assert (tmp_path / PARTIAL).read_bytes() == kept and (tmp_path / RECORD).exists()
+    monkeypatch.undo()
+    translate(scene, out, weights=tiny_weights, resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.tif", "src.tif"]
