@@ -154,13 +154,16 @@ def translate(src, dst, overlap, quiet, **options) -> None:
         while bars:
             bars.pop().close()
 
+    helper = int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 reports for all
+    quiet = quiet or helper
     options.update(overlap=DEFAULT_OVERLAP if overlap is None else overlap, progress=progress)
     if len(src) == 1:
         try:
             result = run_translate(src[0], dst, **options)
         finally:
             close_bars()
-        _report(result)
+        if not helper:
+            _report(result)
         return
     failed = 0
     try:
@@ -170,7 +173,7 @@ def translate(src, dst, overlap, quiet, **options) -> None:
                 failed += 1
                 where = "" if str(scene) in str(outcome) else f"{scene}: "
                 click.echo(f"geosat2map: error: {where}{outcome}", err=True)
-            else:
+            elif not helper:
                 _report(outcome)
     finally:
         close_bars()

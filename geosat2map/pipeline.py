@@ -14,9 +14,12 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import rasterio
 import torch
+import torch.distributed as dist
 from rasterio.windows import Window
 
+from . import sharded
 from .devices import resolve_device
+from .distributed import DistContext, init_distributed, shutdown_distributed
 from .engine import Engine, make_engine
 from . import resume as progress_record
 from .errors import Geosat2mapError, InputError, Interrupted, OutputError, WeightsError
@@ -119,15 +122,44 @@ def translate(
         raise InputError(f"overlap must be between 0 and {tile_size // 2} pixels, not {overlap}")
     if batch_size < 1:
         raise InputError("batch size must be at least 1")
-    check_destination(dst, src, overwrite)
-    net, spec = model if model is not None else load_generator(weights)
     torch_device = resolve_device(device)
+    owner = not dist.is_initialized()
+    ctx = init_distributed(torch_device.type)
+    if ctx.enabled:
+        if resume:
+            raise InputError("--resume is not available under torchrun; run the resumed job in one process")
+        if torch_device.type == "cuda":
+            torch_device = torch.device("cuda", ctx.local_rank)
+        backend = "torch" if backend == "auto" else backend  # every rank must run the same engine
+    _agree(ctx, lambda: check_destination(dst, src, overwrite) if ctx.is_main else None)
+    net, spec = model if model is not None else load_generator(weights)
     started = time.perf_counter()
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-        return _run(src, dst, net, spec, torch_device, started, bands=bands, resolution=resolution,
-                    tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
-                    allow_ungeoreferenced=allow_ungeoreferenced, progress=progress, resume=resume,
-                    backend=backend)
+        result = _run(src, dst, net, spec, torch_device, started, bands=bands, resolution=resolution,
+                      tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
+                      allow_ungeoreferenced=allow_ungeoreferenced, progress=progress, resume=resume,
+                      backend=backend, ctx=ctx)
+    # Only after success: a failed rank leaves at once (another may be blocked sending to it, and
+    # torchrun stops the remaining ranks when one exits with an error).
+    if owner and ctx.enabled:
+        shutdown_distributed()
+    return result
+
+
+def _agree(ctx: DistContext, check: Callable[[], None]) -> None:
+    """Run ``check`` on every rank and fail on all of them if it fails on any (no rank left waiting)."""
+    failure: Geosat2mapError | None = None
+    try:
+        check()
+    except Geosat2mapError as exc:
+        failure = exc
+    if ctx.enabled:
+        flag = torch.tensor([1 if failure else 0])
+        dist.all_reduce(flag)
+        if flag.item() and failure is None:
+            raise Geosat2mapError("another torchrun rank failed (its error is in its own output)")
+    if failure is not None:
+        raise failure
 
 
 def translate_many(
@@ -181,8 +213,7 @@ def first_row_after(grid: TileGrid, rows: int) -> int:
     return next((r for r, y in enumerate(grid.ys) if y + grid.tile_shape(r, 0)[0] > rows), len(grid.ys))
 
 
-def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_size, overlap, batch_size, cog,
-         allow_ungeoreferenced, progress, resume, backend) -> TranslateResult:
+def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size, overlap) -> tuple[Scene, TileGrid]:
     scene = open_scene(src, bands, resolution, spec.gsd_m, allow_ungeoreferenced)
     try:
         if len(scene.bands) != spec.in_channels:
@@ -195,6 +226,26 @@ def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_
             raise InputError(f"{src} is {scene.width} pixels wide at this resolution: streaming it needs "
                              f"{need / 2**30:.1f} GiB of row buffers and {free / 2**30:.1f} GiB is available; "
                              "use a coarser --resolution or cut the scene into strips")
+    except BaseException:
+        scene.close()
+        raise
+    return scene, grid
+
+
+def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_size, overlap, batch_size, cog,
+         allow_ungeoreferenced, progress, resume, backend, ctx) -> TranslateResult:
+    opened: list = []
+    _agree(ctx, lambda: opened.append(_open_checked(src, bands, resolution, spec, allow_ungeoreferenced,
+                                                    tile_size, overlap)))
+    scene, grid = opened[0]
+    try:
+        if ctx.enabled and not ctx.is_main:  # a helper rank: compute its rows, send them, write nothing
+            engine = make_engine(net, torch_device, backend, in_channels=spec.in_channels, tile=tile_size,
+                                 batch_size=batch_size, tiles=len(grid))
+            computed = sharded.send_rows(ctx, scene, grid, engine, batch_size, _pad)
+            return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
+                                   time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name,
+                                   scene.notes)
         record_file = progress_record.record_path(dst)
         kept_rows, computed_before = 0, 0
         if resume:  # the interrupted run's engine again: backends may differ in the last float bit
@@ -230,7 +281,11 @@ def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_
             if progress and first_row:
                 progress(first_row * len(grid.xs), len(grid))
             try:
-                _stream(scene, grid, first_row, batch_size, engine, blender, tile_done, computed_in_row)
+                if ctx.enabled:
+                    for row, payload in sharded.gather_rows(ctx, scene, grid, engine, batch_size, _pad):
+                        computed_in_row[row] = sharded.blend_row(grid, row, payload, blender, tile_done)
+                else:
+                    _stream(scene, grid, first_row, batch_size, engine, blender, tile_done, computed_in_row)
             except KeyboardInterrupt:
                 rows = writer.keep_partial()
                 if not rows:
