@@ -183,11 +183,15 @@ def translate_many(
     if twice:
         raise InputError(f"several inputs share a file name, their outputs would collide: {', '.join(twice)}")
     model = options.pop("model", None) or load_generator(weights)
+    owner = not dist.is_initialized()
+    ctx = init_distributed(resolve_device(options.get("device", "auto")).type)  # one group for all scenes
     for src in srcs:
         try:
             yield Path(src), translate(src, dst_dir / Path(src).name, model=model, **options)
         except Geosat2mapError as exc:
             yield Path(src), exc
+    if owner and ctx.enabled:
+        shutdown_distributed()
 
 
 def row_buffer_bytes(width: int, tile: int) -> int:
