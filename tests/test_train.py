@@ -158,6 +158,12 @@ def test_train_and_evaluate_cli(tmp_path):
                                       "--quiet", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "val RMSE" in result.stdout
+    # --resume takes the stored options; --epochs given with it extends the finished schedule.
+    result = CliRunner().invoke(cli, ["train", str(data), "--out", str(run), "--resume", "--epochs", "2",
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("epoch 2 ")
+    assert TrainConfig.from_json(run / "config.json").epochs_decay == 0
     out = tmp_path / "exported.safetensors"
     result = CliRunner().invoke(cli, ["export-weights", str(run), str(out), "--half"])
     assert result.exit_code == 0, result.output
