@@ -136,8 +136,8 @@ def _parse_bands(ctx, param, value: str | None):
 def translate(src, dst, overlap, quiet, **options) -> None:
     """Translate the satellite/aerial raster SRC into a map-style GeoTIFF DST.
 
-    With several SRC, DST is a folder: each map gets its scene's file name there, and the model
-    is loaded once. A scene that fails is reported and the others go on (exit status 1 at the end).
+    With several SRC (or a quoted pattern such as 'scenes/*.tif'), DST is a folder: each map gets its
+    scene's file name there, and the model is loaded once. A scene that fails is reported and the others go on (exit status 1 at the end).
     """
     from tqdm import tqdm
 
@@ -154,10 +154,14 @@ def translate(src, dst, overlap, quiet, **options) -> None:
         while bars:
             bars.pop().close()
 
+    import glob
+
+    to_folder = len(src) > 1 or any(glob.has_magic(p) for p in src)  # a pattern means DST is a folder
+    src = _expand_globs(src)
     helper = int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 reports for all
     quiet = quiet or helper
     options.update(overlap=DEFAULT_OVERLAP if overlap is None else overlap, progress=progress)
-    if len(src) == 1:
+    if not to_folder:
         try:
             result = run_translate(src[0], dst, **options)
         finally:
@@ -179,6 +183,22 @@ def translate(src, dst, overlap, quiet, **options) -> None:
         close_bars()
     if failed:
         raise click.exceptions.Exit(1)
+
+
+def _expand_globs(sources: tuple[str, ...]) -> tuple[str, ...]:
+    """Expand quoted patterns such as 'scenes/*.tif' (for shells that do not, or long lists)."""
+    import glob
+
+    out: list[str] = []
+    for pattern in sources:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise Geosat2mapError(f"no file matches {pattern}")
+            out.extend(matches)
+        else:
+            out.append(pattern)
+    return tuple(out)
 
 
 def _report(result) -> None:

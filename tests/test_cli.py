@@ -336,3 +336,17 @@ def test_several_scenes_into_a_folder_one_model_load_and_a_bad_one_reported(tiny
                                                                                   f"wrote {out}/b.tif"]
     not_a_folder = run("translate", a, b, tmp_path / "x.tif", "--weights", tiny_weights)
     assert not_a_folder.exit_code == 1 and "must be an existing folder" in not_a_folder.stderr
+
+
+def test_a_quoted_pattern_translates_every_match(tiny_weights, tmp_path):
+    for name in ("a.tif", "b.tif"):
+        write_scene(tmp_path / name, width=260, height=260)
+    out = tmp_path / "maps"
+    out.mkdir()
+    result = run("translate", str(tmp_path / "*.tif"), out, "--weights", tiny_weights, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.tif", "b.tif"]
+    one = run("translate", str(tmp_path / "a*.tif"), out, "--weights", tiny_weights, "--quiet", "--overwrite")
+    assert one.exit_code == 0, one.output  # a pattern with one match still writes into the folder
+    none = run("translate", str(tmp_path / "*.jp2"), out, "--weights", tiny_weights)
+    assert none.exit_code == 1 and none.stderr.strip() == f"geosat2map: error: no file matches {tmp_path / '*.jp2'}"
