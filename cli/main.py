@@ -6,6 +6,7 @@ status 1; Ctrl-C exits 130 after the library has cleaned up.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -154,8 +155,6 @@ def translate(src, dst, overlap, quiet, **options) -> None:
         while bars:
             bars.pop().close()
 
-    import glob
-
     to_folder = len(src) > 1 or any(glob.has_magic(p) for p in src)  # a pattern means DST is a folder
     src = _expand_globs(src)
     helper = int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 reports for all
@@ -187,8 +186,6 @@ def translate(src, dst, overlap, quiet, **options) -> None:
 
 def _expand_globs(sources: tuple[str, ...]) -> tuple[str, ...]:
     """Expand quoted patterns such as 'scenes/*.tif' (for shells that do not, or long lists)."""
-    import glob
-
     out: list[str] = []
     for pattern in sources:
         if glob.has_magic(pattern):

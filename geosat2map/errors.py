@@ -5,6 +5,12 @@ bug and keeps its traceback.
 """
 
 
+def gdal_reason(exc: BaseException) -> str:
+    """GDAL's own first line for a rasterio error (rasterio's text is often "Read failed. See previous exception")."""
+    cause = exc.__cause__ or exc
+    return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+
+
 class Geosat2mapError(Exception):
     """Base class: a problem with the user's input or environment, not with the code."""
 

@@ -35,6 +35,24 @@ class _ZeroOneOutput(nn.Module):
         return (self.generator(x) + 1.0) * 0.5
 
 
+def export_proto(module: nn.Module, example: torch.Tensor, input_name: str, output_name: str,
+                 dynamic_batch: bool = False):
+    """``module`` as an ONNX ModelProto: torch's dynamo exporter, opset 18, its log notes (e.g. the
+    torchvision ops it skips) and deprecation warnings kept from the user."""
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    shapes = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic_batch else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, (example,), input_names=[input_name], output_names=[output_name],
+                                        opset_version=18, dynamo=True, verbose=False, dynamic_shapes=shapes)
+    finally:
+        exporter_log.setLevel(level)
+    return program.model_proto
+
+
 def deepness_metadata(spec: ModelSpec, tile_size: int, overlap: int) -> dict[str, object]:
     """The metadata keys Deepness reads (values JSON-encoded, as it parses them)."""
     meta: dict[str, object] = {
@@ -72,20 +90,10 @@ def export_onnx(
     if tile_size % 256 or tile_size <= 0:
         raise WeightsError(f"tile size must be a multiple of 256, not {tile_size}")
     model, spec = load_generator(weights)
-    wrapped = _ZeroOneOutput(model.float().eval())
     example = torch.zeros(1, spec.in_channels, tile_size, tile_size)
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
-    exporter_log.setLevel(logging.ERROR)  # its notes (e.g. torchvision ops it skips) are not the user's concern
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(wrapped, (example,), input_names=["image"], output_names=["map"],
-                                        opset_version=18, dynamo=True, verbose=False)
-    finally:
-        exporter_log.setLevel(level)
-    proto = program.model_proto
-    for key, value in deepness_metadata(spec, tile_size, overlap).items():
+    proto = export_proto(_ZeroOneOutput(model.float().eval()), example, "image", "map")
+    meta = deepness_metadata(spec, tile_size, overlap)
+    for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
     tmp = dst.with_name(f".{dst.name}.part")
@@ -95,7 +103,7 @@ def export_onnx(
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write {dst}: {exc}") from None
-    return deepness_metadata(spec, tile_size, overlap)
+    return meta
 
 
 def onnx_matches_torch(weights: str | Path | None, onnx_path: str | Path, tiles: int = 2, seed: int = 0) -> float:

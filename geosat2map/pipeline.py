@@ -64,14 +64,20 @@ def _pad(tile: np.ndarray, size: int) -> np.ndarray:
     return tile
 
 
-def _tiles(scene: Scene, grid: TileGrid, first_row: int = 0) -> Iterator[tuple[int, int, np.ndarray | None, np.ndarray]]:
-    """(row, col, pixels or None when all-nodata, valid mask) in row-major order from ``first_row``."""
-    for r in range(first_row, len(grid.ys)):
+def _tiles(scene: Scene, grid: TileGrid, first_row: int = 0,
+           end_row: int | None = None) -> Iterator[tuple[int, int, np.ndarray | None, np.ndarray]]:
+    """(row, col, pixels or None when all-nodata, valid mask) in row-major order, rows ``first_row`` to ``end_row``."""
+    for r in range(first_row, len(grid.ys) if end_row is None else end_row):
         y = grid.ys[r]
         for c, x in enumerate(grid.xs):
             h, w = grid.tile_shape(r, c)
             data, valid = scene.read(Window(x, y, w, h))
             yield r, c, (_pad(data, grid.tile) if valid.any() else None), valid
+
+
+def _row_reader(scene: Scene, grid: TileGrid):
+    """One tile row's ``_tiles`` items, for the torchrun path, which works row by row."""
+    return lambda row: _tiles(scene, grid, row, row + 1)
 
 
 def _process(pending, engine: Engine, blender: RowBlender, tile_done: Callable[[int], None],
@@ -246,7 +252,7 @@ def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_
         if ctx.enabled and not ctx.is_main:  # a helper rank: compute its rows, send them, write nothing
             engine = make_engine(net, torch_device, backend, in_channels=spec.in_channels, tile=tile_size,
                                  batch_size=batch_size, tiles=len(grid))
-            computed = sharded.send_rows(ctx, scene, grid, engine, batch_size, _pad)
+            computed = sharded.send_rows(ctx, grid, _row_reader(scene, grid), engine, batch_size)
             return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
                                    time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name,
                                    scene.notes)
@@ -286,7 +292,7 @@ def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_
                 progress(first_row * len(grid.xs), len(grid))
             try:
                 if ctx.enabled:
-                    for row, payload in sharded.gather_rows(ctx, scene, grid, engine, batch_size, _pad):
+                    for row, payload in sharded.gather_rows(ctx, grid, _row_reader(scene, grid), engine, batch_size):
                         computed_in_row[row] = sharded.blend_row(grid, row, payload, blender, tile_done)
                 else:
                     _stream(scene, grid, first_row, batch_size, engine, blender, tile_done, computed_in_row)

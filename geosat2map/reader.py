@@ -22,7 +22,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from .errors import InputError
+from .errors import InputError, gdal_reason
 
 #: Share of the darkest and brightest pixels clipped when stretching non-8-bit input to 0..255.
 STRETCH_PERCENT = (2.0, 98.0)
@@ -56,8 +56,7 @@ class Scene:
             data = self.source.read(self.bands, window=window, out_dtype="float32")
             valid = self.source.dataset_mask(window=window) > 0
         except RasterioIOError as exc:  # a truncated or corrupt file fails here, not at open
-            cause = exc.__cause__ or exc  # rasterio's own text is "Read failed. See previous exception"
-            raise InputError(f"reading {self.path} failed: {str(cause).strip().splitlines()[0]}") from None
+            raise InputError(f"reading {self.path} failed: {gdal_reason(exc)}") from None
         return self._scale(data, valid)
 
     def read_decimated(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:

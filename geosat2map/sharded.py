@@ -10,16 +10,17 @@ same as a one-process run's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from rasterio.windows import Window
-
 from .distributed import DistContext
 from .errors import Geosat2mapError
 from .grid import RowBlender, TileGrid
+
+#: A tile row's (row, col, padded pixels or None, valid mask) items: the pipeline's reader.
+ReadRow = Callable[[int], Iterable[tuple[int, int, np.ndarray | None, np.ndarray]]]
 
 #: Header sent before each row: number of tiles with data, then 0 (a row follows) or 1 (the
 #: sender failed, and says so in its own process; rank 0 stops with a one-line error).
@@ -35,30 +36,29 @@ class RowPayload:
         self.outputs = outputs  # (tiles with data, 3, tile, tile) float32
 
 
-def compute_row(scene, grid: TileGrid, row: int, engine, batch_size: int, pad) -> RowPayload:
-    """Read and infer one tile row (in batches of ``batch_size``)."""
+def compute_row(read_row: ReadRow, grid: TileGrid, row: int, engine, batch_size: int) -> RowPayload:
+    """Read (``read_row``: the pipeline's tile reader) and infer one tile row, in batches."""
     cols, t = len(grid.xs), grid.tile
     has_data = np.zeros(cols, np.uint8)
     valid = np.zeros((cols, t, t), np.uint8)
     tiles = []
-    for c, x in enumerate(grid.xs):
-        h, w = grid.tile_shape(row, c)
-        data, mask = scene.read(Window(x, grid.ys[row], w, h))
+    for _, c, tile, mask in read_row(row):
+        h, w = mask.shape
         valid[c, :h, :w] = mask
-        if mask.any():
+        if tile is not None:
             has_data[c] = 1
-            tiles.append(pad(data, t))
+            tiles.append(tile)
     outputs = [engine(np.stack(tiles[i : i + batch_size])) for i in range(0, len(tiles), batch_size)]
     out = np.concatenate(outputs) if outputs else np.zeros((0, 3, t, t), np.float32)
     return RowPayload(has_data, valid, np.ascontiguousarray(out, np.float32))  # gloo sends contiguous only
 
 
-def send_rows(ctx: DistContext, scene, grid: TileGrid, engine, batch_size: int, pad) -> int:
+def send_rows(ctx: DistContext, grid: TileGrid, read_row: ReadRow, engine, batch_size: int) -> int:
     """A rank other than 0: compute this rank's rows and send each to rank 0; returns tiles computed."""
     computed = 0
     for row in range(ctx.rank, len(grid.ys), ctx.world_size):
         try:
-            payload = compute_row(scene, grid, row, engine, batch_size, pad)
+            payload = compute_row(read_row, grid, row, engine, batch_size)
         except BaseException:  # tell rank 0, which would otherwise wait for this row forever
             dist.send(torch.tensor([0, _FAILED]), 0)
             raise
@@ -89,12 +89,13 @@ def _receive(grid: TileGrid, source: int) -> RowPayload:
     return RowPayload(has_data.numpy(), valid.numpy(), outputs.numpy())
 
 
-def gather_rows(ctx: DistContext, scene, grid: TileGrid, engine, batch_size: int, pad) -> Iterator[tuple[int, RowPayload]]:
+def gather_rows(ctx: DistContext, grid: TileGrid, read_row: ReadRow, engine,
+                batch_size: int) -> Iterator[tuple[int, RowPayload]]:
     """Rank 0: every tile row in order, its own computed here and the others' received."""
     for row in range(len(grid.ys)):
         owner = row % ctx.world_size
         if owner == 0:
-            yield row, compute_row(scene, grid, row, engine, batch_size, pad)
+            yield row, compute_row(read_row, grid, row, engine, batch_size)
         else:
             yield row, _receive(grid, owner)
 
@@ -106,7 +107,7 @@ def blend_row(grid: TileGrid, row: int, payload: RowPayload, blender: RowBlender
     for c in range(len(grid.xs)):
         h, w = grid.tile_shape(row, c)
         if payload.has_data[c]:
-            blender.add(row, c, payload.outputs[k].copy(), payload.valid[c, :h, :w].astype(bool))
+            blender.add(row, c, payload.outputs[k], payload.valid[c, :h, :w].astype(bool))  # ours to scale
             k += 1
         else:
             blender.mark_empty(row, c)

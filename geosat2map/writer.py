@@ -28,7 +28,7 @@ from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
-from .errors import OutputError
+from .errors import OutputError, gdal_reason
 
 BLOCK = 256
 #: ZSTD level 1: on map-like rasters about as small as the default level 9 and 5-7x faster to write.
@@ -50,12 +50,6 @@ def check_destination(dst: Path, src: Path | None, overwrite: bool) -> None:
         raise OutputError(f"the output folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"the output folder {folder} is not writable")
-
-
-def _gdal_reason(exc: Exception) -> str:
-    """GDAL's own first line: rasterio's text is often just "Write failed. See previous exception"."""
-    cause = exc.__cause__ or exc
-    return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
 
 
 def partial_path(dst: Path) -> Path:
@@ -220,7 +214,7 @@ class GeoTIFFWriter:
             self._ds.write_mask(valid, window=window)  # uint8 0/255
         except (RasterioIOError, OSError) as exc:
             raise OutputError(f"writing {self.dst} failed (disk full or over a file size limit?): "
-                              f"{_gdal_reason(exc)}") from None
+                              f"{gdal_reason(exc)}") from None
 
     def _wait(self) -> None:
         if self._inflight is not None:
@@ -251,7 +245,7 @@ class GeoTIFFWriter:
                 self._ds.close()
                 os.replace(self.tmp, self.dst)
         except (RasterioIOError, OSError) as exc:
-            raise OutputError(f"finishing {self.dst} failed: {_gdal_reason(exc)}") from None
+            raise OutputError(f"finishing {self.dst} failed: {gdal_reason(exc)}") from None
         finally:
             self._cleanup()
 
