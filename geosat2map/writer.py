@@ -33,8 +33,10 @@ from .errors import OutputError, gdal_reason
 BLOCK = 256
 #: ZSTD level 1: on map-like rasters about as small as the default level 9 and 5-7x faster to write.
 ZSTD_LEVEL = 1
-#: Masks are written inside the TIFF (QGIS reads them as transparency), not as .msk sidecars.
-GDAL_ENV = {"GDAL_TIFF_INTERNAL_MASK": True}
+#: Masks are written inside the TIFF (QGIS reads them as transparency), not as .msk sidecars;
+#: overviews are compressed at the base's ZSTD level (GDAL's default for them is 9, which made
+#: building them twice as slow for files 2 % smaller).
+GDAL_ENV = {"GDAL_TIFF_INTERNAL_MASK": True, "ZSTD_LEVEL_OVERVIEW": ZSTD_LEVEL}
 
 
 def check_destination(dst: Path, src: Path | None, overwrite: bool) -> None:
@@ -122,6 +124,9 @@ class GeoTIFFWriter:
         self._written = 0  # rows handed to the writer thread
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geotiff-writer")
         self._inflight: Future | None = None
+        # The mask band is created only once a pixel is invalid: a scene valid everywhere gets no
+        # mask, which spares writing it and halves the time GDAL takes to build the overviews.
+        self._has_mask = False
 
     def __enter__(self) -> GeoTIFFWriter:
         self._take_lock()
@@ -211,7 +216,13 @@ class GeoTIFFWriter:
     def _write(self, window: Window, pixels: np.ndarray, valid: np.ndarray) -> None:
         try:
             self._ds.write(pixels, window=window)
-            self._ds.write_mask(valid, window=window)  # uint8 0/255
+            if not self._has_mask and not valid.all():  # the first invalid pixel: rows above are all valid
+                for top in range(0, window.row_off, BLOCK):
+                    rows = min(BLOCK, window.row_off - top)
+                    self._ds.write_mask(np.full((rows, self.width), 255, np.uint8), window=Window(0, top, self.width, rows))
+                self._has_mask = True
+            if self._has_mask:
+                self._ds.write_mask(valid, window=window)  # uint8 0/255
         except (RasterioIOError, OSError) as exc:
             raise OutputError(f"writing {self.dst} failed (disk full or over a file size limit?): "
                               f"{gdal_reason(exc)}") from None

@@ -225,3 +225,31 @@ def test_torchrun_two_ranks_share_the_rows_and_write_the_single_process_file(tin
         assert np.array_equal(a.dataset_mask(), b.dataset_mask())
         assert a.transform == b.transform and a.crs == b.crs
     assert not [p for p in tmp_path.iterdir() if ".part" in p.name or p.name.endswith(".lock")]
+
+
+def _write_rows(path, valid: np.ndarray) -> None:
+    from geosat2map.writer import GeoTIFFWriter
+
+    h, w = valid.shape
+    with GeoTIFFWriter(path, w, h, "EPSG:32633", rasterio.transform.from_origin(0, 0, 1, 1)) as writer:
+        for top in range(0, h, 100):  # bands of rows that do not line up with the 256-row blocks
+            pixels = np.full((3, min(100, h - top), w), 7, np.uint8)
+            writer.write_rows(top, pixels * valid[None, top : top + 100], valid[top : top + 100])
+        writer.commit()
+
+
+def test_a_scene_valid_everywhere_gets_no_mask_band(tmp_path):
+    _write_rows(tmp_path / "all.tif", np.ones((700, 300), bool))
+    with rasterio.open(tmp_path / "all.tif") as dst:
+        assert dst.mask_flag_enums[0][0].name == "all_valid"
+        assert dst.overviews(1) == [2, 4]
+
+
+def test_the_mask_appears_with_the_first_invalid_pixel_and_covers_earlier_rows(tmp_path):
+    valid = np.ones((700, 300), bool)
+    valid[600:650, 10:20] = False  # in the third block row only
+    _write_rows(tmp_path / "late.tif", valid)
+    with rasterio.open(tmp_path / "late.tif") as dst:
+        assert dst.mask_flag_enums[0][0].name == "per_dataset"
+        assert np.array_equal(dst.dataset_mask() > 0, valid)  # rows written before the mask existed are valid
+        assert (dst.read()[:, ~valid] == 0).all() and (dst.read()[:, valid] == 7).all()
