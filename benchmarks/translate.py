@@ -1,9 +1,13 @@
 """End-to-end translate throughput against model-only throughput, and peak memory by scene size.
 
-    python benchmarks/translate.py [--sizes 2048,8192,16384] [--weights W] [--batch-size 8]
+    python benchmarks/translate.py [--sizes 2048,8192,16384] [--scene sample|noise] [--resolution native|model]
 
-For each size a synthetic uint8 RGB GeoTIFF (tiled, ZSTD) is written to a temporary folder and
-translated at native resolution in a child process. The child loads the model once, picks the backend
+For each size a uint8 RGB GeoTIFF (tiled, ZSTD, 0.5 m pixels) is written to a temporary folder and
+translated in a child process: ``--scene sample`` (default) mirrors the real aerial scene in
+sample_data/ to the size (imagery compresses and translates like a real scene); ``noise`` is random
+texture, the worst case for compression. ``--resolution native`` translates every pixel; ``model``
+resamples to the model's ground sampling distance as translate does by default (fewer tiles, each
+read from about 18 times as many source pixels). The child loads the model once, picks the backend
 (--backend, default auto: the faster of PyTorch and ONNX Runtime), then times that engine alone on random tiles (same batch size; as many tiles as the scene has, capped by
 --model-tiles), the translate call (translate's own clock: open, read, infer, blend, write,
 overviews, rename), and the model alone again. The model-only figure is the mean of the two;
@@ -25,8 +29,6 @@ import rasterio
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from geosat2map.grid import TileGrid
-
 
 def gflop_per_tile(weights: str | None) -> float:
     """FLOPs of one 256 x 256 forward pass (counted here, not in the child whose memory is measured)."""
@@ -45,8 +47,14 @@ import json, resource, sys, time
 import numpy as np, torch
 from geosat2map import load_generator, translate
 from geosat2map.engine import make_engine
-src, dst, weights, batch, tiles, backend = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+from geosat2map.grid import TileGrid
+from geosat2map.reader import open_scene
+src, dst, weights, batch, cap, backend, resolution = sys.argv[1:8]
+batch, cap = int(batch), int(cap)
 model = load_generator(None if weights == "default" else weights)
+scene = open_scene(src, None, resolution, model[1].gsd_m)
+tiles = min(cap, len(TileGrid(scene.width, scene.height)))
+scene.close()
 engine = make_engine(model[0], torch.device("cpu"), backend, batch_size=batch)
 x = np.random.default_rng(0).uniform(0, 255, (batch, 3, 256, 256)).astype(np.float32)
 engine(x)  # warm-up
@@ -59,25 +67,41 @@ def model_only():
     return done / (time.perf_counter() - start)
 
 before = model_only()
-r = translate(src, dst, model=model, resolution="native", batch_size=batch, device="cpu", overwrite=True,
+r = translate(src, dst, model=model, resolution=resolution, batch_size=batch, device="cpu", overwrite=True,
               backend=engine.name)
 after = model_only()
-print(json.dumps({"seconds": r.seconds, "tiles": r.tiles_computed, "model_before": before, "model_after": after,
+print(json.dumps({"seconds": r.seconds, "width": r.width, "all_tiles": r.tiles, "tiles": r.tiles_computed, "model_before": before, "model_after": after,
                   "backend": r.backend,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-def make_scene(path: Path, size: int) -> None:
-    """A textured scene written block row by block row (the benchmark itself must not hold it all)."""
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 255, (3, 256, 256), dtype=np.uint8)
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "vegas_spacenet_rgb.tif"
+
+
+def _mirrored(n: int, period: int) -> np.ndarray:
+    """Indices 0..n-1 folded back and forth over ``period`` (an image mirrored at its edges, no seams)."""
+    i = np.arange(n) % (2 * period)
+    return np.where(i < period, i, 2 * period - 1 - i)
+
+
+def make_scene(path: Path, size: int, kind: str = "sample") -> None:
+    """A ``size`` x ``size`` scene written block row by block row (the benchmark must not hold it all)."""
+    if kind == "sample":
+        with rasterio.open(SAMPLE) as s:
+            image = s.read([1, 2, 3])
+    else:
+        image = np.random.default_rng(0).integers(0, 255, (3, 256, 256), dtype=np.uint8)
+    cols = _mirrored(size, image.shape[2])
     with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8",
                        crs="EPSG:32633", transform=from_origin(500000, 4500000, 0.5, 0.5), tiled=True,
                        blockxsize=256, blockysize=256, compress="zstd", photometric="RGB") as dst:
-        row = np.tile(base, (1, 1, size // 256))
         for y in range(0, size, 256):
-            dst.write(np.roll(row, y // 256 * 7, axis=2), window=Window(0, y, size, 256))
+            rows = _mirrored(y + 256, image.shape[1])[y:]
+            band = image[:, rows][:, :, cols]
+            if kind == "noise":  # shift each block row so the texture does not repeat vertically
+                band = np.roll(band, y // 256 * 7, axis=2)
+            dst.write(band, window=Window(0, y, size, 256))
 
 
 def main() -> None:
@@ -87,30 +111,32 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--model-tiles", type=int, default=512)
     parser.add_argument("--backend", default="auto", help="auto, torch or onnxruntime (both sides use the same)")
+    parser.add_argument("--scene", choices=["sample", "noise"], default="sample")
+    parser.add_argument("--resolution", choices=["native", "model"], default="native")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"batch {args.batch_size}, CPU")
+    print(f"batch {args.batch_size}, CPU, {args.scene} scene, {args.resolution} resolution")
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for size in sizes:
             src = Path(tmp) / f"scene{size}.tif"
-            make_scene(src, size)
-            tiles = len(TileGrid(size, size))
+            make_scene(src, size, args.scene)
             cmd = [sys.executable, "-c", CHILD, str(src), str(Path(tmp) / "out.tif"), args.weights or "default",
-                   str(args.batch_size), str(min(tiles, args.model_tiles)), args.backend]
+                   str(args.batch_size), str(args.model_tiles), args.backend, args.resolution]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            rows.append((size, tiles, json.loads(proc.stdout.strip().splitlines()[-1])))
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append((size, result["all_tiles"], result))
             src.unlink()
     gflop = gflop_per_tile(args.weights)
     print(f"generator: {gflop:.2f} GFLOP per 256 x 256 tile (2 FLOP per multiply-add); backend "
           f"{', '.join(sorted({r['backend'] for _, _, r in rows}))}")
-    print(f"{'scene':>13} {'tiles':>6} {'model-only t/s (before/after)':>30} {'GFLOP/s':>8} {'end-to-end t/s':>15} "
+    print(f"{'scene':>13} {'output':>6} {'tiles':>6} {'model-only t/s (before/after)':>30} {'GFLOP/s':>8} {'end-to-end t/s':>15} "
           f"{'ratio':>6} {'wall s':>7} {'peak RSS MB':>12}")
     for size, tiles, r in rows:
         mo = (r["model_before"] + r["model_after"]) / 2
         e2e = r["tiles"] / r["seconds"]
         both = f"{mo:.1f} ({r['model_before']:.1f}/{r['model_after']:.1f})"
-        print(f"{size:>5} x {size:<5} {tiles:>6} {both:>30} {mo * gflop:>8.0f} {e2e:>15.1f} "
+        print(f"{size:>5} x {size:<5} {r['width']:>6} {tiles:>6} {both:>30} {mo * gflop:>8.0f} {e2e:>15.1f} "
               f"{e2e / mo:>6.2f} {r['seconds']:>7.1f} {r['peak_rss_mb']:>12.0f}")
     if len(rows) > 1:
         ratio = rows[-1][2]["peak_rss_mb"] / rows[0][2]["peak_rss_mb"]

@@ -30,9 +30,8 @@ from .writer import GeoTIFFWriter, check_destination, partial_path
 
 #: Default overlap between 256-pixel tiles (see benchmarks/overlap.py for the measurement).
 DEFAULT_OVERLAP = 64
-#: GDAL block cache, MB: a block row of a 16384-pixel-wide scene in and out is about 25 MB, so
-#: this holds what streaming needs without the cache growing with the scene.
-GDAL_CACHE_MB = 32
+#: Smallest GDAL block cache, bytes. The cache is sized to the scene's width (see gdal_cache_bytes).
+MIN_GDAL_CACHE = 16 * 2**20
 
 
 @dataclass
@@ -140,11 +139,10 @@ def translate(
     _agree(ctx, lambda: check_destination(dst, src, overwrite) if ctx.is_main else None)
     net, spec = model if model is not None else load_generator(weights)
     started = time.perf_counter()
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-        result = _run(src, dst, net, spec, torch_device, started, bands=bands, resolution=resolution,
-                      tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
-                      allow_ungeoreferenced=allow_ungeoreferenced, progress=progress, resume=resume,
-                      backend=backend, ctx=ctx)
+    result = _run(src, dst, net, spec, torch_device, started, bands=bands, resolution=resolution,
+                  tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
+                  allow_ungeoreferenced=allow_ungeoreferenced, progress=progress, resume=resume,
+                  backend=backend, ctx=ctx)
     # Only after success: a failed rank leaves at once (another may be blocked sending to it, and
     # torchrun stops the remaining ranks when one exits with an error).
     if owner and ctx.enabled:
@@ -206,6 +204,13 @@ def row_buffer_bytes(width: int, tile: int) -> int:
     return width * (tile * (3 * 4 + 1) + 2 * 256 * 4)
 
 
+def gdal_cache_bytes(scene: Scene, tile: int) -> int:
+    """GDAL's block cache for a run: the source blocks a tile row reads and two output block rows,
+    with a quarter to spare. It grows with the scene's width, never its height. (A cache smaller
+    than a tile row's blocks makes GDAL decode each source block up to four times.)"""
+    return max(MIN_GDAL_CACHE, int(1.25 * (scene.cache_bytes(tile) + 2 * 256 * scene.width * 3)))
+
+
 def available_memory() -> int | None:
     """Bytes the kernel says can be allocated without swapping (Linux), else None."""
     try:
@@ -231,7 +236,8 @@ def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size
                 f"the model takes {spec.in_channels} bands but {len(scene.bands)} were selected (--bands)"
             )
         grid = TileGrid(scene.width, scene.height, tile_size, overlap)
-        need, free = row_buffer_bytes(scene.width, tile_size), available_memory()
+        need = row_buffer_bytes(scene.width, tile_size) + gdal_cache_bytes(scene, tile_size)
+        free = available_memory()
         if free is not None and need > 0.8 * free:  # a hostile header or a truly huge scene: say so now
             raise InputError(f"{src} is {scene.width} pixels wide at this resolution: streaming it needs "
                              f"{need / 2**30:.1f} GiB of row buffers and {free / 2**30:.1f} GiB is available; "
@@ -249,73 +255,83 @@ def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_
                                                     tile_size, overlap)))
     scene, grid = opened[0]
     try:
-        if ctx.enabled and not ctx.is_main:  # a helper rank: compute its rows, send them, write nothing
-            engine = make_engine(net, torch_device, backend, in_channels=spec.in_channels, tile=tile_size,
-                                 batch_size=batch_size, tiles=len(grid))
-            computed = sharded.send_rows(ctx, grid, _row_reader(scene, grid), engine, batch_size)
-            return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
-                                   time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name,
-                                   scene.notes)
-        record_file = progress_record.record_path(dst)
-        kept_rows, computed_before = 0, 0
-        if resume:  # the interrupted run's engine again: backends may differ in the last float bit
-            record = progress_record.load(record_file, partial_path(dst), dst)
-            backend = record.get("options", {}).get("backend", backend)
-        engine = make_engine(net, torch_device, backend, in_channels=spec.in_channels, tile=tile_size,
-                             batch_size=batch_size, tiles=len(grid))
-        options = {"resolution": resolution, "tile_size": tile_size, "overlap": overlap, "bands": scene.bands,
-                   "cog": cog, "backend": engine.name}
-        if resume:
-            progress_record.check(record, progress_record.identity(src, options, net), dst)
-            kept_rows, computed_before = record["rows"], record["computed"]
-        first_row = first_row_after(grid, kept_rows)
-        blender = RowBlender(grid, first_row)
-        done_rows = first_row
-        row_left = [len(grid.xs)] * len(grid.ys)
-        computed_in_row = [0] * len(grid.ys)
-
-        def tile_done(row: int) -> None:
-            nonlocal done_rows
-            row_left[row] -= 1
-            while done_rows < len(grid.ys) and row_left[done_rows] == 0:
-                blender.flush(done_rows, writer.write_rows)
-                done_rows += 1
-            if progress:
-                progress(1, len(grid))
-
-        with GeoTIFFWriter(dst, scene.width, scene.height, scene.crs, scene.transform, cog=cog,
-                           resume_rows=kept_rows) as writer:
-            if not resume and record_file.exists():
-                record_file.unlink()
-                scene.notes.append("an interrupted run's partial output was replaced (--resume continues one)")
-            if progress and first_row:
-                progress(first_row * len(grid.xs), len(grid))
-            try:
-                if ctx.enabled:
-                    for row, payload in sharded.gather_rows(ctx, grid, _row_reader(scene, grid), engine, batch_size):
-                        computed_in_row[row] = sharded.blend_row(grid, row, payload, blender, tile_done)
-                else:
-                    _stream(scene, grid, first_row, batch_size, engine, blender, tile_done, computed_in_row)
-            except KeyboardInterrupt:
-                rows = writer.keep_partial()
-                if not rows:
-                    raise
-                done = computed_before + sum(computed_in_row[first_row : first_row_after(grid, rows)])
-                try:
-                    progress_record.save(record_file, progress_record.identity(src, options, net), rows, done)
-                except OSError:
-                    writer.drop_partial()
-                    raise KeyboardInterrupt from None
-                raise Interrupted(f"{rows} of {scene.height} rows are kept; the same command with --resume "
-                                  "continues") from None
-            computed = computed_before + sum(computed_in_row[first_row:])
-            if computed == 0:
-                raise InputError(f"{src} has no valid pixels: everything is nodata")
-            blender.release()  # the overviews are built next: no blending buffers held meanwhile
-            writer.commit()
-            record_file.unlink(missing_ok=True)
+        # rasterio takes GDAL_CACHEMAX in bytes (a bare 32 would be a 32-byte cache, i.e. none).
+        with rasterio.Env(GDAL_CACHEMAX=gdal_cache_bytes(scene, tile_size)):
+            return _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, resolution=resolution,
+                                 tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
+                                 progress=progress, resume=resume, backend=backend, ctx=ctx)
     finally:
         scene.close()
+
+
+def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, resolution, tile_size, overlap,
+                  batch_size, cog, progress, resume, backend, ctx) -> TranslateResult:
+    """The main rank reads, infers, blends and writes; a helper rank (torchrun) computes and sends rows."""
+    if ctx.enabled and not ctx.is_main:  # a helper rank: compute its rows, send them, write nothing
+        engine = make_engine(net, torch_device, backend, in_channels=spec.in_channels, tile=tile_size,
+                             batch_size=batch_size, tiles=len(grid))
+        computed = sharded.send_rows(ctx, grid, _row_reader(scene, grid), engine, batch_size)
+        return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
+                               time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name,
+                               scene.notes)
+    record_file = progress_record.record_path(dst)
+    kept_rows, computed_before = 0, 0
+    if resume:  # the interrupted run's engine again: backends may differ in the last float bit
+        record = progress_record.load(record_file, partial_path(dst), dst)
+        backend = record.get("options", {}).get("backend", backend)
+    engine = make_engine(net, torch_device, backend, in_channels=spec.in_channels, tile=tile_size,
+                         batch_size=batch_size, tiles=len(grid))
+    options = {"resolution": resolution, "tile_size": tile_size, "overlap": overlap, "bands": scene.bands,
+               "cog": cog, "backend": engine.name}
+    if resume:
+        progress_record.check(record, progress_record.identity(src, options, net), dst)
+        kept_rows, computed_before = record["rows"], record["computed"]
+    first_row = first_row_after(grid, kept_rows)
+    blender = RowBlender(grid, first_row)
+    done_rows = first_row
+    row_left = [len(grid.xs)] * len(grid.ys)
+    computed_in_row = [0] * len(grid.ys)
+
+    def tile_done(row: int) -> None:
+        nonlocal done_rows
+        row_left[row] -= 1
+        while done_rows < len(grid.ys) and row_left[done_rows] == 0:
+            blender.flush(done_rows, writer.write_rows)
+            done_rows += 1
+        if progress:
+            progress(1, len(grid))
+
+    with GeoTIFFWriter(dst, scene.width, scene.height, scene.crs, scene.transform, cog=cog,
+                       resume_rows=kept_rows) as writer:
+        if not resume and record_file.exists():
+            record_file.unlink()
+            scene.notes.append("an interrupted run's partial output was replaced (--resume continues one)")
+        if progress and first_row:
+            progress(first_row * len(grid.xs), len(grid))
+        try:
+            if ctx.enabled:
+                for row, payload in sharded.gather_rows(ctx, grid, _row_reader(scene, grid), engine, batch_size):
+                    computed_in_row[row] = sharded.blend_row(grid, row, payload, blender, tile_done)
+            else:
+                _stream(scene, grid, first_row, batch_size, engine, blender, tile_done, computed_in_row)
+        except KeyboardInterrupt:
+            rows = writer.keep_partial()
+            if not rows:
+                raise
+            done = computed_before + sum(computed_in_row[first_row : first_row_after(grid, rows)])
+            try:
+                progress_record.save(record_file, progress_record.identity(src, options, net), rows, done)
+            except OSError:
+                writer.drop_partial()
+                raise KeyboardInterrupt from None
+            raise Interrupted(f"{rows} of {scene.height} rows are kept; the same command with --resume "
+                              "continues") from None
+        computed = computed_before + sum(computed_in_row[first_row:])
+        if computed == 0:
+            raise InputError(f"{src} has no valid pixels: everything is nodata")
+        blender.release()  # the overviews are built next: no blending buffers held meanwhile
+        writer.commit()
+        record_file.unlink(missing_ok=True)
     return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
                            time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name, scene.notes)
 

@@ -75,6 +75,14 @@ class Scene:
             raise InputError(f"reading {self.path} failed: {gdal_reason(exc)}") from None
         return self._scale(data, valid)
 
+    def cache_bytes(self, tile: int) -> int:
+        """Bytes of decoded source blocks that one tile row reads: GDAL's block cache must hold them
+        so the overlapping tiles of a row, and the next row, decode each block once."""
+        block_h = self.src.block_shapes[0][0]
+        rows = tile * (self.scale[1] if self.scale else 1)
+        itemsize = max(np.dtype(d).itemsize for d in self.src.dtypes)
+        return (math.ceil(rows / block_h) + 1) * block_h * self.src.width * self.src.count * itemsize
+
     def read_decimated(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         """The whole scene resampled to ``height`` x ``width`` (for previews), scaled like :meth:`read`."""
         shape = (height, width)

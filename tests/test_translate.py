@@ -253,3 +253,20 @@ def test_the_mask_appears_with_the_first_invalid_pixel_and_covers_earlier_rows(t
         assert dst.mask_flag_enums[0][0].name == "per_dataset"
         assert np.array_equal(dst.dataset_mask() > 0, valid)  # rows written before the mask existed are valid
         assert (dst.read()[:, ~valid] == 0).all() and (dst.read()[:, valid] == 7).all()
+
+
+def test_gdal_block_cache_holds_a_tile_rows_source_blocks(tiny_weights, tmp_path, monkeypatch):
+    """rasterio takes GDAL_CACHEMAX in bytes: a cache smaller than the blocks one tile row reads
+    makes GDAL decode every source block up to four times."""
+    import geosat2map.pipeline as pipeline
+
+    path = write_scene(tmp_path / "wide.tif", width=3000, height=300)
+    seen = []
+    stream = pipeline._stream
+    monkeypatch.setattr(pipeline, "_stream", lambda *a: (seen.append(rasterio.env.getenv()["GDAL_CACHEMAX"]),
+                                                          stream(*a))[1])
+    translate(path, tmp_path / "map.tif", weights=tiny_weights)
+    with rasterio.open(path) as src:
+        block_h = src.block_shapes[0][0]
+        tile_row_blocks = (256 // block_h + 1) * block_h * src.width * src.count
+    assert seen and seen[0] >= tile_row_blocks
