@@ -139,8 +139,8 @@ class RowBlender:
         self.channels = channels
         self.top = grid.ys[first_row] if first_row < len(grid.ys) else grid.height  # scene row at buffer row 0
         self.used = 0  # buffer rows in use
-        self.col_sum = _axis_sum(grid.width, grid.xs, grid.x_weights)
-        self.row_sum = _axis_sum(grid.height, grid.ys, grid.y_weights)
+        self.col_inv = 1.0 / _axis_sum(grid.width, grid.xs, grid.x_weights)
+        self.row_inv = 1.0 / _axis_sum(grid.height, grid.ys, grid.y_weights)
         rows = min(grid.height, grid.tile)
         self.acc = np.zeros((channels, rows, grid.width), np.float32)
         self.valid = np.zeros((rows, grid.width), bool)
@@ -181,16 +181,20 @@ class RowBlender:
         ``sink(first scene row, pixels, mask)`` gets float32 pixels already rounded to 0..255 (0 where
         the mask is False) as views of the buffer, valid only during the call: the writer casts them
         into its own block buffer, so no uint8 copy of the band is made here.
+
+        Each pixel is a weighted mean of tile outputs in 0..255, so it stays in 0..255 (to float
+        rounding, which rint absorbs): normalising and masking are one multiplication, no clip.
         """
         end = self.grid.row_end(row)
         n = end - self.top
         band = self.acc[:, :n]
         valid = self.valid[:n]
-        band /= self.col_sum[None, None, :]  # in place: no full-size temporaries
-        band /= self.row_sum[None, self.top : end, None]
-        np.rint(band, out=band)
-        np.clip(band, 0, 255, out=band)
-        band *= valid[None]
+        for r in range(0, n, 16):  # a few rows at a time: small temporaries that stay in cache
+            rows = band[:, r : r + 16]
+            factor = self.row_inv[self.top + r : min(self.top + r + 16, end), None] * self.col_inv[None, :]
+            factor *= valid[r : r + 16]
+            rows *= factor[None]
+            np.rint(rows, out=rows)
         sink(self.top, band, valid)
         # Shift the rows still being blended to the top and clear the rest.
         keep = self.used - n

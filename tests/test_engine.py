@@ -78,3 +78,19 @@ def test_unknown_or_impossible_backend_is_a_clean_error():
 
     with pytest.raises(WeightsError, match="unknown backend"):
         make_engine(random_generator(), torch.device("cpu"), "tensorrt")
+
+
+def test_a_second_scene_reuses_the_session_and_auto_does_not_time_again(engine_cache, monkeypatch):
+    import geosat2map.engine as engine
+
+    model = random_generator(seed=7)
+    first = make_engine(model, torch.device("cpu"), "onnxruntime")
+    assert make_engine(model, torch.device("cpu"), "onnxruntime").session is first.session
+    timed = []
+    real = engine._seconds_per_batch
+    monkeypatch.setattr(engine, "_seconds_per_batch", lambda e, b: (timed.append(e.name), real(e, b))[1])
+    picks = {make_engine(model, torch.device("cpu"), "auto", tiles=AUTO_MIN_TILES, batch_size=2).name
+             for _ in range(3)}
+    assert sorted(timed) == ["onnxruntime", "torch"] and len(picks) == 1
+    other = random_generator(seed=8)  # other weights: a session of their own
+    assert make_engine(other, torch.device("cpu"), "onnxruntime").session is not first.session
