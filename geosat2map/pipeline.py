@@ -205,10 +205,11 @@ def row_buffer_bytes(width: int, tile: int) -> int:
 
 
 def gdal_cache_bytes(scene: Scene, tile: int) -> int:
-    """GDAL's block cache for a run: the source blocks a tile row reads and two output block rows,
-    with a quarter to spare. It grows with the scene's width, never its height. (A cache smaller
-    than a tile row's blocks makes GDAL decode each source block up to four times.)"""
-    return max(MIN_GDAL_CACHE, int(1.25 * (scene.cache_bytes(tile) + 2 * 256 * scene.width * 3)))
+    """GDAL's block cache for a run: the source blocks a tile row reads, with a tenth to spare. It
+    grows with the scene's width, never its height. (A cache smaller than that makes GDAL decode
+    each source block up to four times; room for output blocks as well only added memory: the
+    writer hands GDAL whole block rows.)"""
+    return max(MIN_GDAL_CACHE, int(1.1 * scene.cache_bytes(tile)))
 
 
 def available_memory() -> int | None:
