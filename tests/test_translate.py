@@ -270,3 +270,19 @@ def test_gdal_block_cache_holds_a_tile_rows_source_blocks(tiny_weights, tmp_path
         block_h = src.block_shapes[0][0]
         tile_row_blocks = (256 // block_h + 1) * block_h * src.width * src.count
     assert seen and seen[0] >= tile_row_blocks
+
+
+@pytest.mark.parametrize("resolution", ["native", 2.0])
+def test_validity_is_read_only_when_the_scene_can_have_invalid_pixels(tmp_path, resolution):
+    plain = write_scene(tmp_path / "plain.tif")
+    data = np.maximum(synthetic_image(500, 600, 3), 1)
+    data[:, :40, :] = 0  # the top 40 rows are nodata
+    holes = write_scene(tmp_path / "holes.tif", nodata=0, data=data)
+    window = Window(0, 0, 100, 100)
+    with open_scene(plain, resolution=resolution) as scene:
+        assert scene.all_valid and scene.read(window)[1].all()
+    with open_scene(holes, resolution=resolution) as scene:
+        assert not scene.all_valid
+        valid = scene.read(window)[1]
+        edge = 40 if resolution == "native" else 20  # the nodata rows at this resolution
+        assert not valid[: edge - 1].any() and valid[edge + 1 :].all()
