@@ -94,3 +94,14 @@ def test_a_second_scene_reuses_the_session_and_auto_does_not_time_again(engine_c
     assert sorted(timed) == ["onnxruntime", "torch"] and len(picks) == 1
     other = random_generator(seed=8)  # other weights: a session of their own
     assert make_engine(other, torch.device("cpu"), "onnxruntime").session is not first.session
+
+
+def test_model_digest_is_remembered_until_the_weights_change():
+    model = random_generator(seed=9)
+    first = model_digest(model)
+    assert model_digest(model) == first
+    with torch.no_grad():
+        next(model.parameters()).mul_(2)  # in place: same tensor, new version
+    assert model_digest(model) != first
+    model.load_state_dict(random_generator(seed=9).state_dict())  # copied back into the same tensors
+    assert model_digest(model) == first
