@@ -1,18 +1,21 @@
 """End-to-end translate throughput against model-only throughput, and peak memory by scene size.
 
-    python benchmarks/translate.py [--sizes 2048,8192,16384] [--scene sample|noise] [--resolution native|model]
+    python benchmarks/translate.py [--sizes 2048,8192,16384] [--scene sample|noise]
+                                   [--resolution native|model] [--backend auto|torch|onnxruntime]
 
-For each size a uint8 RGB GeoTIFF (tiled, ZSTD, 0.5 m pixels) is written to a temporary folder and
-translated in a child process: ``--scene sample`` (default) mirrors the real aerial scene in
-sample_data/ to the size (imagery compresses and translates like a real scene); ``noise`` is random
-texture, the worst case for compression. ``--resolution native`` translates every pixel; ``model``
-resamples to the model's ground sampling distance as translate does by default (fewer tiles, each
-read from about 18 times as many source pixels). The child loads the model once, picks the backend
-(--backend, default auto: the faster of PyTorch and ONNX Runtime), then times that engine alone on random tiles (same batch size; as many tiles as the scene has, capped by
---model-tiles), the translate call (translate's own clock: open, read, infer, blend, write,
-overviews, rename), and the model alone again. The model-only figure is the mean of the two;
-drift in the machine's speed during the run shows as a gap between them (printed). Peak RSS is
-the child's.
+For each size a uint8 RGB GeoTIFF (tiled, ZSTD, 0.5 m pixels) is written to a temporary folder.
+``--scene sample`` (default) mirrors the real aerial scene in sample_data/ to the size, so it
+compresses and translates like imagery; ``noise`` is random texture, the worst case for
+compression. ``--resolution native`` translates every pixel; ``model`` resamples to the model's
+ground sampling distance, as translate does by default (fewer tiles, each read from about 18
+times as many source pixels).
+
+A child process loads the model once, picks the engine (--backend; auto: the faster of PyTorch
+and ONNX Runtime), and then alternates: the model alone on random tiles (same engine, batch size
+and number of tiles, capped by --model-tiles), translate (its own clock: open, read, infer, blend,
+write, overviews, rename), the model alone, ... ``--repeat`` translate runs (default 2). Each
+side's best is reported with its range: these machines' speed drifts by 10-20 % over minutes.
+Peak RSS is the child's.
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ from geosat2map import load_generator, translate
 from geosat2map.engine import make_engine
 from geosat2map.grid import TileGrid
 from geosat2map.reader import open_scene
-src, dst, weights, batch, cap, backend, resolution = sys.argv[1:8]
-batch, cap = int(batch), int(cap)
+src, dst, weights, batch, cap, backend, resolution, repeat = sys.argv[1:9]
+batch, cap, repeat = int(batch), int(cap), int(repeat)
 model = load_generator(None if weights == "default" else weights)
 scene = open_scene(src, None, resolution, model[1].gsd_m)
 tiles = min(cap, len(TileGrid(scene.width, scene.height)))
@@ -66,12 +69,14 @@ def model_only():
         done += min(batch, tiles - done)
     return done / (time.perf_counter() - start)
 
-before = model_only()
-r = translate(src, dst, model=model, resolution=resolution, batch_size=batch, device="cpu", overwrite=True,
-              backend=engine.name)
-after = model_only()
-print(json.dumps({"seconds": r.seconds, "width": r.width, "all_tiles": r.tiles, "tiles": r.tiles_computed, "model_before": before, "model_after": after,
-                  "backend": r.backend,
+model_rates, seconds = [model_only()], []
+for _ in range(repeat):  # interleaved, so a slow spell of the machine shows in both
+    r = translate(src, dst, model=model, resolution=resolution, batch_size=batch, device="cpu", overwrite=True,
+                  backend=engine.name)
+    seconds.append(r.seconds)
+    model_rates.append(model_only())
+print(json.dumps({"seconds": seconds, "width": r.width, "all_tiles": r.tiles, "tiles": r.tiles_computed,
+                  "model": model_rates, "backend": r.backend,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -113,6 +118,7 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="auto, torch or onnxruntime (both sides use the same)")
     parser.add_argument("--scene", choices=["sample", "noise"], default="sample")
     parser.add_argument("--resolution", choices=["native", "model"], default="native")
+    parser.add_argument("--repeat", type=int, default=2, help="translate runs per scene (best reported)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"batch {args.batch_size}, CPU, {args.scene} scene, {args.resolution} resolution")
@@ -122,7 +128,7 @@ def main() -> None:
             src = Path(tmp) / f"scene{size}.tif"
             make_scene(src, size, args.scene)
             cmd = [sys.executable, "-c", CHILD, str(src), str(Path(tmp) / "out.tif"), args.weights or "default",
-                   str(args.batch_size), str(args.model_tiles), args.backend, args.resolution]
+                   str(args.batch_size), str(args.model_tiles), args.backend, args.resolution, str(args.repeat)]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append((size, result["all_tiles"], result))
@@ -130,14 +136,14 @@ def main() -> None:
     gflop = gflop_per_tile(args.weights)
     print(f"generator: {gflop:.2f} GFLOP per 256 x 256 tile (2 FLOP per multiply-add); backend "
           f"{', '.join(sorted({r['backend'] for _, _, r in rows}))}")
-    print(f"{'scene':>13} {'output':>6} {'tiles':>6} {'model-only t/s (before/after)':>30} {'GFLOP/s':>8} {'end-to-end t/s':>15} "
-          f"{'ratio':>6} {'wall s':>7} {'peak RSS MB':>12}")
+    print(f"{'scene':>13} {'output':>6} {'tiles':>6} {'model-only t/s (range)':>24} {'GFLOP/s':>8} "
+          f"{'end-to-end t/s (range)':>24} {'ratio':>6} {'wall s':>7} {'peak RSS MB':>12}")
     for size, tiles, r in rows:
-        mo = (r["model_before"] + r["model_after"]) / 2
-        e2e = r["tiles"] / r["seconds"]
-        both = f"{mo:.1f} ({r['model_before']:.1f}/{r['model_after']:.1f})"
-        print(f"{size:>5} x {size:<5} {r['width']:>6} {tiles:>6} {both:>30} {mo * gflop:>8.0f} {e2e:>15.1f} "
-              f"{e2e / mo:>6.2f} {r['seconds']:>7.1f} {r['peak_rss_mb']:>12.0f}")
+        mo, e2e = max(r["model"]), r["tiles"] / min(r["seconds"])
+        mo_range = f"{mo:.1f} ({min(r['model']):.1f}-{mo:.1f})"
+        e2e_range = f"{e2e:.1f} ({r['tiles'] / max(r['seconds']):.1f}-{e2e:.1f})"
+        print(f"{size:>5} x {size:<5} {r['width']:>6} {tiles:>6} {mo_range:>24} {mo * gflop:>8.0f} {e2e_range:>24} "
+              f"{e2e / mo:>6.2f} {min(r['seconds']):>7.1f} {r['peak_rss_mb']:>12.0f}")
     if len(rows) > 1:
         ratio = rows[-1][2]["peak_rss_mb"] / rows[0][2]["peak_rss_mb"]
         print(f"peak RSS {rows[-1][0]} vs {rows[0][0]}: {ratio:.2f}x")
