@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from translate import make_scene  # noqa: E402  (the synthetic scene of benchmarks/translate.py)
+from translate import make_scene  # noqa: E402  (the sample-based scene of benchmarks/translate.py)
 
 STREAMING = """
 import json, resource, sys, time

@@ -21,6 +21,8 @@ from functools import cached_property
 
 import numpy as np
 
+from .buffers import row_buffer
+
 
 def axis_positions(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of tiles covering ``[0, length)``; one tile at 0 when the axis is shorter than a tile."""
@@ -142,8 +144,8 @@ class RowBlender:
         self.col_inv = 1.0 / _axis_sum(grid.width, grid.xs, grid.x_weights)
         self.row_inv = 1.0 / _axis_sum(grid.height, grid.ys, grid.y_weights)
         rows = min(grid.height, grid.tile)
-        self.acc = np.zeros((channels, rows, grid.width), np.float32)
-        self.valid = np.zeros((rows, grid.width), bool)
+        self.acc = row_buffer((channels, rows, grid.width), np.float32)
+        self.valid = row_buffer((rows, grid.width), bool)
 
     def _ensure(self, bottom: int) -> None:
         """Make buffer rows available down to scene row ``bottom`` (grows only in rare layouts)."""

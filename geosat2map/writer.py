@@ -28,6 +28,7 @@ from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
+from .buffers import row_buffer
 from .errors import OutputError, gdal_reason
 
 BLOCK = 256
@@ -117,7 +118,7 @@ class GeoTIFFWriter:
         self._ds = None
         # Two block-row buffers: one being filled here while the writer thread writes the other.
         rows = min(BLOCK, height)
-        self._buffers = [(np.zeros((3, rows, width), np.uint8), np.zeros((rows, width), np.uint8)) for _ in range(2)]
+        self._buffers = [(row_buffer((3, rows, width), np.uint8), row_buffer((rows, width), np.uint8)) for _ in range(2)]
         self._current = 0
         self._filled = 0  # rows in the current buffer
         self._received = 0  # rows handed to write_rows so far

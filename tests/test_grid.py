@@ -119,3 +119,12 @@ def test_property_blended_weights_sum_to_one_for_any_grid(width, height, tile, o
         blender.flush(r, sink)
     assert covered.all()
     assert np.array_equal(image, np.full_like(image, value))
+
+
+def test_row_buffers_are_exactly_the_shape_asked_with_rows_off_power_of_two_strides():
+    from geosat2map.buffers import row_buffer
+
+    for dtype in (np.float32, np.uint8, bool):
+        buf = row_buffer((3, 256, 16384), dtype)
+        assert buf.shape == (3, 256, 16384) and buf.dtype == dtype and not buf.any()
+        assert buf.strides[-2] % 4096 != 0  # rows do not all land on the same cache sets
