@@ -178,7 +178,8 @@ class RowBlender:
         self.valid = np.zeros((0, self.grid.width), bool)
 
     def flush(self, row: int, sink: Callable[[int, np.ndarray, np.ndarray], None]) -> None:
-        """After every tile of ``row`` is in, hand its finished band of rows to ``sink``.
+        """After every tile of ``row`` is in, hand its finished band of rows to ``sink``, in order, a
+        few rows per call.
 
         ``sink(first scene row, pixels, mask)`` gets float32 pixels already rounded to 0..255 (0 where
         the mask is False) as views of the buffer, valid only during the call: the writer casts them
@@ -191,13 +192,13 @@ class RowBlender:
         n = end - self.top
         band = self.acc[:, :n]
         valid = self.valid[:n]
-        for r in range(0, n, 16):  # a few rows at a time: small temporaries that stay in cache
+        for r in range(0, n, 16):  # a few rows at a time, handed on while they are still in cache
             rows = band[:, r : r + 16]
             factor = self.row_inv[self.top + r : min(self.top + r + 16, end), None] * self.col_inv[None, :]
             factor *= valid[r : r + 16]
             rows *= factor[None]
             np.rint(rows, out=rows)
-        sink(self.top, band, valid)
+            sink(self.top + r, rows, valid[r : r + 16])
         # Shift the rows still being blended to the top and clear the rest.
         keep = self.used - n
         self.acc[:, :keep] = self.acc[:, n : self.used]
