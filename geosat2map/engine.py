@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -38,11 +39,17 @@ _choices: dict[tuple[Path, int], str] = {}  # auto's pick per export and batch s
 
 
 class Engine(Protocol):
-    """Float32 0..255 tiles (N, C, T, T) in, float32 0..255 map tiles (N, 3, T, T) out."""
+    """Float32 0..255 tiles (N, C, T, T) in, float32 0..255 map tiles (N, 3, T, T) out.
+
+    ``submit`` starts a batch and returns a function that waits for its maps: on a GPU the batch
+    runs while the caller blends the previous one and reads the next; on the CPU it has already run.
+    """
 
     name: str
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray: ...
+
+    def submit(self, tiles: np.ndarray) -> Callable[[], np.ndarray]: ...
 
 
 class InferenceEngine:
@@ -54,16 +61,34 @@ class InferenceEngine:
         self.device = device
         self.model = model.eval().to(device, memory_format=torch.channels_last)
         # bf16 autocast on CUDA only: CPUs without bf16 units run it ~3x slower than fp32.
-        self.autocast = device.type == "cuda"
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        return self.submit(tiles)()
 
     @torch.inference_mode()
-    def __call__(self, tiles: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(tiles).to(self.device, non_blocking=True)
+    def submit(self, tiles: np.ndarray) -> Callable[[], np.ndarray]:
+        x = torch.from_numpy(tiles)
+        if self.cuda:  # page-locked host memory: the copies to and from the GPU run asynchronously
+            x = x.pin_memory()
+        x = x.to(self.device, non_blocking=True)
         x = (x / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
             y = self.model(x)
         y = (y.float().clamp_(-1.0, 1.0) + 1.0) * 127.5
-        return y.cpu().numpy()
+        if not self.cuda:
+            out = y.cpu().numpy()
+            return lambda: out
+        host = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(y, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def result() -> np.ndarray:
+            copied.synchronize()
+            return host.numpy()
+
+        return result
 
 
 class _Scaled(nn.Module):
@@ -94,6 +119,10 @@ class OnnxRuntimeEngine:
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"tiles": np.ascontiguousarray(tiles, np.float32)})[0]
+
+    def submit(self, tiles: np.ndarray) -> Callable[[], np.ndarray]:
+        out = self(tiles)
+        return lambda: out
 
 
 def onnx_available() -> bool:

@@ -79,11 +79,16 @@ def _row_reader(scene: Scene, grid: TileGrid):
     return lambda row: _tiles(scene, grid, row, row + 1)
 
 
-def _process(pending, engine: Engine, blender: RowBlender, tile_done: Callable[[int], None],
-             computed_in_row: list[int]) -> None:
-    """Run the model on the pending tiles that have data, blend all of them in order."""
+def _submit(pending, engine: Engine) -> tuple[list, Callable[[], np.ndarray] | None]:
+    """Start the model on the pending tiles that have data."""
     tiles = [t for _, _, t, _ in pending if t is not None]
-    outputs = iter(engine(np.stack(tiles))) if tiles else iter(())
+    return pending, (engine.submit(np.stack(tiles)) if tiles else None)
+
+
+def _finish(submitted, blender: RowBlender, tile_done: Callable[[int], None], computed_in_row: list[int]) -> None:
+    """Wait for a submitted batch and blend all its tiles in order."""
+    pending, result = submitted
+    outputs = iter(result()) if result is not None else iter(())
     for r, c, tile, valid in pending:
         if tile is None:
             blender.mark_empty(r, c)
@@ -338,15 +343,26 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
 
 
 def _stream(scene, grid, first_row, batch_size, engine, blender, tile_done, computed_in_row) -> None:
-    """Read, infer and blend every tile from ``first_row`` on, in batches; counts tiles run per row."""
+    """Read, infer and blend every tile from ``first_row`` on, in batches; counts tiles run per row.
+
+    A batch is blended only after the next one has been submitted, so on a GPU the model runs
+    while this thread blends the previous batch and reads the next (on the CPU, same work, same
+    order of results).
+    """
     pending: list[tuple[int, int, np.ndarray | None, np.ndarray]] = []
     real = 0  # pending tiles with data
+    submitted = None
     for item in _tiles(scene, grid, first_row):
         pending.append(item)
         real += item[2] is not None
         # Run when the batch is full; also when nothing real waits or the pending tiles
         # span three tile rows, so all-nodata stretches never hold rows in memory.
         if real >= batch_size or real == 0 or pending[-1][0] - pending[0][0] >= 2:
-            _process(pending, engine, blender, tile_done, computed_in_row)
-            pending, real = [], 0
-    _process(pending, engine, blender, tile_done, computed_in_row)
+            following = _submit(pending, engine)
+            if submitted is not None:
+                _finish(submitted, blender, tile_done, computed_in_row)
+            submitted, pending, real = following, [], 0
+    following = _submit(pending, engine)
+    if submitted is not None:
+        _finish(submitted, blender, tile_done, computed_in_row)
+    _finish(following, blender, tile_done, computed_in_row)

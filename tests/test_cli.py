@@ -137,7 +137,7 @@ def test_ctrl_c_midway_leaves_nothing(tmp_path, tiny_weights, monkeypatch):
     calls = {"n": 0}
     from geosat2map import engine
 
-    original = engine.InferenceEngine.__call__
+    original = engine.InferenceEngine.submit
 
     def interrupted(self, tiles):
         calls["n"] += 1
@@ -145,7 +145,7 @@ def test_ctrl_c_midway_leaves_nothing(tmp_path, tiny_weights, monkeypatch):
             raise KeyboardInterrupt
         return original(self, tiles)
 
-    monkeypatch.setattr(engine.InferenceEngine, "__call__", interrupted)
+    monkeypatch.setattr(engine.InferenceEngine, "submit", interrupted)
     out = tmp_path / "map.tif"
     result = run("translate", scene, out, "--weights", tiny_weights, "--batch-size", "2", "--quiet")
     assert result.exit_code == 130

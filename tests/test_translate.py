@@ -286,3 +286,25 @@ def test_validity_is_read_only_when_the_scene_can_have_invalid_pixels(tmp_path, 
         valid = scene.read(window)[1]
         edge = 40 if resolution == "native" else 20  # the nodata rows at this resolution
         assert not valid[: edge - 1].any() and valid[edge + 1 :].all()
+
+
+def test_each_batch_is_blended_after_the_next_one_is_submitted(scene, tiny_weights, tmp_path, monkeypatch):
+    """The order that lets a GPU compute one batch while the CPU blends the previous one."""
+    events = []
+    submit, add = InferenceEngine.submit, geosat2map.grid.RowBlender.add
+
+    def logged_submit(self, tiles):
+        events.append("submit")
+        return submit(self, tiles)
+
+    def logged_add(self, *args):
+        if events[-1] != "add":
+            events.append("add")
+        return add(self, *args)
+
+    monkeypatch.setattr(InferenceEngine, "submit", logged_submit)
+    monkeypatch.setattr(geosat2map.grid.RowBlender, "add", logged_add)
+    translate(scene, tmp_path / "map.tif", weights=tiny_weights, batch_size=2, backend="torch")
+    assert events[:4] == ["submit", "submit", "add", "submit"]
+    # Every batch is blended once; the last two back to back (nothing left to submit between them).
+    assert events[-2:] == ["submit", "add"] and events.count("add") == events.count("submit") - 1
