@@ -46,6 +46,8 @@ class Engine(Protocol):
     """
 
     name: str
+    #: True when ``submit`` returns before the batch has run (translate then keeps one in flight).
+    asynchronous: bool
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray: ...
 
@@ -61,7 +63,7 @@ class InferenceEngine:
         self.device = device
         self.model = model.eval().to(device, memory_format=torch.channels_last)
         # bf16 autocast on CUDA only: CPUs without bf16 units run it ~3x slower than fp32.
-        self.cuda = device.type == "cuda"
+        self.cuda = self.asynchronous = device.type == "cuda"
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         return self.submit(tiles)()
@@ -106,6 +108,7 @@ class OnnxRuntimeEngine:
     """The generator exported to ONNX, run by ONNX Runtime on the CPU."""
 
     name = "onnxruntime"
+    asynchronous = False
 
     def __init__(self, onnx_path: Path) -> None:
         import onnxruntime as ort

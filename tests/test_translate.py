@@ -288,8 +288,11 @@ def test_validity_is_read_only_when_the_scene_can_have_invalid_pixels(tmp_path, 
         assert not valid[: edge - 1].any() and valid[edge + 1 :].all()
 
 
-def test_each_batch_is_blended_after_the_next_one_is_submitted(scene, tiny_weights, tmp_path, monkeypatch):
-    """The order that lets a GPU compute one batch while the CPU blends the previous one."""
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_an_asynchronous_engine_gets_the_next_batch_before_the_last_is_blended(scene, tiny_weights, tmp_path,
+                                                                               monkeypatch, asynchronous):
+    """The order that lets a GPU compute one batch while the CPU blends the previous one (CPU
+    engines blend each batch at once); the map is the same either way."""
     events = []
     submit, add = InferenceEngine.submit, geosat2map.grid.RowBlender.add
 
@@ -303,8 +306,27 @@ def test_each_batch_is_blended_after_the_next_one_is_submitted(scene, tiny_weigh
         return add(self, *args)
 
     monkeypatch.setattr(InferenceEngine, "submit", logged_submit)
+    import geosat2map.pipeline as pipeline
+
+    make_engine = pipeline.make_engine
+
+    def engine_as_if_on_a_gpu(*args, **kwargs):
+        engine = make_engine(*args, **kwargs)
+        engine.asynchronous = asynchronous
+        return engine
+
+    monkeypatch.setattr(pipeline, "make_engine", engine_as_if_on_a_gpu)
     monkeypatch.setattr(geosat2map.grid.RowBlender, "add", logged_add)
-    translate(scene, tmp_path / "map.tif", weights=tiny_weights, batch_size=2, backend="torch")
-    assert events[:4] == ["submit", "submit", "add", "submit"]
-    # Every batch is blended once; the last two back to back (nothing left to submit between them).
-    assert events[-2:] == ["submit", "add"] and events.count("add") == events.count("submit") - 1
+    out = tmp_path / f"map{asynchronous}.tif"
+    translate(scene, out, weights=tiny_weights, batch_size=2, backend="torch")
+    if asynchronous:
+        assert events[:4] == ["submit", "submit", "add", "submit"]
+        # Every batch is blended once; the last two back to back (nothing left to submit between them).
+        assert events[-2:] == ["submit", "add"] and events.count("add") == events.count("submit") - 1
+    else:
+        assert events == ["submit", "add"] * (len(events) // 2)
+    reference = tmp_path / "reference.tif"
+    monkeypatch.undo()
+    translate(scene, reference, weights=tiny_weights, batch_size=2, backend="torch")
+    with rasterio.open(out) as a, rasterio.open(reference) as b:
+        assert np.array_equal(a.read(), b.read())
