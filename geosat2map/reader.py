@@ -34,6 +34,10 @@ STATS_SIZE = 1024
 #: Smallest side, in pixels at the working resolution, worth translating: below it nearly all of
 #: the 256-pixel tile the model sees would be invented by padding.
 MIN_SIDE = 8
+#: Suggest building overviews when a scene this large (pixels, longest side) is shrunk this much:
+#: GDAL then reads them instead (7.3 -> 1.0 ms per tile for a 0.5 m scene at 2.12 m).
+OVERVIEW_HINT_SIDE = 8192
+OVERVIEW_HINT_SCALE = 4
 
 
 @dataclass
@@ -249,5 +253,9 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced) -> S
     _check_size(path, width, height, target)
     transform = Affine(t.a * src.width / width, 0, t.c, 0, t.e * src.height / height, t.f)
     method = Resampling.average if scale > 1 else Resampling.bilinear
+    large = max(src.width, src.height) >= OVERVIEW_HINT_SIDE
+    if large and scale >= OVERVIEW_HINT_SCALE and not src.overviews(bands[0]):
+        notes.append(f"each output pixel is read from about {scale * scale:.0f} source pixels and {path.name} has no "
+                     f"overviews; `gdaladdo -r average {path.name} 2 4 8` once makes reading it several times faster")
     return Scene(path, src, bands, width, height, transform, src.crs, native, native * src.width / width, stretch,
                  notes, scale=(src.width / width, src.height / height), resampling=method, all_valid=all_valid)

@@ -118,7 +118,8 @@ class GeoTIFFWriter:
         self._ds = None
         # Two block-row buffers: one being filled here while the writer thread writes the other.
         rows = min(BLOCK, height)
-        self._buffers = [(row_buffer((3, rows, width), np.uint8), row_buffer((rows, width), np.uint8)) for _ in range(2)]
+        self._buffers = [(row_buffer((3, rows, width), np.uint8), row_buffer((rows, width), np.uint8))
+                         for _ in range(2)]
         self._current = 0
         self._filled = 0  # rows in the current buffer
         self._received = 0  # rows handed to write_rows so far
@@ -220,7 +221,8 @@ class GeoTIFFWriter:
             if not self._has_mask and not valid.all():  # the first invalid pixel: rows above are all valid
                 for top in range(0, window.row_off, BLOCK):
                     rows = min(BLOCK, window.row_off - top)
-                    self._ds.write_mask(np.full((rows, self.width), 255, np.uint8), window=Window(0, top, self.width, rows))
+                    all_valid = np.full((rows, self.width), 255, np.uint8)
+                    self._ds.write_mask(all_valid, window=Window(0, top, self.width, rows))
                 self._has_mask = True
             if self._has_mask:
                 self._ds.write_mask(valid, window=window)  # uint8 0/255

@@ -330,3 +330,21 @@ def test_an_asynchronous_engine_gets_the_next_batch_before_the_last_is_blended(s
     translate(scene, reference, weights=tiny_weights, batch_size=2, backend="torch")
     with rasterio.open(out) as a, rasterio.open(reference) as b:
         assert np.array_equal(a.read(), b.read())
+
+
+def test_a_large_fine_scene_without_overviews_gets_a_hint_to_build_them(tmp_path):
+    from rasterio.enums import Resampling
+
+    path = tmp_path / "big.tif"  # 8192 x 8192 at 0.5 m, tiled and never written: a few KB on disk
+    with rasterio.open(path, "w", driver="GTiff", width=8192, height=8192, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=rasterio.transform.from_origin(500000, 4500000, 0.5, 0.5),
+                       tiled=True, compress="zstd", SPARSE_OK=True):
+        pass
+    with open_scene(path, resolution=2.12) as scene:
+        assert any("gdaladdo" in note for note in scene.notes)
+    with open_scene(path, resolution=1.0) as scene:  # shrunk only 2x: no hint
+        assert not any("gdaladdo" in note for note in scene.notes)
+    with rasterio.open(path, "r+") as ds:
+        ds.build_overviews([2, 4], Resampling.average)
+    with open_scene(path, resolution=2.12) as scene:
+        assert not any("gdaladdo" in note for note in scene.notes)
