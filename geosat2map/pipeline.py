@@ -31,8 +31,9 @@ from .writer import GeoTIFFWriter, check_destination, partial_path
 
 #: Default overlap between 256-pixel tiles (see benchmarks/overlap.py for the measurement).
 DEFAULT_OVERLAP = 64
-#: Smallest GDAL block cache, bytes. The cache is sized to the scene's width (see gdal_cache_bytes).
+#: Bounds of GDAL's block cache, bytes; within them it is sized to the scene (see gdal_cache_bytes).
 MIN_GDAL_CACHE = 16 * 2**20
+MAX_GDAL_CACHE = 1 * 2**30
 
 
 @dataclass
@@ -214,8 +215,14 @@ def gdal_cache_bytes(scene: Scene, tile: int) -> int:
     """GDAL's block cache for a run: the source blocks a tile row reads, with a tenth to spare. It
     grows with the scene's width, never its height. (A cache smaller than that makes GDAL decode
     each source block up to four times; room for output blocks as well only added memory: the
-    writer hands GDAL whole block rows.)"""
-    return max(MIN_GDAL_CACHE, int(1.1 * scene.cache_bytes(tile)))
+    writer hands GDAL whole block rows.) Capped at 1 GiB and a quarter of the memory available:
+    a very wide scene shrunk many times over without overviews then decodes some blocks twice
+    rather than running out of memory."""
+    cap = MAX_GDAL_CACHE
+    free = available_memory()
+    if free is not None:
+        cap = min(cap, free // 4)
+    return max(MIN_GDAL_CACHE, min(cap, int(1.1 * scene.cache_bytes(tile))))
 
 
 def available_memory() -> int | None:

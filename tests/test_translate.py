@@ -348,3 +348,16 @@ def test_a_large_fine_scene_without_overviews_gets_a_hint_to_build_them(tmp_path
         ds.build_overviews([2, 4], Resampling.average)
     with open_scene(path, resolution=2.12) as scene:
         assert not any("gdaladdo" in note for note in scene.notes)
+
+
+def test_gdal_cache_is_capped_for_a_very_wide_scene_shrunk_many_times(tmp_path):
+    from geosat2map.pipeline import MAX_GDAL_CACHE, gdal_cache_bytes
+
+    path = tmp_path / "wide.tif"  # 120000 x 2048 at 0.1 m, never written: tiny on disk
+    with rasterio.open(path, "w", driver="GTiff", width=120000, height=2048, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=rasterio.transform.from_origin(500000, 4500000, 0.1, 0.1),
+                       tiled=True, compress="zstd", SPARSE_OK=True):
+        pass
+    with open_scene(path, resolution=2.0) as scene:  # 20x: a tile row reads 5120 source rows
+        assert scene.cache_bytes(256) > MAX_GDAL_CACHE
+        assert gdal_cache_bytes(scene, 256) <= MAX_GDAL_CACHE
