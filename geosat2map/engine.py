@@ -34,7 +34,7 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 
 # Kept across calls in one process (several scenes, a Python loop): opening an ONNX Runtime session
 # costs 0.1-0.3 s and timing both engines about 0.5 s, more than a small scene's whole run.
-_sessions: dict[tuple[Path, int], "OnnxRuntimeEngine"] = {}  # the most recent session only
+_sessions: dict[tuple[Path, int], OnnxRuntimeEngine] = {}  # the most recent session only
 _choices: dict[tuple[Path, int], str] = {}  # auto's pick per export and batch size
 
 
