@@ -2,6 +2,7 @@
 
     python benchmarks/translate.py [--sizes 2048,8192,16384] [--scene sample|noise]
                                    [--resolution native|model] [--backend auto|torch|onnxruntime]
+                                   [--device cpu|cuda|mps|auto] [--repeat 2]
 
 For each size a uint8 RGB GeoTIFF (tiled, ZSTD, 0.5 m pixels) is written to a temporary folder.
 ``--scene sample`` (default) mirrors the real aerial scene in sample_data/ to the size, so it
@@ -52,13 +53,14 @@ from geosat2map import load_generator, translate
 from geosat2map.engine import make_engine
 from geosat2map.grid import TileGrid
 from geosat2map.reader import open_scene
-src, dst, weights, batch, cap, backend, resolution, repeat = sys.argv[1:9]
+src, dst, weights, batch, cap, backend, resolution, repeat, device = sys.argv[1:10]
 batch, cap, repeat = int(batch), int(cap), int(repeat)
 model = load_generator(None if weights == "default" else weights)
 scene = open_scene(src, None, resolution, model[1].gsd_m)
 tiles = min(cap, len(TileGrid(scene.width, scene.height)))
 scene.close()
-engine = make_engine(model[0], torch.device("cpu"), backend, batch_size=batch)
+from geosat2map.devices import resolve_device
+engine = make_engine(model[0], resolve_device(device), backend, batch_size=batch)
 x = np.random.default_rng(0).uniform(0, 255, (batch, 3, 256, 256)).astype(np.float32)
 engine(x)  # warm-up
 
@@ -71,7 +73,7 @@ def model_only():
 
 model_rates, seconds = [model_only()], []
 for _ in range(repeat):  # interleaved, so a slow spell of the machine shows in both
-    r = translate(src, dst, model=model, resolution=resolution, batch_size=batch, device="cpu", overwrite=True,
+    r = translate(src, dst, model=model, resolution=resolution, batch_size=batch, device=device, overwrite=True,
                   backend=engine.name)
     seconds.append(r.seconds)
     model_rates.append(model_only())
@@ -119,16 +121,18 @@ def main() -> None:
     parser.add_argument("--scene", choices=["sample", "noise"], default="sample")
     parser.add_argument("--resolution", choices=["native", "model"], default="native")
     parser.add_argument("--repeat", type=int, default=2, help="translate runs per scene (best reported)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (as translate --device)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"batch {args.batch_size}, CPU, {args.scene} scene, {args.resolution} resolution")
+    print(f"batch {args.batch_size}, device {args.device}, {args.scene} scene, {args.resolution} resolution")
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for size in sizes:
             src = Path(tmp) / f"scene{size}.tif"
             make_scene(src, size, args.scene)
             cmd = [sys.executable, "-c", CHILD, str(src), str(Path(tmp) / "out.tif"), args.weights or "default",
-                   str(args.batch_size), str(args.model_tiles), args.backend, args.resolution, str(args.repeat)]
+                   str(args.batch_size), str(args.model_tiles), args.backend, args.resolution, str(args.repeat),
+                   args.device]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append((size, result["all_tiles"], result))
