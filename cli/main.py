@@ -16,6 +16,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 
@@ -360,6 +361,28 @@ def export_weights(run_dir, out, which, half, gsd_m, overwrite) -> None:
     spec = export_run(run_dir, out, which=which, half=half, gsd_m=gsd_m, overwrite=overwrite)
     click.echo(f"wrote {out} (ngf {spec.ngf}, gsd {spec.gsd_m} m)")
 
+
+
+@cli.command("average-weights")
+@click.argument("weights", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The paired training folder: BatchNorm statistics are re-estimated on its training split.")
+@click.option("--holdout", type=int, default=10, show_default=True, help="As in training: every Nth pair is held out.")
+@click.option("--crops", type=int, default=200, show_default=True, help="Training crops for the BatchNorm statistics.")
+@click.option("--half", is_flag=True, help="Store fp16 (half the size).")
+@click.option("--overwrite", is_flag=True)
+def average_weights(weights, out, data, holdout, crops, half, overwrite) -> None:
+    """Average the generators WEIGHTS... (snapshots of one run) into OUT, with fresh BatchNorm statistics."""
+    from geosat2map.average import average_generators
+    from geosat2map.errors import OutputError
+    from geosat2map.weights import save_generator
+
+    if Path(out).exists() and not overwrite:
+        raise OutputError(f"{out} exists (pass --overwrite to replace it)")
+    model, spec = average_generators(list(weights), data, recalibration=crops, holdout=holdout)
+    save_generator(model, spec, out, half=half)
+    click.echo(f"wrote {out}: mean of {len(weights)} generators (ngf {spec.ngf}), BatchNorm re-estimated on {crops} crops")
 
 
 @cli.command("export-onnx")

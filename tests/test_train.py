@@ -246,3 +246,41 @@ def test_torchrun_two_cpu_ranks_end_with_identical_weights(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text() == "steps 3 identical"
+
+
+def test_average_weights_is_the_mean_with_fresh_batchnorm_statistics(tmp_path):
+    from geosat2map.average import average_generators
+    from geosat2map.errors import WeightsError
+    from geosat2map.model import init_weights
+    from geosat2map.weights import ModelSpec, load_generator, save_generator
+
+    data = write_aligned(tmp_path / "pairs", n=8)
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        g = UNetGenerator(ngf=4)
+        init_weights(g)
+        paths.append(tmp_path / f"g{seed}.safetensors")
+        save_generator(g.eval(), ModelSpec(ngf=4, gsd_m=2.0, provenance={"epoch": seed}), paths[-1])
+    first, second = (load_generator(p)[0].state_dict() for p in paths)
+    model, spec = average_generators(paths, data, recalibration=4, batch=2, holdout=3, device="cpu")
+    state = model.state_dict()
+    key = next(k for k in state if k.endswith("weight") and state[k].dim() == 4)
+    assert torch.allclose(state[key], (first[key] + second[key]) / 2)
+    bn_mean = next(k for k in state if k.endswith("running_mean"))
+    assert not torch.allclose(state[bn_mean], (first[bn_mean] + second[bn_mean]) / 2)  # re-estimated
+    assert torch.isfinite(state[bn_mean]).all() and not model.training
+    assert spec.gsd_m == 2.0 and [s["provenance"] for s in spec.provenance["averaged_from"]] == [{"epoch": 1},
+                                                                                                {"epoch": 2}]
+    other = tmp_path / "wide.safetensors"
+    save_generator(UNetGenerator(ngf=8), ModelSpec(ngf=8), other)
+    with pytest.raises(WeightsError, match="different generator"):
+        average_generators([paths[0], other], data, device="cpu")
+    out = tmp_path / "mean.safetensors"
+    args = ["average-weights", *map(str, paths), str(out), "--data", str(data), "--holdout", "3", "--crops", "4",
+            "--half"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert load_generator(out)[1].ngf == 4
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code != 0 and "exists" in again.stderr
