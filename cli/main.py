@@ -383,6 +383,10 @@ def average_weights(weights, out, data, holdout, crops, half, overwrite) -> None
     model, spec = average_generators(list(weights), data, recalibration=crops, holdout=holdout)
     save_generator(model, spec, out, half=half)
     click.echo(f"wrote {out}: mean of {len(weights)} generators (ngf {spec.ngf}), BatchNorm re-estimated on {crops} crops")
+    val = spec.provenance.get("val")
+    if val:
+        click.echo(f"held-out pairs: RMSE {val['rmse']:.2f}  acc@5 {val['acc5']:.3f}  acc@10 {val['acc10']:.3f}  "
+                   f"PSNR {val['psnr']:.2f} dB  SSIM {val['ssim']:.3f}")
 
 
 @cli.command("export-onnx")

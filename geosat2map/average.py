@@ -18,6 +18,7 @@ import torch
 from . import datasets
 from .devices import resolve_device
 from .errors import WeightsError
+from .evaluate import evaluate_generator
 from .model import UNetGenerator
 from .train import recalibrate_batchnorm
 from .weights import ModelSpec, load_generator, model_digest
@@ -36,7 +37,8 @@ def average_generators(
 ) -> tuple[UNetGenerator, ModelSpec]:
     """The mean of the generators in ``weights``, its BatchNorm statistics re-estimated over
     ``recalibration`` training crops of the paired data folder ``data`` (the training split,
-    ``holdout`` as in training, so validation pairs stay unseen)."""
+    ``holdout`` as in training, so validation pairs stay unseen). The held-out pairs are then
+    scored and the metrics kept in the spec's provenance (``val``), as the trainer does."""
     if len(weights) < 2:
         raise WeightsError("averaging needs at least two weights files")
     loaded = [load_generator(w) for w in weights]
@@ -60,6 +62,11 @@ def average_generators(
     pairs, names = datasets.load_pairs(data, "train", direction, holdout)
     crops = datasets.PairDataset(pairs, names, augment=True, seed=seed)
     recalibrate_batchnorm(model, crops, recalibration, batch, seed, dev)
-    provenance = {"averaged_from": sources, "bn_recalibration": {"crops": recalibration, "batch": batch,
-                                                                 "data": str(data), "holdout": holdout}}
+    provenance = {"recipe": spec.provenance.get("recipe"), "averaged_from": sources,
+                  "bn_recalibration": {"crops": recalibration, "batch": batch, "data": str(data), "holdout": holdout}}
+    val_pairs, val_names = datasets.load_pairs(data, "val", direction, holdout)
+    if val_pairs:  # scored like a trained snapshot, so the file says how good it is
+        val_set = datasets.PairDataset(val_pairs, val_names, spec.tile_size, spec.tile_size, augment=False)
+        with torch.no_grad():
+            provenance["val"], _ = evaluate_generator(model, val_set, dev)
     return model.eval(), replace(spec, provenance=provenance)

@@ -272,6 +272,7 @@ def test_average_weights_is_the_mean_with_fresh_batchnorm_statistics(tmp_path):
     assert torch.isfinite(state[bn_mean]).all() and not model.training
     assert spec.gsd_m == 2.0 and [s["provenance"] for s in spec.provenance["averaged_from"]] == [{"epoch": 1},
                                                                                                 {"epoch": 2}]
+    assert spec.provenance["val"]["count"] == 3 and spec.provenance["val"]["rmse"] > 0  # every 3rd of 8 pairs
     other = tmp_path / "wide.safetensors"
     save_generator(UNetGenerator(ngf=8), ModelSpec(ngf=8), other)
     with pytest.raises(WeightsError, match="different generator"):
