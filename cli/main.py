@@ -375,11 +375,10 @@ def export_weights(run_dir, out, which, half, gsd_m, overwrite) -> None:
 def average_weights(weights, out, data, holdout, crops, half, overwrite) -> None:
     """Average the generators WEIGHTS... (snapshots of one run) into OUT, with fresh BatchNorm statistics."""
     from geosat2map.average import average_generators
-    from geosat2map.errors import OutputError
     from geosat2map.weights import save_generator
+    from geosat2map.writer import check_destination
 
-    if Path(out).exists() and not overwrite:
-        raise OutputError(f"{out} exists (pass --overwrite to replace it)")
+    check_destination(Path(out), None, overwrite)
     model, spec = average_generators(list(weights), data, recalibration=crops, holdout=holdout)
     save_generator(model, spec, out, half=half)
     click.echo(f"wrote {out}: mean of {len(weights)} generators (ngf {spec.ngf}), BatchNorm re-estimated on {crops} crops")

@@ -18,7 +18,7 @@ import torch
 from . import datasets
 from .devices import resolve_device
 from .errors import WeightsError
-from .evaluate import evaluate_generator
+from .evaluate import evaluate_pairs
 from .model import UNetGenerator
 from .train import recalibrate_batchnorm
 from .weights import ModelSpec, load_generator, model_digest
@@ -66,7 +66,5 @@ def average_generators(
                   "bn_recalibration": {"crops": recalibration, "batch": batch, "data": str(data), "holdout": holdout}}
     val_pairs, val_names = datasets.load_pairs(data, "val", direction, holdout)
     if val_pairs:  # scored like a trained snapshot, so the file says how good it is
-        val_set = datasets.PairDataset(val_pairs, val_names, spec.tile_size, spec.tile_size, augment=False)
-        with torch.no_grad():
-            provenance["val"], _ = evaluate_generator(model, val_set, dev)
+        provenance["val"] = evaluate_pairs(model, val_pairs, val_names, spec.tile_size, dev)
     return model.eval(), replace(spec, provenance=provenance)

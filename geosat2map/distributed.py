@@ -8,6 +8,8 @@ ranks with autograd-aware all-reduces, on any device, with the state dict of a B
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +47,18 @@ def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device_type: str) -> Iterator[DistContext]:
+    """The torchrun group for a job: created here when none exists yet (and then destroyed at the
+    end), else the caller's. Destroyed only after success: a failed rank leaves at once (another may
+    be blocked sending to it, and torchrun stops the remaining ranks when one exits with an error)."""
+    owner = not dist.is_initialized()
+    ctx = init_distributed(device_type)
+    yield ctx
+    if owner and ctx.enabled:
+        shutdown_distributed()
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -41,6 +41,13 @@ def evaluate_generator(
     return metrics.summarize(per_image), kept
 
 
+def evaluate_pairs(model: torch.nn.Module, pairs: list, names: list[str], size: int,
+                   device: torch.device) -> dict[str, float]:
+    """Mean metrics of ``model`` over loaded pairs resized to ``size`` x ``size`` (no augmentation)."""
+    with torch.no_grad():
+        return evaluate_generator(model, datasets.PairDataset(pairs, names, size, size, augment=False), device)[0]
+
+
 def write_triplets(triplets: list[tuple[torch.Tensor, ...]], path: Path) -> None:
     """One PNG: a row per triplet, input | output | target side by side."""
     if not triplets:
@@ -74,8 +81,7 @@ def evaluate(
     dev = resolve_device(device)
     model.to(dev, memory_format=torch.channels_last)
     pairs, names = datasets.load_pairs(data, split, direction, holdout)
-    dataset = datasets.PairDataset(pairs, names, spec.tile_size, spec.tile_size, augment=False)
-    summary, _ = evaluate_generator(model, dataset, dev)
+    summary = evaluate_pairs(model, pairs, names, spec.tile_size, dev)
     return {"weights": str(weights or "default"), "data": str(data), "split": split, **summary}
 
 

@@ -20,7 +20,7 @@ from rasterio.windows import Window
 
 from . import sharded
 from .devices import resolve_device
-from .distributed import DistContext, init_distributed, shutdown_distributed
+from .distributed import DistContext, process_group
 from .engine import Engine, make_engine
 from . import resume as progress_record
 from .errors import Geosat2mapError, InputError, Interrupted, OutputError, WeightsError
@@ -135,26 +135,20 @@ def translate(
     if batch_size < 1:
         raise InputError("batch size must be at least 1")
     torch_device = resolve_device(device)
-    owner = not dist.is_initialized()
-    ctx = init_distributed(torch_device.type)
-    if ctx.enabled:
-        if resume:
-            raise InputError("--resume is not available under torchrun; run the resumed job in one process")
-        if torch_device.type == "cuda":
-            torch_device = torch.device("cuda", ctx.local_rank)
-        backend = "torch" if backend == "auto" else backend  # every rank must run the same engine
-    _agree(ctx, lambda: check_destination(dst, src, overwrite) if ctx.is_main else None)
-    net, spec = model if model is not None else load_generator(weights)
-    started = time.perf_counter()
-    result = _run(src, dst, net, spec, torch_device, started, bands=bands, resolution=resolution,
-                  tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
-                  allow_ungeoreferenced=allow_ungeoreferenced, progress=progress, resume=resume,
-                  backend=backend, ctx=ctx)
-    # Only after success: a failed rank leaves at once (another may be blocked sending to it, and
-    # torchrun stops the remaining ranks when one exits with an error).
-    if owner and ctx.enabled:
-        shutdown_distributed()
-    return result
+    with process_group(torch_device.type) as ctx:
+        if ctx.enabled:
+            if resume:
+                raise InputError("--resume is not available under torchrun; run the resumed job in one process")
+            if torch_device.type == "cuda":
+                torch_device = torch.device("cuda", ctx.local_rank)
+            backend = "torch" if backend == "auto" else backend  # every rank must run the same engine
+        _agree(ctx, lambda: check_destination(dst, src, overwrite) if ctx.is_main else None)
+        net, spec = model if model is not None else load_generator(weights)
+        started = time.perf_counter()
+        return _run(src, dst, net, spec, torch_device, started, bands=bands, resolution=resolution,
+                    tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
+                    allow_ungeoreferenced=allow_ungeoreferenced, progress=progress, resume=resume,
+                    backend=backend, ctx=ctx)
 
 
 def _agree(ctx: DistContext, check: Callable[[], None]) -> None:
@@ -194,15 +188,12 @@ def translate_many(
     if twice:
         raise InputError(f"several inputs share a file name, their outputs would collide: {', '.join(twice)}")
     model = options.pop("model", None) or load_generator(weights)
-    owner = not dist.is_initialized()
-    ctx = init_distributed(resolve_device(options.get("device", "auto")).type)  # one group for all scenes
-    for src in srcs:
-        try:
-            yield Path(src), translate(src, dst_dir / Path(src).name, model=model, **options)
-        except Geosat2mapError as exc:
-            yield Path(src), exc
-    if owner and ctx.enabled:
-        shutdown_distributed()
+    with process_group(resolve_device(options.get("device", "auto")).type):  # one group for all scenes
+        for src in srcs:
+            try:
+                yield Path(src), translate(src, dst_dir / Path(src).name, model=model, **options)
+            except Geosat2mapError as exc:
+                yield Path(src), exc
 
 
 def row_buffer_bytes(width: int, tile: int) -> int:
@@ -242,7 +233,9 @@ def first_row_after(grid: TileGrid, rows: int) -> int:
     return next((r for r, y in enumerate(grid.ys) if y + grid.tile_shape(r, 0)[0] > rows), len(grid.ys))
 
 
-def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size, overlap) -> tuple[Scene, TileGrid]:
+def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size,
+                  overlap) -> tuple[Scene, TileGrid, int]:
+    """The scene, its tile grid and the GDAL cache size for it, once it is known to fit in memory."""
     scene = open_scene(src, bands, resolution, spec.gsd_m, allow_ungeoreferenced)
     try:
         if len(scene.bands) != spec.in_channels:
@@ -250,7 +243,8 @@ def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size
                 f"the model takes {spec.in_channels} bands but {len(scene.bands)} were selected (--bands)"
             )
         grid = TileGrid(scene.width, scene.height, tile_size, overlap)
-        need = row_buffer_bytes(scene.width, tile_size) + gdal_cache_bytes(scene, tile_size)
+        cache = gdal_cache_bytes(scene, tile_size)
+        need = row_buffer_bytes(scene.width, tile_size) + cache
         free = available_memory()
         if free is not None and need > 0.8 * free:  # a hostile header or a truly huge scene: say so now
             raise InputError(f"{src} is {scene.width} pixels wide at this resolution: streaming it needs "
@@ -259,7 +253,7 @@ def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size
     except BaseException:
         scene.close()
         raise
-    return scene, grid
+    return scene, grid, cache
 
 
 def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_size, overlap, batch_size, cog,
@@ -267,10 +261,10 @@ def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_
     opened: list = []
     _agree(ctx, lambda: opened.append(_open_checked(src, bands, resolution, spec, allow_ungeoreferenced,
                                                     tile_size, overlap)))
-    scene, grid = opened[0]
+    scene, grid, cache = opened[0]
     try:
         # rasterio takes GDAL_CACHEMAX in bytes (a bare 32 would be a 32-byte cache, i.e. none).
-        with rasterio.Env(GDAL_CACHEMAX=gdal_cache_bytes(scene, tile_size)):
+        with rasterio.Env(GDAL_CACHEMAX=cache):
             return _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, resolution=resolution,
                                  tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
                                  progress=progress, resume=resume, backend=backend, ctx=ctx)
