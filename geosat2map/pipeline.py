@@ -1,7 +1,8 @@
 """Scene in, map out: read -> tile -> infer -> blend -> write, streaming.
 
-Only the tiles of one batch and the rows still being blended are in memory, so peak memory
-depends on the scene's width and the batch size, not on its height.
+Only the tiles of one batch, the overlap rows carried between tile rows and the writer's two block
+rows are in memory, so peak memory depends on the scene's width and the batch size, not on its
+height.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _submit(pending, engine: Engine) -> tuple[list, Callable[[], np.ndarray] | N
     return pending, (engine.submit(np.stack(tiles)) if tiles else None)
 
 
-def _finish(submitted, blender: RowBlender, tile_done: Callable[[int], None], computed_in_row: list[int]) -> None:
+def _finish(submitted, blender: RowBlender, tile_done: Callable[[], None], computed_in_row: list[int]) -> None:
     """Wait for a submitted batch and blend all its tiles in order."""
     pending, result = submitted
     outputs = iter(result()) if result is not None else iter(())
@@ -97,7 +98,7 @@ def _finish(submitted, blender: RowBlender, tile_done: Callable[[int], None], co
         else:
             blender.add(r, c, next(outputs), valid)
             computed_in_row[r] += 1
-        tile_done(r)
+        tile_done()
 
 
 def translate(
@@ -196,10 +197,10 @@ def translate_many(
                 yield Path(src), exc
 
 
-def row_buffer_bytes(width: int, tile: int) -> int:
-    """Memory the streaming needs beyond the model: the blending accumulator (float32 RGB and a mask
-    over one tile's rows) and the writer's two uint8 block rows with their masks."""
-    return width * (tile * (3 * 4 + 1) + 2 * 256 * 4)
+def row_buffer_bytes(grid: TileGrid) -> int:
+    """Memory the streaming needs beyond the model: the blender's carried overlap rows (float32 RGB
+    and a mask) and the writer's two uint8 block rows with their masks."""
+    return grid.width * (grid.carried_rows * (3 * 4 + 1) + 2 * 256 * 4)
 
 
 def gdal_cache_bytes(scene: Scene, tile: int) -> int:
@@ -244,7 +245,7 @@ def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size
             )
         grid = TileGrid(scene.width, scene.height, tile_size, overlap)
         cache = gdal_cache_bytes(scene, tile_size)
-        need = row_buffer_bytes(scene.width, tile_size) + cache
+        need = row_buffer_bytes(grid) + cache
         free = available_memory()
         if free is not None and need > 0.8 * free:  # a hostile header or a truly huge scene: say so now
             raise InputError(f"{src} is {scene.width} pixels wide at this resolution: streaming it needs "
@@ -295,22 +296,15 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
         progress_record.check(record, progress_record.identity(src, options, net), dst)
         kept_rows, computed_before = record["rows"], record["computed"]
     first_row = first_row_after(grid, kept_rows)
-    blender = RowBlender(grid, first_row)
-    done_rows = first_row
-    row_left = [len(grid.xs)] * len(grid.ys)
     computed_in_row = [0] * len(grid.ys)
 
-    def tile_done(row: int) -> None:
-        nonlocal done_rows
-        row_left[row] -= 1
-        while done_rows < len(grid.ys) and row_left[done_rows] == 0:
-            blender.flush(done_rows, writer.write_rows)
-            done_rows += 1
+    def tile_done() -> None:
         if progress:
             progress(1, len(grid))
 
     with GeoTIFFWriter(dst, scene.width, scene.height, scene.crs, scene.transform, cog=cog,
                        resume_rows=kept_rows) as writer:
+        blender = RowBlender(grid, writer, first_row, track_valid=not scene.always_valid)
         if not resume and record_file.exists():
             record_file.unlink()
             scene.notes.append("an interrupted run's partial output was replaced (--resume continues one)")

@@ -62,6 +62,11 @@ class Scene:
     #: read costs GDAL 1-2 ms per tile even when it is all 255).
     all_valid: bool = False
 
+    @property
+    def always_valid(self) -> bool:
+        """Every pixel read is valid: no mask, and no float NaN or infinity to mask (scaled inputs)."""
+        return self.all_valid and self.stretch is None
+
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """Pixels of ``window`` as float32 (bands, h, w) scaled to 0..255 and a bool validity mask."""
         try:

@@ -101,7 +101,7 @@ def gather_rows(ctx: DistContext, grid: TileGrid, read_row: ReadRow, engine,
 
 
 def blend_row(grid: TileGrid, row: int, payload: RowPayload, blender: RowBlender,
-              tile_done: Callable[[int], None]) -> int:
+              tile_done: Callable[[], None]) -> int:
     """Blend one received row in column order, as the single-process stream does; returns tiles run."""
     k = 0
     for c in range(len(grid.xs)):
@@ -111,5 +111,5 @@ def blend_row(grid: TileGrid, row: int, payload: RowPayload, blender: RowBlender
             k += 1
         else:
             blender.mark_empty(row, c)
-        tile_done(row)
+        tile_done()
     return k

@@ -1,8 +1,8 @@
 """Writing the map GeoTIFF: tiled, compressed, RGB, masked, with overviews, published atomically.
 
-Rows arrive in bands of arbitrary height; they are written in whole block rows so GDAL never
-has to re-read and re-compress a half-filled block, on one background thread so compression
-(GDAL releases the GIL) overlaps the model's compute. The file is built under a temporary name
+Pixels arrive as rectangles within the two block rows being filled (or as whole rows); they are
+written in whole block rows so GDAL never has to re-read and re-compress a half-filled block,
+on one background thread so compression (GDAL releases the GIL) overlaps the model's compute. The file is built under a temporary name
 beside the destination and renamed over it only when complete, so an interrupted run never
 leaves a half-written file at the destination.
 
@@ -116,18 +116,19 @@ class GeoTIFFWriter:
         }
         self._env = rasterio.Env(**GDAL_ENV)
         self._ds = None
-        # Two block-row buffers: one being filled here while the writer thread writes the other.
+        # Two block-row buffers, block row k in buffer k % 2: one is being filled (the blender puts
+        # its finished rectangles there, in any order) while the writer thread writes the other.
         rows = min(BLOCK, height)
-        self._buffers = [(row_buffer((3, rows, width), np.uint8), row_buffer((rows, width), np.uint8))
-                         for _ in range(2)]
-        self._current = 0
-        self._filled = 0  # rows in the current buffer
-        self._received = 0  # rows handed to write_rows so far
-        self._written = 0  # rows handed to the writer thread
+        self._pixels = [row_buffer((3, rows, width), np.uint8) for _ in range(2)]
+        # The mask buffers are made at the first invalid pixel, and the mask band is created then:
+        # a scene valid everywhere gets no mask, which spares writing it and halves the time GDAL
+        # takes to build the overviews.
+        self._masks: list[np.ndarray] | None = None
+        self._holds: list[int | None] = [None, None]  # block row in each buffer
+        self._futures: list[Future | None] = [None, None]  # its write, once handed on
+        self._next_block = -(-resume_rows // BLOCK)  # first block row not yet handed to the thread
+        self._received = resume_rows  # rows given to write_rows so far
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geotiff-writer")
-        self._inflight: Future | None = None
-        # The mask band is created only once a pixel is invalid: a scene valid everywhere gets no
-        # mask, which spares writing it and halves the time GDAL takes to build the overviews.
         self._has_mask = False
 
     def __enter__(self) -> GeoTIFFWriter:
@@ -176,71 +177,108 @@ class GeoTIFFWriter:
                     self._write(window, prev.read(window=window), prev.read_masks(1, window=window))
                 except RasterioIOError as exc:
                     raise OutputError(f"the partial file {self.prev} is unreadable: {exc}") from None
-                self._written = self._received = window.row_off + window.height
         self.prev.unlink()
 
-    def write_rows(self, top: int, pixels: np.ndarray, valid: np.ndarray) -> None:
-        """Take rows ``top .. top + h`` (in order); each full block row goes to the writer thread.
+    @property
+    def rows_written(self) -> int:
+        """Rows handed to the writer thread (whole block rows, or all)."""
+        return min(self._next_block * BLOCK, self.height)
 
-        ``pixels`` may be uint8 or any numeric type already holding integers in 0..255 (it is cast
-        straight into the block buffer); ``valid`` is the bool mask.
+    def write_rows(self, top: int, pixels: np.ndarray, valid: np.ndarray | None) -> None:
+        """Take whole rows ``top .. top + h``, in order (rows an interrupted run kept are skipped)."""
+        end = top + pixels.shape[1]
+        if end <= self.resume_rows:
+            return
+        if max(top, self.resume_rows) != self._received:
+            raise ValueError(f"rows must arrive in order: got {top}, expected {self._received}")
+        self._received = end
+        self.put(top, 0, pixels, valid)
+        self.advance(end)
+
+    def put(self, top: int, left: int, pixels: np.ndarray, valid: np.ndarray | None) -> None:
+        """Place a rectangle at row ``top``, column ``left``, anywhere in the two block rows after
+        the last one handed on; :meth:`advance` hands them on once whole.
+
+        ``pixels`` (3, h, w) may be uint8 or any numeric type already holding integers in 0..255
+        (it is cast straight into the block buffer); ``valid`` is the bool mask, None if all valid.
         """
         if top < self.resume_rows:  # rows the interrupted run wrote already
             skip = min(self.resume_rows - top, pixels.shape[1])
-            top, pixels, valid = top + skip, pixels[:, skip:], valid[skip:]
-            if not pixels.shape[1]:
-                return
-        if top != self._received:
-            raise ValueError(f"rows must arrive in order: got {top}, expected {self._received}")
-        h = pixels.shape[1]
-        self._received += h
-        done = 0
-        while done < h:
-            buf, mask = self._buffers[self._current]
-            k = min(buf.shape[1] - self._filled, h - done)
-            np.copyto(buf[:, self._filled : self._filled + k], pixels[:, done : done + k], casting="unsafe")
-            np.multiply(valid[done : done + k], np.uint8(255), out=mask[self._filled : self._filled + k])
-            self._filled += k
-            done += k
-            if self._filled == buf.shape[1] or self._received == self.height and done == h:
-                self._submit()
+            top, pixels = top + skip, pixels[:, skip:]
+            valid = None if valid is None else valid[skip:]
+        h, w = pixels.shape[1:]
+        if not h:
+            return
+        if top // BLOCK < self._next_block or (top + h - 1) // BLOCK > self._next_block + 1:
+            raise ValueError(f"rows {top}..{top + h} are not in the two block rows being filled")
+        if self._masks is None and valid is not None and not valid.all():
+            self._masks = [np.full(p.shape[1:], 255, np.uint8) for p in self._pixels]
+        r = top
+        while r < top + h:
+            k = r // BLOCK
+            end = min(top + h, (k + 1) * BLOCK)
+            i = self._slot(k)
+            rows, src = slice(r - k * BLOCK, end - k * BLOCK), slice(r - top, end - top)
+            np.copyto(self._pixels[i][:, rows, left : left + w], pixels[:, src], casting="unsafe")
+            if self._masks is not None:
+                mask = self._masks[i][rows, left : left + w]
+                if valid is None:
+                    mask[:] = 255
+                else:
+                    np.multiply(valid[src], np.uint8(255), out=mask)
+            r = end
 
-    def _submit(self) -> None:
-        buf, mask = self._buffers[self._current]
-        n = self._filled
-        self._wait()  # the other buffer is free again once its write has finished
-        window = Window(0, self._written, self.width, n)
-        self._inflight = self._pool.submit(self._write, window, buf[:, :n], mask[:n])
-        self._written += n
-        self._current = 1 - self._current
-        self._filled = 0
+    def _slot(self, k: int) -> int:
+        """The buffer for block row ``k``, once the write of the block row it held has finished."""
+        i = k % 2
+        if self._holds[i] != k:
+            self._wait(i)
+            self._holds[i] = k
+        return i
 
-    def _write(self, window: Window, pixels: np.ndarray, valid: np.ndarray) -> None:
+    def advance(self, end: int) -> None:
+        """Every row above ``end`` has been put: hand each whole block row to the writer thread."""
+        while self.rows_written < self.height and min((self._next_block + 1) * BLOCK, self.height) <= end:
+            k = self._next_block
+            i = self._slot(k)
+            top = k * BLOCK
+            n = min(BLOCK, self.height - top)
+            mask = None if self._masks is None else self._masks[i][:n]
+            self._futures[i] = self._pool.submit(self._write, Window(0, top, self.width, n),
+                                                 self._pixels[i][:, :n], mask)
+            self._next_block += 1
+
+    def _write(self, window: Window, pixels: np.ndarray, valid: np.ndarray | None) -> None:
+        """Write one block row (``valid``: uint8 0/255, None if all valid); runs on the writer thread."""
         try:
             self._ds.write(pixels, window=window)
-            if not self._has_mask and not valid.all():  # the first invalid pixel: rows above are all valid
+            if not self._has_mask and valid is not None and not valid.all():
+                # The first invalid pixel: every row above is valid.
                 for top in range(0, window.row_off, BLOCK):
                     rows = min(BLOCK, window.row_off - top)
                     all_valid = np.full((rows, self.width), 255, np.uint8)
                     self._ds.write_mask(all_valid, window=Window(0, top, self.width, rows))
                 self._has_mask = True
             if self._has_mask:
-                self._ds.write_mask(valid, window=window)  # uint8 0/255
+                self._ds.write_mask(np.full(pixels.shape[1:], 255, np.uint8) if valid is None else valid,
+                                    window=window)
         except (RasterioIOError, OSError) as exc:
             raise OutputError(f"writing {self.dst} failed (disk full or over a file size limit?): "
                               f"{gdal_reason(exc)}") from None
 
-    def _wait(self) -> None:
-        if self._inflight is not None:
-            future, self._inflight = self._inflight, None
-            future.result()
+    def _wait(self, i: int | None = None) -> None:
+        """Wait for the write from buffer ``i`` (both if None) and raise its error."""
+        for j in (0, 1) if i is None else (i,):
+            future, self._futures[j] = self._futures[j], None
+            if future is not None:
+                future.result()
 
     def commit(self) -> None:
         """Finish the file (overviews, or the COG layout) and move it to the destination."""
         self._wait()
-        if self._written != self.height:
-            raise ValueError(f"only {self._written} of {self.height} rows were written")
-        self._buffers.clear()  # not needed while the overviews are built
+        if self.rows_written != self.height:
+            raise ValueError(f"only {self.rows_written} of {self.height} rows were written")
+        self._pixels, self._masks = [], None  # not needed while the overviews are built
         try:
             if self.cog:
                 self._ds.close()
@@ -270,8 +308,8 @@ class GeoTIFFWriter:
             self._wait()
         except OutputError:
             return 0
-        self._keep = self._written > 0
-        return self._written
+        self._keep = self.rows_written > 0
+        return self.rows_written
 
     def drop_partial(self) -> None:
         """Undo :meth:`keep_partial` (its progress record could not be saved)."""

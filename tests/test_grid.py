@@ -59,34 +59,78 @@ def test_property_every_pixel_covered_and_weights_sum_to_one(width, height, tile
         assert np.allclose(total, 1.0, atol=1e-6)
 
 
-def test_blender_reassembles_a_constant_image_exactly():
-    grid = TileGrid(700, 600, 256, 64)
-    blender = RowBlender(grid)
-    rows = []
+class Canvas:
+    """A blend sink that paints an in-memory image and records what the blender promised when."""
+
+    def __init__(self, grid: TileGrid) -> None:
+        self.image = np.full((3, grid.height, grid.width), -1.0, np.float32)
+        self.covered = np.zeros((grid.height, grid.width), int)
+        self.valid = np.zeros((grid.height, grid.width), bool)
+        self.ends: list[int] = []
+
+    def put(self, top, left, pixels, valid):
+        h, w = pixels.shape[1:]
+        assert not self.ends or top >= self.ends[-1]  # nothing above a row already declared whole
+        self.image[:, top : top + h, left : left + w] = pixels
+        self.covered[top : top + h, left : left + w] += 1
+        self.valid[top : top + h, left : left + w] = True if valid is None else valid
+
+    def advance(self, end):
+        assert (self.covered[:end] == 1).all()  # every row declared whole was painted exactly once
+        self.ends.append(end)
+
+
+def _blend(grid: TileGrid, value: float, track_valid: bool = True) -> Canvas:
+    canvas = Canvas(grid)
+    blender = RowBlender(grid, canvas, track_valid=track_valid)
     for r in range(len(grid.ys)):
         for c in range(len(grid.xs)):
             h, w = grid.tile_shape(r, c)
-            blender.add(r, c, np.full((3, 256, 256), 77.0, np.float32), np.ones((h, w), bool))
-        blender.flush(r, lambda top, pixels, valid: rows.append((top, pixels.copy(), valid.copy())))
-    tops = [t for t, _, _ in rows]
-    assert set(grid.ys) <= set(tops)  # each tile row's band starts where that row starts
-    assert tops == [0] + [t + p.shape[1] for t, p, _ in rows[:-1]]  # in order, no gap, no overlap
-    image = np.concatenate([p for _, p, _ in rows], axis=1)
-    assert image.shape == (3, 600, 700)
-    assert (image == 77).all()
-    assert all(v.all() for _, _, v in rows)
+            blender.add(r, c, np.full((3, grid.tile, grid.tile), value, np.float32), np.ones((h, w), bool))
+    return canvas
 
 
-def test_blender_buffer_holds_at_most_a_few_tile_rows():
-    grid = TileGrid(300, 5000, 256, 64)
-    blender = RowBlender(grid)
-    biggest = 0
-    for r in range(len(grid.ys)):
-        for c in range(len(grid.xs)):
-            blender.add(r, c, np.zeros((3, 256, 256), np.float32), np.ones((256, 256), bool))
-        biggest = max(biggest, blender.used)
-        blender.flush(r, lambda *band: None)
-    assert biggest <= 256 and blender.acc.shape[1] <= 512
+@pytest.mark.parametrize("track_valid", [True, False])
+def test_blender_reassembles_a_constant_image_exactly(track_valid):
+    grid = TileGrid(700, 600, 256, 64)
+    canvas = _blend(grid, 77.0, track_valid)
+    assert canvas.ends == grid.ys[1:] + [600]  # each tile row's band is whole once its last tile is in
+    assert (canvas.covered == 1).all()
+    assert (canvas.image == 77).all()
+    assert canvas.valid.all()
+
+
+def test_blender_refuses_tiles_out_of_raster_order():
+    grid = TileGrid(700, 600, 256, 64)
+    blender = RowBlender(grid, Canvas(grid))
+    blender.add(0, 0, np.zeros((3, 256, 256), np.float32), np.ones((256, 256), bool))
+    with pytest.raises(ValueError, match="raster order"):
+        blender.add(0, 2, np.zeros((3, 256, 256), np.float32), np.ones((256, 256), bool))
+
+
+def test_blender_skipped_tiles_come_out_masked():
+    grid = TileGrid(700, 600, 256, 64)
+    canvas = Canvas(grid)
+    blender = RowBlender(grid, canvas)
+    hole = np.zeros((600, 700), bool)  # nodata under tile (1, 1), so every tile there sees it
+    hole[grid.ys[1] : grid.ys[1] + 256, grid.xs[1] : grid.xs[1] + 256] = True
+    for r, y in enumerate(grid.ys):
+        for c, x in enumerate(grid.xs):
+            h, w = grid.tile_shape(r, c)
+            if (r, c) == (1, 1):
+                blender.mark_empty(r, c)
+            else:
+                blender.add(r, c, np.full((3, 256, 256), 90.0, np.float32), ~hole[y : y + h, x : x + w])
+    assert (canvas.valid == ~hole).all()
+    assert (canvas.image[:, hole] == 0).all() and (canvas.image[:, ~hole] == 90).all()
+
+
+def test_blender_holds_only_the_overlap_rows_across_the_width():
+    grid = TileGrid(20000, 5000, 256, 64)
+    blender = RowBlender(grid, Canvas(TileGrid(1, 1)))
+    assert blender.carry.shape == (3, grid.carried_rows, 20000)
+    assert grid.carried_rows <= grid.overlap + 8  # evenly spread tiles overlap a little more than asked
+    assert blender.window.shape[1:] == (256, 2048)  # the current tile row: a window, not the width
 
 
 def test_overlap_beyond_half_a_tile_is_refused():
@@ -106,21 +150,10 @@ def test_property_blended_weights_sum_to_one_for_any_grid(width, height, tile, o
     """What the blender applies (each tile's weight over the accumulated sum) sums to one at every
     pixel, three-tile overlaps included: constant tiles come back as that constant, everywhere."""
     grid = TileGrid(width, height, tile, int(overlap_share * tile))
-    blender = RowBlender(grid)
-    image = np.full((3, height, width), -1.0, np.float32)
-    covered = np.zeros((height, width), bool)
-
-    def sink(top, pixels, valid):
-        image[:, top : top + pixels.shape[1]] = pixels
-        covered[top : top + pixels.shape[1]] |= valid
-
-    for r in range(len(grid.ys)):
-        for c in range(len(grid.xs)):
-            h, w = grid.tile_shape(r, c)
-            blender.add(r, c, np.full((3, tile, tile), value, np.float32), np.ones((h, w), bool))
-        blender.flush(r, sink)
-    assert covered.all()
-    assert np.array_equal(image, np.full_like(image, value))
+    canvas = _blend(grid, value)
+    assert canvas.ends[-1] == height
+    assert (canvas.covered == 1).all() and canvas.valid.all()
+    assert np.array_equal(canvas.image, np.full_like(canvas.image, value))
 
 
 def test_row_buffers_are_exactly_the_shape_asked_with_rows_off_power_of_two_strides():
