@@ -4,9 +4,9 @@ Tiles are spread evenly along each axis so every overlap is at least ``overlap``
 the last tile ends exactly at the scene edge. Each tile carries a separable weight window: a
 raised-cosine ramp across the stretch it shares with each neighbour and flat 1 elsewhere,
 including the sides that touch the scene edge (so edges and corners are never faded out).
-Neighbouring ramps are complementary, so the weights already sum to one; the blender still
-divides by the accumulated weight, which keeps the sum exact where three tiles meet or where a
-neighbour was skipped as all-nodata.
+Neighbouring ramps are complementary, so the weights already sum to one; each axis's weights are
+still divided by their sum, which keeps it exactly one where three tiles meet (tightly spaced
+grids), so the blender only adds.
 
 :class:`RowBlender` takes the tiles in raster order and hands each pixel on as soon as no later
 tile can touch it.
@@ -44,7 +44,8 @@ def ramp(n: int) -> np.ndarray:
 
 
 def axis_weights(length: int, tile: int, positions: list[int]) -> list[np.ndarray]:
-    """1-D weights of each tile along one axis, clipped to the scene (``length`` may be < ``tile``)."""
+    """1-D weights of each tile along one axis, clipped to the scene (``length`` may be < ``tile``),
+    summing to one at every pixel."""
     weights = []
     for i, p in enumerate(positions):
         size = min(tile, length - p)
@@ -55,8 +56,11 @@ def axis_weights(length: int, tile: int, positions: list[int]) -> list[np.ndarra
         if i < len(positions) - 1:  # ramp down across the overlap with the next tile
             shared = p + tile - positions[i + 1]
             w[size - shared :] *= ramp(shared)[::-1]
-        weights.append(w.astype(np.float32))
-    return weights
+        weights.append(w)
+    total = np.zeros(length)
+    for p, w in zip(positions, weights):
+        total[p : p + len(w)] += w
+    return [(w / total[p : p + len(w)]).astype(np.float32) for p, w in zip(positions, weights)]
 
 
 @dataclass(frozen=True)
@@ -130,17 +134,12 @@ def seam_ratio(image: np.ndarray, positions: list[int], tile: int, axis: int) ->
     return float(grad[sorted(lines)].mean() / grad[inside].mean())
 
 
-def _axis_sum(length: int, positions: list[int], weights: list[np.ndarray]) -> np.ndarray:
-    total = np.zeros(length, np.float32)
-    for p, w in zip(positions, weights):
-        total[p : p + len(w)] += w
-    return total
-
-
 class BlendSink(Protocol):
     """Where finished pixels go (the writer): rectangles, then word that every row above ``end`` is whole."""
 
-    def put(self, top: int, left: int, pixels: np.ndarray, valid: np.ndarray | None) -> None: ...
+    def put(self, top: int, left: int, pixels: np.ndarray, valid: np.ndarray | None) -> None:
+        """``pixels``: float32 (channels, h, w) in [0, 256), of which the sink keeps the integer part
+        (a cast to uint8); ``valid``: bool (h, w), None when every pixel is valid."""
 
     def advance(self, end: int) -> None: ...
 
@@ -155,9 +154,11 @@ class RowBlender:
     across the whole width in float32; the current tile row lives in a window a few tiles wide.
     (Accumulating whole tile rows cost 50 MB of float32 at 16384 pixels wide, against 13 MB here.)
 
-    Every pixel covered by a skipped (all-nodata) tile is nodata itself, so at every valid pixel
-    all covering tiles were blended and the weight sum is the full grid's, which factorises into
-    a row sum times a column sum: no per-pixel weight buffer is needed.
+    The grid's weights sum to one at every pixel, and every pixel covered by a skipped (all-nodata)
+    tile is nodata itself, so at every valid pixel the sum of weighted tiles is already the blend:
+    no weight buffer, no division. Each pixel's sum starts at 0.5, so the sink's cast to uint8
+    rounds it to the nearest integer; a weighted mean of 0..255 stays in 0..255 (to float
+    rounding), so there is nothing to clip. Masked pixels are multiplied by 0.
     """
 
     def __init__(self, grid: TileGrid, sink: BlendSink, first_row: int = 0, channels: int = 3,
@@ -166,8 +167,6 @@ class RowBlender:
         ``track_valid=False``: the scene is valid everywhere, so no validity masks are kept."""
         self.grid = grid
         self.sink = sink
-        self.col_inv = 1.0 / _axis_sum(grid.width, grid.xs, grid.x_weights)
-        self.row_inv = 1.0 / _axis_sum(grid.height, grid.ys, grid.y_weights)
         rows = min(grid.height, grid.tile)
         carried = grid.carried_rows
         window = min(grid.width, max(WINDOW_PIXELS, grid.tile))
@@ -211,7 +210,7 @@ class RowBlender:
         if end > self.hi:  # new columns start from what the previous tile row left in them
             new, k = slice(self.hi - self.base, end - self.base), self.carried
             self.window[:, :k, new] = self.carry[:, :k, self.hi : end]
-            self.window[:, k:, new] = 0
+            self.window[:, k:, new] = 0.5  # the rounding offset, once per pixel (see the class)
             if self.window_valid is not None:
                 self.window_valid[:k, new] = self.carry_valid[:k, self.hi : end]
                 self.window_valid[k:, new] = False
@@ -228,17 +227,11 @@ class RowBlender:
         a, b = self.lo - self.base, stop - self.base
         keep = h - n
         self.carry[:, :keep, self.lo : stop] = self.window[:, n:h, a:b]
-        valid = None
-        factor = self.row_inv[y : y + n, None] * self.col_inv[None, self.lo : stop]
+        done, valid = self.window[:, :n, a:b], None
         if self.window_valid is not None:
             self.carry_valid[:keep, self.lo : stop] = self.window_valid[n:h, a:b]
             valid = self.window_valid[:n, a:b]
-            factor *= valid
-        # Each pixel is a weighted mean of tile outputs in 0..255, so it stays in 0..255 (to float
-        # rounding, which rint absorbs): normalising and masking are one multiplication, no clip.
-        done = self.window[:, :n, a:b]
-        done *= factor[None]
-        np.rint(done, out=done)
+            done *= valid
         self.sink.put(y, self.lo, done, valid)
         self.lo, self.next_col = stop, col + 1
         if last:

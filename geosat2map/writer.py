@@ -199,8 +199,8 @@ class GeoTIFFWriter:
         """Place a rectangle at row ``top``, column ``left``, anywhere in the two block rows after
         the last one handed on; :meth:`advance` hands them on once whole.
 
-        ``pixels`` (3, h, w) may be uint8 or any numeric type already holding integers in 0..255
-        (it is cast straight into the block buffer); ``valid`` is the bool mask, None if all valid.
+        ``pixels`` (3, h, w) are cast straight into the uint8 block buffer: uint8, or any numeric
+        type in [0, 256), whose integer part is kept; ``valid`` is the bool mask, None if all valid.
         """
         if top < self.resume_rows:  # rows the interrupted run wrote already
             skip = min(self.resume_rows - top, pixels.shape[1])

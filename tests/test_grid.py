@@ -46,17 +46,11 @@ def test_weights_sum_to_one_edges_and_corners_included(shape):
     tile=st.sampled_from([256, 512]),
     overlap_share=st.floats(0, 0.5),
 )
-def test_property_every_pixel_covered_and_weights_sum_to_one(width, height, tile, overlap_share):
+def test_property_weights_sum_to_one_for_any_grid(width, height, tile, overlap_share):
     grid = TileGrid(width, height, tile, int(overlap_share * tile))
     total = weight_sum(grid)
-    assert (total > 0).all()  # every pixel covered with a usable weight
-    # Where at most two tiles meet along each axis the ramps alone sum to one; where three
-    # meet (tight spacing) the blender's division by the sum keeps the normalised weights exact.
-    def pairwise_only(pos):
-        return all(c - a >= tile for a, c in zip(pos, pos[2:]))
-
-    if pairwise_only(grid.xs) and pairwise_only(grid.ys):
-        assert np.allclose(total, 1.0, atol=1e-6)
+    # Three tiles meet along an axis in tightly spaced grids: the weights still sum to one there.
+    assert np.allclose(total, 1.0, atol=1e-6)
 
 
 class Canvas:
@@ -71,7 +65,7 @@ class Canvas:
     def put(self, top, left, pixels, valid):
         h, w = pixels.shape[1:]
         assert not self.ends or top >= self.ends[-1]  # nothing above a row already declared whole
-        self.image[:, top : top + h, left : left + w] = pixels
+        self.image[:, top : top + h, left : left + w] = pixels.astype(np.uint8)  # as the writer casts
         self.covered[top : top + h, left : left + w] += 1
         self.valid[top : top + h, left : left + w] = True if valid is None else valid
 
@@ -147,8 +141,8 @@ def test_overlap_beyond_half_a_tile_is_refused():
     value=st.integers(0, 255),
 )
 def test_property_blended_weights_sum_to_one_for_any_grid(width, height, tile, overlap_share, value):
-    """What the blender applies (each tile's weight over the accumulated sum) sums to one at every
-    pixel, three-tile overlaps included: constant tiles come back as that constant, everywhere."""
+    """Constant tiles blend back to that constant at every pixel, three-tile overlaps included: no
+    weight lost or counted twice, and the rounding offset applied once."""
     grid = TileGrid(width, height, tile, int(overlap_share * tile))
     canvas = _blend(grid, value)
     assert canvas.ends[-1] == height
