@@ -17,7 +17,6 @@ import numpy as np
 import rasterio
 import torch
 import torch.distributed as dist
-from rasterio.windows import Window
 
 from . import sharded
 from .devices import resolve_device
@@ -26,7 +25,7 @@ from .engine import Engine, make_engine
 from . import resume as progress_record
 from .errors import Geosat2mapError, InputError, Interrupted, OutputError, WeightsError
 from .grid import RowBlender, TileGrid
-from .reader import Scene, open_scene
+from .reader import RowBand, Scene, open_scene
 from .weights import ModelSpec, load_generator
 from .writer import GeoTIFFWriter, check_destination, partial_path
 
@@ -68,13 +67,17 @@ def _pad(tile: np.ndarray, size: int) -> np.ndarray:
 
 def _tiles(scene: Scene, grid: TileGrid, first_row: int = 0,
            end_row: int | None = None) -> Iterator[tuple[int, int, np.ndarray | None, np.ndarray]]:
-    """(row, col, pixels or None when all-nodata, valid mask) in row-major order, rows ``first_row`` to ``end_row``."""
+    """(row, col, float32 pixels or None when all-nodata, valid mask) in row-major order, rows
+    ``first_row`` to ``end_row``; each tile row is cut from one read across the scene."""
+    band = RowBand(scene, grid.tile_shape(0, 0)[0])
     for r in range(first_row, len(grid.ys) if end_row is None else end_row):
         y = grid.ys[r]
+        pixels, valid_rows = band.rows(y, y + grid.tile_shape(r, 0)[0])
         for c, x in enumerate(grid.xs):
-            h, w = grid.tile_shape(r, c)
-            data, valid = scene.read(Window(x, y, w, h))
-            yield r, c, (_pad(data, grid.tile) if valid.any() else None), valid
+            _, w = grid.tile_shape(r, c)
+            valid = valid_rows[:, x : x + w].copy()  # the band moves on before the tile is blended
+            data = _pad(pixels[:, :, x : x + w].astype(np.float32), grid.tile) if valid.any() else None
+            yield r, c, data, valid
 
 
 def _row_reader(scene: Scene, grid: TileGrid):
