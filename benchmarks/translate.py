@@ -2,7 +2,7 @@
 
     python benchmarks/translate.py [--sizes 2048,8192,16384] [--scene sample|noise]
                                    [--resolution native|model] [--backend auto|torch|onnxruntime]
-                                   [--device cpu|cuda|mps|auto] [--repeat 2]
+                                   [--device cpu|cuda|mps|auto] [--repeat 3]
 
 For each size a uint8 RGB GeoTIFF (tiled, ZSTD, 0.5 m pixels) is written to a temporary folder.
 ``--scene sample`` (default) mirrors the real aerial scene in sample_data/ to the size, so it
@@ -14,9 +14,11 @@ times as many source pixels).
 A child process loads the model once, picks the engine (--backend; auto: the faster of PyTorch
 and ONNX Runtime), and then alternates: the model alone on random tiles (same engine, batch size
 and number of tiles, capped by --model-tiles), translate (its own clock: open, read, infer, blend,
-write, overviews, rename), the model alone, ... ``--repeat`` translate runs (default 2). Each
-side's best is reported with its range: these machines' speed drifts by 10-20 % over minutes.
-Peak RSS is the child's.
+write, overviews, rename), the model alone, ... ``--repeat`` translate runs (default 3). Each
+side's best is reported with its range; the ratio is the median over translate runs of each run
+against the mean of the model-only runs on either side of it, because these machines' speed
+drifts by 10-20 % over minutes (a best-against-best ratio moved by as much between runs). Peak RSS
+is the child's.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="auto, torch or onnxruntime (both sides use the same)")
     parser.add_argument("--scene", choices=["sample", "noise"], default="sample")
     parser.add_argument("--resolution", choices=["native", "model"], default="native")
-    parser.add_argument("--repeat", type=int, default=2, help="translate runs per scene (best reported)")
+    parser.add_argument("--repeat", type=int, default=3, help="translate runs per scene")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (as translate --device)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -141,13 +143,17 @@ def main() -> None:
     print(f"generator: {gflop:.2f} GFLOP per 256 x 256 tile (2 FLOP per multiply-add); backend "
           f"{', '.join(sorted({r['backend'] for _, _, r in rows}))}")
     print(f"{'scene':>13} {'output':>6} {'tiles':>6} {'model-only t/s (range)':>24} {'GFLOP/s':>8} "
-          f"{'end-to-end t/s (range)':>24} {'ratio':>6} {'wall s':>7} {'peak RSS MB':>12}")
+          f"{'end-to-end t/s (range)':>24} {'ratio (range)':>18} {'wall s':>7} {'peak RSS MB':>12}")
     for size, tiles, r in rows:
         mo, e2e = max(r["model"]), r["tiles"] / min(r["seconds"])
         mo_range = f"{mo:.1f} ({min(r['model']):.1f}-{mo:.1f})"
         e2e_range = f"{e2e:.1f} ({r['tiles'] / max(r['seconds']):.1f}-{e2e:.1f})"
+        # Each translate run against the model-only runs just before and after it: a slow or fast
+        # spell of the machine then shows on both sides of the ratio.
+        ratios = [r["tiles"] / s / ((a + b) / 2) for s, a, b in zip(r["seconds"], r["model"], r["model"][1:])]
+        ratio = f"{np.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
         print(f"{size:>5} x {size:<5} {r['width']:>6} {tiles:>6} {mo_range:>24} {mo * gflop:>8.0f} {e2e_range:>24} "
-              f"{e2e / mo:>6.2f} {min(r['seconds']):>7.1f} {r['peak_rss_mb']:>12.0f}")
+              f"{ratio:>18} {min(r['seconds']):>7.1f} {r['peak_rss_mb']:>12.0f}")
     if len(rows) > 1:
         ratio = rows[-1][2]["peak_rss_mb"] / rows[0][2]["peak_rss_mb"]
         print(f"peak RSS {rows[-1][0]} vs {rows[0][0]}: {ratio:.2f}x")

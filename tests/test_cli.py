@@ -193,12 +193,14 @@ def test_signal_in_the_middle_of_a_run_leaves_nothing(tmp_path, tiny_weights, si
     proc = subprocess.Popen([sys.executable, "-m", "geosat2map_cli", "translate", str(scene), str(out),
                              "--weights", str(tiny_weights), "--batch-size", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
+    deadline = time.time() + 120
     while not [p for p in tmp_path.iterdir() if ".part" in p.name] and time.time() < deadline:
         time.sleep(0.05)  # wait until the temporary output exists: the run is under way
+    assert proc.poll() is None, ("the run ended before it could be interrupted", proc.communicate())
+    assert [p for p in tmp_path.iterdir() if ".part" in p.name], "no partial output within 120 s"
     proc.send_signal(getattr(signal, sig))
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err, sorted(p.name for p in tmp_path.iterdir()))
     last = err.strip().splitlines()[-1]
     if last == "geosat2map: interrupted":  # stopped before a whole block row was written: nothing kept
         assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
