@@ -201,9 +201,10 @@ def translate_many(
 
 
 def row_buffer_bytes(grid: TileGrid) -> int:
-    """Memory the streaming needs beyond the model: the blender's carried overlap rows (float32 RGB
-    and a mask) and the writer's two uint8 block rows with their masks."""
-    return grid.width * (grid.carried_rows * (3 * 4 + 1) + 2 * 256 * 4)
+    """Memory the streaming needs beyond the model: the row band tiles are cut from and the
+    blender's carried overlap rows (float32 RGB and a mask at most), and the writer's two uint8
+    block rows with their masks."""
+    return grid.width * ((grid.tile + grid.carried_rows) * (3 * 4 + 1) + 2 * 256 * 4)
 
 
 def gdal_cache_bytes(scene: Scene, tile: int) -> int:
