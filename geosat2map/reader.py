@@ -3,11 +3,12 @@
 :func:`open_scene` checks the input, picks the bands, works out the output grid (the scene's
 footprint in its own CRS, at the model's ground sampling distance by default) and computes the
 value scaling once for the whole scene. :meth:`Scene.read` then returns one window at a time as
-0..255 pixels plus a validity mask, and :class:`RowBand` the rows a tile row needs. The output grid keeps the scene's CRS and footprint and only
-scales the pixels, so resampling is a plain GDAL read of the matching (fractional) source window
-into a tile-sized buffer: GDAL's own resampling, mask-aware and overview-aware, never ours. A
-WarpedVRT did the same job 20-300x slower per tile (it re-warps for every read and again for the
-mask), which made reading, not the model, the cost of translating at the model's resolution.
+0..255 pixels plus a validity mask, and :class:`RowBand` the rows a tile row needs. The output
+grid keeps the scene's CRS and footprint and only scales the pixels, so resampling is a plain
+GDAL read of the matching (fractional) source window into the output-sized buffer: GDAL's own
+resampling, mask-aware and overview-aware, never ours. A WarpedVRT did the same job 20-300x slower
+per tile (it re-warps for every read and again for the mask), which made reading, not the model,
+the cost of translating at the model's resolution.
 """
 
 from __future__ import annotations
@@ -82,12 +83,10 @@ class Scene:
         if dtype is np.uint8 and self.dtype is not np.uint8:
             raise ValueError("resampled or scaled input reads as float32")
         shape = (int(window.height), int(window.width))
-        # No mask to read: an all-True view of one element instead of a mask-sized array.
-        ones = np.broadcast_to(np.True_, shape) if self.stretch is None else np.ones(shape, bool)
         try:
             if self.scale is None:
                 data = self.src.read(self.bands, window=window, out_dtype=dtype, out=out)
-                valid = ones if self.all_valid else self.src.dataset_mask(window=window) > 0
+                valid = self._all_valid(shape) if self.all_valid else self.src.dataset_mask(window=window) > 0
             else:
                 sx, sy = self.scale
                 x, y = window.col_off * sx, window.row_off * sy
@@ -97,11 +96,16 @@ class Scene:
                 size = {"out": out} if out is not None else {"out_shape": (len(self.bands), *shape)}
                 data = self.src.read(self.bands, window=source, resampling=self.resampling, out_dtype=dtype,
                                      **size)
-                valid = (ones if self.all_valid else
+                valid = (self._all_valid(shape) if self.all_valid else
                          self.src.dataset_mask(window=source, out_shape=shape, resampling=Resampling.nearest) > 0)
         except RasterioIOError as exc:  # a truncated or corrupt file fails here, not at open
             raise InputError(f"reading {self.path} failed: {gdal_reason(exc)}") from None
         return self._scale(data, valid)
+
+    def _all_valid(self, shape: tuple[int, int]) -> np.ndarray:
+        """The mask of a scene with no mask: an all-True view of one element, or a writable array
+        when scaling may still mask NaN and infinity."""
+        return np.broadcast_to(np.True_, shape) if self.stretch is None else np.ones(shape, bool)
 
     def cache_bytes(self, tile: int) -> int:
         """Bytes of decoded source blocks that one tile row's read across the scene touches:

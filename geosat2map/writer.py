@@ -2,9 +2,9 @@
 
 Pixels arrive as rectangles within the two block rows being filled (or as whole rows); they are
 written in whole block rows so GDAL never has to re-read and re-compress a half-filled block,
-on one background thread so compression (GDAL releases the GIL) overlaps the model's compute. The file is built under a temporary name
-beside the destination and renamed over it only when complete, so an interrupted run never
-leaves a half-written file at the destination.
+on one background thread so compression (GDAL releases the GIL) overlaps the model's compute.
+The file is built under a temporary name beside the destination and renamed over it only when
+complete, so an interrupted run never leaves a half-written file at the destination.
 
 An interrupted run (Ctrl-C, SIGTERM) can leave its partial file for ``translate --resume``:
 :meth:`GeoTIFFWriter.keep_partial` closes it with every whole block row written so far, and a
@@ -260,7 +260,7 @@ class GeoTIFFWriter:
                     all_valid = np.full((rows, self.width), 255, np.uint8)
                     self._ds.write_mask(all_valid, window=Window(0, top, self.width, rows))
                 self._has_mask = True
-            if self._has_mask:
+            if self._has_mask:  # no mask buffer yet: a resumed run whose kept rows had invalid pixels
                 self._ds.write_mask(np.full(pixels.shape[1:], 255, np.uint8) if valid is None else valid,
                                     window=window)
         except (RasterioIOError, OSError) as exc:

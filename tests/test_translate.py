@@ -334,8 +334,6 @@ def test_an_asynchronous_engine_gets_the_next_batch_before_the_last_is_blended(s
 
 
 def test_a_large_fine_scene_without_overviews_gets_a_hint_to_build_them(tmp_path):
-    from rasterio.enums import Resampling
-
     path = tmp_path / "big.tif"  # 8192 x 8192 at 0.5 m, tiled and never written: a few KB on disk
     with rasterio.open(path, "w", driver="GTiff", width=8192, height=8192, count=3, dtype="uint8",
                        crs="EPSG:32633", transform=rasterio.transform.from_origin(500000, 4500000, 0.5, 0.5),
