@@ -288,6 +288,8 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
               help="Ground sampling distance of the training images, metres/pixel (stored in the weights).")
 @click.option("--init-from", default=None, help="Fine-tune from a weights file ('default': the shipped model).")
 @click.option("--max-steps", type=int, default=None, help="Stop (with a checkpoint) after this many steps.")
+@click.option("--keep-snapshots", is_flag=True,
+              help="Keep every epoch's generator (fp16) in OUT/snapshots, to average with average-weights.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True)
@@ -370,16 +372,19 @@ def export_weights(run_dir, out, which, half, gsd_m, overwrite) -> None:
               help="The paired training folder: BatchNorm statistics are re-estimated on its training split.")
 @click.option("--holdout", type=int, default=10, show_default=True, help="As in training: every Nth pair is held out.")
 @click.option("--crops", type=int, default=200, show_default=True, help="Training crops for the BatchNorm statistics.")
+@click.option("--load-size", type=int, default=286, show_default=True,
+              help="As in training: the crops are cut from pairs resized to this.")
 @click.option("--half", is_flag=True, help="Store fp16 (half the size).")
 @click.option("--overwrite", is_flag=True)
-def average_weights(weights, out, data, holdout, crops, half, overwrite) -> None:
+def average_weights(weights, out, data, holdout, crops, load_size, half, overwrite) -> None:
     """Average the generators WEIGHTS... (snapshots of one run) into OUT, with fresh BatchNorm statistics."""
     from geosat2map.average import average_generators
     from geosat2map.weights import save_generator
     from geosat2map.writer import check_destination
 
     check_destination(Path(out), None, overwrite)
-    model, spec = average_generators(list(weights), data, recalibration=crops, holdout=holdout)
+    model, spec = average_generators(list(weights), data, recalibration=crops, holdout=holdout,
+                                     load_size=load_size)
     save_generator(model, spec, out, half=half)
     click.echo(f"wrote {out}: mean of {len(weights)} generators (ngf {spec.ngf}), BatchNorm re-estimated on {crops} crops")
     val = spec.provenance.get("val")

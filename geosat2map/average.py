@@ -31,13 +31,15 @@ def average_generators(
     recalibration: int = 200,
     batch: int = 4,
     holdout: int = 10,
+    load_size: int = 286,
     direction: str = "AtoB",
     seed: int = 0,
     device: str = "auto",
 ) -> tuple[UNetGenerator, ModelSpec]:
     """The mean of the generators in ``weights``, its BatchNorm statistics re-estimated over
     ``recalibration`` training crops of the paired data folder ``data`` (the training split,
-    ``holdout`` as in training, so validation pairs stay unseen). The held-out pairs are then
+    ``holdout`` as in training, so validation pairs stay unseen; ``load_size`` as the run was
+    trained, so the statistics come from the scale the weights learned). The held-out pairs are then
     scored and the metrics kept in the spec's provenance (``val``), as the trainer does."""
     if len(weights) < 2:
         raise WeightsError("averaging needs at least two weights files")
@@ -60,10 +62,11 @@ def average_generators(
     dev = resolve_device(device)
     model.to(dev, memory_format=torch.channels_last)
     pairs, names = datasets.load_pairs(data, "train", direction, holdout)
-    crops = datasets.PairDataset(pairs, names, augment=True, seed=seed)
+    crops = datasets.PairDataset(pairs, names, load_size, augment=True, seed=seed)
     recalibrate_batchnorm(model, crops, recalibration, batch, seed, dev)
     provenance = {"recipe": spec.provenance.get("recipe"), "averaged_from": sources,
-                  "bn_recalibration": {"crops": recalibration, "batch": batch, "data": str(data), "holdout": holdout}}
+                  "bn_recalibration": {"crops": recalibration, "batch": batch, "data": str(data), "holdout": holdout,
+                                        "load_size": load_size}}
     val_pairs, val_names = datasets.load_pairs(data, "val", direction, holdout)
     if val_pairs:  # scored like a trained snapshot, so the file says how good it is
         provenance["val"] = evaluate_pairs(model, val_pairs, val_names, spec.tile_size, dev)

@@ -8,6 +8,7 @@ Layout of a run directory::
     best_generator.safetensors  the generator with the best validation RMSE so far
     history.jsonl            one line per epoch: mean losses, validation metrics, time
     samples/epochNNN.png     validation triplets (input | output | target)
+    snapshots/epochNNN.safetensors  each epoch's generator, fp16 (with keep_snapshots)
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class TrainConfig:
     samples: int = 4
     bn_recalibration: int = 200
     bn_recalibration_batch: int = 4
+    keep_snapshots: bool = False
 
     @classmethod
     def from_json(cls, path: Path) -> TrainConfig:
@@ -311,6 +313,10 @@ class Trainer:
                     self.best_rmse = metrics["rmse"]
                     save_generator(self.G, self._spec(record), self.out / "best_generator.safetensors")
             save_generator(self.G, self._spec(record), self.out / "generator.safetensors")
+            if self.cfg.keep_snapshots:  # every epoch's generator, for `average-weights`
+                (self.out / "snapshots").mkdir(exist_ok=True)
+                save_generator(self.G, self._spec(record), self.out / "snapshots" / f"epoch{self.epoch:03d}.safetensors",
+                               half=True)
             with open(self.out / "history.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         self.save_checkpoint()

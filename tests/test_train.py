@@ -84,9 +84,14 @@ def test_resumed_run_takes_the_same_next_step(tmp_path):
 
 def test_epoch_outputs_and_schedule(tmp_path):
     data = write_aligned(tmp_path / "data")
-    record = train(tiny_config(data, tmp_path / "run"))
+    record = train(tiny_config(data, tmp_path / "run", keep_snapshots=True))
     run = tmp_path / "run"
     assert record["epoch"] == 3
+    snapshots = sorted(p.name for p in (run / "snapshots").iterdir())
+    assert snapshots == ["epoch001.safetensors", "epoch002.safetensors", "epoch003.safetensors"]
+    last, kept = load_file(run / "generator.safetensors"), load_file(run / "snapshots" / "epoch003.safetensors")
+    assert all(kept[k].dtype == torch.float16 and torch.allclose(kept[k].float(), last[k], atol=1e-2, rtol=1e-3)
+               for k in last if last[k].is_floating_point())
     lines = (run / "history.jsonl").read_text().splitlines()
     assert len(lines) == 3
     assert (run / "samples" / "epoch003.png").is_file()
@@ -279,9 +284,10 @@ def test_average_weights_is_the_mean_with_fresh_batchnorm_statistics(tmp_path):
         average_generators([paths[0], other], data, device="cpu")
     out = tmp_path / "mean.safetensors"
     args = ["average-weights", *map(str, paths), str(out), "--data", str(data), "--holdout", "3", "--crops", "4",
-            "--half"]
+            "--half", "--load-size", "256"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    assert load_generator(out)[1].ngf == 4
+    averaged = load_generator(out)[1]
+    assert averaged.ngf == 4 and averaged.provenance["bn_recalibration"]["load_size"] == 256
     again = CliRunner().invoke(cli, args)
     assert again.exit_code != 0 and "exists" in again.stderr
