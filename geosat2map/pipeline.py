@@ -70,13 +70,17 @@ def _tiles(scene: Scene, grid: TileGrid, first_row: int = 0,
     """(row, col, float32 pixels or None when all-nodata, valid mask) in row-major order, rows
     ``first_row`` to ``end_row``; each tile row is cut from one read across the scene."""
     band = RowBand(scene, grid.tile_shape(0, 0)[0])
+    always_valid = scene.always_valid
     for r in range(first_row, len(grid.ys) if end_row is None else end_row):
         y = grid.ys[r]
         pixels, valid_rows = band.rows(y, y + grid.tile_shape(r, 0)[0])
         for c, x in enumerate(grid.xs):
             _, w = grid.tile_shape(r, c)
-            valid = valid_rows[:, x : x + w].copy()  # the band moves on before the tile is blended
-            data = _pad(pixels[:, :, x : x + w].astype(np.float32), grid.tile) if valid.any() else None
+            if always_valid:  # a read-only all-True view: nothing to copy or look at
+                valid = valid_rows[:, x : x + w]
+            else:
+                valid = valid_rows[:, x : x + w].copy()  # the band moves on before the tile is blended
+            data = _pad(pixels[:, :, x : x + w].astype(np.float32), grid.tile) if always_valid or valid.any() else None
             yield r, c, data, valid
 
 
@@ -208,10 +212,10 @@ def row_buffer_bytes(grid: TileGrid) -> int:
 
 
 def gdal_cache_bytes(scene: Scene, tile: int) -> int:
-    """GDAL's block cache for a run: the source blocks a tile row reads, with a tenth to spare. It
-    grows with the scene's width, never its height. (A cache smaller than that makes GDAL decode
-    each source block up to four times; room for output blocks as well only added memory: the
-    writer hands GDAL whole block rows.) Capped at 1 GiB and a quarter of the memory available:
+    """GDAL's block cache for a run: the source blocks :meth:`Scene.cache_bytes` says reads share,
+    with a tenth to spare. It grows with the scene's width, never its height. (A smaller cache
+    makes GDAL decode source blocks several times; room for output blocks as well only added
+    memory: the writer hands GDAL whole block rows.) Capped at 1 GiB and a quarter of the memory available:
     a very wide scene shrunk many times over without overviews then decodes some blocks twice
     rather than running out of memory."""
     cap = MAX_GDAL_CACHE

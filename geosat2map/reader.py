@@ -22,7 +22,7 @@ import numpy as np
 import rasterio
 from affine import Affine
 from pyproj import Geod, Transformer
-from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
@@ -108,13 +108,19 @@ class Scene:
         return np.broadcast_to(np.True_, shape) if self.stretch is None else np.ones(shape, bool)
 
     def cache_bytes(self, tile: int) -> int:
-        """Bytes of decoded source blocks that one tile row's read across the scene touches:
-        GDAL's block cache must hold them so that each block is decoded once for all bands, and
-        the block row shared with the next tile row is still there for it."""
+        """Bytes of decoded source blocks GDAL's block cache must hold so that each block is decoded
+        once for all bands, and the block row shared with the next tile row is still there for it."""
         block_h = self.src.block_shapes[0][0]
-        rows = tile * (self.scale[1] if self.scale else 1)
         itemsize = max(np.dtype(d).itemsize for d in self.src.dtypes)
-        return (math.ceil(rows / block_h) + 1) * block_h * self.src.width * self.src.count * itemsize
+        block_row = block_h * self.src.width * self.src.count * itemsize
+        if self.scale is None and self.src.interleaving is not Interleaving.band:
+            # GDAL reads a pixel-interleaved (or one-band) file on its own grid block row by block
+            # row, decoding each block once for all bands: only the block row shared with the next
+            # read must stay. (16384 x 2048 scene: 0.22-0.28 s with 1.1 block rows as with 2.2;
+            # 0.35-0.6 s with 0.3-0.4.) Resampled reads go band by band and need the whole window.
+            return block_row
+        rows = tile * (self.scale[1] if self.scale else 1)
+        return (math.ceil(rows / block_h) + 1) * block_row
 
     def read_decimated(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         """The whole scene resampled to ``height`` x ``width`` (for previews), scaled like :meth:`read`."""
@@ -157,20 +163,25 @@ class RowBand:
     def __init__(self, scene: Scene, rows: int) -> None:
         self.scene = scene
         self.pixels = row_buffer((len(scene.bands), rows, scene.width), scene.dtype)
-        self.valid = row_buffer((rows, scene.width), bool)
+        # A scene valid everywhere needs no mask rows: a read-only all-True view stands for them.
+        self.valid = (np.broadcast_to(np.True_, (rows, scene.width)) if scene.always_valid
+                      else row_buffer((rows, scene.width), bool))
         self.top = self.end = 0  # scene rows held
 
     def rows(self, top: int, bottom: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``top .. bottom`` (moving down the scene), as views valid until the next call."""
         keep = self.end - top if self.top <= top < self.end else 0
+        fixed = not self.valid.flags.writeable  # all True
         if keep:  # move the shared rows up, read only the new ones below them
             self.pixels[:, :keep] = self.pixels[:, top - self.top : self.end - self.top]
-            self.valid[:keep] = self.valid[top - self.top : self.end - self.top]
+            if not fixed:
+                self.valid[:keep] = self.valid[top - self.top : self.end - self.top]
         n = bottom - top
         if n > keep:
             window = Window(0, top + keep, self.scene.width, n - keep)
             _, valid = self.scene.read(window, self.scene.dtype, out=self.pixels[:, keep:n])
-            self.valid[keep:n] = valid
+            if not fixed:
+                self.valid[keep:n] = valid
         self.top, self.end = top, bottom
         return self.pixels[:, :n], self.valid[:n]
 

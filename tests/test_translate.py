@@ -256,21 +256,29 @@ def test_the_mask_appears_with_the_first_invalid_pixel_and_covers_earlier_rows(t
         assert (dst.read()[:, ~valid] == 0).all() and (dst.read()[:, valid] == 7).all()
 
 
-def test_gdal_block_cache_holds_a_tile_rows_source_blocks(tiny_weights, tmp_path, monkeypatch):
-    """rasterio takes GDAL_CACHEMAX in bytes: a cache smaller than the blocks one tile row reads
-    makes GDAL decode every source block up to four times."""
+def test_gdal_block_cache_is_sized_to_the_source_blocks_reads_share(tiny_weights, tmp_path, monkeypatch):
+    """rasterio takes GDAL_CACHEMAX in bytes (a small number is no cache at all). The cache must
+    hold the source block row a tile row's read shares with the next (native, pixel-interleaved:
+    GDAL decodes each block once for all bands), or every block of a resampled read's window
+    (GDAL resamples band by band), else blocks are decoded several times."""
     import geosat2map.pipeline as pipeline
 
-    path = write_scene(tmp_path / "wide.tif", width=3000, height=300)
+    path = write_scene(tmp_path / "wide.tif", width=3000, height=300, tiled=True, blockxsize=64, blockysize=64)
     seen = []
     stream = pipeline._stream
     monkeypatch.setattr(pipeline, "_stream", lambda *a: (seen.append(rasterio.env.getenv()["GDAL_CACHEMAX"]),
                                                           stream(*a))[1])
-    translate(path, tmp_path / "map.tif", weights=tiny_weights)
-    with rasterio.open(path) as src:
-        block_h = src.block_shapes[0][0]
-        tile_row_blocks = (256 // block_h + 1) * block_h * src.width * src.count
-    assert seen and seen[0] >= tile_row_blocks
+    translate(path, tmp_path / "map.tif", weights=tiny_weights, resolution="native")
+    block_row = 64 * 3000 * 3
+    with open_scene(path, resolution="native") as scene:
+        assert scene.cache_bytes(256) == block_row
+        assert seen == [pipeline.gdal_cache_bytes(scene, 256)] and seen[0] >= block_row
+    with open_scene(path, resolution=2.0) as scene:  # 256 output rows read 512 source rows: 8 block rows + 1
+        assert scene.cache_bytes(256) == 9 * block_row
+    planar = write_scene(tmp_path / "planar.tif", width=3000, height=300, tiled=True, blockxsize=64,
+                         blockysize=64, interleave="band")
+    with open_scene(planar, resolution="native") as scene:  # band by band: the tile row's blocks + 1
+        assert scene.cache_bytes(256) == 5 * block_row
 
 
 @pytest.mark.parametrize("resolution", ["native", 2.0])
