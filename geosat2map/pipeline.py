@@ -89,10 +89,21 @@ def _row_reader(scene: Scene, grid: TileGrid):
     return lambda row: _tiles(scene, grid, row, row + 1)
 
 
-def _submit(pending, engine: Engine) -> tuple[list, Callable[[], np.ndarray] | None]:
-    """Start the model on the pending tiles that have data."""
-    tiles = [t for _, _, t, _ in pending if t is not None]
-    return pending, (engine.submit(np.stack(tiles)) if tiles else None)
+def _batches(scene: Scene, grid: TileGrid, first_row: int,
+             batch_size: int) -> Iterator[tuple[list, np.ndarray | None]]:
+    """The tiles from ``first_row`` on, grouped for the model: (the items, the stacked pixels of
+    those with data, or None when none has). A group closes when ``batch_size`` tiles have data;
+    also when none has or the group spans three tile rows, so all-nodata stretches never hold
+    rows in memory. The last group may be empty."""
+    pending: list[tuple[int, int, np.ndarray | None, np.ndarray]] = []
+    real = 0  # pending tiles with data
+    for item in _tiles(scene, grid, first_row):
+        pending.append(item)
+        real += item[2] is not None
+        if real >= batch_size or real == 0 or pending[-1][0] - pending[0][0] >= 2:
+            yield pending, np.stack([t for _, _, t, _ in pending if t is not None]) if real else None
+            pending, real = [], 0
+    yield pending, np.stack([t for _, _, t, _ in pending if t is not None]) if real else None
 
 
 def _finish(submitted, blender: RowBlender, tile_done: Callable[[], None], computed_in_row: list[int]) -> None:
@@ -311,7 +322,7 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
             progress(1, len(grid))
 
     with GeoTIFFWriter(dst, scene.width, scene.height, scene.crs, scene.transform, cog=cog,
-                       resume_rows=kept_rows) as writer:
+                       resume_rows=kept_rows, parallel=engine.asynchronous) as writer:
         blender = RowBlender(grid, writer, first_row, track_valid=not scene.always_valid)
         if not resume and record_file.exists():
             record_file.unlink()
@@ -351,22 +362,15 @@ def _stream(scene, grid, first_row, batch_size, engine, blender, tile_done, comp
 
     An asynchronous engine (CUDA) gets the next batch before the previous one is blended, so the
     GPU computes while this thread blends and reads. A CPU engine's batch is blended at once:
-    holding one back gains nothing there and cost ONNX Runtime 30-50 MB more peak memory.
+    holding one back gains nothing there and cost ONNX Runtime 30-50 MB more peak memory. (Reading
+    the batches ahead on a thread was slower on 2 cores, for the CPU engines and for a model that
+    takes no time alike: see benchmarks/pipeline.py.)
     """
-    pending: list[tuple[int, int, np.ndarray | None, np.ndarray]] = []
-    real = 0  # pending tiles with data
-    in_flight: deque = deque()
     lag = 1 if engine.asynchronous else 0
-    for item in _tiles(scene, grid, first_row):
-        pending.append(item)
-        real += item[2] is not None
-        # Run when the batch is full; also when nothing real waits or the pending tiles
-        # span three tile rows, so all-nodata stretches never hold rows in memory.
-        if real >= batch_size or real == 0 or pending[-1][0] - pending[0][0] >= 2:
-            in_flight.append(_submit(pending, engine))
-            while len(in_flight) > lag:
-                _finish(in_flight.popleft(), blender, tile_done, computed_in_row)
-            pending, real = [], 0
-    in_flight.append(_submit(pending, engine))
+    in_flight: deque = deque()
+    for pending, tiles in _batches(scene, grid, first_row, batch_size):
+        in_flight.append((pending, engine.submit(tiles) if tiles is not None else None))
+        while len(in_flight) > lag:
+            _finish(in_flight.popleft(), blender, tile_done, computed_in_row)
     while in_flight:
         _finish(in_flight.popleft(), blender, tile_done, computed_in_row)

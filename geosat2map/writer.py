@@ -81,9 +81,12 @@ class GeoTIFFWriter:
         cog: bool = False,
         compress: str = "zstd",
         resume_rows: int = 0,
+        parallel: bool = False,
     ) -> None:
         """``resume_rows``: continue the partial file of an interrupted run, whose first
-        ``resume_rows`` rows are kept; rows given to :meth:`write_rows` above them are ignored."""
+        ``resume_rows`` rows are kept; rows given to :meth:`write_rows` above them are ignored.
+        ``parallel``: GDAL compresses the blocks of each block row on every core (when the model
+        runs on a GPU and the cores are free), not on the writer thread alone."""
         self.dst = Path(dst)
         self.width, self.height = width, height
         self.cog = cog
@@ -113,6 +116,8 @@ class GeoTIFFWriter:
             "interleave": "pixel",
             "BIGTIFF": "IF_SAFER",
         }
+        if parallel:
+            self.profile["num_threads"] = "ALL_CPUS"
         self._env = rasterio.Env(**GDAL_ENV)
         self._ds = None
         # Two block-row buffers, block row k in buffer k % 2: one is being filled (the blender puts

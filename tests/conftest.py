@@ -39,6 +39,21 @@ def engine_cache(tmp_path_factory) -> Path:
     return path
 
 
+def engines_as_if_on_a_gpu(monkeypatch, asynchronous: bool = True) -> None:
+    """translate's engines behave as on a GPU (submit first, blend later; batches read ahead on a
+    thread; parallel compression) while still computing on the CPU."""
+    import geosat2map.pipeline as pipeline
+
+    make_engine = pipeline.make_engine
+
+    def make(*args, **kwargs):
+        engine = make_engine(*args, **kwargs)
+        engine.asynchronous = asynchronous
+        return engine
+
+    monkeypatch.setattr(pipeline, "make_engine", make)
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
     """A random width-8 generator with no recorded GSD (translate then keeps native resolution)."""

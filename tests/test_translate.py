@@ -17,7 +17,7 @@ from geosat2map.reader import ground_gsd_m, open_scene
 from geosat2map import translate
 from geosat2map.weights import ModelSpec, save_generator
 
-from .conftest import SAMPLE_SCENE, random_generator, synthetic_image, write_scene
+from .conftest import SAMPLE_SCENE, engines_as_if_on_a_gpu, random_generator, synthetic_image, write_scene
 
 
 def test_output_keeps_crs_transform_and_footprint(scene, tiny_weights, tmp_path):
@@ -301,7 +301,8 @@ def test_validity_is_read_only_when_the_scene_can_have_invalid_pixels(tmp_path, 
 def test_an_asynchronous_engine_gets_the_next_batch_before_the_last_is_blended(scene, tiny_weights, tmp_path,
                                                                                monkeypatch, asynchronous):
     """The order that lets a GPU compute one batch while the CPU blends the previous one (CPU
-    engines blend each batch at once); the map is the same either way."""
+    engines blend each batch at once); the map is the same either way, and so it is with the
+    GPU path's parallel compression."""
     events = []
     submit, add = InferenceEngine.submit, geosat2map.grid.RowBlender.add
 
@@ -315,16 +316,7 @@ def test_an_asynchronous_engine_gets_the_next_batch_before_the_last_is_blended(s
         return add(self, *args)
 
     monkeypatch.setattr(InferenceEngine, "submit", logged_submit)
-    import geosat2map.pipeline as pipeline
-
-    make_engine = pipeline.make_engine
-
-    def engine_as_if_on_a_gpu(*args, **kwargs):
-        engine = make_engine(*args, **kwargs)
-        engine.asynchronous = asynchronous
-        return engine
-
-    monkeypatch.setattr(pipeline, "make_engine", engine_as_if_on_a_gpu)
+    engines_as_if_on_a_gpu(monkeypatch, asynchronous)
     monkeypatch.setattr(geosat2map.grid.RowBlender, "add", logged_add)
     out = tmp_path / f"map{asynchronous}.tif"
     translate(scene, out, weights=tiny_weights, batch_size=2, backend="torch")

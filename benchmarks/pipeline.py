@@ -1,0 +1,84 @@
+"""How fast the CPU side of translate can feed a model that takes no time (a stand-in for a GPU).
+
+    python benchmarks/pipeline.py [--size 8192] [--batch-size 32] [--repeat 3]
+
+Everything but the model runs for real: reading and cutting tiles, blending, compressing and
+writing, overviews. The engine returns each tile as its own map, at once. Two set-ups, run
+alternately on the same scene (a sample-based uint8 RGB GeoTIFF, as benchmarks/translate.py):
+
+- ``cpu``: the CPU engines' order (read, run, blend one batch after another; compression on the
+  writer thread);
+- ``gpu``: the GPU path: the next batch submitted before the last is blended, and GDAL
+  compressing each block row on every core.
+
+The tiles/s of ``gpu`` is the most a GPU could be fed on this machine; a GPU slower than that
+never waits for the CPU. Peak RSS is per process (each run is its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from translate import make_scene  # noqa: E402  (the same scenes as the translate benchmark)
+
+CHILD = """
+import json, resource, sys
+import geosat2map.pipeline as pipeline
+from geosat2map import load_generator, translate
+src, dst, setup, batch = sys.argv[1:5]
+
+class NullEngine:
+    name = "null"
+    asynchronous = setup == "gpu"
+    def __call__(self, tiles):
+        return tiles[:, :3]
+    def submit(self, tiles):
+        out = tiles[:, :3]
+        return lambda: out
+
+pipeline.make_engine = lambda *a, **k: NullEngine()
+r = translate(src, dst, model=load_generator(None), resolution="native", batch_size=int(batch), overwrite=True)
+print(json.dumps({"seconds": r.seconds, "tiles": r.tiles_computed,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+SETUPS = ("cpu", "gpu")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    runs: dict[str, list[dict]] = {s: [] for s in SETUPS}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "scene.tif"
+        make_scene(src, args.size)
+        for _ in range(args.repeat):
+            for setup in SETUPS:
+                cmd = [sys.executable, "-c", CHILD, str(src), str(Path(tmp) / "out.tif"), setup, str(args.batch_size)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                runs[setup].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(f"{args.size} x {args.size} sample-based scene, batch {args.batch_size}, model taking no time, "
+          f"best of {args.repeat} (range)")
+    print(f"{'set-up':>10} {'tiles':>6} {'tiles/s (range)':>22} {'s':>7} {'peak RSS MB':>12}")
+    for setup in SETUPS:
+        rates = [r["tiles"] / r["seconds"] for r in runs[setup]]
+        best = max(rates)
+        print(f"{setup:>10} {runs[setup][0]['tiles']:>6} {f'{best:.0f} ({min(rates):.0f}-{best:.0f})':>22} "
+              f"{min(r['seconds'] for r in runs[setup]):>7.2f} {max(r['peak_rss_mb'] for r in runs[setup]):>12.0f}")
+    ratio = np.median([c["seconds"] / g["seconds"] for g, c in zip(runs["gpu"], runs["cpu"])])
+    print(f"gpu vs cpu set-up: {ratio:.2f}x the tiles/s (median of the paired runs)")
+
+
+if __name__ == "__main__":
+    main()
