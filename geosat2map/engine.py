@@ -31,6 +31,13 @@ from .weights import model_digest
 #: both engines (about half a second) would cost more than ONNX Runtime saves on them.
 AUTO_MIN_TILES = 200
 BACKENDS = ("auto", "torch", "onnxruntime")
+#: Tiles per model call on the CPU. Batches 1-32 on 2 cores (width-32 default model, tiles/s):
+#: ONNX Runtime 32 / 29 / 29 / 34 / 34 / 33, PyTorch 21 / 26 / 29 / 28 / 25 / 22; every tile of a
+#: batch is held as float32 input and output (1.5 MB at 256 pixels).
+CPU_BATCH = 8
+#: A GPU's batch is sized to its free memory, up to this: larger batches only hold more tiles in
+#: flight (the CPU side feeds a few hundred to a few thousand tiles/s, see benchmarks/pipeline.py).
+GPU_BATCH_MAX = 128
 
 # Kept across calls in one process (several scenes, a Python loop): opening an ONNX Runtime session
 # costs 0.1-0.3 s and timing both engines about 0.5 s, more than a small scene's whole run.
@@ -126,6 +133,32 @@ class OnnxRuntimeEngine:
     def submit(self, tiles: np.ndarray) -> Callable[[], np.ndarray]:
         out = self(tiles)
         return lambda: out
+
+
+def batch_for_memory(free_bytes: int, per_tile_bytes: float, most: int = GPU_BATCH_MAX) -> int:
+    """The largest power of two of tiles, at most ``most``, whose memory fits in ``free_bytes``
+    (at least 1)."""
+    fits = int(free_bytes // max(per_tile_bytes, 1.0))
+    n = 1
+    while n * 2 <= min(fits, most):
+        n *= 2
+    return n
+
+
+def auto_batch_size(model: nn.Module, device: torch.device, in_channels: int = 3, tile: int = 256) -> int:
+    """``CPU_BATCH`` on the CPU (and MPS); on CUDA as many tiles as half the free memory holds, by
+    the peak memory of a trial batch (up to ``GPU_BATCH_MAX``)."""
+    if device.type != "cuda":
+        return CPU_BATCH
+    probe = 4
+    engine = InferenceEngine(model, device)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    engine(np.zeros((probe, in_channels, tile, tile), np.float32))
+    per_tile = (torch.cuda.max_memory_allocated(device) - before) / probe
+    free, _ = torch.cuda.mem_get_info(device)
+    return batch_for_memory(free // 2, per_tile)
 
 
 def onnx_available() -> bool:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from . import sharded
 from .devices import resolve_device
 from .distributed import DistContext, process_group
-from .engine import Engine, make_engine
+from .engine import Engine, auto_batch_size, make_engine
 from . import resume as progress_record
 from .errors import Geosat2mapError, InputError, Interrupted, OutputError, WeightsError
 from .grid import RowBlender, TileGrid
@@ -50,6 +50,7 @@ class TranslateResult:
     device: str
     backend: str = "torch"
     notes: list[str] = field(default_factory=list)
+    batch_size: int = 0
 
 
 def _pad(tile: np.ndarray, size: int) -> np.ndarray:
@@ -127,7 +128,7 @@ def translate(
     resolution: str | float = "model",
     tile_size: int = 256,
     overlap: int = DEFAULT_OVERLAP,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     device: str = "auto",
     bands: list[int] | None = None,
     cog: bool = False,
@@ -141,7 +142,8 @@ def translate(
     """Translate the GeoTIFF ``src`` into a map GeoTIFF at ``dst``; see ``geosat2map translate --help``.
 
     ``model`` passes an already loaded (generator, spec) pair, to translate many scenes without
-    reloading. ``progress(advance, total)`` is called as tiles finish. ``backend``: ``torch``,
+    reloading. ``batch_size`` None: 8 tiles on the CPU, on a GPU as many as half its free memory
+    holds (up to 128). ``progress(advance, total)`` is called as tiles finish. ``backend``: ``torch``,
     ``onnxruntime`` (CPU, needs the onnx extra) or ``auto`` (the faster of the two, timed). Interrupted (Ctrl-C,
     SIGTERM), a run keeps its finished rows beside ``dst`` and raises :class:`Interrupted`;
     ``resume=True`` with the same input, options and model continues it.
@@ -151,7 +153,7 @@ def translate(
         raise InputError(f"tile size must be a multiple of 256 (the U-Net halves it 8 times), not {tile_size}")
     if not 0 <= overlap <= tile_size // 2:
         raise InputError(f"overlap must be between 0 and {tile_size // 2} pixels, not {overlap}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise InputError("batch size must be at least 1")
     torch_device = resolve_device(device)
     with process_group(torch_device.type) as ctx:
@@ -164,6 +166,8 @@ def translate(
         _agree(ctx, lambda: check_destination(dst, src, overwrite) if ctx.is_main else None)
         net, spec = model if model is not None else load_generator(weights)
         started = time.perf_counter()
+        if batch_size is None:
+            batch_size = auto_batch_size(net, torch_device, spec.in_channels, tile_size)
         return _run(src, dst, net, spec, torch_device, started, bands=bands, resolution=resolution,
                     tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
                     allow_ungeoreferenced=allow_ungeoreferenced, progress=progress, resume=resume,
@@ -301,7 +305,7 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
         computed = sharded.send_rows(ctx, grid, _row_reader(scene, grid), engine, batch_size)
         return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
                                time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name,
-                               scene.notes)
+                               scene.notes, batch_size)
     record_file = progress_record.record_path(dst)
     kept_rows, computed_before = 0, 0
     if resume:  # the interrupted run's engine again: backends may differ in the last float bit
@@ -354,7 +358,8 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
         writer.commit()
         record_file.unlink(missing_ok=True)
     return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
-                           time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name, scene.notes)
+                           time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name, scene.notes,
+                           batch_size)
 
 
 def _stream(scene, grid, first_row, batch_size, engine, blender, tile_done, computed_in_row) -> None:

@@ -398,3 +398,35 @@ def test_tile_rows_cut_from_one_read_equal_window_reads_and_read_each_row_once(t
                     assert diff.max() <= 1 and (diff > 0).mean() < 0.002
                 else:
                     assert not diff.any()
+
+
+def test_batch_size_defaults_to_8_on_the_cpu_and_to_the_free_memory_on_a_gpu(scene, tiny_weights, tmp_path,
+                                                                            monkeypatch):
+    import geosat2map.engine as engine
+
+    assert [engine.batch_for_memory(f, 10) for f in (5, 40, 100, 10**9)] == [1, 4, 8, engine.GPU_BATCH_MAX]
+    result = translate(scene, tmp_path / "map.tif", weights=tiny_weights)
+    assert result.batch_size == engine.CPU_BATCH == 8
+    assert translate(scene, tmp_path / "b3.tif", weights=tiny_weights, batch_size=3).batch_size == 3
+
+    # On CUDA: the peak memory of a 4-tile trial batch, here 50 MB a tile, against half the free memory.
+    allocated = {"now": 10**9, "peak": 0}
+
+    class TrialEngine:
+        def __init__(self, model, device):
+            pass
+
+        def __call__(self, tiles):
+            allocated["peak"] = allocated["now"] + len(tiles) * 50 * 10**6
+
+    monkeypatch.setattr(engine, "InferenceEngine", TrialEngine)
+    cuda = torch.cuda
+    for name, fake in {"synchronize": lambda device: None, "reset_peak_memory_stats": lambda device: None,
+                       "memory_allocated": lambda device: allocated["now"],
+                       "max_memory_allocated": lambda device: allocated["peak"]}.items():
+        monkeypatch.setattr(cuda, name, fake)
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(cuda, "mem_get_info", lambda device: (3 * 10**9, 8 * 10**9))
+    assert engine.auto_batch_size(None, gpu) == 16  # 1.5 GB / 50 MB = 30 tiles
+    monkeypatch.setattr(cuda, "mem_get_info", lambda device: (120 * 10**9, 140 * 10**9))
+    assert engine.auto_batch_size(None, gpu) == engine.GPU_BATCH_MAX
