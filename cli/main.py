@@ -124,7 +124,8 @@ def _parse_bands(ctx, param, value: str | None):
 @click.option("--tile-size", type=int, default=256, show_default=True)
 @click.option("--overlap", type=int, default=None, help="Overlap between tiles in pixels [default: 64].")
 @click.option("--batch-size", type=int, default=None,
-              help="Tiles per model call [default: 8 on the CPU; on a GPU as many as half its free memory holds, up to 128].")
+              help="Tiles per model call [default: 8 on the CPU; on a GPU as many as half its free "
+                   "memory holds, up to 128].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
               help="auto: on the CPU, the faster of PyTorch and ONNX Runtime (onnx extra), timed on this scene.")
@@ -205,7 +206,8 @@ def _report(result) -> None:
         click.echo(f"note: {note}", err=True)
     gsd = f", {result.gsd_m:.2f} m/px" if result.gsd_m else ""
     click.echo(f"wrote {result.dst}: {result.width} x {result.height}{gsd}, {result.tiles_computed}/{result.tiles} "
-               f"tiles computed on {result.device} ({result.backend}, batch {result.batch_size}) in {result.seconds:.1f} s "
+               f"tiles computed on {result.device} ({result.backend}, batch {result.batch_size}) "
+               f"in {result.seconds:.1f} s "
                f"({result.tiles_computed / max(result.seconds, 1e-9):.1f} tiles/s)")
 
 

@@ -81,7 +81,8 @@ def _tiles(scene: Scene, grid: TileGrid, first_row: int = 0,
                 valid = valid_rows[:, x : x + w]
             else:
                 valid = valid_rows[:, x : x + w].copy()  # the band moves on before the tile is blended
-            data = _pad(pixels[:, :, x : x + w].astype(np.float32), grid.tile) if always_valid or valid.any() else None
+            has_data = always_valid or valid.any()
+            data = _pad(pixels[:, :, x : x + w].astype(np.float32), grid.tile) if has_data else None
             yield r, c, data, valid
 
 
@@ -368,8 +369,8 @@ def _stream(scene, grid, first_row, batch_size, engine, blender, tile_done, comp
     An asynchronous engine (CUDA) gets the next batch before the previous one is blended, so the
     GPU computes while this thread blends and reads. A CPU engine's batch is blended at once:
     holding one back gains nothing there and cost ONNX Runtime 30-50 MB more peak memory. (Reading
-    the batches ahead on a thread was slower on 2 cores, for the CPU engines and for a model that
-    takes no time alike: see benchmarks/pipeline.py.)
+    the batches ahead on a thread was measured slower on 2 cores, for the CPU engines and for a
+    model that takes no time alike; see the README's performance section.)
     """
     lag = 1 if engine.asynchronous else 0
     in_flight: deque = deque()

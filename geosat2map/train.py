@@ -315,8 +315,8 @@ class Trainer:
             save_generator(self.G, self._spec(record), self.out / "generator.safetensors")
             if self.cfg.keep_snapshots:  # every epoch's generator, for `average-weights`
                 (self.out / "snapshots").mkdir(exist_ok=True)
-                save_generator(self.G, self._spec(record), self.out / "snapshots" / f"epoch{self.epoch:03d}.safetensors",
-                               half=True)
+                snapshot = self.out / "snapshots" / f"epoch{self.epoch:03d}.safetensors"
+                save_generator(self.G, self._spec(record), snapshot, half=True)
             with open(self.out / "history.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         self.save_checkpoint()
