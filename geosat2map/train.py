@@ -35,7 +35,7 @@ from .distributed import DistContext, convert_batchnorm, init_distributed, shutd
 from .errors import TrainingError
 from .evaluate import evaluate_generator, write_triplets
 from .model import PatchDiscriminator, UNetGenerator, init_weights
-from .weights import ModelSpec, load_generator, save_generator
+from .weights import ModelSpec, load_generator, model_digest, save_generator
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -122,10 +122,15 @@ class Trainer:
         self.D = PatchDiscriminator(6, config.ndf)
         init_weights(self.G)
         init_weights(self.D)
+        #: The generator this run was fine-tuned from, for the provenance of what it saves (kept in
+        #: the checkpoint: the file behind ``init_from``, e.g. the shipped default, can change).
+        self.lineage: dict | None = None
         if config.init_from:
             pretrained, pspec = load_generator(None if config.init_from == "default" else config.init_from)
             self.G = pretrained.train()
             self.spec = ModelSpec(ngf=pspec.ngf, gsd_m=gsd if gsd is not None else pspec.gsd_m)
+            self.lineage = {"file": config.init_from, "sha256": model_digest(pretrained),
+                            "provenance": pspec.provenance}
         if dist_ctx.enabled:
             convert_batchnorm(self.G)
             convert_batchnorm(self.D)
@@ -179,6 +184,7 @@ class Trainer:
             "global_step": self.global_step,
             "best_rmse": self.best_rmse,
             "rng": rng,
+            "lineage": json.dumps(self.lineage),
         }
 
     def save_checkpoint(self) -> None:
@@ -202,6 +208,8 @@ class Trainer:
             raise TrainingError(f"checkpoint {path} is corrupt or does not fit this run: {first}") from None
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best_rmse = state["global_step"], state["best_rmse"]
+        if "lineage" in state:  # (checkpoints before it was kept: as computed above)
+            self.lineage = json.loads(state["lineage"])
         # The rate comes from this run's schedule, not the saved optimiser: a schedule extended on
         # resume (see train()) would otherwise continue at the old, decayed rate.
         factor = _lr_lambda(self.cfg.epochs, self.cfg.epochs_decay)(self.epoch)
@@ -323,8 +331,15 @@ class Trainer:
         return record
 
     def _spec(self, record: dict) -> ModelSpec:
-        prov = {"data": str(self.cfg.data), "epoch": self.epoch, "step": self.global_step,
-                "recipe": "pix2pix", "val": record.get("val")}
+        cfg = self.cfg
+        prov = {"data": str(cfg.data), "epoch": self.epoch, "step": self.global_step,
+                "recipe": "pix2pix", "val": record.get("val"),
+                "settings": {"load_size": cfg.load_size, "crop_size": cfg.crop_size, "batch_size": cfg.batch_size,
+                             "lr": cfg.lr, "betas": [cfg.beta1, cfg.beta2], "lambda_l1": cfg.lambda_l1,
+                             "epochs": cfg.epochs, "epochs_decay": cfg.epochs_decay, "ndf": cfg.ndf,
+                             "holdout": cfg.holdout, "seed": cfg.seed}}
+        if self.lineage:
+            prov["fine_tuned_from"] = self.lineage
         return ModelSpec(ngf=self.spec.ngf, gsd_m=self.spec.gsd_m, provenance=prov)
 
 

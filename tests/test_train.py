@@ -127,6 +127,25 @@ def test_finished_run_trains_longer_with_an_extended_schedule(tmp_path, monkeypa
     assert len((run / "history.jsonl").read_text().splitlines()) == 5
 
 
+def test_a_fine_tuned_generator_records_what_it_came_from(tmp_path):
+    from geosat2map.weights import ModelSpec, load_generator, model_digest, save_generator
+
+    data = write_aligned(tmp_path / "data")
+    start = tmp_path / "start.safetensors"
+    save_generator(UNetGenerator(ngf=4).eval(), ModelSpec(ngf=4, gsd_m=2.0, provenance={"epoch": 7}), start)
+    digest = model_digest(load_generator(start)[0])
+    cfg = tiny_config(data, tmp_path / "run", init_from=str(start), epochs=1, epochs_decay=0, load_size=256)
+    train(cfg)
+    prov = load_generator(tmp_path / "run" / "generator.safetensors")[1].provenance
+    assert prov["fine_tuned_from"] == {"file": str(start), "sha256": digest, "provenance": {"epoch": 7}}
+    assert prov["settings"]["load_size"] == 256 and prov["settings"]["lambda_l1"] == 100.0
+    # The starting file changes (as the shipped default does); a resumed run still names the original.
+    save_generator(UNetGenerator(ngf=4).eval(), ModelSpec(ngf=4, gsd_m=2.0), start)
+    train(cfg, resume=True, schedule=(2, 0))
+    prov = load_generator(tmp_path / "run" / "generator.safetensors")[1].provenance
+    assert prov["epoch"] == 2 and prov["fine_tuned_from"]["sha256"] == digest
+
+
 def test_existing_run_needs_resume(tmp_path):
     data = write_aligned(tmp_path / "data")
     train(tiny_config(data, tmp_path / "run", max_steps=1))
