@@ -13,6 +13,7 @@ model pays the few seconds of export). GPUs use PyTorch (bf16 autocast, channels
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from pathlib import Path
@@ -162,12 +163,9 @@ def auto_batch_size(model: nn.Module, device: torch.device, in_channels: int = 3
 
 
 def onnx_available() -> bool:
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether the onnx extra is installed, without importing it (importing onnx takes about a
+    second, more than a small scene's whole run)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
 def cache_dir() -> Path:
@@ -231,11 +229,11 @@ def make_engine(
         if backend == "onnxruntime":
             raise WeightsError("the onnxruntime backend runs on the CPU only; use --device cpu or --backend torch")
         return torch_engine
+    if backend == "auto" and tiles is not None and tiles < AUTO_MIN_TILES:
+        return torch_engine
     if not onnx_available():
         if backend == "onnxruntime":
             raise WeightsError("the onnxruntime backend needs the onnx extra: pip install 'geosat2map[onnx]'")
-        return torch_engine
-    if backend == "auto" and tiles is not None and tiles < AUTO_MIN_TILES:
         return torch_engine
     try:
         onnx_path = engine_onnx(model, in_channels, tile)

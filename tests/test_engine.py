@@ -43,6 +43,19 @@ def test_auto_uses_torch_for_small_scenes_and_times_both_for_big_ones():
     assert list(cache_dir().glob(f"engine-{model_digest(big)[:32]}-*.onnx"))
 
 
+def test_a_small_scene_on_auto_does_not_even_import_onnx(tiny_weights, tmp_path):
+    """Importing onnx takes about a second, more than a small scene's whole translate."""
+    import subprocess
+    import sys
+
+    scene = write_scene(tmp_path / "small.tif", width=300, height=300)
+    code = ("import sys; from geosat2map import translate; "
+            f"r = translate({str(scene)!r}, {str(tmp_path / 'map.tif')!r}, weights={str(tiny_weights)!r}); "
+            "print(r.backend, 'onnx' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["torch", "False"]
+
+
 def test_translate_on_either_backend_gives_the_same_map_within_one_level(tiny_weights, tmp_path):
     scene = write_scene(tmp_path / "scene.tif", width=500, height=400)
     maps = {}
