@@ -278,7 +278,9 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
 @click.option("--ngf", type=int, default=64, show_default=True, help="Generator width.")
 @click.option("--ndf", type=int, default=64, show_default=True, help="Discriminator width.")
 @click.option("--batch-size", type=int, default=1, show_default=True)
-@click.option("--load-size", type=int, default=286, show_default=True)
+@click.option("--load-size", type=int, default=286, show_default=True,
+              help="Pairs are resized to this before the random crop: 286 is the recipe's jitter; the crop "
+                   "size keeps the data's scale, the one translate resamples to.")
 @click.option("--crop-size", type=int, default=256, show_default=True)
 @click.option("--lr", type=float, default=2e-4, show_default=True)
 @click.option("--lambda-l1", type=float, default=100.0, show_default=True)
