@@ -97,15 +97,19 @@ def _batches(scene: Scene, grid: TileGrid, first_row: int,
     those with data, or None when none has). A group closes when ``batch_size`` tiles have data;
     also when none has or the group spans three tile rows, so all-nodata stretches never hold
     rows in memory. The last group may be empty."""
+    def group(items: list) -> tuple[list, np.ndarray | None]:
+        tiles = [t for _, _, t, _ in items if t is not None]
+        return items, np.stack(tiles) if tiles else None
+
     pending: list[tuple[int, int, np.ndarray | None, np.ndarray]] = []
     real = 0  # pending tiles with data
     for item in _tiles(scene, grid, first_row):
         pending.append(item)
         real += item[2] is not None
         if real >= batch_size or real == 0 or pending[-1][0] - pending[0][0] >= 2:
-            yield pending, np.stack([t for _, _, t, _ in pending if t is not None]) if real else None
+            yield group(pending)
             pending, real = [], 0
-    yield pending, np.stack([t for _, _, t, _ in pending if t is not None]) if real else None
+    yield group(pending)
 
 
 def _finish(submitted, blender: RowBlender, tile_done: Callable[[], None], computed_in_row: list[int]) -> None:
@@ -231,9 +235,9 @@ def gdal_cache_bytes(scene: Scene, tile: int) -> int:
     """GDAL's block cache for a run: the source blocks :meth:`Scene.cache_bytes` says reads share,
     with a tenth to spare. It grows with the scene's width, never its height. (A smaller cache
     makes GDAL decode source blocks several times; room for output blocks as well only added
-    memory: the writer hands GDAL whole block rows.) Capped at 1 GiB and a quarter of the memory available:
-    a very wide scene shrunk many times over without overviews then decodes some blocks twice
-    rather than running out of memory."""
+    memory: the writer hands GDAL whole block rows.) Capped at 1 GiB and a quarter of the memory
+    available: a very wide scene shrunk many times over without overviews then decodes some
+    blocks twice rather than running out of memory."""
     cap = MAX_GDAL_CACHE
     free = available_memory()
     if free is not None:

@@ -38,6 +38,9 @@ from .model import PatchDiscriminator, UNetGenerator, init_weights
 from .weights import ModelSpec, load_generator, model_digest, save_generator
 
 CHECKPOINT = "checkpoint.pt"
+#: The TrainConfig fields every saved generator's provenance records (how it was trained).
+RECORDED_SETTINGS = ("load_size", "crop_size", "batch_size", "lr", "beta1", "beta2", "lambda_l1", "epochs",
+                     "epochs_decay", "ndf", "holdout", "seed")
 
 
 @dataclass
@@ -331,13 +334,9 @@ class Trainer:
         return record
 
     def _spec(self, record: dict) -> ModelSpec:
-        cfg = self.cfg
-        prov = {"data": str(cfg.data), "epoch": self.epoch, "step": self.global_step,
+        prov = {"data": str(self.cfg.data), "epoch": self.epoch, "step": self.global_step,
                 "recipe": "pix2pix", "val": record.get("val"),
-                "settings": {"load_size": cfg.load_size, "crop_size": cfg.crop_size, "batch_size": cfg.batch_size,
-                             "lr": cfg.lr, "betas": [cfg.beta1, cfg.beta2], "lambda_l1": cfg.lambda_l1,
-                             "epochs": cfg.epochs, "epochs_decay": cfg.epochs_decay, "ndf": cfg.ndf,
-                             "holdout": cfg.holdout, "seed": cfg.seed}}
+                "settings": {name: getattr(self.cfg, name) for name in RECORDED_SETTINGS}}
         if self.lineage:
             prov["fine_tuned_from"] = self.lineage
         return ModelSpec(ngf=self.spec.ngf, gsd_m=self.spec.gsd_m, provenance=prov)

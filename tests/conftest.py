@@ -40,8 +40,8 @@ def engine_cache(tmp_path_factory) -> Path:
 
 
 def engines_as_if_on_a_gpu(monkeypatch, asynchronous: bool = True) -> None:
-    """translate's engines behave as on a GPU (submit first, blend later; batches read ahead on a
-    thread; parallel compression) while still computing on the CPU."""
+    """translate's engines behave as on a GPU (submit first, blend later; parallel compression)
+    while still computing on the CPU."""
     import geosat2map.pipeline as pipeline
 
     make_engine = pipeline.make_engine
