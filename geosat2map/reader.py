@@ -115,9 +115,9 @@ class Scene:
         block_row = block_h * self.src.width * self.src.count * itemsize
         if self.scale is None and self.src.interleaving is not Interleaving.band:
             # Native reads of a pixel-interleaved (or one-band) file need only the block row they
-            # share with the next read kept (16384 x 2048 scenes, 3 and 4 bands: 0.22-0.34 s with
-            # 1.1 block rows as with 2.2; 0.35-0.61 s with 0.3-0.4). Resampled reads need the
-            # blocks of the whole window: half of that doubled their time (3.1-3.9 s vs 1.3-1.9 s).
+            # share with the next read kept (16384 x 2048 scenes, 3 and 4 bands: 0.22-0.32 s with
+            # 1.1 block rows, 0.19-0.34 s with 2.2, 0.35-0.61 s with 0.3-0.4). Resampled reads need
+            # the blocks of the whole window: half of that doubled their time (3.1-4.0 s vs 1.3-1.9).
             return block_row
         rows = tile * (self.scale[1] if self.scale else 1)
         return (math.ceil(rows / block_h) + 1) * block_row
