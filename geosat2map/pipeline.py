@@ -68,8 +68,12 @@ def _pad(tile: np.ndarray, size: int) -> np.ndarray:
 
 def _tiles(scene: Scene, grid: TileGrid, first_row: int = 0,
            end_row: int | None = None) -> Iterator[tuple[int, int, np.ndarray | None, np.ndarray]]:
-    """(row, col, float32 pixels or None when all-nodata, valid mask) in row-major order, rows
-    ``first_row`` to ``end_row``; each tile row is cut from one read across the scene."""
+    """(row, col, pixels or None when all-nodata, valid mask) in row-major order, rows
+    ``first_row`` to ``end_row``; each tile row is cut from one read across the scene.
+
+    The pixels (the scene's dtype, padded to the tile) are borrowed: a view of the row band,
+    valid until the next tile row is read. Consumers copy them where they keep them, converting
+    on the way (one pass over each tile instead of a float32 copy here and another there)."""
     band = RowBand(scene, grid.tile_shape(0, 0)[0])
     always_valid = scene.always_valid
     for r in range(first_row, len(grid.ys) if end_row is None else end_row):
@@ -82,8 +86,7 @@ def _tiles(scene: Scene, grid: TileGrid, first_row: int = 0,
             else:
                 valid = valid_rows[:, x : x + w].copy()  # the band moves on before the tile is blended
             has_data = always_valid or valid.any()
-            data = _pad(pixels[:, :, x : x + w].astype(np.float32), grid.tile) if has_data else None
-            yield r, c, data, valid
+            yield r, c, _pad(pixels[:, :, x : x + w], grid.tile) if has_data else None, valid
 
 
 def _row_reader(scene: Scene, grid: TileGrid):
@@ -93,31 +96,35 @@ def _row_reader(scene: Scene, grid: TileGrid):
 
 def _batches(scene: Scene, grid: TileGrid, first_row: int,
              batch_size: int) -> Iterator[tuple[list, np.ndarray | None]]:
-    """The tiles from ``first_row`` on, grouped for the model: (the items, the stacked pixels of
-    those with data, or None when none has). A group closes when ``batch_size`` tiles have data;
-    also when none has or the group spans three tile rows, so all-nodata stretches never hold
-    rows in memory. The last group may be empty."""
-    def group(items: list) -> tuple[list, np.ndarray | None]:
-        tiles = [t for _, _, t, _ in items if t is not None]
-        return items, np.stack(tiles) if tiles else None
+    """The tiles from ``first_row`` on, grouped for the model: (the items (row, col, has data,
+    valid mask), the float32 pixels of those with data, or None when none has). A group closes
+    when ``batch_size`` tiles have data; also when none has or the group spans three tile rows, so
+    all-nodata stretches never hold rows in memory. The last group may be empty.
 
-    pending: list[tuple[int, int, np.ndarray | None, np.ndarray]] = []
-    real = 0  # pending tiles with data
-    for item in _tiles(scene, grid, first_row):
-        pending.append(item)
-        real += item[2] is not None
-        if real >= batch_size or real == 0 or pending[-1][0] - pending[0][0] >= 2:
-            yield group(pending)
+    Each tile is converted straight into its batch's buffer as it is cut (the row band it is cut
+    from moves on), a fresh buffer per batch: the engine may still hold the previous one."""
+    shape = (batch_size, len(scene.bands), grid.tile, grid.tile)
+    pending: list[tuple[int, int, bool, np.ndarray]] = []
+    batch, real = np.empty(shape, np.float32), 0  # real: pending tiles with data
+    for r, c, pixels, valid in _tiles(scene, grid, first_row):
+        if pixels is not None:
+            batch[real] = pixels
+            real += 1
+        pending.append((r, c, pixels is not None, valid))
+        if real >= batch_size or real == 0 or r - pending[0][0] >= 2:
+            yield pending, batch[:real] if real else None
+            if real:
+                batch = np.empty(shape, np.float32)
             pending, real = [], 0
-    yield group(pending)
+    yield pending, batch[:real] if real else None
 
 
 def _finish(submitted, blender: RowBlender, tile_done: Callable[[], None], computed_in_row: list[int]) -> None:
     """Wait for a submitted batch and blend all its tiles in order."""
     pending, result = submitted
     outputs = iter(result()) if result is not None else iter(())
-    for r, c, tile, valid in pending:
-        if tile is None:
+    for r, c, has_data, valid in pending:
+        if not has_data:
             blender.mark_empty(r, c)
         else:
             blender.add(r, c, next(outputs), valid)

@@ -19,7 +19,8 @@ from .distributed import DistContext
 from .errors import Geosat2mapError
 from .grid import RowBlender, TileGrid
 
-#: A tile row's (row, col, padded pixels or None, valid mask) items: the pipeline's reader.
+#: A tile row's (row, col, padded pixels or None, valid mask) items: the pipeline's reader
+#: (the pixels are views, valid until it reads the next tile row).
 ReadRow = Callable[[int], Iterable[tuple[int, int, np.ndarray | None, np.ndarray]]]
 
 #: Header sent before each row: number of tiles with data, then 0 (a row follows) or 1 (the
@@ -37,18 +38,22 @@ class RowPayload:
 
 
 def compute_row(read_row: ReadRow, grid: TileGrid, row: int, engine, batch_size: int) -> RowPayload:
-    """Read (``read_row``: the pipeline's tile reader) and infer one tile row, in batches."""
+    """Read (``read_row``: the pipeline's tile reader, whose pixels are borrowed) and infer one
+    tile row, in batches."""
     cols, t = len(grid.xs), grid.tile
     has_data = np.zeros(cols, np.uint8)
     valid = np.zeros((cols, t, t), np.uint8)
-    tiles = []
+    tiles, n = None, 0
     for _, c, tile, mask in read_row(row):
         h, w = mask.shape
         valid[c, :h, :w] = mask
         if tile is not None:
+            if tiles is None:
+                tiles = np.empty((cols, *tile.shape), np.float32)
             has_data[c] = 1
-            tiles.append(tile)
-    outputs = [engine(np.stack(tiles[i : i + batch_size])) for i in range(0, len(tiles), batch_size)]
+            tiles[n] = tile
+            n += 1
+    outputs = [engine(tiles[i : min(i + batch_size, n)]) for i in range(0, n, batch_size)]
     out = np.concatenate(outputs) if outputs else np.zeros((0, 3, t, t), np.float32)
     return RowPayload(has_data, valid, np.ascontiguousarray(out, np.float32))  # gloo sends contiguous only
 
