@@ -77,15 +77,20 @@ class InferenceEngine:
         return self.submit(tiles)()
 
     @torch.inference_mode()
+    def run(self, tiles: torch.Tensor) -> torch.Tensor:
+        """0..255 tiles already on the device (uint8 or float) in, float32 0..255 maps out, on the
+        device (queued, on a GPU: nothing waits for them)."""
+        x = (tiles.float() / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+            y = self.model(x)
+        return (y.float().clamp_(-1.0, 1.0) + 1.0) * 127.5
+
+    @torch.inference_mode()
     def submit(self, tiles: np.ndarray) -> Callable[[], np.ndarray]:
         x = torch.from_numpy(tiles)
         if self.cuda:  # page-locked host memory: the copies to and from the GPU run asynchronously
             x = x.pin_memory()
-        x = x.to(self.device, non_blocking=True)
-        x = (x / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
-            y = self.model(x)
-        y = (y.float().clamp_(-1.0, 1.0) + 1.0) * 127.5
+        y = self.run(x.to(self.device, non_blocking=True))
         if not self.cuda:
             out = y.cpu().numpy()
             return lambda: out

@@ -18,10 +18,10 @@ import rasterio
 import torch
 import torch.distributed as dist
 
-from . import sharded
+from . import device_rows, sharded
 from .devices import resolve_device
 from .distributed import DistContext, process_group
-from .engine import Engine, auto_batch_size, make_engine
+from .engine import Engine, InferenceEngine, auto_batch_size, make_engine
 from . import resume as progress_record
 from .errors import Geosat2mapError, InputError, Interrupted, OutputError, WeightsError
 from .grid import RowBlender, TileGrid
@@ -339,7 +339,8 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
 
     with GeoTIFFWriter(dst, scene.width, scene.height, scene.crs, scene.transform, cog=cog,
                        resume_rows=kept_rows, parallel=engine.asynchronous) as writer:
-        blender = RowBlender(grid, writer, first_row, track_valid=not scene.always_valid)
+        on_device = not ctx.enabled and _blend_on_device(engine, grid)
+        blender = None if on_device else RowBlender(grid, writer, first_row, track_valid=not scene.always_valid)
         if not resume and record_file.exists():
             record_file.unlink()
             scene.notes.append("an interrupted run's partial output was replaced (--resume continues one)")
@@ -349,6 +350,8 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
             if ctx.enabled:
                 for row, payload in sharded.gather_rows(ctx, grid, _row_reader(scene, grid), engine, batch_size):
                     computed_in_row[row] = sharded.blend_row(grid, row, payload, blender, tile_done)
+            elif on_device:
+                _stream_on_device(scene, grid, first_row, batch_size, engine, writer, tile_done, computed_in_row)
             else:
                 _stream(scene, grid, first_row, batch_size, engine, blender, tile_done, computed_in_row)
         except KeyboardInterrupt:
@@ -366,12 +369,32 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
         computed = computed_before + sum(computed_in_row[first_row:])
         if computed == 0:
             raise InputError(f"{src} has no valid pixels: everything is nodata")
-        blender.release()  # the overviews are built next: no blending buffers held meanwhile
+        if blender is not None:
+            blender.release()  # the overviews are built next: no blending buffers held meanwhile
         writer.commit()
         record_file.unlink(missing_ok=True)
     return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
                            time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name, scene.notes,
                            batch_size)
+
+
+def _blend_on_device(engine: Engine, grid: TileGrid) -> bool:
+    """Whether tiles are cut and blended on the GPU (see device_rows): PyTorch on CUDA, and a scene
+    at least a tile wide and high."""
+    return isinstance(engine, InferenceEngine) and engine.asynchronous and device_rows.fits(grid)
+
+
+def _stream_on_device(scene, grid, first_row, batch_size, engine, writer, tile_done, computed_in_row) -> None:
+    """The GPU path: whole tile rows to the device, finished rows from it to the writer."""
+    blender = device_rows.DeviceRowBlender(grid, engine, batch_size, len(scene.bands), scene.dtype,
+                                           track_valid=not scene.always_valid)
+
+    def row_done(row: int, tiles: int) -> None:
+        computed_in_row[row] = tiles
+        for _ in grid.xs:
+            tile_done()
+
+    device_rows.stream_rows(scene, grid, first_row, blender, writer.write_rows, row_done)
 
 
 def _stream(scene, grid, first_row, batch_size, engine, blender, tile_done, computed_in_row) -> None:

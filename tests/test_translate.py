@@ -9,7 +9,9 @@ import torch
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
+import geosat2map.device_rows
 import geosat2map.grid
+import geosat2map.pipeline
 from geosat2map.engine import InferenceEngine
 from geosat2map.grid import TileGrid, seam_ratio
 from geosat2map.model import UNetGenerator, init_weights
@@ -317,6 +319,9 @@ def test_an_asynchronous_engine_gets_the_next_batch_before_the_last_is_blended(s
 
     monkeypatch.setattr(InferenceEngine, "submit", logged_submit)
     engines_as_if_on_a_gpu(monkeypatch, asynchronous)
+    # The batch order of an asynchronous engine whose tiles are blended on the CPU (on a GPU, a
+    # scene smaller than a tile; larger ones are blended on the device, tested below).
+    monkeypatch.setattr(geosat2map.pipeline, "_blend_on_device", lambda engine, grid: False)
     monkeypatch.setattr(geosat2map.grid.RowBlender, "add", logged_add)
     out = tmp_path / f"map{asynchronous}.tif"
     translate(scene, out, weights=tiny_weights, batch_size=2, backend="torch")
@@ -331,6 +336,61 @@ def test_an_asynchronous_engine_gets_the_next_batch_before_the_last_is_blended(s
     translate(scene, reference, weights=tiny_weights, batch_size=2, backend="torch")
     with rasterio.open(out) as a, rasterio.open(reference) as b:
         assert np.array_equal(a.read(), b.read())
+
+
+@pytest.mark.parametrize("kind,resolution", [("uint8", "native"), ("nodata", "native"), ("nodata", 1.3)])
+def test_tiles_blended_on_the_device_give_the_cpu_blenders_map(tmp_path, tiny_weights, monkeypatch, kind,
+                                                                resolution):
+    """The GPU path (tile rows cut, run and blended on the device, finished rows back as uint8)
+    run on the CPU: the same map and mask as the CPU blender's, for 8-bit bands read as they are,
+    scenes with nodata (masked pixels, skipped tiles) and resampled (float) reads."""
+    data = synthetic_image(700, 900)
+    if kind == "nodata":
+        data[:, 300:700, 0:420] = 0  # whole tiles and parts of tiles
+    src = write_scene(tmp_path / "s.tif", width=900, height=700, nodata=0 if kind == "nodata" else None, data=data)
+    reference, out = tmp_path / "cpu.tif", tmp_path / "device.tif"
+    translate(src, reference, weights=tiny_weights, batch_size=3, backend="torch", resolution=resolution)
+    rows = []
+    stream_rows = geosat2map.device_rows.stream_rows
+
+    def logged(scene, grid, first_row, blender, write_rows, row_done):
+        rows.append(len(grid.ys))
+        return stream_rows(scene, grid, first_row, blender, write_rows, row_done)
+
+    monkeypatch.setattr(geosat2map.pipeline, "_blend_on_device", lambda engine, grid: isinstance(engine, InferenceEngine))
+    monkeypatch.setattr(geosat2map.device_rows, "stream_rows", logged)
+    result = translate(src, out, weights=tiny_weights, batch_size=3, backend="torch", resolution=resolution)
+    assert rows  # the device path ran
+    with rasterio.open(out) as a, rasterio.open(reference) as b:
+        assert np.array_equal(a.read_masks(1), b.read_masks(1))
+        diff = np.abs(a.read().astype(int) - b.read().astype(int))
+        # The model's batches differ (whole rows against runs of 3 tiles), and with them the last
+        # float bits of some convolutions: at most one level, rarely.
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+        assert a.overviews(1) == b.overviews(1)
+        if kind == "nodata":
+            mask = a.read_masks(1)  # nodata: the lower left, 4/7 of the height and 7/15 of the width
+            assert not mask[-mask.shape[0] // 2 :, : mask.shape[1] * 2 // 5].any() and mask[:, -10:].all()
+            assert result.tiles_computed < result.tiles
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_tiles_are_blended_on_the_device_and_match_the_cpu_map(tmp_path, tiny_weights, monkeypatch):
+    """On a real GPU: the device path runs (bf16 autocast there, so values differ a little from
+    the CPU's float32) and the mask is the CPU's exactly."""
+    data = synthetic_image(700, 900)
+    data[:, 300:700, 0:420] = 0
+    src = write_scene(tmp_path / "s.tif", width=900, height=700, nodata=0, data=data)
+    translate(src, tmp_path / "cpu.tif", weights=tiny_weights, device="cpu", backend="torch")
+    ran = []
+    stream_rows = geosat2map.device_rows.stream_rows
+    monkeypatch.setattr(geosat2map.device_rows, "stream_rows", lambda *a: (ran.append(1), stream_rows(*a))[1])
+    result = translate(src, tmp_path / "gpu.tif", weights=tiny_weights, device="cuda", backend="torch")
+    assert ran and result.device.startswith("cuda")
+    with rasterio.open(tmp_path / "gpu.tif") as a, rasterio.open(tmp_path / "cpu.tif") as b:
+        assert np.array_equal(a.read_masks(1), b.read_masks(1))
+        diff = np.abs(a.read().astype(int) - b.read().astype(int))
+        assert diff.mean() < 2 and np.percentile(diff, 99) <= 8
 
 
 def test_a_large_fine_scene_without_overviews_gets_a_hint_to_build_them(tmp_path):
