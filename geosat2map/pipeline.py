@@ -400,11 +400,11 @@ def _stream_on_device(scene, grid, first_row, batch_size, engine, writer, tile_d
 def _stream(scene, grid, first_row, batch_size, engine, blender, tile_done, computed_in_row) -> None:
     """Read, infer and blend every tile from ``first_row`` on, in batches; counts tiles run per row.
 
-    An asynchronous engine (CUDA) gets the next batch before the previous one is blended, so the
-    GPU computes while this thread blends and reads. A CPU engine's batch is blended at once:
-    holding one back gains nothing there and cost ONNX Runtime 30-50 MB more peak memory. (Reading
-    the batches ahead on a thread was measured slower on 2 cores, for the CPU engines and for a
-    model that takes no time alike; see the README's performance section.)
+    An asynchronous engine (CUDA; here only for scenes smaller than a tile, larger ones are
+    blended on the device) gets the next batch before the previous one is blended. A CPU engine's
+    batch is blended at once: holding one back gains nothing there and cost ONNX Runtime 30-50 MB
+    more peak memory. (Reading the batches ahead on a thread was measured slower on 2 cores, for
+    the CPU engines and for a model that takes no time alike; see the README's performance section.)
     """
     lag = 1 if engine.asynchronous else 0
     in_flight: deque = deque()
