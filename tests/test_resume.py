@@ -48,7 +48,15 @@ def content(path: Path) -> tuple:
                 [ds.read(1, out_shape=(1, ds.height // f, ds.width // f)).sum() for f in ds.overviews(1)])
 
 
-def test_interrupted_twice_and_resumed_equals_an_uninterrupted_run(scene, tiny_weights, tmp_path):
+@pytest.mark.parametrize("on_device", [False, True])
+def test_interrupted_twice_and_resumed_equals_an_uninterrupted_run(scene, tiny_weights, tmp_path, monkeypatch,
+                                                                   on_device):
+    """Also on the GPU path (run here on the CPU), which hands the writer whole rows."""
+    if on_device:
+        import geosat2map.pipeline as pipeline
+        from geosat2map.engine import InferenceEngine
+
+        monkeypatch.setattr(pipeline, "_blend_on_device", lambda engine, grid: isinstance(engine, InferenceEngine))
     whole = tmp_path / "whole.tif"
     uninterrupted = translate(scene, whole, weights=tiny_weights, batch_size=3)
     out = tmp_path / "map.tif"
