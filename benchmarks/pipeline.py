@@ -10,9 +10,10 @@ as benchmarks/translate.py):
   own map, at once), blend, write (compression on the writer thread), overviews;
 - ``gpu``: the GPU path's host side (geosat2map.device_rows): each tile row's band read (GDAL
   decoding on every core) and staged for the device, the finished rows handed back and written
-  with GDAL compressing on every core, overviews. Cutting, the model and blending happen on the
-  device there and are left out; the finished rows are a copy of the band's first rows (a memcpy
-  the real path leaves to the copy engine), so they compress like imagery.
+  with GDAL compressing on every core, overviews. The device's share (``DeviceRowBlender._blend``:
+  cutting, the model, blending) is left out: the finished rows are the band's first rows, copied
+  into the output buffer (a memcpy the real path leaves to the copy engine), so they compress
+  like imagery.
 
 The tiles/s of ``gpu`` is the most a GPU could be fed on this machine; a GPU slower than that
 never waits for the CPU. Peak RSS is per process (each run is its own).
@@ -51,19 +52,8 @@ class NullEngine:
         return lambda: out
 
 class HostSide(device_rows.DeviceRowBlender):
-    def submit(self, row, pixels, valid, has_data):
-        grid, i = self.grid, self._slot
-        self._slot ^= 1
-        y = grid.ys[row]
-        n = grid.row_end(row) - y
-        self._send(self._bands[i], pixels)
-        kept = None
-        if self._masks is not None:
-            self._send(self._masks[i], valid[:n])
-            kept = valid[:n].copy()
-        out = self._rows[i][:, :n]
-        out.numpy()[...] = pixels[:3, :n]
-        return lambda: (y, out.numpy(), kept)
+    def _blend(self, row, band, mask, has_data, n):
+        return band[:3, :n]
 
 pipeline.make_engine = lambda *a, **k: NullEngine()
 pipeline._blend_on_device = lambda engine, grid: setup == "gpu"

@@ -73,15 +73,39 @@ class DeviceRowBlender:
         """Start tile row ``row`` (``pixels``: its band (bands, h, width) as read; ``valid``: its
         mask; ``has_data``: which tiles have valid pixels) and return a function that waits for
         its finished rows. Rows come in order, and each row's function is called before the row
-        two after it is submitted (its host buffers are reused then).
+        two after it is submitted (its host buffers are reused then)."""
+        grid, i = self.grid, self._slot
+        self._slot ^= 1
+        y = grid.ys[row]
+        n = grid.row_end(row) - y  # rows no later tile row touches
+        band = self._send(self._bands[i], pixels)
+        mask, kept_valid = None, None
+        if self._masks is not None:
+            mask = self._send(self._masks[i], valid[:n])
+            kept_valid = valid[:n].copy()  # the band's buffer moves on before the row is written
+        out = self._rows[i][:, :n]
+        out.copy_(self._blend(row, band, mask, has_data, n), non_blocking=True)
+        finished = torch.cuda.Event() if self.pinned else None
+        if finished is not None:
+            finished.record()
+
+        def result() -> FinishedRows:
+            if finished is not None:
+                finished.synchronize()
+            return y, out.numpy(), kept_valid
+
+        return result
+
+    def _blend(self, row: int, band: torch.Tensor, mask: torch.Tensor | None, has_data: list[bool],
+               n: int) -> torch.Tensor:
+        """The device's share of a tile row: cut the tiles with data from ``band``, run them, sum
+        them weighted onto the rows carried from the previous tile row; keep the rows the next tile
+        row shares and return the ``n`` finished ones as uint8, masked pixels 0.
 
         Every output pixel is covered by some tile of each tile row it lies in, so the union of
         the tiles' masks that RowBlender keeps is the band's own mask: no mask sums here."""
-        grid, i = self.grid, self._slot
-        self._slot ^= 1
-        y, (h, _) = grid.ys[row], grid.tile_shape(row, 0)
-        n = grid.row_end(row) - y  # rows no later tile row touches
-        band = self._send(self._bands[i], pixels)
+        grid = self.grid
+        h = band.shape[1]
         sums = torch.empty((3, h, grid.width), dtype=torch.float32, device=self.device)
         k = 0 if self.carry is None else self.carry.shape[1]
         if k:
@@ -94,24 +118,9 @@ class DeviceRowBlender:
             for tile, c in zip(maps, chunk):
                 x = grid.xs[c]
                 sums[:, :, x : x + grid.tile] += tile * (self.y_weights[row][:, None] * self.x_weights[c][None, :])
-        done = sums[:, :n]
-        kept_valid = None
-        if self._masks is not None:
-            done = done * self._send(self._masks[i], valid[:n])
-            kept_valid = valid[:n].copy()  # the band's buffer moves on before the row is written
         self.carry = sums[:, n:h].clone() if n < h else None
-        out = self._rows[i][:, :n]
-        out.copy_(done.to(torch.uint8), non_blocking=True)
-        finished = torch.cuda.Event() if self.pinned else None
-        if finished is not None:
-            finished.record()
-
-        def result() -> FinishedRows:
-            if finished is not None:
-                finished.synchronize()
-            return y, out.numpy(), kept_valid
-
-        return result
+        done = sums[:, :n] if mask is None else sums[:, :n] * mask
+        return done.to(torch.uint8)
 
 
 def stream_rows(scene: Scene, grid: TileGrid, first_row: int, blender: DeviceRowBlender,
