@@ -13,6 +13,7 @@ Layout of a run directory::
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import math
@@ -40,7 +41,7 @@ from .weights import ModelSpec, load_generator, model_digest, save_generator
 CHECKPOINT = "checkpoint.pt"
 #: The TrainConfig fields every saved generator's provenance records (how it was trained).
 RECORDED_SETTINGS = ("load_size", "crop_size", "batch_size", "lr", "beta1", "beta2", "lambda_l1", "epochs",
-                     "epochs_decay", "ndf", "holdout", "seed")
+                     "epochs_decay", "ndf", "holdout", "seed", "ema_decay")
 
 
 @dataclass
@@ -72,6 +73,9 @@ class TrainConfig:
     bn_recalibration: int = 200
     bn_recalibration_batch: int = 4
     keep_snapshots: bool = False
+    #: Decay of an exponential moving average of the generator's weights, updated every step (0:
+    #: off, the pix2pix recipe). When on, the average is the generator the run saves and scores.
+    ema_decay: float = 0.0
 
     @classmethod
     def from_json(cls, path: Path) -> TrainConfig:
@@ -139,6 +143,11 @@ class Trainer:
             convert_batchnorm(self.D)
         self.G.to(self.device, memory_format=torch.channels_last)
         self.D.to(self.device, memory_format=torch.channels_last)
+        # The weight average: per-epoch generators of this recipe wander around a solution (see
+        # docs/model_card.md: the mean of two epochs' weights beat either), and a running mean of
+        # the weights is the standard remedy (Yazici et al. 2019, "The unusual effectiveness of
+        # averaging in GAN training").
+        self.G_ema: nn.Module | None = copy.deepcopy(self.G).eval() if config.ema_decay > 0 else None
         betas = (config.beta1, config.beta2)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=betas)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=config.lr, betas=betas)
@@ -188,6 +197,7 @@ class Trainer:
             "best_rmse": self.best_rmse,
             "rng": rng,
             "lineage": json.dumps(self.lineage),
+            **({"G_ema": self.G_ema.state_dict()} if self.G_ema is not None else {}),
         }
 
     def save_checkpoint(self) -> None:
@@ -204,6 +214,8 @@ class Trainer:
             self.opt_D.load_state_dict(state["opt_D"])
             self.sched_G.load_state_dict(state["sched_G"])
             self.sched_D.load_state_dict(state["sched_D"])
+            if self.G_ema is not None:
+                self.G_ema.load_state_dict(state["G_ema"])
         except FileNotFoundError:
             raise TrainingError(f"nothing to resume: {path} does not exist") from None
         except (RuntimeError, KeyError, EOFError, ValueError) as exc:
@@ -250,6 +262,8 @@ class Trainer:
         self.opt_G.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_G.step()
+        if self.G_ema is not None:
+            self._update_ema()
         losses = {"G_GAN": loss_gan.item(), "G_L1": loss_l1.item(), "D": loss_d.item()}
         if not all(math.isfinite(v) for v in losses.values()):
             raise TrainingError(
@@ -257,6 +271,15 @@ class Trainer:
                 f"the last good checkpoint is kept in {self.out / CHECKPOINT}"
             )
         return losses
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """Move the average towards the weights just updated. The decay ramps up over the first
+        steps ((1 + t) / (10 + t)), so a run from random weights does not average them in for long."""
+        t = self.global_step
+        keep = min(self.cfg.ema_decay, (1 + t) / (10 + t))
+        for avg, p in zip(self.G_ema.parameters(), self.G.parameters()):
+            avg.lerp_(p, 1.0 - keep)
 
     def _batches(self):
         self.sampler.set_epoch(self.epoch)
@@ -300,12 +323,18 @@ class Trainer:
             record = self._end_epoch({k: v / max(count, 1) for k, v in sums.items()}, time.time() - started)
         return record
 
+    @property
+    def saved_generator(self) -> nn.Module:
+        """The generator the run scores and saves: the weight average when it is kept."""
+        return self.G_ema if self.G_ema is not None else self.G
+
     @torch.no_grad()
     def recalibrate_batchnorm(self) -> None:
-        """Recompute the generator's BatchNorm running statistics for its current weights (see
+        """Recompute the generators' BatchNorm running statistics for their current weights (see
         :func:`recalibrate_batchnorm`); every rank runs it on the same crops."""
-        recalibrate_batchnorm(self.G, self.train_set, self.cfg.bn_recalibration, self.cfg.bn_recalibration_batch,
-                              self.cfg.seed + self.epoch, self.device)
+        for g in (self.G, self.G_ema) if self.G_ema is not None else (self.G,):
+            recalibrate_batchnorm(g, self.train_set, self.cfg.bn_recalibration, self.cfg.bn_recalibration_batch,
+                                  self.cfg.seed + self.epoch, self.device)
 
     def _end_epoch(self, losses: dict[str, float], seconds: float) -> dict:
         record = {"epoch": self.epoch + 1, "step": self.global_step, "seconds": round(seconds, 1),
@@ -316,18 +345,21 @@ class Trainer:
         self.step_in_epoch = 0
         self.recalibrate_batchnorm()
         if self.dist.is_main:
+            generator = self.saved_generator
             if self.val_set is not None:
-                metrics, outputs = evaluate_generator(self.G, self.val_set, self.device, keep=self.cfg.samples)
+                metrics, outputs = evaluate_generator(generator, self.val_set, self.device, keep=self.cfg.samples)
                 record["val"] = metrics
+                if self.G_ema is not None:  # the weights being trained, for comparison
+                    record["val_online"] = evaluate_generator(self.G, self.val_set, self.device)[0]
                 write_triplets(outputs, self.out / "samples" / f"epoch{self.epoch:03d}.png")
                 if metrics["rmse"] < self.best_rmse:
                     self.best_rmse = metrics["rmse"]
-                    save_generator(self.G, self._spec(record), self.out / "best_generator.safetensors")
-            save_generator(self.G, self._spec(record), self.out / "generator.safetensors")
+                    save_generator(generator, self._spec(record), self.out / "best_generator.safetensors")
+            save_generator(generator, self._spec(record), self.out / "generator.safetensors")
             if self.cfg.keep_snapshots:  # every epoch's generator, for `average-weights`
                 (self.out / "snapshots").mkdir(exist_ok=True)
                 snapshot = self.out / "snapshots" / f"epoch{self.epoch:03d}.safetensors"
-                save_generator(self.G, self._spec(record), snapshot, half=True)
+                save_generator(generator, self._spec(record), snapshot, half=True)
             with open(self.out / "history.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         self.save_checkpoint()

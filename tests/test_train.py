@@ -82,6 +82,37 @@ def test_resumed_run_takes_the_same_next_step(tmp_path):
     assert a["opt_G"]["state"][0]["exp_avg"].equal(b["opt_G"]["state"][0]["exp_avg"])
 
 
+def test_weight_average_follows_each_step_resumes_and_is_what_the_run_saves(tmp_path):
+    data = write_aligned(tmp_path / "data")
+    trainer = Trainer(tiny_config(data, tmp_path / "unit", ema_decay=0.9, load_size=256))
+    a, b = trainer.train_set[0]
+    trainer.global_step = 100  # past the ramp: the decay is 0.9
+    before = [p.detach().clone() for p in trainer.G_ema.parameters()]
+    trainer.train_step(a[None], b[None])
+    after = list(trainer.G_ema.parameters())
+    for old, new, p in zip(before, after, trainer.G.parameters()):
+        assert torch.allclose(new, 0.9 * old + 0.1 * p, atol=1e-6)
+    assert any(not torch.equal(new, p) for new, p in zip(after, trainer.G.parameters()))
+
+    # Interrupted and resumed, the average is the one an uninterrupted run reaches.
+    train(tiny_config(data, tmp_path / "full", ema_decay=0.5, max_steps=5))
+    train(tiny_config(data, tmp_path / "part", ema_decay=0.5, max_steps=3))
+    train(tiny_config(data, tmp_path / "part", max_steps=2), resume=True)
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["G_ema"]
+    part = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["G_ema"]
+    assert all(torch.equal(full[k], part[k]) for k in full)
+
+    # The finished run saves and scores the average, and records the trained weights' score too.
+    record = train(tiny_config(data, tmp_path / "run", ema_decay=0.5))
+    assert {"val", "val_online"} <= set(record)
+    trainer = Trainer(tiny_config(data, tmp_path / "run", ema_decay=0.5))
+    trainer.load_checkpoint()
+    saved = load_file(tmp_path / "run" / "generator.safetensors")
+    ema, online = trainer.G_ema.state_dict(), trainer.G.state_dict()
+    assert all(torch.equal(saved[k], ema[k]) for k in saved)
+    assert any(not torch.equal(saved[k], online[k]) for k in saved if saved[k].is_floating_point())
+
+
 def test_epoch_outputs_and_schedule(tmp_path):
     data = write_aligned(tmp_path / "data")
     record = train(tiny_config(data, tmp_path / "run", keep_snapshots=True))
@@ -246,11 +277,12 @@ def test_torchrun_two_cpu_ranks_end_with_identical_weights(tmp_path):
         "from geosat2map.distributed import CrossRankBatchNorm2d\n"
         "from geosat2map.train import TrainConfig, Trainer\n"
         f"cfg = TrainConfig(data={str(data)!r}, out={str(tmp_path / 'run')!r}, ngf=4, ndf=4, holdout=0,\n"
-        "                  epochs=2, epochs_decay=0, max_steps=3, checkpoint_every=0, device='cpu')\n"
+        "                  epochs=2, epochs_decay=0, max_steps=3, checkpoint_every=0, device='cpu', ema_decay=0.5)\n"
         "t = Trainer(cfg)\n"
         "assert any(isinstance(m, CrossRankBatchNorm2d) for m in t.G.modules())\n"
         "t.run()\n"
-        "for name, p in list(t.G.state_dict().items()) + list(t.D.state_dict().items()):\n"
+        "states = [t.G.state_dict(), t.D.state_dict(), t.G_ema.state_dict()]\n"
+        "for name, p in [item for state in states for item in state.items()]:\n"
         "    mine = p.detach().float().clone()\n"
         "    other = mine.clone(); dist.broadcast(other, 0)\n"
         "    assert torch.equal(mine, other), name\n"
