@@ -131,6 +131,9 @@ def _parse_bands(ctx, param, value: str | None):
               help="auto: on the CPU, the faster of PyTorch and ONNX Runtime (onnx extra), timed on this scene.")
 @click.option("--bands", default=None, callback=_parse_bands,
               help="Input bands, e.g. 1,2,3 (default: by colour interpretation, else 1,2,3; one band as grey).")
+@click.option("--tta", is_flag=True,
+              help="Test-time augmentation: average each tile's map with the mirrored map of its mirror image "
+                   "(a cleaner map, twice the compute).")
 @click.option("--cog", is_flag=True, help="Write a Cloud Optimized GeoTIFF.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @click.option("--resume", is_flag=True,
@@ -205,8 +208,9 @@ def _report(result) -> None:
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     gsd = f", {result.gsd_m:.2f} m/px" if result.gsd_m else ""
+    tta = ", flip-averaged" if result.tta else ""
     click.echo(f"wrote {result.dst}: {result.width} x {result.height}{gsd}, {result.tiles_computed}/{result.tiles} "
-               f"tiles computed on {result.device} ({result.backend}, batch {result.batch_size}) "
+               f"tiles computed on {result.device} ({result.backend}, batch {result.batch_size}{tta}) "
                f"in {result.seconds:.1f} s "
                f"({result.tiles_computed / max(result.seconds, 1e-9):.1f} tiles/s)")
 
@@ -340,8 +344,9 @@ def train(ctx, data, out, resume, quiet, **options) -> None:
 @click.option("--holdout", type=int, default=10, show_default=True, help="Aligned folders: every Nth is val.")
 @click.option("--direction", type=click.Choice(["AtoB", "BtoA"]), default="AtoB", show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--tta", is_flag=True, help="Score the generator with translate --tta's flip averaging.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def evaluate(data, map_raster, weights, split, holdout, direction, device, as_json) -> None:
+def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, as_json) -> None:
     """Score a generator on paired DATA (a pix2pix aligned folder or a tiles folder), or a translate
     output DATA against --map: RMSE, accuracy at delta 5 and 10, PSNR, SSIM."""
     from geosat2map.evaluate import evaluate as run_eval, evaluate_rasters
@@ -349,7 +354,7 @@ def evaluate(data, map_raster, weights, split, holdout, direction, device, as_js
     if map_raster:
         result = evaluate_rasters(data, map_raster)
     else:
-        result = run_eval(weights, data, split=split, direction=direction, holdout=holdout, device=device)
+        result = run_eval(weights, data, split=split, direction=direction, holdout=holdout, device=device, tta=tta)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

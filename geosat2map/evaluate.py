@@ -12,6 +12,7 @@ from rasterio.errors import NotGeoreferencedWarning
 
 from . import datasets, metrics
 from .devices import resolve_device
+from .model import FlipAveraged
 from .weights import load_generator
 
 
@@ -72,17 +73,21 @@ def evaluate(
     direction: str = "AtoB",
     holdout: int = 10,
     device: str = "auto",
+    tta: bool = False,
 ) -> dict:
-    """Score a weights file (None: the default model) on the ``split`` of a paired data folder.
+    """Score a weights file (None: the default model) on the ``split`` of a paired data folder,
+    with translate's flip averaging when ``tta``.
 
     Images are resized to 256 x 256, as the maps literature evaluates.
     """
     model, spec = load_generator(weights)
+    if tta:
+        model = FlipAveraged(model)
     dev = resolve_device(device)
     model.to(dev, memory_format=torch.channels_last)
     pairs, names = datasets.load_pairs(data, split, direction, holdout)
     summary = evaluate_pairs(model, pairs, names, spec.tile_size, dev)
-    return {"weights": str(weights or "default"), "data": str(data), "split": split, **summary}
+    return {"weights": str(weights or "default"), "data": str(data), "split": split, "tta": tta, **summary}
 
 
 def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256) -> dict:

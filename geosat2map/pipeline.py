@@ -25,6 +25,7 @@ from .engine import Engine, InferenceEngine, auto_batch_size, make_engine
 from . import resume as progress_record
 from .errors import Geosat2mapError, InputError, Interrupted, OutputError, WeightsError
 from .grid import RowBlender, TileGrid
+from .model import FlipAveraged
 from .reader import RowBand, Scene, open_scene
 from .weights import ModelSpec, load_generator
 from .writer import GeoTIFFWriter, check_destination, partial_path
@@ -51,6 +52,7 @@ class TranslateResult:
     backend: str = "torch"
     notes: list[str] = field(default_factory=list)
     batch_size: int = 0
+    tta: bool = False  # flip-averaged (FlipAveraged)
 
 
 def _pad(tile: np.ndarray, size: int) -> np.ndarray:
@@ -150,6 +152,7 @@ def translate(
     model: tuple[torch.nn.Module, ModelSpec] | None = None,
     resume: bool = False,
     backend: str = "auto",
+    tta: bool = False,
 ) -> TranslateResult:
     """Translate the GeoTIFF ``src`` into a map GeoTIFF at ``dst``; see ``geosat2map translate --help``.
 
@@ -158,7 +161,9 @@ def translate(
     holds (up to 128). ``progress(advance, total)`` is called as tiles finish. ``backend``: ``torch``,
     ``onnxruntime`` (CPU, needs the onnx extra) or ``auto`` (the faster of the two, timed). Interrupted (Ctrl-C,
     SIGTERM), a run keeps its finished rows beside ``dst`` and raises :class:`Interrupted`;
-    ``resume=True`` with the same input, options and model continues it.
+    ``resume=True`` with the same input, options and model continues it. ``tta``: average each
+    tile's map with the mirrored map of its mirror image (:class:`~geosat2map.model.FlipAveraged`,
+    twice the compute).
     """
     src, dst = Path(src), Path(dst)
     if tile_size % 256 or tile_size <= 0:
@@ -177,6 +182,8 @@ def translate(
             backend = "torch" if backend == "auto" else backend  # every rank must run the same engine
         _agree(ctx, lambda: check_destination(dst, src, overwrite) if ctx.is_main else None)
         net, spec = model if model is not None else load_generator(weights)
+        if tta and not isinstance(net, FlipAveraged):
+            net = FlipAveraged(net)
         started = time.perf_counter()
         if batch_size is None:
             batch_size = auto_batch_size(net, torch_device, spec.in_channels, tile_size)
@@ -223,6 +230,8 @@ def translate_many(
     if twice:
         raise InputError(f"several inputs share a file name, their outputs would collide: {', '.join(twice)}")
     model = options.pop("model", None) or load_generator(weights)
+    if options.get("tta") and not isinstance(model[0], FlipAveraged):  # wrapped once for all scenes
+        model = (FlipAveraged(model[0]), model[1])
     with process_group(resolve_device(options.get("device", "auto")).type):  # one group for all scenes
         for src in srcs:
             try:
@@ -317,7 +326,7 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
         computed = sharded.send_rows(ctx, grid, _row_reader(scene, grid), engine, batch_size)
         return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
                                time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name,
-                               scene.notes, batch_size)
+                               scene.notes, batch_size, isinstance(net, FlipAveraged))
     record_file = progress_record.record_path(dst)
     kept_rows, computed_before = 0, 0
     if resume:  # the interrupted run's engine again: backends may differ in the last float bit
@@ -326,9 +335,10 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
     engine = make_engine(net, torch_device, backend, in_channels=spec.in_channels, tile=tile_size,
                          batch_size=batch_size, tiles=len(grid))
     options = {"resolution": resolution, "tile_size": tile_size, "overlap": overlap, "bands": scene.bands,
-               "cog": cog, "backend": engine.name}
+               "cog": cog, "backend": engine.name, "tta": isinstance(net, FlipAveraged)}
+    generator = net.generator if isinstance(net, FlipAveraged) else net  # the weights the record names
     if resume:
-        progress_record.check(record, progress_record.identity(src, options, net), dst)
+        progress_record.check(record, progress_record.identity(src, options, generator), dst)
         kept_rows, computed_before = record["rows"], record["computed"]
     first_row = first_row_after(grid, kept_rows)
     computed_in_row = [0] * len(grid.ys)
@@ -360,7 +370,7 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
                 raise
             done = computed_before + sum(computed_in_row[first_row : first_row_after(grid, rows)])
             try:
-                progress_record.save(record_file, progress_record.identity(src, options, net), rows, done)
+                progress_record.save(record_file, progress_record.identity(src, options, generator), rows, done)
             except OSError:
                 writer.drop_partial()
                 raise KeyboardInterrupt from None
@@ -375,7 +385,7 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
         record_file.unlink(missing_ok=True)
     return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
                            time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name, scene.notes,
-                           batch_size)
+                           batch_size, isinstance(net, FlipAveraged))
 
 
 def _blend_on_device(engine: Engine, grid: TileGrid) -> bool:

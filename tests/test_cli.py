@@ -43,6 +43,10 @@ def test_translate_writes_a_map_and_reports_one_line(scene, tiny_weights, tmp_pa
     assert result.stdout.startswith(f"wrote {out}") and len(result.stdout.strip().splitlines()) == 1
     with rasterio.open(out) as dst:
         assert dst.count == 3
+    assert "flip-averaged" not in result.stdout
+    result = run("translate", scene, tmp_path / "tta.tif", "--weights", tiny_weights, "--quiet", "--tta")
+    assert result.exit_code == 0, result.output
+    assert "flip-averaged" in result.stdout
 
 
 def test_missing_input(tiny_weights, tmp_path):

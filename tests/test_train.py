@@ -232,6 +232,11 @@ def test_train_and_evaluate_cli(tmp_path):
 
     scores = json.loads(result.stdout)
     assert scores["count"] == 2 and 0 <= scores["acc5"] <= 1 and scores["rmse"] > 0
+    assert scores["tta"] is False
+    result = CliRunner().invoke(cli, ["evaluate", str(data), "--weights", str(out), "--split", "val",
+                                      "--holdout", "3", "--json", "--device", "cpu", "--tta"])
+    flipped = json.loads(result.stdout)
+    assert flipped["tta"] is True and flipped["count"] == 2 and flipped["rmse"] != scores["rmse"]
 
 
 # --- metrics on constructed images ------------------------------------------------------------

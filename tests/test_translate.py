@@ -14,7 +14,7 @@ import geosat2map.grid
 import geosat2map.pipeline
 from geosat2map.engine import InferenceEngine
 from geosat2map.grid import TileGrid, seam_ratio
-from geosat2map.model import UNetGenerator, init_weights
+from geosat2map.model import FlipAveraged, UNetGenerator, init_weights
 from geosat2map.reader import ground_gsd_m, open_scene
 from geosat2map import translate
 from geosat2map.weights import ModelSpec, save_generator
@@ -91,6 +91,37 @@ def test_a_tile_does_not_depend_on_its_batch_mates():
     together = engine(tiles)
     alone = np.concatenate([engine(tiles[i : i + 1]) for i in range(16)])
     assert np.allclose(together, alone, atol=1e-3)
+
+
+def test_flip_averaging_is_the_mean_of_both_passes_and_mirror_symmetric():
+    g = random_generator()
+    x = torch.from_numpy(np.stack([synthetic_image(256, 256, seed=s) for s in range(2)]).astype(np.float32) / 127.5 - 1)
+    with torch.inference_mode():
+        both = FlipAveraged(g)(x)
+        assert torch.allclose(both, (g(x) + g(x.flip(-1)).flip(-1)) / 2, atol=1e-5)
+        assert torch.allclose(FlipAveraged(g)(x.flip(-1)), both.flip(-1), atol=1e-5)
+        assert not torch.allclose(g(x.flip(-1)), g(x).flip(-1), atol=1e-2)  # the generator alone is not
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_translate_tta_maps_a_mirrored_scene_to_the_mirrored_map(tiny_weights, tmp_path, backend):
+    """Tiles at 0, 192 and 384 of 640 pixels: the grid and its blending weights are mirror-symmetric
+    too, so with --tta the whole map is (to rounding), and without it it is not."""
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    image = synthetic_image(300, 640)
+    maps = {}
+    for name, data in (("scene", image), ("mirrored", image[:, :, ::-1])):
+        src = write_scene(tmp_path / f"{name}.tif", width=640, height=300, data=data)
+        for tta in (False, True):
+            result = translate(src, tmp_path / f"{name}-{tta}.tif", weights=tiny_weights, tta=tta, backend=backend)
+            assert result.tta is tta and result.backend == backend
+            with rasterio.open(result.dst) as dst:
+                maps[name, tta] = dst.read().astype(int)
+    # (The random test generator paints nearly flat grey: its differences are a few levels.)
+    assert np.abs(maps["mirrored", True] - maps["scene", True][:, :, ::-1]).max() <= 1
+    assert np.abs(maps["mirrored", False] - maps["scene", False][:, :, ::-1]).mean() > 0.3
+    assert np.abs(maps["scene", True] - maps["scene", False]).mean() > 0.15
 
 
 def test_batch_size_does_not_change_the_output(scene, tiny_weights, tmp_path):
