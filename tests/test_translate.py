@@ -369,18 +369,19 @@ def test_an_asynchronous_engine_gets_the_next_batch_before_the_last_is_blended(s
         assert np.array_equal(a.read(), b.read())
 
 
-@pytest.mark.parametrize("kind,resolution", [("uint8", "native"), ("nodata", "native"), ("nodata", 1.3)])
+@pytest.mark.parametrize("kind,resolution,tta", [("uint8", "native", False), ("nodata", "native", False),
+                                                  ("nodata", 1.3, False), ("uint8", "native", True)])
 def test_tiles_blended_on_the_device_give_the_cpu_blenders_map(tmp_path, tiny_weights, monkeypatch, kind,
-                                                                resolution):
+                                                                resolution, tta):
     """The GPU path (tile rows cut, run and blended on the device, finished rows back as uint8)
     run on the CPU: the same map and mask as the CPU blender's, for 8-bit bands read as they are,
-    scenes with nodata (masked pixels, skipped tiles) and resampled (float) reads."""
+    scenes with nodata (masked pixels, skipped tiles), resampled (float) reads and flip averaging."""
     data = synthetic_image(700, 900)
     if kind == "nodata":
         data[:, 300:700, 0:420] = 0  # whole tiles and parts of tiles
     src = write_scene(tmp_path / "s.tif", width=900, height=700, nodata=0 if kind == "nodata" else None, data=data)
     reference, out = tmp_path / "cpu.tif", tmp_path / "device.tif"
-    translate(src, reference, weights=tiny_weights, batch_size=3, backend="torch", resolution=resolution)
+    translate(src, reference, weights=tiny_weights, batch_size=3, backend="torch", resolution=resolution, tta=tta)
     rows = []
     stream_rows = geosat2map.device_rows.stream_rows
 
@@ -390,8 +391,9 @@ def test_tiles_blended_on_the_device_give_the_cpu_blenders_map(tmp_path, tiny_we
 
     monkeypatch.setattr(geosat2map.pipeline, "_blend_on_device", lambda engine, grid: isinstance(engine, InferenceEngine))
     monkeypatch.setattr(geosat2map.device_rows, "stream_rows", logged)
-    result = translate(src, out, weights=tiny_weights, batch_size=3, backend="torch", resolution=resolution)
-    assert rows  # the device path ran
+    result = translate(src, out, weights=tiny_weights, batch_size=3, backend="torch", resolution=resolution,
+                       tta=tta)
+    assert rows and result.tta is tta  # the device path ran
     with rasterio.open(out) as a, rasterio.open(reference) as b:
         assert np.array_equal(a.read_masks(1), b.read_masks(1))
         diff = np.abs(a.read().astype(int) - b.read().astype(int))
