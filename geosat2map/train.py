@@ -19,10 +19,10 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +87,19 @@ def _atomic_torch_save(obj: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".part")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+@contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """``module``'s parameters need no gradient inside the block."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def _lr_lambda(epochs: int, epochs_decay: int) -> Callable[[int], float]:
@@ -250,9 +263,10 @@ class Trainer:
         loss_d.backward()
         self.opt_D.step()
 
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            # D's gradients from this pass are discarded (zeroed before D's next update), so
-            # ranks need not synchronise them.
+        # G's update needs gradients through D, not D's own: D's weights are frozen while this
+        # graph is built, so the backward pass skips their gradients (as the reference does), and
+        # ranks have none to synchronise.
+        with _frozen(self.D), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             no_sync = self.D_ddp.no_sync() if self.dist.enabled else nullcontext()
             with no_sync:
                 pred = self.D_ddp(torch.cat([real_a, fake_b], 1))

@@ -64,6 +64,27 @@ def test_l1_falls_on_a_fixed_pair(tmp_path):
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
 
 
+def test_the_generator_step_leaves_the_discriminators_gradients_alone(tmp_path):
+    """D's weights are frozen while G's loss is built: G's backward pass computes no gradients
+    for them (the reference's set_requires_grad), and they train again afterwards."""
+    data = write_aligned(tmp_path / "data", n=1)
+    trainer = Trainer(tiny_config(data, tmp_path / "run", holdout=0, load_size=256))
+    a, b = trainer.train_set[0]
+    at_d_step: list[torch.Tensor] = []
+    d_step = trainer.opt_D.step
+
+    def spy(*args, **kwargs):
+        at_d_step[:] = [p.grad.clone() for p in trainer.D.parameters()]
+        return d_step(*args, **kwargs)
+
+    trainer.opt_D.step = spy
+    trainer.train_step(a[None], b[None])
+    after = [p.grad for p in trainer.D.parameters()]
+    assert all(torch.equal(x, y) for x, y in zip(at_d_step, after))
+    assert all(p.requires_grad for p in trainer.D.parameters())
+    assert all(p.grad is not None for p in trainer.G.parameters())
+
+
 def test_resumed_run_takes_the_same_next_step(tmp_path):
     data = write_aligned(tmp_path / "data")
     # Uninterrupted: 5 steps (crossing the epoch boundary at 4).
