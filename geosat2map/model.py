@@ -78,9 +78,9 @@ class FlipAveraged(nn.Module):
 
     A GAN generator paints small, unsystematic texture and colour noise into flat map areas; the
     two passes disagree on it and agree on the map, so their mean is closer to the target (the
-    default model's held-out figures with and without it are in docs/model_card.md). Inference only: in eval mode the two halves of the batch do not see
-    each other (train-mode BatchNorm would couple them). The result is mirror-symmetric: a
-    mirrored input gives the mirrored output.
+    default model's held-out figures with and without it are in docs/model_card.md). Inference
+    only: in eval mode the two halves of the batch do not see each other (train-mode BatchNorm
+    would couple them). The result is mirror-symmetric: a mirrored input gives the mirrored output.
     """
 
     def __init__(self, generator: nn.Module) -> None:
