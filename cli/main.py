@@ -352,6 +352,8 @@ def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, 
     from geosat2map.evaluate import evaluate as run_eval, evaluate_rasters
 
     if map_raster:
+        if tta:
+            raise click.UsageError("--tta scores a generator; with --map, score a map made with translate --tta")
         result = evaluate_rasters(data, map_raster)
     else:
         result = run_eval(weights, data, split=split, direction=direction, holdout=holdout, device=device, tta=tta)

@@ -258,6 +258,8 @@ def test_train_and_evaluate_cli(tmp_path):
                                       "--holdout", "3", "--json", "--device", "cpu", "--tta"])
     flipped = json.loads(result.stdout)
     assert flipped["tta"] is True and flipped["count"] == 2 and flipped["rmse"] != scores["rmse"]
+    result = CliRunner().invoke(cli, ["evaluate", str(data), "--map", str(out), "--tta"])
+    assert result.exit_code == 2 and "--tta scores a generator" in result.output
 
 
 # --- metrics on constructed images ------------------------------------------------------------
