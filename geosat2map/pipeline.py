@@ -320,13 +320,14 @@ def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_
 def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, resolution, tile_size, overlap,
                   batch_size, cog, progress, resume, backend, ctx) -> TranslateResult:
     """The main rank reads, infers, blends and writes; a helper rank (torchrun) computes and sends rows."""
+    tta = isinstance(net, FlipAveraged)
     if ctx.enabled and not ctx.is_main:  # a helper rank: compute its rows, send them, write nothing
         engine = make_engine(net, torch_device, backend, in_channels=spec.in_channels, tile=tile_size,
                              batch_size=batch_size, tiles=len(grid))
         computed = sharded.send_rows(ctx, grid, _row_reader(scene, grid), engine, batch_size)
         return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
                                time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name,
-                               scene.notes, batch_size, isinstance(net, FlipAveraged))
+                               scene.notes, batch_size, tta)
     record_file = progress_record.record_path(dst)
     kept_rows, computed_before = 0, 0
     if resume:  # the interrupted run's engine again: backends may differ in the last float bit
@@ -335,8 +336,8 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
     engine = make_engine(net, torch_device, backend, in_channels=spec.in_channels, tile=tile_size,
                          batch_size=batch_size, tiles=len(grid))
     options = {"resolution": resolution, "tile_size": tile_size, "overlap": overlap, "bands": scene.bands,
-               "cog": cog, "backend": engine.name, "tta": isinstance(net, FlipAveraged)}
-    generator = net.generator if isinstance(net, FlipAveraged) else net  # the weights the record names
+               "cog": cog, "backend": engine.name, "tta": tta}
+    generator = net.generator if tta else net  # the weights the record names
     if resume:
         progress_record.check(record, progress_record.identity(src, options, generator), dst)
         kept_rows, computed_before = record["rows"], record["computed"]
@@ -385,7 +386,7 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
         record_file.unlink(missing_ok=True)
     return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
                            time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name, scene.notes,
-                           batch_size, isinstance(net, FlipAveraged))
+                           batch_size, tta)
 
 
 def _blend_on_device(engine: Engine, grid: TileGrid) -> bool:
