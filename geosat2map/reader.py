@@ -40,6 +40,10 @@ MIN_SIDE = 8
 #: GDAL then reads them instead (7.3 -> 1.0 ms per tile for a 0.5 m scene at 2.12 m).
 OVERVIEW_HINT_SIDE = 8192
 OVERVIEW_HINT_SCALE = 4
+#: Most the model's resolution may be finer than the scene's when translate picks it: beyond this
+#: the scene is blown up into a huge raster of detail it does not have (a 30 m Landsat scene at
+#: the maps model's 2.12 m: 200 times the pixels). An explicit --resolution is taken as asked.
+MAX_UPSAMPLE = 8
 
 
 @dataclass
@@ -305,6 +309,11 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced) -> S
             notes.append("the scene has no georeferencing: native resolution used")
         else:
             target = model_gsd_m
+            if native / target > MAX_UPSAMPLE:
+                side = f"{round(src.width * native / target):,} x {round(src.height * native / target):,}"
+                raise InputError(f"{path} has {native:.3g} m pixels, {native / target:.0f} times coarser than the "
+                                 f"model's {target:.2f} m: at the model's resolution it would be {side} pixels; "
+                                 "pass --resolution native, or metres per pixel, to translate it anyway")
     elif resolution != "native":
         target = float(resolution)
         if not target > 0:

@@ -84,6 +84,22 @@ def test_band_out_of_range(scene, tiny_weights, tmp_path):
     assert_clean_failure(run("translate", scene, out, "--weights", tiny_weights, "--bands", "1,2,7"), out, "band")
 
 
+def test_coarse_scene_is_not_blown_up_to_the_model_resolution(tiny_weights_gsd, tmp_path):
+    # 30 m pixels against the model's 2 m: 15 times finer, 225 times the pixels of invented detail.
+    coarse = write_scene(tmp_path / "landsat.tif", width=64, height=48, res=30.0)
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", coarse, out, "--weights", tiny_weights_gsd), out, "--resolution native")
+    assert run("translate", coarse, out, "--weights", tiny_weights_gsd, "--resolution", "native",
+               "--quiet").exit_code == 0
+    with rasterio.open(out) as dst:
+        assert (dst.width, dst.height) == (64, 48)
+    # A scene at most 8 times coarser is still resampled to the model's pixels (here 4x).
+    assert run("translate", write_scene(tmp_path / "naip.tif", width=64, height=48, res=8.0), out,
+               "--weights", tiny_weights_gsd, "--overwrite", "--quiet").exit_code == 0
+    with rasterio.open(out) as dst:
+        assert (dst.width, dst.height) == (256, 192)
+
+
 def test_output_equal_to_input(scene, tiny_weights):
     before = scene.read_bytes()
     result = run("translate", scene, scene, "--weights", tiny_weights, "--overwrite")
