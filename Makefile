@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # The CPU build of torch (a bare `torch` requirement would pull a multi-GB CUDA build).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-qgis demo bench clean
+.PHONY: install test test-qgis demo bench gpu-bundle clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,18 @@ demo: install
 bench: install
 	$(PY) benchmarks/translate.py
 	$(PY) benchmarks/train_step.py
+
+# The wheels benchmarks/gpu_checks.sh needs on a Python 3.12 machine that has torch and nothing else
+# of ours and no network (this workplace's GPU machines), unpacked and packed in one xz file.
+GPU_WHEELS := rasterio==1.4.4 affine cligj click-plugins pyproj shapely
+gpu-bundle:
+	rm -rf .gpu && mkdir -p .gpu/wheels .gpu/site312
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .gpu/wheels $(GPU_WHEELS)
+	for w in .gpu/wheels/*.whl; do $(PYTHON) -m zipfile -e $$w .gpu/site312 || exit 1; done
+	tar -C .gpu -cf - site312 | xz -9 -T0 > .gpu/site312.tar.xz
+	rm -rf .gpu/wheels .gpu/site312
 
 clean:
 	rm -rf $(VENV) out build *.egg-info
