@@ -16,6 +16,8 @@ from geosat2map.weights import ModelSpec, save_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_SCENE = ROOT / "sample_data" / "vegas_spacenet_rgb.tif"
+#: 5 m NAIP with a near-infrared band: water is known from the imagery itself.
+NAIP_SCENE = ROOT / "sample_data" / "naip_4band_5m.tif"
 SHARED = ROOT.parent / "shared" / "data"
 
 
