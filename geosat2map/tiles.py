@@ -177,7 +177,9 @@ def make_tiles(
     resolution = _model_resolution() if options.resolution == "model" else options.resolution
     t = options.tile_size
     stride = options.stride or t
-    scene = open_scene(sat, resolution=resolution)
+    # At the model's resolution open_scene also refuses a scene far coarser than the model's pixels.
+    scene = (open_scene(sat, resolution="model", model_gsd_m=resolution) if options.resolution == "model"
+             else open_scene(sat, resolution=resolution))
     work = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.part")
     source = None
     try:

@@ -178,6 +178,14 @@ def test_no_overlap_empty_layer_and_aoi_outside_are_clear_errors(region, tmp_pat
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
 
 
+def test_a_scene_far_coarser_than_the_model_is_not_cut_at_its_resolution(tmp_path):
+    sat = write_scene(tmp_path / "landsat.tif", width=64, height=64, res=30.0)  # 14x the default's 2.12 m
+    vec = write_geojson(tmp_path / "v.geojson", [square(10, 10, 30, 30, res=30.0)])
+    with pytest.raises(InputError, match="--resolution native"):
+        make_tiles(sat, tmp_path / "t", vectors=[str(vec)])
+    assert not (tmp_path / "t").exists()
+
+
 def test_grid_from_bounds():
     grid = grid_from(bounds=(0, 0, 100, 50), crs="EPSG:32633", resolution=2)
     assert (grid.width, grid.height) == (50, 25)
