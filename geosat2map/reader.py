@@ -313,7 +313,7 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced) -> S
                 side = f"{round(src.width * native / target):,} x {round(src.height * native / target):,}"
                 raise InputError(f"{path} has {native:.3g} m pixels, {native / target:.0f} times coarser than the "
                                  f"model's {target:.2f} m: at the model's resolution it would be {side} pixels; "
-                                 "pass --resolution native, or metres per pixel, to translate it anyway")
+                                 "pass --resolution native, or metres per pixel, to use it anyway")
     elif resolution != "native":
         target = float(resolution)
         if not target > 0:
