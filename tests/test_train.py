@@ -20,6 +20,7 @@ from geosat2map import metrics
 from geosat2map.errors import TrainingError
 from geosat2map.model import PatchDiscriminator, UNetGenerator
 from geosat2map.train import TrainConfig, Trainer, train
+from geosat2map.weights import read_spec
 from geosat2map_cli.main import cli
 
 from .conftest import synthetic_image
@@ -133,6 +134,17 @@ def test_weight_average_follows_each_step_resumes_and_is_what_the_run_saves(tmp_
     assert all(torch.equal(saved[k], ema[k]) for k in saved)
     assert any(not torch.equal(saved[k], online[k]) for k in saved if saved[k].is_floating_point())
 
+    # export-weights --which trained writes the trained weights instead, at an epoch's end only.
+    out = tmp_path / "trained.safetensors"
+    result = CliRunner().invoke(cli, ["export-weights", str(tmp_path / "run"), str(out), "--which", "trained"])
+    assert result.exit_code == 0, result.output
+    exported = load_file(out)
+    assert all(torch.equal(exported[k], online[k]) for k in exported)
+    assert "trained weights" in read_spec(out).provenance["weights"]
+    mid = CliRunner().invoke(cli, ["export-weights", str(tmp_path / "full"), str(tmp_path / "mid.safetensors"),
+                                   "--which", "trained"])  # stopped 1 step into its second epoch
+    assert mid.exit_code != 0 and "1 step into epoch 2" in mid.stderr and not (tmp_path / "mid.safetensors").exists()
+
 
 def test_epoch_outputs_and_schedule(tmp_path):
     data = write_aligned(tmp_path / "data")
@@ -243,9 +255,10 @@ def test_train_and_evaluate_cli(tmp_path):
     out = tmp_path / "exported.safetensors"
     result = CliRunner().invoke(cli, ["export-weights", str(run), str(out), "--half"])
     assert result.exit_code == 0, result.output
-    from geosat2map.weights import read_spec
-
     assert read_spec(out).gsd_m == 2.0
+    no_average = CliRunner().invoke(cli, ["export-weights", str(run), str(tmp_path / "t.safetensors"),
+                                          "--which", "trained"])
+    assert no_average.exit_code != 0 and "--which latest" in no_average.stderr
     result = CliRunner().invoke(cli, ["evaluate", str(data), "--weights", str(out), "--split", "val",
                                       "--holdout", "3", "--json", "--device", "cpu"])
     assert result.exit_code == 0, result.output
