@@ -174,12 +174,12 @@ def make_tiles(
         raise OutputError(f"{out_dir} exists (pass --overwrite to replace it)")
     if not out_dir.parent.is_dir():
         raise OutputError(f"the output folder {out_dir.parent} does not exist")
-    resolution = _model_resolution() if options.resolution == "model" else options.resolution
+    model_gsd = _model_resolution() if options.resolution == "model" else None
+    resolution = model_gsd or options.resolution  # what the index records: metres, or "native"
     t = options.tile_size
     stride = options.stride or t
-    # At the model's resolution open_scene also refuses a scene far coarser than the model's pixels.
-    scene = (open_scene(sat, resolution="model", model_gsd_m=resolution) if options.resolution == "model"
-             else open_scene(sat, resolution=resolution))
+    # "model" goes through as such, so open_scene refuses a scene far coarser than the model's pixels.
+    scene = open_scene(sat, resolution=options.resolution, model_gsd_m=model_gsd)
     work = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.part")
     source = None
     try:
