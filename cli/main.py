@@ -298,7 +298,8 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
 @click.option("--init-from", default=None, help="Fine-tune from a weights file ('default': the shipped model).")
 @click.option("--max-steps", type=int, default=None, help="Stop (with a checkpoint) after this many steps.")
 @click.option("--keep-snapshots", is_flag=True,
-              help="Keep every epoch's generator (fp16) in OUT/snapshots, to average with average-weights.")
+              help="Keep every epoch's generator (fp16) in OUT/snapshots, to average with average-weights "
+                   "(with --ema-decay, the trained weights too, as epochNNN.trained.safetensors).")
 @click.option("--ema-decay", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0, show_default=True,
               help="Keep a moving average of the generator's weights with this decay per step (e.g. 0.999) "
                    "and save and score it instead of the latest weights (0: off, the pix2pix recipe).")

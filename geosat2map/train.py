@@ -9,6 +9,7 @@ Layout of a run directory::
     history.jsonl            one line per epoch: mean losses, validation metrics, time
     samples/epochNNN.png     validation triplets (input | output | target)
     snapshots/epochNNN.safetensors  each epoch's generator, fp16 (with keep_snapshots)
+    snapshots/epochNNN.trained.safetensors  with a weight average kept: the weights being trained
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .distributed import DistContext, convert_batchnorm, init_distributed, shutd
 from .errors import TrainingError
 from .evaluate import evaluate_generator, write_triplets
 from .model import PatchDiscriminator, UNetGenerator, init_weights
-from .weights import ModelSpec, load_generator, model_digest, save_generator
+from .weights import TRAINED_WEIGHTS, ModelSpec, load_generator, model_digest, save_generator
 
 CHECKPOINT = "checkpoint.pt"
 #: The TrainConfig fields every saved generator's provenance records (how it was trained).
@@ -371,18 +372,26 @@ class Trainer:
                     save_generator(generator, self._spec(record), self.out / "best_generator.safetensors")
             save_generator(generator, self._spec(record), self.out / "generator.safetensors")
             if self.cfg.keep_snapshots:  # every epoch's generator, for `average-weights`
-                (self.out / "snapshots").mkdir(exist_ok=True)
-                snapshot = self.out / "snapshots" / f"epoch{self.epoch:03d}.safetensors"
-                save_generator(generator, self._spec(record), snapshot, half=True)
+                snapshots = self.out / "snapshots"
+                snapshots.mkdir(exist_ok=True)
+                save_generator(generator, self._spec(record), snapshots / f"epoch{self.epoch:03d}.safetensors",
+                               half=True)
+                if self.G_ema is not None:  # and the trained weights: the checkpoint holds them only until
+                    # its next write, which may fall a few steps into the next epoch
+                    save_generator(self.G, self._spec(record, trained=True),
+                                   snapshots / f"epoch{self.epoch:03d}.trained.safetensors", half=True)
             with open(self.out / "history.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         self.save_checkpoint()
         return record
 
-    def _spec(self, record: dict) -> ModelSpec:
+    def _spec(self, record: dict, trained: bool = False) -> ModelSpec:
+        """Provenance of the saved generator (``trained``: of the weights being trained, not their average)."""
         prov = {"data": str(self.cfg.data), "epoch": self.epoch, "step": self.global_step,
-                "recipe": "pix2pix", "val": record.get("val"),
+                "recipe": "pix2pix", "val": record.get("val_online" if trained else "val"),
                 "settings": {name: getattr(self.cfg, name) for name in RECORDED_SETTINGS}}
+        if trained:
+            prov["weights"] = TRAINED_WEIGHTS
         if self.lineage:
             prov["fine_tuned_from"] = self.lineage
         return ModelSpec(ngf=self.spec.ngf, gsd_m=self.spec.gsd_m, provenance=prov)

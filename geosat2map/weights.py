@@ -22,6 +22,8 @@ from .model import UNetGenerator
 
 FORMAT = "geosat2map-generator/1"
 DEFAULT_WEIGHTS_NAME = "default_generator.safetensors"
+#: Provenance "weights" of a run's trained weights saved apart from its moving average.
+TRAINED_WEIGHTS = "the trained weights, not the run's moving average"
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ def export_run(
     if which == "trained":
         model.load_state_dict(_trained_weights(run_dir / "checkpoint.pt"))
         spec = replace(spec, provenance={**{k: v for k, v in spec.provenance.items() if k != "val"},
-                                         "weights": "the trained weights, not the run's moving average"})
+                                         "weights": TRAINED_WEIGHTS})
     if gsd_m is not None:
         spec = replace(spec, gsd_m=gsd_m)
     save_generator(model, spec, out, half=half)
@@ -162,7 +164,8 @@ def _trained_weights(checkpoint: Path) -> dict:
         n = state["step_in_epoch"]
         raise InputError(f"the checkpoint is {n} step{'s' if n != 1 else ''} into epoch {state['epoch'] + 1}: "
                          "its trained weights have no re-estimated BatchNorm statistics yet; export at an "
-                         "epoch's end (or --resume the run to one)")
+                         "epoch's end (or --resume the run to one); runs with --keep-snapshots keep each "
+                         "epoch's in snapshots/epochNNN.trained.safetensors")
     return state["G"]
 
 

@@ -125,7 +125,7 @@ def test_weight_average_follows_each_step_resumes_and_is_what_the_run_saves(tmp_
     assert all(torch.equal(full[k], part[k]) for k in full)
 
     # The finished run saves and scores the average, and records the trained weights' score too.
-    record = train(tiny_config(data, tmp_path / "run", ema_decay=0.5))
+    record = train(tiny_config(data, tmp_path / "run", ema_decay=0.5, keep_snapshots=True))
     assert {"val", "val_online"} <= set(record)
     trainer = Trainer(tiny_config(data, tmp_path / "run", ema_decay=0.5))
     trainer.load_checkpoint()
@@ -141,6 +141,13 @@ def test_weight_average_follows_each_step_resumes_and_is_what_the_run_saves(tmp_
     exported = load_file(out)
     assert all(torch.equal(exported[k], online[k]) for k in exported)
     assert "trained weights" in read_spec(out).provenance["weights"]
+    # Snapshots keep each epoch's trained weights beside the average, with their own score.
+    kept = load_file(tmp_path / "run" / "snapshots" / "epoch003.trained.safetensors")
+    assert all(torch.allclose(kept[k].float(), online[k].float(), atol=1e-2, rtol=1e-3) for k in kept)
+    assert any(not torch.allclose(kept[k].float(), ema[k].float(), atol=1e-2, rtol=1e-3)
+               for k in kept if kept[k].is_floating_point())
+    kept_spec = read_spec(tmp_path / "run" / "snapshots" / "epoch003.trained.safetensors")
+    assert kept_spec.provenance["val"] == record["val_online"] and "trained weights" in kept_spec.provenance["weights"]
     mid = CliRunner().invoke(cli, ["export-weights", str(tmp_path / "full"), str(tmp_path / "mid.safetensors"),
                                    "--which", "trained"])  # stopped 1 step into its second epoch
     assert mid.exit_code != 0 and "1 step into epoch 2" in mid.stderr and not (tmp_path / "mid.safetensors").exists()
