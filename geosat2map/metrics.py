@@ -29,23 +29,25 @@ def psnr(output: torch.Tensor, target: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def _gaussian_kernel(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def _gaussian_1d(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(x**2) / (2 * sigma**2))
-    g /= g.sum()
-    return torch.outer(g, g)
+    return g / g.sum()
 
 
 def ssim(output: torch.Tensor, target: torch.Tensor) -> float:
-    """Mean SSIM (Wang et al. 2004: 11x11 Gaussian, sigma 1.5, K1 0.01, K2 0.03), averaged over channels."""
+    """Mean SSIM (Wang et al. 2004: 11x11 Gaussian, sigma 1.5, K1 0.01, K2 0.03), averaged over channels.
+
+    The Gaussian window is applied as two 1-D passes over the five local moments at once: the
+    same sums as the 11x11 window, in a tenth of the time (it had been most of `evaluate`'s).
+    """
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    x = output.double().unsqueeze(1)  # channels as batch
-    y = target.double().unsqueeze(1)
-    k = _gaussian_kernel().to(x)[None, None]
-    mu_x, mu_y = F.conv2d(x, k), F.conv2d(y, k)
-    sxx = F.conv2d(x * x, k) - mu_x**2
-    syy = F.conv2d(y * y, k) - mu_y**2
-    sxy = F.conv2d(x * y, k) - mu_x * mu_y
+    x, y = output.double(), target.double()
+    moments = torch.stack([x, y, x * x, y * y, x * y]).flatten(0, 1).unsqueeze(1)  # (5 * channels, 1, H, W)
+    g = _gaussian_1d().to(moments)
+    filtered = F.conv2d(F.conv2d(moments, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
+    mu_x, mu_y, xx, yy, xy = filtered.view(5, x.shape[0], *filtered.shape[-2:])
+    sxx, syy, sxy = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
     s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
     return float(s.mean())
 
