@@ -313,6 +313,23 @@ def test_psnr_and_ssim_known_values():
     assert math.isinf(metrics.psnr(noise, noise))
 
 
+def test_ssim_equals_the_full_11x11_gaussian_window():
+    """The two 1-D passes give the textbook 2-D window's value on a real-looking pair."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(3, 48, 48, generator=g) * 255).round()
+    y = (0.6 * x + 0.4 * torch.rand(3, 48, 48, generator=g) * 255).round()
+    k1 = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+    k = (torch.outer(k1, k1) / k1.sum() ** 2)[None, None]
+    a, b = x.double().unsqueeze(1), y.double().unsqueeze(1)
+    mu_a, mu_b = torch.nn.functional.conv2d(a, k), torch.nn.functional.conv2d(b, k)
+    saa = torch.nn.functional.conv2d(a * a, k) - mu_a**2
+    sbb = torch.nn.functional.conv2d(b * b, k) - mu_b**2
+    sab = torch.nn.functional.conv2d(a * b, k) - mu_a * mu_b
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    ref = ((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (saa + sbb + c2))
+    assert metrics.ssim(x, y) == pytest.approx(float(ref.mean()), abs=1e-12)
+
+
 # --- torchrun -------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not shutil.which("torchrun", path=os.path.dirname(sys.executable)), reason="torchrun not installed")
