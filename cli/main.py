@@ -369,8 +369,8 @@ def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, 
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--which", type=click.Choice(["best", "latest", "trained"]), default="best", show_default=True,
-              help="trained: with --ema-decay, the weights being trained instead of their average (from the "
-                   "checkpoint, at an epoch's end).")
+              help="trained: with --ema-decay, the weights being trained instead of their average (after "
+                   "the latest epoch).")
 @click.option("--half", is_flag=True, help="Store fp16 (half the size).")
 @click.option("--gsd", "gsd_m", type=float, default=None, help="Override the ground sampling distance (m/px).")
 @click.option("--overwrite", is_flag=True)

@@ -9,7 +9,9 @@ Layout of a run directory::
     history.jsonl            one line per epoch: mean losses, validation metrics, time
     samples/epochNNN.png     validation triplets (input | output | target)
     snapshots/epochNNN.safetensors  each epoch's generator, fp16 (with keep_snapshots)
-    snapshots/epochNNN.trained.safetensors  with a weight average kept: the weights being trained
+    trained_generator.safetensors  with a weight average kept (ema_decay): the weights being
+                             trained after the latest epoch (generator.safetensors is the average)
+    snapshots/epochNNN.trained.safetensors  with a weight average kept: each epoch's trained weights
 """
 
 from __future__ import annotations
@@ -371,13 +373,15 @@ class Trainer:
                     self.best_rmse = metrics["rmse"]
                     save_generator(generator, self._spec(record), self.out / "best_generator.safetensors")
             save_generator(generator, self._spec(record), self.out / "generator.safetensors")
+            if self.G_ema is not None:  # the trained weights too: the checkpoint's copy lacks this epoch's
+                # BatchNorm statistics once its next write falls a few steps into the next epoch
+                save_generator(self.G, self._spec(record, trained=True), self.out / "trained_generator.safetensors")
             if self.cfg.keep_snapshots:  # every epoch's generator, for `average-weights`
                 snapshots = self.out / "snapshots"
                 snapshots.mkdir(exist_ok=True)
                 save_generator(generator, self._spec(record), snapshots / f"epoch{self.epoch:03d}.safetensors",
                                half=True)
-                if self.G_ema is not None:  # and the trained weights: the checkpoint holds them only until
-                    # its next write, which may fall a few steps into the next epoch
+                if self.G_ema is not None:
                     save_generator(self.G, self._spec(record, trained=True),
                                    snapshots / f"epoch{self.epoch:03d}.trained.safetensors", half=True)
             with open(self.out / "history.jsonl", "a") as f:

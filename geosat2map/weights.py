@@ -126,47 +126,32 @@ def export_run(
     gsd_m: float | None = None,
     overwrite: bool = False,
 ) -> ModelSpec:
-    """Copy a training run's best or latest generator to ``out``, optionally fp16 and with a new GSD.
+    """Copy a training run's best, latest or trained generator to ``out``, optionally fp16 and with
+    a new GSD.
 
     ``which="trained"``: a run with a weight average (``--ema-decay``) saves and scores the average;
-    this takes the weights being trained instead, from its checkpoint (``val_online`` in its
-    history), which has scored the better RMSE at times. Only at an epoch's end: mid-epoch they
-    lack the re-estimated BatchNorm statistics that eval mode needs.
+    this takes the weights being trained after its latest epoch instead (``val_online`` in its
+    history), which have scored the better RMSE at times.
     """
     from dataclasses import replace
 
     run_dir, out = Path(run_dir), Path(out)
-    src = run_dir / ("best_generator.safetensors" if which == "best" else "generator.safetensors")
+    name = {"best": "best_generator", "latest": "generator", "trained": "trained_generator"}[which]
+    src = run_dir / f"{name}.safetensors"
     if out.exists() and not overwrite:
         raise OutputError(f"{out} exists (pass --overwrite to replace it)")
+    latest = run_dir / "generator.safetensors"
+    if which == "trained" and not src.exists() and latest.exists():
+        if not read_spec(latest).provenance.get("settings", {}).get("ema_decay"):
+            raise InputError("this run keeps no weight average (--ema-decay): its generator file already "
+                             "holds the trained weights (--which latest)")
+        raise InputError(f"{run_dir} predates trained_generator.safetensors: with --keep-snapshots its "
+                         "snapshots/epochNNN.trained.safetensors hold each epoch's trained weights")
     model, spec = load_generator(src)
-    if which == "trained":
-        model.load_state_dict(_trained_weights(run_dir / "checkpoint.pt"))
-        spec = replace(spec, provenance={**{k: v for k, v in spec.provenance.items() if k != "val"},
-                                         "weights": TRAINED_WEIGHTS})
     if gsd_m is not None:
         spec = replace(spec, gsd_m=gsd_m)
     save_generator(model, spec, out, half=half)
     return spec
-
-
-def _trained_weights(checkpoint: Path) -> dict:
-    """The generator being trained, from a checkpoint written at an epoch's end by a run that keeps
-    a weight average (otherwise the run's generator file already holds them)."""
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as exc:
-        raise InputError(f"cannot read the run's checkpoint {checkpoint} ({exc})") from None
-    if "G_ema" not in state:
-        raise InputError("this run keeps no weight average: its generator file already holds the trained "
-                         "weights (--which latest)")
-    if state.get("step_in_epoch", 0):
-        n = state["step_in_epoch"]
-        raise InputError(f"the checkpoint is {n} step{'s' if n != 1 else ''} into epoch {state['epoch'] + 1}: "
-                         "its trained weights have no re-estimated BatchNorm statistics yet; export at an "
-                         "epoch's end (or --resume the run to one); runs with --keep-snapshots keep each "
-                         "epoch's in snapshots/epochNNN.trained.safetensors")
-    return state["G"]
 
 
 #: Digests of live models with the state they were computed on: hashing a 27 MB generator takes

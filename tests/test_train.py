@@ -134,13 +134,14 @@ def test_weight_average_follows_each_step_resumes_and_is_what_the_run_saves(tmp_
     assert all(torch.equal(saved[k], ema[k]) for k in saved)
     assert any(not torch.equal(saved[k], online[k]) for k in saved if saved[k].is_floating_point())
 
-    # export-weights --which trained writes the trained weights instead, at an epoch's end only.
+    # export-weights --which trained writes the trained weights instead, with their own score.
     out = tmp_path / "trained.safetensors"
     result = CliRunner().invoke(cli, ["export-weights", str(tmp_path / "run"), str(out), "--which", "trained"])
     assert result.exit_code == 0, result.output
     exported = load_file(out)
     assert all(torch.equal(exported[k], online[k]) for k in exported)
     assert "trained weights" in read_spec(out).provenance["weights"]
+    assert read_spec(out).provenance["val"] == record["val_online"]
     # Snapshots keep each epoch's trained weights beside the average, with their own score.
     kept = load_file(tmp_path / "run" / "snapshots" / "epoch003.trained.safetensors")
     assert all(torch.allclose(kept[k].float(), online[k].float(), atol=1e-2, rtol=1e-3) for k in kept)
@@ -148,9 +149,21 @@ def test_weight_average_follows_each_step_resumes_and_is_what_the_run_saves(tmp_
                for k in kept if kept[k].is_floating_point())
     kept_spec = read_spec(tmp_path / "run" / "snapshots" / "epoch003.trained.safetensors")
     assert kept_spec.provenance["val"] == record["val_online"] and "trained weights" in kept_spec.provenance["weights"]
-    mid = CliRunner().invoke(cli, ["export-weights", str(tmp_path / "full"), str(tmp_path / "mid.safetensors"),
-                                   "--which", "trained"])  # stopped 1 step into its second epoch
-    assert mid.exit_code != 0 and "1 step into epoch 2" in mid.stderr and not (tmp_path / "mid.safetensors").exists()
+    # A run stopped 1 step into its second epoch exports its first epoch's trained weights (with
+    # that epoch's BatchNorm statistics), not the checkpoint's, one step further on.
+    mid = tmp_path / "mid.safetensors"
+    result = CliRunner().invoke(cli, ["export-weights", str(tmp_path / "full"), str(mid), "--which", "trained"])
+    assert result.exit_code == 0, result.output
+    assert read_spec(mid).provenance["epoch"] == 1
+    now = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["G"]
+    exported = load_file(mid)
+    assert any(not torch.equal(exported[k], now[k]) for k in exported if exported[k].is_floating_point())
+    # A run saved before the trained weights had their own file says where else they are.
+    (tmp_path / "full" / "trained_generator.safetensors").unlink()
+    old = CliRunner().invoke(cli, ["export-weights", str(tmp_path / "full"), str(tmp_path / "old.safetensors"),
+                                   "--which", "trained"])
+    assert old.exit_code != 0 and "epochNNN.trained.safetensors" in old.stderr
+    assert not (tmp_path / "old.safetensors").exists()
 
 
 def test_epoch_outputs_and_schedule(tmp_path):
