@@ -21,7 +21,20 @@ from .conftest import write_scene
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 QGIS_PROCESS = Path("/usr/bin/qgis_process.bin")
 CHECK = Path(__file__).with_name("qgis_check.py")
-ENV = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+
+
+def _system_environment() -> dict[str, str]:
+    """The environment without an activated virtualenv: QGIS's embedded Python finds its home by
+    the first python3 on PATH, and the venv's (another Python build) made qgis_process crash."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH")}
+    venv = os.environ.get("VIRTUAL_ENV")
+    if venv:
+        env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                      if not p.startswith(venv))
+    return {**env, "QT_QPA_PLATFORM": "offscreen"}
+
+
+ENV = _system_environment()
 
 
 def _qgis_python() -> bool:
