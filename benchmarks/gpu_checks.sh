@@ -11,6 +11,9 @@
 # packs the missing wheels into .gpu/site312.tar.xz (git-ignored; carry `.gpu` with the run); the
 # script unpacks it and runs the project from the checkout without installing it. The bundle is
 # 31.5 MB; with the checkout (34.6 MB in session 8) it just fits the device's 64 MiB transfer.
+# Checked without a GPU (session 10): unpacked for Python 3.12.1 beside numpy 2.5.2, click, attrs,
+# certifi and pyparsing (the device has them), rasterio wrote and read a ZSTD GeoTIFF with
+# overviews, pyproj transformed a point and shapely built a box; torch on 3.12 was not tried here.
 set -uo pipefail
 out=${1:-${OUT:-/tmp/gpu_checks}}
 device=${DEVICE:-cuda}
