@@ -346,23 +346,54 @@ def train(ctx, data, out, resume, quiet, **options) -> None:
 @click.option("--direction", type=click.Choice(["AtoB", "BtoA"]), default="AtoB", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--tta", is_flag=True, help="Score the generator with translate --tta's flip averaging.")
+@click.option("--against", default=None,
+              help="Also score these weights ('default': the shipped model) on the same pairs and give the "
+                   "per-pair differences with their standard errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, as_json) -> None:
+def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, against, as_json) -> None:
     """Score a generator on paired DATA (a pix2pix aligned folder or a tiles folder), or a translate
     output DATA against --map: RMSE, accuracy at delta 5 and 10, PSNR, SSIM."""
-    from geosat2map.evaluate import evaluate as run_eval, evaluate_rasters
+    from geosat2map.evaluate import compare, evaluate as run_eval, evaluate_rasters
 
     if map_raster:
-        if tta:
-            raise click.UsageError("--tta scores a generator; with --map, score a map made with translate --tta")
+        if tta or against:
+            raise click.UsageError("--tta and --against score generators; with --map, score translate outputs")
         result = evaluate_rasters(data, map_raster)
+    elif against:
+        result = compare(None if weights == "default" else weights, None if against == "default" else against,
+                         data, split=split, direction=direction, holdout=holdout, device=device, tta=tta)
     else:
         result = run_eval(weights, data, split=split, direction=direction, holdout=holdout, device=device, tta=tta)
     if as_json:
         click.echo(json.dumps(result, indent=2))
+    elif against:
+        _echo_comparison(result)
     else:
         click.echo(f"{int(result['count'])} pairs of 256 x 256: RMSE {result['rmse']:.2f}  acc@5 {result['acc5']:.3f}  "
                    f"acc@10 {result['acc10']:.3f}  PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.3f}")
+
+
+#: evaluate's columns: (key, heading, decimals).
+_METRIC_COLUMNS = [("rmse", "RMSE", 2), ("acc5", "acc@5", 4), ("acc10", "acc@10", 4), ("psnr", "PSNR dB", 2),
+                   ("ssim", "SSIM", 4)]
+
+
+def _echo_comparison(result: dict) -> None:
+    """Both generators' means, then weights minus against per pair: mean +- standard error, and
+    on how many pairs the first is the better."""
+    n = int(result["count"])
+    rows = [(f"weights: {result['weights']}", [f"{result['scores']['weights'][k]:.{d}f}" for k, _, d in _METRIC_COLUMNS]),
+            (f"against: {result['against']}", [f"{result['scores']['against'][k]:.{d}f}" for k, _, d in _METRIC_COLUMNS]),
+            ("difference +- s.e.", [f"{result['difference'][k]['mean']:+.{d}f} +- {result['difference'][k]['se']:.{d}f}"
+                                    for k, _, d in _METRIC_COLUMNS]),
+            ("weights better on", [f"{int(result['difference'][k]['better'])} of {int(result['difference'][k]['count'])}"
+                                   for k, _, _ in _METRIC_COLUMNS])]
+    label = max(len(r[0]) for r in rows)
+    widths = [max(len(h), *(len(r[1][i]) for r in rows)) for i, (_, h, _) in enumerate(_METRIC_COLUMNS)]
+    click.echo(f"{n} pairs of 256 x 256".ljust(label) + "  " + "  ".join(h.rjust(w) for (_, h, _), w in
+                                                                           zip(_METRIC_COLUMNS, widths)))
+    for name, cells in rows:
+        click.echo(name.ljust(label) + "  " + "  ".join(c.rjust(w) for c, w in zip(cells, widths)))
 
 
 @cli.command("export-weights")

@@ -17,17 +17,15 @@ from .weights import load_generator
 
 
 @torch.inference_mode()
-def evaluate_generator(
+def per_image_metrics(
     model: torch.nn.Module,
     dataset: datasets.PairDataset,
     device: torch.device,
     keep: int = 0,
-) -> tuple[dict[str, float], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """Mean metrics of ``model`` in eval mode (as translate runs it) over ``dataset``.
-
-    Returns the summary and the first ``keep`` (input, output, target) triplets as uint8 tensors.
-    The model's train/eval mode is restored afterwards.
-    """
+) -> tuple[list[dict[str, float]], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """Each pair's metrics for ``model`` in eval mode (as translate runs it), in the dataset's order,
+    and the first ``keep`` (input, output, target) triplets as uint8 tensors. The model's
+    train/eval mode is restored afterwards."""
     was_training = model.training
     model.eval()
     per_image, kept = [], []
@@ -39,6 +37,18 @@ def evaluate_generator(
         if i < keep:
             kept.append((datasets.from_model_range(a).to(torch.uint8), out_u8.to(torch.uint8), b_u8.to(torch.uint8)))
     model.train(was_training)
+    return per_image, kept
+
+
+def evaluate_generator(
+    model: torch.nn.Module,
+    dataset: datasets.PairDataset,
+    device: torch.device,
+    keep: int = 0,
+) -> tuple[dict[str, float], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """Mean metrics of ``model`` over ``dataset``, and the first ``keep`` triplets (see
+    :func:`per_image_metrics`)."""
+    per_image, kept = per_image_metrics(model, dataset, device, keep)
     return metrics.summarize(per_image), kept
 
 
@@ -80,14 +90,44 @@ def evaluate(
 
     Images are resized to 256 x 256, as the maps literature evaluates.
     """
+    model, spec, dev = _prepared(weights, device, tta)
+    pairs, names = datasets.load_pairs(data, split, direction, holdout)
+    summary = evaluate_pairs(model, pairs, names, spec.tile_size, dev)
+    return {"weights": str(weights or "default"), "data": str(data), "split": split, "tta": tta, **summary}
+
+
+def compare(
+    weights: str | Path | None,
+    against: str | Path | None,
+    data: str | Path,
+    split: str = "all",
+    direction: str = "AtoB",
+    holdout: int = 10,
+    device: str = "auto",
+    tta: bool = False,
+) -> dict:
+    """Score ``weights`` and ``against`` (None: the default model) on the same pairs, as
+    :func:`evaluate` does each, with the per-pair differences (``weights`` minus ``against``, see
+    :func:`metrics.paired_differences`): whether a fine-tuned model is better, not just its means."""
+    pairs, names = datasets.load_pairs(data, split, direction, holdout)
+    scores = []
+    for w in (weights, against):
+        model, spec, dev = _prepared(w, device, tta)
+        dataset = datasets.PairDataset(pairs, names, spec.tile_size, spec.tile_size, augment=False)
+        scores.append(per_image_metrics(model, dataset, dev)[0])
+    return {"weights": str(weights or "default"), "against": str(against or "default"), "data": str(data),
+            "split": split, "tta": tta, "count": float(len(pairs)),
+            "scores": {"weights": metrics.summarize(scores[0]), "against": metrics.summarize(scores[1])},
+            "difference": metrics.paired_differences(scores[0], scores[1])}
+
+
+def _prepared(weights: str | Path | None, device: str, tta: bool):
+    """The generator of ``weights`` on its device, flip-averaged when ``tta``, with its spec."""
     model, spec = load_generator(weights)
     if tta:
         model = FlipAveraged(model)
     dev = resolve_device(device)
-    model.to(dev, memory_format=torch.channels_last)
-    pairs, names = datasets.load_pairs(data, split, direction, holdout)
-    summary = evaluate_pairs(model, pairs, names, spec.tile_size, dev)
-    return {"weights": str(weights or "default"), "data": str(data), "split": split, "tta": tta, **summary}
+    return model.to(dev, memory_format=torch.channels_last), spec, dev
 
 
 def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256) -> dict:

@@ -72,3 +72,28 @@ def summarize(per_image: list[dict[str, float]]) -> dict[str, float]:
         vals = [m[key] for m in per_image if math.isfinite(m[key])]
         out[key] = sum(vals) / len(vals) if vals else math.inf
     return out
+
+
+#: Metrics where a lower value is the better one (the rest: higher is better).
+LOWER_IS_BETTER = frozenset({"rmse"})
+
+
+def paired_differences(first: list[dict[str, float]], second: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per metric, the mean of ``first - second`` over the same images, its standard error and on how
+    many images ``first`` is the better.
+
+    Two good generators' means over about a hundred pairs differ by as little as noise moves them
+    (see the model card), so a difference needs its standard error; pairing each image with itself
+    removes the images' own spread from it. Pairs where either PSNR is infinite are left out of PSNR.
+    """
+    if len(first) != len(second):
+        raise ValueError(f"{len(first)} against {len(second)} images: not the same pairs")
+    out: dict[str, dict[str, float]] = {}
+    for key in first[0] if first else ():
+        diffs = [a[key] - b[key] for a, b in zip(first, second) if math.isfinite(a[key]) and math.isfinite(b[key])]
+        n = len(diffs)
+        mean = sum(diffs) / n if n else math.nan
+        se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else math.nan
+        better = sum(1 for d in diffs if (d < 0 if key in LOWER_IS_BETTER else d > 0))
+        out[key] = {"mean": mean, "se": se, "better": float(better), "count": float(n)}
+    return out

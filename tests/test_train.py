@@ -20,10 +20,10 @@ from geosat2map import metrics
 from geosat2map.errors import TrainingError
 from geosat2map.model import PatchDiscriminator, UNetGenerator
 from geosat2map.train import TrainConfig, Trainer, train
-from geosat2map.weights import read_spec
+from geosat2map.weights import ModelSpec, read_spec, save_generator
 from geosat2map_cli.main import cli
 
-from .conftest import synthetic_image
+from .conftest import random_generator, synthetic_image
 
 
 def write_aligned(folder: Path, n: int = 6, size: int = 64) -> Path:
@@ -292,7 +292,50 @@ def test_train_and_evaluate_cli(tmp_path):
     flipped = json.loads(result.stdout)
     assert flipped["tta"] is True and flipped["count"] == 2 and flipped["rmse"] != scores["rmse"]
     result = CliRunner().invoke(cli, ["evaluate", str(data), "--map", str(out), "--tta"])
-    assert result.exit_code == 2 and "--tta scores a generator" in result.output
+    assert result.exit_code == 2 and "score generators" in result.output
+
+
+def test_evaluate_against_pairs_each_image_with_itself(tmp_path):
+    data = write_aligned(tmp_path / "data")
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_generator(random_generator(seed=1), ModelSpec(ngf=8), first)
+    save_generator(random_generator(seed=2), ModelSpec(ngf=8), second)
+    common = ["--split", "val", "--holdout", "3", "--device", "cpu"]
+    result = CliRunner().invoke(cli, ["evaluate", str(data), "--weights", str(first), "--against", str(second),
+                                      "--json", *common])
+    assert result.exit_code == 0, result.output
+    import json
+
+    compared = json.loads(result.stdout)
+    alone = [json.loads(CliRunner().invoke(cli, ["evaluate", str(data), "--weights", str(w), "--json",
+                                                  *common]).stdout) for w in (first, second)]
+    for key in ("rmse", "acc5", "ssim"):  # each side scores as evaluate scores it alone
+        assert compared["scores"]["weights"][key] == pytest.approx(alone[0][key])
+        assert compared["scores"]["against"][key] == pytest.approx(alone[1][key])
+        assert compared["difference"][key]["mean"] == pytest.approx(alone[0][key] - alone[1][key])
+    assert compared["count"] == 2 and compared["difference"]["rmse"]["count"] == 2
+    same = json.loads(CliRunner().invoke(cli, ["evaluate", str(data), "--weights", str(first), "--against",
+                                                str(first), "--json", *common]).stdout)
+    assert all(d["mean"] == 0 and d["se"] == 0 and d["better"] == 0 for d in same["difference"].values())
+    text = CliRunner().invoke(cli, ["evaluate", str(data), "--weights", str(first), "--against", str(second),
+                                    *common])
+    assert "difference +- s.e." in text.stdout and "of 2" in text.stdout
+    missing = CliRunner().invoke(cli, ["evaluate", str(data), "--against", str(tmp_path / "none.safetensors"),
+                                       *common])
+    assert missing.exit_code != 0 and "not found" in missing.stderr
+
+
+def test_paired_differences_mean_standard_error_and_wins():
+    first = [{"rmse": 10.0, "psnr": 30.0}, {"rmse": 12.0, "psnr": math.inf}, {"rmse": 20.0, "psnr": 20.0}]
+    second = [{"rmse": 11.0, "psnr": 29.0}, {"rmse": 11.0, "psnr": 28.0}, {"rmse": 23.0, "psnr": 21.0}]
+    d = metrics.paired_differences(first, second)
+    assert d["rmse"]["mean"] == pytest.approx(-1.0)  # (-1 + 1 - 3) / 3
+    assert d["rmse"]["se"] == pytest.approx(math.sqrt(((0) ** 2 + 2 ** 2 + 2 ** 2) / 2 / 3))
+    assert d["rmse"]["better"] == 2  # lower RMSE is better
+    assert d["psnr"]["count"] == 2 and d["psnr"]["mean"] == pytest.approx(0.0)  # the infinite pair left out
+    assert d["psnr"]["better"] == 1  # higher PSNR is better
+    with pytest.raises(ValueError):
+        metrics.paired_differences(first, second[:2])
 
 
 # --- metrics on constructed images ------------------------------------------------------------
