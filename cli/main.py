@@ -420,7 +420,8 @@ def export_weights(run_dir, out, which, half, gsd_m, overwrite) -> None:
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
               help="The paired training folder: BatchNorm statistics are re-estimated on its training split.")
 @click.option("--holdout", type=int, default=10, show_default=True, help="As in training: every Nth pair is held out.")
-@click.option("--crops", type=int, default=200, show_default=True, help="Training crops for the BatchNorm statistics.")
+@click.option("--crops", type=int, default=None,
+              help="Training crops for the BatchNorm statistics [default: one of every training pair].")
 @click.option("--load-size", type=int, default=286, show_default=True,
               help="As in training: the crops are cut from pairs resized to this.")
 @click.option("--half", is_flag=True, help="Store fp16 (half the size).")
@@ -435,7 +436,8 @@ def average_weights(weights, out, data, holdout, crops, load_size, half, overwri
     model, spec = average_generators(list(weights), data, recalibration=crops, holdout=holdout,
                                      load_size=load_size)
     save_generator(model, spec, out, half=half)
-    click.echo(f"wrote {out}: mean of {len(weights)} generators (ngf {spec.ngf}), BatchNorm re-estimated on {crops} crops")
+    click.echo(f"wrote {out}: mean of {len(weights)} generators (ngf {spec.ngf}), BatchNorm re-estimated on "
+               f"{spec.provenance['bn_recalibration']['crops']} crops")
     val = spec.provenance.get("val")
     if val:
         click.echo(f"held-out pairs: RMSE {val['rmse']:.2f}  acc@5 {val['acc5']:.3f}  acc@10 {val['acc10']:.3f}  "

@@ -28,7 +28,7 @@ def average_generators(
     weights: list[str | Path],
     data: str | Path,
     *,
-    recalibration: int = 200,
+    recalibration: int | None = None,
     batch: int = 4,
     holdout: int = 10,
     load_size: int = 286,
@@ -37,10 +37,11 @@ def average_generators(
     device: str = "auto",
 ) -> tuple[UNetGenerator, ModelSpec]:
     """The mean of the generators in ``weights``, its BatchNorm statistics re-estimated over
-    ``recalibration`` training crops of the paired data folder ``data`` (the training split,
-    ``holdout`` as in training, so validation pairs stay unseen; ``load_size`` as the run was
-    trained, so the statistics come from the scale the weights learned). The held-out pairs are then
-    scored and the metrics kept in the spec's provenance (``val``), as the trainer does."""
+    ``recalibration`` training crops (None: one of every pair) of the paired data folder ``data``
+    (the training split, ``holdout`` as in training, so validation pairs stay unseen; ``load_size``
+    as the run was trained, so the statistics come from the scale the weights learned). The
+    held-out pairs are then scored and the metrics kept in the spec's provenance (``val``), as the
+    trainer does."""
     if len(weights) < 2:
         raise WeightsError("averaging needs at least two weights files")
     loaded = [load_generator(w) for w in weights]
@@ -63,9 +64,9 @@ def average_generators(
     model.to(dev, memory_format=torch.channels_last)
     pairs, names = datasets.load_pairs(data, "train", direction, holdout)
     crops = datasets.PairDataset(pairs, names, load_size, augment=True, seed=seed)
-    recalibrate_batchnorm(model, crops, recalibration, batch, seed, dev)
+    used = recalibrate_batchnorm(model, crops, recalibration, batch, seed, dev)
     provenance = {"recipe": spec.provenance.get("recipe"), "averaged_from": sources,
-                  "bn_recalibration": {"crops": recalibration, "batch": batch, "data": str(data), "holdout": holdout,
+                  "bn_recalibration": {"crops": used, "batch": batch, "data": str(data), "holdout": holdout,
                                         "load_size": load_size}}
     val_pairs, val_names = datasets.load_pairs(data, "val", direction, holdout)
     if val_pairs:  # scored like a trained snapshot, so the file says how good it is

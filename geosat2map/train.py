@@ -73,7 +73,10 @@ class TrainConfig:
     init_from: str | None = None
     max_steps: int | None = None
     samples: int = 4
-    bn_recalibration: int = 200
+    #: Training crops BatchNorm's statistics are re-estimated on at each epoch's end (None: one of
+    #: every training pair; 200 crops gave scores that moved with the crops' seed by about as much
+    #: as candidates differ, see the model card).
+    bn_recalibration: int | None = None
     bn_recalibration_batch: int = 4
     keep_snapshots: bool = False
     #: Decay of an exponential moving average of the generator's weights, updated every step (0:
@@ -401,19 +404,22 @@ class Trainer:
         return ModelSpec(ngf=self.spec.ngf, gsd_m=self.spec.gsd_m, provenance=prov)
 
 
-def recalibrate_batchnorm(generator: nn.Module, dataset: datasets.PairDataset, count: int, batch: int, seed: int,
-                          device: torch.device) -> None:
-    """Re-estimate the generator's BatchNorm running statistics over ``count`` training crops.
+def recalibrate_batchnorm(generator: nn.Module, dataset: datasets.PairDataset, count: int | None, batch: int,
+                          seed: int, device: torch.device) -> int:
+    """Re-estimate the generator's BatchNorm running statistics over ``count`` training crops (None:
+    one of every pair); returns how many were used.
 
     Translate runs the generator in eval mode, on running statistics. Those are an exponential
     average over past weights and, with batch 1, of single-image statistics; re-estimating them
     over 200 training crops in batches of 4 cut validation RMSE from 44.9 to 34.2 on an early maps
     generator (see docs/model_card.md). Averaged weights need it too: the average of two
-    snapshots' statistics is not the statistics of the averaged weights.
+    snapshots' statistics is not the statistics of the averaged weights. With a crop of every pair
+    the scores barely depend on the seed (it only shuffles the batches and the flips): 26.99 and
+    27.00 RMSE for seeds 0 and 1 on the shipped model, where 200 crops gave 27.08 and 26.95.
     """
-    n = min(count, len(dataset))
+    n = len(dataset) if count is None else min(count, len(dataset))
     if n <= 0:
-        return
+        return 0
     bns = [m for m in generator.modules() if isinstance(m, nn.BatchNorm2d)]
     momenta = [m.momentum for m in bns]
     for m in bns:
@@ -429,6 +435,7 @@ def recalibrate_batchnorm(generator: nn.Module, dataset: datasets.PairDataset, c
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
     generator.train(was_training)
+    return n
 
 
 def train(

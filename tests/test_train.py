@@ -450,6 +450,9 @@ def test_average_weights_is_the_mean_with_fresh_batchnorm_statistics(tmp_path):
     assert spec.gsd_m == 2.0 and [s["provenance"] for s in spec.provenance["averaged_from"]] == [{"epoch": 1},
                                                                                                 {"epoch": 2}]
     assert spec.provenance["val"]["count"] == 3 and spec.provenance["val"]["rmse"] > 0  # every 3rd of 8 pairs
+    assert spec.provenance["bn_recalibration"]["crops"] == 4
+    every = average_generators(paths, data, batch=2, holdout=3, device="cpu")[1]  # by default, all 5 others
+    assert every.provenance["bn_recalibration"]["crops"] == 5
     other = tmp_path / "wide.safetensors"
     save_generator(UNetGenerator(ngf=8), ModelSpec(ngf=8), other)
     with pytest.raises(WeightsError, match="different generator"):
