@@ -353,17 +353,15 @@ def train(ctx, data, out, resume, quiet, **options) -> None:
 def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, against, as_json) -> None:
     """Score a generator on paired DATA (a pix2pix aligned folder or a tiles folder), or a translate
     output DATA against --map: RMSE, accuracy at delta 5 and 10, PSNR, SSIM."""
-    from geosat2map.evaluate import compare, evaluate as run_eval, evaluate_rasters
+    from geosat2map.evaluate import evaluate as run_eval, evaluate_rasters
 
     if map_raster:
         if tta or against:
             raise click.UsageError("--tta and --against score generators; with --map, score translate outputs")
         result = evaluate_rasters(data, map_raster)
-    elif against:
-        result = compare(None if weights == "default" else weights, None if against == "default" else against,
-                         data, split=split, direction=direction, holdout=holdout, device=device, tta=tta)
     else:
-        result = run_eval(weights, data, split=split, direction=direction, holdout=holdout, device=device, tta=tta)
+        result = run_eval(weights, data, split=split, direction=direction, holdout=holdout, device=device, tta=tta,
+                          against=against)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     elif against:

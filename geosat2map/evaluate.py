@@ -84,50 +84,36 @@ def evaluate(
     holdout: int = 10,
     device: str = "auto",
     tta: bool = False,
+    against: str | Path | None = None,
 ) -> dict:
-    """Score a weights file (None: the default model) on the ``split`` of a paired data folder,
-    with translate's flip averaging when ``tta``.
+    """Score a weights file (None or 'default': the default model) on the ``split`` of a paired data
+    folder, with translate's flip averaging when ``tta``.
 
-    Images are resized to 256 x 256, as the maps literature evaluates.
+    Images are resized to 256 x 256, as the maps literature evaluates. With ``against`` (another
+    weights file, or 'default') both are scored on the same pairs and ``difference`` gives, per
+    metric, the per-pair differences ``weights`` minus ``against`` (:func:`metrics.paired_differences`):
+    whether a fine-tuned model is better, not only its means.
     """
-    model, spec, dev = _prepared(weights, device, tta)
     pairs, names = datasets.load_pairs(data, split, direction, holdout)
-    summary = evaluate_pairs(model, pairs, names, spec.tile_size, dev)
-    return {"weights": str(weights or "default"), "data": str(data), "split": split, "tta": tta, **summary}
-
-
-def compare(
-    weights: str | Path | None,
-    against: str | Path | None,
-    data: str | Path,
-    split: str = "all",
-    direction: str = "AtoB",
-    holdout: int = 10,
-    device: str = "auto",
-    tta: bool = False,
-) -> dict:
-    """Score ``weights`` and ``against`` (None: the default model) on the same pairs, as
-    :func:`evaluate` does each, with the per-pair differences (``weights`` minus ``against``, see
-    :func:`metrics.paired_differences`): whether a fine-tuned model is better, not just its means."""
-    pairs, names = datasets.load_pairs(data, split, direction, holdout)
-    scores = []
-    for w in (weights, against):
-        model, spec, dev = _prepared(w, device, tta)
-        dataset = datasets.PairDataset(pairs, names, spec.tile_size, spec.tile_size, augment=False)
-        scores.append(per_image_metrics(model, dataset, dev)[0])
-    return {"weights": str(weights or "default"), "against": str(against or "default"), "data": str(data),
-            "split": split, "tta": tta, "count": float(len(pairs)),
+    scores = [_per_pair(w, pairs, names, device, tta) for w in ([weights] if against is None else [weights, against])]
+    result = {"weights": str(weights or "default"), "data": str(data), "split": split, "tta": tta}
+    if against is None:
+        return {**result, **metrics.summarize(scores[0])}
+    return {**result, "against": str(against), "count": float(len(pairs)),
             "scores": {"weights": metrics.summarize(scores[0]), "against": metrics.summarize(scores[1])},
             "difference": metrics.paired_differences(scores[0], scores[1])}
 
 
-def _prepared(weights: str | Path | None, device: str, tta: bool):
-    """The generator of ``weights`` on its device, flip-averaged when ``tta``, with its spec."""
-    model, spec = load_generator(weights)
+def _per_pair(weights: str | Path | None, pairs: list, names: list[str], device: str,
+              tta: bool) -> list[dict[str, float]]:
+    """Each pair's metrics for the generator in ``weights``, on its device, flip-averaged when ``tta``."""
+    model, spec = load_generator(None if weights in (None, "default") else weights)
     if tta:
         model = FlipAveraged(model)
     dev = resolve_device(device)
-    return model.to(dev, memory_format=torch.channels_last), spec, dev
+    model.to(dev, memory_format=torch.channels_last)
+    dataset = datasets.PairDataset(pairs, names, spec.tile_size, spec.tile_size, augment=False)
+    return per_image_metrics(model, dataset, dev)[0]
 
 
 def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256) -> dict:
