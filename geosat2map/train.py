@@ -372,21 +372,22 @@ class Trainer:
                 if self.G_ema is not None:  # the weights being trained, for comparison
                     record["val_online"] = evaluate_generator(self.G, self.val_set, self.device)[0]
                 write_triplets(outputs, self.out / "samples" / f"epoch{self.epoch:03d}.png")
-                if metrics["rmse"] < self.best_rmse:
-                    self.best_rmse = metrics["rmse"]
-                    save_generator(generator, self._spec(record), self.out / "best_generator.safetensors")
-            save_generator(generator, self._spec(record), self.out / "generator.safetensors")
-            if self.G_ema is not None:  # the trained weights too: the checkpoint's copy lacks this epoch's
+            spec = self._spec(record)
+            trained_spec = self._spec(record, trained=True) if self.G_ema is not None else None
+            if "val" in record and record["val"]["rmse"] < self.best_rmse:
+                self.best_rmse = record["val"]["rmse"]
+                save_generator(generator, spec, self.out / "best_generator.safetensors")
+            save_generator(generator, spec, self.out / "generator.safetensors")
+            if trained_spec:  # the trained weights too: the checkpoint's copy lacks this epoch's
                 # BatchNorm statistics once its next write falls a few steps into the next epoch
-                save_generator(self.G, self._spec(record, trained=True), self.out / "trained_generator.safetensors")
+                save_generator(self.G, trained_spec, self.out / "trained_generator.safetensors")
             if self.cfg.keep_snapshots:  # every epoch's generator, for `average-weights`
                 snapshots = self.out / "snapshots"
                 snapshots.mkdir(exist_ok=True)
-                save_generator(generator, self._spec(record), snapshots / f"epoch{self.epoch:03d}.safetensors",
-                               half=True)
-                if self.G_ema is not None:
-                    save_generator(self.G, self._spec(record, trained=True),
-                                   snapshots / f"epoch{self.epoch:03d}.trained.safetensors", half=True)
+                save_generator(generator, spec, snapshots / f"epoch{self.epoch:03d}.safetensors", half=True)
+                if trained_spec:
+                    save_generator(self.G, trained_spec, snapshots / f"epoch{self.epoch:03d}.trained.safetensors",
+                                   half=True)
             with open(self.out / "history.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         self.save_checkpoint()
