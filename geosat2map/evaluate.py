@@ -52,11 +52,16 @@ def evaluate_generator(
     return metrics.summarize(per_image), kept
 
 
+def pair_metrics(model: torch.nn.Module, pairs: list, names: list[str], size: int,
+                 device: torch.device) -> list[dict[str, float]]:
+    """Each loaded pair's metrics for ``model``, the pairs resized to ``size`` x ``size`` (no augmentation)."""
+    return per_image_metrics(model, datasets.PairDataset(pairs, names, size, size, augment=False), device)[0]
+
+
 def evaluate_pairs(model: torch.nn.Module, pairs: list, names: list[str], size: int,
                    device: torch.device) -> dict[str, float]:
-    """Mean metrics of ``model`` over loaded pairs resized to ``size`` x ``size`` (no augmentation)."""
-    with torch.no_grad():
-        return evaluate_generator(model, datasets.PairDataset(pairs, names, size, size, augment=False), device)[0]
+    """Mean metrics of ``model`` over loaded pairs (see :func:`pair_metrics`)."""
+    return metrics.summarize(pair_metrics(model, pairs, names, size, device))
 
 
 def write_triplets(triplets: list[tuple[torch.Tensor, ...]], path: Path) -> None:
@@ -112,8 +117,7 @@ def _per_pair(weights: str | Path | None, pairs: list, names: list[str], device:
         model = FlipAveraged(model)
     dev = resolve_device(device)
     model.to(dev, memory_format=torch.channels_last)
-    dataset = datasets.PairDataset(pairs, names, spec.tile_size, spec.tile_size, augment=False)
-    return per_image_metrics(model, dataset, dev)[0]
+    return pair_metrics(model, pairs, names, spec.tile_size, dev)
 
 
 def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256) -> dict:
