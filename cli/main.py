@@ -303,6 +303,9 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
 @click.option("--ema-decay", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0, show_default=True,
               help="Keep a moving average of the generator's weights with this decay per step (e.g. 0.999) "
                    "and save and score it instead of the latest weights (0: off, the pix2pix recipe).")
+@click.option("--freeze-batchnorm", is_flag=True,
+              help="With --init-from: train with the generator's BatchNorm layers in eval mode on the "
+                   "statistics it starts with, as translate runs it (they are not re-estimated).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True)

@@ -44,7 +44,7 @@ from .weights import TRAINED_WEIGHTS, ModelSpec, load_generator, model_digest, s
 CHECKPOINT = "checkpoint.pt"
 #: The TrainConfig fields every saved generator's provenance records (how it was trained).
 RECORDED_SETTINGS = ("load_size", "crop_size", "batch_size", "lr", "beta1", "beta2", "lambda_l1", "epochs",
-                     "epochs_decay", "ndf", "holdout", "seed", "ema_decay")
+                     "epochs_decay", "ndf", "holdout", "seed", "ema_decay", "freeze_batchnorm")
 
 
 @dataclass
@@ -82,6 +82,11 @@ class TrainConfig:
     #: Decay of an exponential moving average of the generator's weights, updated every step (0:
     #: off, the pix2pix recipe). When on, the average is the generator the run saves and scores.
     ema_decay: float = 0.0
+    #: Fine-tuning only: train the generator with its BatchNorm layers in eval mode, on the running
+    #: statistics of the generator it starts from, which stay fixed (no re-estimation at epoch
+    #: ends). Translate runs the generator that way, while batch-1 training normalises every layer
+    #: by the one image's own statistics; this removes that mismatch (see the model card).
+    freeze_batchnorm: bool = False
 
     @classmethod
     def from_json(cls, path: Path) -> TrainConfig:
@@ -151,6 +156,9 @@ class Trainer:
         #: The generator this run was fine-tuned from, for the provenance of what it saves (kept in
         #: the checkpoint: the file behind ``init_from``, e.g. the shipped default, can change).
         self.lineage: dict | None = None
+        if config.freeze_batchnorm and not config.init_from:
+            raise TrainingError("freezing BatchNorm (--freeze-batchnorm) needs a generator to start from "
+                                "(--init-from), whose statistics it keeps")
         if config.init_from:
             pretrained, pspec = load_generator(None if config.init_from == "default" else config.init_from)
             self.G = pretrained.train()
@@ -324,6 +332,10 @@ class Trainer:
             started = time.time()
             self.G_ddp.train()
             self.D_ddp.train()
+            if self.cfg.freeze_batchnorm:
+                for m in self.G.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
             for a, b in self._batches():
                 if steps_left is not None and steps_left <= 0:
                     self.save_checkpoint()
@@ -363,7 +375,8 @@ class Trainer:
         self.sched_D.step()
         self.epoch += 1
         self.step_in_epoch = 0
-        self.recalibrate_batchnorm()
+        if not self.cfg.freeze_batchnorm:
+            self.recalibrate_batchnorm()
         if self.dist.is_main:
             generator = self.saved_generator
             if self.val_set is not None:

@@ -230,6 +230,32 @@ def test_a_fine_tuned_generator_records_what_it_came_from(tmp_path):
     assert prov["epoch"] == 2 and prov["fine_tuned_from"]["sha256"] == digest
 
 
+def test_frozen_batchnorm_trains_on_the_starting_statistics_and_keeps_them(tmp_path):
+    from geosat2map.weights import load_generator
+
+    data = write_aligned(tmp_path / "data")
+    start = tmp_path / "start.safetensors"
+    g = UNetGenerator(ngf=4)
+    bns = [m for m in g.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:  # statistics no batch of these images would give
+        m.running_mean.fill_(0.25)
+        m.running_var.fill_(3.0)
+    save_generator(g.eval(), ModelSpec(ngf=4, gsd_m=2.0), start)
+    cfg = tiny_config(data, tmp_path / "run", init_from=str(start), freeze_batchnorm=True, epochs=1,
+                      epochs_decay=0, load_size=256, ema_decay=0.9)
+    train(cfg)
+    for name in ("generator.safetensors", "trained_generator.safetensors"):
+        trained, spec = load_generator(tmp_path / "run" / name)
+        trained_bns = [m for m in trained.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert all(torch.equal(m.running_mean, torch.full_like(m.running_mean, 0.25))
+                   and torch.equal(m.running_var, torch.full_like(m.running_var, 3.0)) for m in trained_bns)
+        assert spec.provenance["settings"]["freeze_batchnorm"] is True
+    moved = [not torch.equal(a, b) for a, b in zip(trained.parameters(), load_generator(start)[0].parameters())]
+    assert any(moved)
+    with pytest.raises(TrainingError, match="--init-from"):
+        train(tiny_config(data, tmp_path / "run2", freeze_batchnorm=True))
+
+
 def test_existing_run_needs_resume(tmp_path):
     data = write_aligned(tmp_path / "data")
     train(tiny_config(data, tmp_path / "run", max_steps=1))
