@@ -331,8 +331,10 @@ def train(ctx, data, out, resume, quiet, **options) -> None:
              if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
     schedule = tuple(options[name] if name in given else None for name in ("epochs", "epochs_decay"))
     schedule = schedule if resume and given else None
-    record = run_training(config, resume=resume, progress=progress, schedule=schedule)
-    bar.close()
+    try:
+        record = run_training(config, resume=resume, progress=progress, schedule=schedule)
+    finally:  # before the stderr it writes to is restored: an interrupted run prints one line
+        bar.close()
     if record:
         val = record.get("val", {})
         click.echo(f"epoch {record['epoch']} step {record['step']}: L1 {record.get('G_L1', 0):.4f}"

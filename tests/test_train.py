@@ -256,6 +256,23 @@ def test_frozen_batchnorm_trains_on_the_starting_statistics_and_keeps_them(tmp_p
         train(tiny_config(data, tmp_path / "run2", freeze_batchnorm=True))
 
 
+def test_interrupted_training_says_so_in_one_line(tmp_path):
+    """Ctrl-C or SIGTERM during training: the progress bar is closed before the CLI restores its
+    stderr, so nothing writes to a closed descriptor afterwards (a traceback at exit, once)."""
+    data = write_aligned(tmp_path / "data")
+    code = ("import geosat2map.train as t\n"
+            "def interrupted(config, resume=False, progress=None, schedule=None):\n"
+            "    progress({'epoch': 0, 'step': 1, 'G_L1': 0.1, 'D': 0.5})\n"
+            "    raise KeyboardInterrupt\n"
+            "t.train = interrupted\n"
+            "from geosat2map_cli.main import cli; cli(prog_name='geosat2map')")
+    proc = subprocess.run([sys.executable, "-c", code, "train", str(data), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("geosat2map: interrupted"), proc.stderr
+
+
 def test_existing_run_needs_resume(tmp_path):
     data = write_aligned(tmp_path / "data")
     train(tiny_config(data, tmp_path / "run", max_steps=1))
