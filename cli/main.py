@@ -430,7 +430,8 @@ def export_weights(run_dir, out, which, half, gsd_m, overwrite) -> None:
 @click.option("--half", is_flag=True, help="Store fp16 (half the size).")
 @click.option("--overwrite", is_flag=True)
 def average_weights(weights, out, data, holdout, crops, load_size, half, overwrite) -> None:
-    """Average the generators WEIGHTS... (snapshots of one run) into OUT, with fresh BatchNorm statistics."""
+    """Average the generators WEIGHTS... (snapshots of one run) into OUT, with fresh BatchNorm statistics
+    (kept instead when every input has the same: a run trained with --freeze-batchnorm)."""
     from geosat2map.average import average_generators
     from geosat2map.weights import save_generator
     from geosat2map.writer import check_destination
@@ -439,8 +440,10 @@ def average_weights(weights, out, data, holdout, crops, load_size, half, overwri
     model, spec = average_generators(list(weights), data, recalibration=crops, holdout=holdout,
                                      load_size=load_size)
     save_generator(model, spec, out, half=half)
-    click.echo(f"wrote {out}: mean of {len(weights)} generators (ngf {spec.ngf}), BatchNorm re-estimated on "
-               f"{spec.provenance['bn_recalibration']['crops']} crops")
+    recalibrated = spec.provenance.get("bn_recalibration")
+    click.echo(f"wrote {out}: mean of {len(weights)} generators (ngf {spec.ngf}), BatchNorm "
+               + (f"re-estimated on {recalibrated['crops']} crops" if recalibrated
+                  else "statistics kept (the same in every input)"))
     val = spec.provenance.get("val")
     if val:
         click.echo(f"held-out pairs: RMSE {val['rmse']:.2f}  acc@5 {val['acc5']:.3f}  acc@10 {val['acc10']:.3f}  "

@@ -5,7 +5,8 @@ moves by about 1 between consecutive epochs); the mean of the weights of several
 same run is often better than any of them (Yazici et al., "The unusual effectiveness of averaging
 in GAN training", ICLR 2019; model soups). The snapshots must share the architecture; BatchNorm
 statistics are then re-estimated for the averaged weights on training crops, as the trainer does
-at each epoch end.
+at each epoch end, unless every snapshot has the same statistics: a run trained with frozen
+BatchNorm (``train --freeze-batchnorm``) learned its weights for those statistics, so they are kept.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def average_generators(
     seed: int = 0,
     device: str = "auto",
 ) -> tuple[UNetGenerator, ModelSpec]:
-    """The mean of the generators in ``weights``, its BatchNorm statistics re-estimated over
+    """The mean of the generators in ``weights``, its BatchNorm statistics kept when they are the
+    same in every input (see the module's docstring), else re-estimated over
     ``recalibration`` training crops (None: one of every pair) of the paired data folder ``data``
     (the training split, ``holdout`` as in training, so validation pairs stay unseen; ``load_size``
     as the run was trained, so the statistics come from the scale the weights learned). The
@@ -62,12 +64,16 @@ def average_generators(
     model.load_state_dict(mean)
     dev = resolve_device(device)
     model.to(dev, memory_format=torch.channels_last)
-    pairs, names = datasets.load_pairs(data, "train", direction, holdout)
-    crops = datasets.PairDataset(pairs, names, load_size, augment=True, seed=seed)
-    used = recalibrate_batchnorm(model, crops, recalibration, batch, seed, dev)
-    provenance = {"recipe": spec.provenance.get("recipe"), "averaged_from": sources,
-                  "bn_recalibration": {"crops": used, "batch": batch, "data": str(data), "holdout": holdout,
-                                        "load_size": load_size}}
+    provenance = {"recipe": spec.provenance.get("recipe"), "averaged_from": sources}
+    statistics = [k for k in states[0] if k.endswith(("running_mean", "running_var"))]
+    if all(torch.equal(s[k], states[0][k]) for s in states[1:] for k in statistics):
+        provenance["bn_statistics"] = "kept: the same in every input"
+    else:
+        pairs, names = datasets.load_pairs(data, "train", direction, holdout)
+        crops = datasets.PairDataset(pairs, names, load_size, augment=True, seed=seed)
+        used = recalibrate_batchnorm(model, crops, recalibration, batch, seed, dev)
+        provenance["bn_recalibration"] = {"crops": used, "batch": batch, "data": str(data), "holdout": holdout,
+                                          "load_size": load_size}
     val_pairs, val_names = datasets.load_pairs(data, "val", direction, holdout)
     if val_pairs:  # scored like a trained snapshot, so the file says how good it is
         provenance["val"] = evaluate_pairs(model, val_pairs, val_names, spec.tile_size, dev)

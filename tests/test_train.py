@@ -480,6 +480,9 @@ def test_average_weights_is_the_mean_with_fresh_batchnorm_statistics(tmp_path):
         torch.manual_seed(seed)
         g = UNetGenerator(ngf=4)
         init_weights(g)
+        for m in g.modules():  # each snapshot's own statistics, as an ordinary run's epochs have
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(0.1 * seed)
         paths.append(tmp_path / f"g{seed}.safetensors")
         save_generator(g.eval(), ModelSpec(ngf=4, gsd_m=2.0, provenance={"epoch": seed}), paths[-1])
     first, second = (load_generator(p)[0].state_dict() for p in paths)
@@ -509,3 +512,30 @@ def test_average_weights_is_the_mean_with_fresh_batchnorm_statistics(tmp_path):
     assert averaged.ngf == 4 and averaged.provenance["bn_recalibration"]["load_size"] == 256
     again = CliRunner().invoke(cli, args)
     assert again.exit_code != 0 and "exists" in again.stderr
+
+
+def test_average_of_frozen_batchnorm_snapshots_keeps_their_statistics(tmp_path):
+    """Snapshots of a --freeze-batchnorm run share their statistics, which their weights were
+    trained for: the average keeps them instead of re-estimating."""
+    from geosat2map.weights import load_generator
+
+    data = write_aligned(tmp_path / "pairs", n=8)
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        g = UNetGenerator(ngf=4)
+        for m in g.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(0.25)
+                m.running_var.fill_(3.0)
+        paths.append(tmp_path / f"g{seed}.safetensors")
+        save_generator(g.eval(), ModelSpec(ngf=4, gsd_m=2.0), paths[-1])
+    out = tmp_path / "mean.safetensors"
+    result = CliRunner().invoke(cli, ["average-weights", *map(str, paths), str(out), "--data", str(data),
+                                      "--holdout", "3"])
+    assert result.exit_code == 0, result.output
+    assert "statistics kept" in result.output
+    model, spec = load_generator(out)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(m.running_var, torch.full_like(m.running_var, 3.0)) for m in bns)
+    assert "bn_recalibration" not in spec.provenance and spec.provenance["bn_statistics"].startswith("kept")
