@@ -39,6 +39,14 @@ def write_aligned(folder: Path, n: int = 6, size: int = 64) -> Path:
     return folder
 
 
+def set_batchnorm_statistics(generator: torch.nn.Module, mean: float, var: float = 1.0) -> None:
+    """Give every BatchNorm layer running statistics no batch of the test images would give."""
+    for m in generator.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.fill_(mean)
+            m.running_var.fill_(var)
+
+
 def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
     base = dict(data=str(data), out=str(out), ngf=4, ndf=4, load_size=286, crop_size=256, epochs=2,
                 epochs_decay=1, holdout=3, checkpoint_every=0, samples=1, device="cpu")
@@ -236,10 +244,7 @@ def test_frozen_batchnorm_trains_on_the_starting_statistics_and_keeps_them(tmp_p
     data = write_aligned(tmp_path / "data")
     start = tmp_path / "start.safetensors"
     g = UNetGenerator(ngf=4)
-    bns = [m for m in g.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for m in bns:  # statistics no batch of these images would give
-        m.running_mean.fill_(0.25)
-        m.running_var.fill_(3.0)
+    set_batchnorm_statistics(g, 0.25, 3.0)
     save_generator(g.eval(), ModelSpec(ngf=4, gsd_m=2.0), start)
     cfg = tiny_config(data, tmp_path / "run", init_from=str(start), freeze_batchnorm=True, epochs=1,
                       epochs_decay=0, load_size=256, ema_decay=0.9)
@@ -480,9 +485,7 @@ def test_average_weights_is_the_mean_with_fresh_batchnorm_statistics(tmp_path):
         torch.manual_seed(seed)
         g = UNetGenerator(ngf=4)
         init_weights(g)
-        for m in g.modules():  # each snapshot's own statistics, as an ordinary run's epochs have
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.fill_(0.1 * seed)
+        set_batchnorm_statistics(g, 0.1 * seed)  # each snapshot's own, as an ordinary run's epochs have
         paths.append(tmp_path / f"g{seed}.safetensors")
         save_generator(g.eval(), ModelSpec(ngf=4, gsd_m=2.0, provenance={"epoch": seed}), paths[-1])
     first, second = (load_generator(p)[0].state_dict() for p in paths)
@@ -524,10 +527,7 @@ def test_average_of_frozen_batchnorm_snapshots_keeps_their_statistics(tmp_path):
     for seed in (1, 2):
         torch.manual_seed(seed)
         g = UNetGenerator(ngf=4)
-        for m in g.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.fill_(0.25)
-                m.running_var.fill_(3.0)
+        set_batchnorm_statistics(g, 0.25, 3.0)
         paths.append(tmp_path / f"g{seed}.safetensors")
         save_generator(g.eval(), ModelSpec(ngf=4, gsd_m=2.0), paths[-1])
     out = tmp_path / "mean.safetensors"
