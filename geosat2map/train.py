@@ -330,12 +330,7 @@ class Trainer:
             sums: dict[str, float] = {}
             count = 0
             started = time.time()
-            self.G_ddp.train()
-            self.D_ddp.train()
-            if self.cfg.freeze_batchnorm:
-                for m in self.G.modules():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        m.eval()
+            self._train_mode()
             for a, b in self._batches():
                 if steps_left is not None and steps_left <= 0:
                     self.save_checkpoint()
@@ -354,6 +349,15 @@ class Trainer:
                     self.save_checkpoint()
             record = self._end_epoch({k: v / max(count, 1) for k, v in sums.items()}, time.time() - started)
         return record
+
+    def _train_mode(self) -> None:
+        """Both models in training mode, the generator's BatchNorm in eval mode with
+        ``freeze_batchnorm``. Set at each epoch's start: scoring at an epoch's end restores train mode."""
+        self.G_ddp.train()
+        self.D_ddp.train()
+        if self.cfg.freeze_batchnorm:
+            for m in _batchnorms(self.G):
+                m.eval()
 
     @property
     def saved_generator(self) -> nn.Module:
@@ -418,6 +422,11 @@ class Trainer:
         return ModelSpec(ngf=self.spec.ngf, gsd_m=self.spec.gsd_m, provenance=prov)
 
 
+def _batchnorms(module: nn.Module) -> list[nn.BatchNorm2d]:
+    """Every BatchNorm layer of ``module`` (the cross-rank ones under torchrun included)."""
+    return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
 def recalibrate_batchnorm(generator: nn.Module, dataset: datasets.PairDataset, count: int | None, batch: int,
                           seed: int, device: torch.device) -> int:
     """Re-estimate the generator's BatchNorm running statistics over ``count`` training crops (None:
@@ -434,7 +443,7 @@ def recalibrate_batchnorm(generator: nn.Module, dataset: datasets.PairDataset, c
     n = len(dataset) if count is None else min(count, len(dataset))
     if n <= 0:
         return 0
-    bns = [m for m in generator.modules() if isinstance(m, nn.BatchNorm2d)]
+    bns = _batchnorms(generator)
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
