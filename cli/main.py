@@ -424,7 +424,8 @@ def export_weights(run_dir, out, which, half, gsd_m, overwrite) -> None:
               help="The paired training folder: BatchNorm statistics are re-estimated on its training split.")
 @click.option("--holdout", type=int, default=10, show_default=True, help="As in training: every Nth pair is held out.")
 @click.option("--crops", type=int, default=None,
-              help="Training crops for the BatchNorm statistics [default: one of every training pair].")
+              help="Re-estimate the BatchNorm statistics on this many training crops [default: keep them "
+                   "when every input has the same, else one crop of every training pair].")
 @click.option("--load-size", type=int, default=286, show_default=True,
               help="As in training: the crops are cut from pairs resized to this.")
 @click.option("--half", is_flag=True, help="Store fp16 (half the size).")

@@ -38,8 +38,8 @@ def average_generators(
     device: str = "auto",
 ) -> tuple[UNetGenerator, ModelSpec]:
     """The mean of the generators in ``weights``, its BatchNorm statistics kept when they are the
-    same in every input (see the module's docstring), else re-estimated over
-    ``recalibration`` training crops (None: one of every pair) of the paired data folder ``data``
+    same in every input (see the module's docstring) and ``recalibration`` is None, else
+    re-estimated over ``recalibration`` training crops (None: one of every pair) of the paired data folder ``data``
     (the training split, ``holdout`` as in training, so validation pairs stay unseen; ``load_size``
     as the run was trained, so the statistics come from the scale the weights learned). The
     held-out pairs are then scored and the metrics kept in the spec's provenance (``val``), as the
@@ -66,7 +66,7 @@ def average_generators(
     model.to(dev, memory_format=torch.channels_last)
     provenance = {"recipe": spec.provenance.get("recipe"), "averaged_from": sources}
     statistics = [k for k in states[0] if k.endswith(("running_mean", "running_var"))]
-    if all(torch.equal(s[k], states[0][k]) for s in states[1:] for k in statistics):
+    if recalibration is None and all(torch.equal(s[k], states[0][k]) for s in states[1:] for k in statistics):
         provenance["bn_statistics"] = "kept: the same in every input"
     else:
         pairs, names = datasets.load_pairs(data, "train", direction, holdout)

@@ -12,7 +12,7 @@ from rasterio.errors import NotGeoreferencedWarning
 
 from . import datasets, metrics
 from .devices import resolve_device
-from .model import FlipAveraged
+from .model import FlipAveraged, modes_kept
 from .weights import load_generator
 
 
@@ -25,18 +25,18 @@ def per_image_metrics(
 ) -> tuple[list[dict[str, float]], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Each pair's metrics for ``model`` in eval mode (as translate runs it), in the dataset's order,
     and the first ``keep`` (input, output, target) triplets as uint8 tensors. The model's
-    train/eval mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
+    train/eval modes are restored afterwards, each layer's own."""
     per_image, kept = [], []
-    for i in range(len(dataset)):
-        a, b = dataset[i]
-        out = model(a[None].to(device, memory_format=torch.channels_last))[0].cpu()
-        out_u8, b_u8 = datasets.from_model_range(out), datasets.from_model_range(b)
-        per_image.append(metrics.image_metrics(out_u8, b_u8))
-        if i < keep:
-            kept.append((datasets.from_model_range(a).to(torch.uint8), out_u8.to(torch.uint8), b_u8.to(torch.uint8)))
-    model.train(was_training)
+    with modes_kept(model):
+        model.eval()
+        for i in range(len(dataset)):
+            a, b = dataset[i]
+            out = model(a[None].to(device, memory_format=torch.channels_last))[0].cpu()
+            out_u8, b_u8 = datasets.from_model_range(out), datasets.from_model_range(b)
+            per_image.append(metrics.image_metrics(out_u8, b_u8))
+            if i < keep:
+                kept.append((datasets.from_model_range(a).to(torch.uint8), out_u8.to(torch.uint8),
+                             b_u8.to(torch.uint8)))
     return per_image, kept
 
 

@@ -8,6 +8,9 @@ Inference and training share this one definition.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -122,3 +125,17 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.normal_(m.weight, 1.0, std)
             nn.init.zeros_(m.bias)
+
+
+@contextmanager
+def modes_kept(module: nn.Module) -> Iterator[nn.Module]:
+    """Switch ``module`` freely inside; every submodule gets its own train/eval mode back on exit.
+
+    ``module.train(flag)`` sets all submodules alike, so restoring a model with it would undo
+    BatchNorm layers held in eval mode inside a training generator (``train --freeze-batchnorm``)."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training

@@ -38,7 +38,7 @@ from .devices import resolve_device
 from .distributed import DistContext, convert_batchnorm, init_distributed, shutdown_distributed
 from .errors import TrainingError
 from .evaluate import evaluate_generator, write_triplets
-from .model import PatchDiscriminator, UNetGenerator, init_weights
+from .model import PatchDiscriminator, UNetGenerator, init_weights, modes_kept
 from .weights import TRAINED_WEIGHTS, ModelSpec, load_generator, model_digest, save_generator
 
 CHECKPOINT = "checkpoint.pt"
@@ -326,11 +326,11 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         steps_left = self.cfg.max_steps
         record: dict = {}
+        self._train_mode()
         while self.epoch < self.total_epochs:
             sums: dict[str, float] = {}
             count = 0
             started = time.time()
-            self._train_mode()
             for a, b in self._batches():
                 if steps_left is not None and steps_left <= 0:
                     self.save_checkpoint()
@@ -352,7 +352,7 @@ class Trainer:
 
     def _train_mode(self) -> None:
         """Both models in training mode, the generator's BatchNorm in eval mode with
-        ``freeze_batchnorm``. Set at each epoch's start: scoring at an epoch's end restores train mode."""
+        ``freeze_batchnorm``. Set once: scoring and recalibration give each layer its own mode back."""
         self.G_ddp.train()
         self.D_ddp.train()
         if self.cfg.freeze_batchnorm:
@@ -449,15 +449,13 @@ def recalibrate_batchnorm(generator: nn.Module, dataset: datasets.PairDataset, c
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the recalibration batches
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-    was_training = generator.training
-    generator.train()
-    with torch.no_grad():
+    with modes_kept(generator), torch.no_grad():
+        generator.train()
         for start in range(0, n, batch):
             crops = [dataset[int(i)][0] for i in order[start : min(start + batch, n)]]
             generator(torch.stack(crops).to(device, memory_format=torch.channels_last))
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
-    generator.train(was_training)
     return n
 
 

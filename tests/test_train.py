@@ -246,8 +246,9 @@ def test_frozen_batchnorm_trains_on_the_starting_statistics_and_keeps_them(tmp_p
     g = UNetGenerator(ngf=4)
     set_batchnorm_statistics(g, 0.25, 3.0)
     save_generator(g.eval(), ModelSpec(ngf=4, gsd_m=2.0), start)
+    # Two epochs: the first's end-of-epoch scoring must leave BatchNorm frozen for the second.
     cfg = tiny_config(data, tmp_path / "run", init_from=str(start), freeze_batchnorm=True, epochs=1,
-                      epochs_decay=0, load_size=256, ema_decay=0.9)
+                      epochs_decay=1, load_size=256, ema_decay=0.9)
     train(cfg)
     for name in ("generator.safetensors", "trained_generator.safetensors"):
         trained, spec = load_generator(tmp_path / "run" / name)
@@ -539,3 +540,9 @@ def test_average_of_frozen_batchnorm_snapshots_keeps_their_statistics(tmp_path):
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert all(torch.equal(m.running_var, torch.full_like(m.running_var, 3.0)) for m in bns)
     assert "bn_recalibration" not in spec.provenance and spec.provenance["bn_statistics"].startswith("kept")
+    # Asked for crops, it re-estimates them anyway.
+    again = CliRunner().invoke(cli, ["average-weights", *map(str, paths), str(out), "--data", str(data),
+                                     "--holdout", "3", "--crops", "4", "--overwrite"])
+    assert again.exit_code == 0 and "re-estimated on 4 crops" in again.output, again.output
+    bns = [m for m in load_generator(out)[0].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert not all(torch.equal(m.running_var, torch.full_like(m.running_var, 3.0)) for m in bns)
