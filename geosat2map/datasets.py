@@ -67,7 +67,8 @@ def _resize(img: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """(input, target) pairs resized to ``load_size``; ``crop_size`` random crops with flips when ``augment``."""
+    """(input, target) pairs resized to ``load_size``; ``crop_size`` random crops with flips when
+    ``augment``, and random quarter turns too with ``rot90``."""
 
     def __init__(
         self,
@@ -77,6 +78,7 @@ class PairDataset(torch.utils.data.Dataset):
         crop_size: int = 256,
         augment: bool = True,
         seed: int = 0,
+        rot90: bool = False,
     ) -> None:
         if not pairs:
             raise DataError("the data set is empty")
@@ -87,6 +89,7 @@ class PairDataset(torch.utils.data.Dataset):
         self.targets = [_resize(torch.from_numpy(b), size) for _, b in pairs]
         self.names = names
         self.load_size, self.crop_size, self.augment, self.seed = load_size, crop_size, augment, seed
+        self.rot90 = rot90
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -96,7 +99,7 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.inputs)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float tensors in [-1, 1]; the same crop and flip for input and target."""
+        """Float tensors in [-1, 1]; the same crop, flip and turn for input and target."""
         a, b = self.inputs[index], self.targets[index]
         if self.augment:
             gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
@@ -107,6 +110,9 @@ class PairDataset(torch.utils.data.Dataset):
             b = b[:, y : y + self.crop_size, x : x + self.crop_size]
             if flip:
                 a, b = a.flip(-1), b.flip(-1)
+            if self.rot90:  # drawn last, so runs without it see the same crops and flips as before
+                turns = int(torch.randint(4, (), generator=gen))
+                a, b = a.rot90(turns, (-2, -1)), b.rot90(turns, (-2, -1))
         return to_model_range(a), to_model_range(b)
 
 

@@ -44,7 +44,7 @@ from .weights import TRAINED_WEIGHTS, ModelSpec, load_generator, model_digest, s
 CHECKPOINT = "checkpoint.pt"
 #: The TrainConfig fields every saved generator's provenance records (how it was trained).
 RECORDED_SETTINGS = ("load_size", "crop_size", "batch_size", "lr", "beta1", "beta2", "lambda_l1", "epochs",
-                     "epochs_decay", "ndf", "holdout", "seed", "ema_decay", "freeze_batchnorm")
+                     "epochs_decay", "ndf", "holdout", "seed", "ema_decay", "freeze_batchnorm", "rot90")
 
 
 @dataclass
@@ -87,6 +87,10 @@ class TrainConfig:
     #: ends). Translate runs the generator that way, while batch-1 training normalises every layer
     #: by the one image's own statistics; this removes that mismatch (see the model card).
     freeze_batchnorm: bool = False
+    #: Turn each training crop (input and target alike) by a random multiple of 90 degrees as
+    #: well as mirroring it: imagery seen from above has no "up", so the eight turns and mirrors
+    #: are all plausible scenes (the pix2pix recipe only mirrors).
+    rot90: bool = False
 
     @classmethod
     def from_json(cls, path: Path) -> TrainConfig:
@@ -138,7 +142,8 @@ class Trainer:
         torch.manual_seed(config.seed)
 
         pairs, names = datasets.load_pairs(config.data, "train", config.direction, config.holdout)
-        self.train_set = datasets.PairDataset(pairs, names, config.load_size, config.crop_size, True, config.seed)
+        self.train_set = datasets.PairDataset(pairs, names, config.load_size, config.crop_size, True, config.seed,
+                                              rot90=config.rot90)
         val_pairs, val_names = datasets.load_pairs(config.data, "val", config.direction, config.holdout)
         self.val_set = (
             datasets.PairDataset(val_pairs, val_names, config.crop_size, config.crop_size, False) if val_pairs else None

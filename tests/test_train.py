@@ -262,6 +262,30 @@ def test_frozen_batchnorm_trains_on_the_starting_statistics_and_keeps_them(tmp_p
         train(tiny_config(data, tmp_path / "run2", freeze_batchnorm=True))
 
 
+def test_quarter_turns_augment_input_and_target_alike_and_are_recorded(tmp_path):
+    from geosat2map.datasets import PairDataset
+    from geosat2map.weights import load_generator
+
+    a = np.arange(3 * 8 * 8, dtype=np.uint8).reshape(3, 8, 8)  # no symmetry: every turn and mirror differs
+    b = 255 - a
+    seen = {}
+    for rot90 in (False, True):
+        ds = PairDataset([(a, b)], ["p"], load_size=8, crop_size=8, seed=0, rot90=rot90)
+        outs = []
+        for epoch in range(32):
+            ds.set_epoch(epoch)
+            x, y = ds[0]
+            assert torch.allclose(x, -y, atol=1e-6)  # the target turned and mirrored with its input
+            outs.append(x)
+        seen[rot90] = {tuple(x.flatten().tolist()) for x in outs}
+    assert len(seen[False]) == 2  # the recipe: mirrored or not
+    assert len(seen[True]) > 4 and seen[False] <= seen[True]  # quarter turns too
+    data = write_aligned(tmp_path / "data")
+    train(tiny_config(data, tmp_path / "run", rot90=True, epochs=1, epochs_decay=0, load_size=256))
+    spec = load_generator(tmp_path / "run" / "generator.safetensors")[1]
+    assert spec.provenance["settings"]["rot90"] is True
+
+
 def test_interrupted_training_says_so_in_one_line(tmp_path):
     """Ctrl-C or SIGTERM during training: the progress bar is closed before the CLI restores its
     stderr, so nothing writes to a closed descriptor afterwards (a traceback at exit, once)."""
