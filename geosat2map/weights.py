@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import weakref
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -63,7 +64,17 @@ def save_generator(model: torch.nn.Module, spec: ModelSpec, path: str | Path, ha
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
     save_file(state, str(tmp), metadata={"format": FORMAT, "geosat2map": json.dumps(asdict(spec))})
+    # safetensors 0.8 writes through a private temporary file (mode 0600, safetensors issue #782):
+    # give the file the mode an ordinary write would, so other users and containers can load it.
+    os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
     tmp.replace(path)
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: briefly to the strictest value)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def read_spec(path: str | Path) -> ModelSpec:

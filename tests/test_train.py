@@ -570,3 +570,19 @@ def test_average_of_frozen_batchnorm_snapshots_keeps_their_statistics(tmp_path):
     assert again.exit_code == 0 and "re-estimated on 4 crops" in again.output, again.output
     bns = [m for m in load_generator(out)[0].modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert not all(torch.equal(m.running_var, torch.full_like(m.running_var, 3.0)) for m in bns)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_saved_weights_get_the_mode_an_ordinary_write_would(tmp_path):
+    """safetensors 0.8 writes through a private (0600) temporary file; other users must be able to
+    load a trained model, and an overwritten file keeps its mode."""
+    path = tmp_path / "g.safetensors"
+    old = os.umask(0o022)
+    try:
+        save_generator(UNetGenerator(ngf=4), ModelSpec(ngf=4), path)
+        assert path.stat().st_mode & 0o777 == 0o644
+        path.chmod(0o640)
+        save_generator(UNetGenerator(ngf=4), ModelSpec(ngf=4), path)
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
