@@ -6,7 +6,8 @@ same run is often better than any of them (Yazici et al., "The unusual effective
 in GAN training", ICLR 2019; model soups). The snapshots must share the architecture; BatchNorm
 statistics are then re-estimated for the averaged weights on training crops, as the trainer does
 at each epoch end, unless every snapshot has the same statistics: a run trained with frozen
-BatchNorm (``train --freeze-batchnorm``) learned its weights for those statistics, so they are kept.
+BatchNorm (``train --freeze-batchnorm``) learned its weights for those statistics, so they are kept
+unless re-estimation is asked for.
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ def average_generators(
 ) -> tuple[UNetGenerator, ModelSpec]:
     """The mean of the generators in ``weights``, its BatchNorm statistics kept when they are the
     same in every input (see the module's docstring) and ``recalibration`` is None, else
-    re-estimated over ``recalibration`` training crops (None: one of every pair) of the paired data folder ``data``
-    (the training split, ``holdout`` as in training, so validation pairs stay unseen; ``load_size``
-    as the run was trained, so the statistics come from the scale the weights learned). The
-    held-out pairs are then scored and the metrics kept in the spec's provenance (``val``), as the
-    trainer does."""
+    re-estimated over ``recalibration`` training crops (None: one of every pair) of the paired
+    data folder ``data`` (the training split, ``holdout`` as in training, so validation pairs
+    stay unseen; ``load_size`` as the run was trained, so the statistics come from the scale the
+    weights learned). The held-out pairs are then scored and the metrics kept in the spec's
+    provenance (``val``), as the trainer does."""
     if len(weights) < 2:
         raise WeightsError("averaging needs at least two weights files")
     loaded = [load_generator(w) for w in weights]
