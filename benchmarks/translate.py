@@ -2,6 +2,7 @@
 
     python benchmarks/translate.py [--sizes 2048,8192,16384] [--scene sample|noise]
                                    [--resolution native|model] [--backend auto|torch|onnxruntime]
+                                   [--precision auto|fp32|bf16] [--malloc retain|default]
                                    [--device cpu|cuda|mps|auto] [--repeat 3]
 
 For each size a uint8 RGB GeoTIFF (tiled, ZSTD, 0.5 m pixels) is written to a temporary folder.
@@ -11,8 +12,8 @@ compression. ``--resolution native`` translates every pixel; ``model`` resamples
 ground sampling distance, as translate does by default (fewer tiles, each read from about 18
 times as many source pixels).
 
-A child process loads the model once, picks the engine (--backend; auto: the faster of PyTorch
-and ONNX Runtime), and then alternates: the model alone on random tiles (same engine, batch size
+A child process loads the model once, picks the engine (--backend and --precision; auto: the
+fastest of PyTorch fp32, ONNX Runtime and, where the CPU multiplies bf16, PyTorch bf16), and then alternates: the model alone on random tiles (same engine, batch size
 and number of tiles, capped by --model-tiles), translate (its own clock: open, read, infer, blend,
 write, overviews, rename), the model alone, ... ``--repeat`` translate runs (default 3). Each
 side's best is reported with its range; the ratio is the median over translate runs of each run
@@ -63,17 +64,21 @@ CHILD = """
 import json, resource, sys, time
 import numpy as np, torch
 from geosat2map import load_generator, translate
-from geosat2map.engine import make_engine
+from geosat2map.engine import ENGINES, make_engine
 from geosat2map.grid import TileGrid
 from geosat2map.reader import open_scene
-src, dst, weights, batch, cap, backend, resolution, repeat, device = sys.argv[1:10]
+src, dst, weights, batch, cap, backend, precision, resolution, repeat, device, malloc = sys.argv[1:12]
+if malloc == "retain":  # as the CLI's translate does
+    from geosat2map.allocator import retain_freed_memory
+    retain_freed_memory()
 batch, cap, repeat = int(batch), int(cap), int(repeat)
 model = load_generator(None if weights == "default" else weights)
 scene = open_scene(src, None, resolution, model[1].gsd_m)
 tiles = min(cap, len(TileGrid(scene.width, scene.height)))
 scene.close()
 from geosat2map.devices import resolve_device
-engine = make_engine(model[0], resolve_device(device), backend, batch_size=batch)
+engine = make_engine(model[0], resolve_device(device), backend, precision, batch_size=batch)
+backend, precision = ENGINES[engine.name]  # translate runs the engine auto picked here
 x = np.random.default_rng(0).uniform(0, 255, (batch, 3, 256, 256)).astype(np.float32)
 engine(x)  # warm-up
 
@@ -87,7 +92,7 @@ def model_only():
 model_rates, seconds = [model_only()], []
 for _ in range(repeat):  # interleaved, so a slow spell of the machine shows in both
     r = translate(src, dst, model=model, resolution=resolution, batch_size=batch, device=device, overwrite=True,
-                  backend=engine.name)
+                  backend=backend, precision=precision)
     seconds.append(r.seconds)
     model_rates.append(model_only())
 print(json.dumps({"seconds": seconds, "width": r.width, "all_tiles": r.tiles, "tiles": r.tiles_computed,
@@ -131,13 +136,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--model-tiles", type=int, default=512)
     parser.add_argument("--backend", default="auto", help="auto, torch or onnxruntime (both sides use the same)")
+    parser.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (as translate --precision)")
+    parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                        help="retain: glibc keeps freed memory, as the CLI's translate sets it "
+                             "(geosat2map.allocator); default: glibc's own thresholds")
     parser.add_argument("--scene", choices=["sample", "noise"], default="sample")
     parser.add_argument("--resolution", choices=["native", "model"], default="native")
     parser.add_argument("--repeat", type=int, default=3, help="translate runs per scene")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (as translate --device)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"batch {args.batch_size}, device {args.device}, {args.scene} scene, {args.resolution} resolution")
+    print(f"batch {args.batch_size}, device {args.device}, {args.scene} scene, {args.resolution} resolution, "
+          f"{args.malloc} malloc")
     export_first(args.weights, args.backend)
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
@@ -145,14 +155,14 @@ def main() -> None:
             src = Path(tmp) / f"scene{size}.tif"
             make_scene(src, size, args.scene)
             cmd = [sys.executable, "-c", CHILD, str(src), str(Path(tmp) / "out.tif"), args.weights or "default",
-                   str(args.batch_size), str(args.model_tiles), args.backend, args.resolution, str(args.repeat),
-                   args.device]
+                   str(args.batch_size), str(args.model_tiles), args.backend, args.precision, args.resolution,
+                   str(args.repeat), args.device, args.malloc]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append((size, result["all_tiles"], result))
             src.unlink()
     gflop = gflop_per_tile(args.weights)
-    print(f"generator: {gflop:.2f} GFLOP per 256 x 256 tile (2 FLOP per multiply-add); backend "
+    print(f"generator: {gflop:.2f} GFLOP per 256 x 256 tile (2 FLOP per multiply-add, whatever the precision); engine "
           f"{', '.join(sorted({r['backend'] for _, _, r in rows}))}")
     print(f"{'scene':>13} {'output':>6} {'tiles':>6} {'model-only t/s (range)':>24} {'GFLOP/s':>8} "
           f"{'end-to-end t/s (range)':>24} {'ratio (range)':>18} {'wall s':>7} {'peak RSS MB':>12}")

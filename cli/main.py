@@ -128,7 +128,10 @@ def _parse_bands(ctx, param, value: str | None):
                    "memory holds, up to 128].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
-              help="auto: on the CPU, the faster of PyTorch and ONNX Runtime (onnx extra), timed on this scene.")
+              help="auto: on the CPU, the fastest of PyTorch and ONNX Runtime (onnx extra), timed on this scene.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto: bf16 autocast where the hardware multiplies bf16 (CUDA, CPUs with AMX or "
+                   "AVX512-BF16) and it is faster; maps within a level or two of fp32's.")
 @click.option("--bands", default=None, callback=_parse_bands,
               help="Input bands, e.g. 1,2,3 (default: by colour interpretation, else 1,2,3; one band as grey).")
 @click.option("--tta", is_flag=True,
@@ -148,7 +151,10 @@ def translate(src, dst, overlap, quiet, **options) -> None:
     """
     from tqdm import tqdm
 
+    from geosat2map.allocator import retain_freed_memory
     from geosat2map.pipeline import DEFAULT_OVERLAP, translate as run_translate, translate_many
+
+    retain_freed_memory()  # batch after batch, the same activations' memory (see geosat2map.allocator)
 
     bars: list[tqdm] = []  # created on the first tile, so an early error prints only its line
 
@@ -311,6 +317,9 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
                    "above has no up; the pix2pix recipe only mirrors).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Forward and backward passes under bf16 autocast (weights and optimiser stay fp32); "
+                   "auto: where the hardware multiplies bf16 (CUDA, CPUs with AMX or AVX512-BF16).")
 @click.option("--quiet", is_flag=True)
 @click.pass_context
 def train(ctx, data, out, resume, quiet, **options) -> None:
@@ -354,11 +363,14 @@ def train(ctx, data, out, resume, quiet, **options) -> None:
 @click.option("--direction", type=click.Choice(["AtoB", "BtoA"]), default="AtoB", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--tta", is_flag=True, help="Score the generator with translate --tta's flip averaging.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: score what translate's bf16 engine makes (auto: bf16 where the hardware has it).")
 @click.option("--against", default=None,
               help="Also score these weights ('default': the shipped model) on the same pairs and give the "
                    "per-pair differences with their standard errors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, against, as_json) -> None:
+def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, precision, against,
+             as_json) -> None:
     """Score a generator on paired DATA (a pix2pix aligned folder or a tiles folder), or a translate
     output DATA against --map: RMSE, accuracy at delta 5 and 10, PSNR, SSIM."""
     from geosat2map.evaluate import evaluate as run_eval, evaluate_rasters
@@ -369,7 +381,7 @@ def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, 
         result = evaluate_rasters(data, map_raster)
     else:
         result = run_eval(weights, data, split=split, direction=direction, holdout=holdout, device=device, tta=tta,
-                          against=against)
+                          against=against, precision=precision)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     elif against:

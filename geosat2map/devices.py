@@ -24,3 +24,26 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise Geosat2mapError(f"unknown device {name!r} (use auto, cpu, cuda or mps)") from None
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 in hardware: CUDA GPUs that support it, and CPUs with AMX
+    or AVX512-BF16. There bf16 runs the generator 2-2.5x faster than fp32 (2 cores with AMX:
+    145 against 58 tiles/s, width 32); CPUs without emulate it, about 3x slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    # torch's own probes of the CPU (private, hence the fallback to "no" if a release drops them).
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return any(probe() for probe in probes if probe is not None)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether to compute in bf16 (autocast) for ``precision``: ``auto`` does where it is native."""
+    if precision not in PRECISIONS:
+        raise Geosat2mapError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
+    return native_bf16(device) if precision == "auto" else precision == "bf16"

@@ -8,7 +8,9 @@ On the CPU, ONNX Runtime runs the same generator about a quarter faster than eag
 these 2-core machines (10.2 against 13.1 ms per 256-pixel tile, width 32, batch 8).
 :func:`make_engine` picks the faster of the two by timing both on the scene's batch size, once
 the generator has been exported to ONNX (cached by weights digest, so only the first run of a
-model pays the few seconds of export). GPUs use PyTorch (bf16 autocast, channels_last).
+model pays the few seconds of export). Where the hardware multiplies bf16 (CUDA GPUs, CPUs with
+AMX or AVX512-BF16) PyTorch under bf16 autocast is a third candidate (``torch-bf16``): 2.5x the fp32
+throughput on 2 AMX cores, its maps within a level or two of fp32's. GPUs use PyTorch only.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .devices import use_bf16
 from .errors import WeightsError
 from .onnx_export import export_proto
 from .weights import model_digest
@@ -32,6 +35,9 @@ from .weights import model_digest
 #: both engines (about half a second) would cost more than ONNX Runtime saves on them.
 AUTO_MIN_TILES = 200
 BACKENDS = ("auto", "torch", "onnxruntime")
+#: What each engine is called (reported, and kept in a resumable run's record) and the
+#: ``(backend, precision)`` that makes it again.
+ENGINES = {"torch": ("torch", "fp32"), "torch-bf16": ("torch", "bf16"), "onnxruntime": ("onnxruntime", "fp32")}
 #: Tiles per model call on the CPU. Batches 1-32 on 2 cores (width-32 default model, tiles/s):
 #: ONNX Runtime 32 / 29 / 29 / 34 / 34 / 33, PyTorch 21 / 26 / 29 / 28 / 25 / 22; every tile of a
 #: batch is held as float32 input and output (1.5 MB at 256 pixels).
@@ -43,7 +49,7 @@ GPU_BATCH_MAX = 128
 # Kept across calls in one process (several scenes, a Python loop): opening an ONNX Runtime session
 # costs 0.1-0.3 s and timing both engines about 0.5 s, more than a small scene's whole run.
 _sessions: dict[tuple[Path, int], OnnxRuntimeEngine] = {}  # the most recent session only
-_choices: dict[tuple[Path, int], str] = {}  # auto's pick per export and batch size
+_choices: dict[tuple, str] = {}  # auto's pick per model, candidates and batch shape
 
 
 class Engine(Protocol):
@@ -63,14 +69,13 @@ class Engine(Protocol):
 
 
 class InferenceEngine:
-    """The generator in PyTorch, on any device."""
+    """The generator in PyTorch, on any device, in fp32 or under bf16 autocast."""
 
-    name = "torch"
-
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, bf16: bool = False) -> None:
         self.device = device
         self.model = model.eval().to(device, memory_format=torch.channels_last)
-        # bf16 autocast on CUDA only: CPUs without bf16 units run it ~3x slower than fp32.
+        self.bf16 = bf16
+        self.name = "torch-bf16" if bf16 else "torch"
         self.cuda = self.asynchronous = device.type == "cuda"
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
@@ -80,10 +85,15 @@ class InferenceEngine:
     def run(self, tiles: torch.Tensor) -> torch.Tensor:
         """0..255 tiles already on the device (uint8 or float) in, float32 0..255 maps out, on the
         device (queued, on a GPU: nothing waits for them)."""
-        x = (tiles.float() / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+        # One buffer each way, scaled in place: the chain of temporaries this replaces cost 20 % of
+        # a bf16 batch on 2 cores (each a fresh allocation, its pages faulted in again). The maps
+        # come out contiguous (the model's output is channels_last), which the blending reads faster.
+        x = torch.empty(tiles.shape, dtype=torch.float32, device=tiles.device, memory_format=torch.channels_last)
+        torch.mul(tiles, 1.0 / 127.5, out=x).sub_(1.0)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             y = self.model(x)
-        return (y.float().clamp_(-1.0, 1.0) + 1.0) * 127.5
+        maps = torch.empty(y.shape, dtype=torch.float32, device=y.device)
+        return maps.copy_(y).clamp_(-1.0, 1.0).add_(1.0).mul_(127.5)
 
     @torch.inference_mode()
     def submit(self, tiles: np.ndarray) -> Callable[[], np.ndarray]:
@@ -151,13 +161,14 @@ def batch_for_memory(free_bytes: int, per_tile_bytes: float, most: int = GPU_BAT
     return n
 
 
-def auto_batch_size(model: nn.Module, device: torch.device, in_channels: int = 3, tile: int = 256) -> int:
+def auto_batch_size(model: nn.Module, device: torch.device, in_channels: int = 3, tile: int = 256,
+                    precision: str = "auto") -> int:
     """``CPU_BATCH`` on the CPU (and MPS); on CUDA as many tiles as half the free memory holds, by
-    the peak memory of a trial batch (up to ``GPU_BATCH_MAX``)."""
+    the peak memory of a trial batch at ``precision`` (up to ``GPU_BATCH_MAX``)."""
     if device.type != "cuda":
         return CPU_BATCH
     probe = 4
-    engine = InferenceEngine(model, device)
+    engine = InferenceEngine(model, device, use_bf16(precision, device))
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -217,41 +228,46 @@ def make_engine(
     model: nn.Module,
     device: torch.device,
     backend: str = "auto",
+    precision: str = "auto",
     *,
     in_channels: int = 3,
     tile: int = 256,
     batch_size: int = 8,
     tiles: int | None = None,
 ) -> Engine:
-    """The engine for ``backend``; ``auto`` times PyTorch against ONNX Runtime on the CPU and keeps
-    the faster (PyTorch on GPUs, without the onnx extra, or for scenes under ``AUTO_MIN_TILES``)."""
+    """The engine for ``backend`` at ``precision`` (``auto``: bf16 where the hardware has it, see
+    :func:`~geosat2map.devices.native_bf16`). Backend ``auto`` times the CPU's candidates (PyTorch
+    in fp32 and ONNX Runtime, and PyTorch in bf16 where precision allows it) on one batch and keeps
+    the fastest; on GPUs, without the onnx extra, or for scenes under ``AUTO_MIN_TILES`` it is PyTorch."""
     if backend not in BACKENDS:
         raise WeightsError(f"unknown backend {backend!r} (use {', '.join(BACKENDS)})")
-    torch_engine = InferenceEngine(model, device)
+    bf16 = use_bf16(precision, device)
+    if backend == "onnxruntime" and precision == "bf16":
+        raise WeightsError("the onnxruntime backend runs in fp32 only; use --backend torch for bf16")
+    torch_engine = InferenceEngine(model, device, bf16)
     if backend == "torch":
         return torch_engine
     if device.type != "cpu":
         if backend == "onnxruntime":
             raise WeightsError("the onnxruntime backend runs on the CPU only; use --device cpu or --backend torch")
         return torch_engine
-    if backend == "auto" and tiles is not None and tiles < AUTO_MIN_TILES:
+    if backend == "auto" and (precision == "bf16" or tiles is not None and tiles < AUTO_MIN_TILES):
         return torch_engine
-    if not onnx_available():
-        if backend == "onnxruntime":
-            raise WeightsError("the onnxruntime backend needs the onnx extra: pip install 'geosat2map[onnx]'")
-        return torch_engine
-    try:
-        onnx_path = engine_onnx(model, in_channels, tile)
-        ort_engine = _ort_engine(onnx_path)
-    except OSError as exc:  # no writable cache: say so if asked for, else stay on PyTorch
-        if backend == "onnxruntime":
-            raise WeightsError(f"cannot keep the ONNX export in {cache_dir()}: {exc} (set GEOSAT2MAP_CACHE)") from None
-        return torch_engine
+    candidates: list[Engine] = [torch_engine] if not bf16 else [torch_engine, InferenceEngine(model, device)]
+    if onnx_available():
+        try:
+            candidates.append(_ort_engine(engine_onnx(model, in_channels, tile)))
+        except OSError as exc:  # no writable cache: say so if asked for, else leave ONNX Runtime out
+            if backend == "onnxruntime":
+                raise WeightsError(f"cannot keep the ONNX export in {cache_dir()}: {exc} (set GEOSAT2MAP_CACHE)") from None
+    elif backend == "onnxruntime":
+        raise WeightsError("the onnxruntime backend needs the onnx extra: pip install 'geosat2map[onnx]'")
     if backend == "onnxruntime":
-        return ort_engine
-    key = (onnx_path, batch_size)
+        return candidates[-1]
+    if len(candidates) == 1:
+        return torch_engine
+    key = (model_digest(model), tuple(engine.name for engine in candidates), batch_size, in_channels, tile)
     if key not in _choices:
         batch = np.random.default_rng(0).uniform(0, 255, (batch_size, in_channels, tile, tile)).astype(np.float32)
-        ort_time, torch_time = _seconds_per_batch(ort_engine, batch), _seconds_per_batch(torch_engine, batch)
-        _choices[key] = ort_engine.name if ort_time < torch_time else torch_engine.name
-    return ort_engine if _choices[key] == ort_engine.name else torch_engine
+        _choices[key] = min(candidates, key=lambda engine: _seconds_per_batch(engine, batch)).name
+    return next(engine for engine in candidates if engine.name == _choices[key])

@@ -11,7 +11,7 @@ import torch
 from rasterio.errors import NotGeoreferencedWarning
 
 from . import datasets, metrics
-from .devices import resolve_device
+from .devices import resolve_device, use_bf16
 from .model import FlipAveraged, modes_kept
 from .weights import load_generator
 
@@ -22,16 +22,18 @@ def per_image_metrics(
     dataset: datasets.PairDataset,
     device: torch.device,
     keep: int = 0,
+    bf16: bool = False,
 ) -> tuple[list[dict[str, float]], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """Each pair's metrics for ``model`` in eval mode (as translate runs it), in the dataset's order,
-    and the first ``keep`` (input, output, target) triplets as uint8 tensors. The model's
-    train/eval modes are restored afterwards, each layer's own."""
+    """Each pair's metrics for ``model`` in eval mode (as translate runs it, under bf16 autocast
+    when ``bf16``), in the dataset's order, and the first ``keep`` (input, output, target) triplets
+    as uint8 tensors. The model's train/eval modes are restored afterwards, each layer's own."""
     per_image, kept = [], []
     with modes_kept(model):
         model.eval()
         for i in range(len(dataset)):
             a, b = dataset[i]
-            out = model(a[None].to(device, memory_format=torch.channels_last))[0].cpu()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = model(a[None].to(device, memory_format=torch.channels_last))[0].float().cpu()
             out_u8, b_u8 = datasets.from_model_range(out), datasets.from_model_range(b)
             per_image.append(metrics.image_metrics(out_u8, b_u8))
             if i < keep:
@@ -53,9 +55,10 @@ def evaluate_generator(
 
 
 def pair_metrics(model: torch.nn.Module, pairs: list, names: list[str], size: int,
-                 device: torch.device) -> list[dict[str, float]]:
+                 device: torch.device, bf16: bool = False) -> list[dict[str, float]]:
     """Each loaded pair's metrics for ``model``, the pairs resized to ``size`` x ``size`` (no augmentation)."""
-    return per_image_metrics(model, datasets.PairDataset(pairs, names, size, size, augment=False), device)[0]
+    dataset = datasets.PairDataset(pairs, names, size, size, augment=False)
+    return per_image_metrics(model, dataset, device, bf16=bf16)[0]
 
 
 def evaluate_pairs(model: torch.nn.Module, pairs: list, names: list[str], size: int,
@@ -90,9 +93,12 @@ def evaluate(
     device: str = "auto",
     tta: bool = False,
     against: str | Path | None = None,
+    precision: str = "fp32",
 ) -> dict:
     """Score a weights file (None or 'default': the default model) on the ``split`` of a paired data
-    folder, with translate's flip averaging when ``tta``.
+    folder, with translate's flip averaging when ``tta``, at ``precision`` (fp32 by default: the
+    figures then do not depend on the machine; ``bf16`` or ``auto`` score what translate's bf16
+    engine makes).
 
     Images are resized to 256 x 256, as the maps literature evaluates. With ``against`` (another
     weights file, or 'default') both are scored on the same pairs and ``difference`` gives, per
@@ -100,8 +106,11 @@ def evaluate(
     whether a fine-tuned model is better, not only its means.
     """
     pairs, names = datasets.load_pairs(data, split, direction, holdout)
-    scores = [_per_pair(w, pairs, names, device, tta) for w in ([weights] if against is None else [weights, against])]
-    result = {"weights": str(weights or "default"), "data": str(data), "split": split, "tta": tta}
+    dev = resolve_device(device)
+    bf16 = use_bf16(precision, dev)
+    scores = [_per_pair(w, pairs, names, dev, tta, bf16) for w in ([weights] if against is None else [weights, against])]
+    result = {"weights": str(weights or "default"), "data": str(data), "split": split, "tta": tta,
+              "precision": "bf16" if bf16 else "fp32"}
     if against is None:
         return {**result, **metrics.summarize(scores[0])}
     return {**result, "against": str(against), "count": float(len(pairs)),
@@ -109,15 +118,14 @@ def evaluate(
             "difference": metrics.paired_differences(scores[0], scores[1])}
 
 
-def _per_pair(weights: str | Path | None, pairs: list, names: list[str], device: str,
-              tta: bool) -> list[dict[str, float]]:
-    """Each pair's metrics for the generator in ``weights``, on its device, flip-averaged when ``tta``."""
+def _per_pair(weights: str | Path | None, pairs: list, names: list[str], device: torch.device,
+              tta: bool, bf16: bool) -> list[dict[str, float]]:
+    """Each pair's metrics for the generator in ``weights``, on ``device``, flip-averaged when ``tta``."""
     model, spec = load_generator(None if weights in (None, "default") else weights)
     if tta:
         model = FlipAveraged(model)
-    dev = resolve_device(device)
-    model.to(dev, memory_format=torch.channels_last)
-    return pair_metrics(model, pairs, names, spec.tile_size, dev)
+    model.to(device, memory_format=torch.channels_last)
+    return pair_metrics(model, pairs, names, spec.tile_size, device, bf16)
 
 
 def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256) -> dict:

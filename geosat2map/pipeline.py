@@ -21,7 +21,7 @@ import torch.distributed as dist
 from . import device_rows, sharded
 from .devices import resolve_device
 from .distributed import DistContext, process_group
-from .engine import Engine, InferenceEngine, auto_batch_size, make_engine
+from .engine import ENGINES, Engine, InferenceEngine, auto_batch_size, make_engine
 from . import resume as progress_record
 from .errors import Geosat2mapError, InputError, Interrupted, OutputError, WeightsError
 from .grid import RowBlender, TileGrid
@@ -152,6 +152,7 @@ def translate(
     model: tuple[torch.nn.Module, ModelSpec] | None = None,
     resume: bool = False,
     backend: str = "auto",
+    precision: str = "auto",
     tta: bool = False,
 ) -> TranslateResult:
     """Translate the GeoTIFF ``src`` into a map GeoTIFF at ``dst``; see ``geosat2map translate --help``.
@@ -159,7 +160,8 @@ def translate(
     ``model`` passes an already loaded (generator, spec) pair, to translate many scenes without
     reloading. ``batch_size`` None: 8 tiles on the CPU, on a GPU as many as half its free memory
     holds (up to 128). ``progress(advance, total)`` is called as tiles finish. ``backend``: ``torch``,
-    ``onnxruntime`` (CPU, needs the onnx extra) or ``auto`` (the faster of the two, timed). Interrupted (Ctrl-C,
+    ``onnxruntime`` (CPU, needs the onnx extra) or ``auto`` (the fastest, timed); ``precision``: ``fp32``,
+    ``bf16`` (autocast) or ``auto`` (bf16 where the hardware has it, see :func:`make_engine`). Interrupted (Ctrl-C,
     SIGTERM), a run keeps its finished rows beside ``dst`` and raises :class:`Interrupted`;
     ``resume=True`` with the same input, options and model continues it. ``tta``: average each
     tile's map with the mirrored map of its mirror image (:class:`~geosat2map.model.FlipAveraged`,
@@ -186,11 +188,11 @@ def translate(
             net = FlipAveraged(net)
         started = time.perf_counter()
         if batch_size is None:
-            batch_size = auto_batch_size(net, torch_device, spec.in_channels, tile_size)
+            batch_size = auto_batch_size(net, torch_device, spec.in_channels, tile_size, precision)
         return _run(src, dst, net, spec, torch_device, started, bands=bands, resolution=resolution,
                     tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
                     allow_ungeoreferenced=allow_ungeoreferenced, progress=progress, resume=resume,
-                    backend=backend, ctx=ctx)
+                    backend=backend, precision=precision, ctx=ctx)
 
 
 def _agree(ctx: DistContext, check: Callable[[], None]) -> None:
@@ -302,7 +304,7 @@ def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size
 
 
 def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_size, overlap, batch_size, cog,
-         allow_ungeoreferenced, progress, resume, backend, ctx) -> TranslateResult:
+         allow_ungeoreferenced, progress, resume, backend, precision, ctx) -> TranslateResult:
     opened: list = []
     _agree(ctx, lambda: opened.append(_open_checked(src, bands, resolution, spec, allow_ungeoreferenced,
                                                     tile_size, overlap)))
@@ -312,18 +314,18 @@ def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_
         with rasterio.Env(GDAL_CACHEMAX=cache):
             return _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, resolution=resolution,
                                  tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
-                                 progress=progress, resume=resume, backend=backend, ctx=ctx)
+                                 progress=progress, resume=resume, backend=backend, precision=precision, ctx=ctx)
     finally:
         scene.close()
 
 
 def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, resolution, tile_size, overlap,
-                  batch_size, cog, progress, resume, backend, ctx) -> TranslateResult:
+                  batch_size, cog, progress, resume, backend, precision, ctx) -> TranslateResult:
     """The main rank reads, infers, blends and writes; a helper rank (torchrun) computes and sends rows."""
     tta = isinstance(net, FlipAveraged)
     if ctx.enabled and not ctx.is_main:  # a helper rank: compute its rows, send them, write nothing
-        engine = make_engine(net, torch_device, backend, in_channels=spec.in_channels, tile=tile_size,
-                             batch_size=batch_size, tiles=len(grid))
+        engine = make_engine(net, torch_device, backend, precision, in_channels=spec.in_channels,
+                             tile=tile_size, batch_size=batch_size, tiles=len(grid))
         computed = sharded.send_rows(ctx, grid, _row_reader(scene, grid), engine, batch_size)
         return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
                                time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name,
@@ -332,8 +334,9 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
     kept_rows, computed_before = 0, 0
     if resume:  # the interrupted run's engine again: backends may differ in the last float bit
         record = progress_record.load(record_file, partial_path(dst), dst)
-        backend = record.get("options", {}).get("backend", backend)
-    engine = make_engine(net, torch_device, backend, in_channels=spec.in_channels, tile=tile_size,
+        recorded = record.get("options", {}).get("backend")
+        backend, precision = ENGINES.get(recorded, (backend, precision))
+    engine = make_engine(net, torch_device, backend, precision, in_channels=spec.in_channels, tile=tile_size,
                          batch_size=batch_size, tiles=len(grid))
     options = {"resolution": resolution, "tile_size": tile_size, "overlap": overlap, "bands": scene.bands,
                "cog": cog, "backend": engine.name, "tta": tta}

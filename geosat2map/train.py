@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from . import datasets
-from .devices import resolve_device
+from .devices import resolve_device, use_bf16
 from .distributed import DistContext, convert_batchnorm, init_distributed, shutdown_distributed
 from .errors import TrainingError
 from .evaluate import evaluate_generator, write_triplets
@@ -69,6 +69,10 @@ class TrainConfig:
     holdout: int = 10
     seed: int = 0
     device: str = "auto"
+    #: fp32, bf16 (autocast: the convolutions in bf16, weights, optimiser and losses in fp32) or
+    #: auto: bf16 where the hardware multiplies it (CUDA; CPUs with AMX, where a width-32 step
+    #: took 0.15 s against fp32's 0.29 s).
+    precision: str = "auto"
     gsd_m: float | None = None
     init_from: str | None = None
     max_steps: int | None = None
@@ -192,7 +196,7 @@ class Trainer:
             self.D_ddp: nn.Module = DistributedDataParallel(self.D, device_ids=ids)
         else:
             self.G_ddp, self.D_ddp = self.G, self.D
-        self.amp = self.device.type == "cuda"
+        self.amp = use_bf16(config.precision, self.device)
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0

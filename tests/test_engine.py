@@ -20,7 +20,7 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 def test_onnxruntime_engine_agrees_with_torch_and_is_exported_once(engine_cache):
     model = random_generator()
     tiles = np.random.default_rng(1).uniform(0, 255, (3, 3, 256, 256)).astype(np.float32)
-    reference = make_engine(model, torch.device("cpu"), "torch")(tiles)
+    reference = make_engine(model, torch.device("cpu"), "torch", "fp32")(tiles)
     ort = make_engine(model, torch.device("cpu"), "onnxruntime")
     assert ort.name == "onnxruntime"
     got = ort(tiles)
@@ -36,9 +36,9 @@ def test_onnxruntime_engine_agrees_with_torch_and_is_exported_once(engine_cache)
 
 def test_auto_uses_torch_for_small_scenes_and_times_both_for_big_ones():
     model = random_generator()
-    assert make_engine(model, torch.device("cpu"), "auto", tiles=AUTO_MIN_TILES - 1).name == "torch"
+    assert make_engine(model, torch.device("cpu"), "auto", "fp32", tiles=AUTO_MIN_TILES - 1).name == "torch"
     big = random_generator(seed=5)  # weights not exported yet: auto must export them to time ONNX Runtime
-    assert make_engine(big, torch.device("cpu"), "auto", tiles=AUTO_MIN_TILES, batch_size=2).name in (
+    assert make_engine(big, torch.device("cpu"), "auto", "fp32", tiles=AUTO_MIN_TILES, batch_size=2).name in (
         "torch", "onnxruntime")
     assert list(cache_dir().glob(f"engine-{model_digest(big)[:32]}-*.onnx"))
 
@@ -50,7 +50,8 @@ def test_a_small_scene_on_auto_does_not_even_import_onnx(tiny_weights, tmp_path)
 
     scene = write_scene(tmp_path / "small.tif", width=300, height=300)
     code = ("import sys; from geosat2map import translate; "
-            f"r = translate({str(scene)!r}, {str(tmp_path / 'map.tif')!r}, weights={str(tiny_weights)!r}); "
+            f"r = translate({str(scene)!r}, {str(tmp_path / 'map.tif')!r}, weights={str(tiny_weights)!r}, "
+            "precision='fp32'); "
             "print(r.backend, 'onnx' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["torch", "False"]
@@ -60,7 +61,8 @@ def test_translate_on_either_backend_gives_the_same_map_within_one_level(tiny_we
     scene = write_scene(tmp_path / "scene.tif", width=500, height=400)
     maps = {}
     for backend in ("torch", "onnxruntime"):
-        result = translate(scene, tmp_path / f"{backend}.tif", weights=tiny_weights, backend=backend)
+        result = translate(scene, tmp_path / f"{backend}.tif", weights=tiny_weights, backend=backend,
+                           precision="fp32")
         assert result.backend == backend
         with rasterio.open(result.dst) as dst:
             maps[backend] = dst.read().astype(int)
@@ -91,6 +93,8 @@ def test_unknown_or_impossible_backend_is_a_clean_error():
 
     with pytest.raises(WeightsError, match="unknown backend"):
         make_engine(random_generator(), torch.device("cpu"), "tensorrt")
+    with pytest.raises(WeightsError, match="fp32 only"):
+        make_engine(random_generator(), torch.device("cpu"), "onnxruntime", "bf16")
 
 
 def test_a_second_scene_reuses_the_session_and_auto_does_not_time_again(engine_cache, monkeypatch):
@@ -102,7 +106,7 @@ def test_a_second_scene_reuses_the_session_and_auto_does_not_time_again(engine_c
     timed = []
     real = engine._seconds_per_batch
     monkeypatch.setattr(engine, "_seconds_per_batch", lambda e, b: (timed.append(e.name), real(e, b))[1])
-    picks = {make_engine(model, torch.device("cpu"), "auto", tiles=AUTO_MIN_TILES, batch_size=2).name
+    picks = {make_engine(model, torch.device("cpu"), "auto", "fp32", tiles=AUTO_MIN_TILES, batch_size=2).name
              for _ in range(3)}
     assert sorted(timed) == ["onnxruntime", "torch"] and len(picks) == 1
     other = random_generator(seed=8)  # other weights: a session of their own

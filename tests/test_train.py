@@ -64,9 +64,12 @@ def test_generator_and_discriminator_match_the_reference_sizes():
     assert sum(isinstance(m, torch.nn.Dropout) for m in g.modules()) == 3
 
 
-def test_l1_falls_on_a_fixed_pair(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_l1_falls_on_a_fixed_pair(tmp_path, precision):
     data = write_aligned(tmp_path / "data", n=1)
-    trainer = Trainer(tiny_config(data, tmp_path / "run", holdout=0, ngf=8, lr=1e-3, load_size=256))
+    trainer = Trainer(tiny_config(data, tmp_path / "run", holdout=0, ngf=8, lr=1e-3, load_size=256,
+                                  precision=precision))
+    assert trainer.amp is (precision == "bf16")
     a, b = trainer.train_set[0]
     a, b = a[None], b[None]
     losses = [trainer.train_step(a, b)["G_L1"] for _ in range(40)]

@@ -114,7 +114,8 @@ def test_translate_tta_maps_a_mirrored_scene_to_the_mirrored_map(tiny_weights, t
     for name, data in (("scene", image), ("mirrored", image[:, :, ::-1])):
         src = write_scene(tmp_path / f"{name}.tif", width=640, height=300, data=data)
         for tta in (False, True):
-            result = translate(src, tmp_path / f"{name}-{tta}.tif", weights=tiny_weights, tta=tta, backend=backend)
+            result = translate(src, tmp_path / f"{name}-{tta}.tif", weights=tiny_weights, tta=tta, backend=backend,
+                               precision="fp32")
             assert result.tta is tta and result.backend == backend
             with rasterio.open(result.dst) as dst:
                 maps[name, tta] = dst.read().astype(int)
@@ -253,7 +254,7 @@ def test_torchrun_two_ranks_share_the_rows_and_write_the_single_process_file(tin
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[1]["computed"] == len(grid.xs) * len(grid.ys[1::2])  # only its own rows: none twice
     assert ranks[0]["computed"] == single.tiles_computed == len(grid)
-    assert ranks[0]["backend"] == ranks[1]["backend"] == "torch"
+    assert ranks[0]["backend"] == ranks[1]["backend"] == single.backend
     with rasterio.open(tmp_path / "single.tif") as a, rasterio.open(tmp_path / "multi.tif") as b:
         assert np.array_equal(a.read(), b.read())
         assert np.array_equal(a.dataset_mask(), b.dataset_mask())
@@ -507,7 +508,7 @@ def test_batch_size_defaults_to_8_on_the_cpu_and_to_the_free_memory_on_a_gpu(sce
     allocated = {"now": 10**9, "peak": 0}
 
     class TrialEngine:
-        def __init__(self, model, device):
+        def __init__(self, model, device, bf16):
             pass
 
         def __call__(self, tiles):
@@ -524,3 +525,14 @@ def test_batch_size_defaults_to_8_on_the_cpu_and_to_the_free_memory_on_a_gpu(sce
     assert engine.auto_batch_size(None, gpu) == 16  # 1.5 GB / 50 MB = 30 tiles
     monkeypatch.setattr(cuda, "mem_get_info", lambda device: (120 * 10**9, 140 * 10**9))
     assert engine.auto_batch_size(None, gpu) == engine.GPU_BATCH_MAX
+
+
+def test_glibc_is_told_to_keep_freed_memory_and_others_are_left_alone(monkeypatch):
+    import platform
+
+    from geosat2map.allocator import retain_freed_memory
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert retain_freed_memory() is glibc  # mallopt accepted both thresholds
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("musl", "1.2"))
+    assert retain_freed_memory() is False

@@ -1,0 +1,77 @@
+"""bf16: where it is used, and that its maps stay within a level or two of fp32's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.windows import Window
+
+import geosat2map.engine as engine
+from geosat2map import translate
+from geosat2map.devices import native_bf16, use_bf16
+from geosat2map.engine import AUTO_MIN_TILES, make_engine, onnx_available
+from geosat2map.errors import Geosat2mapError, Interrupted
+from geosat2map.weights import load_generator
+
+from .conftest import SAMPLE_SCENE, random_generator, write_scene
+
+CPU = torch.device("cpu")
+
+
+def test_precision_auto_follows_the_hardware_and_the_others_are_what_they_say():
+    assert use_bf16("auto", CPU) is native_bf16(CPU)
+    assert use_bf16("bf16", CPU) and not use_bf16("fp32", CPU)
+    assert not native_bf16(torch.device("meta"))
+    with pytest.raises(Geosat2mapError, match="unknown precision"):
+        use_bf16("fp8", CPU)
+
+
+def test_bf16_maps_of_the_default_model_stay_within_two_levels_of_fp32():
+    model, _ = load_generator()
+    with rasterio.open(SAMPLE_SCENE) as src:
+        tiles = np.stack([src.read([1, 2, 3], window=Window(x, 0, 256, 256)) for x in (0, 256)]).astype(np.float32)
+    fp32 = make_engine(model, CPU, "torch", "fp32")
+    bf16 = make_engine(model, CPU, "torch", "bf16")
+    assert (fp32.name, bf16.name) == ("torch", "torch-bf16")
+    diff = np.abs(np.rint(bf16(tiles)) - np.rint(fp32(tiles)))
+    assert diff.mean() < 0.5 and diff.max() <= 2  # measured: mean 0.17, max 1
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_times_bf16_only_where_the_hardware_has_it(monkeypatch, native):
+    monkeypatch.setattr(engine, "use_bf16", lambda precision, device: native if precision == "auto" else
+                        precision == "bf16")
+    timed: list[str] = []
+    real = engine._seconds_per_batch
+    monkeypatch.setattr(engine, "_seconds_per_batch", lambda e, b: (timed.append(e.name), real(e, b))[1])
+    model = random_generator(seed=11 + native)
+    picked = make_engine(model, CPU, "auto", tiles=AUTO_MIN_TILES, batch_size=2).name
+    candidates = {"torch-bf16", "torch"} if native else {"torch"}
+    if onnx_available():
+        candidates.add("onnxruntime")
+    assert set(timed) == (candidates if len(candidates) > 1 else set())  # one candidate: nothing to time
+    assert picked in candidates
+    # A small scene is not timed: PyTorch at the precision auto resolves to.
+    assert make_engine(model, CPU, "auto", tiles=1).name == ("torch-bf16" if native else "torch")
+
+
+def test_resume_keeps_the_interrupted_runs_precision(tiny_weights, tmp_path):
+    scene = write_scene(tmp_path / "scene.tif", width=600, height=1200)
+    whole = translate(scene, tmp_path / "whole.tif", weights=tiny_weights, backend="torch", precision="bf16")
+    assert whole.backend == "torch-bf16"
+    seen = [0]
+
+    def stop(advance, total):
+        seen[0] += advance
+        if seen[0] >= 12:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "map.tif"
+    with pytest.raises(Interrupted):
+        translate(scene, out, weights=tiny_weights, backend="torch", precision="bf16", progress=stop)
+    resumed = translate(scene, out, weights=tiny_weights, precision="fp32", resume=True)
+    assert resumed.backend == "torch-bf16"
+    with rasterio.open(whole.dst) as a, rasterio.open(out) as b:
+        assert np.array_equal(a.read(), b.read())
