@@ -3,7 +3,9 @@
     python benchmarks/train_step.py [--ngf 64] [--batch-size 1] [--steps 10] [--device auto]
 
 Uses the real Trainer on a small synthetic aligned folder; prints the median step time for the
-channels_last layout the trainer uses and for the default contiguous layout.
+channels_last layout the trainer uses and for the default contiguous layout, in fp32 and under bf16
+autocast (train --precision; auto uses bf16 where the hardware multiplies it: CUDA, AMX or
+AVX512-BF16 CPUs; elsewhere bf16 is emulated and slow).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import rasterio
 import torch
 from rasterio.errors import NotGeoreferencedWarning
 
+from geosat2map.devices import native_bf16
 from geosat2map.train import TrainConfig, Trainer
 
 
@@ -67,10 +70,12 @@ def main() -> None:
                           holdout=0, device=args.device)
         trainer = Trainer(cfg)
         print(f"device {trainer.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"ngf {args.ngf}, batch {args.batch_size}")
-        for name, fmt in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
-            s = time_steps(trainer, args.steps, fmt)
-            print(f"{name:>14}: {s:.3f} s/step, {args.batch_size / s:.2f} images/s")
+              f"ngf {args.ngf}, batch {args.batch_size}, bf16 native: {native_bf16(trainer.device)}")
+        for precision in ("fp32", "bf16"):
+            trainer.amp = precision == "bf16"
+            for name, fmt in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
+                s = time_steps(trainer, args.steps, fmt)
+                print(f"{precision} {name:>14}: {s:.3f} s/step, {args.batch_size / s:.2f} images/s")
 
 
 if __name__ == "__main__":
