@@ -1,12 +1,15 @@
 """Streaming translate against an in-memory tiled baseline: same model, scene, tile size and overlap.
 
     pip install tiler   # benchmark-only dependency
-    python benchmarks/baseline.py [--size 8192] [--weights W] [--batch-size 8]
+    python benchmarks/baseline.py [--size 8192] [--weights W] [--batch-size 8] [--precision auto]
 
 The baseline is what a notebook would do with the `tiler` package: read the whole scene into
 memory, cut it into overlapping 256-pixel tiles (reflect padding), run the generator in batches,
 merge with tiler's Hann window, and write the same GeoTIFF (tiled, ZSTD level 1, predictor 2,
-overviews). Both sides run the generator with PyTorch. Each side runs in its own child process, which reports wall time and peak RSS.
+overviews). Both sides run the generator with PyTorch at the same precision (--precision: auto is
+bf16 where the CPU multiplies it, as translate's) and both have glibc keep freed memory as the
+CLI's translate does (geosat2map.allocator). Each side runs in its own child process, which
+reports wall time and peak RSS.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from translate import make_scene  # noqa: E402  (the sample-based scene of bench
 STREAMING = """
 import json, resource, sys, time
 from geosat2map import load_generator, translate
-src, dst, weights, batch, overlap = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+from geosat2map.allocator import retain_freed_memory
+src, dst, weights, batch, overlap, precision = sys.argv[1:4] + [int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]]
+retain_freed_memory()
 model = load_generator(None if weights == "default" else weights)
 t = time.perf_counter()
 r = translate(src, dst, model=model, resolution="native", batch_size=batch, overlap=overlap, device="cpu",
-              overwrite=True, backend="torch")  # the baseline's engine too
+              overwrite=True, backend="torch", precision=precision)  # the baseline's engine too
 print(json.dumps({"seconds": time.perf_counter() - t, "tiles": r.tiles_computed,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -39,11 +44,14 @@ import numpy as np, rasterio, torch
 from rasterio.enums import Resampling
 from tiler import Merger, Tiler
 from geosat2map import load_generator
+from geosat2map.allocator import retain_freed_memory
+from geosat2map.devices import use_bf16
 from geosat2map.engine import InferenceEngine
 from geosat2map.writer import overview_factors
-src, dst, weights, batch, overlap = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+src, dst, weights, batch, overlap, precision = sys.argv[1:4] + [int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]]
+retain_freed_memory()
 model, _ = load_generator(None if weights == "default" else weights)
-engine = InferenceEngine(model, torch.device("cpu"))
+engine = InferenceEngine(model, torch.device("cpu"), use_bf16(precision, torch.device("cpu")))
 t = time.perf_counter()
 with rasterio.open(src) as ds:
     image = ds.read()
@@ -75,6 +83,7 @@ def main() -> None:
     parser.add_argument("--weights", default=None, help="default: the shipped model")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--overlap", type=int, default=64)
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     args = parser.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,12 +91,12 @@ def main() -> None:
         make_scene(src, args.size)
         for name, code in (("streaming (geosat2map)", STREAMING), ("in-memory (tiler)", IN_MEMORY)):
             cmd = [sys.executable, "-c", code, str(src), str(Path(tmp) / "out.tif"), args.weights or "default",
-                   str(args.batch_size), str(args.overlap)]
+                   str(args.batch_size), str(args.overlap), args.precision]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"{name} failed: {proc.stderr[-2000:]}")
             rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"{args.size} x {args.size}, overlap {args.overlap}, batch {args.batch_size}, CPU")
+    print(f"{args.size} x {args.size}, overlap {args.overlap}, batch {args.batch_size}, CPU, precision {args.precision}")
     print(f"{'':>24} {'tiles':>6} {'seconds':>8} {'tiles/s':>8} {'peak RSS MB':>12}")
     for name, r in rows.items():
         print(f"{name:>24} {r['tiles']:>6} {r['seconds']:>8.1f} {r['tiles'] / r['seconds']:>8.1f} {r['peak_rss_mb']:>12.0f}")
