@@ -71,12 +71,14 @@ src, dst, weights, batch, cap, backend, precision, resolution, repeat, device, m
 if malloc == "retain":  # as the CLI's translate does
     from geosat2map.allocator import retain_freed_memory
     retain_freed_memory()
-batch, cap, repeat = int(batch), int(cap), int(repeat)
+cap, repeat = int(cap), int(repeat)
 model = load_generator(None if weights == "default" else weights)
 scene = open_scene(src, None, resolution, model[1].gsd_m)
 tiles = min(cap, len(TileGrid(scene.width, scene.height)))
 scene.close()
 from geosat2map.devices import resolve_device
+from geosat2map.engine import auto_batch_size
+batch = int(batch) or auto_batch_size(model[0], resolve_device(device), precision=precision)  # 0: translate's
 engine = make_engine(model[0], resolve_device(device), backend, precision, batch_size=batch)
 backend, precision = ENGINES[engine.name]  # translate runs the engine auto picked here
 x = np.random.default_rng(0).uniform(0, 255, (batch, 3, 256, 256)).astype(np.float32)
@@ -96,7 +98,7 @@ for _ in range(repeat):  # interleaved, so a slow spell of the machine shows in 
     seconds.append(r.seconds)
     model_rates.append(model_only())
 print(json.dumps({"seconds": seconds, "width": r.width, "all_tiles": r.tiles, "tiles": r.tiles_computed,
-                  "model": model_rates, "backend": r.backend,
+                  "model": model_rates, "backend": r.backend, "batch": batch,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -133,7 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="2048,8192,16384")
     parser.add_argument("--weights", default=None, help="default: the shipped model")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=0, help="default: translate's (8 on the CPU, 16 in bf16)")
     parser.add_argument("--model-tiles", type=int, default=512)
     parser.add_argument("--backend", default="auto", help="auto, torch or onnxruntime (both sides use the same)")
     parser.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (as translate --precision)")
@@ -146,7 +148,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (as translate --device)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"batch {args.batch_size}, device {args.device}, {args.scene} scene, {args.resolution} resolution, "
+    print(f"batch {args.batch_size or 'as translate'}, device {args.device}, {args.scene} scene, {args.resolution} resolution, "
           f"{args.malloc} malloc")
     export_first(args.weights, args.backend)
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,7 +165,8 @@ def main() -> None:
             src.unlink()
     gflop = gflop_per_tile(args.weights)
     print(f"generator: {gflop:.2f} GFLOP per 256 x 256 tile (2 FLOP per multiply-add, whatever the precision); engine "
-          f"{', '.join(sorted({r['backend'] for _, _, r in rows}))}")
+          f"{', '.join(sorted({r['backend'] for _, _, r in rows}))}, batch "
+          f"{', '.join(sorted({str(r['batch']) for _, _, r in rows}))}")
     print(f"{'scene':>13} {'output':>6} {'tiles':>6} {'model-only t/s (range)':>24} {'GFLOP/s':>8} "
           f"{'end-to-end t/s (range)':>24} {'ratio (range)':>18} {'wall s':>7} {'peak RSS MB':>12}")
     for size, tiles, r in rows:

@@ -124,7 +124,7 @@ def _parse_bands(ctx, param, value: str | None):
 @click.option("--tile-size", type=int, default=256, show_default=True)
 @click.option("--overlap", type=int, default=None, help="Overlap between tiles in pixels [default: 64].")
 @click.option("--batch-size", type=int, default=None,
-              help="Tiles per model call [default: 8 on the CPU; on a GPU as many as half its free "
+              help="Tiles per model call [default: 8 on the CPU, 16 in bf16; on a GPU as many as half its free "
                    "memory holds, up to 128].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,

@@ -42,6 +42,10 @@ ENGINES = {"torch": ("torch", "fp32"), "torch-bf16": ("torch", "bf16"), "onnxrun
 #: ONNX Runtime 32 / 29 / 29 / 34 / 34 / 33, PyTorch 21 / 26 / 29 / 28 / 25 / 22; every tile of a
 #: batch is held as float32 input and output (1.5 MB at 256 pixels).
 CPU_BATCH = 8
+#: bf16 on AMX gains more from larger batches (2 cores, tiles/s for batches 4 / 8 / 16 / 32: 154 /
+#: 178 / 214 / 237); 16 took translate of 8192 x 8192 from 136.6 to 157.5 tiles/s for 210 MB more
+#: peak memory (1102 MB), 32 to 162.1 for 740 MB more.
+CPU_BATCH_BF16 = 16
 #: A GPU's batch is sized to its free memory, up to this: larger batches only hold more tiles in
 #: flight (the CPU side feeds a few hundred to a few thousand tiles/s, see benchmarks/pipeline.py).
 GPU_BATCH_MAX = 128
@@ -163,10 +167,11 @@ def batch_for_memory(free_bytes: int, per_tile_bytes: float, most: int = GPU_BAT
 
 def auto_batch_size(model: nn.Module, device: torch.device, in_channels: int = 3, tile: int = 256,
                     precision: str = "auto") -> int:
-    """``CPU_BATCH`` on the CPU (and MPS); on CUDA as many tiles as half the free memory holds, by
-    the peak memory of a trial batch at ``precision`` (up to ``GPU_BATCH_MAX``)."""
+    """On the CPU (and MPS) ``CPU_BATCH``, or ``CPU_BATCH_BF16`` where ``precision`` means bf16; on
+    CUDA as many tiles as half the free memory holds, by the peak memory of a trial batch at
+    ``precision`` (up to ``GPU_BATCH_MAX``)."""
     if device.type != "cuda":
-        return CPU_BATCH
+        return CPU_BATCH_BF16 if device.type == "cpu" and use_bf16(precision, device) else CPU_BATCH
     probe = 4
     engine = InferenceEngine(model, device, use_bf16(precision, device))
     torch.cuda.synchronize(device)

@@ -158,7 +158,7 @@ def translate(
     """Translate the GeoTIFF ``src`` into a map GeoTIFF at ``dst``; see ``geosat2map translate --help``.
 
     ``model`` passes an already loaded (generator, spec) pair, to translate many scenes without
-    reloading. ``batch_size`` None: 8 tiles on the CPU, on a GPU as many as half its free memory
+    reloading. ``batch_size`` None: 8 tiles on the CPU (16 in bf16), on a GPU as many as half its free memory
     holds (up to 128). ``progress(advance, total)`` is called as tiles finish. ``backend``: ``torch``,
     ``onnxruntime`` (CPU, needs the onnx extra) or ``auto`` (the fastest, timed); ``precision``: ``fp32``,
     ``bf16`` (autocast) or ``auto`` (bf16 where the hardware has it, see :func:`make_engine`). Interrupted (Ctrl-C,

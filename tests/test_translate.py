@@ -495,13 +495,15 @@ def test_tile_rows_cut_from_one_read_equal_window_reads_and_read_each_row_once(t
                     assert not diff.any()
 
 
-def test_batch_size_defaults_to_8_on_the_cpu_and_to_the_free_memory_on_a_gpu(scene, tiny_weights, tmp_path,
-                                                                            monkeypatch):
+def test_batch_size_defaults_to_8_on_the_cpu_16_in_bf16_and_to_the_free_memory_on_a_gpu(scene, tiny_weights, tmp_path,
+                                                                                       monkeypatch):
     import geosat2map.engine as engine
 
     assert [engine.batch_for_memory(f, 10) for f in (5, 40, 100, 10**9)] == [1, 4, 8, engine.GPU_BATCH_MAX]
-    result = translate(scene, tmp_path / "map.tif", weights=tiny_weights)
+    result = translate(scene, tmp_path / "map.tif", weights=tiny_weights, precision="fp32")
     assert result.batch_size == engine.CPU_BATCH == 8
+    result = translate(scene, tmp_path / "bf16.tif", weights=tiny_weights, precision="bf16")
+    assert result.batch_size == engine.CPU_BATCH_BF16 == 16 and result.backend == "torch-bf16"
     assert translate(scene, tmp_path / "b3.tif", weights=tiny_weights, batch_size=3).batch_size == 3
 
     # On CUDA: the peak memory of a 4-tile trial batch, here 50 MB a tile, against half the free memory.
