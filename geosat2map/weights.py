@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .errors import InputError, OutputError, WeightsError
 from .model import UNetGenerator
@@ -63,18 +63,20 @@ def save_generator(model: torch.nn.Module, spec: ModelSpec, path: str | Path, ha
         state[key] = value
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
-    save_file(state, str(tmp), metadata={"format": FORMAT, "geosat2map": json.dumps(asdict(spec))})
-    # safetensors 0.8 writes through a private temporary file (mode 0600, safetensors issue #782):
-    # give the file the mode an ordinary write would, so other users and containers can load it.
-    os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
-    tmp.replace(path)
-
-
-def _umask() -> int:
-    """The process's umask (reading it means setting it: briefly to the strictest value)."""
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
+    # Serialised here and written with an ordinary open(): safetensors 0.8's save_file goes through
+    # a private temporary file (mode 0600, safetensors issue #782) that other users could not load.
+    # The file so gets the process umask's mode without reading the umask (which means setting
+    # it, racing other threads); an overwritten file keeps its mode.
+    data = save(state, metadata={"format": FORMAT, "geosat2map": json.dumps(asdict(spec))})
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        tmp.replace(path)
+    except BaseException:  # a full disk, Ctrl-C: no half-written .part left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_spec(path: str | Path) -> ModelSpec:
