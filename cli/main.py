@@ -127,8 +127,11 @@ def _parse_bands(ctx, param, value: str | None):
               help="Tiles per model call [default: 8 on the CPU, 16 in bf16; on a GPU as many as half its free "
                    "memory holds, up to 128].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
-@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
-              help="auto: on the CPU, the fastest of PyTorch and ONNX Runtime (onnx extra), timed on this scene.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "compiled", "onnxruntime"]), default="auto",
+              show_default=True,
+              help="auto: on the CPU, the fastest of PyTorch and ONNX Runtime (onnx extra), timed on this scene. "
+                   "compiled: PyTorch compiled with torch.compile (CPU, needs a C++ compiler; seconds to compile, "
+                   "faster in bf16 after: for very large scenes or many scenes in one call).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="auto: bf16 autocast where the hardware multiplies bf16 (CUDA, CPUs with AMX or "
                    "AVX512-BF16) and it is faster; maps within 2 levels of fp32's at 99.9 % of values.")
