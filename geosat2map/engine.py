@@ -1,4 +1,4 @@
-"""Running the generator on batches of tiles, with PyTorch or ONNX Runtime.
+"""Running the generator on batches of tiles, with PyTorch (eager or compiled) or ONNX Runtime.
 
 The model runs in eval mode: BatchNorm uses its learned running statistics and dropout is off,
 so a tile's output depends only on that tile, never on the other tiles in its batch (the
@@ -11,6 +11,7 @@ the generator has been exported to ONNX (cached by weights digest, so only the f
 model pays the few seconds of export). Where the hardware multiplies bf16 (CUDA GPUs, CPUs with
 AMX or AVX512-BF16) PyTorch under bf16 autocast is a third candidate (``torch-bf16``): 2.5x the fp32
 throughput on 2 AMX cores, its maps within 2 levels of fp32's at 99.9 % of values. GPUs use PyTorch only.
+``compiled`` (:class:`CompiledEngine`) is asked for, never picked: it takes seconds to compile.
 """
 
 from __future__ import annotations
