@@ -61,4 +61,4 @@ def test_default_model_paints_water_where_the_near_infrared_says_water(tmp_path)
     assert water.mean() > 0.05 and land.mean() > 0.3  # the scene has both
     assert (blue & water).sum() / blue.sum() > 0.6  # water colour falls on water (0.92 measured)
     assert blue[land].mean() < 0.02  # and hardly ever on land (0.0020 measured)
-    assert blue[water].mean() > 0.05  # dark ponds found; the algae-green lakes mostly missed (0.095)
+    assert blue[water].mean() > 0.05  # dark ponds found; the algae-green lakes mostly missed (0.098)
