@@ -5,10 +5,9 @@
 - the held-out New York pairs 11.jpg and 31.jpg (holdout 10) as aerial | output | real map rows,
   written to ``--png`` (skipped when ../shared/data/maps_train is absent);
 - on the NAIP sample's translation (``make demo`` writes it), where the map's water colour falls,
-  judged by the scene's own near-infrared band, with the same thresholds as
-  tests/test_default_model.py: water NDWI > 0.2, land NDWI < -0.1, the map's water colour blue
-  more than 25 levels above red. Printed: precision (water-coloured pixels that are water), land
-  painted as water, water found.
+  judged by the scene's own near-infrared band (``geosat2map.evaluate.water_by_ndwi``, as
+  tests/test_default_model.py checks it). Printed: precision (water-coloured pixels that are
+  water), land painted as water, water found.
 """
 
 from __future__ import annotations
@@ -17,9 +16,7 @@ import argparse
 import warnings
 from pathlib import Path
 
-import numpy as np
 import rasterio
-from rasterio.enums import Resampling
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = ("11.jpg", "31.jpg")
@@ -43,17 +40,11 @@ def heldout_png(weights: str | None, data: Path, png: Path) -> None:
 
 
 def naip_water(naip_map: Path) -> None:
-    with rasterio.open(ROOT / "sample_data" / "naip_4band_5m.tif") as src:
-        image = src.read().astype(np.float64)
-        valid = src.dataset_mask() > 0
-    with rasterio.open(naip_map) as dst:  # the map on the scene's own 5 m grid
-        map_rgb = dst.read(out_shape=(3, *valid.shape), resampling=Resampling.average).astype(int)
-    green, nir = image[1], image[3]
-    ndwi = (green - nir) / (green + nir + 1e-6)
-    water, land = valid & (ndwi > 0.2), valid & (ndwi < -0.1)
-    blue = valid & (map_rgb[2] > map_rgb[0] + 25)
-    print(f"NAIP water ({naip_map}): precision {(blue & water).sum() / max(blue.sum(), 1):.3f}, "
-          f"land painted as water {blue[land].mean() * 100:.2f} %, water found {blue[water].mean() * 100:.1f} %")
+    from geosat2map.evaluate import water_by_ndwi
+
+    w = water_by_ndwi(ROOT / "sample_data" / "naip_4band_5m.tif", naip_map)
+    print(f"NAIP water ({naip_map}): precision {w['precision']:.3f}, land painted as water "
+          f"{w['land_as_water'] * 100:.2f} %, water found {w['water_found'] * 100:.1f} %")
 
 
 def main() -> None:

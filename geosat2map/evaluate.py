@@ -159,3 +159,27 @@ def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256
     if not per_tile:
         raise InputError(f"no complete {tile}-pixel window where {output} and {map_raster} both have data")
     return {"output": str(output), "map": str(map_raster), **metrics.summarize(per_tile)}
+
+
+def water_by_ndwi(scene: str | Path, output: str | Path, green: int = 2, nir: int = 4) -> dict[str, float]:
+    """Where a translate output paints the maps' water colour, judged by the scene's own
+    near-infrared band: a check of a map on ground with no map to compare against.
+
+    The output is read onto the scene's grid (average). Water is NDWI (green - NIR) / (green + NIR)
+    above 0.2, land below -0.1 (between: undecided); the maps' water colour is blue more than 25
+    levels above red. Returns the fractions of valid pixels that are water and land, ``precision``
+    (water-coloured pixels that are water), ``land_as_water`` and ``water_found``.
+    """
+    from rasterio.enums import Resampling
+
+    with rasterio.open(scene) as src:
+        green_band, nir_band = (src.read(b).astype(np.float64) for b in (green, nir))
+        valid = src.dataset_mask() > 0
+    with rasterio.open(output) as dst:
+        rgb = dst.read([1, 2, 3], out_shape=(3, *valid.shape), resampling=Resampling.average).astype(int)
+    ndwi = (green_band - nir_band) / (green_band + nir_band + 1e-6)
+    water, land = valid & (ndwi > 0.2), valid & (ndwi < -0.1)
+    painted = valid & (rgb[2] > rgb[0] + 25)
+    return {"water": float(water.mean()), "land": float(land.mean()),
+            "precision": float((painted & water).sum() / max(painted.sum(), 1)),
+            "land_as_water": float(painted[land].mean()), "water_found": float(painted[water].mean())}

@@ -118,3 +118,15 @@ def write_scene(
 @pytest.fixture
 def scene(tmp_path) -> Path:
     return write_scene(tmp_path / "scene.tif")
+
+
+def stop_after(tiles: int):
+    """A progress callback that presses Ctrl-C once ``tiles`` tiles are done."""
+    seen = [0]
+
+    def progress(advance: int, total: int) -> None:
+        seen[0] += advance
+        if seen[0] >= tiles:
+            raise KeyboardInterrupt
+
+    return progress

@@ -12,7 +12,7 @@ from geosat2map.engine import AUTO_MIN_TILES, cache_dir, make_engine
 from geosat2map.errors import Interrupted
 from geosat2map.weights import model_digest
 
-from .conftest import random_generator, write_scene
+from .conftest import random_generator, stop_after, write_scene
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
@@ -72,16 +72,9 @@ def test_translate_on_either_backend_gives_the_same_map_within_one_level(tiny_we
 def test_resume_keeps_the_interrupted_runs_backend(tiny_weights, tmp_path):
     scene = write_scene(tmp_path / "scene.tif", width=600, height=1200)
     whole = translate(scene, tmp_path / "whole.tif", weights=tiny_weights, backend="onnxruntime")
-    seen = [0]
-
-    def stop(advance, total):
-        seen[0] += advance
-        if seen[0] >= 12:
-            raise KeyboardInterrupt
-
     out = tmp_path / "map.tif"
     with pytest.raises(Interrupted):
-        translate(scene, out, weights=tiny_weights, backend="onnxruntime", progress=stop)
+        translate(scene, out, weights=tiny_weights, backend="onnxruntime", progress=stop_after(12))
     resumed = translate(scene, out, weights=tiny_weights, backend="torch", resume=True)
     assert resumed.backend == "onnxruntime"
     with rasterio.open(whole.dst) as a, rasterio.open(out) as b:

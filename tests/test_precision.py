@@ -15,7 +15,7 @@ from geosat2map.engine import AUTO_MIN_TILES, make_engine, onnx_available
 from geosat2map.errors import Geosat2mapError, Interrupted
 from geosat2map.weights import load_generator
 
-from .conftest import SAMPLE_SCENE, random_generator, write_scene
+from .conftest import SAMPLE_SCENE, random_generator, stop_after, write_scene
 
 CPU = torch.device("cpu")
 
@@ -62,16 +62,9 @@ def test_resume_keeps_the_interrupted_runs_precision(tiny_weights, tmp_path):
     scene = write_scene(tmp_path / "scene.tif", width=600, height=1200)
     whole = translate(scene, tmp_path / "whole.tif", weights=tiny_weights, backend="torch", precision="bf16")
     assert whole.backend == "torch-bf16"
-    seen = [0]
-
-    def stop(advance, total):
-        seen[0] += advance
-        if seen[0] >= 12:
-            raise KeyboardInterrupt
-
     out = tmp_path / "map.tif"
     with pytest.raises(Interrupted):
-        translate(scene, out, weights=tiny_weights, backend="torch", precision="bf16", progress=stop)
+        translate(scene, out, weights=tiny_weights, backend="torch", precision="bf16", progress=stop_after(12))
     resumed = translate(scene, out, weights=tiny_weights, precision="fp32", resume=True)
     assert resumed.backend == "torch-bf16"
     with rasterio.open(whole.dst) as a, rasterio.open(out) as b:

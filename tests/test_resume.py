@@ -14,7 +14,7 @@ from geosat2map import translate
 from geosat2map.errors import InputError, Interrupted
 from geosat2map_cli.main import cli
 
-from .conftest import write_scene
+from .conftest import stop_after, write_scene
 
 PARTIAL, RECORD = ".map.tif.part.tif", ".map.tif.part.json"
 
@@ -28,18 +28,6 @@ def scene(tmp_path) -> Path:
         corner[:, :300, :200] = 0
         ds.write(corner)
     return data
-
-
-def stop_after(tiles: int):
-    """A progress callback that presses Ctrl-C once ``tiles`` tiles are done."""
-    seen = [0]
-
-    def progress(advance: int, total: int) -> None:
-        seen[0] += advance
-        if seen[0] >= tiles:
-            raise KeyboardInterrupt
-
-    return progress
 
 
 def content(path: Path) -> tuple:

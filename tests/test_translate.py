@@ -538,3 +538,22 @@ def test_glibc_is_told_to_keep_freed_memory_and_others_are_left_alone(monkeypatc
     assert retain_freed_memory() is glibc  # mallopt accepted both thresholds
     monkeypatch.setattr(platform, "libc_ver", lambda: ("musl", "1.2"))
     assert retain_freed_memory() is False
+
+
+def test_water_by_ndwi_counts_where_the_water_colour_falls(tmp_path):
+    from geosat2map.evaluate import water_by_ndwi
+
+    scene = np.zeros((4, 20, 20), np.uint8)
+    scene[1, :, :10], scene[3, :, :10] = 100, 10  # left: water (NDWI 0.82)
+    scene[1, :, 10:], scene[3, :, 10:] = 50, 150  # right: land (NDWI -0.5)
+    painted = np.full((3, 20, 20), 240, np.uint8)
+    painted[:, :, 2:11] = np.array([150, 180, 220], np.uint8)[:, None, None]  # 8 water columns, 1 land
+    transform = rasterio.transform.from_origin(500000, 4500000, 5, 5)
+    for path, data in ((tmp_path / "scene.tif", scene), (tmp_path / "map.tif", painted)):
+        with rasterio.open(path, "w", driver="GTiff", width=20, height=20, count=len(data), dtype="uint8",
+                           crs="EPSG:32633", transform=transform) as dst:
+            dst.write(data)
+    w = water_by_ndwi(tmp_path / "scene.tif", tmp_path / "map.tif")
+    assert w["water"] == w["land"] == 0.5
+    assert w["precision"] == pytest.approx(8 / 9) and w["land_as_water"] == pytest.approx(0.1)
+    assert w["water_found"] == pytest.approx(0.8)
