@@ -28,7 +28,8 @@ STREAMING = """
 import json, resource, sys, time
 from geosat2map import load_generator, translate
 from geosat2map.allocator import retain_freed_memory
-src, dst, weights, batch, overlap, precision = sys.argv[1:4] + [int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]]
+src, dst, weights, batch, overlap, precision = sys.argv[1:7]
+batch, overlap = int(batch), int(overlap)
 retain_freed_memory()
 model = load_generator(None if weights == "default" else weights)
 t = time.perf_counter()
@@ -48,7 +49,8 @@ from geosat2map.allocator import retain_freed_memory
 from geosat2map.devices import use_bf16
 from geosat2map.engine import InferenceEngine
 from geosat2map.writer import overview_factors
-src, dst, weights, batch, overlap, precision = sys.argv[1:4] + [int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]]
+src, dst, weights, batch, overlap, precision = sys.argv[1:7]
+batch, overlap = int(batch), int(overlap)
 retain_freed_memory()
 model, _ = load_generator(None if weights == "default" else weights)
 engine = InferenceEngine(model, torch.device("cpu"), use_bf16(precision, torch.device("cpu")))

@@ -1,7 +1,7 @@
 """End-to-end translate throughput against model-only throughput, and peak memory by scene size.
 
     python benchmarks/translate.py [--sizes 2048,8192,16384] [--scene sample|noise]
-                                   [--resolution native|model] [--backend auto|torch|onnxruntime]
+                                   [--resolution native|model] [--backend auto|torch|compiled|onnxruntime]
                                    [--precision auto|fp32|bf16] [--malloc retain|default]
                                    [--device cpu|cuda|mps|auto] [--repeat 3]
 
@@ -64,7 +64,8 @@ CHILD = """
 import json, resource, sys, time
 import numpy as np, torch
 from geosat2map import load_generator, translate
-from geosat2map.engine import ENGINES, make_engine
+from geosat2map.devices import resolve_device
+from geosat2map.engine import auto_batch_size, engine_choice, make_engine
 from geosat2map.grid import TileGrid
 from geosat2map.reader import open_scene
 src, dst, weights, batch, cap, backend, precision, resolution, repeat, device, malloc = sys.argv[1:12]
@@ -76,11 +77,9 @@ model = load_generator(None if weights == "default" else weights)
 scene = open_scene(src, None, resolution, model[1].gsd_m)
 tiles = min(cap, len(TileGrid(scene.width, scene.height)))
 scene.close()
-from geosat2map.devices import resolve_device
-from geosat2map.engine import auto_batch_size
 batch = int(batch) or auto_batch_size(model[0], resolve_device(device), precision=precision)  # 0: translate's
 engine = make_engine(model[0], resolve_device(device), backend, precision, batch_size=batch)
-backend, precision = ENGINES[engine.name]  # translate runs the engine auto picked here
+backend, precision = engine_choice(engine.name)  # translate runs the engine auto picked here
 x = np.random.default_rng(0).uniform(0, 255, (batch, 3, 256, 256)).astype(np.float32)
 engine(x)  # warm-up
 
@@ -137,7 +136,7 @@ def main() -> None:
     parser.add_argument("--weights", default=None, help="default: the shipped model")
     parser.add_argument("--batch-size", type=int, default=0, help="default: translate's (8 on the CPU, 16 in bf16)")
     parser.add_argument("--model-tiles", type=int, default=512)
-    parser.add_argument("--backend", default="auto", help="auto, torch or onnxruntime (both sides use the same)")
+    parser.add_argument("--backend", default="auto", help="auto, torch, compiled or onnxruntime (both sides use the same)")
     parser.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (as translate --precision)")
     parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
                         help="retain: glibc keeps freed memory, as the CLI's translate sets it "

@@ -36,10 +36,6 @@ from .weights import model_digest
 #: both engines (about half a second) would cost more than ONNX Runtime saves on them.
 AUTO_MIN_TILES = 200
 BACKENDS = ("auto", "torch", "compiled", "onnxruntime")
-#: What each engine is called (reported, and kept in a resumable run's record) and the
-#: ``(backend, precision)`` that makes it again.
-ENGINES = {"torch": ("torch", "fp32"), "torch-bf16": ("torch", "bf16"), "compiled": ("compiled", "fp32"),
-           "compiled-bf16": ("compiled", "bf16"), "onnxruntime": ("onnxruntime", "fp32")}
 #: Tiles per model call on the CPU. Batches 1-32 on 2 cores (width-32 default model, tiles/s):
 #: ONNX Runtime 32 / 29 / 29 / 34 / 34 / 33, PyTorch 21 / 26 / 29 / 28 / 25 / 22; every tile of a
 #: batch is held as float32 input and output (1.5 MB at 256 pixels).
@@ -57,6 +53,18 @@ GPU_BATCH_MAX = 128
 _sessions: dict[tuple[Path, int], OnnxRuntimeEngine] = {}  # the most recent session only
 _compiled: dict[tuple, CompiledEngine] = {}  # the most recent compiled engine only (seconds to compile)
 _choices: dict[tuple, str] = {}  # auto's pick per model, candidates and batch shape
+
+
+def engine_name(backend: str, bf16: bool) -> str:
+    """What an engine is called (reported, and kept in a resumable run's record): its backend,
+    with ``-bf16`` when it computes in bf16."""
+    return f"{backend}-bf16" if bf16 else backend
+
+
+def engine_choice(name: str) -> tuple[str, str]:
+    """The ``(backend, precision)`` that makes the engine called ``name`` again."""
+    backend = name.removesuffix("-bf16")
+    return backend, "fp32" if backend == name else "bf16"
 
 
 class Engine(Protocol):
@@ -82,7 +90,7 @@ class InferenceEngine:
         self.device = device
         self.model = model.eval().to(device, memory_format=torch.channels_last)
         self.bf16 = bf16
-        self.name = "torch-bf16" if bf16 else "torch"
+        self.name = engine_name("torch", bf16)
         self.cuda = self.asynchronous = device.type == "cuda"
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
@@ -141,7 +149,7 @@ class CompiledEngine(InferenceEngine):
 
     def __init__(self, model: torch.nn.Module, device: torch.device, bf16: bool, batch_size: int) -> None:
         super().__init__(model, device, bf16)
-        self.name = "compiled-bf16" if bf16 else "compiled"
+        self.name = engine_name("compiled", bf16)
         self.batch_size = batch_size
         self.compiled = torch.compile(self.model, dynamic=False)
 
@@ -150,8 +158,10 @@ class CompiledEngine(InferenceEngine):
 
         n = x.shape[0]
         if n < self.batch_size:  # pad rather than compile again for the shorter batch
-            padded = x.new_zeros((self.batch_size, *x.shape[1:])).contiguous(memory_format=torch.channels_last)
+            padded = torch.empty((self.batch_size, *x.shape[1:]), dtype=x.dtype, device=x.device,
+                                 memory_format=torch.channels_last)
             padded[:n] = x
+            padded[n:] = 0
             x = padded
         with inductor.patch(freezing=True):
             return self.compiled(x)[:n]

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from . import device_rows, sharded
 from .devices import resolve_device
 from .distributed import DistContext, process_group
-from .engine import ENGINES, Engine, InferenceEngine, auto_batch_size, make_engine
+from .engine import Engine, InferenceEngine, auto_batch_size, engine_choice, make_engine
 from . import resume as progress_record
 from .errors import Geosat2mapError, InputError, Interrupted, OutputError, WeightsError
 from .grid import RowBlender, TileGrid
@@ -335,7 +335,8 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
     if resume:  # the interrupted run's engine again: backends may differ in the last float bit
         record = progress_record.load(record_file, partial_path(dst), dst)
         recorded = record.get("options", {}).get("backend")
-        backend, precision = ENGINES.get(recorded, (backend, precision))
+        if recorded:
+            backend, precision = engine_choice(recorded)
     engine = make_engine(net, torch_device, backend, precision, in_channels=spec.in_channels, tile=tile_size,
                          batch_size=batch_size, tiles=len(grid))
     options = {"resolution": resolution, "tile_size": tile_size, "overlap": overlap, "bands": scene.bands,
