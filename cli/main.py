@@ -147,7 +147,8 @@ def _parse_bands(ctx, param, value: str | None):
 @click.option("--allow-ungeoreferenced", is_flag=True, help="Translate a raster without georeferencing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def translate(src, dst, overlap, quiet, **options) -> None:
-    """Translate the satellite/aerial raster SRC into a map-style GeoTIFF DST.
+    """Translate the satellite/aerial raster SRC into a map-style GeoTIFF DST. SRC may also be any
+    address GDAL reads: https://..., s3://..., /vsizip/archive.zip/scene.tif.
 
     With several SRC (or a quoted pattern such as 'scenes/*.tif'), DST is a folder: each map gets its
     scene's file name there, and the model is loaded once. A scene that fails is reported and the others go on (exit status 1 at the end).
@@ -156,6 +157,7 @@ def translate(src, dst, overlap, quiet, **options) -> None:
 
     from geosat2map.allocator import retain_freed_memory
     from geosat2map.pipeline import DEFAULT_OVERLAP, translate as run_translate, translate_many
+    from geosat2map.reader import is_gdal_path
 
     retain_freed_memory()  # batch after batch, the same activations' memory (see geosat2map.allocator)
 
@@ -170,7 +172,7 @@ def translate(src, dst, overlap, quiet, **options) -> None:
         while bars:
             bars.pop().close()
 
-    to_folder = len(src) > 1 or any(glob.has_magic(p) for p in src)  # a pattern means DST is a folder
+    to_folder = len(src) > 1 or any(glob.has_magic(p) and not is_gdal_path(p) for p in src)  # pattern: a folder
     src = _expand_globs(src)
     helper = int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 reports for all
     quiet = quiet or helper
@@ -201,9 +203,11 @@ def translate(src, dst, overlap, quiet, **options) -> None:
 
 def _expand_globs(sources: tuple[str, ...]) -> tuple[str, ...]:
     """Expand quoted patterns such as 'scenes/*.tif' (for shells that do not, or long lists)."""
+    from geosat2map.reader import is_gdal_path
+
     out: list[str] = []
     for pattern in sources:
-        if glob.has_magic(pattern):
+        if glob.has_magic(pattern) and not is_gdal_path(pattern):  # a URL's "?" starts its query
             matches = sorted(glob.glob(pattern))
             if not matches:
                 raise Geosat2mapError(f"no file matches {pattern}")

@@ -26,7 +26,7 @@ from . import resume as progress_record
 from .errors import Geosat2mapError, InputError, Interrupted, OutputError, WeightsError
 from .grid import RowBlender, TileGrid
 from .model import FlipAveraged
-from .reader import RowBand, Scene, open_scene
+from .reader import RowBand, Scene, is_gdal_path, open_scene, scene_name
 from .weights import ModelSpec, load_generator
 from .writer import GeoTIFFWriter, check_destination, partial_path
 
@@ -156,6 +156,8 @@ def translate(
     tta: bool = False,
 ) -> TranslateResult:
     """Translate the GeoTIFF ``src`` into a map GeoTIFF at ``dst``; see ``geosat2map translate --help``.
+    ``src`` may be any address GDAL reads (a URL such as ``https://.../scene.tif`` or ``s3://...``,
+    a ``/vsizip/`` path, see :func:`~geosat2map.reader.is_gdal_path`); ``dst`` is a local file.
 
     ``model`` passes an already loaded (generator, spec) pair, to translate many scenes without
     reloading. ``batch_size`` None: 8 tiles on the CPU (16 in bf16), on a GPU as many as half its free memory
@@ -167,7 +169,7 @@ def translate(
     tile's map with the mirrored map of its mirror image (:class:`~geosat2map.model.FlipAveraged`,
     twice the compute).
     """
-    src, dst = Path(src), Path(dst)
+    src, dst = src if is_gdal_path(src) else Path(src), Path(dst)
     if tile_size % 256 or tile_size <= 0:
         raise InputError(f"tile size must be a multiple of 256 (the U-Net halves it 8 times), not {tile_size}")
     if not 0 <= overlap <= tile_size // 2:
@@ -182,7 +184,8 @@ def translate(
             if torch_device.type == "cuda":
                 torch_device = torch.device("cuda", ctx.local_rank)
             backend = "torch" if backend == "auto" else backend  # every rank must run the same engine
-        _agree(ctx, lambda: check_destination(dst, src, overwrite) if ctx.is_main else None)
+        local_src = None if isinstance(src, str) else src
+        _agree(ctx, lambda: check_destination(dst, local_src, overwrite) if ctx.is_main else None)
         net, spec = model if model is not None else load_generator(weights)
         if tta and not isinstance(net, FlipAveraged):
             net = FlipAveraged(net)
@@ -217,7 +220,7 @@ def translate_many(
     *,
     weights: str | Path | None = None,
     **options,
-) -> Iterator[tuple[Path, TranslateResult | Geosat2mapError]]:
+) -> Iterator[tuple[str | Path, TranslateResult | Geosat2mapError]]:
     """Translate several scenes into the folder ``dst_dir`` (same file names), loading the model once.
 
     Yields ``(src, result)`` per scene, or ``(src, error)`` for a scene that fails with a
@@ -227,7 +230,7 @@ def translate_many(
     dst_dir = Path(dst_dir)
     if not dst_dir.is_dir():
         raise OutputError(f"with several inputs the output must be an existing folder, not {dst_dir}")
-    names = [Path(s).name for s in srcs]
+    names = [scene_name(s) for s in srcs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise InputError(f"several inputs share a file name, their outputs would collide: {', '.join(twice)}")
@@ -237,9 +240,9 @@ def translate_many(
     with process_group(resolve_device(options.get("device", "auto")).type):  # one group for all scenes
         for src in srcs:
             try:
-                yield Path(src), translate(src, dst_dir / Path(src).name, model=model, **options)
+                yield src, translate(src, dst_dir / scene_name(src), model=model, **options)
             except Geosat2mapError as exc:
-                yield Path(src), exc
+                yield src, exc
 
 
 def row_buffer_bytes(grid: TileGrid) -> int:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import numpy as np
 import rasterio
@@ -50,7 +51,7 @@ MAX_UPSAMPLE = 8
 class Scene:
     """An open input scene and the grid it is read on (``width`` x ``height`` at ``transform``)."""
 
-    path: Path
+    path: Path | str  # a str when GDAL reads it remotely or from an archive (is_gdal_path)
     src: rasterio.io.DatasetReader
     bands: list[int]
     width: int
@@ -190,10 +191,25 @@ class RowBand:
         return self.pixels[:, :n], self.valid[:n]
 
 
-def _open(path: Path) -> rasterio.io.DatasetReader:
-    if not path.exists():
+def is_gdal_path(path: str | Path) -> bool:
+    """Whether ``path`` is a raster address GDAL reads other than as a local file: a URL (https://,
+    s3://, gs://, az://, and rasterio's zip+https:// or zip:// forms) or a /vsi path (/vsizip/,
+    /vsicurl/ ...). Such an address must stay a string: ``Path`` would fold a URL's ``//``."""
+    text = str(path)
+    return "://" in text or text.startswith("/vsi")
+
+
+def scene_name(path: str | Path) -> str:
+    """The file name in ``path``, URLs included (their query string left out)."""
+    text = str(path)
+    return PurePosixPath(urlsplit(text).path if "://" in text else text).name
+
+
+def _open(path: Path | str) -> rasterio.io.DatasetReader:
+    remote = is_gdal_path(path)
+    if not remote and not Path(path).exists():
         raise InputError(f"input not found: {path}")
-    if path.is_dir():
+    if not remote and Path(path).is_dir():
         raise InputError(f"input is a folder, not a raster: {path}")
     try:
         # GDAL_NUM_THREADS at open: the GTiff driver then decodes the blocks of a multi-block read
@@ -203,7 +219,9 @@ def _open(path: Path) -> rasterio.io.DatasetReader:
         with warnings.catch_warnings(), rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             return rasterio.open(path)
-    except RasterioIOError:
+    except RasterioIOError as exc:
+        if remote:  # not found, refused, not a raster: GDAL's reason says which
+            raise InputError(f"cannot open {path}: {gdal_reason(exc)}") from None
         raise InputError(f"{path} is not a raster GDAL can read") from None
 
 
@@ -261,12 +279,13 @@ def open_scene(
     model_gsd_m: float | None = None,
     allow_ungeoreferenced: bool = False,
 ) -> Scene:
-    """Open ``path`` for windowed reading on the output grid.
+    """Open ``path`` (a file, or any address GDAL reads: see :func:`is_gdal_path`) for windowed
+    reading on the output grid.
 
     ``resolution``: ``"model"`` resamples to ``model_gsd_m`` (native when the model does not
     say), ``"native"`` keeps the scene's pixels, a number is metres per pixel.
     """
-    path = Path(path)
+    path = path if is_gdal_path(path) else Path(path)
     src = _open(path)
     try:
         return _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced)
@@ -275,7 +294,7 @@ def open_scene(
         raise
 
 
-def _check_size(path: Path, width: int, height: int, gsd_m: float | None) -> None:
+def _check_size(path: Path | str, width: int, height: int, gsd_m: float | None) -> None:
     if min(width, height) < MIN_SIDE:
         at = f" at {gsd_m:.2f} m/pixel" if gsd_m else ""
         raise InputError(f"{path} is only {width} x {height} pixels{at}; translate needs at least {MIN_SIDE} x "
@@ -336,7 +355,8 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced) -> S
     method = Resampling.average if scale > 1 else Resampling.bilinear
     large = max(src.width, src.height) >= OVERVIEW_HINT_SIDE
     if large and scale >= OVERVIEW_HINT_SCALE and not src.overviews(bands[0]):
-        notes.append(f"each output pixel is read from about {scale * scale:.0f} source pixels and {path.name} has no "
-                     f"overviews; `gdaladdo -r average {path.name} 2 4 8` once makes reading it several times faster")
+        name = scene_name(path)
+        notes.append(f"each output pixel is read from about {scale * scale:.0f} source pixels and {name} has no "
+                     f"overviews; `gdaladdo -r average {name} 2 4 8` once makes reading it several times faster")
     return Scene(path, src, bands, width, height, transform, src.crs, native, native * src.width / width, stretch,
                  notes, scale=(src.width / width, src.height / height), resampling=method, all_valid=all_valid)

@@ -25,11 +25,15 @@ def record_path(dst: Path) -> Path:
     return dst.with_name(f".{dst.name}.part.json")
 
 
-def identity(src: Path, options: dict, model: torch.nn.Module) -> dict:
-    """What a resumed run must share with the interrupted one."""
-    st = src.stat()
-    return {"input": {"path": str(src.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns},
-            "options": options, "model_sha256": model_digest(model)}
+def identity(src: Path | str, options: dict, model: torch.nn.Module) -> dict:
+    """What a resumed run must share with the interrupted one. A remote input (a URL or /vsi path,
+    given as a str) is named by its address alone: its size and date are not asked of the server."""
+    if isinstance(src, str):
+        source = {"path": src}
+    else:
+        st = src.stat()
+        source = {"path": str(src.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"input": source, "options": options, "model_sha256": model_digest(model)}
 
 
 def save(path: Path, ident: dict, rows: int, computed: int) -> None:

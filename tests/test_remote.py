@@ -1,0 +1,136 @@
+"""Scenes GDAL reads from elsewhere than a local file: a URL (GDAL's /vsicurl/, here served by a
+local HTTP server) and a file inside a zip archive (/vsizip/)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from geosat2map import translate
+from geosat2map.reader import is_gdal_path, scene_name
+from geosat2map.resume import identity
+
+from .conftest import random_generator, write_scene
+from .test_cli import assert_clean_failure, run
+
+
+#: A static HTTP server answering byte-range requests, as GDAL's /vsicurl/ makes them (the standard
+#: library's handler ignores Range). Its own process: GDAL holds the GIL while it opens a file, so a
+#: server thread in the test's process could never answer.
+SERVER = """
+import http.server, io, sys
+from pathlib import Path
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, directory=sys.argv[1], **kwargs)
+
+    def log_message(self, *args):
+        pass
+
+    def send_head(self):
+        asked = self.headers.get("Range")
+        path = Path(self.translate_path(self.path))
+        if not asked or not path.is_file():
+            return super().send_head()
+        size = path.stat().st_size
+        first, _, last = asked.removeprefix("bytes=").partition("-")
+        start, end = int(first), min(int(last) if last else size - 1, size - 1)
+        with open(path, "rb") as f:
+            f.seek(start)
+            body = f.read(end - start + 1)
+        self.send_response(206)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        return io.BytesIO(body)
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch) -> tuple[str, Path]:
+    """(base URL, folder): files put in the folder are served over HTTP on 127.0.0.1."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    for name in ("no_proxy", "NO_PROXY"):  # curl must not send 127.0.0.1 to a proxy
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        yield f"http://127.0.0.1:{int(server.stdout.readline())}", folder
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def _same_map(a: Path, b: Path) -> None:
+    with rasterio.open(a) as x, rasterio.open(b) as y:
+        assert (x.crs, x.transform, x.shape) == (y.crs, y.transform, y.shape)
+        np.testing.assert_array_equal(x.read(), y.read())
+
+
+def test_translate_from_a_url_matches_the_local_file(served, tiny_weights, tmp_path):
+    base, folder = served
+    scene = write_scene(folder / "scene.tif", tiled=True, blockxsize=256, blockysize=256)
+    local = tmp_path / "local.tif"
+    translate(scene, local, weights=tiny_weights, backend="torch")
+    # Through the CLI, with a query string: its "?" must not make the URL a glob pattern.
+    out = tmp_path / "remote.tif"
+    result = run("translate", f"{base}/scene.tif?version=1", out, "--weights", tiny_weights, "--backend", "torch",
+                 "--quiet")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"wrote {out}")
+    _same_map(local, out)
+
+
+def test_translate_from_a_zip_archive(scene, tiny_weights, tmp_path):
+    archive = tmp_path / "scenes.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(scene, "inner/scene.tif")
+    local, zipped = tmp_path / "local.tif", tmp_path / "zipped.tif"
+    translate(scene, local, weights=tiny_weights, backend="torch")
+    translate(f"/vsizip/{archive}/inner/scene.tif", zipped, weights=tiny_weights, backend="torch")
+    _same_map(local, zipped)
+
+
+def test_a_missing_url_is_one_line(served, tiny_weights, tmp_path):
+    base, _ = served
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", f"{base}/nope.tif", out, "--weights", tiny_weights), out, "cannot open")
+
+
+def test_remote_addresses_keep_their_form():
+    assert is_gdal_path("https://example.com/a/scene.tif") and is_gdal_path("s3://bucket/scene.tif")
+    assert is_gdal_path("/vsizip/x.zip/scene.tif") and not is_gdal_path("data/scene.tif")
+    assert scene_name("https://example.com/a/scene.tif?sig=x%2Fy") == "scene.tif"
+    assert scene_name("zip+https://example.com/a.zip!/b/scene.tif") == "scene.tif"
+    assert scene_name(Path("data/scene.tif")) == "scene.tif"
+    # A resumed run from a URL is matched by its address: the server is not asked for size or date.
+    ident = identity("https://example.com/a/scene.tif", {}, random_generator())
+    assert ident["input"] == {"path": "https://example.com/a/scene.tif"}
+
+
+def test_preview_of_a_zipped_scene(scene, tiny_weights, tmp_path):
+    """preview (and tiles) open their scene as translate does: the same addresses work."""
+    archive = tmp_path / "scenes.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(scene, "scene.tif")
+    out = tmp_path / "map.tif"
+    translate(scene, out, weights=tiny_weights, backend="torch")
+    pngs = [tmp_path / "local.png", tmp_path / "zipped.png"]
+    for source, png in zip((scene, f"/vsizip/{archive}/scene.tif"), pngs):
+        result = run("preview", source, out, png, "--size", "128")
+        assert result.exit_code == 0, result.output
+    with rasterio.open(pngs[0]) as a, rasterio.open(pngs[1]) as b:
+        assert a.count == 3 and max(a.shape) > 128
+        np.testing.assert_array_equal(a.read(), b.read())
