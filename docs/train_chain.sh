@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The default model's fine-tuning chain (docs/model_card.md): cycle after cycle, each two epochs
+# from the best generator so far, kept as the new best only when `geosat2map evaluate --against`
+# finds it better on all five held-out means. Cycles that started from the same best and were not
+# kept (siblings: different seeds) are then averaged (average-weights, a "model soup") and the mean
+# judged the same way. Resumable: rerun it and an unfinished cycle resumes.
+#
+#   nice -n 10 bash docs/train_chain.sh FIRST_SEED LAST_SEED [START_WEIGHTS]
+#
+# START_WEIGHTS (default: runs/best, else the shipped model) is where the first cycle starts;
+# runs/best records the best so far, runs/siblings the cycles not kept since, runs/chain.log each verdict.
+set -euo pipefail
+first=$1 last=$2
+best=${3:-$(cat runs/best 2>/dev/null || echo default)}
+g=.venv/bin/geosat2map
+data=../shared/data/maps_train
+mkdir -p runs
+touch runs/siblings
+
+# judge WEIGHTS NAME: log the verdict against the best; make WEIGHTS the best if better on all five.
+judge() {
+  $g evaluate "$data" --split val --holdout 10 --weights "$1" --against "$best" --json > "runs/$2_vs_best.json"
+  verdict=$(.venv/bin/python - "runs/$2_vs_best.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))["difference"]
+better = d["rmse"]["mean"] < 0 and all(d[k]["mean"] > 0 for k in ("acc5", "acc10", "psnr", "ssim"))
+print(("better" if better else "not better") + " " + " ".join(f"{k} {v['mean']:+.5f}" for k, v in d.items()))
+PY
+)
+  echo "$(date -u +%FT%TZ) $2 from $best: $verdict" >> runs/chain.log
+  if [[ $verdict == better* ]]; then
+    best=$1
+    echo "$best" > runs/best
+    : > runs/siblings
+    return 0
+  fi
+  return 1
+}
+
+for seed in $(seq "$first" "$last"); do
+  out=runs/fbn_c$seed
+  snap=$out/snapshots/epoch002.safetensors
+  if [ ! -f "$snap" ]; then
+    if [ -f "$out/config.json" ]; then
+      $g train "$data" --out "$out" --resume --quiet
+    else
+      $g train "$data" --out "$out" --init-from "$best" --ngf 32 --load-size 256 --lr 2e-5 \
+        --lambda-l1 1000 --epochs 1 --epochs-decay 1 --holdout 10 --gsd 2.12 --checkpoint-every 250 \
+        --keep-snapshots --ema-decay 0.999 --freeze-batchnorm --seed "$seed" --quiet
+    fi
+  fi
+  chmod 644 "$out"/snapshots/*.safetensors
+  judge "$snap" "c$seed" && continue
+  echo "$snap" >> runs/siblings
+  mapfile -t siblings < runs/siblings
+  if [ "${#siblings[@]}" -ge 2 ]; then
+    soup=runs/soup_c$seed.safetensors
+    $g average-weights "${siblings[@]}" "$soup" --data "$data" --load-size 256 --half --overwrite > /dev/null
+    judge "$soup" "soup_c$seed" || true
+  fi
+done
