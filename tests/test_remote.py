@@ -35,6 +35,8 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         pass
 
     def send_head(self):
+        with open(sys.argv[2], "a") as log:  # what GDAL asked for
+            log.write(f"{self.command} {self.path}\\n")
         asked = self.headers.get("Range")
         path = Path(self.translate_path(self.path))
         if not asked or not path.is_file():
@@ -59,15 +61,19 @@ server.serve_forever()
 
 
 @pytest.fixture
-def served(tmp_path, monkeypatch) -> tuple[str, Path]:
-    """(base URL, folder): files put in the folder are served over HTTP on 127.0.0.1."""
+def served(tmp_path, monkeypatch) -> tuple[str, Path, Path]:
+    """(base URL, folder, log): files put in the folder are served over HTTP on 127.0.0.1; the
+    log gets a line per request ("GET /scene.tif")."""
     folder = tmp_path / "served"
     folder.mkdir()
     for name in ("no_proxy", "NO_PROXY"):  # curl must not send 127.0.0.1 to a proxy
         monkeypatch.setenv(name, "127.0.0.1,localhost")
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(folder)], stdout=subprocess.PIPE, text=True)
+    monkeypatch.delenv("GDAL_DISABLE_READDIR_ON_OPEN", raising=False)  # translate's own choice is tested
+    log = tmp_path / "requests.log"
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(folder), str(log)], stdout=subprocess.PIPE,
+                              text=True)
     try:
-        yield f"http://127.0.0.1:{int(server.stdout.readline())}", folder
+        yield f"http://127.0.0.1:{int(server.stdout.readline())}", folder, log
     finally:
         server.terminate()
         server.wait()
@@ -80,7 +86,7 @@ def _same_map(a: Path, b: Path) -> None:
 
 
 def test_translate_from_a_url_matches_the_local_file(served, tiny_weights, tmp_path):
-    base, folder = served
+    base, folder, log = served
     scene = write_scene(folder / "scene.tif", tiled=True, blockxsize=256, blockysize=256)
     local = tmp_path / "local.tif"
     translate(scene, local, weights=tiny_weights, backend="torch")
@@ -91,6 +97,8 @@ def test_translate_from_a_url_matches_the_local_file(served, tiny_weights, tmp_p
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"wrote {out}")
     _same_map(local, out)
+    # No listing of the folder and no probing for side-car files (.aux.xml, .msk, .ovr): only the scene.
+    assert {line.split("?")[0] for line in log.read_text().splitlines()} == {"HEAD /scene.tif", "GET /scene.tif"}
 
 
 def test_translate_from_a_zip_archive(scene, tiny_weights, tmp_path):
@@ -104,7 +112,7 @@ def test_translate_from_a_zip_archive(scene, tiny_weights, tmp_path):
 
 
 def test_a_missing_url_is_one_line(served, tiny_weights, tmp_path):
-    base, _ = served
+    base, _, _ = served
     out = tmp_path / "map.tif"
     assert_clean_failure(run("translate", f"{base}/nope.tif", out, "--weights", tiny_weights), out, "cannot open")
 
