@@ -69,6 +69,8 @@ class Scene:
     #: No nodata value, mask or alpha band: every pixel is valid, no mask to read (a resampled mask
     #: read costs GDAL 1-2 ms per tile even when it is all 255).
     all_valid: bool = False
+    #: GDAL configuration options in force while the scene is read (see :func:`_remote_options`).
+    gdal_options: dict = field(default_factory=dict)
 
     @property
     def always_valid(self) -> bool:
@@ -90,23 +92,28 @@ class Scene:
             raise ValueError("resampled or scaled input reads as float32")
         shape = (int(window.height), int(window.width))
         try:
-            if self.scale is None:
-                data = self.src.read(self.bands, window=window, out_dtype=dtype, out=out)
-                valid = self._all_valid(shape) if self.all_valid else self.src.dataset_mask(window=window) > 0
-            else:
-                sx, sy = self.scale
-                x, y = window.col_off * sx, window.row_off * sy
-                # The last tiles end at the scene edge: keep float rounding from stepping past it.
-                source = Window(x, y, min(window.width * sx, self.src.width - x),
-                                min(window.height * sy, self.src.height - y))
-                size = {"out": out} if out is not None else {"out_shape": (len(self.bands), *shape)}
-                data = self.src.read(self.bands, window=source, resampling=self.resampling, out_dtype=dtype,
-                                     **size)
-                valid = (self._all_valid(shape) if self.all_valid else
-                         self.src.dataset_mask(window=source, out_shape=shape, resampling=Resampling.nearest) > 0)
+            with rasterio.Env(**self.gdal_options):
+                data, valid = self._read_source(window, shape, dtype, out)
         except RasterioIOError as exc:  # a truncated or corrupt file fails here, not at open
             raise InputError(f"reading {self.path} failed: {gdal_reason(exc)}") from None
         return self._scale(data, valid)
+
+    def _read_source(self, window: Window, shape: tuple[int, int], dtype: type,
+                     out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The source pixels and validity of ``window`` on the output grid, unscaled."""
+        if self.scale is None:
+            data = self.src.read(self.bands, window=window, out_dtype=dtype, out=out)
+            valid = self._all_valid(shape) if self.all_valid else self.src.dataset_mask(window=window) > 0
+            return data, valid
+        sx, sy = self.scale
+        x, y = window.col_off * sx, window.row_off * sy
+        # The last tiles end at the scene edge: keep float rounding from stepping past it.
+        source = Window(x, y, min(window.width * sx, self.src.width - x), min(window.height * sy, self.src.height - y))
+        size = {"out": out} if out is not None else {"out_shape": (len(self.bands), *shape)}
+        data = self.src.read(self.bands, window=source, resampling=self.resampling, out_dtype=dtype, **size)
+        valid = (self._all_valid(shape) if self.all_valid else
+                 self.src.dataset_mask(window=source, out_shape=shape, resampling=Resampling.nearest) > 0)
+        return data, valid
 
     def _all_valid(self, shape: tuple[int, int]) -> np.ndarray:
         """The mask of a scene with no mask: an all-True view of one element, or a writable array
@@ -131,9 +138,10 @@ class Scene:
     def read_decimated(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         """The whole scene resampled to ``height`` x ``width`` (for previews), scaled like :meth:`read`."""
         shape = (height, width)
-        data = self.src.read(self.bands, out_shape=(len(self.bands), *shape), out_dtype="float32",
-                             resampling=Resampling.bilinear)
-        valid = self.src.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
+        with rasterio.Env(**self.gdal_options):
+            data = self.src.read(self.bands, out_shape=(len(self.bands), *shape), out_dtype="float32",
+                                 resampling=Resampling.bilinear)
+            valid = self.src.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
         return self._scale(data, valid)
 
     def _scale(self, data: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -212,12 +220,15 @@ def _open(path: Path | str) -> rasterio.io.DatasetReader:
         raise InputError(f"input not found: {path}")
     if not remote and Path(path).is_dir():
         raise InputError(f"input is a folder, not a raster: {path}")
+    # GDAL_NUM_THREADS at open: the GTiff driver then decodes the blocks of a multi-block read
+    # (a row band spans the scene's width) on every core. Reads run between model calls, when
+    # the cores are otherwise idle: sixteen 16384 x 256 native reads took 0.37-0.43 s opened so
+    # against 0.51-0.55 s without, on 2 cores. Not for a remote scene: GDAL 3.10 then fetches the
+    # blocks by parallel range requests that are not retried (OSGeo/gdal#12933), and a block
+    # refused with a 503 came back as wrong pixels with no error (tests/test_remote.py).
+    threads = {} if remote else {"GDAL_NUM_THREADS": "ALL_CPUS"}
     try:
-        # GDAL_NUM_THREADS at open: the GTiff driver then decodes the blocks of a multi-block read
-        # (a row band spans the scene's width) on every core. Reads run between model calls, when
-        # the cores are otherwise idle: sixteen 16384 x 256 native reads took 0.37-0.43 s opened so
-        # against 0.51-0.55 s without, on 2 cores.
-        with warnings.catch_warnings(), rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"):
+        with warnings.catch_warnings(), rasterio.Env(**threads):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             return rasterio.open(path)
     except RasterioIOError as exc:
@@ -287,20 +298,23 @@ def open_scene(
     say), ``"native"`` keeps the scene's pixels, a number is metres per pixel.
     """
     path = path if is_gdal_path(path) else Path(path)
-    with rasterio.Env(**_remote_options(path)):  # GDAL looks for side-car files while the scene is planned
+    options = _remote_options(path)
+    with rasterio.Env(**options):  # GDAL looks for side-car files while the scene is planned
         src = _open(path)
         try:
-            return _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced)
+            scene = _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced)
         except BaseException:
             src.close()
             raise
+    scene.gdal_options = options
+    return scene
 
 
 def _remote_options(path: Path | str) -> dict:
-    """GDAL options for opening a remote scene: no listing of its folder (on object storage a
-    listing of the whole prefix) and no requests for side-car files (.aux.xml, .msk, .ovr: eleven
-    requests otherwise, each a round trip), as titiler and rio-tiler set for COGs. A user who set
-    GDAL_DISABLE_READDIR_ON_OPEN (say, to use external .ovr overviews) keeps that choice."""
+    """GDAL options for a remote scene: ``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR``, no listing of
+    its folder (on object storage, of the whole prefix) and no requests for side-car files
+    (.aux.xml, .msk, .ovr: eleven round trips otherwise), as titiler and rio-tiler set for COGs;
+    unless the user set it in the environment (say, to use external .ovr overviews)."""
     if isinstance(path, Path) or "GDAL_DISABLE_READDIR_ON_OPEN" in os.environ:
         return {}
     return {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}

@@ -34,10 +34,18 @@ class Handler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    ranged = 0
+
     def send_head(self):
-        with open(sys.argv[2], "a") as log:  # what GDAL asked for
-            log.write(f"{self.command} {self.path}\\n")
         asked = self.headers.get("Range")
+        if asked:
+            Handler.ranged += 1
+        refuse = asked and int(sys.argv[3]) and Handler.ranged % int(sys.argv[3]) == 0
+        with open(sys.argv[2], "a") as log:  # what GDAL asked for
+            log.write(f"{'503 ' if refuse else ''}{self.command} {self.path}\\n")
+        if refuse:  # a busy server: the client is expected to retry
+            self.send_error(503)
+            return None
         path = Path(self.translate_path(self.path))
         if not asked or not path.is_file():
             return super().send_head()
@@ -61,17 +69,19 @@ server.serve_forever()
 
 
 @pytest.fixture
-def served(tmp_path, monkeypatch) -> tuple[str, Path, Path]:
+def served(request, tmp_path, monkeypatch) -> tuple[str, Path, Path]:
     """(base URL, folder, log): files put in the folder are served over HTTP on 127.0.0.1; the
-    log gets a line per request ("GET /scene.tif")."""
+    log gets a line per request ("GET /scene.tif", "503 GET /scene.tif" for a refused one).
+    Parametrized indirectly with N, it refuses every Nth byte-range request with 503."""
     folder = tmp_path / "served"
     folder.mkdir()
     for name in ("no_proxy", "NO_PROXY"):  # curl must not send 127.0.0.1 to a proxy
         monkeypatch.setenv(name, "127.0.0.1,localhost")
     monkeypatch.delenv("GDAL_DISABLE_READDIR_ON_OPEN", raising=False)  # translate's own choice is tested
     log = tmp_path / "requests.log"
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(folder), str(log)], stdout=subprocess.PIPE,
-                              text=True)
+    refuse_every = str(getattr(request, "param", 0))
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(folder), str(log), refuse_every],
+                              stdout=subprocess.PIPE, text=True)
     try:
         yield f"http://127.0.0.1:{int(server.stdout.readline())}", folder, log
     finally:
@@ -99,6 +109,18 @@ def test_translate_from_a_url_matches_the_local_file(served, tiny_weights, tmp_p
     _same_map(local, out)
     # No listing of the folder and no probing for side-car files (.aux.xml, .msk, .ovr): only the scene.
     assert {line.split("?")[0] for line in log.read_text().splitlines()} == {"HEAD /scene.tif", "GET /scene.tif"}
+
+
+@pytest.mark.parametrize("served", [3], indirect=True)
+def test_a_busy_server_is_retried(served, tiny_weights, tmp_path):
+    """Every third block request answered 503: the run retries them and makes the same map."""
+    base, folder, log = served
+    scene = write_scene(folder / "scene.tif", width=900, tiled=True, blockxsize=256, blockysize=256)
+    local, remote = tmp_path / "local.tif", tmp_path / "remote.tif"
+    translate(scene, local, weights=tiny_weights, backend="torch")
+    translate(f"{base}/scene.tif", remote, weights=tiny_weights, backend="torch")
+    _same_map(local, remote)
+    assert any(line.startswith("503 ") for line in log.read_text().splitlines())
 
 
 def test_translate_from_a_zip_archive(scene, tiny_weights, tmp_path):
