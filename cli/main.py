@@ -137,6 +137,10 @@ def _parse_bands(ctx, param, value: str | None):
                    "AVX512-BF16) and it is faster; maps within 2 levels of fp32's at 99.9 % of values.")
 @click.option("--bands", default=None, callback=_parse_bands,
               help="Input bands, e.g. 1,2,3 (default: by colour interpretation, else 1,2,3; one band as grey).")
+@click.option("--bounds", type=float, nargs=4, default=None, metavar="LEFT BOTTOM RIGHT TOP",
+              help="Translate only this box (the source pixels that cover it), in the scene's CRS or --bounds-crs.")
+@click.option("--bounds-crs", default=None, metavar="CRS",
+              help="The CRS --bounds is given in, e.g. EPSG:4326 for longitude and latitude [default: the scene's].")
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: average each tile's map with the mirrored map of its mirror image "
                    "(a cleaner map, twice the compute).")

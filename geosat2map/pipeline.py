@@ -154,6 +154,8 @@ def translate(
     backend: str = "auto",
     precision: str = "auto",
     tta: bool = False,
+    bounds: tuple[float, float, float, float] | None = None,
+    bounds_crs: str | None = None,
 ) -> TranslateResult:
     """Translate the GeoTIFF ``src`` into a map GeoTIFF at ``dst``; see ``geosat2map translate --help``.
     ``src`` may be any address GDAL reads (a URL such as ``https://.../scene.tif`` or ``s3://...``,
@@ -167,7 +169,8 @@ def translate(
     SIGTERM), a run keeps its finished rows beside ``dst`` and raises :class:`Interrupted`;
     ``resume=True`` with the same input, options and model continues it. ``tta``: average each
     tile's map with the mirrored map of its mirror image (:class:`~geosat2map.model.FlipAveraged`,
-    twice the compute).
+    twice the compute). ``bounds`` (left, bottom, right, top; in the scene's CRS, or in
+    ``bounds_crs`` such as ``"EPSG:4326"``) translates only the source pixels that cover them.
     """
     src, dst = src if is_gdal_path(src) else Path(src), Path(dst)
     if tile_size % 256 or tile_size <= 0:
@@ -193,6 +196,7 @@ def translate(
         if batch_size is None:
             batch_size = auto_batch_size(net, torch_device, spec.in_channels, tile_size, precision)
         return _run(src, dst, net, spec, torch_device, started, bands=bands, resolution=resolution,
+                    bounds=bounds, bounds_crs=bounds_crs,
                     tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
                     allow_ungeoreferenced=allow_ungeoreferenced, progress=progress, resume=resume,
                     backend=backend, precision=precision, ctx=ctx)
@@ -283,10 +287,10 @@ def first_row_after(grid: TileGrid, rows: int) -> int:
     return next((r for r, y in enumerate(grid.ys) if y + grid.tile_shape(r, 0)[0] > rows), len(grid.ys))
 
 
-def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size,
-                  overlap) -> tuple[Scene, TileGrid, int]:
+def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size, overlap, bounds,
+                  bounds_crs) -> tuple[Scene, TileGrid, int]:
     """The scene, its tile grid and the GDAL cache size for it, once it is known to fit in memory."""
-    scene = open_scene(src, bands, resolution, spec.gsd_m, allow_ungeoreferenced)
+    scene = open_scene(src, bands, resolution, spec.gsd_m, allow_ungeoreferenced, bounds, bounds_crs)
     try:
         if len(scene.bands) != spec.in_channels:
             raise WeightsError(
@@ -306,11 +310,11 @@ def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size
     return scene, grid, cache
 
 
-def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, tile_size, overlap, batch_size, cog,
-         allow_ungeoreferenced, progress, resume, backend, precision, ctx) -> TranslateResult:
+def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, bounds, bounds_crs, tile_size, overlap,
+         batch_size, cog, allow_ungeoreferenced, progress, resume, backend, precision, ctx) -> TranslateResult:
     opened: list = []
     _agree(ctx, lambda: opened.append(_open_checked(src, bands, resolution, spec, allow_ungeoreferenced,
-                                                    tile_size, overlap)))
+                                                    tile_size, overlap, bounds, bounds_crs)))
     scene, grid, cache = opened[0]
     try:
         # rasterio takes GDAL_CACHEMAX in bytes (a bare 32 would be a 32-byte cache, i.e. none).
@@ -342,8 +346,10 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
             backend, precision = engine_choice(recorded)
     engine = make_engine(net, torch_device, backend, precision, in_channels=spec.in_channels, tile=tile_size,
                          batch_size=batch_size, tiles=len(grid))
+    c = scene.crop
     options = {"resolution": resolution, "tile_size": tile_size, "overlap": overlap, "bands": scene.bands,
-               "cog": cog, "backend": engine.name, "tta": tta}
+               "cog": cog, "backend": engine.name, "tta": tta,
+               "crop": [int(c.col_off), int(c.row_off), int(c.width), int(c.height)]}
     generator = net.generator if tta else net  # the weights the record names
     if resume:
         progress_record.check(record, progress_record.identity(src, options, generator), dst)

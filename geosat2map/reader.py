@@ -25,8 +25,9 @@ import rasterio
 from affine import Affine
 from pyproj import Geod, Transformer
 from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
-from rasterio.windows import Window
+from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioIOError
+from rasterio.warp import transform_bounds
+from rasterio.windows import Window, from_bounds
 
 from .buffers import row_buffer
 from .errors import InputError, gdal_reason
@@ -61,6 +62,8 @@ class Scene:
     crs: rasterio.crs.CRS | None
     native_gsd_m: float | None
     gsd_m: float | None
+    #: The source pixels the output grid covers: the whole scene, or what ``bounds`` selected.
+    crop: Window
     stretch: tuple[np.ndarray, np.ndarray] | None = None
     notes: list[str] = field(default_factory=list)
     #: Source pixels per output pixel along x and y (None: native grid) and how to resample.
@@ -101,14 +104,17 @@ class Scene:
     def _read_source(self, window: Window, shape: tuple[int, int], dtype: type,
                      out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """The source pixels and validity of ``window`` on the output grid, unscaled."""
+        ox, oy = self.crop.col_off, self.crop.row_off
         if self.scale is None:
+            window = Window(ox + window.col_off, oy + window.row_off, window.width, window.height)
             data = self.src.read(self.bands, window=window, out_dtype=dtype, out=out)
             valid = self._all_valid(shape) if self.all_valid else self.src.dataset_mask(window=window) > 0
             return data, valid
         sx, sy = self.scale
         x, y = window.col_off * sx, window.row_off * sy
-        # The last tiles end at the scene edge: keep float rounding from stepping past it.
-        source = Window(x, y, min(window.width * sx, self.src.width - x), min(window.height * sy, self.src.height - y))
+        # The last tiles end at the crop's edge: keep float rounding from stepping past it.
+        source = Window(ox + x, oy + y, min(window.width * sx, self.crop.width - x),
+                        min(window.height * sy, self.crop.height - y))
         size = {"out": out} if out is not None else {"out_shape": (len(self.bands), *shape)}
         data = self.src.read(self.bands, window=source, resampling=self.resampling, out_dtype=dtype, **size)
         valid = (self._all_valid(shape) if self.all_valid else
@@ -123,9 +129,10 @@ class Scene:
     def cache_bytes(self, tile: int) -> int:
         """Bytes of decoded source blocks GDAL's block cache must hold so that each block is decoded
         once for all bands, and the block row shared with the next tile row is still there for it."""
-        block_h = self.src.block_shapes[0][0]
+        block_h, block_w = self.src.block_shapes[0]
         itemsize = max(np.dtype(d).itemsize for d in self.src.dtypes)
-        block_row = block_h * self.src.width * self.src.count * itemsize
+        span = min(self.src.width, int(self.crop.width) + 2 * block_w)  # the blocks a read across the crop touches
+        block_row = block_h * span * self.src.count * itemsize
         if self.scale is None and self.src.interleaving is not Interleaving.band:
             # Native reads of a pixel-interleaved (or one-band) file need only the block row they
             # share with the next read kept (16384 x 2048 scenes, 3 and 4 bands: 0.22-0.32 s with
@@ -139,9 +146,9 @@ class Scene:
         """The whole scene resampled to ``height`` x ``width`` (for previews), scaled like :meth:`read`."""
         shape = (height, width)
         with rasterio.Env(**self.gdal_options):
-            data = self.src.read(self.bands, out_shape=(len(self.bands), *shape), out_dtype="float32",
-                                 resampling=Resampling.bilinear)
-            valid = self.src.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
+            data = self.src.read(self.bands, window=self.crop, out_shape=(len(self.bands), *shape),
+                                 out_dtype="float32", resampling=Resampling.bilinear)
+            valid = self.src.dataset_mask(window=self.crop, out_shape=shape, resampling=Resampling.nearest) > 0
         return self._scale(data, valid)
 
     def _scale(self, data: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -269,12 +276,13 @@ def ground_gsd_m(crs, transform: Affine, width: int, height: int) -> float:
     return math.sqrt(dx * dy)
 
 
-def _stretch(src, bands: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-band 2-98 % percentiles over the whole scene, from one decimated read (computed once)."""
-    factor = max(1, math.ceil(max(src.width, src.height) / STATS_SIZE))
-    shape = (len(bands), max(1, src.height // factor), max(1, src.width // factor))
-    data = src.read(bands, out_shape=shape, out_dtype="float64", resampling=Resampling.nearest)
-    valid = src.dataset_mask(out_shape=shape[1:], resampling=Resampling.nearest) > 0
+def _stretch(src, bands: list[int], crop: Window) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band 2-98 % percentiles over the part of the scene translated (``crop``), from one
+    decimated read (computed once)."""
+    factor = max(1, math.ceil(max(crop.width, crop.height) / STATS_SIZE))
+    shape = (len(bands), max(1, int(crop.height) // factor), max(1, int(crop.width) // factor))
+    data = src.read(bands, window=crop, out_shape=shape, out_dtype="float64", resampling=Resampling.nearest)
+    valid = src.dataset_mask(window=crop, out_shape=shape[1:], resampling=Resampling.nearest) > 0
     valid &= np.isfinite(data).all(axis=0)
     if not valid.any():
         raise InputError(f"{src.name} has no valid pixels (everything is nodata or not finite)")
@@ -290,19 +298,23 @@ def open_scene(
     resolution: str | float = "model",
     model_gsd_m: float | None = None,
     allow_ungeoreferenced: bool = False,
+    bounds: tuple[float, float, float, float] | None = None,
+    bounds_crs: str | None = None,
 ) -> Scene:
     """Open ``path`` (a file, or any address GDAL reads: see :func:`is_gdal_path`) for windowed
     reading on the output grid.
 
     ``resolution``: ``"model"`` resamples to ``model_gsd_m`` (native when the model does not
-    say), ``"native"`` keeps the scene's pixels, a number is metres per pixel.
+    say), ``"native"`` keeps the scene's pixels, a number is metres per pixel. ``bounds`` (left,
+    bottom, right, top, in the scene's CRS or in ``bounds_crs``) keeps only the source pixels
+    that cover them: the output grid is theirs.
     """
     path = path if is_gdal_path(path) else Path(path)
     options = _remote_options(path)
     with rasterio.Env(**options):  # GDAL looks for side-car files while the scene is planned
         src = _open(path)
         try:
-            scene = _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced)
+            scene = _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, bounds, bounds_crs)
         except BaseException:
             src.close()
             raise
@@ -320,6 +332,31 @@ def _remote_options(path: Path | str) -> dict:
     return {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
 
 
+def _crop_window(path: Path | str, src: rasterio.io.DatasetReader, bounds: tuple[float, float, float, float],
+                 bounds_crs: str | None) -> tuple[Window, bool]:
+    """The whole source pixels that cover ``bounds`` within the scene, and whether the bounds
+    reach past it."""
+    left, bottom, right, top = bounds
+    if not (left < right and bottom < top):
+        raise InputError(f"bounds are left bottom right top, with left < right and bottom < top, not {bounds}")
+    if src.crs is None or src.transform.is_identity:
+        raise InputError(f"{path} has no georeferencing: bounds cannot be placed on it")
+    if bounds_crs is not None:
+        try:  # densified: the box's edges curve in the scene's CRS, and all of it must be covered
+            left, bottom, right, top = transform_bounds(bounds_crs, src.crs, *bounds, densify_pts=21)
+        except CRSError:
+            raise InputError(f"unknown CRS for the bounds: {bounds_crs}") from None
+    w = from_bounds(left, bottom, right, top, transform=src.transform)
+    eps = 1e-6  # a bound on a pixel edge, give or take float rounding, takes no extra pixel
+    cover = (math.floor(w.col_off + eps), math.floor(w.row_off + eps),
+             math.ceil(w.col_off + w.width - eps), math.ceil(w.row_off + w.height - eps))
+    col0, row0 = max(0, cover[0]), max(0, cover[1])
+    col1, row1 = min(src.width, cover[2]), min(src.height, cover[3])
+    if col1 <= col0 or row1 <= row0:
+        raise InputError(f"the bounds lie outside {path}")
+    return Window(col0, row0, col1 - col0, row1 - row0), (col0, row0, col1, row1) != cover
+
+
 def _check_size(path: Path | str, width: int, height: int, gsd_m: float | None) -> None:
     if min(width, height) < MIN_SIDE:
         at = f" at {gsd_m:.2f} m/pixel" if gsd_m else ""
@@ -327,7 +364,7 @@ def _check_size(path: Path | str, width: int, height: int, gsd_m: float | None) 
                          f"{MIN_SIDE} (a small clip may fit at --resolution native)")
 
 
-def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced) -> Scene:
+def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, bounds, bounds_crs) -> Scene:
     if src.width < 1 or src.height < 1:
         raise InputError(f"{path} is empty ({src.width} x {src.height})")
     georeferenced = src.crs is not None and not src.transform.is_identity
@@ -335,17 +372,23 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced) -> S
         raise InputError(f"{path} has no georeferencing (pass --allow-ungeoreferenced to translate it in pixel space)")
     if not src.transform.is_rectilinear:
         raise InputError(f"{path} has a rotated or sheared geotransform; warp it north-up first (gdalwarp)")
+    notes: list[str] = []
+    crop, clipped = (Window(0, 0, src.width, src.height), False) if bounds is None else \
+        _crop_window(path, src, bounds, bounds_crs)
+    if clipped:
+        notes.append("the bounds reach past the scene: the map covers only the part inside them")
+    # From here on the scene is its crop: these pixels, at this place.
+    cols, rows, t = int(crop.width), int(crop.height), src.window_transform(crop)
     bands = list(bands) if bands else default_bands(src)
     bad = [b for b in bands if not 1 <= b <= src.count]
     if bad:
         raise InputError(f"{path} has {src.count} band(s); cannot read band(s) {bad}")
     if len(bands) == 1:
         bands = bands * 3
-    stretch = None if all(src.dtypes[b - 1] == "uint8" for b in bands) else _stretch(src, bands)
+    stretch = None if all(src.dtypes[b - 1] == "uint8" for b in bands) else _stretch(src, bands, crop)
 
-    notes: list[str] = []
     all_valid = all(flags == [MaskFlags.all_valid] for flags in src.mask_flag_enums)
-    native = ground_gsd_m(src.crs, src.transform, src.width, src.height) if georeferenced else None
+    native = ground_gsd_m(src.crs, t, cols, rows) if georeferenced else None
     target = None
     if resolution == "model":
         if model_gsd_m is None:
@@ -355,7 +398,7 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced) -> S
         else:
             target = model_gsd_m
             if native / target > MAX_UPSAMPLE:
-                side = f"{round(src.width * native / target):,} x {round(src.height * native / target):,}"
+                side = f"{round(cols * native / target):,} x {round(rows * native / target):,}"
                 raise InputError(f"{path} has {native:.3g} m pixels, {native / target:.0f} times coarser than the "
                                  f"model's {target:.2f} m: at the model's resolution it would be {side} pixels; "
                                  "pass --resolution native, or metres per pixel, to use it anyway")
@@ -367,22 +410,21 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced) -> S
             raise InputError("a resolution in metres needs a georeferenced scene")
 
     if target is None or math.isclose(target, native, rel_tol=1e-3):
-        _check_size(path, src.width, src.height, native)
-        return Scene(path, src, bands, src.width, src.height, src.transform, src.crs, native, native,
-                     stretch, notes, all_valid=all_valid)
+        _check_size(path, cols, rows, native)
+        return Scene(path, src, bands, cols, rows, t, src.crs, native, native, crop, stretch, notes,
+                     all_valid=all_valid)
 
     # Same CRS and footprint, pixels scaled so one covers `target` metres on the ground.
     scale = target / native
-    t = src.transform
-    width = max(1, round(src.width / scale))
-    height = max(1, round(src.height / scale))
+    width = max(1, round(cols / scale))
+    height = max(1, round(rows / scale))
     _check_size(path, width, height, target)
-    transform = Affine(t.a * src.width / width, 0, t.c, 0, t.e * src.height / height, t.f)
+    transform = Affine(t.a * cols / width, 0, t.c, 0, t.e * rows / height, t.f)
     method = Resampling.average if scale > 1 else Resampling.bilinear
-    large = max(src.width, src.height) >= OVERVIEW_HINT_SIDE
+    large = max(cols, rows) >= OVERVIEW_HINT_SIDE
     if large and scale >= OVERVIEW_HINT_SCALE and not src.overviews(bands[0]):
         name = scene_name(path)
         notes.append(f"each output pixel is read from about {scale * scale:.0f} source pixels and {name} has no "
                      f"overviews; `gdaladdo -r average {name} 2 4 8` once makes reading it several times faster")
-    return Scene(path, src, bands, width, height, transform, src.crs, native, native * src.width / width, stretch,
-                 notes, scale=(src.width / width, src.height / height), resampling=method, all_valid=all_valid)
+    return Scene(path, src, bands, width, height, transform, src.crs, native, native * cols / width, crop, stretch,
+                 notes, scale=(cols / width, rows / height), resampling=method, all_valid=all_valid)

@@ -82,6 +82,8 @@ def test_resume_refuses_other_options_input_or_nothing(scene, tiny_weights, tmp_
         translate(scene, out, weights=tiny_weights, progress=stop_after(25))
     with pytest.raises(InputError, match="overlap=64"):
         translate(scene, out, weights=tiny_weights, overlap=32, resume=True)
+    with pytest.raises(InputError, match="crop="):  # the scene's origin is (500000, 4500000), 1 m pixels
+        translate(scene, out, weights=tiny_weights, bounds=(500000, 4498600, 500700, 4500000), resume=True)
     os.utime(scene, ns=(1, 1))
     with pytest.raises(InputError, match="another input file"):
         translate(scene, out, weights=tiny_weights, resume=True)
