@@ -477,6 +477,39 @@ def average_weights(weights, out, data, holdout, crops, load_size, half, overwri
                    f"PSNR {val['psnr']:.2f} dB  SSIM {val['ssim']:.3f}")
 
 
+@cli.command()
+@click.argument("weights", required=False, default="default")
+@click.option("--json", "as_json", is_flag=True, help="Print everything, the whole provenance included, as JSON.")
+def info(weights, as_json) -> None:
+    """What the generator WEIGHTS (default: the shipped model) is: its architecture, the ground
+    sampling distance translate resamples scenes to, its held-out scores and where it came from."""
+    from geosat2map.weights import describe_weights
+
+    d = describe_weights(None if weights in (None, "default") else weights)
+    if as_json:
+        click.echo(json.dumps(d.as_dict(), indent=2))
+        return
+    spec, prov = d.spec, d.spec.provenance
+    click.echo(f"{d.path}: {d.bytes / 1e6:.1f} MB, {d.dtype}, sha256 {d.sha256}")
+    click.echo(f"{spec.arch} generator, width {spec.ngf}, {d.parameters:,} parameters: {spec.in_channels} bands in "
+               f"({spec.input_bands}), {spec.out_channels} out, {spec.tile_size} x {spec.tile_size} tiles")
+    click.echo(f"trained at {spec.gsd_m:.2f} m/pixel: translate resamples scenes to it" if spec.gsd_m else
+               "no ground sampling distance recorded: translate keeps each scene's own pixels")
+    val = prov.get("val")
+    if val:
+        click.echo(f"held-out pairs ({int(val['count'])}): RMSE {val['rmse']:.2f}  acc@5 {val['acc5']:.3f}  "
+                   f"acc@10 {val['acc10']:.3f}  PSNR {val['psnr']:.2f} dB  SSIM {val['ssim']:.3f}")
+    made = [f"recipe {prov['recipe']}"] if prov.get("recipe") else []
+    if "epoch" in prov:
+        made.append(f"epoch {prov['epoch']}, step {prov.get('step', '?')}")
+    if "fine_tuned_from" in prov:
+        made.append(f"fine-tuned from {prov['fine_tuned_from']['file']}")
+    if "averaged_from" in prov:
+        made.append(f"the mean of {len(prov['averaged_from'])} generators")
+    if made:
+        click.echo("; ".join(made) + " (--json: the whole provenance)")
+
+
 @cli.command("export-onnx")
 @click.argument("weights")
 @click.argument("out", type=click.Path(dir_okay=False))

@@ -190,3 +190,45 @@ def model_digest(model: torch.nn.Module) -> str:
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     _digests[model] = (stamp, h.hexdigest())
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """What a weights file holds, read from its header (the tensors are not loaded)."""
+
+    path: Path
+    bytes: int
+    sha256: str  # of the file, to compare with a published checksum
+    dtype: str  # the stored floating-point type: float16 for shipped files
+    parameters: int  # learned values (BatchNorm's running statistics left out)
+    spec: ModelSpec
+
+    def as_dict(self) -> dict:
+        return {"file": str(self.path), "bytes": self.bytes, "sha256": self.sha256, "dtype": self.dtype,
+                "parameters": self.parameters, "spec": asdict(self.spec)}
+
+
+def describe_weights(path: str | Path | None = None) -> WeightsInfo:
+    """The :class:`WeightsInfo` of a weights file (``None``: the shipped model)."""
+    from safetensors import safe_open
+
+    path = Path(path) if path is not None else default_weights_path()
+    spec = read_spec(path)
+    dtypes, parameters = set(), 0
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            tensor = f.get_slice(key)
+            if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                continue
+            dtypes.add(tensor.get_dtype())
+            count = 1
+            for side in tensor.get_shape():
+                count *= side
+            parameters += count
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    dtype = {"F16": "float16", "F32": "float32", "BF16": "bfloat16"}
+    return WeightsInfo(path, path.stat().st_size, digest.hexdigest(),
+                       ", ".join(sorted(dtype.get(d, d) for d in dtypes)), parameters, spec)

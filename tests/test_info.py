@@ -1,0 +1,37 @@
+"""geosat2map info: what a weights file is, read from its header."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .conftest import random_generator
+from .test_cli import run
+
+
+def test_info_reports_the_file_and_its_spec(tiny_weights, tiny_weights_gsd):
+    result = run("info", tiny_weights, "--json")
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert d["sha256"] == hashlib.sha256(tiny_weights.read_bytes()).hexdigest()
+    assert d["bytes"] == tiny_weights.stat().st_size and d["dtype"] == "float32"
+    assert d["parameters"] == sum(p.numel() for p in random_generator().parameters())
+    assert d["spec"]["ngf"] == 8 and d["spec"]["gsd_m"] is None
+    text = run("info", tiny_weights).stdout
+    assert "width 8" in text and "no ground sampling distance" in text
+    assert "trained at 2.00 m/pixel" in run("info", tiny_weights_gsd).stdout
+
+
+def test_info_of_the_shipped_model():
+    result = run("info")
+    assert result.exit_code == 0, result.output
+    assert "float16" in result.stdout and "held-out pairs (110)" in result.stdout
+    assert result.stdout == run("info", "default").stdout
+
+
+def test_info_of_a_file_that_is_not_weights(tmp_path):
+    bogus = tmp_path / "notes.safetensors"
+    bogus.write_text("hello")
+    result = run("info", bogus)
+    assert result.exit_code != 0 and result.stderr.startswith("geosat2map: error:")
+    assert "Traceback" not in result.output
