@@ -106,9 +106,10 @@ class TileGrid:
 
     @cached_property
     def carried_rows(self) -> int:
-        """Most rows a tile row shares with the next one (what blending carries between rows)."""
-        return max((self.ys[r] + self.tile_shape(r, 0)[0] - self.ys[r + 1] for r in range(len(self.ys) - 1)),
-                   default=0)
+        """Most rows a tile row shares with the next one (what blending carries between rows).
+        (Every tile row but the last is a whole tile high; the column weights are not needed, so
+        a scene too wide to stream is refused at once, not after computing them.)"""
+        return max((self.ys[r] + self.tile - self.ys[r + 1] for r in range(len(self.ys) - 1)), default=0)
 
     def row_end(self, row: int) -> int:
         """First output row that tiles after ``row`` still write to (the scene height for the last)."""
