@@ -485,7 +485,7 @@ def info(weights, as_json) -> None:
     sampling distance translate resamples scenes to, its held-out scores and where it came from."""
     from geosat2map.weights import describe_weights
 
-    d = describe_weights(None if weights in (None, "default") else weights)
+    d = describe_weights(None if weights == "default" else weights)
     if as_json:
         click.echo(json.dumps(d.as_dict(), indent=2))
         return
