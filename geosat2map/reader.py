@@ -369,6 +369,12 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
         raise InputError(f"{path} is empty ({src.width} x {src.height})")
     georeferenced = src.crs is not None and not src.transform.is_identity
     if not georeferenced and not allow_ungeoreferenced:
+        points = len(src.gcps[0]) if src.gcps[0] else 0
+        if points or src.rpcs:  # a raw product: GDAL can put it on a map grid
+            how = f"{points} ground control points" if points else "rational polynomial coefficients (RPCs)"
+            raise InputError(f"{path} is georeferenced by {how}, not a geotransform: warp it onto a map grid "
+                             f"first (gdalwarp{' -rpc' if not points else ''} -r bilinear {scene_name(path)} "
+                             "warped.tif), or pass --allow-ungeoreferenced to translate it in pixel space")
         raise InputError(f"{path} has no georeferencing (pass --allow-ungeoreferenced to translate it in pixel space)")
     if not src.transform.is_rectilinear:
         raise InputError(f"{path} has a rotated or sheared geotransform; warp it north-up first (gdalwarp)")

@@ -71,6 +71,22 @@ def test_no_georeferencing_unless_allowed(tiny_weights, tmp_path):
     assert ok.exit_code == 0 and out.exists()
 
 
+def test_ground_control_points_ask_for_a_warp(tiny_weights, tmp_path):
+    """A raw product placed by GCPs (no geotransform): the error says how GDAL puts it on a grid."""
+    from rasterio.control import GroundControlPoint
+
+    scene = tmp_path / "raw.tif"
+    corners = [(0, 0), (0, 300), (200, 0), (200, 300)]
+    gcps = [GroundControlPoint(r, c, 500000 + c, 4500000 - r) for r, c in corners]
+    with rasterio.open(scene, "w", driver="GTiff", width=300, height=200, count=3, dtype="uint8") as dst:
+        dst.write(np.zeros((3, 200, 300), np.uint8))
+        dst.gcps = (gcps, "EPSG:32633")
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", scene, out, "--weights", tiny_weights), out,
+                         "georeferenced by 4 ground control points")
+    assert "gdalwarp -r bilinear raw.tif" in run("translate", scene, out, "--weights", tiny_weights).stderr
+
+
 def test_bands_that_do_not_fit_the_weights(scene, tmp_path):
     four = tmp_path / "four_band.safetensors"
     g = random_generator()
