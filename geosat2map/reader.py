@@ -23,10 +23,10 @@ from urllib.parse import urlsplit
 import numpy as np
 import rasterio
 from affine import Affine
-from pyproj import Geod, Transformer
+from pyproj import CRS, Geod, Transformer
+from pyproj.exceptions import CRSError as PyprojCRSError, ProjError
 from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
-from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioIOError
-from rasterio.warp import transform_bounds
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window, from_bounds
 
 from .buffers import row_buffer
@@ -258,16 +258,34 @@ def default_bands(src: rasterio.io.DatasetReader) -> list[int]:
 def ground_pixel_size(crs, transform: Affine, width: int, height: int) -> tuple[float, float]:
     """Metres on the ground spanned by one pixel along x and along y, at the scene centre.
 
-    Geodesic, so degrees (EPSG:4326) and Web Mercator's scale factor come out right.
+    Geodesic, so degrees (EPSG:4326) and Web Mercator's scale factor come out right. A CRS with
+    no link to the Earth (a local site grid, as drone surveys and CAD plans use) is measured in its
+    own linear units.
     """
-    to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    try:
+        to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    except ProjError:
+        return _local_pixel_size(crs, transform)
     cx, cy = width / 2, height / 2
     pts = [transform @ (cx, cy), transform @ (cx + 1, cy), transform @ (cx, cy + 1)]
     lon, lat = to_lonlat.transform([p[0] for p in pts], [p[1] for p in pts])
     geod = Geod(ellps="WGS84")
     dx = geod.inv(lon[0], lat[0], lon[1], lat[1])[2]
     dy = geod.inv(lon[0], lat[0], lon[2], lat[2])[2]
+    if not (math.isfinite(dx) and math.isfinite(dy)):
+        raise InputError(f"the scene's coordinates do not lie within its CRS ({crs}): its pixels cannot be "
+                         "measured on the ground; pass --resolution native")
     return dx, dy
+
+
+def _local_pixel_size(crs, transform: Affine) -> tuple[float, float]:
+    """Pixel size in a local (engineering) CRS, which cannot be placed on the Earth, from its axes' units."""
+    local = CRS.from_user_input(crs.to_wkt())
+    factors = [a.unit_conversion_factor for a in local.axis_info[:2]]  # to metres
+    if not local.is_engineering or len(factors) < 2 or not all(factors):
+        raise InputError(f"the scene's CRS cannot be placed on the Earth and its axes have no linear unit ({crs}): "
+                         "its pixels cannot be measured on the ground; pass --resolution native")
+    return math.hypot(transform.a, transform.d) * factors[0], math.hypot(transform.b, transform.e) * factors[1]
 
 
 def ground_gsd_m(crs, transform: Affine, width: int, height: int) -> float:
@@ -342,10 +360,17 @@ def _crop_window(path: Path | str, src: rasterio.io.DatasetReader, bounds: tuple
     if src.crs is None or src.transform.is_identity:
         raise InputError(f"{path} has no georeferencing: bounds cannot be placed on it")
     if bounds_crs is not None:
-        try:  # densified: the box's edges curve in the scene's CRS, and all of it must be covered
-            left, bottom, right, top = transform_bounds(bounds_crs, src.crs, *bounds, densify_pts=21)
-        except CRSError:
+        try:
+            to_scene = Transformer.from_crs(CRS.from_user_input(bounds_crs), CRS.from_user_input(src.crs.to_wkt()),
+                                            always_xy=True)
+        except PyprojCRSError:
             raise InputError(f"unknown CRS for the bounds: {bounds_crs}") from None
+        except ProjError:
+            raise InputError(f"the bounds cannot be carried from {bounds_crs} into the scene's CRS") from None
+        # Densified: the box's edges curve in the scene's CRS, and all of it must be covered.
+        left, bottom, right, top = to_scene.transform_bounds(*bounds, densify_pts=21)
+        if not all(map(math.isfinite, (left, bottom, right, top))):
+            raise InputError(f"the bounds cannot be carried from {bounds_crs} into the scene's CRS")
     w = from_bounds(left, bottom, right, top, transform=src.transform)
     eps = 1e-6  # a bound on a pixel edge, give or take float rounding, takes no extra pixel
     cover = (math.floor(w.col_off + eps), math.floor(w.row_off + eps),
@@ -394,7 +419,12 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
     stretch = None if all(src.dtypes[b - 1] == "uint8" for b in bands) else _stretch(src, bands, crop)
 
     all_valid = all(flags == [MaskFlags.all_valid] for flags in src.mask_flag_enums)
-    native = ground_gsd_m(src.crs, t, cols, rows) if georeferenced else None
+    try:
+        native = ground_gsd_m(src.crs, t, cols, rows) if georeferenced else None
+    except InputError:  # no ground resolution: fine as long as nothing is resampled to one
+        if (resolution == "model" and model_gsd_m is not None) or resolution not in ("model", "native"):
+            raise
+        native = None
     target = None
     if resolution == "model":
         if model_gsd_m is None:

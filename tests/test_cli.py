@@ -71,6 +71,18 @@ def test_no_georeferencing_unless_allowed(tiny_weights, tmp_path):
     assert ok.exit_code == 0 and out.exists()
 
 
+def test_coordinates_outside_their_crs(tiny_weights, tiny_weights_gsd, tmp_path):
+    """UTM eastings of a billion metres: no place on Earth, so no ground resolution to resample to;
+    at native resolution there is nothing to resample."""
+    scene = write_scene(tmp_path / "far.tif")
+    with rasterio.open(scene, "r+") as ds:
+        ds.transform = rasterio.transform.from_origin(1e9, 4500000, 1, 1)
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", scene, out, "--weights", tiny_weights_gsd), out, "do not lie within its CRS")
+    assert run("translate", scene, out, "--weights", tiny_weights_gsd, "--resolution", "native",
+               "--quiet").exit_code == 0
+
+
 def test_ground_control_points_ask_for_a_warp(tiny_weights, tmp_path):
     """A raw product placed by GCPs (no geotransform): the error says how GDAL puts it on a grid."""
     from rasterio.control import GroundControlPoint

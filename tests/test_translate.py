@@ -56,6 +56,18 @@ def test_geographic_scene_is_resampled_by_ground_distance(tiny_weights_gsd, tmp_
         assert ground_gsd_m(dst.crs, dst.transform, dst.width, dst.height) == pytest.approx(2.0, rel=0.02)
 
 
+@pytest.mark.parametrize("unit, metres", [('"metre",1', 1.0), ('"US survey foot",0.304800609601219', 0.3048)])
+def test_local_site_grid_is_resampled_by_its_own_units(unit, metres, tiny_weights_gsd, tmp_path):
+    """A CRS tied to no place on Earth (a drone survey's site grid): pixels measured in its units."""
+    wkt = f'LOCAL_CS["site grid",LOCAL_DATUM["site",0],UNIT[{unit}],AXIS["Easting",EAST],AXIS["Northing",NORTH]]'
+    src = write_scene(tmp_path / "site.tif", crs=wkt)  # 600 x 500 pixels of 1 unit
+    out = tmp_path / "map.tif"
+    translate(src, out, weights=tiny_weights_gsd)
+    with rasterio.open(out) as dst, rasterio.open(src) as scene:
+        assert (dst.width, dst.height) == (round(600 * metres / 2), round(500 * metres / 2))
+        assert dst.crs == scene.crs
+
+
 def test_nodata_footprint_becomes_the_output_mask_and_empty_tiles_are_skipped(tiny_weights, tmp_path):
     data = synthetic_image(700, 900)
     data[:, :, 600:] = 0  # a third of the scene outside the footprint
