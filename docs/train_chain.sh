@@ -49,7 +49,6 @@ for seed in $(seq "$first" "$last"); do
         --keep-snapshots --ema-decay 0.999 --freeze-batchnorm --seed "$seed" --quiet
     fi
   fi
-  chmod 644 "$out"/snapshots/*.safetensors
   judge "$snap" "c$seed" && continue
   echo "$snap" >> runs/siblings
   mapfile -t siblings < runs/siblings

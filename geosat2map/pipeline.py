@@ -26,7 +26,7 @@ from . import resume as progress_record
 from .errors import Geosat2mapError, InputError, Interrupted, OutputError, WeightsError
 from .grid import RowBlender, TileGrid
 from .model import FlipAveraged
-from .reader import RowBand, Scene, is_gdal_path, open_scene, scene_name
+from .reader import RowBand, Scene, open_scene, scene_name, scene_path
 from .weights import ModelSpec, load_generator
 from .writer import GeoTIFFWriter, check_destination, partial_path
 
@@ -172,7 +172,7 @@ def translate(
     twice the compute). ``bounds`` (left, bottom, right, top; in the scene's CRS, or in
     ``bounds_crs`` such as ``"EPSG:4326"``) translates only the source pixels that cover them.
     """
-    src, dst = src if is_gdal_path(src) else Path(src), Path(dst)
+    src, dst = scene_path(src), Path(dst)
     if tile_size % 256 or tile_size <= 0:
         raise InputError(f"tile size must be a multiple of 256 (the U-Net halves it 8 times), not {tile_size}")
     if not 0 <= overlap <= tile_size // 2:

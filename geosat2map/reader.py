@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
@@ -95,11 +96,16 @@ class Scene:
             raise ValueError("resampled or scaled input reads as float32")
         shape = (int(window.height), int(window.width))
         try:
-            with rasterio.Env(**self.gdal_options):
+            with self._gdal_env():
                 data, valid = self._read_source(window, shape, dtype, out)
         except RasterioIOError as exc:  # a truncated or corrupt file fails here, not at open
             raise InputError(f"reading {self.path} failed: {gdal_reason(exc)}") from None
         return self._scale(data, valid)
+
+    def _gdal_env(self):
+        """The scene's GDAL options in force (nothing to enter for a local scene: an empty
+        rasterio.Env still costs about 60 us)."""
+        return rasterio.Env(**self.gdal_options) if self.gdal_options else nullcontext()
 
     def _read_source(self, window: Window, shape: tuple[int, int], dtype: type,
                      out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +151,7 @@ class Scene:
     def read_decimated(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         """The whole scene resampled to ``height`` x ``width`` (for previews), scaled like :meth:`read`."""
         shape = (height, width)
-        with rasterio.Env(**self.gdal_options):
+        with self._gdal_env():
             data = self.src.read(self.bands, window=self.crop, out_shape=(len(self.bands), *shape),
                                  out_dtype="float32", resampling=Resampling.bilinear)
             valid = self.src.dataset_mask(window=self.crop, out_shape=shape, resampling=Resampling.nearest) > 0
@@ -215,6 +221,12 @@ def is_gdal_path(path: str | Path) -> bool:
     return "://" in text or text.startswith("/vsi")
 
 
+def scene_path(path: str | Path) -> Path | str:
+    """``path`` as a scene is addressed: a ``Path`` for a local file, the string itself for an
+    address GDAL reads otherwise (:func:`is_gdal_path`)."""
+    return path if is_gdal_path(path) else Path(path)
+
+
 def scene_name(path: str | Path) -> str:
     """The file name in ``path``, URLs included (their query string left out)."""
     text = str(path)
@@ -223,10 +235,11 @@ def scene_name(path: str | Path) -> str:
 
 def _open(path: Path | str) -> rasterio.io.DatasetReader:
     remote = is_gdal_path(path)
-    if not remote and not Path(path).exists():
-        raise InputError(f"input not found: {path}")
-    if not remote and Path(path).is_dir():
-        raise InputError(f"input is a folder, not a raster: {path}")
+    if not remote:
+        if not Path(path).exists():
+            raise InputError(f"input not found: {path}")
+        if Path(path).is_dir():
+            raise InputError(f"input is a folder, not a raster: {path}")
     # GDAL_NUM_THREADS at open: the GTiff driver then decodes the blocks of a multi-block read
     # (a row band spans the scene's width) on every core. Reads run between model calls, when
     # the cores are otherwise idle: sixteen 16384 x 256 native reads took 0.37-0.43 s opened so
@@ -280,7 +293,7 @@ def ground_pixel_size(crs, transform: Affine, width: int, height: int) -> tuple[
 
 def _local_pixel_size(crs, transform: Affine) -> tuple[float, float]:
     """Pixel size in a local (engineering) CRS, which cannot be placed on the Earth, from its axes' units."""
-    local = CRS.from_user_input(crs.to_wkt())
+    local = CRS.from_user_input(crs)
     factors = [a.unit_conversion_factor for a in local.axis_info[:2]]  # to metres
     if not local.is_engineering or len(factors) < 2 or not all(factors):
         raise InputError(f"the scene's CRS cannot be placed on the Earth and its axes have no linear unit ({crs}): "
@@ -327,7 +340,7 @@ def open_scene(
     bottom, right, top, in the scene's CRS or in ``bounds_crs``) keeps only the source pixels
     that cover them: the output grid is theirs.
     """
-    path = path if is_gdal_path(path) else Path(path)
+    path = scene_path(path)
     options = _remote_options(path)
     with rasterio.Env(**options):  # GDAL looks for side-car files while the scene is planned
         src = _open(path)
@@ -357,13 +370,10 @@ def _crop_window(path: Path | str, src: rasterio.io.DatasetReader, bounds: tuple
     left, bottom, right, top = bounds
     if not (left < right and bottom < top):
         raise InputError(f"bounds are left bottom right top, with left < right and bottom < top, not {bounds}")
-    if src.crs is None or src.transform.is_identity:
-        raise InputError(f"{path} has no georeferencing: bounds cannot be placed on it")
     if bounds_crs is not None:
         try:
-            to_scene = Transformer.from_crs(CRS.from_user_input(bounds_crs), CRS.from_user_input(src.crs.to_wkt()),
-                                            always_xy=True)
-        except PyprojCRSError:
+            to_scene = Transformer.from_crs(bounds_crs, src.crs, always_xy=True)
+        except PyprojCRSError:  # a kind of ProjError: caught first
             raise InputError(f"unknown CRS for the bounds: {bounds_crs}") from None
         except ProjError:
             raise InputError(f"the bounds cannot be carried from {bounds_crs} into the scene's CRS") from None
@@ -403,6 +413,8 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
         raise InputError(f"{path} has no georeferencing (pass --allow-ungeoreferenced to translate it in pixel space)")
     if not src.transform.is_rectilinear:
         raise InputError(f"{path} has a rotated or sheared geotransform; warp it north-up first (gdalwarp)")
+    if bounds is not None and not georeferenced:
+        raise InputError(f"{path} has no georeferencing: bounds cannot be placed on it")
     notes: list[str] = []
     crop, clipped = (Window(0, 0, src.width, src.height), False) if bounds is None else \
         _crop_window(path, src, bounds, bounds_crs)

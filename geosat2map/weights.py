@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -221,10 +222,7 @@ def describe_weights(path: str | Path | None = None) -> WeightsInfo:
             if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
                 continue
             dtypes.add(tensor.get_dtype())
-            count = 1
-            for side in tensor.get_shape():
-                count *= side
-            parameters += count
+            parameters += math.prod(tensor.get_shape())
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
