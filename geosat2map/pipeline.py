@@ -1,6 +1,6 @@
 """Scene in, map out: read -> tile -> infer -> blend -> write, streaming.
 
-Only the tiles of one batch, the overlap rows carried between tile rows and the writer's two block
+Only the tiles of one batch, the overlap rows carried between tile rows and the writer's three block
 rows are in memory, so peak memory depends on the scene's width and the batch size, not on its
 height.
 """
@@ -28,7 +28,7 @@ from .grid import RowBlender, TileGrid
 from .model import FlipAveraged
 from .reader import RowBand, Scene, open_scene, scene_name, scene_path
 from .weights import ModelSpec, load_generator
-from .writer import GeoTIFFWriter, check_destination, partial_path
+from .writer import BLOCK, BUFFERS, GeoTIFFWriter, check_destination, partial_path
 
 #: Default overlap between 256-pixel tiles (see benchmarks/overlap.py for the measurement).
 DEFAULT_OVERLAP = 64
@@ -251,9 +251,9 @@ def translate_many(
 
 def row_buffer_bytes(grid: TileGrid) -> int:
     """Memory the streaming needs beyond the model: the row band tiles are cut from and the
-    blender's carried overlap rows (float32 RGB and a mask at most), and the writer's two uint8
+    blender's carried overlap rows (float32 RGB and a mask at most), and the writer's uint8
     block rows with their masks."""
-    return grid.width * ((grid.tile + grid.carried_rows) * (3 * 4 + 1) + 2 * 256 * 4)
+    return grid.width * ((grid.tile + grid.carried_rows) * (3 * 4 + 1) + BUFFERS * BLOCK * 4)
 
 
 def gdal_cache_bytes(scene: Scene, tile: int) -> int:

@@ -302,6 +302,45 @@ def test_the_mask_appears_with_the_first_invalid_pixel_and_covers_earlier_rows(t
         assert (dst.read()[:, ~valid] == 0).all() and (dst.read()[:, valid] == 7).all()
 
 
+def test_filling_the_next_two_block_rows_never_waits_for_the_write_in_flight(tmp_path, monkeypatch):
+    """A tile row's finished rows reach two block rows past the one just handed to the writer
+    thread; with only two buffers the main thread waited there for that whole write."""
+    import threading
+
+    from geosat2map.writer import GeoTIFFWriter
+
+    release, started = threading.Event(), threading.Event()
+    real_write = GeoTIFFWriter._write
+
+    def held(self, window, pixels, valid):  # the first block row's write stalls until released
+        if window.row_off == 0:
+            started.set()
+            assert release.wait(10)
+        real_write(self, window, pixels, valid)
+
+    monkeypatch.setattr(GeoTIFFWriter, "_write", held)
+    w, h = 64, 1024
+    with GeoTIFFWriter(tmp_path / "m.tif", w, h, "EPSG:32633", rasterio.transform.from_origin(0, 0, 1, 1)) as writer:
+        writer.put(0, 0, np.full((3, 256, w), 1, np.uint8), None)
+        writer.advance(256)  # block row 0 handed on
+        assert started.wait(10)
+        filled = threading.Thread(target=writer.put, args=(256, 0, np.full((3, 300, w), 2, np.uint8), None))
+        filled.start()  # rows 256..555: block rows 1 and 2
+        filled.join(5)
+        stalled = filled.is_alive()
+        release.set()
+        filled.join()
+        assert not stalled
+        for top, end in ((556, 768), (768, h)):
+            writer.advance(top)
+            writer.put(top, 0, np.full((3, end - top, w), 3, np.uint8), None)
+        writer.advance(h)
+        writer.commit()
+    with rasterio.open(tmp_path / "m.tif") as dst:
+        band = dst.read(1)[:, 0]
+    assert (band[:256] == 1).all() and (band[256:556] == 2).all() and (band[556:] == 3).all()
+
+
 def test_gdal_block_cache_is_sized_to_the_source_blocks_reads_share(tiny_weights, tmp_path, monkeypatch):
     """rasterio takes GDAL_CACHEMAX in bytes (a small number is no cache at all). The cache must
     hold the source block row a tile row's read shares with the next (native, pixel-interleaved:
