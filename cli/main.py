@@ -326,6 +326,11 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
 @click.option("--rot90", is_flag=True,
               help="Also turn each training crop by a random multiple of 90 degrees (imagery seen from "
                    "above has no up; the pix2pix recipe only mirrors).")
+@click.option("--distill-from", default=None,
+              help="Also pull the generator towards this teacher's flip-averaged maps (translate --tta's "
+                   "output; 'default': the shipped model): one pass learns what the teacher needs two for.")
+@click.option("--distill-weight", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.5, show_default=True,
+              help="With --distill-from: the teacher's share of the L1 term (the real map has the rest).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,

@@ -8,14 +8,21 @@
 #   nice -n 10 bash docs/train_chain.sh FIRST_SEED LAST_SEED [START_WEIGHTS]
 #
 # START_WEIGHTS (default: runs/best, else the shipped model) is where the first cycle starts;
-# runs/best records the best so far, runs/siblings the cycles not kept since, runs/chain.log each verdict.
+# runs/best records the best so far, runs/siblings (runs/siblings_kd) the cycles not kept since, runs/chain.log each verdict.
+# DISTILL_WEIGHT=W (e.g. 0.5): each cycle also distils the best so far's flip-averaged maps
+# (train --distill-from <best> --distill-weight W), in runs/kd_cNN instead of runs/fbn_cNN.
 set -euo pipefail
 first=$1 last=$2
 best=${3:-$(cat runs/best 2>/dev/null || echo default)}
 g=.venv/bin/geosat2map
 data=../shared/data/maps_train
+prefix=fbn
+if [ -n "${DISTILL_WEIGHT:-}" ]; then
+  prefix=kd
+fi
+siblings_file=runs/siblings${DISTILL_WEIGHT:+_kd}  # kept apart: a soup mixes one recipe's cycles
 mkdir -p runs
-touch runs/siblings
+touch "$siblings_file"
 
 # judge WEIGHTS NAME: log the verdict against the best; make WEIGHTS the best if better on all five.
 judge() {
@@ -31,14 +38,19 @@ PY
   if [[ $verdict == better* ]]; then
     best=$1
     echo "$best" > runs/best
-    : > runs/siblings
+    rm -f runs/siblings runs/siblings_kd  # every recipe's siblings started from the old best
+    touch "$siblings_file"
     return 0
   fi
   return 1
 }
 
+distill=()
 for seed in $(seq "$first" "$last"); do
-  out=runs/fbn_c$seed
+  out=runs/${prefix}_c$seed
+  if [ -n "${DISTILL_WEIGHT:-}" ]; then
+    distill=(--distill-from "$best" --distill-weight "$DISTILL_WEIGHT")
+  fi
   snap=$out/snapshots/epoch002.safetensors
   if [ ! -f "$snap" ]; then
     if [ -f "$out/config.json" ]; then
@@ -46,15 +58,15 @@ for seed in $(seq "$first" "$last"); do
     else
       $g train "$data" --out "$out" --init-from "$best" --ngf 32 --load-size 256 --lr 2e-5 \
         --lambda-l1 1000 --epochs 1 --epochs-decay 1 --holdout 10 --gsd 2.12 --checkpoint-every 250 \
-        --keep-snapshots --ema-decay 0.999 --freeze-batchnorm --seed "$seed" --quiet
+        --keep-snapshots --ema-decay 0.999 --freeze-batchnorm --seed "$seed" "${distill[@]}" --quiet
     fi
   fi
-  judge "$snap" "c$seed" && continue
-  echo "$snap" >> runs/siblings
-  mapfile -t siblings < runs/siblings
+  judge "$snap" "${prefix}_c$seed" && continue
+  echo "$snap" >> "$siblings_file"
+  mapfile -t siblings < "$siblings_file"
   if [ "${#siblings[@]}" -ge 2 ]; then
-    soup=runs/soup_c$seed.safetensors
+    soup=runs/soup_${prefix}_c$seed.safetensors
     $g average-weights "${siblings[@]}" "$soup" --data "$data" --load-size 256 --half --overwrite > /dev/null
-    judge "$soup" "soup_c$seed" || true
+    judge "$soup" "soup_${prefix}_c$seed" || true
   fi
 done

@@ -38,13 +38,14 @@ from .devices import resolve_device, use_bf16
 from .distributed import DistContext, convert_batchnorm, init_distributed, shutdown_distributed
 from .errors import TrainingError
 from .evaluate import evaluate_generator, write_triplets
-from .model import PatchDiscriminator, UNetGenerator, init_weights, modes_kept
+from .model import FlipAveraged, PatchDiscriminator, UNetGenerator, init_weights, modes_kept
 from .weights import TRAINED_WEIGHTS, ModelSpec, load_generator, model_digest, save_generator
 
 CHECKPOINT = "checkpoint.pt"
 #: The TrainConfig fields every saved generator's provenance records (how it was trained).
 RECORDED_SETTINGS = ("load_size", "crop_size", "batch_size", "lr", "beta1", "beta2", "lambda_l1", "epochs",
-                     "epochs_decay", "ndf", "holdout", "seed", "ema_decay", "freeze_batchnorm", "rot90")
+                     "epochs_decay", "ndf", "holdout", "seed", "ema_decay", "freeze_batchnorm", "rot90",
+                     "distill_from", "distill_weight")
 
 
 @dataclass
@@ -95,6 +96,13 @@ class TrainConfig:
     #: well as mirroring it: imagery seen from above has no "up", so the eight turns and mirrors
     #: are all plausible scenes (the pix2pix recipe only mirrors).
     rot90: bool = False
+    #: Self-distillation: a teacher generator whose flip-averaged output (translate --tta, which
+    #: scores better on every held-out metric than one pass of the same weights) becomes a second
+    #: L1 target, so that one pass of the student learns what the teacher needs two for. The L1
+    #: term is then (1 - distill_weight) * L1(real map) + distill_weight * L1(teacher's map); the
+    #: discriminator still sees only real maps as real.
+    distill_from: str | None = None
+    distill_weight: float = 0.5
 
     @classmethod
     def from_json(cls, path: Path) -> TrainConfig:
@@ -174,6 +182,16 @@ class Trainer:
             self.spec = ModelSpec(ngf=pspec.ngf, gsd_m=gsd if gsd is not None else pspec.gsd_m)
             self.lineage = {"file": config.init_from, "sha256": model_digest(pretrained),
                             "provenance": pspec.provenance}
+        self.teacher: nn.Module | None = None
+        self.teacher_lineage: dict | None = None
+        if config.distill_from:
+            if not 0.0 < config.distill_weight <= 1.0:
+                raise TrainingError(f"the distillation weight must be in (0, 1], not {config.distill_weight}")
+            teacher, tspec = load_generator(None if config.distill_from == "default" else config.distill_from)
+            self.teacher_lineage = {"file": config.distill_from, "sha256": model_digest(teacher),
+                                    "provenance": tspec.provenance}
+            self.teacher = FlipAveraged(teacher.eval().requires_grad_(False)).to(
+                self.device, memory_format=torch.channels_last)
         if dist_ctx.enabled:
             convert_batchnorm(self.G)
             convert_batchnorm(self.D)
@@ -233,6 +251,7 @@ class Trainer:
             "best_rmse": self.best_rmse,
             "rng": rng,
             "lineage": json.dumps(self.lineage),
+            "teacher": json.dumps(self.teacher_lineage),
             **({"G_ema": self.G_ema.state_dict()} if self.G_ema is not None else {}),
         }
 
@@ -261,6 +280,10 @@ class Trainer:
         self.global_step, self.best_rmse = state["global_step"], state["best_rmse"]
         if "lineage" in state:  # (checkpoints before it was kept: as computed above)
             self.lineage = json.loads(state["lineage"])
+        started_with = json.loads(state.get("teacher", "null"))
+        if started_with and started_with["sha256"] != self.teacher_lineage["sha256"]:
+            raise TrainingError(f"the teacher {self.cfg.distill_from} has changed since this run started "
+                                f"(sha256 {started_with['sha256'][:12]}..., now {self.teacher_lineage['sha256'][:12]}...)")
         # The rate comes from this run's schedule, not the saved optimiser: a schedule extended on
         # resume (see train()) would otherwise continue at the old, decayed rate.
         factor = _lr_lambda(self.cfg.epochs, self.cfg.epochs_decay)(self.epoch)
@@ -295,13 +318,21 @@ class Trainer:
                 pred = self.D_ddp(torch.cat([real_a, fake_b], 1))
             loss_gan = F.binary_cross_entropy_with_logits(pred, torch.ones_like(pred))
             loss_l1 = F.l1_loss(fake_b.float(), real_b.float())
-            loss_g = loss_gan + self.cfg.lambda_l1 * loss_l1
+            l1_term, loss_teacher = loss_l1, None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    taught = self.teacher(real_a).float()
+                loss_teacher = F.l1_loss(fake_b.float(), taught)
+                l1_term = (1 - self.cfg.distill_weight) * loss_l1 + self.cfg.distill_weight * loss_teacher
+            loss_g = loss_gan + self.cfg.lambda_l1 * l1_term
         self.opt_G.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_G.step()
         if self.G_ema is not None:
             self._update_ema()
         losses = {"G_GAN": loss_gan.item(), "G_L1": loss_l1.item(), "D": loss_d.item()}
+        if loss_teacher is not None:  # G_L1 stays the distance to the real map, comparable across runs
+            losses["G_L1_teacher"] = loss_teacher.item()
         if not all(math.isfinite(v) for v in losses.values()):
             raise TrainingError(
                 f"loss became non-finite at step {self.global_step} ({losses}); "
@@ -428,6 +459,8 @@ class Trainer:
             prov["weights"] = TRAINED_WEIGHTS
         if self.lineage:
             prov["fine_tuned_from"] = self.lineage
+        if self.teacher_lineage:
+            prov["distilled_from"] = self.teacher_lineage
         return ModelSpec(ngf=self.spec.ngf, gsd_m=self.spec.gsd_m, provenance=prov)
 
 

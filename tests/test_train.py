@@ -289,6 +289,46 @@ def test_quarter_turns_augment_input_and_target_alike_and_are_recorded(tmp_path)
     assert spec.provenance["settings"]["rot90"] is True
 
 
+def test_distillation_pulls_towards_the_teachers_flip_average_and_records_the_teacher(tmp_path):
+    import torch.nn.functional as F
+
+    from geosat2map.model import FlipAveraged
+    from geosat2map.weights import load_generator, model_digest
+
+    data = write_aligned(tmp_path / "data")
+    teacher_file = tmp_path / "teacher.safetensors"
+    torch.manual_seed(5)
+    save_generator(UNetGenerator(ngf=4).eval(), ModelSpec(ngf=4, gsd_m=2.0, provenance={"epoch": 3}), teacher_file)
+    teacher = load_generator(teacher_file)[0]
+    cfg = tiny_config(data, tmp_path / "run", distill_from=str(teacher_file), distill_weight=0.25, epochs=1,
+                      epochs_decay=0, load_size=256)
+    trainer = Trainer(cfg)
+    trainer._train_mode()
+    a, b = next(trainer._batches())
+    torch.manual_seed(11)  # the generator's dropout draws the same masks in both passes
+    fake = trainer.G(a).detach()
+    torch.manual_seed(11)
+    losses = trainer.train_step(a, b)
+    with torch.no_grad():
+        taught = FlipAveraged(teacher.eval())(a)
+    assert not torch.allclose(taught, teacher(a))  # the flip average, not one pass
+    assert losses["G_L1_teacher"] == pytest.approx(F.l1_loss(fake, taught).item(), rel=1e-4)
+    assert losses["G_L1"] == pytest.approx(F.l1_loss(fake, b).item(), rel=1e-4)
+    trainer.release()
+
+    train(cfg)
+    spec = load_generator(tmp_path / "run" / "generator.safetensors")[1]
+    assert spec.provenance["distilled_from"] == {"file": str(teacher_file), "sha256": model_digest(teacher),
+                                                 "provenance": {"epoch": 3}}
+    assert spec.provenance["settings"]["distill_weight"] == 0.25
+    # A teacher that changed under a run would make the rest of it learn something else.
+    save_generator(UNetGenerator(ngf=4).eval(), ModelSpec(ngf=4, gsd_m=2.0), teacher_file)
+    with pytest.raises(TrainingError, match="teacher .* has changed"):
+        train(cfg, resume=True, schedule=(2, 0))
+    with pytest.raises(TrainingError, match="distillation weight"):
+        train(tiny_config(data, tmp_path / "run2", distill_from=str(teacher_file), distill_weight=0.0))
+
+
 def test_interrupted_training_says_so_in_one_line(tmp_path):
     """Ctrl-C or SIGTERM during training: the progress bar is closed before the CLI restores its
     stderr, so nothing writes to a closed descriptor afterwards (a traceback at exit, once)."""
