@@ -509,6 +509,8 @@ def info(weights, as_json) -> None:
         made.append(f"epoch {prov['epoch']}, step {prov.get('step', '?')}")
     if "fine_tuned_from" in prov:
         made.append(f"fine-tuned from {prov['fine_tuned_from']['file']}")
+    if "distilled_from" in prov:
+        made.append(f"distilled from {prov['distilled_from']['file']}'s flip-averaged maps")
     if "averaged_from" in prov:
         made.append(f"the mean of {len(prov['averaged_from'])} generators")
     if made:

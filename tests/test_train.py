@@ -321,6 +321,8 @@ def test_distillation_pulls_towards_the_teachers_flip_average_and_records_the_te
     assert spec.provenance["distilled_from"] == {"file": str(teacher_file), "sha256": model_digest(teacher),
                                                  "provenance": {"epoch": 3}}
     assert spec.provenance["settings"]["distill_weight"] == 0.25
+    info = CliRunner().invoke(cli, ["info", str(tmp_path / "run" / "generator.safetensors")])
+    assert info.exit_code == 0 and f"distilled from {teacher_file}'s flip-averaged maps" in info.output
     # A teacher that changed under a run would make the rest of it learn something else.
     save_generator(UNetGenerator(ngf=4).eval(), ModelSpec(ngf=4, gsd_m=2.0), teacher_file)
     with pytest.raises(TrainingError, match="teacher .* has changed"):
