@@ -16,11 +16,10 @@ first=$1 last=$2
 best=${3:-$(cat runs/best 2>/dev/null || echo default)}
 g=.venv/bin/geosat2map
 data=../shared/data/maps_train
-prefix=fbn
+prefix=fbn siblings_file=runs/siblings
 if [ -n "${DISTILL_WEIGHT:-}" ]; then
-  prefix=kd
+  prefix=kd siblings_file=runs/siblings_kd  # kept apart: a soup mixes one recipe's cycles
 fi
-siblings_file=runs/siblings${DISTILL_WEIGHT:+_kd}  # kept apart: a soup mixes one recipe's cycles
 mkdir -p runs
 touch "$siblings_file"
 
