@@ -91,8 +91,8 @@ def compact_lineage(provenance: dict) -> dict:
     Lineage entries (``{"file", "sha256", "provenance"}``: fine_tuned_from, distilled_from, each
     of averaged_from) nest their generator's whole provenance. A cycle that starts from and is
     taught by the same generator recorded it twice, and a chain of such cycles doubled the record
-    each time (34 MB of JSON in a 28 MB weights file after eight). Here an ancestor met again,
-    depth first, keeps its file and sha256 and points to the first record instead.
+    each time (after eight: 5.9 MB of JSON, a 33.8 MB file for 27 MB of weights). An ancestor
+    met again, depth first, keeps its file and sha256 and points to the first record instead.
     """
     seen: set[str] = set()
 

@@ -336,7 +336,7 @@ def test_distillation_pulls_towards_the_teachers_flip_average_and_records_the_te
 
 def test_a_lineage_records_each_ancestor_once(tmp_path):
     """A cycle fine-tuned from and taught by the same generator names it twice; a chain of them
-    doubled its provenance each time (34 MB of JSON after eight cycles). Saved, a repeated
+    doubled its provenance each time (5.9 MB of JSON after eight cycles). Saved, a repeated
     ancestor keeps its file and sha256 and points to the first record."""
     from geosat2map.weights import RECORDED_ABOVE, load_generator, model_digest
 
