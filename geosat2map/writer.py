@@ -291,8 +291,8 @@ class GeoTIFFWriter:
             raise ValueError(f"only {self.rows_written} of {self.height} rows were written")
         self._pixels, self._masks = [], None  # not needed while the overviews are built
         try:
+            self._ds.close()
             if self.cog:
-                self._ds.close()
                 rasterio.shutil.copy(
                     self.tmp, self.cog_tmp, driver="COG", compress=self.compress, predictor=2,
                     level=ZSTD_LEVEL, blocksize=BLOCK, overview_resampling="average", bigtiff="IF_SAFER",
@@ -302,10 +302,11 @@ class GeoTIFFWriter:
             else:
                 factors = overview_factors(self.width, self.height)
                 if factors:
-                    with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"):  # nothing else runs now
-                        self._ds.build_overviews(factors, Resampling.average)
-                    self._ds.update_tags(ns="rio_overview", resampling="average")
-                self._ds.close()
+                    # On the file reopened: built on the handle that wrote it, GDAL computed them on
+                    # one thread (0.72-0.84 s at 8192 x 8192 against 0.54-0.68 s reopened).
+                    with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"), rasterio.open(self.tmp, "r+") as ds:
+                        ds.build_overviews(factors, Resampling.average)  # nothing else runs now
+                        ds.update_tags(ns="rio_overview", resampling="average")
                 os.replace(self.tmp, self.dst)
         except (RasterioIOError, OSError) as exc:
             raise OutputError(f"finishing {self.dst} failed: {gdal_reason(exc)}") from None
