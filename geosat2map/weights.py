@@ -177,20 +177,26 @@ def export_run(
     this takes the weights being trained after its latest epoch instead (``val_online`` in its
     history), which have scored the better RMSE at times.
     """
-    from dataclasses import replace
-
     run_dir, out = Path(run_dir), Path(out)
     name = {"best": "best_generator", "latest": "generator", "trained": "trained_generator"}[which]
     src = run_dir / f"{name}.safetensors"
     if out.exists() and not overwrite:
         raise OutputError(f"{out} exists (pass --overwrite to replace it)")
     latest = run_dir / "generator.safetensors"
-    if which == "trained" and not src.exists() and latest.exists():
+    if not latest.exists():  # generators are saved at each epoch's end
+        if (run_dir / "checkpoint.pt").exists():
+            raise InputError(f"{run_dir} has not finished an epoch yet, so it holds no generator to export "
+                             "(its checkpoint is mid-epoch): resume it (train --resume) past the epoch's end")
+        raise InputError(f"{run_dir} is not a training run (no checkpoint.pt, no generator.safetensors)")
+    if which == "trained" and not src.exists():
         if not read_spec(latest).provenance.get("settings", {}).get("ema_decay"):
             raise InputError("this run keeps no weight average (--ema-decay): its generator file already "
                              "holds the trained weights (--which latest)")
         raise InputError(f"{run_dir} predates trained_generator.safetensors: with --keep-snapshots its "
                          "snapshots/epochNNN.trained.safetensors hold each epoch's trained weights")
+    if which == "best" and not src.exists():
+        raise InputError(f"{run_dir} trained without validation pairs (--holdout 0, or a tile folder "
+                         "without a val split), so it has no best generator: export --which latest")
     model, spec = load_generator(src)
     if gsd_m is not None:
         spec = replace(spec, gsd_m=gsd_m)

@@ -406,6 +406,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
 
 
+def test_export_weights_says_why_a_run_has_nothing_to_export(tmp_path):
+    data = write_aligned(tmp_path / "data")
+    out = tmp_path / "g.safetensors"
+
+    def export(run: Path, *which: str):
+        return CliRunner().invoke(cli, ["export-weights", str(run), str(out), *which])
+
+    # Stopped before its first epoch ended: only the checkpoint exists.
+    train(tiny_config(data, tmp_path / "early", max_steps=1))
+    result = export(tmp_path / "early", "--which", "latest")
+    assert result.exit_code != 0 and "has not finished an epoch yet" in result.stderr
+    result = export(tmp_path / "data")
+    assert result.exit_code != 0 and "is not a training run" in result.stderr
+    # Without validation pairs there is no best generator, but the latest exports.
+    train(tiny_config(data, tmp_path / "noval", holdout=0, epochs=1, epochs_decay=0))
+    result = export(tmp_path / "noval")
+    assert result.exit_code != 0 and "--which latest" in result.stderr
+    assert "Traceback" not in result.output and not out.exists()
+    assert export(tmp_path / "noval", "--which", "latest").exit_code == 0 and out.exists()
+
 def test_train_and_evaluate_cli(tmp_path):
     data = write_aligned(tmp_path / "data")
     run = tmp_path / "run"
