@@ -8,7 +8,7 @@
 #   nice -n 10 bash docs/train_chain.sh FIRST_SEED LAST_SEED [START_WEIGHTS]
 #
 # START_WEIGHTS (default: runs/best, else the shipped model) is where the first cycle starts;
-# runs/best records the best so far, runs/siblings (runs/siblings_kd) the cycles not kept since, runs/chain.log each verdict.
+# runs/best records the best so far, runs/siblings (runs/siblings_kd_W) the cycles not kept since, runs/chain.log each verdict.
 # DISTILL_WEIGHT=W (e.g. 0.5): each cycle also distils the best so far's flip-averaged maps
 # (train --distill-from <best> --distill-weight W), in runs/kd_cNN instead of runs/fbn_cNN.
 set -euo pipefail
@@ -18,7 +18,7 @@ g=.venv/bin/geosat2map
 data=../shared/data/maps_train
 prefix=fbn siblings_file=runs/siblings
 if [ -n "${DISTILL_WEIGHT:-}" ]; then
-  prefix=kd siblings_file=runs/siblings_kd  # kept apart: a soup mixes one recipe's cycles
+  prefix=kd siblings_file=runs/siblings_kd_$DISTILL_WEIGHT  # one per recipe and weight: a soup averages like cycles only
 fi
 mkdir -p runs
 touch "$siblings_file"
@@ -37,7 +37,7 @@ PY
   if [[ $verdict == better* ]]; then
     best=$1
     echo "$best" > runs/best
-    rm -f runs/siblings runs/siblings_kd  # every recipe's siblings started from the old best
+    rm -f runs/siblings runs/siblings_kd*  # every recipe's siblings started from the old best
     touch "$siblings_file"
     return 0
   fi
