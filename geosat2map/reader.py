@@ -429,6 +429,11 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
     if len(bands) == 1:
         bands = bands * 3
     stretch = None if all(src.dtypes[b - 1] == "uint8" for b in bands) else _stretch(src, bands, crop)
+    if stretch is not None:  # say what the map's colours were computed from
+        kinds = "/".join(sorted({src.dtypes[b - 1] for b in bands}))
+        ranges = ", ".join(f"{b}: {lo:.6g}-{hi:.6g}" for b, lo, hi in dict.fromkeys(zip(bands, *stretch)))
+        notes.append(f"{kinds} input stretched to 0-255 per band, its darkest {STRETCH_PERCENT[0]:g} % and brightest "
+                     f"{100 - STRETCH_PERCENT[1]:g} % clipped (band {ranges})")
 
     all_valid = all(flags == [MaskFlags.all_valid] for flags in src.mask_flag_enums)
     try:

@@ -158,6 +158,10 @@ def test_uint16_is_scaled_once_for_the_whole_scene(tmp_path):
         scene.close()
     assert dark.max() < 128  # the dark half stays dark
     assert np.array_equal(overlap_a[:, :, 50:], overlap_b[:, :, :206])  # same pixel, same value, any window
+    # The stretch is reported, once per band read, with the values it maps to 0 and 255.
+    lo, hi = scene.stretch
+    assert scene.notes == [f"uint16 input stretched to 0-255 per band, its darkest 2 % and brightest 2 % clipped "
+                           f"(band 1: {lo[0]:.6g}-{hi[0]:.6g})"]
 
 
 def test_single_band_uint16_translates_to_rgb(tiny_weights, tmp_path):
