@@ -363,11 +363,40 @@ def test_gdal_block_cache_is_sized_to_the_source_blocks_reads_share(tiny_weights
         assert scene.cache_bytes(256) == block_row
         assert seen == [pipeline.gdal_cache_bytes(scene, 256)] and seen[0] >= block_row
     with open_scene(path, resolution=2.0) as scene:  # 256 output rows read 512 source rows: 8 block rows + 1
-        assert scene.cache_bytes(256) == 9 * block_row
+        # (and a block column more where two readers' strips meet)
+        assert scene.cache_bytes(256) == 9 * 64 * (3000 + (scene.readers - 1) * 64) * 3
     planar = write_scene(tmp_path / "planar.tif", width=3000, height=300, tiled=True, blockxsize=64,
                          blockysize=64, interleave="band")
     with open_scene(planar, resolution="native") as scene:  # band by band: the tile row's blocks + 1
         assert scene.cache_bytes(256) == 5 * block_row
+
+
+@pytest.mark.parametrize("resolution", [1.7, 0.8])  # averaged down, interpolated up
+def test_resampled_reads_do_not_depend_on_how_many_threads_read_their_strips(tiny_weights_gsd, tmp_path, monkeypatch,
+                                                                               resolution):
+    import geosat2map.reader as reader
+
+    monkeypatch.setattr(reader, "STRIP", 64)
+    data = np.maximum(synthetic_image(500, 900, 3), 1)
+    data[:, 100:180, 300:700] = 0  # nodata across the strips' edges
+    path = write_scene(tmp_path / "holes.tif", width=900, height=500, nodata=0, data=data)
+    reads = []
+    for readers in (1, 2, 3, 5):
+        with open_scene(path, resolution=resolution) as scene:
+            scene.readers = readers
+            window = Window(0, 37, scene.width, 150)
+            out = np.full((3, 150, scene.width), -1, np.float32)
+            reads += [scene.read(window), scene.read(window, out=out)]  # a new array, the caller's buffer
+            handles = list(scene._handles)
+        assert len(handles) == readers - 1 and all(h.closed for h in handles)
+    assert all(np.array_equal(r[0], reads[0][0]) and np.array_equal(r[1], reads[0][1]) for r in reads)
+    assert not reads[0][1].all() and reads[0][1].any() and reads[0][0].min() >= 0
+    # A whole translate: the same map read on one thread and on three.
+    for name, cores in (("one", {0}), ("three", {0, 1, 2})):
+        monkeypatch.setattr(reader.os, "sched_getaffinity", lambda pid, cores=cores: cores)
+        translate(path, tmp_path / f"{name}.tif", weights=tiny_weights_gsd, resolution=resolution)
+    with rasterio.open(tmp_path / "one.tif") as a, rasterio.open(tmp_path / "three.tif") as b:
+        assert np.array_equal(a.read(), b.read()) and np.array_equal(a.read_masks(), b.read_masks())
 
 
 @pytest.mark.parametrize("resolution", ["native", 2.0])
