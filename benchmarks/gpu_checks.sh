@@ -43,6 +43,10 @@ if [ "$device" = cuda ]; then
 fi
 step translate "$py" benchmarks/translate.py --device "$device" --backend torch --sizes "$sizes" --repeat 2
 step pipeline "$py" benchmarks/pipeline.py --size "${sizes%%,*}" --repeat 2
+# translate's default for fine scenes: resampled to the model's resolution (read in strips, one thread per core)
+step translate_model_res "$py" benchmarks/translate.py --device "$device" --backend torch --sizes "$sizes" \
+    --resolution model --repeat 2
+step pipeline_model_res "$py" benchmarks/pipeline.py --size "${sizes##*,}" --resolution model --repeat 2
 for ngf in 32 64; do
     step "train_step_ngf$ngf" "$py" benchmarks/train_step.py --device "$device" --ngf "$ngf" --steps "$steps"
 done
