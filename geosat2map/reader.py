@@ -82,8 +82,8 @@ class Scene:
     gdal_options: dict = field(default_factory=dict)
     #: Threads (each with its own dataset handle) that read the strips of a resampled read. GDAL
     #: decodes and averages a resampled read on one thread (GDAL_NUM_THREADS parallelises only
-    #: native multi-block reads): on 2 cores, a 0.5 m scene's row bands at 2.12 m took 0.31-0.36 s
-    #: on two threads against 0.42-0.67 s on one (8192 x 8192, three rounds), and a GPU is fed by
+    #: native multi-block reads): on 2 cores, a 0.5 m scene's row bands at 2.12 m took 0.47-0.50 s
+    #: on two threads against 0.57-0.69 s on one (8192 x 8192, four rounds), and a GPU is fed by
     #: these reads. Remote scenes: one (see :func:`_open`).
     readers: int = 1
     _handles: list = field(default_factory=list, repr=False)  # the dataset handles of readers 1..
