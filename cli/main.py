@@ -496,6 +496,7 @@ def info(weights, as_json) -> None:
         return
     spec, prov = d.spec, d.spec.provenance
     click.echo(f"{d.path}: {d.bytes / 1e6:.1f} MB, {d.dtype}, sha256 {d.sha256}")
+    click.echo(f"model sha256 {d.model_sha256} (of its tensors: what its maps record as GEOSAT2MAP_MODEL_SHA256)")
     click.echo(f"{spec.arch} generator, width {spec.ngf}, {d.parameters:,} parameters: {spec.in_channels} bands in "
                f"({spec.input_bands}), {spec.out_channels} out, {spec.tile_size} x {spec.tile_size} tiles")
     click.echo(f"trained at {spec.gsd_m:.2f} m/pixel: translate resamples scenes to it" if spec.gsd_m else

@@ -27,7 +27,7 @@ from .errors import Geosat2mapError, InputError, Interrupted, OutputError, Weigh
 from .grid import RowBlender, TileGrid
 from .model import FlipAveraged
 from .reader import RowBand, Scene, open_scene, scene_name, scene_path
-from .weights import ModelSpec, load_generator
+from .weights import ModelSpec, load_generator, model_digest
 from .writer import BLOCK, BUFFERS, GeoTIFFWriter, check_destination, partial_path
 
 #: Default overlap between 256-pixel tiles (see benchmarks/overlap.py for the measurement).
@@ -361,8 +361,9 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
         if progress:
             progress(1, len(grid))
 
+    tags = provenance_tags(src, scene, generator, engine.name, tile_size, overlap, tta)
     with GeoTIFFWriter(dst, scene.width, scene.height, scene.crs, scene.transform, cog=cog,
-                       resume_rows=kept_rows, parallel=engine.asynchronous) as writer:
+                       resume_rows=kept_rows, parallel=engine.asynchronous, tags=tags) as writer:
         on_device = not ctx.enabled and _blend_on_device(engine, grid)
         blender = None if on_device else RowBlender(grid, writer, first_row, track_valid=not scene.always_valid)
         if not resume and record_file.exists():
@@ -400,6 +401,20 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
     return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
                            time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name, scene.notes,
                            batch_size, tta)
+
+
+def provenance_tags(src: Path | str, scene: Scene, generator: torch.nn.Module, engine: str, tile_size: int,
+                    overlap: int, tta: bool) -> dict[str, str]:
+    """What a map records of how it was made (beside :func:`~geosat2map.writer.software_tags`): the
+    scene's file name, the model's digest (the sha256 weights provenance and resume records use,
+    see :func:`~geosat2map.weights.model_digest`), the resolution and the tiling."""
+    return {
+        "GEOSAT2MAP_SOURCE": scene_name(src),
+        "GEOSAT2MAP_MODEL_SHA256": model_digest(generator),
+        "GEOSAT2MAP_RESOLUTION": f"{scene.gsd_m:.4g} m/pixel" if scene.gsd_m else "the scene's pixels (no ground size)",
+        "GEOSAT2MAP_TILING": f"{tile_size}-pixel tiles overlapping by {overlap}, {engine}"
+                             + (", flip-averaged (--tta)" if tta else ""),
+    }
 
 
 def _blend_on_device(engine: Engine, grid: TileGrid) -> bool:

@@ -239,14 +239,18 @@ class WeightsInfo:
     dtype: str  # the stored floating-point type: float16 for shipped files
     parameters: int  # learned values (BatchNorm's running statistics left out)
     spec: ModelSpec
+    #: :func:`model_digest` of the loaded generator: what translated maps (GEOSAT2MAP_MODEL_SHA256),
+    #: resume records and other generators' provenance name it by
+    model_sha256: str
 
     def as_dict(self) -> dict:
         return {"file": str(self.path), "bytes": self.bytes, "sha256": self.sha256, "dtype": self.dtype,
-                "parameters": self.parameters, "spec": asdict(self.spec)}
+                "parameters": self.parameters, "model_sha256": self.model_sha256, "spec": asdict(self.spec)}
 
 
 def describe_weights(path: str | Path | None = None) -> WeightsInfo:
-    """The :class:`WeightsInfo` of a weights file (``None``: the shipped model)."""
+    """The :class:`WeightsInfo` of a weights file (``None``: the shipped model); the tensors are
+    loaded only for :attr:`WeightsInfo.model_sha256`."""
     from safetensors import safe_open
 
     path = Path(path) if path is not None else default_weights_path()
@@ -265,4 +269,5 @@ def describe_weights(path: str | Path | None = None) -> WeightsInfo:
             digest.update(chunk)
     dtype = {"F16": "float16", "F32": "float32", "BF16": "bfloat16"}
     return WeightsInfo(path, path.stat().st_size, digest.hexdigest(),
-                       ", ".join(sorted(dtype.get(d, d) for d in dtypes)), parameters, spec)
+                       ", ".join(sorted(dtype.get(d, d) for d in dtypes)), parameters, spec,
+                       model_digest(load_generator(path)[0]))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -61,6 +62,13 @@ def partial_path(dst: Path) -> Path:
     return dst.with_name(f".{dst.name}.part.tif")
 
 
+def software_tags() -> dict[str, str]:
+    """The TIFF tags naming the program and the time that wrote a file."""
+    from . import __version__
+
+    return {"TIFFTAG_SOFTWARE": f"geosat2map {__version__}", "TIFFTAG_DATETIME": time.strftime("%Y:%m:%d %H:%M:%S")}
+
+
 def overview_factors(width: int, height: int, smallest: int = BLOCK) -> list[int]:
     """Powers of two until the overview fits in one block."""
     factors, f = [], 2
@@ -84,11 +92,14 @@ class GeoTIFFWriter:
         compress: str = "zstd",
         resume_rows: int = 0,
         parallel: bool = False,
+        tags: dict[str, str] | None = None,
     ) -> None:
         """``resume_rows``: continue the partial file of an interrupted run, whose first
         ``resume_rows`` rows are kept; rows given to :meth:`write_rows` above them are ignored.
         ``parallel``: GDAL compresses the blocks of each block row on every core (when the model
-        runs on a GPU and the cores are free), not on the writer thread alone."""
+        runs on a GPU and the cores are free), not on the writer thread alone. ``tags``: dataset
+        metadata (GDAL's default domain, which gdalinfo and QGIS's layer information show), with
+        :func:`software_tags` added."""
         self.dst = Path(dst)
         self.width, self.height = width, height
         self.cog = cog
@@ -98,6 +109,7 @@ class GeoTIFFWriter:
         self.prev = self.dst.with_name(f".{self.dst.name}.part.prev.tif")
         self.lock_path = self.dst.with_name(f".{self.dst.name}.lock")
         self.resume_rows = resume_rows
+        self.tags = {**software_tags(), **(tags or {})}
         self._lock: int | None = None
         self._keep = False
         self.profile = {
@@ -150,6 +162,7 @@ class GeoTIFFWriter:
                 os.replace(self.tmp, self.prev)
             self._ds = rasterio.open(self.tmp, "w", **self.profile)
             self._ds.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
+            self._ds.update_tags(**self.tags)
             if self.resume_rows:
                 self._copy_previous()
         except BaseException as exc:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+from geosat2map.weights import load_generator, model_digest
+
 from .conftest import random_generator
 from .test_cli import run
 
@@ -17,6 +19,7 @@ def test_info_reports_the_file_and_its_spec(tiny_weights, tiny_weights_gsd):
     assert d["bytes"] == tiny_weights.stat().st_size and d["dtype"] == "float32"
     assert d["parameters"] == sum(p.numel() for p in random_generator().parameters())
     assert d["spec"]["ngf"] == 8 and d["spec"]["gsd_m"] is None
+    assert d["model_sha256"] == model_digest(load_generator(tiny_weights)[0]) != d["sha256"]
     text = run("info", tiny_weights).stdout
     assert "width 8" in text and "no ground sampling distance" in text
     assert "trained at 2.00 m/pixel" in run("info", tiny_weights_gsd).stdout

@@ -86,6 +86,7 @@ def test_render_map_cli_writes_on_the_reference_grid(tmp_path):
     with rasterio.open(ref) as r, rasterio.open(out) as m:
         assert (m.crs, m.transform, m.width, m.height) == (r.crs, r.transform, r.width, r.height)
         assert m.count == 3 and m.dtypes[0] == "uint8"
+        assert m.tags()["TIFFTAG_SOFTWARE"].startswith("geosat2map ")
 
 
 def make_region(tmp_path: Path, size: int = 1536) -> tuple[Path, Path]:

@@ -17,7 +17,7 @@ from geosat2map.grid import TileGrid, seam_ratio
 from geosat2map.model import FlipAveraged, UNetGenerator, init_weights
 from geosat2map.reader import ground_gsd_m, open_scene
 from geosat2map import translate
-from geosat2map.weights import ModelSpec, save_generator
+from geosat2map.weights import ModelSpec, describe_weights, save_generator
 
 from .conftest import SAMPLE_SCENE, engines_as_if_on_a_gpu, random_generator, synthetic_image, write_scene
 
@@ -35,7 +35,12 @@ def test_output_keeps_crs_transform_and_footprint(scene, tiny_weights, tmp_path)
         assert dst.profile["tiled"] and dst.compression.name == "zstd"
         assert dst.overviews(1) == [2, 4]
         assert dst.tags(ns="IMAGE_STRUCTURE").get("PREDICTOR") == "2"
+        tags = dst.tags()  # how the map was made, where gdalinfo and QGIS's layer information show it
     assert result.tiles == result.tiles_computed == len(TileGrid(600, 500))
+    assert tags["TIFFTAG_SOFTWARE"] == f"geosat2map {geosat2map.__version__}" and tags["TIFFTAG_DATETIME"][:4] >= "2026"
+    assert tags["GEOSAT2MAP_SOURCE"] == "scene.tif" and tags["GEOSAT2MAP_RESOLUTION"] == "1 m/pixel"
+    assert tags["GEOSAT2MAP_MODEL_SHA256"] == describe_weights(tiny_weights).model_sha256
+    assert tags["GEOSAT2MAP_TILING"] == f"256-pixel tiles overlapping by 64, {result.backend}"
 
 
 def test_resamples_to_the_model_gsd_over_the_same_footprint(scene, tiny_weights_gsd, tmp_path):
@@ -212,6 +217,7 @@ def test_cog_output_is_a_cloud_optimized_geotiff(tiny_weights, tmp_path):
         assert dst.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
         assert dst.overviews(1)
         assert dst.crs.to_epsg() == 32633
+        assert dst.tags()["GEOSAT2MAP_SOURCE"] == "big.tif"  # the tags survive the COG copy
 
 
 @pytest.fixture(scope="module")
