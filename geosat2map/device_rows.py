@@ -3,8 +3,8 @@
 On the CPU, blending tiles and handing rows to the writer cost more than reading and cutting
 them (0.94 against 0.6 ms a tile in the README's profile), all on the main thread: that capped
 what a GPU could be fed at about 600 tiles a second on 2 cores (benchmarks/pipeline.py). Here the CPU only
-reads each tile row's band (on every core: GDAL decoding, or strip readers when resampling) and copies it to the device as read
-(uint8 for 8-bit scenes, a quarter of float32's bytes); the device cuts the tiles, runs the model,
+reads each tile row's band (on every core: GDAL decoding, or strip readers when resampling) and
+copies it to the device as read (uint8 for 8-bit scenes, a quarter of float32's bytes); the device cuts the tiles, runs the model,
 weights the outputs and sums them into the row; only the finished rows come back, as uint8, for
 the writer (GDAL compressing on every core).
 
