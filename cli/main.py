@@ -129,7 +129,8 @@ def _parse_bands(ctx, param, value: str | None):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "compiled", "onnxruntime"]), default="auto",
               show_default=True,
-              help="auto: on the CPU, the fastest of PyTorch and ONNX Runtime (onnx extra), timed on this scene. "
+              help="auto: on the CPU, the fastest of PyTorch and ONNX Runtime (onnx extra), timed once per "
+                   "model on this machine and remembered (so the same command makes the same map). "
                    "compiled: PyTorch compiled with torch.compile (CPU, needs a C++ compiler; seconds to compile, "
                    "faster in bf16 after: for very large scenes or many scenes in one call).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,

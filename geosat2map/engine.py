@@ -8,7 +8,8 @@ On the CPU, ONNX Runtime runs the same generator about a quarter faster than eag
 these 2-core machines (10.2 against 13.1 ms per 256-pixel tile, width 32, batch 8).
 :func:`make_engine` picks the faster of the two by timing both on the scene's batch size, once
 the generator has been exported to ONNX (cached by weights digest, so only the first run of a
-model pays the few seconds of export). Where the hardware multiplies bf16 (CUDA GPUs, CPUs with
+model pays the few seconds of export); the pick is kept in the same cache folder, per machine and
+library versions, so later runs of the same command run the same engine and make the same map. Where the hardware multiplies bf16 (CUDA GPUs, CPUs with
 AMX or AVX512-BF16) PyTorch under bf16 autocast is a third candidate (``torch-bf16``): 2.5x the fp32
 throughput on 2 AMX cores, its maps within 2 levels of fp32's at 99.9 % of values. GPUs use PyTorch only.
 ``compiled`` (:class:`CompiledEngine`) is asked for, never picked: it takes seconds to compile.
@@ -17,7 +18,9 @@ throughput on 2 AMX cores, its maps within 2 levels of fp32's at 99.9 % of value
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import sys
 import time
 from pathlib import Path
 from collections.abc import Callable
@@ -322,9 +325,57 @@ def make_engine(
         return torch_engine
     key = (model_digest(model), tuple(engine.name for engine in candidates), batch_size, in_channels, tile)
     if key not in _choices:
-        batch = np.random.default_rng(0).uniform(0, 255, (batch_size, in_channels, tile, tile)).astype(np.float32)
-        _choices[key] = min(candidates, key=lambda engine: _seconds_per_batch(engine, batch)).name
+        _choices[key] = _remembered_choice(key) or _time_choice(key, candidates)
     return next(engine for engine in candidates if engine.name == _choices[key])
+
+
+#: auto's picks kept across runs, in :func:`cache_dir`: the same command on the same machine then
+#: runs the same engine and makes the same map (PyTorch and ONNX Runtime differ in the last bits,
+#: and where they are level, as on session 14's machine, a fresh timing picks either).
+CHOICES_FILE = "engine-choices.json"
+
+
+def _choice_key(key: tuple) -> str:
+    """``key`` with what else decides the timing: the CPU, the threads and the libraries' versions."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    ort = getattr(sys.modules.get("onnxruntime"), "__version__", None)  # imported when it is a candidate
+    return json.dumps([*key, cpu, os.cpu_count(), torch.get_num_threads(), torch.__version__, ort])
+
+
+def _remembered_choice(key: tuple) -> str | None:
+    try:
+        return json.loads((cache_dir() / CHOICES_FILE).read_text()).get(_choice_key(key))
+    except (OSError, ValueError, AttributeError):  # none kept yet, unreadable or not a dict: time them
+        return None
+
+
+def _time_choice(key: tuple, candidates: list[Engine]) -> str:
+    """Time the candidates on one batch and keep the fastest's name (in memory if the cache folder is
+    not writable)."""
+    _, _, batch_size, in_channels, tile = key
+    batch = np.random.default_rng(0).uniform(0, 255, (batch_size, in_channels, tile, tile)).astype(np.float32)
+    name = min(candidates, key=lambda engine: _seconds_per_batch(engine, batch)).name
+    path = cache_dir() / CHOICES_FILE
+    try:
+        try:
+            kept = json.loads(path.read_text())
+        except (OSError, ValueError):
+            kept = {}
+        kept = {**(kept if isinstance(kept, dict) else {}), _choice_key(key): name}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        tmp.write_text(json.dumps(kept, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return name
 
 
 def _compiled_engine(model: nn.Module, device: torch.device, bf16: bool, batch_size: int, in_channels: int,

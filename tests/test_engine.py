@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import rasterio
@@ -105,6 +107,26 @@ def test_a_second_scene_reuses_the_session_and_auto_does_not_time_again(engine_c
     other = random_generator(seed=8)  # other weights: a session of their own
     assert make_engine(other, torch.device("cpu"), "onnxruntime").session is not first.session
 
+
+def test_auto_remembers_its_pick_across_runs_on_this_machine(engine_cache, monkeypatch):
+    """A later run (here: this process's in-memory picks forgotten) runs the engine the first
+    run picked, even if timing again would pick the other: the same command, the same map."""
+    import geosat2map.engine as engine
+
+    model = random_generator(seed=21)
+    slow = {"torch"}
+    monkeypatch.setattr(engine, "_seconds_per_batch", lambda e, b: 1.0 if e.name in slow else 0.5)
+    cpu = torch.device("cpu")
+    assert make_engine(model, cpu, "auto", "fp32", tiles=AUTO_MIN_TILES, batch_size=2).name == "onnxruntime"
+    monkeypatch.setattr(engine, "_choices", {})  # a new process
+    slow = {"onnxruntime"}
+    assert make_engine(model, cpu, "auto", "fp32", tiles=AUTO_MIN_TILES, batch_size=2).name == "onnxruntime"
+    # Another batch size, or a cache folder that lost its record, is timed again.
+    assert make_engine(model, cpu, "auto", "fp32", tiles=AUTO_MIN_TILES, batch_size=3).name == "torch"
+    (engine_cache / engine.CHOICES_FILE).write_text("not json")
+    monkeypatch.setattr(engine, "_choices", {})
+    assert make_engine(model, cpu, "auto", "fp32", tiles=AUTO_MIN_TILES, batch_size=2).name == "torch"
+    assert len(json.loads((engine_cache / engine.CHOICES_FILE).read_text())) == 1  # rewritten, valid
 
 def test_model_digest_is_remembered_until_the_weights_change():
     model = random_generator(seed=9)
