@@ -292,6 +292,13 @@ def scene_name(path: str | Path) -> str:
     return PurePosixPath(urlsplit(text).path if "://" in text else text).name
 
 
+def reader_threads() -> int:
+    """Threads a resampled read may use: this process's cores, shared with the other torchrun
+    ranks on the machine (LOCAL_WORLD_SIZE), which read their own rows at the same time."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, len(os.sched_getaffinity(0)) // max(1, ranks))
+
+
 def _open(path: Path | str) -> rasterio.io.DatasetReader:
     remote = is_gdal_path(path)
     if not remote:
@@ -538,6 +545,6 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
         name = scene_name(path)
         notes.append(f"each output pixel is read from about {scale * scale:.0f} source pixels and {name} has no "
                      f"overviews; `gdaladdo -r average {name} 2 4 8` once makes reading it several times faster")
-    readers = 1 if is_gdal_path(path) else max(1, min(len(os.sched_getaffinity(0)), math.ceil(width / STRIP)))
+    readers = 1 if is_gdal_path(path) else max(1, min(reader_threads(), math.ceil(width / STRIP)))
     return Scene(path, src, bands, width, height, transform, src.crs, native, native * cols / width, crop, stretch,
                  notes, scale=(cols / width, rows / height), resampling=method, all_valid=all_valid, readers=readers)

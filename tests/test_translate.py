@@ -397,6 +397,12 @@ def test_resampled_reads_do_not_depend_on_how_many_threads_read_their_strips(tin
         assert len(handles) == readers - 1 and all(h.closed for h in handles)
     assert all(np.array_equal(r[0], reads[0][0]) and np.array_equal(r[1], reads[0][1]) for r in reads)
     assert not reads[0][1].all() and reads[0][1].any() and reads[0][0].min() >= 0
+    # torchrun ranks on one machine share its cores.
+    monkeypatch.setattr(reader.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert reader.reader_threads() == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert reader.reader_threads() == 8
     # A whole translate: the same map read on one thread and on three.
     for name, cores in (("one", {0}), ("three", {0, 1, 2})):
         monkeypatch.setattr(reader.os, "sched_getaffinity", lambda pid, cores=cores: cores)
