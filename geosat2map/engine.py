@@ -9,9 +9,10 @@ these 2-core machines (10.2 against 13.1 ms per 256-pixel tile, width 32, batch 
 :func:`make_engine` picks the faster of the two by timing both on the scene's batch size, once
 the generator has been exported to ONNX (cached by weights digest, so only the first run of a
 model pays the few seconds of export); the pick is kept in the same cache folder, per machine and
-library versions, so later runs of the same command run the same engine and make the same map. Where the hardware multiplies bf16 (CUDA GPUs, CPUs with
-AMX or AVX512-BF16) PyTorch under bf16 autocast is a third candidate (``torch-bf16``): 2.5x the fp32
-throughput on 2 AMX cores, its maps within 2 levels of fp32's at 99.9 % of values. GPUs use PyTorch only.
+library versions, so later runs of the same command run the same engine and make the same map.
+Where the hardware multiplies bf16 (CUDA GPUs, CPUs with AMX or AVX512-BF16) PyTorch under bf16
+autocast is a third candidate (``torch-bf16``): 2.5x the fp32 throughput on 2 AMX cores, its maps
+within 2 levels of fp32's at 99.9 % of values. GPUs use PyTorch only.
 ``compiled`` (:class:`CompiledEngine`) is asked for, never picked: it takes seconds to compile.
 """
 
@@ -350,6 +351,7 @@ def _choice_key(key: tuple) -> str:
 
 
 def _remembered_choice(key: tuple) -> str | None:
+    """The pick an earlier run on this machine kept for ``key``, if any."""
     try:
         return json.loads((cache_dir() / CHOICES_FILE).read_text()).get(_choice_key(key))
     except (OSError, ValueError, AttributeError):  # none kept yet, unreadable or not a dict: time them
