@@ -326,7 +326,7 @@ def make_engine(
         return torch_engine
     key = (model_digest(model), tuple(engine.name for engine in candidates), batch_size, in_channels, tile)
     if key not in _choices:
-        _choices[key] = _remembered_choice(key) or _time_choice(key, candidates)
+        _choices[key] = _remembered_or_timed(key, candidates)
     return next(engine for engine in candidates if engine.name == _choices[key])
 
 
@@ -350,30 +350,24 @@ def _choice_key(key: tuple) -> str:
     return json.dumps([*key, cpu, os.cpu_count(), torch.get_num_threads(), torch.__version__, ort])
 
 
-def _remembered_choice(key: tuple) -> str | None:
-    """The pick an earlier run on this machine kept for ``key``, if any."""
+def _remembered_or_timed(key: tuple, candidates: list[Engine]) -> str:
+    """The pick an earlier run on this machine kept for ``key``; else time the candidates on one
+    batch and keep the fastest (a missing, unreadable or unwritable record: timed, kept in memory only)."""
+    path, record = cache_dir() / CHOICES_FILE, _choice_key(key)
     try:
-        return json.loads((cache_dir() / CHOICES_FILE).read_text()).get(_choice_key(key))
-    except (OSError, ValueError, AttributeError):  # none kept yet, unreadable or not a dict: time them
-        return None
-
-
-def _time_choice(key: tuple, candidates: list[Engine]) -> str:
-    """Time the candidates on one batch and keep the fastest's name (in memory if the cache folder is
-    not writable)."""
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        kept = {}
+    kept = kept if isinstance(kept, dict) else {}
+    if kept.get(record) in {engine.name for engine in candidates}:
+        return kept[record]
     _, _, batch_size, in_channels, tile = key
     batch = np.random.default_rng(0).uniform(0, 255, (batch_size, in_channels, tile, tile)).astype(np.float32)
     name = min(candidates, key=lambda engine: _seconds_per_batch(engine, batch)).name
-    path = cache_dir() / CHOICES_FILE
     try:
-        try:
-            kept = json.loads(path.read_text())
-        except (OSError, ValueError):
-            kept = {}
-        kept = {**(kept if isinstance(kept, dict) else {}), _choice_key(key): name}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-        tmp.write_text(json.dumps(kept, indent=1))
+        tmp.write_text(json.dumps({**kept, record: name}, indent=1))
         os.replace(tmp, path)
     except OSError:
         pass

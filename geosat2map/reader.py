@@ -137,18 +137,18 @@ class Scene:
         if out is None:
             out = np.empty((len(self.bands), *shape), dtype)
         valid = None if self.all_valid else np.empty(shape, bool)
-        n = min(self.readers, len(edges) - 1)
-        runs = [edges[round(i * (len(edges) - 1) / n)] for i in range(n + 1)]
+        strips = len(edges) - 1
+        n = min(self.readers, strips)
+        runs = [round(i * strips / n) for i in range(n + 1)]  # reader i reads strips runs[i] .. runs[i + 1]
         handles = [self.src, *self._reader_handles(n - 1)]
 
         def read_run(i: int) -> None:
-            for a, b in zip(edges, edges[1:]):
-                if runs[i] <= a < runs[i + 1]:
-                    cols = slice(a - start, b - start)
-                    part = Window(a, window.row_off, b - a, shape[0])
-                    _, v = self._read_resampled(handles[i], part, (shape[0], b - a), dtype, out[:, :, cols])
-                    if valid is not None:
-                        valid[:, cols] = v
+            for a, b in zip(edges[runs[i] : runs[i + 1]], edges[runs[i] + 1 : runs[i + 1] + 1]):
+                cols = slice(a - start, b - start)
+                part = Window(a, window.row_off, b - a, shape[0])
+                _, v = self._read_resampled(handles[i], part, (shape[0], b - a), dtype, out[:, :, cols])
+                if valid is not None:
+                    valid[:, cols] = v
 
         futures = [self._pool.submit(read_run, i) for i in range(1, n)]
         try:
