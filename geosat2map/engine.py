@@ -18,10 +18,10 @@ within 2 levels of fp32's at 99.9 % of values. GPUs use PyTorch only.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from collections.abc import Callable
@@ -249,12 +249,12 @@ def cache_dir() -> Path:
 
 def engine_onnx(model: nn.Module, in_channels: int, tile: int) -> Path:
     """The ONNX export of ``model`` for ``OnnxRuntimeEngine`` (any batch size), exported once per weights."""
-    import onnx
-
     digest = model_digest(model)
     path = cache_dir() / f"engine-{digest[:32]}-{in_channels}x{tile}.onnx"
     if path.exists():
         return path
+    import onnx  # about a second to import: only when exporting
+
     path.parent.mkdir(parents=True, exist_ok=True)
     proto = export_proto(_Scaled(model.float().eval().cpu()), torch.zeros(2, in_channels, tile, tile), "tiles",
                          "maps", dynamic_batch=True)
@@ -311,23 +311,34 @@ def make_engine(
         return torch_engine
     if backend == "auto" and (precision == "bf16" or tiles is not None and tiles < AUTO_MIN_TILES):
         return torch_engine
-    candidates: list[Engine] = [torch_engine] if not bf16 else [torch_engine, InferenceEngine(model, device)]
-    if onnx_available():
-        try:
-            candidates.append(_ort_engine(engine_onnx(model, in_channels, tile)))
-        except OSError as exc:  # no writable cache: say so if asked for, else leave ONNX Runtime out
-            if backend == "onnxruntime":
-                raise WeightsError(f"cannot keep the ONNX export in {cache_dir()}: {exc} (set GEOSAT2MAP_CACHE)") from None
-    elif backend == "onnxruntime":
-        raise WeightsError("the onnxruntime backend needs the onnx extra: pip install 'geosat2map[onnx]'")
     if backend == "onnxruntime":
-        return candidates[-1]
-    if len(candidates) == 1:
+        if not onnx_available():
+            raise WeightsError("the onnxruntime backend needs the onnx extra: pip install 'geosat2map[onnx]'")
+        try:
+            return _ort_engine(engine_onnx(model, in_channels, tile))
+        except OSError as exc:
+            raise WeightsError(f"cannot keep the ONNX export in {cache_dir()}: {exc} (set GEOSAT2MAP_CACHE)") from None
+    names = [torch_engine.name, *(["torch"] if bf16 else []), *(["onnxruntime"] if onnx_available() else [])]
+    if len(names) == 1:
         return torch_engine
-    key = (model_digest(model), tuple(engine.name for engine in candidates), batch_size, in_channels, tile)
+
+    def build(name: str) -> Engine | None:
+        """The candidate called ``name``, made only when it is timed or picked: a remembered
+        PyTorch pick then never exports or opens ONNX Runtime (about a second per run here).
+        None for ONNX Runtime when its export cannot be kept (no writable cache)."""
+        if name == torch_engine.name:
+            return torch_engine
+        if name == "torch":
+            return InferenceEngine(model, device)
+        try:
+            return _ort_engine(engine_onnx(model, in_channels, tile))
+        except OSError:
+            return None
+
+    key = (model_digest(model), tuple(names), batch_size, in_channels, tile)
     if key not in _choices:
-        _choices[key] = _remembered_or_timed(key, candidates)
-    return next(engine for engine in candidates if engine.name == _choices[key])
+        _choices[key] = _remembered_or_timed(key, build)
+    return build(_choices[key]) or torch_engine
 
 
 #: auto's picks kept across runs, in :func:`cache_dir`: the same command on the same machine then
@@ -346,22 +357,27 @@ def _choice_key(key: tuple) -> str:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    ort = getattr(sys.modules.get("onnxruntime"), "__version__", None)  # imported when it is a candidate
+    try:  # not imported: a remembered PyTorch pick never loads it
+        ort = importlib.metadata.version("onnxruntime")
+    except importlib.metadata.PackageNotFoundError:
+        ort = None
     return json.dumps([*key, cpu, os.cpu_count(), torch.get_num_threads(), torch.__version__, ort])
 
 
-def _remembered_or_timed(key: tuple, candidates: list[Engine]) -> str:
-    """The pick an earlier run on this machine kept for ``key``; else time the candidates on one
-    batch and keep the fastest (a missing, unreadable or unwritable record: timed, kept in memory only)."""
+def _remembered_or_timed(key: tuple, build: Callable[[str], Engine | None]) -> str:
+    """The pick an earlier run on this machine kept for ``key``; else make the candidates named in
+    ``key`` (``build``; None: left out), time them on one batch and keep the fastest (a missing,
+    unreadable or unwritable record: timed, kept in memory only)."""
     path, record = cache_dir() / CHOICES_FILE, _choice_key(key)
     try:
         kept = json.loads(path.read_text())
     except (OSError, ValueError):
         kept = {}
     kept = kept if isinstance(kept, dict) else {}
-    if kept.get(record) in {engine.name for engine in candidates}:
+    _, names, batch_size, in_channels, tile = key
+    if kept.get(record) in names:
         return kept[record]
-    _, _, batch_size, in_channels, tile = key
+    candidates = [engine for engine in map(build, names) if engine is not None]
     batch = np.random.default_rng(0).uniform(0, 255, (batch_size, in_channels, tile, tile)).astype(np.float32)
     name = min(candidates, key=lambda engine: _seconds_per_batch(engine, batch)).name
     try:

@@ -127,6 +127,10 @@ def test_auto_remembers_its_pick_across_runs_on_this_machine(engine_cache, monke
     monkeypatch.setattr(engine, "_choices", {})
     assert make_engine(model, cpu, "auto", "fp32", tiles=AUTO_MIN_TILES, batch_size=2).name == "torch"
     assert len(json.loads((engine_cache / engine.CHOICES_FILE).read_text())) == 1  # rewritten, valid
+    # A remembered PyTorch pick neither exports nor opens ONNX Runtime (a second per run).
+    monkeypatch.setattr(engine, "_choices", {})
+    monkeypatch.setattr(engine, "engine_onnx", lambda *a: pytest.fail("ONNX Runtime made for a PyTorch pick"))
+    assert make_engine(model, cpu, "auto", "fp32", tiles=AUTO_MIN_TILES, batch_size=2).name == "torch"
 
 def test_model_digest_is_remembered_until_the_weights_change():
     model = random_generator(seed=9)
