@@ -400,3 +400,16 @@ def test_a_quoted_pattern_translates_every_match(tiny_weights, tmp_path):
     assert one.exit_code == 0, one.output  # a pattern with one match still writes into the folder
     none = run("translate", str(tmp_path / "*.jp2"), out, "--weights", tiny_weights)
     assert none.exit_code == 1 and none.stderr.strip() == f"geosat2map: error: no file matches {tmp_path / '*.jp2'}"
+
+
+def test_help_and_version_do_not_import_torch():
+    """The package imports its public names on first use: ``--help`` and ``--version`` answer
+    without the second it takes to import torch, and the public names still import."""
+    code = ("import sys; from click.testing import CliRunner; from geosat2map_cli.main import cli; "
+            "assert CliRunner().invoke(cli, ['--help']).exit_code == 0; "
+            "assert CliRunner().invoke(cli, ['--version']).exit_code == 0; "
+            "print('torch' in sys.modules); "
+            "from geosat2map import translate, Geosat2mapError, load_generator; import geosat2map; "
+            "print(translate.__module__, Geosat2mapError.__module__, 'translate' in dir(geosat2map))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "geosat2map.pipeline", "geosat2map.errors", "True"]
