@@ -160,9 +160,17 @@ def translate(src, dst, overlap, quiet, **options) -> None:
     """
     from tqdm import tqdm
 
+    from geosat2map.reader import check_input, is_gdal_path
+    from geosat2map.writer import check_destination
+
+    to_folder = len(src) > 1 or any(glob.has_magic(p) and not is_gdal_path(p) for p in src)  # pattern: a folder
+    src = _expand_globs(src)
+    if not to_folder:  # the library checks these again; here they come before the model loads
+        check_input(src[0])
+        check_destination(Path(dst), None if is_gdal_path(src[0]) else Path(src[0]), options["overwrite"])
+
     from geosat2map.allocator import retain_freed_memory
     from geosat2map.pipeline import DEFAULT_OVERLAP, translate as run_translate, translate_many
-    from geosat2map.reader import is_gdal_path
 
     retain_freed_memory()  # batch after batch, the same activations' memory (see geosat2map.allocator)
 
@@ -177,8 +185,6 @@ def translate(src, dst, overlap, quiet, **options) -> None:
         while bars:
             bars.pop().close()
 
-    to_folder = len(src) > 1 or any(glob.has_magic(p) and not is_gdal_path(p) for p in src)  # pattern: a folder
-    src = _expand_globs(src)
     helper = int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 reports for all
     quiet = quiet or helper
     options.update(overlap=DEFAULT_OVERLAP if overlap is None else overlap, progress=progress)

@@ -299,13 +299,21 @@ def reader_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) // max(1, ranks))
 
 
+def check_input(path: Path | str) -> None:
+    """Refuse a local input that is missing or a folder (an address GDAL reads is checked when
+    opened). The command line calls it before loading the model, so a mistyped path is answered
+    at once, not after the second importing torch takes."""
+    if is_gdal_path(path):
+        return
+    if not Path(path).exists():
+        raise InputError(f"input not found: {path}")
+    if Path(path).is_dir():
+        raise InputError(f"input is a folder, not a raster: {path}")
+
+
 def _open(path: Path | str) -> rasterio.io.DatasetReader:
     remote = is_gdal_path(path)
-    if not remote:
-        if not Path(path).exists():
-            raise InputError(f"input not found: {path}")
-        if Path(path).is_dir():
-            raise InputError(f"input is a folder, not a raster: {path}")
+    check_input(path)
     # GDAL_NUM_THREADS at open: the GTiff driver then decodes the blocks of a multi-block read
     # (a row band spans the scene's width) on every core. Reads run between model calls, when
     # the cores are otherwise idle: sixteen 16384 x 256 native reads took 0.37-0.43 s opened so

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from geosat2map.weights import ModelSpec, save_generator
 from geosat2map_cli.main import cli
 
-from .conftest import random_generator, write_scene
+from .conftest import SAMPLE_SCENE, random_generator, write_scene
 
 
 def run(*args: str):
@@ -413,3 +413,17 @@ def test_help_and_version_do_not_import_torch():
             "print(translate.__module__, Geosat2mapError.__module__, 'translate' in dir(geosat2map))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "geosat2map.pipeline", "geosat2map.errors", "True"]
+
+
+def test_a_mistyped_input_or_a_taken_output_is_refused_before_the_model_loads(tmp_path):
+    """The first mistakes (no such input, an output that exists) are answered before torch is
+    imported: in a fraction of a second, not after the model's start-up."""
+    (tmp_path / "taken.tif").write_bytes(b"")
+    code = ("import sys; from click.testing import CliRunner; from geosat2map_cli.main import cli; "
+            "a = CliRunner().invoke(cli, ['translate', 'nosuch.tif', 'out.tif']); "
+            "b = CliRunner().invoke(cli, ['translate', sys.argv[1], 'taken.tif']); "
+            "print(a.exit_code, b.exit_code, 'torch' in sys.modules); print(a.stderr.strip()); print(b.stderr.strip())")
+    out = subprocess.run([sys.executable, "-c", code, str(SAMPLE_SCENE)], capture_output=True, text=True, check=True,
+                         cwd=tmp_path).stdout.splitlines()
+    assert out == ["1 1 False", "geosat2map: error: input not found: nosuch.tif",
+                   "geosat2map: error: taken.tif exists (pass --overwrite to replace it)"]
