@@ -356,11 +356,13 @@ def train(ctx, data, out, resume, quiet, **options) -> None:
     from geosat2map.train import TrainConfig, train as run_training
 
     config = TrainConfig(data=data, out=out, **options)
-    bar = tqdm(unit="step", disable=quiet, dynamic_ncols=True, smoothing=0.05)
+    bars: list[tqdm] = []  # created at the first step, so an early error prints only its line
 
     def progress(info: dict) -> None:
-        bar.update(1)
-        bar.set_postfix(epoch=info["epoch"] + 1, L1=f"{info['G_L1']:.3f}", D=f"{info['D']:.3f}", refresh=False)
+        if not bars:
+            bars.append(tqdm(unit="step", disable=quiet, dynamic_ncols=True, smoothing=0.05))
+        bars[0].update(1)
+        bars[0].set_postfix(epoch=info["epoch"] + 1, L1=f"{info['G_L1']:.3f}", D=f"{info['D']:.3f}", refresh=False)
 
     given = {name for name in ("epochs", "epochs_decay")
              if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
@@ -369,7 +371,8 @@ def train(ctx, data, out, resume, quiet, **options) -> None:
     try:
         record = run_training(config, resume=resume, progress=progress, schedule=schedule)
     finally:  # before the stderr it writes to is restored: an interrupted run prints one line
-        bar.close()
+        for bar in bars:
+            bar.close()
     if record:
         val = record.get("val", {})
         click.echo(f"epoch {record['epoch']} step {record['step']}: L1 {record.get('G_L1', 0):.4f}"

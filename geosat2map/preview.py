@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 
 from .errors import InputError
-from .reader import open_scene
+from .reader import open_raster, open_scene
 from .writer import check_destination
 
 
@@ -19,11 +20,12 @@ def side_by_side(scene: str | Path, map_path: str | Path, png: str | Path, size:
                  overwrite: bool = False) -> tuple[int, int]:
     """Write ``png``: the scene (left) and its map (right), each ``size`` pixels on the long side.
 
-    Pixels outside the footprint are white. Returns the PNG's (height, width).
+    Pixels outside the footprint are white. Returns the PNG's (height, width). The PNG is
+    written beside ``png`` and renamed when whole, so a failure leaves nothing at ``png``.
     """
     png = Path(png)
     check_destination(png, None, overwrite)
-    with rasterio.open(map_path) as dst:
+    with open_raster(map_path) as dst:
         scale = size / max(dst.width, dst.height)
         h, w = max(1, round(dst.height * scale)), max(1, round(dst.width * scale))
         if dst.count < 3:
@@ -40,8 +42,13 @@ def side_by_side(scene: str | Path, map_path: str | Path, png: str | Path, size:
     mapped[:, ~map_valid] = 255
     gap = np.full((3, h, 8), 255, np.uint8)
     grid = np.concatenate([photo, gap, mapped], axis=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(png, "w", driver="PNG", width=grid.shape[2], height=h, count=3, dtype="uint8") as out:
-            out.write(grid)
+    tmp = png.with_name(f".{png.name}.part")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(tmp, "w", driver="PNG", width=grid.shape[2], height=h, count=3, dtype="uint8") as out:
+                out.write(grid)
+        os.replace(tmp, png)
+    finally:
+        tmp.unlink(missing_ok=True)
     return h, grid.shape[2]

@@ -84,7 +84,7 @@ class Scene:
     #: decodes and averages a resampled read on one thread (GDAL_NUM_THREADS parallelises only
     #: native multi-block reads): on 2 cores, a 0.5 m scene's row bands at 2.12 m took 0.47-0.50 s
     #: on two threads against 0.57-0.69 s on one (8192 x 8192, four rounds), and a GPU is fed by
-    #: these reads. Remote scenes: one (see :func:`_open`).
+    #: these reads. Remote scenes: one (see :func:`open_raster`).
     readers: int = 1
     _handles: list = field(default_factory=list, repr=False)  # the dataset handles of readers 1..
     _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
@@ -176,7 +176,7 @@ class Scene:
     def _reader_handles(self, n: int) -> list[rasterio.io.DatasetReader]:
         """``n`` more handles on the scene and a thread for each, opened at the first read that needs them."""
         if n and len(self._handles) < n:
-            self._handles += [_open(self.path) for _ in range(n - len(self._handles))]
+            self._handles += [open_raster(self.path) for _ in range(n - len(self._handles))]
             if self._pool is not None:
                 self._pool.shutdown()
             self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="scene-reader")
@@ -311,7 +311,8 @@ def check_input(path: Path | str) -> None:
         raise InputError(f"input is a folder, not a raster: {path}")
 
 
-def _open(path: Path | str) -> rasterio.io.DatasetReader:
+def open_raster(path: Path | str) -> rasterio.io.DatasetReader:
+    """``path`` opened by GDAL, or an :class:`InputError` that says why not in one line."""
     remote = is_gdal_path(path)
     check_input(path)
     # GDAL_NUM_THREADS at open: the GTiff driver then decodes the blocks of a multi-block read
@@ -417,7 +418,7 @@ def open_scene(
     path = scene_path(path)
     options = _remote_options(path)
     with rasterio.Env(**options):  # GDAL looks for side-car files while the scene is planned
-        src = _open(path)
+        src = open_raster(path)
         try:
             scene = _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, bounds, bounds_crs)
         except BaseException:

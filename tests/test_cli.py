@@ -427,3 +427,15 @@ def test_a_mistyped_input_or_a_taken_output_is_refused_before_the_model_loads(tm
                          cwd=tmp_path).stdout.splitlines()
     assert out == ["1 1 False", "geosat2map: error: input not found: nosuch.tif",
                    "geosat2map: error: taken.tif exists (pass --overwrite to replace it)"]
+
+
+def test_preview_refuses_a_missing_or_unreadable_map_in_one_line(scene, tmp_path):
+    png = tmp_path / "preview.png"
+    assert_clean_failure(run("preview", scene, tmp_path / "nosuch.tif", png), png, "input not found")
+    (tmp_path / "junk.tif").write_bytes(b"not a raster")
+    assert_clean_failure(run("preview", scene, tmp_path / "junk.tif", png), png, "not a raster GDAL can read")
+
+
+def test_train_on_a_missing_folder_prints_one_line_and_no_progress_bar(tmp_path):
+    assert_clean_failure(run("train", tmp_path / "nosuch", "--out", tmp_path / "run"), tmp_path / "run",
+                         "data folder not found")
