@@ -167,7 +167,8 @@ def translate(src, dst, overlap, quiet, **options) -> None:
     src = _expand_globs(src)
     if not to_folder:  # the library checks these again; here they come before the model loads
         check_input(src[0])
-        check_destination(Path(dst), None if is_gdal_path(src[0]) else Path(src[0]), options["overwrite"])
+        check_destination(Path(dst), None if is_gdal_path(src[0]) else Path(src[0]), options["overwrite"],
+                          geotiff=True)
 
     from geosat2map.allocator import retain_freed_memory
     from geosat2map.pipeline import DEFAULT_OVERLAP, translate as run_translate, translate_many
@@ -314,7 +315,8 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
 @click.option("--lambda-l1", type=float, default=100.0, show_default=True)
 @click.option("--epochs", type=int, default=100, show_default=True, help="Epochs at the initial rate.")
 @click.option("--epochs-decay", type=int, default=100, show_default=True, help="Epochs of linear decay to 0.")
-@click.option("--checkpoint-every", type=int, default=500, show_default=True, help="Iterations.")
+@click.option("--checkpoint-every", type=int, default=500, show_default=True,
+              help="Iterations (0: at epoch ends only).")
 @click.option("--holdout", type=int, default=10, show_default=True,
               help="Aligned folders: every Nth image is validation (0: none).")
 @click.option("--gsd", "gsd_m", type=float, default=None,

@@ -28,7 +28,7 @@ from .grid import RowBlender, TileGrid
 from .model import FlipAveraged
 from .reader import RowBand, Scene, open_scene, scene_name, scene_path
 from .weights import ModelSpec, load_generator, model_digest
-from .writer import BLOCK, BUFFERS, GeoTIFFWriter, check_destination, partial_path
+from .writer import BLOCK, BUFFERS, GEOTIFF_SUFFIXES, GeoTIFFWriter, check_destination, partial_path
 
 #: Default overlap between 256-pixel tiles (see benchmarks/overlap.py for the measurement).
 DEFAULT_OVERLAP = 64
@@ -188,7 +188,7 @@ def translate(
                 torch_device = torch.device("cuda", ctx.local_rank)
             backend = "torch" if backend == "auto" else backend  # every rank must run the same engine
         local_src = None if isinstance(src, str) else src
-        _agree(ctx, lambda: check_destination(dst, local_src, overwrite) if ctx.is_main else None)
+        _agree(ctx, lambda: check_destination(dst, local_src, overwrite, geotiff=True) if ctx.is_main else None)
         net, spec = model if model is not None else load_generator(weights)
         if tta and not isinstance(net, FlipAveraged):
             net = FlipAveraged(net)
@@ -225,7 +225,8 @@ def translate_many(
     weights: str | Path | None = None,
     **options,
 ) -> Iterator[tuple[str | Path, TranslateResult | Geosat2mapError]]:
-    """Translate several scenes into the folder ``dst_dir`` (same file names), loading the model once.
+    """Translate several scenes into the folder ``dst_dir``, loading the model once. Each map takes
+    its scene's file name (:func:`map_name`: ``.tif`` for a scene in another format).
 
     Yields ``(src, result)`` per scene, or ``(src, error)`` for a scene that fails with a
     :class:`Geosat2mapError`, so one bad file does not stop the others. Other options as for
@@ -234,7 +235,7 @@ def translate_many(
     dst_dir = Path(dst_dir)
     if not dst_dir.is_dir():
         raise OutputError(f"with several inputs the output must be an existing folder, not {dst_dir}")
-    names = [scene_name(s) for s in srcs]
+    names = [map_name(s) for s in srcs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise InputError(f"several inputs share a file name, their outputs would collide: {', '.join(twice)}")
@@ -244,9 +245,16 @@ def translate_many(
     with process_group(resolve_device(options.get("device", "auto")).type):  # one group for all scenes
         for src in srcs:
             try:
-                yield src, translate(src, dst_dir / scene_name(src), model=model, **options)
+                yield src, translate(src, dst_dir / map_name(src), model=model, **options)
             except Geosat2mapError as exc:
                 yield src, exc
+
+
+def map_name(src: str | Path) -> str:
+    """The file name of ``src``'s map in a folder of maps: the scene's own, ending ``.tif`` where
+    it names another format (``scene.jp2`` -> ``scene.tif``)."""
+    name = Path(scene_name(src))
+    return name.name if name.suffix.lower() in GEOTIFF_SUFFIXES else f"{name.stem}.tif"
 
 
 def row_buffer_bytes(grid: TileGrid) -> int:

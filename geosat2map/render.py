@@ -274,7 +274,7 @@ def render_map(
     from .writer import GeoTIFFWriter, check_destination
 
     dst = Path(dst)
-    check_destination(dst, None, overwrite)
+    check_destination(dst, None, overwrite, geotiff=True)
     renderer = MapRenderer([read_vectors(v) for v in vectors], grid, Style.load(style))
     renderer.require_features()
     valid = np.ones((256, grid.width), bool)

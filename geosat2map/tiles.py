@@ -31,7 +31,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
-from rasterio.windows import Window
+from rasterio.windows import Window, transform as window_transform
 
 from .errors import InputError, OutputError
 from .reader import Scene, open_scene
@@ -149,7 +149,7 @@ def _split(positions: list[tuple[int, int]], opts: TileOptions) -> tuple[list, l
 
 
 def _write_tile(path: Path, pixels: np.ndarray, scene: Scene, x: int, y: int) -> None:
-    transform = scene.transform * rasterio.Affine.translation(x, y)
+    transform = window_transform(Window(x, y, pixels.shape[2], pixels.shape[1]), scene.transform)
     with rasterio.open(path, "w", driver="GTiff", width=pixels.shape[2], height=pixels.shape[1], count=3,
                        dtype="uint8", crs=scene.crs, transform=transform, compress="deflate",
                        photometric="RGB") as dst:

@@ -104,6 +104,33 @@ class TrainConfig:
     distill_from: str | None = None
     distill_weight: float = 0.5
 
+    def check(self) -> None:
+        """Refuse settings that cannot train, in one line, before the run folder is made (they
+        used to fail steps later with a traceback from PyTorch, or train nothing)."""
+        problems = [
+            (self.batch_size < 1, f"batch size must be at least 1, not {self.batch_size}"),
+            (self.lr <= 0, f"the learning rate must be positive, not {self.lr}"),
+            (self.lambda_l1 < 0, f"the L1 weight must not be negative, not {self.lambda_l1}"),
+            (min(self.epochs, self.epochs_decay) < 0 or self.epochs + self.epochs_decay < 1,
+             f"nothing to train: {self.epochs} epochs and {self.epochs_decay} of decay"),
+            # The U-Net halves a crop 8 times; below 256 its innermost BatchNorm sees one value.
+            (self.crop_size < 256 or self.crop_size % 256,
+             f"crop size must be a multiple of 256 (the U-Net halves it 8 times), not {self.crop_size}"),
+            (min(self.ngf, self.ndf) < 1, f"network widths must be at least 1, not {self.ngf} and {self.ndf}"),
+            (self.checkpoint_every < 0,
+             f"--checkpoint-every must be 0 (epoch ends only) or more, not {self.checkpoint_every}"),
+            (self.holdout < 0, f"--holdout must be 0 (none) or more, not {self.holdout}"),
+            (self.max_steps is not None and self.max_steps < 1, f"--max-steps must be at least 1, not {self.max_steps}"),
+            (bool(self.distill_from) and not 0.0 < self.distill_weight <= 1.0,
+             f"the distillation weight must be in (0, 1], not {self.distill_weight}"),
+            (self.freeze_batchnorm and not self.init_from,
+             "freezing BatchNorm (--freeze-batchnorm) needs a generator to start from (--init-from), whose "
+             "statistics it keeps"),
+        ]
+        for failed, message in problems:
+            if failed:
+                raise TrainingError(message)
+
     @classmethod
     def from_json(cls, path: Path) -> TrainConfig:
         known = {f.name for f in fields(cls)}
@@ -173,9 +200,6 @@ class Trainer:
         #: The generator this run was fine-tuned from, for the provenance of what it saves (kept in
         #: the checkpoint: the file behind ``init_from``, e.g. the shipped default, can change).
         self.lineage: dict | None = None
-        if config.freeze_batchnorm and not config.init_from:
-            raise TrainingError("freezing BatchNorm (--freeze-batchnorm) needs a generator to start from "
-                                "(--init-from), whose statistics it keeps")
         if config.init_from:
             pretrained, pspec = load_generator(None if config.init_from == "default" else config.init_from)
             self.G = pretrained.train()
@@ -185,8 +209,6 @@ class Trainer:
         self.teacher: nn.Module | None = None
         self.teacher_lineage: dict | None = None
         if config.distill_from:
-            if not 0.0 < config.distill_weight <= 1.0:
-                raise TrainingError(f"the distillation weight must be in (0, 1], not {config.distill_weight}")
             teacher, tspec = load_generator(None if config.distill_from == "default" else config.distill_from)
             self.teacher_lineage = {"file": config.distill_from, "sha256": model_digest(teacher),
                                     "provenance": tspec.provenance}
@@ -523,6 +545,7 @@ def train(
             config.epochs_decay = schedule[1] if schedule[1] is not None else config.epochs_decay
     elif (out / CHECKPOINT).exists():
         raise TrainingError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    config.check()
     trainer = Trainer(config)
     try:
         if resume:

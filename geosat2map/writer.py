@@ -42,8 +42,16 @@ ZSTD_LEVEL = 1
 GDAL_ENV = {"GDAL_TIFF_INTERNAL_MASK": True, "ZSTD_LEVEL_OVERVIEW": ZSTD_LEVEL}
 
 
-def check_destination(dst: Path, src: Path | None, overwrite: bool) -> None:
-    """Refuse, before any work, outputs that would lose data or cannot be written."""
+#: Endings a GeoTIFF output's name may have: any other would name a GeoTIFF as another format
+#: (``map.png`` opened by an image viewer, ``map.jp2`` by a JPEG 2000 reader).
+GEOTIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def check_destination(dst: Path, src: Path | None, overwrite: bool, geotiff: bool = False) -> None:
+    """Refuse, before any work, outputs that would lose data or cannot be written, and (``geotiff``)
+    a GeoTIFF's name that says another format."""
+    if geotiff and dst.suffix.lower() not in GEOTIFF_SUFFIXES:
+        raise OutputError(f"the map is a GeoTIFF: name it .tif or .tiff, not {dst.name}")
     if src is not None and dst.exists() and src.exists() and os.path.samefile(src, dst):  # links included
         raise OutputError(f"the output {dst} is the input; choose another path")
     if dst.is_dir():

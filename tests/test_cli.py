@@ -439,3 +439,43 @@ def test_preview_refuses_a_missing_or_unreadable_map_in_one_line(scene, tmp_path
 def test_train_on_a_missing_folder_prints_one_line_and_no_progress_bar(tmp_path):
     assert_clean_failure(run("train", tmp_path / "nosuch", "--out", tmp_path / "run"), tmp_path / "run",
                          "data folder not found")
+
+
+@pytest.mark.parametrize("option, phrase", [
+    (["--batch-size", "0"], "batch size must be at least 1"),
+    (["--lr", "-1"], "learning rate must be positive"),
+    (["--epochs", "0", "--epochs-decay", "0"], "nothing to train"),
+    (["--crop-size", "128", "--load-size", "128"], "crop size must be a multiple of 256"),
+    (["--ngf", "0"], "network widths must be at least 1"),
+    (["--max-steps", "0"], "--max-steps must be at least 1"),
+])
+def test_train_refuses_settings_that_cannot_train_before_making_the_run(tmp_path, option, phrase):
+    """Each used to fail with a traceback from PyTorch a few steps in (or, for no epochs, train
+    nothing) and leave a run folder behind."""
+    data = tmp_path / "pairs"
+    data.mkdir()
+    for i in range(3):
+        pair = np.random.default_rng(i).integers(0, 255, (64, 128, 3), dtype=np.uint8)
+        with rasterio.open(data / f"{i}.png", "w", driver="PNG", width=128, height=64, count=3, dtype="uint8") as f:
+            f.write(pair.transpose(2, 0, 1))
+    out = tmp_path / "run"
+    assert_clean_failure(run("train", data, "--out", out, *option), out, phrase)
+
+
+def test_a_map_is_named_as_a_geotiff(scene, tiny_weights, tmp_path):
+    """A map named map.png would be a GeoTIFF an image viewer cannot open: refused. In a folder,
+    a scene in another format (here a GeoTIFF named .img) gets a .tif map."""
+    png = tmp_path / "map.png"
+    assert_clean_failure(run("translate", scene, png, "--weights", tiny_weights), png, "name it .tif or .tiff")
+    other = tmp_path / "scenes" / "other.img"
+    other.parent.mkdir()
+    shutil.copy(scene, other)
+    out = tmp_path / "maps"
+    out.mkdir()
+    result = run("translate", other, scene, out, "--weights", tiny_weights, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(["other.tif", Path(scene).name])
+    clash = tmp_path / "scenes" / Path(scene).with_suffix(".img").name
+    shutil.copy(scene, clash)
+    result = run("translate", clash, scene, out, "--weights", tiny_weights, "--quiet", "--overwrite")
+    assert result.exit_code == 1 and "outputs would collide" in result.stderr
