@@ -11,6 +11,7 @@ import torch
 from rasterio.errors import NotGeoreferencedWarning
 
 from . import datasets, metrics
+from .errors import DataError
 from .devices import resolve_device, use_bf16
 from .model import FlipAveraged, modes_kept
 from .weights import load_generator
@@ -105,7 +106,12 @@ def evaluate(
     metric, the per-pair differences ``weights`` minus ``against`` (:func:`metrics.paired_differences`):
     whether a fine-tuned model is better, not only its means.
     """
+    if holdout < 0:
+        raise DataError(f"--holdout must be 0 (none) or more, not {holdout}")
     pairs, names = datasets.load_pairs(data, split, direction, holdout)
+    if not pairs:
+        hint = " (--holdout 0 holds none out)" if split == "val" and not datasets.is_tile_folder(Path(data)) else ""
+        raise DataError(f"no {split} pairs in {data}{hint}")
     dev = resolve_device(device)
     bf16 = use_bf16(precision, dev)
     scores = [_per_pair(w, pairs, names, dev, tta, bf16) for w in ([weights] if against is None else [weights, against])]

@@ -452,14 +452,26 @@ def test_train_on_a_missing_folder_prints_one_line_and_no_progress_bar(tmp_path)
 def test_train_refuses_settings_that_cannot_train_before_making_the_run(tmp_path, option, phrase):
     """Each used to fail with a traceback from PyTorch a few steps in (or, for no epochs, train
     nothing) and leave a run folder behind."""
-    data = tmp_path / "pairs"
-    data.mkdir()
-    for i in range(3):
-        pair = np.random.default_rng(i).integers(0, 255, (64, 128, 3), dtype=np.uint8)
-        with rasterio.open(data / f"{i}.png", "w", driver="PNG", width=128, height=64, count=3, dtype="uint8") as f:
-            f.write(pair.transpose(2, 0, 1))
     out = tmp_path / "run"
-    assert_clean_failure(run("train", data, "--out", out, *option), out, phrase)
+    assert_clean_failure(run("train", aligned_pairs(tmp_path / "pairs"), "--out", out, *option), out, phrase)
+
+
+def aligned_pairs(folder: Path, count: int = 3) -> Path:
+    """A pix2pix aligned folder of ``count`` random 64 x 64 pairs."""
+    folder.mkdir()
+    for i in range(count):
+        pair = np.random.default_rng(i).integers(0, 255, (3, 64, 128), dtype=np.uint8)
+        with rasterio.open(folder / f"{i}.png", "w", driver="PNG", width=128, height=64, count=3, dtype="uint8") as f:
+            f.write(pair)
+    return folder
+
+
+def test_evaluate_says_why_a_split_is_empty(tmp_path):
+    data = aligned_pairs(tmp_path / "pairs")
+    for holdout, phrase in (("0", "no val pairs in"), ("-1", "--holdout must be 0 (none) or more")):
+        result = run("evaluate", data, "--split", "val", "--holdout", holdout)
+        assert result.exit_code == 1 and result.stderr.strip().startswith("geosat2map: error:") \
+            and phrase in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_a_map_is_named_as_a_geotiff(scene, tiny_weights, tmp_path):
