@@ -50,6 +50,21 @@ class TileOptions:
     seed: int = 0
     style: str | None = None
 
+    def check(self) -> None:
+        """Refuse options that cut no usable tile, in one line (a stride of -5 cut tiles outside the
+        scene, a tile size of 0 failed with a traceback)."""
+        problems = [
+            (self.tile_size < 256, f"tile size must be at least 256 pixels (train crops 256), not {self.tile_size}"),
+            (self.stride is not None and self.stride < 1, f"stride must be at least 1 pixel, not {self.stride}"),
+            (not 0.0 <= self.max_nodata <= 1.0, f"--max-nodata is a share from 0 to 1, not {self.max_nodata}"),
+            (not 0.0 <= self.min_map_cover <= 1.0, f"the map cover is a share from 0 to 1, not {self.min_map_cover}"),
+            (not 0.0 <= self.val_fraction <= 1.0, f"--val-fraction is a share from 0 to 1, not {self.val_fraction}"),
+            (self.block_tiles < 1, f"--block-tiles must be at least 1, not {self.block_tiles}"),
+        ]
+        for failed, message in problems:
+            if failed:
+                raise InputError(message)
+
 
 @dataclass
 class TilesResult:
@@ -169,6 +184,7 @@ def make_tiles(
     """Cut training pairs from ``sat`` and a map raster or vector layers into ``out_dir``."""
     if (map_raster is None) == (not vectors):
         raise InputError("give either a map raster (--map) or vector layers (--vector), not both or neither")
+    options.check()
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise OutputError(f"{out_dir} exists (pass --overwrite to replace it)")

@@ -211,3 +211,18 @@ def test_evaluate_a_translate_output_against_a_map_raster(tmp_path):
         ds.write(np.full((3, 768, 768), 255, np.uint8))
     worse = json.loads(CliRunner().invoke(cli, ["evaluate", str(other), "--map", str(map_tif), "--json"]).stdout)
     assert worse["rmse"] > 10 and worse["acc5"] < 0.5
+
+
+@pytest.mark.parametrize("options, phrase", [
+    (dict(tile_size=0), "tile size must be at least 256"),
+    (dict(stride=-5), "stride must be at least 1"),
+    (dict(val_fraction=2.0), "--val-fraction is a share"),
+    (dict(block_tiles=0), "--block-tiles must be at least 1"),
+    (dict(max_nodata=-1.0), "--max-nodata is a share"),
+])
+def test_options_that_cut_no_usable_tile_are_refused_before_reading(tmp_path, options, phrase):
+    """A negative stride used to cut tiles outside the scene; a tile size of 0 raised from range()."""
+    scene = write_scene(tmp_path / "sat.tif")
+    with pytest.raises(InputError, match=phrase):
+        make_tiles(scene, tmp_path / "out", map_raster=scene, options=TileOptions(**options))
+    assert not (tmp_path / "out").exists()
