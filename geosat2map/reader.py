@@ -442,6 +442,8 @@ def _crop_window(path: Path | str, src: rasterio.io.DatasetReader, bounds: tuple
                  bounds_crs: str | None) -> tuple[Window, bool]:
     """The whole source pixels that cover ``bounds`` within the scene, and whether the bounds
     reach past it."""
+    if len(bounds) != 4:
+        raise InputError(f"bounds are four numbers, left bottom right top, not {bounds}")
     left, bottom, right, top = bounds
     if not (left < right and bottom < top):
         raise InputError(f"bounds are left bottom right top, with left < right and bottom < top, not {bounds}")
@@ -531,7 +533,10 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
                                  f"model's {target:.2f} m: at the model's resolution it would be {side} pixels; "
                                  "pass --resolution native, or metres per pixel, to use it anyway")
     elif resolution != "native":
-        target = float(resolution)
+        try:
+            target = float(resolution)
+        except (TypeError, ValueError):
+            raise InputError(f"resolution is 'model', 'native' or metres per pixel, not {resolution!r}") from None
         if not target > 0:
             raise InputError(f"resolution must be positive metres, not {resolution}")
         if native is None:

@@ -653,3 +653,19 @@ def test_water_by_ndwi_counts_where_the_water_colour_falls(tmp_path):
     assert w["water"] == w["land"] == 0.5
     assert w["precision"] == pytest.approx(8 / 9) and w["land_as_water"] == pytest.approx(0.1)
     assert w["water_found"] == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("options, phrase", [
+    (dict(resolution="fine"), "resolution is 'model', 'native' or metres per pixel"),
+    (dict(bounds=(0.0, 0.0, 1.0)), "bounds are four numbers"),
+    (dict(batch_size=10**9), "use a smaller --batch-size"),
+])
+def test_the_python_api_refuses_bad_options_with_its_own_error(scene, tiny_weights, tmp_path, options, phrase):
+    """Callers of the library get a Geosat2mapError (one line in the CLI), not a ValueError from
+    float() or tuple unpacking, nor a MemoryError allocating a billion-tile batch."""
+    from geosat2map.errors import Geosat2mapError
+
+    out = tmp_path / "map.tif"
+    with pytest.raises(Geosat2mapError, match=phrase):
+        translate(scene, out, weights=tiny_weights, resolution=options.pop("resolution", "native"), **options)
+    assert not out.exists()
