@@ -114,6 +114,10 @@ def read_spec(path: str | Path) -> ModelSpec:
     """The spec of a weights file, read from its header only."""
     from safetensors import safe_open
 
+    if Path(path).is_dir():
+        run = (Path(path) / "config.json").is_file()
+        raise WeightsError(f"{path} is a training run, not a weights file: `geosat2map export-weights {path} "
+                           "OUT.safetensors` makes one" if run else f"{path} is a folder, not a weights file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

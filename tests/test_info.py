@@ -38,3 +38,13 @@ def test_info_of_a_file_that_is_not_weights(tmp_path):
     result = run("info", bogus)
     assert result.exit_code != 0 and result.stderr.startswith("geosat2map: error:")
     assert "Traceback" not in result.output
+
+
+def test_a_training_run_given_as_weights_says_how_to_export_it(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    result = run("info", run_dir)
+    assert result.exit_code == 1 and "is a training run, not a weights file" in result.stderr
+    assert f"geosat2map export-weights {run_dir}" in result.stderr
+    assert "is a folder, not a weights file" in run("info", tmp_path).stderr
