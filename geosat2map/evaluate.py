@@ -140,7 +140,7 @@ def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256
     The map is warped onto the output's grid (GDAL, average resampling); both are cut into
     ``tile`` x ``tile`` windows, and windows with any nodata in either are left out.
     """
-    from rasterio.enums import Resampling
+    from rasterio.enums import MaskFlags, Resampling
     from rasterio.vrt import WarpedVRT
     from rasterio.windows import Window
 
@@ -150,8 +150,11 @@ def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256
         out_ds, map_ds = rasterio.open(output), rasterio.open(map_raster)
     except rasterio.errors.RasterioIOError as exc:
         raise InputError(f"cannot open a raster to evaluate: {exc}") from None
+    # A map valid everywhere has no mask, and the warp would call the ground beyond it valid too
+    # (zeros, scored against the output): an alpha band marks where the map reaches.
+    no_mask = all(MaskFlags.all_valid in flags for flags in map_ds.mask_flag_enums)
     with out_ds, map_ds, WarpedVRT(map_ds, crs=out_ds.crs, transform=out_ds.transform, width=out_ds.width,
-                                   height=out_ds.height, resampling=Resampling.average) as warped:
+                                   height=out_ds.height, resampling=Resampling.average, add_alpha=no_mask) as warped:
         bands = [1, 2, 3] if map_ds.count >= 3 else [1, 1, 1]
         per_tile = []
         for y in range(0, out_ds.height - tile + 1, tile):

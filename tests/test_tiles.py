@@ -211,6 +211,16 @@ def test_evaluate_a_translate_output_against_a_map_raster(tmp_path):
         ds.write(np.full((3, 768, 768), 255, np.uint8))
     worse = json.loads(CliRunner().invoke(cli, ["evaluate", str(other), "--map", str(map_tif), "--json"]).stdout)
     assert worse["rmse"] > 10 and worse["acc5"] < 0.5
+    # A map (valid everywhere, no mask) of the left half only: the windows beyond it are not
+    # scored (they were, against the warp's zeros).
+    half = tmp_path / "half.tif"
+    with rasterio.open(map_tif) as m:
+        profile = {**m.profile, "width": 512}
+        pixels = m.read(window=((0, 768), (0, 512)))
+    with rasterio.open(half, "w", **profile) as ds:
+        ds.write(pixels)
+    part = json.loads(CliRunner().invoke(cli, ["evaluate", str(map_tif), "--map", str(half), "--json"]).stdout)
+    assert part["count"] == 6 and part["rmse"] == 0
 
 
 @pytest.mark.parametrize("options, phrase", [
