@@ -137,24 +137,20 @@ def _per_pair(weights: str | Path | None, pairs: list, names: list[str], device:
 def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256) -> dict:
     """Score a translate output against a map raster of the same ground.
 
-    The map is warped onto the output's grid (GDAL, average resampling); both are cut into
-    ``tile`` x ``tile`` windows, and windows with any nodata in either are left out.
+    The map is warped onto the output's grid (:func:`~geosat2map.reader.warped_onto`); both are
+    cut into ``tile`` x ``tile`` windows, and windows with any nodata in either, or beyond the
+    map, are left out.
     """
-    from rasterio.enums import MaskFlags, Resampling
-    from rasterio.vrt import WarpedVRT
     from rasterio.windows import Window
 
     from .errors import InputError
+    from .reader import warped_onto
 
     try:
         out_ds, map_ds = rasterio.open(output), rasterio.open(map_raster)
     except rasterio.errors.RasterioIOError as exc:
         raise InputError(f"cannot open a raster to evaluate: {exc}") from None
-    # A map valid everywhere has no mask, and the warp would call the ground beyond it valid too
-    # (zeros, scored against the output): an alpha band marks where the map reaches.
-    no_mask = all(MaskFlags.all_valid in flags for flags in map_ds.mask_flag_enums)
-    with out_ds, map_ds, WarpedVRT(map_ds, crs=out_ds.crs, transform=out_ds.transform, width=out_ds.width,
-                                   height=out_ds.height, resampling=Resampling.average, add_alpha=no_mask) as warped:
+    with out_ds, map_ds, warped_onto(map_ds, out_ds.crs, out_ds.transform, out_ds.width, out_ds.height) as warped:
         bands = [1, 2, 3] if map_ds.count >= 3 else [1, 1, 1]
         per_tile = []
         for y in range(0, out_ds.height - tile + 1, tile):

@@ -29,6 +29,7 @@ from pyproj import CRS, Geod, Transformer
 from pyproj.exceptions import CRSError as PyprojCRSError, ProjError
 from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window, from_bounds
 
 from .buffers import row_buffer
@@ -330,6 +331,15 @@ def open_raster(path: Path | str) -> rasterio.io.DatasetReader:
         if remote:  # not found, refused, not a raster: GDAL's reason says which
             raise InputError(f"cannot open {path}: {gdal_reason(exc)}") from None
         raise InputError(f"{path} is not a raster GDAL can read") from None
+
+
+def warped_onto(src: rasterio.io.DatasetReader, crs, transform: Affine, width: int, height: int) -> WarpedVRT:
+    """``src`` warped by GDAL (average) onto another grid, for a map raster compared with or cut
+    beside a scene. Its dataset mask says where ``src`` reaches: a raster without a mask gets an
+    alpha band, else the ground beyond it reads as valid black pixels."""
+    no_mask = all(MaskFlags.all_valid in flags for flags in src.mask_flag_enums)
+    return WarpedVRT(src, crs=crs, transform=transform, width=width, height=height, resampling=Resampling.average,
+                     add_alpha=no_mask)
 
 
 def default_bands(src: rasterio.io.DatasetReader) -> list[int]:

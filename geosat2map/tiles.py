@@ -27,14 +27,12 @@ import rasterio
 import shapely
 import shapely.geometry
 from pyproj import Transformer
-from rasterio.enums import Resampling
 from rasterio.errors import RasterioIOError
-from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window, transform as window_transform
 
 from .errors import InputError, OutputError
-from .reader import Scene, open_scene
+from .reader import Scene, open_scene, warped_onto
 from .render import Grid, MapRenderer, Style, read_vectors
 
 
@@ -101,8 +99,7 @@ class _RasterMap:
             self.src.close()
             raise InputError(f"the map {path} does not overlap the satellite scene")
         self.bands = [1, 2, 3] if self.src.count >= 3 else [1, 1, 1]
-        self.vrt = WarpedVRT(self.src, crs=grid.crs, transform=grid.transform, width=grid.width,
-                             height=grid.height, resampling=Resampling.average)
+        self.vrt = warped_onto(self.src, grid.crs, grid.transform, grid.width, grid.height)
 
     def read(self, x: int, y: int, size: int) -> tuple[np.ndarray, bool]:
         window = Window(x, y, size, size)

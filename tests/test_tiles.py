@@ -159,6 +159,21 @@ def test_tiles_from_a_map_raster(region, tmp_path):
     result = make_tiles(sat, out, map_raster=map_tif, options=TileOptions(resolution=2.0, block_tiles=1))
     assert result.train + result.val > 0
     assert result.gsd_m == pytest.approx(2.0, rel=0.01)
+    # A map raster with no mask that covers only the west of the scene: a tile reaching past its
+    # edge is skipped (it used to be kept, part map and part black).
+    west = tmp_path / "west.tif"
+    with rasterio.open(map_tif) as m:
+        pixels = m.read(window=((0, m.height), (0, 700)))
+        profile = {**m.profile, "width": 700}
+    with rasterio.open(west, "w", **profile) as ds:
+        ds.write(pixels)
+    out = tmp_path / "west_tiles"
+    result = make_tiles(sat, out, map_raster=west, options=TileOptions(resolution=1.0, block_tiles=1, val_fraction=0))
+    tiles = list((out / "train" / "map").iterdir())
+    assert len(tiles) == result.train > 0
+    for tile in tiles:
+        with rasterio.open(tile) as t, rasterio.open(west) as w:
+            assert t.bounds.right <= w.bounds.right and t.read().max(axis=0).min() > 0, tile.name
 
 
 def test_no_overlap_empty_layer_and_aoi_outside_are_clear_errors(region, tmp_path):
