@@ -89,6 +89,8 @@ def export_onnx(
         raise OutputError(f"{dst} exists (pass --overwrite to replace it)")
     if tile_size % 256 or tile_size <= 0:
         raise WeightsError(f"tile size must be a multiple of 256, not {tile_size}")
+    if not 0 <= overlap <= tile_size // 2:  # as translate: beyond half a tile, tiles overlap thrice
+        raise WeightsError(f"overlap must be between 0 and {tile_size // 2} pixels, not {overlap}")
     model, spec = load_generator(weights)
     example = torch.zeros(1, spec.in_channels, tile_size, tile_size)
     proto = export_proto(_ZeroOneOutput(model.float().eval()), example, "image", "map")

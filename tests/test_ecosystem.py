@@ -37,6 +37,8 @@ def test_onnx_export_has_deepness_metadata_and_agrees_with_torch(tiny_weights_gs
     assert onnx_matches_torch(tiny_weights_gsd, out, tiles=3) < 1e-3
     again = CliRunner().invoke(cli, ["export-onnx", str(tiny_weights_gsd), str(out)])
     assert again.exit_code == 1 and "--overwrite" in again.stderr
+    wide = CliRunner().invoke(cli, ["export-onnx", str(tiny_weights_gsd), str(tmp_path / "o.onnx"), "--overlap", "200"])
+    assert wide.exit_code == 1 and "overlap must be between 0 and 128" in wide.stderr
 
 
 def test_rio_plugin_runs_translate(tiny_weights, tmp_path):
