@@ -133,7 +133,10 @@ def load_aligned_folder(folder: Path, direction: str = "AtoB", holdout: int = 0,
     pairs = []
     for path in files:
         img = read_image(path)
-        w = img.shape[-1] // 2
+        h, w = img.shape[-2], img.shape[-1] // 2
+        if abs(w - h) > 1:  # a plain image would be cut into two unrelated halves and trained on
+            raise DataError(f"{path} is {img.shape[-1]} x {h}: an aligned pair is A and B side by side, "
+                            "twice as wide as tall (or use a `geosat2map tiles` folder)")
         a, b = img[:, :, :w], img[:, :, w : 2 * w]
         pairs.append((a, b) if direction == "AtoB" else (b, a))
     return pairs, [p.name for p in files]

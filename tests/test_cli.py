@@ -456,14 +456,22 @@ def test_train_refuses_settings_that_cannot_train_before_making_the_run(tmp_path
     assert_clean_failure(run("train", aligned_pairs(tmp_path / "pairs"), "--out", out, *option), out, phrase)
 
 
-def aligned_pairs(folder: Path, count: int = 3) -> Path:
-    """A pix2pix aligned folder of ``count`` random 64 x 64 pairs."""
+def aligned_pairs(folder: Path, count: int = 3, width: int = 128) -> Path:
+    """A pix2pix aligned folder of ``count`` random 64 x 64 pairs (``width`` 64: plain images)."""
     folder.mkdir()
     for i in range(count):
-        pair = np.random.default_rng(i).integers(0, 255, (3, 64, 128), dtype=np.uint8)
-        with rasterio.open(folder / f"{i}.png", "w", driver="PNG", width=128, height=64, count=3, dtype="uint8") as f:
+        pair = np.random.default_rng(i).integers(0, 255, (3, 64, width), dtype=np.uint8)
+        with rasterio.open(folder / f"{i}.png", "w", driver="PNG", width=width, height=64, count=3,
+                           dtype="uint8") as f:
             f.write(pair)
     return folder
+
+
+def test_train_refuses_a_folder_of_plain_images(tmp_path):
+    """Square images are not A|B pairs: split in two, they trained a model on unrelated halves."""
+    out = tmp_path / "run"
+    assert_clean_failure(run("train", aligned_pairs(tmp_path / "photos", width=64), "--out", out), out,
+                         "an aligned pair is A and B side by side")
 
 
 def test_evaluate_says_why_a_split_is_empty(tmp_path):
