@@ -470,8 +470,9 @@ def aligned_pairs(folder: Path, count: int = 3, width: int = 128) -> Path:
 def test_train_refuses_a_folder_of_plain_images(tmp_path):
     """Square images are not A|B pairs: split in two, they trained a model on unrelated halves."""
     out = tmp_path / "run"
-    assert_clean_failure(run("train", aligned_pairs(tmp_path / "photos", width=64), "--out", out), out,
-                         "an aligned pair is A and B side by side")
+    photos = aligned_pairs(tmp_path / "photos", width=64)
+    result = run("train", photos, "--out", out, "--max-steps", "1", "--ngf", "4", "--ndf", "4", "--holdout", "0")
+    assert_clean_failure(result, out, "an aligned pair is A and B side by side")
 
 
 def test_evaluate_says_why_a_split_is_empty(tmp_path):
