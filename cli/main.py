@@ -283,7 +283,8 @@ def render_map_cmd(vectors, dst, like, bounds, crs, resolution, style, overwrite
 @click.option("--stride", type=int, default=None, help="Pixels between tiles [default: tile size].")
 @click.option("--aoi", type=click.Path(dir_okay=False), help="Only tiles at least half inside this area (any CRS).")
 @click.option("--max-nodata", type=float, default=0.05, show_default=True)
-@click.option("--val-fraction", type=float, default=0.2, show_default=True)
+@click.option("--val-fraction", type=float, default=0.2, show_default=True,
+              help="Share of the split blocks held out for validation (0: none).")
 @click.option("--block-tiles", type=int, default=4, show_default=True, help="Side of a split block, in tiles.")
 @click.option("--style", type=click.Path(dir_okay=False), help="Style for --vector (default: maps).")
 @click.option("--seed", type=int, default=0, show_default=True)

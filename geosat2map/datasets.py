@@ -43,9 +43,9 @@ def _natural_key(path: Path) -> tuple:
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name))
 
 
-def list_images(folder: Path) -> list[Path]:
+def list_images(folder: Path, allow_empty: bool = False) -> list[Path]:
     files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_key)
-    if not files:
+    if not files and not allow_empty:
         raise DataError(f"no images in {folder}")
     return files
 
@@ -150,7 +150,7 @@ def load_tile_folder(folder: Path, split: str = "train"):
         sat_dir = folder / s / "sat"
         if not sat_dir.is_dir():
             continue
-        for sat in list_images(sat_dir):
+        for sat in list_images(sat_dir, allow_empty=True):  # a small region may give no val tiles
             target = folder / s / "map" / sat.name
             if not target.is_file():
                 raise DataError(f"tile {sat} has no map tile at {target}")

@@ -150,7 +150,7 @@ def _split(positions: list[tuple[int, int]], opts: TileOptions) -> tuple[list, l
     block = block_tiles * opts.tile_size
     blocks = sorted({(y // block, x // block) for y, x in positions})
     rng = np.random.default_rng(opts.seed)
-    n_val = 0 if len(blocks) < 2 else max(1, round(opts.val_fraction * len(blocks)))
+    n_val = 0 if len(blocks) < 2 or opts.val_fraction == 0 else max(1, round(opts.val_fraction * len(blocks)))
     val_blocks = {blocks[i] for i in rng.permutation(len(blocks))[:n_val]}
     val = [p for p in positions if (p[0] // block, p[1] // block) in val_blocks]
     t = opts.tile_size

@@ -149,6 +149,17 @@ def test_train_runs_on_tiles(region, tmp_path):
     assert trainer.spec.gsd_m == pytest.approx(1.0, rel=0.01)  # taken from the manifest
 
 
+def test_a_tile_folder_without_val_tiles_trains_without_validation(region, tmp_path):
+    """A small region can give no val tiles; training said "no images in tiles/val/sat"."""
+    sat, vec = region
+    out = tmp_path / "tiles"
+    result = make_tiles(sat, out, vectors=[str(vec)], options=TileOptions(resolution=1.0, val_fraction=0))
+    assert result.val == 0 and result.train > 0
+    trainer = Trainer(TrainConfig(data=str(out), out=str(tmp_path / "run"), ngf=4, ndf=4, max_steps=1,
+                                  device="cpu", checkpoint_every=0))
+    assert len(trainer.train_set) == result.train and trainer.val_set is None
+
+
 def test_tiles_from_a_map_raster(region, tmp_path):
     sat, vec = region
     with rasterio.open(sat) as s:
