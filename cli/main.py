@@ -457,7 +457,8 @@ def export_weights(run_dir, out, which, half, gsd_m, overwrite) -> None:
     from geosat2map.weights import export_run
 
     spec = export_run(run_dir, out, which=which, half=half, gsd_m=gsd_m, overwrite=overwrite)
-    click.echo(f"wrote {out} (ngf {spec.ngf}, gsd {spec.gsd_m} m)")
+    gsd = f"{spec.gsd_m:.3f} m" if spec.gsd_m is not None else "not recorded"
+    click.echo(f"wrote {out} (ngf {spec.ngf}, ground sampling distance {gsd})")
 
 
 
