@@ -8,6 +8,7 @@ so ``geosat2map --help`` took 2 s instead of 0.07 s.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -33,6 +34,8 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value  # once: later lookups do not come here
         return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)  # geosat2map.errors, .train, ... as attributes
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

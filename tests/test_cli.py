@@ -410,9 +410,10 @@ def test_help_and_version_do_not_import_torch():
             "assert CliRunner().invoke(cli, ['--version']).exit_code == 0; "
             "print('torch' in sys.modules); "
             "from geosat2map import translate, Geosat2mapError, load_generator; import geosat2map; "
-            "print(translate.__module__, Geosat2mapError.__module__, 'translate' in dir(geosat2map))")
+            "print(translate.__module__, Geosat2mapError.__module__, 'translate' in dir(geosat2map)); "
+            "print(geosat2map.errors.Interrupted.__name__, geosat2map.train.TrainConfig.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["False", "geosat2map.pipeline", "geosat2map.errors", "True"]
+    assert out == ["False", "geosat2map.pipeline", "geosat2map.errors", "True", "Interrupted", "TrainConfig"]
 
 
 def test_a_mistyped_input_or_a_taken_output_is_refused_before_the_model_loads(tmp_path):
