@@ -11,8 +11,8 @@ import torch
 from rasterio.errors import NotGeoreferencedWarning
 
 from . import datasets, metrics
-from .errors import DataError
 from .devices import resolve_device, use_bf16
+from .errors import DataError
 from .model import FlipAveraged, modes_kept
 from .weights import load_generator
 

@@ -179,11 +179,11 @@ def translate(
         raise InputError(f"overlap must be between 0 and {tile_size // 2} pixels, not {overlap}")
     if batch_size is not None and batch_size < 1:
         raise InputError("batch size must be at least 1")
+    batch_bytes = (batch_size or 0) * tile_size**2 * 3 * 4 * 2  # float32 tiles in, maps out: a lower bound
     free = available_memory()
-    if batch_size is not None and free is not None and batch_size * tile_size**2 * 4 * 6 > 0.5 * free:
-        # float32 tiles in and maps out, 3 bands each: a lower bound on what a batch holds.
-        raise InputError(f"a batch of {batch_size} tiles needs over {batch_size * tile_size**2 * 24 / 2**30:.1f} GiB "
-                         f"and {free / 2**30:.1f} GiB is available: use a smaller --batch-size")
+    if free is not None and batch_bytes > 0.5 * free:
+        raise InputError(f"a batch of {batch_size} tiles needs over {batch_bytes / 2**30:.1f} GiB and "
+                         f"{free / 2**30:.1f} GiB is available: use a smaller --batch-size")
     torch_device = resolve_device(device)
     with process_group(torch_device.type) as ctx:
         if ctx.enabled:

@@ -50,12 +50,12 @@ GEOTIFF_SUFFIXES = (".tif", ".tiff")
 def check_destination(dst: Path, src: Path | None, overwrite: bool, geotiff: bool = False) -> None:
     """Refuse, before any work, outputs that would lose data or cannot be written, and (``geotiff``)
     a GeoTIFF's name that says another format."""
-    if geotiff and dst.suffix.lower() not in GEOTIFF_SUFFIXES:
-        raise OutputError(f"the map is a GeoTIFF: name it .tif or .tiff, not {dst.name}")
     if src is not None and dst.exists() and src.exists() and os.path.samefile(src, dst):  # links included
         raise OutputError(f"the output {dst} is the input; choose another path")
     if dst.is_dir():
         raise OutputError(f"the output {dst} is a folder")
+    if geotiff and dst.suffix.lower() not in GEOTIFF_SUFFIXES:
+        raise OutputError(f"the map is a GeoTIFF: name it .tif or .tiff, not {dst.name}")
     if dst.exists() and not overwrite:
         raise OutputError(f"{dst} exists (pass --overwrite to replace it)")
     folder = dst.parent if str(dst.parent) else Path(".")
