@@ -57,7 +57,7 @@ for seed in $(seq "$first" "$last"); do
   fi
   snap=$out/snapshots/epoch002.safetensors
   if [ ! -f "$snap" ]; then
-    if [ -f "$out/config.json" ]; then
+    if [ -f "$out/checkpoint.pt" ]; then  # a cycle stopped before its first checkpoint starts again
       $g train "$data" --out "$out" --resume --quiet
     else
       $g train "$data" --out "$out" --init-from "$best" --ngf 32 --load-size 256 --lr 2e-5 \
