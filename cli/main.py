@@ -269,7 +269,7 @@ def render_map_cmd(vectors, dst, like, bounds, crs, resolution, style, overwrite
 
     grid = grid_from(like=like, bounds=bounds, crs=crs, resolution=resolution)
     n = render_map(list(vectors), dst, grid, style=style, overwrite=overwrite)
-    click.echo(f"wrote {dst}: {grid.width} x {grid.height}, {n} features drawn")
+    click.echo(f"wrote {dst}: {grid.width} x {grid.height}, {n} feature{'' if n == 1 else 's'} drawn")
 
 
 @cli.command()

@@ -124,7 +124,9 @@ def read_vectors(spec: str) -> VectorLayer:
         raise InputError(f"{spec} has no coordinate reference system")
     names = list(meta["fields"])
     props = [{n: fields[i][k] for i, n in enumerate(names)} for k in range(len(wkb))]
-    geoms = shapely.from_wkb(wkb)
+    # A malformed feature (a one-point line, as real OSM extracts hold now and then) is left out,
+    # as gdal_rasterize leaves it, rather than failing the whole layer.
+    geoms = shapely.from_wkb(wkb, on_invalid="ignore")
     keep = ~shapely.is_missing(geoms) & ~shapely.is_empty(geoms)
     layer_name = layer or Path(path).stem
     return VectorLayer(layer_name, geoms[keep], [p for p, k in zip(props, keep) if k], CRS.from_user_input(meta["crs"]))
@@ -175,6 +177,8 @@ class MapRenderer:
         self.frame = GroundFrame(grid)
         self.layer_names = [layer.name for layer in layers]
         buckets: dict[tuple[int, bool], list] = {}
+        #: Features a rule draws (a polygon's fill and outline are one feature).
+        self.feature_count = 0
         for layer in layers:
             ground = self.frame.from_crs(layer.geometries, layer.crs)
             for geom, props in zip(ground, layer.properties):
@@ -182,6 +186,7 @@ class MapRenderer:
                 rule_i = next((i for i, r in enumerate(self.style.rules) if r.matches(layer.name, kind, props)), None)
                 if rule_i is None:
                     continue
+                self.feature_count += 1
                 rule = self.style.rules[rule_i]
                 if kind == "polygon":
                     buckets.setdefault((rule_i, False), []).append(geom)
@@ -203,10 +208,6 @@ class MapRenderer:
         if not self.extent_has_features(0, 0, self.grid.width, self.grid.height):
             names = ", ".join(self.layer_names)
             raise InputError(f"no vector feature of {names} falls within the raster's extent")
-
-    @property
-    def feature_count(self) -> int:
-        return sum(len(p.shapes) for p in self.paints)
 
     def extent_has_features(self, x0: int, y0: int, w: int, h: int) -> bool:
         box = self.frame.window_box(x0, y0, w, h)

@@ -262,3 +262,22 @@ def test_options_that_cut_no_usable_tile_are_refused_before_reading(tmp_path, op
     with pytest.raises(InputError, match=phrase):
         make_tiles(scene, tmp_path / "out", map_raster=scene, options=TileOptions(**options))
     assert not (tmp_path / "out").exists()
+
+
+def test_malformed_features_are_left_out_and_a_polygon_counts_once(tmp_path):
+    """A one-point line (real OSM extracts hold some) failed the whole layer with a GEOS
+    traceback; a building's fill and outline were counted as two features drawn."""
+    sat = write_scene(tmp_path / "sat.tif", width=300, height=300)
+    path = tmp_path / "mixed.geojson"
+    building = square(10, 10, 60, 60, building="yes")
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        building,
+        {"type": "Feature", "properties": {"highway": "primary"}, "geometry": None},
+        {"type": "Feature", "properties": {"highway": "primary"},
+         "geometry": {"type": "LineString", "coordinates": [building["geometry"]["coordinates"][0][0]]}},
+    ]}))
+    layer = read_vectors(str(path))
+    assert len(layer.geometries) == 1 and layer.geometries[0].geom_type == "Polygon"
+    with rasterio.open(sat) as s:
+        grid = Grid(s.crs, s.transform, s.width, s.height)
+    assert render_map([str(path)], tmp_path / "map.tif", grid) == 1
