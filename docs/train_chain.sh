@@ -31,8 +31,8 @@ judge() {
 import json, sys
 d = json.load(open(sys.argv[1]))["difference"]
 # A clear step: better on all five means, RMSE by at least two standard errors. (Kept at any
-# margin, the chain drifted on noise: after kd_c50, kept at 0.9 SE, every later cycle's mean RMSE
-# was worse than it, by +0.013 on average; docs/model_card.md, session 18.)
+# margin, the chain drifted on noise: after kd_c50, kept at 0.9 SE, four of the next five cycles
+# had a worse mean RMSE, +0.013 on average; docs/model_card.md, session 18.)
 better = (d["rmse"]["mean"] <= -2 * d["rmse"]["se"]
           and all(d[k]["mean"] > 0 for k in ("acc5", "acc10", "psnr", "ssim")))
 print(("better" if better else "not better") + " " + " ".join(f"{k} {v['mean']:+.5f}" for k, v in d.items()))
