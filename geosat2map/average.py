@@ -12,6 +12,7 @@ unless re-estimation is asked for.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,6 +56,9 @@ def average_generators(
     for w, (_, other) in zip(weights[1:], loaded[1:]):
         if (other.arch, other.ngf, other.in_channels, other.out_channels, other.norm) != shape:
             raise WeightsError(f"{w} is a different generator (width {other.ngf}) from {weights[0]} (width {spec.ngf})")
+        if not _same_scale(other.gsd_m, spec.gsd_m):  # the mean would record one scale for weights that learned two
+            raise WeightsError(f"{w} learned {_scale(other.gsd_m)} and {weights[0]} {_scale(spec.gsd_m)}: "
+                               "average generators trained at one ground sampling distance")
     states = [m.state_dict() for m, _ in loaded]
     mean = {}
     for key, value in states[0].items():
@@ -79,3 +83,11 @@ def average_generators(
     if val_pairs:  # scored like a trained snapshot, so the file says how good it is
         provenance["val"] = evaluate_pairs(model, val_pairs, val_names, spec.tile_size, dev)
     return model.eval(), replace(spec, provenance=provenance)
+
+
+def _same_scale(a: float | None, b: float | None) -> bool:
+    return a == b or (a is not None and b is not None and math.isclose(a, b, rel_tol=1e-3))
+
+
+def _scale(gsd_m: float | None) -> str:
+    return f"{gsd_m:.2f} m pixels" if gsd_m is not None else "no recorded pixel size"

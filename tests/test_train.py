@@ -626,6 +626,10 @@ def test_average_weights_is_the_mean_with_fresh_batchnorm_statistics(tmp_path):
     save_generator(UNetGenerator(ngf=8), ModelSpec(ngf=8), other)
     with pytest.raises(WeightsError, match="different generator"):
         average_generators([paths[0], other], data, device="cpu")
+    finer = tmp_path / "finer.safetensors"  # same width, learned at another scale
+    save_generator(load_generator(paths[1])[0], ModelSpec(ngf=4, gsd_m=1.0), finer)
+    with pytest.raises(WeightsError, match="one ground sampling distance"):
+        average_generators([paths[0], finer], data, device="cpu")
     out = tmp_path / "mean.safetensors"
     args = ["average-weights", *map(str, paths), str(out), "--data", str(data), "--holdout", "3", "--crops", "4",
             "--half", "--load-size", "256"]
