@@ -48,6 +48,12 @@ class ModelSpec:
     gsd_m: float | None = None
     provenance: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # translate resamples scenes to this size: zero or less would ask for an infinite raster
+        if self.gsd_m is not None and not (isinstance(self.gsd_m, (int, float)) and math.isfinite(self.gsd_m)
+                                           and self.gsd_m > 0):
+            raise WeightsError(f"the ground sampling distance must be positive metres per pixel, not {self.gsd_m}")
+
     def build(self) -> UNetGenerator:
         if self.arch != "unet256" or self.norm != "batch":
             raise WeightsError(f"unsupported architecture {self.arch}/{self.norm}")

@@ -449,12 +449,14 @@ def test_train_on_a_missing_folder_prints_one_line_and_no_progress_bar(tmp_path)
     (["--crop-size", "128", "--load-size", "128"], "crop size must be a multiple of 256"),
     (["--ngf", "0"], "network widths must be at least 1"),
     (["--max-steps", "0"], "--max-steps must be at least 1"),
+    (["--gsd", "-1"], "ground sampling distance must be positive"),  # translate would resample to it
 ])
 def test_train_refuses_settings_that_cannot_train_before_making_the_run(tmp_path, option, phrase):
     """Each used to fail with a traceback from PyTorch a few steps in (or, for no epochs, train
     nothing) and leave a run folder behind."""
     out = tmp_path / "run"
-    assert_clean_failure(run("train", aligned_pairs(tmp_path / "pairs"), "--out", out, *option), out, phrase)
+    tiny = ["--max-steps", "1", "--ngf", "4", "--ndf", "4"]  # should a check go, fail in seconds (the option wins)
+    assert_clean_failure(run("train", aligned_pairs(tmp_path / "pairs"), "--out", out, *tiny, *option), out, phrase)
 
 
 def aligned_pairs(folder: Path, count: int = 3, width: int = 128) -> Path:
