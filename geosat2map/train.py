@@ -55,7 +55,8 @@ class TrainConfig:
     data: str
     out: str
     direction: str = "AtoB"
-    ngf: int = 64
+    #: Generator width; None: 64 (the recipe's), or with ``init_from`` that generator's own.
+    ngf: int | None = None
     ndf: int = 64
     batch_size: int = 1
     load_size: int = 286
@@ -116,7 +117,8 @@ class TrainConfig:
             # The U-Net halves a crop 8 times; below 256 its innermost BatchNorm sees one value.
             (self.crop_size < 256 or self.crop_size % 256,
              f"crop size must be a multiple of 256 (the U-Net halves it 8 times), not {self.crop_size}"),
-            (min(self.ngf, self.ndf) < 1, f"network widths must be at least 1, not {self.ngf} and {self.ndf}"),
+            ((self.ngf is not None and self.ngf < 1) or self.ndf < 1,
+             f"network widths must be at least 1, not {self.ngf} and {self.ndf}"),
             (self.checkpoint_every < 0,
              f"--checkpoint-every must be 0 (epoch ends only) or more, not {self.checkpoint_every}"),
             (self.holdout < 0, f"--holdout must be 0 (none) or more, not {self.holdout}"),
@@ -192,16 +194,23 @@ class Trainer:
         )
 
         gsd = config.gsd_m if config.gsd_m is not None else datasets.tile_folder_gsd(config.data)
-        self.spec = ModelSpec(ngf=config.ngf, gsd_m=gsd)
-        self.G = UNetGenerator(3, 3, config.ngf)
-        self.D = PatchDiscriminator(6, config.ndf)
-        init_weights(self.G)
-        init_weights(self.D)
         #: The generator this run was fine-tuned from, for the provenance of what it saves (kept in
         #: the checkpoint: the file behind ``init_from``, e.g. the shipped default, can change).
         self.lineage: dict | None = None
         if config.init_from:
             pretrained, pspec = load_generator(None if config.init_from == "default" else config.init_from)
+            if config.ngf is not None and config.ngf != pspec.ngf:
+                raise TrainingError(f"--init-from {config.init_from} is a width-{pspec.ngf} generator, not "
+                                    f"--ngf {config.ngf} (leave --ngf out to fine-tune it)")
+            config.ngf = pspec.ngf  # what the run's config.json records: the width it trains
+        elif config.ngf is None:
+            config.ngf = 64
+        self.spec = ModelSpec(ngf=config.ngf, gsd_m=gsd)
+        self.G = UNetGenerator(3, 3, config.ngf)
+        self.D = PatchDiscriminator(6, config.ndf)
+        init_weights(self.G)
+        init_weights(self.D)
+        if config.init_from:
             self.G = pretrained.train()
             self.spec = ModelSpec(ngf=pspec.ngf, gsd_m=gsd if gsd is not None else pspec.gsd_m)
             self.lineage = {"file": config.init_from, "sha256": model_digest(pretrained),
@@ -540,6 +549,8 @@ def train(
         max_steps = config.max_steps
         config = TrainConfig.from_json(out / "config.json")
         config.max_steps = max_steps
+        if config.init_from:  # its width is init_from's (runs before session 18 recorded 64 here)
+            config.ngf = None
         if schedule is not None:
             config.epochs = schedule[0] if schedule[0] is not None else config.epochs
             config.epochs_decay = schedule[1] if schedule[1] is not None else config.epochs_decay

@@ -685,3 +685,17 @@ def test_saved_weights_get_the_mode_an_ordinary_write_would(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(old)
+
+
+def test_fine_tuning_takes_the_generators_width_and_refuses_another(tmp_path):
+    """--init-from a width-4 generator with the default --ngf recorded width 64 in config.json
+    (while training width 4); an explicit other width is refused before the run folder is made."""
+    data = write_aligned(tmp_path / "data")
+    start = tmp_path / "start.safetensors"
+    save_generator(UNetGenerator(ngf=4).eval(), ModelSpec(ngf=4, gsd_m=2.0), start)
+    cfg = tiny_config(data, tmp_path / "run", init_from=str(start), max_steps=1, ngf=None)
+    train(cfg)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["ngf"] == 4
+    with pytest.raises(TrainingError, match="width-4 generator, not --ngf 8"):
+        train(tiny_config(data, tmp_path / "other", init_from=str(start), max_steps=1, ngf=8))
+    assert not (tmp_path / "other").exists()
