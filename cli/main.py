@@ -158,8 +158,6 @@ def translate(src, dst, overlap, quiet, **options) -> None:
     With several SRC (or a quoted pattern such as 'scenes/*.tif'), DST is a folder: each map gets its
     scene's file name there, and the model is loaded once. A scene that fails is reported and the others go on (exit status 1 at the end).
     """
-    from tqdm import tqdm
-
     from geosat2map.reader import check_input, is_gdal_path
     from geosat2map.writer import check_destination
 
@@ -175,32 +173,25 @@ def translate(src, dst, overlap, quiet, **options) -> None:
 
     retain_freed_memory()  # batch after batch, the same activations' memory (see geosat2map.allocator)
 
-    bars: list[tqdm] = []  # created on the first tile, so an early error prints only its line
+    helper = int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 reports for all
+    bar = _LazyBar(unit="tile", disable=quiet or helper, dynamic_ncols=True, leave=False)  # one per scene
 
     def progress(advance: int, total: int) -> None:
-        if not bars:
-            bars.append(tqdm(total=total, unit="tile", disable=quiet, dynamic_ncols=True, leave=False))
-        bars[0].update(advance)
+        bar.get(total=total).update(advance)
 
-    def close_bars() -> None:
-        while bars:
-            bars.pop().close()
-
-    helper = int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 reports for all
-    quiet = quiet or helper
     options.update(overlap=DEFAULT_OVERLAP if overlap is None else overlap, progress=progress)
     if not to_folder:
         try:
             result = run_translate(src[0], dst, **options)
         finally:
-            close_bars()
+            bar.close()
         if not helper:
             _report(result)
         return
     failed = 0
     try:
         for scene, outcome in translate_many(list(src), dst, **options):
-            close_bars()
+            bar.close()
             if isinstance(outcome, Geosat2mapError):
                 failed += 1
                 where = "" if str(scene) in str(outcome) else f"{scene}: "
@@ -208,9 +199,30 @@ def translate(src, dst, overlap, quiet, **options) -> None:
             elif not helper:
                 _report(outcome)
     finally:
-        close_bars()
+        bar.close()
     if failed:
         raise click.exceptions.Exit(1)
+
+
+class _LazyBar:
+    """A tqdm progress bar made at its first update, so a command that fails early prints only
+    its error line; closed, the next update starts a new one."""
+
+    def __init__(self, **options) -> None:
+        self.options = options
+        self.bar = None
+
+    def get(self, **more):
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(**self.options, **more)
+        return self.bar
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _expand_globs(sources: tuple[str, ...]) -> tuple[str, ...]:
@@ -355,18 +367,15 @@ def train(ctx, data, out, resume, quiet, **options) -> None:
     With --resume, the run's stored options are used; --epochs/--epochs-decay given on the command line
     replace its schedule (train a finished run longer).
     """
-    from tqdm import tqdm
-
     from geosat2map.train import TrainConfig, train as run_training
 
     config = TrainConfig(data=data, out=out, **options)
-    bars: list[tqdm] = []  # created at the first step, so an early error prints only its line
+    bar = _LazyBar(unit="step", disable=quiet, dynamic_ncols=True, smoothing=0.05)
 
     def progress(info: dict) -> None:
-        if not bars:
-            bars.append(tqdm(unit="step", disable=quiet, dynamic_ncols=True, smoothing=0.05))
-        bars[0].update(1)
-        bars[0].set_postfix(epoch=info["epoch"] + 1, L1=f"{info['G_L1']:.3f}", D=f"{info['D']:.3f}", refresh=False)
+        step = bar.get()
+        step.update(1)
+        step.set_postfix(epoch=info["epoch"] + 1, L1=f"{info['G_L1']:.3f}", D=f"{info['D']:.3f}", refresh=False)
 
     given = {name for name in ("epochs", "epochs_decay")
              if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
@@ -375,8 +384,7 @@ def train(ctx, data, out, resume, quiet, **options) -> None:
     try:
         record = run_training(config, resume=resume, progress=progress, schedule=schedule)
     finally:  # before the stderr it writes to is restored: an interrupted run prints one line
-        for bar in bars:
-            bar.close()
+        bar.close()
     if record:
         val = record.get("val", {})
         click.echo(f"epoch {record['epoch']} step {record['step']}: L1 {record.get('G_L1', 0):.4f}"

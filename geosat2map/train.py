@@ -203,18 +203,20 @@ class Trainer:
                 raise TrainingError(f"--init-from {config.init_from} is a width-{pspec.ngf} generator, not "
                                     f"--ngf {config.ngf} (leave --ngf out to fine-tune it)")
             config.ngf = pspec.ngf  # what the run's config.json records: the width it trains
+            gsd = gsd if gsd is not None else pspec.gsd_m
+            self.lineage = {"file": config.init_from, "sha256": model_digest(pretrained),
+                            "provenance": pspec.provenance}
         elif config.ngf is None:
             config.ngf = 64
         self.spec = ModelSpec(ngf=config.ngf, gsd_m=gsd)
+        # A fresh generator is initialised even when one is loaded: the seed's random stream then
+        # reaches the discriminator's initialisation as it always has.
         self.G = UNetGenerator(3, 3, config.ngf)
         self.D = PatchDiscriminator(6, config.ndf)
         init_weights(self.G)
         init_weights(self.D)
         if config.init_from:
             self.G = pretrained.train()
-            self.spec = ModelSpec(ngf=pspec.ngf, gsd_m=gsd if gsd is not None else pspec.gsd_m)
-            self.lineage = {"file": config.init_from, "sha256": model_digest(pretrained),
-                            "provenance": pspec.provenance}
         self.teacher: nn.Module | None = None
         self.teacher_lineage: dict | None = None
         if config.distill_from:
