@@ -8,7 +8,8 @@ grid keeps the scene's CRS and footprint and only scales the pixels, so resampli
 GDAL read of the matching (fractional) source window into the output-sized buffer: GDAL's own
 resampling, mask-aware and overview-aware, never ours. A WarpedVRT did the same job 20-300x slower
 per tile (it re-warps for every read and again for the mask), which made reading, not the model,
-the cost of translating at the model's resolution.
+the cost of translating at the model's resolution. Only a scene that is not north-up (a rotated
+geotransform, ground control points, RPCs) is read through GDAL's warper (:func:`_north_up`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from affine import Affine
 from pyproj import CRS, Geod, Transformer
 from pyproj.exceptions import CRSError as PyprojCRSError, ProjError
 from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio._err import CPLE_BaseError  # what GDAL's warper raises through rasterio (no public alias)
+from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window, from_bounds
 
@@ -54,6 +56,12 @@ STRIP = 256
 #: the scene is blown up into a huge raster of detail it does not have (a 30 m Landsat scene at
 #: the maps model's 2.12 m: 200 times the pixels). An explicit --resolution is taken as asked.
 MAX_UPSAMPLE = 8
+#: A scene placed north-up by GDAL's warper (see :func:`_north_up`) and shrunk at least this much
+#: is warped nearest-neighbour: the average of the output's resampled read then hides its steps.
+#: A 4096 x 4096 scene at 0.5 m turned 20 degrees, read at 2.12 m: 3.4 s through a bilinear warp,
+#: 0.4 s through a nearest one (translate: 5.2-5.6 s, then 1.5-1.6 s). A scene read as it is, or
+#: shrunk less, gets bilinear.
+WARP_NEAREST_SCALE = 2.0
 
 
 @dataclass
@@ -87,6 +95,8 @@ class Scene:
     #: on two threads against 0.57-0.69 s on one (8192 x 8192, four rounds), and a GPU is fed by
     #: these reads. Remote scenes: one (see :func:`open_raster`).
     readers: int = 1
+    #: The scene's own file when ``src`` is its north-up warp (see :func:`_north_up`), closed with it.
+    warped_from: rasterio.io.DatasetReader | None = field(default=None, repr=False)
     _handles: list = field(default_factory=list, repr=False)  # the dataset handles of readers 1..
     _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
 
@@ -196,14 +206,24 @@ class Scene:
         span = min(self.src.width, int(self.crop.width) + 2 * block_w)  # the blocks a read across the crop touches
         span += (self.readers - 1) * block_w  # a block two readers share is decoded by both
         block_row = block_h * span * self.src.count * itemsize
-        if self.scale is None and self.src.interleaving is not Interleaving.band:
+        if self.scale is None and self.src.interleaving is not Interleaving.band and self.warped_from is None:
             # Native reads of a pixel-interleaved (or one-band) file need only the block row they
             # share with the next read kept (16384 x 2048 scenes, 3 and 4 bands: 0.22-0.32 s with
             # 1.1 block rows, 0.19-0.34 s with 2.2, 0.35-0.61 s with 0.3-0.4). Resampled reads need
             # the blocks of the whole window: half of that doubled their time (3.1-4.0 s vs 1.3-1.9).
             return block_row
         rows = tile * (self.scale[1] if self.scale else 1)
-        return (math.ceil(rows / block_h) + 1) * block_row
+        need = (math.ceil(rows / block_h) + 1) * block_row
+        if self.warped_from is not None:
+            # A warped block evicted between the pixel read and the mask read, or before the next
+            # tile row, is warped again, which costs far more than decoding: keep all the warped
+            # blocks of a window, and the scene's own blocks under them. A row of warped blocks
+            # lies on a slanted strip of the scene's file: about three of its block rows' worth at
+            # any slant (a block row deep in each column), a fourth for the strip below.
+            base = self.warped_from
+            base_h = base.block_shapes[0][0]
+            need += 4 * base_h * base.width * base.count * max(np.dtype(d).itemsize for d in base.dtypes)
+        return need
 
     def read_decimated(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         """The whole scene resampled to ``height`` x ``width`` (for previews), scaled like :meth:`read`."""
@@ -229,6 +249,8 @@ class Scene:
             self._pool.shutdown()
         for handle in (self.src, *self._handles):
             handle.close()
+        if self.warped_from is not None:
+            self.warped_from.close()
 
     def __enter__(self) -> Scene:
         return self
@@ -337,9 +359,13 @@ def warped_onto(src: rasterio.io.DatasetReader, crs, transform: Affine, width: i
     """``src`` warped by GDAL (average) onto another grid, for a map raster compared with or cut
     beside a scene. Its dataset mask says where ``src`` reaches: a raster without a mask gets an
     alpha band, else the ground beyond it reads as valid black pixels."""
-    no_mask = all(MaskFlags.all_valid in flags for flags in src.mask_flag_enums)
     return WarpedVRT(src, crs=crs, transform=transform, width=width, height=height, resampling=Resampling.average,
-                     add_alpha=no_mask)
+                     add_alpha=_unmasked(src))
+
+
+def _unmasked(src: rasterio.io.DatasetReader) -> bool:
+    """No nodata, mask or alpha: a warp of it needs an alpha band to say where it reaches."""
+    return all(MaskFlags.all_valid in flags for flags in src.mask_flag_enums)
 
 
 def default_bands(src: rasterio.io.DatasetReader) -> list[int]:
@@ -429,13 +455,56 @@ def open_scene(
     options = _remote_options(path)
     with rasterio.Env(**options):  # GDAL looks for side-car files while the scene is planned
         src = open_raster(path)
+        base = None  # the scene's own file, when src is its north-up warp
         try:
-            scene = _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, bounds, bounds_crs)
+            placement = _placement(path, src)
+            if placement is not None:  # planned on a cheap warp, read through the one that suits the plan
+                base, src = src, _north_up(path, src, placement, Resampling.nearest)
+            scene = _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, bounds, bounds_crs,
+                          None if placement is None else placement[1])
+            if placement is not None and (scene.scale is None or min(scene.scale) < WARP_NEAREST_SCALE):
+                scene.src = _north_up(path, base, placement, Resampling.bilinear)
+                src.close()
         except BaseException:
             src.close()
+            if base is not None:
+                base.close()
             raise
     scene.gdal_options = options
+    scene.warped_from = base
     return scene
+
+
+def _placement(path: Path | str, src: rasterio.io.DatasetReader) -> tuple[CRS, str, dict] | None:
+    """What places ``src`` on the Earth when it is not a north-up geotransform: a rotated or sheared
+    one, ground control points or RPCs, as (the CRS to warp into, a description, GDAL transformer
+    options); None for a north-up scene or one with no georeferencing. RPCs are projected at their
+    mean height (HEIGHT_OFF): with no DEM, ground far above or below it lands off by its height
+    times the view's slant."""
+    if src.crs is not None and not src.transform.is_identity:
+        return None if src.transform.is_rectilinear else (src.crs, "its rotated or sheared geotransform", {})
+    points, crs = src.gcps
+    if points:
+        if crs is None:
+            raise InputError(f"{path} has {len(points)} ground control points but no CRS for them: it cannot be "
+                             "placed on a map (pass --allow-ungeoreferenced to translate it in pixel space)")
+        return crs, f"{len(points)} ground control points", {}
+    if src.rpcs:
+        height = src.rpcs.height_off
+        return CRS.from_epsg(4326), f"its RPCs at their mean height ({height:g} m, no DEM)", {"RPC_HEIGHT": height}
+    return None
+
+
+def _north_up(path: Path | str, src: rasterio.io.DatasetReader, placement: tuple[CRS, str, dict],
+              resampling: Resampling) -> WarpedVRT:
+    """``src`` warped north-up by GDAL onto its suggested grid (about the scene's pixel size), as
+    QGIS shows such rasters; the model, the tile grid and the map need north-up pixels. Where the
+    scene has no mask an alpha band marks the ground it covers (a rotated scene's corners)."""
+    crs, how, options = placement
+    try:
+        return WarpedVRT(src, crs=crs, resampling=resampling, add_alpha=_unmasked(src), **options)
+    except (RasterioError, CPLE_BaseError) as exc:
+        raise InputError(f"GDAL cannot warp {path} north-up from {how}: {gdal_reason(exc)}") from None
 
 
 def _remote_options(path: Path | str) -> dict:
@@ -486,23 +555,20 @@ def _check_size(path: Path | str, width: int, height: int, gsd_m: float | None) 
                          f"{MIN_SIDE} (a small clip may fit at --resolution native)")
 
 
-def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, bounds, bounds_crs) -> Scene:
+def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, bounds, bounds_crs,
+          warped: str | None) -> Scene:
+    """The output grid and reading plan for ``src``: the scene, or its north-up warp (``warped``
+    says from what)."""
     if src.width < 1 or src.height < 1:
         raise InputError(f"{path} is empty ({src.width} x {src.height})")
     georeferenced = src.crs is not None and not src.transform.is_identity
     if not georeferenced and not allow_ungeoreferenced:
-        points = len(src.gcps[0]) if src.gcps[0] else 0
-        if points or src.rpcs:  # a raw product: GDAL can put it on a map grid
-            how = f"{points} ground control points" if points else "rational polynomial coefficients (RPCs)"
-            raise InputError(f"{path} is georeferenced by {how}, not a geotransform: warp it onto a map grid "
-                             f"first (gdalwarp{' -rpc' if not points else ''} -r bilinear {scene_name(path)} "
-                             "warped.tif), or pass --allow-ungeoreferenced to translate it in pixel space")
         raise InputError(f"{path} has no georeferencing (pass --allow-ungeoreferenced to translate it in pixel space)")
-    if not src.transform.is_rectilinear:
-        raise InputError(f"{path} has a rotated or sheared geotransform; warp it north-up first (gdalwarp)")
     if bounds is not None and not georeferenced:
         raise InputError(f"{path} has no georeferencing: bounds cannot be placed on it")
     notes: list[str] = []
+    if warped is not None:
+        notes.append(f"placed north-up by GDAL's warper from {warped}")
     crop, clipped = (Window(0, 0, src.width, src.height), False) if bounds is None else \
         _crop_window(path, src, bounds, bounds_crs)
     if clipped:
@@ -569,6 +635,8 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
         name = scene_name(path)
         notes.append(f"each output pixel is read from about {scale * scale:.0f} source pixels and {name} has no "
                      f"overviews; `gdaladdo -r average {name} 2 4 8` once makes reading it several times faster")
-    readers = 1 if is_gdal_path(path) else max(1, min(reader_threads(), math.ceil(width / STRIP)))
+    # A warp is read on one thread: the readers' own handles would open the unwarped file.
+    one = is_gdal_path(path) or warped is not None
+    readers = 1 if one else max(1, min(reader_threads(), math.ceil(width / STRIP)))
     return Scene(path, src, bands, width, height, transform, src.crs, native, native * cols / width, crop, stretch,
                  notes, scale=(cols / width, rows / height), resampling=method, all_valid=all_valid, readers=readers)

@@ -83,20 +83,24 @@ def test_coordinates_outside_their_crs(tiny_weights, tiny_weights_gsd, tmp_path)
                "--quiet").exit_code == 0
 
 
-def test_ground_control_points_ask_for_a_warp(tiny_weights, tmp_path):
-    """A raw product placed by GCPs (no geotransform): the error says how GDAL puts it on a grid."""
+def test_ground_control_points_are_warped_north_up(tiny_weights, tmp_path):
+    """A raw product placed by GCPs (no geotransform): translated through GDAL's warper, and the
+    note says so (placement itself: tests/test_placement.py)."""
     from rasterio.control import GroundControlPoint
 
     scene = tmp_path / "raw.tif"
     corners = [(0, 0), (0, 300), (200, 0), (200, 300)]
     gcps = [GroundControlPoint(r, c, 500000 + c, 4500000 - r) for r, c in corners]
     with rasterio.open(scene, "w", driver="GTiff", width=300, height=200, count=3, dtype="uint8") as dst:
-        dst.write(np.zeros((3, 200, 300), np.uint8))
+        dst.write(np.full((3, 200, 300), 90, np.uint8))
         dst.gcps = (gcps, "EPSG:32633")
     out = tmp_path / "map.tif"
-    assert_clean_failure(run("translate", scene, out, "--weights", tiny_weights), out,
-                         "georeferenced by 4 ground control points")
-    assert "gdalwarp -r bilinear raw.tif" in run("translate", scene, out, "--weights", tiny_weights).stderr
+    result = run("translate", scene, out, "--weights", tiny_weights, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "placed north-up by GDAL's warper from 4 ground control points" in result.stderr
+    with rasterio.open(out) as dst:
+        assert dst.crs == "EPSG:32633"
+        assert dst.bounds == pytest.approx((500000, 4499800, 500300, 4500000), abs=1)
 
 
 def test_bands_that_do_not_fit_the_weights(scene, tmp_path):
@@ -285,17 +289,6 @@ def test_all_nodata_scene(tiny_weights, tmp_path):
     blank = write_scene(tmp_path / "blank.tif", nodata=0, data=np.zeros((3, 500, 600)))
     out = tmp_path / "map.tif"
     assert_clean_failure(run("translate", blank, out, "--weights", tiny_weights, "--quiet"), out, "no valid pixels")
-
-
-def test_rotated_transform(tiny_weights, tmp_path):
-    from rasterio.transform import Affine
-
-    path = tmp_path / "rot.tif"
-    with rasterio.open(path, "w", driver="GTiff", width=300, height=300, count=3, dtype="uint8", crs="EPSG:32633",
-                       transform=Affine(1, 0.2, 500000, 0.2, -1, 4500000)) as dst:
-        dst.write(np.zeros((3, 300, 300), np.uint8))
-    out = tmp_path / "map.tif"
-    assert_clean_failure(run("translate", path, out, "--weights", tiny_weights), out, "rotated")
 
 
 def test_full_disk_is_a_clean_error(tiny_weights, tmp_path):

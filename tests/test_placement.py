@@ -1,0 +1,161 @@
+"""Scenes placed on the Earth by something other than a north-up geotransform (a rotated one,
+ground control points, RPCs) are warped north-up by GDAL, as QGIS shows them: every pixel lands
+where its georeferencing says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from rasterio.control import GroundControlPoint
+from rasterio.enums import Resampling
+from rasterio.rpc import RPC
+from rasterio.windows import Window
+
+from geosat2map import translate
+from geosat2map.errors import InputError
+from geosat2map.reader import open_scene
+from geosat2map.weights import ModelSpec
+
+from .conftest import random_generator
+
+pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # writing them
+
+SIZE = 200
+#: The white square's rows and columns in the scene's own pixels, and its centre there.
+MARK = (slice(40, 70), slice(110, 140))
+MARK_CENTRE = (125.0, 55.0)  # column, row
+#: 1 m pixels turned 30 degrees, the top-left corner at a UTM easting/northing.
+ROTATED = Affine.translation(500000, 4500000) @ Affine.rotation(30) @ Affine.scale(1, -1)
+
+
+def _image() -> np.ndarray:
+    image = np.full((3, SIZE, SIZE), 60, np.uint8)
+    image[:, MARK[0], MARK[1]] = 250
+    return image
+
+
+def _write(path: Path, **georef) -> Path:
+    with rasterio.open(path, "w", driver="GTiff", width=SIZE, height=SIZE, count=3, dtype="uint8",
+                       **{k: v for k, v in georef.items() if k in ("crs", "transform")}) as dst:
+        dst.write(_image())
+        if "gcps" in georef:
+            dst.gcps = georef["gcps"]
+        if "rpcs" in georef:
+            dst.rpcs = georef["rpcs"]
+    return path
+
+
+def rotated(tmp_path: Path) -> Path:
+    return _write(tmp_path / "rotated.tif", crs="EPSG:32633", transform=ROTATED)
+
+
+def by_gcps(tmp_path: Path) -> Path:
+    """The rotated scene's placement given as ground control points at its corners and centre."""
+    pixels = [(0, 0), (0, SIZE), (SIZE, 0), (SIZE, SIZE), (SIZE / 2, SIZE / 2)]
+    points = [GroundControlPoint(row, col, *(ROTATED @ (col, row))) for row, col in pixels]
+    return _write(tmp_path / "gcps.tif", gcps=(points, "EPSG:32633"))
+
+
+#: RPCs of a nadir view: longitude and latitude linear in the column and the row.
+LON0, LAT0, DEG = -115.1, 36.2, 1e-5  # the centre, and degrees per pixel
+
+
+def by_rpcs(tmp_path: Path) -> Path:
+    terms = [0.0] * 20
+    samp_num, line_num, den = terms.copy(), terms.copy(), terms.copy()
+    samp_num[1], line_num[2], den[0] = 1.0, -1.0, 1.0  # sample ~ longitude, line ~ -latitude
+    half = SIZE / 2
+    rpcs = RPC(height_off=0, height_scale=100, lat_off=LAT0, lat_scale=half * DEG, line_den_coeff=den,
+               line_num_coeff=line_num, line_off=half, line_scale=half, long_off=LON0, long_scale=half * DEG,
+               samp_den_coeff=den, samp_num_coeff=samp_num, samp_off=half, samp_scale=half, err_bias=0, err_rand=0)
+    return _write(tmp_path / "rpcs.tif", rpcs=rpcs)
+
+
+def _mark_position(scene) -> tuple[float, float]:
+    """Where the white square's centre lands on the scene's output grid, in its CRS."""
+    pixels, valid = scene.read(Window(0, 0, scene.width, scene.height))
+    rows, cols = np.nonzero((pixels[0] > 200) & valid)
+    assert len(rows), "the square was lost"
+    return scene.transform @ (cols.mean() + 0.5, rows.mean() + 0.5)
+
+
+@pytest.mark.parametrize("make, expected", [
+    (rotated, ROTATED @ MARK_CENTRE),
+    (by_gcps, ROTATED @ MARK_CENTRE),
+    (by_rpcs, (LON0 + (MARK_CENTRE[0] - SIZE / 2) * DEG, LAT0 - (MARK_CENTRE[1] - SIZE / 2) * DEG)),
+])
+def test_every_pixel_lands_where_its_georeferencing_says(tmp_path, make, expected):
+    with open_scene(make(tmp_path), resolution="native") as scene:
+        assert scene.transform.b == scene.transform.d == 0  # north-up
+        assert scene.transform.e < 0
+        assert any("placed north-up by GDAL's warper" in note for note in scene.notes)
+        x, y = _mark_position(scene)
+        pixel = abs(scene.transform.a)
+        assert abs(x - expected[0]) < 1.5 * pixel and abs(y - expected[1]) < 1.5 * pixel, (x, y, expected)
+        # Read as it is: bilinear, not nearest's staircase.
+        assert scene.src.resampling == Resampling.bilinear
+
+
+def test_rotated_footprint_is_masked_outside_the_scene(tmp_path):
+    with open_scene(rotated(tmp_path), resolution="native") as scene:
+        _, valid = scene.read(Window(0, 0, scene.width, scene.height))
+        corners = [valid[0, 0], valid[0, -1], valid[-1, 0], valid[-1, -1]]
+        assert not any(corners)  # the box's corners lie off the turned square
+        assert valid[scene.height // 2, scene.width // 2]
+        # A square turned 30 degrees fills 1 / (cos 30 + sin 30)^2 of its north-up box.
+        assert valid.mean() == pytest.approx(1 / (np.cos(np.pi / 6) + np.sin(np.pi / 6)) ** 2, abs=0.02)
+        base = scene.warped_from
+    assert base.closed  # closed with the scene
+
+
+def test_shrunk_warp_is_nearest_then_averaged(tmp_path):
+    """Shrunk 4 times: warped nearest-neighbour (cheap), averaged by the resampled read; the
+    square still lands in place."""
+    with open_scene(rotated(tmp_path), resolution=4.0) as scene:
+        assert scene.src.resampling == Resampling.nearest
+        assert scene.scale[0] == pytest.approx(4.0, rel=0.01)
+        x, y = _mark_position(scene)
+        ex, ey = ROTATED @ MARK_CENTRE
+        assert abs(x - ex) < 4 and abs(y - ey) < 4
+
+
+def test_translate_writes_a_north_up_map_of_a_rotated_scene(tmp_path):
+    out = translate(rotated(tmp_path), tmp_path / "map.tif", model=(random_generator(), ModelSpec(ngf=8)),
+                    resolution="native").dst
+    with rasterio.open(out) as dst, rasterio.open(tmp_path / "rotated.tif") as src:
+        assert dst.crs == src.crs
+        assert dst.transform.b == dst.transform.d == 0
+        corners = np.array([src.transform @ (c, r) for c, r in [(0, 0), (SIZE, 0), (0, SIZE), (SIZE, SIZE)]])
+        left, bottom, right, top = dst.bounds
+        assert left == pytest.approx(corners[:, 0].min(), abs=1.5)
+        assert right == pytest.approx(corners[:, 0].max(), abs=1.5)
+        assert top == pytest.approx(corners[:, 1].max(), abs=1.5)
+        assert bottom == pytest.approx(corners[:, 1].min(), abs=1.5)
+        mask = dst.dataset_mask()
+        assert mask[0, 0] == 0 and mask[dst.height // 2, dst.width // 2] == 255
+
+
+def test_points_with_no_crs_cannot_be_placed(tmp_path):
+    """Ground control points in no stated CRS (rasterio cannot write them: a VRT, as GDAL can)."""
+    plain = _write(tmp_path / "plain.tif")
+    bands = "".join(f'''<VRTRasterBand dataType="Byte" band="{b}"><SimpleSource>
+      <SourceFilename relativeToVRT="1">plain.tif</SourceFilename><SourceBand>{b}</SourceBand>
+    </SimpleSource></VRTRasterBand>''' for b in (1, 2, 3))
+    points = "".join(f'<GCP Id="{i}" Pixel="{c}" Line="{r}" X="{500000 + c}" Y="{4500000 - r}"/>'
+                     for i, (r, c) in enumerate([(0, 0), (0, SIZE), (SIZE, 0)]))
+    vrt = tmp_path / "points.vrt"
+    vrt.write_text(f'<VRTDataset rasterXSize="{SIZE}" rasterYSize="{SIZE}"><GCPList Projection="">{points}</GCPList>'
+                   f"{bands}</VRTDataset>")
+    with pytest.raises(InputError, match="3 ground control points but no CRS for them"):
+        open_scene(vrt)
+
+
+def test_points_gdal_cannot_solve_say_so(tmp_path):
+    points = [GroundControlPoint(r, r, 500000 + r, 4500000 - r) for r in (0, 50, 100)]  # all on one line
+    path = _write(tmp_path / "line.tif", gcps=(points, "EPSG:32633"))
+    with pytest.raises(InputError, match="GDAL cannot warp .* north-up from 3 ground control points"):
+        open_scene(path)
