@@ -476,13 +476,17 @@ def open_scene(
 
 
 def _placement(path: Path | str, src: rasterio.io.DatasetReader) -> tuple[CRS, str, dict] | None:
-    """What places ``src`` on the Earth when it is not a north-up geotransform: a rotated or sheared
-    one, ground control points or RPCs, as (the CRS to warp into, a description, GDAL transformer
+    """What places ``src`` on the Earth when it is not a north-up geotransform (rows from north to
+    south, columns from west to east): a rotated, sheared, south-up or mirrored one, ground
+    control points or RPCs, as (the CRS to warp into, a description, GDAL transformer
     options); None for a north-up scene or one with no georeferencing. RPCs are projected at their
     mean height (HEIGHT_OFF): with no DEM, ground far above or below it lands off by its height
     times the view's slant."""
     if src.crs is not None and not src.transform.is_identity:
-        return None if src.transform.is_rectilinear else (src.crs, "its rotated or sheared geotransform", {})
+        t = src.transform
+        if abs(t.b) + abs(t.d) > 1e-9 * (abs(t.a) + abs(t.e)):  # a turn by 90 degrees as well
+            return src.crs, "its rotated or sheared geotransform", {}
+        return None if t.a > 0 and t.e < 0 else (src.crs, "its south-up or mirrored geotransform", {})
     points, crs = src.gcps
     if points:
         if crs is None:

@@ -53,6 +53,14 @@ def rotated(tmp_path: Path) -> Path:
     return _write(tmp_path / "rotated.tif", crs="EPSG:32633", transform=ROTATED)
 
 
+#: A quarter turn: a transform with a and e zero, which is still "rectilinear" to affine.
+TURNED = Affine.translation(500000, 4500000) @ Affine.rotation(90) @ Affine.scale(1, -1)
+
+
+def turned(tmp_path: Path) -> Path:
+    return _write(tmp_path / "turned.tif", crs="EPSG:32633", transform=TURNED)
+
+
 def by_gcps(tmp_path: Path) -> Path:
     """The rotated scene's placement given as ground control points at its corners and centre."""
     pixels = [(0, 0), (0, SIZE), (SIZE, 0), (SIZE, SIZE), (SIZE / 2, SIZE / 2)]
@@ -85,6 +93,7 @@ def _mark_position(scene) -> tuple[float, float]:
 
 @pytest.mark.parametrize("make, expected", [
     (rotated, ROTATED @ MARK_CENTRE),
+    (turned, TURNED @ MARK_CENTRE),
     (by_gcps, ROTATED @ MARK_CENTRE),
     (by_rpcs, (LON0 + (MARK_CENTRE[0] - SIZE / 2) * DEG, LAT0 - (MARK_CENTRE[1] - SIZE / 2) * DEG)),
 ])
@@ -110,6 +119,24 @@ def test_rotated_footprint_is_masked_outside_the_scene(tmp_path):
         assert valid.mean() == pytest.approx(1 / (np.cos(np.pi / 6) + np.sin(np.pi / 6)) ** 2, abs=0.02)
         base = scene.warped_from
     assert base.closed  # closed with the scene
+
+
+def test_south_up_scene_is_read_north_up_pixel_for_pixel(tmp_path):
+    """Rows from south to north (as some converted products store them): the model sees the ground
+    north-up, as it learned it, and a flip moves pixels without resampling them."""
+    north_up = Affine.translation(500000, 4500000) @ Affine.scale(1, -1)
+    south_up = north_up @ Affine.translation(0, SIZE) @ Affine.scale(1, -1)
+    image = _image()
+    path = tmp_path / "south.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=SIZE, height=SIZE, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=south_up) as dst:
+        dst.write(image[:, ::-1])
+    with open_scene(path, resolution="native") as scene:
+        assert scene.transform.almost_equals(north_up)
+        assert "south-up" in " ".join(scene.notes)
+        pixels, valid = scene.read(Window(0, 0, SIZE, SIZE), np.float32)
+        assert valid.all()
+        np.testing.assert_array_equal(pixels, image)
 
 
 def test_shrunk_warp_is_nearest_then_averaged(tmp_path):
