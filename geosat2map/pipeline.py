@@ -462,7 +462,7 @@ def _stream(scene, grid, first_row, batch_size, engine, blender, tile_done, comp
     blended on the device) gets the next batch before the previous one is blended. A CPU engine's
     batch is blended at once: holding one back gains nothing there and cost ONNX Runtime 30-50 MB
     more peak memory. (Reading the batches ahead on a thread was measured slower on 2 cores, for
-    the CPU engines and for a model that takes no time alike; see the README's performance section.)
+    the CPU engines and for a model that takes no time alike; see docs/performance.md.)
     """
     lag = 1 if engine.asynchronous else 0
     in_flight: deque = deque()
