@@ -144,13 +144,14 @@ def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256
     from rasterio.windows import Window
 
     from .errors import InputError
-    from .reader import warped_onto
+    from .reader import north_up, warped_onto
 
     try:
         out_ds, map_ds = rasterio.open(output), rasterio.open(map_raster)
     except rasterio.errors.RasterioIOError as exc:
         raise InputError(f"cannot open a raster to evaluate: {exc}") from None
-    with out_ds, map_ds, warped_onto(map_ds, out_ds.crs, out_ds.transform, out_ds.width, out_ds.height) as warped:
+    with out_ds, map_ds, north_up(map_raster, map_ds) as north, \
+            warped_onto(north, out_ds.crs, out_ds.transform, out_ds.width, out_ds.height) as warped:
         bands = [1, 2, 3] if map_ds.count >= 3 else [1, 1, 1]
         per_tile = []
         for y in range(0, out_ds.height - tile + 1, tile):

@@ -499,6 +499,16 @@ def _placement(path: Path | str, src: rasterio.io.DatasetReader) -> tuple[CRS, s
     return None
 
 
+def north_up(path: Path | str, src: rasterio.io.DatasetReader) -> rasterio.io.DatasetReader | WarpedVRT:
+    """A map raster as a north-up dataset: ``src`` itself, or its nearest-neighbour warp when it is
+    placed otherwise (see :func:`_placement`), which keeps ``src`` open (close both). Nearest
+    keeps a map's flat colours; :func:`warped_onto` averages it onto the scene's grid after. (A
+    WarpedVRT given a grid of its own uses the source's geotransform and ignores ground control
+    points and RPCs: a map placed by them read as nodata everywhere.)"""
+    placement = _placement(path, src)
+    return src if placement is None else _north_up(path, src, placement, Resampling.nearest)
+
+
 def _north_up(path: Path | str, src: rasterio.io.DatasetReader, placement: tuple[CRS, str, dict],
               resampling: Resampling) -> WarpedVRT:
     """``src`` warped north-up by GDAL onto its suggested grid (about the scene's pixel size), as

@@ -32,7 +32,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window, transform as window_transform
 
 from .errors import InputError, OutputError
-from .reader import Scene, open_scene, warped_onto
+from .reader import Scene, north_up, open_scene, warped_onto
 from .render import Grid, MapRenderer, Style, read_vectors
 
 
@@ -90,16 +90,22 @@ class _RasterMap:
             self.src = rasterio.open(path)
         except RasterioIOError:
             raise InputError(f"{path} is not a raster GDAL can read") from None
-        if self.src.crs is None:
+        self.vrt = None
+        try:
+            self.north = north_up(path, self.src)
+        except InputError:
             self.src.close()
+            raise
+        if self.north.crs is None:
+            self.close()
             raise InputError(f"map raster {path} has no georeferencing")
-        left, bottom, right, top = transform_bounds(self.src.crs, grid.crs, *self.src.bounds)
+        left, bottom, right, top = transform_bounds(self.north.crs, grid.crs, *self.north.bounds)
         gl, gb, gr, gt = grid.bounds
         if left >= gr or right <= gl or bottom >= gt or top <= gb:
-            self.src.close()
+            self.close()
             raise InputError(f"the map {path} does not overlap the satellite scene")
         self.bands = [1, 2, 3] if self.src.count >= 3 else [1, 1, 1]
-        self.vrt = warped_onto(self.src, grid.crs, grid.transform, grid.width, grid.height)
+        self.vrt = warped_onto(self.north, grid.crs, grid.transform, grid.width, grid.height)
 
     def read(self, x: int, y: int, size: int) -> tuple[np.ndarray, bool]:
         window = Window(x, y, size, size)
@@ -109,8 +115,9 @@ class _RasterMap:
         return pixels.astype(np.uint8), usable
 
     def close(self) -> None:
-        self.vrt.close()
-        self.src.close()
+        for ds in (self.vrt, self.north, self.src):
+            if ds is not None:
+                ds.close()
 
 
 class _VectorMap:

@@ -186,3 +186,23 @@ def test_points_gdal_cannot_solve_say_so(tmp_path):
     path = _write(tmp_path / "line.tif", gcps=(points, "EPSG:32633"))
     with pytest.raises(InputError, match="GDAL cannot warp .* north-up from 3 ground control points"):
         open_scene(path)
+
+
+def test_map_raster_placed_by_points_is_read_where_it_lies(tmp_path):
+    """evaluate --map (and tiles --map) warp a map raster onto the scene's grid; one placed by
+    ground control points read as nodata everywhere (GDAL's warper then ignored the points)."""
+    from geosat2map.evaluate import evaluate_rasters
+
+    grid = Affine.translation(500000, 4500000) @ Affine.scale(1, -1)
+    image = np.random.default_rng(0).integers(0, 255, (3, 300, 300), dtype=np.uint8)
+    common = dict(driver="GTiff", width=300, height=300, count=3, dtype="uint8")
+    with rasterio.open(tmp_path / "out.tif", "w", crs="EPSG:32633", transform=grid, **common) as dst:
+        dst.write(image)
+    corners = [(0, 0), (0, 300), (300, 0), (300, 300)]
+    points = [GroundControlPoint(r, c, *(grid @ (c, r))) for r, c in corners]
+    with rasterio.open(tmp_path / "map.tif", "w", **common) as dst:
+        dst.write(image)
+        dst.gcps = (points, "EPSG:32633")
+    scores = evaluate_rasters(tmp_path / "out.tif", tmp_path / "map.tif")
+    assert scores["count"] == 1
+    assert scores["rmse"] == pytest.approx(0.0, abs=1e-6)
