@@ -457,7 +457,7 @@ def open_scene(
         src = open_raster(path)
         base = None  # the scene's own file, when src is its north-up warp
         try:
-            placement = _placement(path, src)
+            placement = _placement(path, src, allow_ungeoreferenced)
             if placement is not None:  # planned on a cheap warp, read through the one that suits the plan
                 base, src = src, _north_up(path, src, placement, Resampling.nearest)
             scene = _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, bounds, bounds_crs,
@@ -475,13 +475,16 @@ def open_scene(
     return scene
 
 
-def _placement(path: Path | str, src: rasterio.io.DatasetReader) -> tuple[CRS, str, dict] | None:
+def _placement(path: Path | str, src: rasterio.io.DatasetReader,
+               allow_ungeoreferenced: bool | None = None) -> tuple[CRS, str, dict] | None:
     """What places ``src`` on the Earth when it is not a north-up geotransform (rows from north to
     south, columns from west to east): a rotated, sheared, south-up or mirrored one, ground
     control points or RPCs, as (the CRS to warp into, a description, GDAL transformer
     options); None for a north-up scene or one with no georeferencing. RPCs are projected at their
     mean height (HEIGHT_OFF): with no DEM, ground far above or below it lands off by its height
-    times the view's slant."""
+    times the view's slant. Ground control points in no CRS place nothing: an error, or (a scene
+    ``allow_ungeoreferenced``) None, pixel space; None for the flag means a map, which has no such
+    option."""
     if src.crs is not None and not src.transform.is_identity:
         t = src.transform
         if abs(t.b) + abs(t.d) > 1e-9 * (abs(t.a) + abs(t.e)):  # a turn by 90 degrees as well
@@ -490,8 +493,11 @@ def _placement(path: Path | str, src: rasterio.io.DatasetReader) -> tuple[CRS, s
     points, crs = src.gcps
     if points:
         if crs is None:
+            if allow_ungeoreferenced:
+                return None
+            hint = "" if allow_ungeoreferenced is None else " (pass --allow-ungeoreferenced to translate it in pixel space)"
             raise InputError(f"{path} has {len(points)} ground control points but no CRS for them: it cannot be "
-                             "placed on a map (pass --allow-ungeoreferenced to translate it in pixel space)")
+                             f"placed on a map{hint}")
         return crs, f"{len(points)} ground control points", {}
     if src.rpcs:
         height = src.rpcs.height_off

@@ -177,8 +177,10 @@ def test_points_with_no_crs_cannot_be_placed(tmp_path):
     vrt = tmp_path / "points.vrt"
     vrt.write_text(f'<VRTDataset rasterXSize="{SIZE}" rasterYSize="{SIZE}"><GCPList Projection="">{points}</GCPList>'
                    f"{bands}</VRTDataset>")
-    with pytest.raises(InputError, match="3 ground control points but no CRS for them"):
+    with pytest.raises(InputError, match="3 ground control points but no CRS for them.*--allow-ungeoreferenced"):
         open_scene(vrt)
+    with open_scene(vrt, allow_ungeoreferenced=True) as scene:  # as the message offers: pixel space
+        assert scene.crs is None and (scene.width, scene.height) == (SIZE, SIZE)
 
 
 def test_points_gdal_cannot_solve_say_so(tmp_path):
