@@ -210,12 +210,18 @@ def test_scene_smaller_than_a_tile(tiny_weights, tmp_path):
 
 
 def test_cog_output_is_a_cloud_optimized_geotiff(tiny_weights, tmp_path):
-    path = write_scene(tmp_path / "big.tif", width=1100, height=900)
+    from rio_cogeo.cogeo import cog_validate
+
+    data = synthetic_image(900, 1100)
+    data[:, :200, :300] = 0  # nodata: the mask band and its overviews are part of the layout
+    path = write_scene(tmp_path / "big.tif", width=1100, height=900, nodata=0, data=data)
     out = tmp_path / "map.tif"
     translate(path, out, weights=tiny_weights, cog=True)
+    assert cog_validate(out) == (True, [], [])  # rio-cogeo: IFDs first, overviews before the full resolution
     with rasterio.open(out) as dst:
         assert dst.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
         assert dst.overviews(1)
+        assert dst.dataset_mask()[:200, :300].max() == 0
         assert dst.crs.to_epsg() == 32633
         assert dst.tags()["GEOSAT2MAP_SOURCE"] == "big.tif"  # the tags survive the COG copy
 
