@@ -16,7 +16,9 @@ import rasterio
 
 from geosat2map import translate
 
-from .conftest import write_scene
+from geosat2map.weights import ModelSpec, save_generator
+
+from .conftest import random_generator, synthetic_image, write_scene
 
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 QGIS_PROCESS = Path("/usr/bin/qgis_process.bin")
@@ -103,3 +105,81 @@ def test_qgis_process_raster_statistics(output):
     assert stats["MIN"] == band.min() == 0 and stats["MAX"] == band.max()
     assert stats["MEAN"] == pytest.approx(float(band.mean()), abs=1e-6)
 
+
+
+PROCESSING = Path(__file__).with_name("qgis_processing_check.py")
+
+
+def _run_processing(script: Path, *params: str, cancel_at: float | None = None) -> dict:
+    command = [str(SYSTEM_PYTHON), str(PROCESSING), str(script), *params]
+    if cancel_at is not None:
+        command += ["--cancel-at", str(cancel_at)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory) -> Path:
+    """The Processing script as `geosat2map qgis-script FOLDER` installs it."""
+    import sys
+
+    from click.testing import CliRunner
+
+    from geosat2map_cli.main import cli
+
+    folder = tmp_path_factory.mktemp("qgis-scripts")
+    result = CliRunner().invoke(cli, ["qgis-script", str(folder)])
+    assert result.exit_code == 0, result.output
+    path = folder / "geosat2map_translate.py"
+    assert f"wrote {path}" in result.output
+    assert f"PYTHON = {sys.executable!r}" in path.read_text()  # runs geosat2map with this Python
+    again = CliRunner().invoke(cli, ["qgis-script", str(folder)])
+    assert again.exit_code == 1 and "--overwrite" in again.stderr
+    return path
+
+
+def test_processing_script_makes_the_command_lines_map(script, tiny_weights, tmp_path):
+    data = synthetic_image(500, 700)
+    data[:, :100, :150] = 0
+    scene = write_scene(tmp_path / "scene.tif", width=700, height=500, nodata=0, data=data)
+    out = tmp_path / "from_qgis.tif"
+    report = _run_processing(script, f"INPUT={scene}", f"OUTPUT={out}", f"WEIGHTS={tiny_weights}",
+                             "RESOLUTION=native")
+    assert report["name"] == "Translate imagery into a map"
+    assert report.get("error") is None and report["results"] == {"OUTPUT": str(out)}
+    assert report["progress"] == 100
+    assert any(m.startswith(f"wrote {out}") for m in report["messages"])
+    assert report["output_valid"] and report["output_crs"] == "EPSG:32633"
+    direct = translate(scene, tmp_path / "direct.tif", weights=tiny_weights, resolution="native").dst
+    with rasterio.open(out) as a, rasterio.open(direct) as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+        np.testing.assert_array_equal(a.dataset_mask(), b.dataset_mask())
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # writing plain.tif
+def test_processing_script_reports_errors_and_cancels_cleanly(script, tiny_weights, tmp_path):
+    plain = tmp_path / "plain.tif"  # no georeferencing: QGIS opens it, translate refuses it
+    with rasterio.open(plain, "w", driver="GTiff", width=300, height=300, count=3, dtype="uint8") as dst:
+        dst.write(synthetic_image(300, 300).astype(np.uint8))
+    report = _run_processing(script, f"INPUT={plain}", f"OUTPUT={tmp_path / 'x.tif'}", f"WEIGHTS={tiny_weights}")
+    assert report["error"].startswith("geosat2map: error:") and "no georeferencing" in report["error"]
+    assert not (tmp_path / "x.tif").exists()
+
+    # Slow enough to be canceled part way with rows kept (width 16, 256 tiles: about 6 s here),
+    # at 30 %: about a third of the rows done, several of the writer's 256-row blocks whole.
+    slower = tmp_path / "width16.safetensors"
+    save_generator(random_generator(ngf=16), ModelSpec(ngf=16), slower)
+    scene = write_scene(tmp_path / "big.tif", width=3072, height=3072)
+    out = tmp_path / "map.tif"
+    params = (f"INPUT={scene}", f"OUTPUT={out}", f"WEIGHTS={slower}", "RESOLUTION=native")
+    report = _run_processing(script, *params, cancel_at=30)
+    assert report["canceled"] and report["results"] == {}
+    assert 30 <= report["progress"] < 100
+    assert any("rows are kept" in m for m in report["messages"])
+    assert not out.exists()  # nothing half-written at the output path
+    report = _run_processing(script, *params, "RESUME=true")  # "Continue the run canceled before"
+    assert report.get("error") is None and out.exists()
+    direct = translate(scene, tmp_path / "direct.tif", weights=slower, resolution="native").dst
+    with rasterio.open(out) as a, rasterio.open(direct) as b:
+        np.testing.assert_array_equal(a.read(), b.read())

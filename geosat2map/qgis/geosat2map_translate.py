@@ -1,0 +1,153 @@
+"""geosat2map translate as a QGIS Processing algorithm (Processing Toolbox > Scripts > geosat2map).
+
+`geosat2map qgis-script` copies this file into a QGIS profile's processing/scripts folder with
+PYTHON below set to the Python that has geosat2map installed; QGIS's own Python need not have
+torch or rasterio. The algorithm runs `python -m geosat2map_cli translate` on the layer's file
+in a child process (the same seamless, streaming map as on the command line), shows its progress,
+stops it (SIGTERM: no half-written map is left; the rows done wait for "Continue") when the user
+cancels, and loads the map.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import subprocess
+import threading
+
+from qgis.core import (
+    QgsProcessingAlgorithm,
+    QgsProcessingException,
+    QgsProcessingParameterBoolean,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterRasterDestination,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterString,
+)
+
+#: The Python interpreter with geosat2map installed (written by `geosat2map qgis-script`).
+PYTHON = "python3"
+
+#: Variables QGIS sets for its own GDAL, PROJ and Python, which would point geosat2map's
+#: (rasterio's and pyproj's own builds, another Python) at files of other versions.
+FOREIGN = ("PYTHONHOME", "PYTHONPATH", "GDAL_DATA", "GDAL_DRIVER_PATH", "PROJ_LIB", "PROJ_DATA")
+
+
+class Geosat2mapTranslate(QgsProcessingAlgorithm):
+    INPUT, WEIGHTS, RESOLUTION, TTA, RESUME, OUTPUT = "INPUT", "WEIGHTS", "RESOLUTION", "TTA", "RESUME", "OUTPUT"
+
+    def name(self) -> str:
+        return "translate"
+
+    def displayName(self) -> str:
+        return "Translate imagery into a map"
+
+    def group(self) -> str:
+        return "geosat2map"
+
+    def groupId(self) -> str:
+        return "geosat2map"
+
+    def shortHelpString(self) -> str:
+        return ("Turns a georeferenced satellite or aerial image into a map-style GeoTIFF with a Pix2Pix "
+                "generator (geosat2map translate): streamed in overlapping 256-pixel tiles, seamless, with the "
+                "image's CRS, footprint and nodata mask. Resolution: 'model' (the ground sampling distance the "
+                "model learned), 'native', or metres per pixel.")
+
+    def createInstance(self) -> Geosat2mapTranslate:
+        return Geosat2mapTranslate()
+
+    def initAlgorithm(self, config=None) -> None:
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Satellite or aerial image"))
+        self.addParameter(QgsProcessingParameterFile(
+            self.WEIGHTS, "Generator weights (.safetensors; empty: the shipped model)", optional=True,
+            fileFilter="Weights (*.safetensors)"))
+        self.addParameter(QgsProcessingParameterString(
+            self.RESOLUTION, "Resolution: model, native or metres per pixel", defaultValue="model"))
+        self.addParameter(QgsProcessingParameterBoolean(
+            self.TTA, "Average with the mirrored image's map (cleaner, twice the compute)", defaultValue=False))
+        self.addParameter(QgsProcessingParameterBoolean(
+            self.RESUME, "Continue the run canceled before (from the rows it kept)", defaultValue=False))
+        self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Map"))
+
+    def processAlgorithm(self, parameters, context, feedback) -> dict:
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        source = layer.source() if layer is not None else None
+        if not source:
+            raise QgsProcessingException("no input image")
+        out = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
+        command = [PYTHON, "-m", "geosat2map_cli", "translate", source, out, "--overwrite",
+                   "--resolution", self.parameterAsString(parameters, self.RESOLUTION, context).strip() or "model"]
+        weights = self.parameterAsFile(parameters, self.WEIGHTS, context)
+        if weights:
+            command += ["--weights", weights]
+        if self.parameterAsBoolean(parameters, self.TTA, context):
+            command.append("--tta")
+        if self.parameterAsBoolean(parameters, self.RESUME, context):
+            command.append("--resume")
+        feedback.pushCommandInfo(" ".join(command))
+        env = {k: v for k, v in os.environ.items() if k not in FOREIGN}
+        try:
+            child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                                     errors="replace")
+        except OSError as exc:
+            raise QgsProcessingException(f"cannot run geosat2map with {PYTHON}: {exc}") from None
+        events: queue.SimpleQueue = queue.SimpleQueue()  # the child's progress and messages, in order
+        reader = threading.Thread(target=_follow, args=(child.stderr, events), daemon=True)
+        reader.start()
+        lines: list[str] = []
+        stopping = False
+        while child.poll() is None:  # feedback is given on this thread only; the reader thread just reads
+            _relay(events, feedback, lines)
+            if feedback.isCanceled() and not stopping:
+                child.terminate()  # once: translate stops on SIGTERM, leaving nothing at the output path
+                stopping = True
+            try:
+                child.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+        reader.join()
+        _relay(events, feedback, lines)
+        for line in child.stdout.read().splitlines():
+            feedback.pushInfo(line)
+        child.stdout.close()
+        child.stderr.close()
+        if feedback.isCanceled():
+            return {}
+        if child.returncode != 0:
+            errors = [line for line in lines if line.startswith("geosat2map: error:")]
+            raise QgsProcessingException((errors or lines or [f"geosat2map exited with {child.returncode}"])[-1])
+        feedback.setProgress(100)
+        return {self.OUTPUT: out}
+
+
+def _follow(stream, events: queue.SimpleQueue) -> None:
+    """Read the child's stderr: its progress bar (tqdm's "NN%|" updates, one per carriage return)
+    as percentages, every other line as a message."""
+    text = ""
+    while True:
+        chunk = stream.read(256)
+        if not chunk:
+            break
+        text += chunk
+        *done, text = re.split(r"[\r\n]", text)
+        for part in done:
+            progress = re.match(r"\s*(\d+)%\|", part)
+            if progress:
+                events.put(int(progress.group(1)))
+            elif part.strip():
+                events.put(part.strip())
+    if text.strip():
+        events.put(text.strip())
+
+
+def _relay(events: queue.SimpleQueue, feedback, lines: list[str]) -> None:
+    """Give the feedback what the reader thread has read so far."""
+    while not events.empty():
+        event = events.get()
+        if isinstance(event, int):
+            feedback.setProgress(event)
+        else:
+            lines.append(event)
+            feedback.pushInfo(event)

@@ -1,0 +1,84 @@
+"""Run the installed geosat2map Processing script inside real QGIS, headless, and report as JSON.
+
+Run by Debian's ``/usr/bin/python3`` (where the ``qgis`` bindings live); ``tests/test_qgis.py``
+calls it. Usage:
+
+    python3 tests/qgis_processing_check.py SCRIPT NAME=VALUE ... [--cancel-at PERCENT]
+
+It loads SCRIPT as QGIS's Processing Toolbox does, runs its algorithm through ``processing.run``
+with the given parameters, and reports the results, the highest progress seen, the messages, the
+error (a QgsProcessingException's text) and whether the output opens as a valid raster layer.
+``--cancel-at`` cancels the run once the progress reaches PERCENT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+from qgis.core import QgsApplication, QgsProcessingException, QgsProcessingFeedback, QgsRasterLayer  # noqa: E402
+from qgis.PyQt.QtCore import Qt  # noqa: E402
+
+
+class Feedback(QgsProcessingFeedback):
+    def __init__(self, cancel_at: float | None) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+        self.progress_seen = 0.0
+        self.cancel_at = cancel_at
+        # Direct: headless, no event loop would deliver a queued signal while the algorithm runs.
+        self.progressChanged.connect(self._progress, Qt.DirectConnection)
+
+    def _progress(self, value: float) -> None:
+        self.progress_seen = max(self.progress_seen, value)
+        if self.cancel_at is not None and value >= self.cancel_at:
+            self.cancel()
+
+    def pushInfo(self, info: str) -> None:
+        self.messages.append(info)
+        super().pushInfo(info)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("script")
+    parser.add_argument("params", nargs="*")
+    parser.add_argument("--cancel-at", type=float)
+    args = parser.parse_args()
+    params = dict(p.split("=", 1) for p in args.params)
+
+    app = QgsApplication([], False)
+    app.initQgis()
+    sys.path.append("/usr/share/qgis/python/plugins")
+    from processing.core.Processing import Processing
+
+    Processing.initialize()
+    import processing
+
+    spec = importlib.util.spec_from_file_location("geosat2map_translate", args.script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    alg = module.Geosat2mapTranslate()
+    alg.initAlgorithm()
+    feedback = Feedback(args.cancel_at)
+    report: dict = {"name": alg.displayName(), "python": module.PYTHON}
+    try:
+        report["results"] = processing.run(alg, params, feedback=feedback)
+    except QgsProcessingException as exc:
+        report["error"] = str(exc)
+    report.update(progress=feedback.progress_seen, messages=feedback.messages, canceled=feedback.isCanceled())
+    out = params.get("OUTPUT")
+    if out and os.path.exists(out):
+        layer = QgsRasterLayer(out, "map")
+        report.update(output_valid=layer.isValid(), output_crs=layer.crs().authid())
+    print(json.dumps(report, default=str), flush=True)
+    os._exit(0)  # QGIS 3.22 can crash in exitQgis() headless; the report is out
+
+
+if __name__ == "__main__":
+    main()
