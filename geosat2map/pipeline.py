@@ -26,7 +26,7 @@ from . import resume as progress_record
 from .errors import Geosat2mapError, InputError, Interrupted, OutputError, WeightsError
 from .grid import RowBlender, TileGrid
 from .model import FlipAveraged
-from .reader import RowBand, Scene, open_scene, scene_name, scene_path
+from .reader import RowBand, Scene, is_gdal_path, is_remote, open_scene, scene_name, scene_path
 from .weights import ModelSpec, load_generator, model_digest
 from .writer import BLOCK, BUFFERS, GEOTIFF_SUFFIXES, GeoTIFFWriter, check_destination, partial_path
 
@@ -257,9 +257,13 @@ def translate_many(
 
 def map_name(src: str | Path) -> str:
     """The file name of ``src``'s map in a folder of maps: the scene's own, ending ``.tif`` where
-    it names another format (``scene.jp2`` -> ``scene.tif``)."""
-    name = Path(scene_name(src))
-    return name.name if name.suffix.lower() in GEOTIFF_SUFFIXES else f"{name.stem}.tif"
+    it names another format (``scene.jp2`` -> ``scene.tif``); a subdataset's keeps what names it
+    (``GPKG:tiles.gpkg:table`` -> ``tiles.gpkg_table.tif``, so two tables make two maps)."""
+    name = scene_name(src)
+    if is_gdal_path(src) and not is_remote(src):  # a subdataset
+        return name.replace(":", "_") + ".tif"
+    path = Path(name)
+    return path.name if path.suffix.lower() in GEOTIFF_SUFFIXES else f"{path.stem}.tif"
 
 
 def row_buffer_bytes(grid: TileGrid) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import nullcontext
@@ -295,10 +296,25 @@ class RowBand:
         return self.pixels[:, :n], self.valid[:n]
 
 
+#: A GDAL driver's prefix, as in ``GPKG:tiles.gpkg:table``, ``NETCDF:"scene.nc":band`` or
+#: ``SENTINEL2_L2A:.../MTD_MSIL2A.xml:10m:EPSG_32632``; two characters at least, so that a Windows
+#: drive (``C:``) is not one.
+_DRIVER_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9_]+:")
+
+
 def is_gdal_path(path: str | Path) -> bool:
-    """Whether ``path`` is a raster address GDAL reads other than as a local file: a URL (https://,
-    s3://, gs://, az://, and rasterio's zip+https:// or zip:// forms) or a /vsi path (/vsizip/,
-    /vsicurl/ ...). Such an address must stay a string: ``Path`` would fold a URL's ``//``."""
+    """Whether ``path`` is a raster address GDAL reads other than as a local file: a remote one
+    (:func:`is_remote`) or a driver's subdataset (``GPKG:tiles.gpkg:table``, ``NETCDF:...``,
+    ``SENTINEL2_L2A:...``; a local file of that name goes first). Such an address must stay a
+    string: ``Path`` would fold a URL's ``//``."""
+    text = str(path)
+    return is_remote(text) or (_DRIVER_PREFIX.match(text) is not None and not Path(text).exists())
+
+
+def is_remote(path: str | Path) -> bool:
+    """A URL (https://, s3://, gs://, az://, and rasterio's zip+https:// or zip:// forms) or a /vsi
+    path (/vsizip/, /vsicurl/ ...): read on one thread, with no folder listing (see
+    :func:`open_raster`, :func:`_remote_options`)."""
     text = str(path)
     return "://" in text or text.startswith("/vsi")
 
@@ -310,9 +326,15 @@ def scene_path(path: str | Path) -> Path | str:
 
 
 def scene_name(path: str | Path) -> str:
-    """The file name in ``path``, URLs included (their query string left out)."""
+    """The file name in ``path``, URLs included (their query string left out); for a driver's
+    subdataset, the file's name and what follows it (``GPKG:/data/tiles.gpkg:table`` ->
+    ``tiles.gpkg:table``)."""
     text = str(path)
-    return PurePosixPath(urlsplit(text).path if "://" in text else text).name
+    if "://" in text:
+        text = urlsplit(text).path
+    elif is_gdal_path(text) and not is_remote(text):
+        text = text[_DRIVER_PREFIX.match(text).end():].replace('"', "")
+    return PurePosixPath(text).name
 
 
 def reader_threads() -> int:
@@ -336,7 +358,7 @@ def check_input(path: Path | str) -> None:
 
 def open_raster(path: Path | str) -> rasterio.io.DatasetReader:
     """``path`` opened by GDAL, or an :class:`InputError` that says why not in one line."""
-    remote = is_gdal_path(path)
+    remote = is_remote(path)
     check_input(path)
     # GDAL_NUM_THREADS at open: the GTiff driver then decodes the blocks of a multi-block read
     # (a row band spans the scene's width) on every core. Reads run between model calls, when
@@ -350,7 +372,7 @@ def open_raster(path: Path | str) -> rasterio.io.DatasetReader:
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             return rasterio.open(path)
     except RasterioIOError as exc:
-        if remote:  # not found, refused, not a raster: GDAL's reason says which
+        if is_gdal_path(path):  # not found, refused, not a raster, no such table: GDAL's reason says which
             raise InputError(f"cannot open {path}: {gdal_reason(exc)}") from None
         raise InputError(f"{path} is not a raster GDAL can read") from None
 
@@ -532,7 +554,7 @@ def _remote_options(path: Path | str) -> dict:
     its folder (on object storage, of the whole prefix) and no requests for side-car files
     (.aux.xml, .msk, .ovr: eleven round trips otherwise), as titiler and rio-tiler set for COGs;
     unless the user set it in the environment (say, to use external .ovr overviews)."""
-    if isinstance(path, Path) or "GDAL_DISABLE_READDIR_ON_OPEN" in os.environ:
+    if not is_remote(path) or "GDAL_DISABLE_READDIR_ON_OPEN" in os.environ:
         return {}
     return {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
 
@@ -656,7 +678,7 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
         notes.append(f"each output pixel is read from about {scale * scale:.0f} source pixels and {name} has no "
                      f"overviews; `gdaladdo -r average {name} 2 4 8` once makes reading it several times faster")
     # A warp is read on one thread: the readers' own handles would open the unwarped file.
-    one = is_gdal_path(path) or warped is not None
+    one = is_remote(path) or warped is not None
     readers = 1 if one else max(1, min(reader_threads(), math.ceil(width / STRIP)))
     return Scene(path, src, bands, width, height, transform, src.crs, native, native * cols / width, crop, stretch,
                  notes, scale=(cols / width, rows / height), resampling=method, all_valid=all_valid, readers=readers)

@@ -1,5 +1,5 @@
 """Scenes GDAL reads from elsewhere than a local file: a URL (GDAL's /vsicurl/, here served by a
-local HTTP server) and a file inside a zip archive (/vsizip/)."""
+local HTTP server), a file inside a zip archive (/vsizip/) and a driver's subdataset (GPKG:...)."""
 
 from __future__ import annotations
 
@@ -164,3 +164,28 @@ def test_preview_of_a_zipped_scene(scene, tiny_weights, tmp_path):
     with rasterio.open(pngs[0]) as a, rasterio.open(pngs[1]) as b:
         assert a.count == 3 and max(a.shape) > 128
         np.testing.assert_array_equal(a.read(), b.read())
+
+
+def test_a_driver_subdataset_is_an_address(tiny_weights, tmp_path):
+    """GDAL's DRIVER:file:part addresses (a GeoPackage's raster table, NETCDF:..., SENTINEL2_L2A:...)
+    are read as GDAL reads them, not refused as missing files; several make a map each."""
+    image = np.random.default_rng(0).integers(0, 255, (3, 300, 400), dtype=np.uint8)
+    gpkg = tmp_path / "tiles.gpkg"
+    for table in ("north", "south"):
+        with rasterio.open(gpkg, "w", driver="GPKG", width=400, height=300, count=3, dtype="uint8",
+                           crs="EPSG:32633", transform=rasterio.transform.from_origin(500000, 4500000, 1, 1),
+                           RASTER_TABLE=table, APPEND_SUBDATASET="YES") as dst:
+            dst.write(image if table == "north" else image[:, ::-1])
+    assert is_gdal_path(f"GPKG:{gpkg}:north") and not is_gdal_path("C:/data/scene.tif")
+    assert scene_name(f"GPKG:{gpkg}:north") == "tiles.gpkg:north"
+    (tmp_path / "maps").mkdir()
+    result = run("translate", f"GPKG:{gpkg}:north", f"GPKG:{gpkg}:south", tmp_path / "maps", "--weights",
+                 tiny_weights, "--quiet")
+    assert result.exit_code == 0, result.output
+    maps = sorted(p.name for p in (tmp_path / "maps").iterdir())
+    assert maps == ["tiles.gpkg_north.tif", "tiles.gpkg_south.tif"]
+    with rasterio.open(tmp_path / "maps" / maps[0]) as north, rasterio.open(tmp_path / "maps" / maps[1]) as south:
+        assert (north.width, north.height) == (400, 300) and north.crs == "EPSG:32633"
+        assert not np.array_equal(north.read(), south.read())  # each table's own map
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", f"GPKG:{gpkg}:east", out, "--weights", tiny_weights), out, "cannot open")
