@@ -26,7 +26,7 @@ from . import resume as progress_record
 from .errors import Geosat2mapError, InputError, Interrupted, OutputError, WeightsError
 from .grid import RowBlender, TileGrid
 from .model import FlipAveraged
-from .reader import RowBand, Scene, is_gdal_path, is_remote, open_scene, scene_name, scene_path
+from .reader import RowBand, Scene, is_subdataset, open_scene, scene_name, scene_path
 from .weights import ModelSpec, load_generator, model_digest
 from .writer import BLOCK, BUFFERS, GEOTIFF_SUFFIXES, GeoTIFFWriter, check_destination, partial_path
 
@@ -260,7 +260,7 @@ def map_name(src: str | Path) -> str:
     it names another format (``scene.jp2`` -> ``scene.tif``); a subdataset's keeps what names it
     (``GPKG:tiles.gpkg:table`` -> ``tiles.gpkg_table.tif``, so two tables make two maps)."""
     name = scene_name(src)
-    if is_gdal_path(src) and not is_remote(src):  # a subdataset
+    if is_subdataset(src):
         return name.replace(":", "_") + ".tif"
     path = Path(name)
     return path.name if path.suffix.lower() in GEOTIFF_SUFFIXES else f"{path.stem}.tif"

@@ -304,11 +304,16 @@ _DRIVER_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9_]+:")
 
 def is_gdal_path(path: str | Path) -> bool:
     """Whether ``path`` is a raster address GDAL reads other than as a local file: a remote one
-    (:func:`is_remote`) or a driver's subdataset (``GPKG:tiles.gpkg:table``, ``NETCDF:...``,
-    ``SENTINEL2_L2A:...``; a local file of that name goes first). Such an address must stay a
-    string: ``Path`` would fold a URL's ``//``."""
+    (:func:`is_remote`) or a driver's subdataset (:func:`is_subdataset`). Such an address must
+    stay a string: ``Path`` would fold a URL's ``//``."""
+    return is_remote(path) or is_subdataset(path)
+
+
+def is_subdataset(path: str | Path) -> bool:
+    """A driver's part of a local file: ``GPKG:tiles.gpkg:table``, ``NETCDF:...``,
+    ``SENTINEL2_L2A:...`` (a local file of that name goes first)."""
     text = str(path)
-    return is_remote(text) or (_DRIVER_PREFIX.match(text) is not None and not Path(text).exists())
+    return not is_remote(text) and _DRIVER_PREFIX.match(text) is not None and not Path(text).exists()
 
 
 def is_remote(path: str | Path) -> bool:
@@ -332,7 +337,7 @@ def scene_name(path: str | Path) -> str:
     text = str(path)
     if "://" in text:
         text = urlsplit(text).path
-    elif is_gdal_path(text) and not is_remote(text):
+    elif is_subdataset(text):
         text = text[_DRIVER_PREFIX.match(text).end():].replace('"', "")
     return PurePosixPath(text).name
 
