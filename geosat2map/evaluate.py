@@ -144,7 +144,7 @@ def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256
     from rasterio.windows import Window
 
     from .errors import InputError
-    from .reader import north_up, warped_onto
+    from .placement import north_up, warped_onto
 
     try:
         out_ds, map_ds = rasterio.open(output), rasterio.open(map_raster)

@@ -9,7 +9,8 @@ GDAL read of the matching (fractional) source window into the output-sized buffe
 resampling, mask-aware and overview-aware, never ours. A WarpedVRT did the same job 20-300x slower
 per tile (it re-warps for every read and again for the mask), which made reading, not the model,
 the cost of translating at the model's resolution. Only a scene that is not north-up (a rotated
-geotransform, ground control points, RPCs) is read through GDAL's warper (:func:`_north_up`).
+geotransform, ground control points, RPCs) is read through GDAL's warper (see
+:mod:`geosat2map.placement`).
 """
 
 from __future__ import annotations
@@ -30,13 +31,12 @@ from affine import Affine
 from pyproj import CRS, Geod, Transformer
 from pyproj.exceptions import CRSError as PyprojCRSError, ProjError
 from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
-from rasterio._err import CPLE_BaseError  # what GDAL's warper raises through rasterio (no public alias)
-from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
-from rasterio.vrt import WarpedVRT
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window, from_bounds
 
 from .buffers import row_buffer
 from .errors import InputError, gdal_reason
+from .placement import placement, warp_north_up
 
 #: Share of the darkest and brightest pixels clipped when stretching non-8-bit input to 0..255.
 STRETCH_PERCENT = (2.0, 98.0)
@@ -57,8 +57,8 @@ STRIP = 256
 #: the scene is blown up into a huge raster of detail it does not have (a 30 m Landsat scene at
 #: the maps model's 2.12 m: 200 times the pixels). An explicit --resolution is taken as asked.
 MAX_UPSAMPLE = 8
-#: A scene placed north-up by GDAL's warper (see :func:`_north_up`) and shrunk at least this much
-#: is warped nearest-neighbour: the average of the output's resampled read then hides its steps.
+#: A scene placed north-up by GDAL's warper (:mod:`geosat2map.placement`) and shrunk at least this
+#: much is warped nearest-neighbour: the average of the output's resampled read then hides its steps.
 #: A 4096 x 4096 scene at 0.5 m turned 20 degrees, read at 2.12 m: 3.4 s through a bilinear warp,
 #: 0.4 s through a nearest one (translate: 5.2-5.6 s, then 1.5-1.6 s). A scene read as it is, or
 #: shrunk less, gets bilinear.
@@ -96,7 +96,8 @@ class Scene:
     #: on two threads against 0.57-0.69 s on one (8192 x 8192, four rounds), and a GPU is fed by
     #: these reads. Remote scenes: one (see :func:`open_raster`).
     readers: int = 1
-    #: The scene's own file when ``src`` is its north-up warp (see :func:`_north_up`), closed with it.
+    #: The scene's own file when ``src`` is its north-up warp (:mod:`geosat2map.placement`), closed
+    #: with it.
     warped_from: rasterio.io.DatasetReader | None = field(default=None, repr=False)
     _handles: list = field(default_factory=list, repr=False)  # the dataset handles of readers 1..
     _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
@@ -382,19 +383,6 @@ def open_raster(path: Path | str) -> rasterio.io.DatasetReader:
         raise InputError(f"{path} is not a raster GDAL can read") from None
 
 
-def warped_onto(src: rasterio.io.DatasetReader, crs, transform: Affine, width: int, height: int) -> WarpedVRT:
-    """``src`` warped by GDAL (average) onto another grid, for a map raster compared with or cut
-    beside a scene. Its dataset mask says where ``src`` reaches: a raster without a mask gets an
-    alpha band, else the ground beyond it reads as valid black pixels."""
-    return WarpedVRT(src, crs=crs, transform=transform, width=width, height=height, resampling=Resampling.average,
-                     add_alpha=_unmasked(src))
-
-
-def _unmasked(src: rasterio.io.DatasetReader) -> bool:
-    """No nodata, mask or alpha: a warp of it needs an alpha band to say where it reaches."""
-    return all(MaskFlags.all_valid in flags for flags in src.mask_flag_enums)
-
-
 def default_bands(src: rasterio.io.DatasetReader) -> list[int]:
     """Red, green, blue by colour interpretation; else bands 1-3; one or two bands: band 1 as grey."""
     interp = list(src.colorinterp)
@@ -484,13 +472,13 @@ def open_scene(
         src = open_raster(path)
         base = None  # the scene's own file, when src is its north-up warp
         try:
-            placement = _placement(path, src, allow_ungeoreferenced)
-            if placement is not None:  # planned on a cheap warp, read through the one that suits the plan
-                base, src = src, _north_up(path, src, placement, Resampling.nearest)
+            where = placement(path, src, allow_ungeoreferenced)
+            if where is not None:  # planned on a cheap warp, read through the one that suits the plan
+                base, src = src, warp_north_up(path, src, where, Resampling.nearest)
             scene = _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, bounds, bounds_crs,
-                          None if placement is None else placement[1])
-            if placement is not None and (scene.scale is None or min(scene.scale) < WARP_NEAREST_SCALE):
-                scene.src = _north_up(path, base, placement, Resampling.bilinear)
+                          None if where is None else where[1])
+            if where is not None and (scene.scale is None or min(scene.scale) < WARP_NEAREST_SCALE):
+                scene.src = warp_north_up(path, base, where, Resampling.bilinear)
                 src.close()
         except BaseException:
             src.close()
@@ -500,58 +488,6 @@ def open_scene(
     scene.gdal_options = options
     scene.warped_from = base
     return scene
-
-
-def _placement(path: Path | str, src: rasterio.io.DatasetReader,
-               allow_ungeoreferenced: bool | None = None) -> tuple[CRS, str, dict] | None:
-    """What places ``src`` on the Earth when it is not a north-up geotransform (rows from north to
-    south, columns from west to east): a rotated, sheared, south-up or mirrored one, ground
-    control points or RPCs, as (the CRS to warp into, a description, GDAL transformer
-    options); None for a north-up scene or one with no georeferencing. RPCs are projected at their
-    mean height (HEIGHT_OFF): with no DEM, ground far above or below it lands off by its height
-    times the view's slant. Ground control points in no CRS place nothing: an error, or (a scene
-    ``allow_ungeoreferenced``) None, pixel space; None for the flag means a map, which has no such
-    option."""
-    if src.crs is not None and not src.transform.is_identity:
-        t = src.transform
-        if abs(t.b) + abs(t.d) > 1e-9 * (abs(t.a) + abs(t.e)):  # a turn by 90 degrees as well
-            return src.crs, "its rotated or sheared geotransform", {}
-        return None if t.a > 0 and t.e < 0 else (src.crs, "its south-up or mirrored geotransform", {})
-    points, crs = src.gcps
-    if points:
-        if crs is None:
-            if allow_ungeoreferenced:
-                return None
-            hint = "" if allow_ungeoreferenced is None else " (pass --allow-ungeoreferenced to translate it in pixel space)"
-            raise InputError(f"{path} has {len(points)} ground control points but no CRS for them: it cannot be "
-                             f"placed on a map{hint}")
-        return crs, f"{len(points)} ground control points", {}
-    if src.rpcs:
-        height = src.rpcs.height_off
-        return CRS.from_epsg(4326), f"its RPCs at their mean height ({height:g} m, no DEM)", {"RPC_HEIGHT": height}
-    return None
-
-
-def north_up(path: Path | str, src: rasterio.io.DatasetReader) -> rasterio.io.DatasetReader | WarpedVRT:
-    """A map raster as a north-up dataset: ``src`` itself, or its nearest-neighbour warp when it is
-    placed otherwise (see :func:`_placement`), which keeps ``src`` open (close both). Nearest
-    keeps a map's flat colours; :func:`warped_onto` averages it onto the scene's grid after. (A
-    WarpedVRT given a grid of its own uses the source's geotransform and ignores ground control
-    points and RPCs: a map placed by them read as nodata everywhere.)"""
-    placement = _placement(path, src)
-    return src if placement is None else _north_up(path, src, placement, Resampling.nearest)
-
-
-def _north_up(path: Path | str, src: rasterio.io.DatasetReader, placement: tuple[CRS, str, dict],
-              resampling: Resampling) -> WarpedVRT:
-    """``src`` warped north-up by GDAL onto its suggested grid (about the scene's pixel size), as
-    QGIS shows such rasters; the model, the tile grid and the map need north-up pixels. Where the
-    scene has no mask an alpha band marks the ground it covers (a rotated scene's corners)."""
-    crs, how, options = placement
-    try:
-        return WarpedVRT(src, crs=crs, resampling=resampling, add_alpha=_unmasked(src), **options)
-    except (RasterioError, CPLE_BaseError) as exc:
-        raise InputError(f"GDAL cannot warp {path} north-up from {how}: {gdal_reason(exc)}") from None
 
 
 def _remote_options(path: Path | str) -> dict:

@@ -32,7 +32,8 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window, transform as window_transform
 
 from .errors import InputError, OutputError
-from .reader import Scene, north_up, open_scene, warped_onto
+from .placement import north_up, warped_onto
+from .reader import Scene, open_scene
 from .render import Grid, MapRenderer, Style, read_vectors
 
 

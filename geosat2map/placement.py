@@ -1,0 +1,85 @@
+"""Placing a raster north-up on the Earth: what georeferences it when it is not a north-up
+geotransform (a rotated, sheared or flipped one, ground control points, RPCs), and GDAL's warper
+to put it north-up, for scenes (:func:`~geosat2map.reader.open_scene`) and for map rasters warped
+onto a scene's grid (``tiles --map``, ``evaluate --map``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import rasterio
+from affine import Affine
+from pyproj import CRS
+from rasterio._err import CPLE_BaseError  # what GDAL's warper raises through rasterio (no public alias)
+from rasterio.enums import MaskFlags, Resampling
+from rasterio.errors import RasterioError
+from rasterio.vrt import WarpedVRT
+
+from .errors import InputError, gdal_reason
+
+
+def placement(path: Path | str, src: rasterio.io.DatasetReader,
+              allow_ungeoreferenced: bool | None = None) -> tuple[CRS, str, dict] | None:
+    """What places ``src`` on the Earth when it is not a north-up geotransform (rows from north to
+    south, columns from west to east): a rotated, sheared, south-up or mirrored one, ground
+    control points or RPCs, as (the CRS to warp into, a description, GDAL transformer
+    options); None for a north-up scene or one with no georeferencing. RPCs are projected at their
+    mean height (HEIGHT_OFF): with no DEM, ground far above or below it lands off by its height
+    times the view's slant. Ground control points in no CRS place nothing: an error, or (a scene
+    ``allow_ungeoreferenced``) None, pixel space; None for the flag means a map, which has no such
+    option."""
+    if src.crs is not None and not src.transform.is_identity:
+        t = src.transform
+        if abs(t.b) + abs(t.d) > 1e-9 * (abs(t.a) + abs(t.e)):  # a turn by 90 degrees as well
+            return src.crs, "its rotated or sheared geotransform", {}
+        return None if t.a > 0 and t.e < 0 else (src.crs, "its south-up or mirrored geotransform", {})
+    points, crs = src.gcps
+    if points:
+        if crs is None:
+            if allow_ungeoreferenced:
+                return None
+            hint = ("" if allow_ungeoreferenced is None
+                    else " (pass --allow-ungeoreferenced to translate it in pixel space)")
+            raise InputError(f"{path} has {len(points)} ground control points but no CRS for them: it cannot be "
+                             f"placed on a map{hint}")
+        return crs, f"{len(points)} ground control points", {}
+    if src.rpcs:
+        height = src.rpcs.height_off
+        return CRS.from_epsg(4326), f"its RPCs at their mean height ({height:g} m, no DEM)", {"RPC_HEIGHT": height}
+    return None
+
+
+def warp_north_up(path: Path | str, src: rasterio.io.DatasetReader, where: tuple[CRS, str, dict],
+                  resampling: Resampling) -> WarpedVRT:
+    """``src`` warped north-up by GDAL onto its suggested grid (about the scene's pixel size), as
+    QGIS shows such rasters; the model, the tile grid and the map need north-up pixels. Where the
+    scene has no mask an alpha band marks the ground it covers (a rotated scene's corners)."""
+    crs, how, options = where
+    try:
+        return WarpedVRT(src, crs=crs, resampling=resampling, add_alpha=_unmasked(src), **options)
+    except (RasterioError, CPLE_BaseError) as exc:
+        raise InputError(f"GDAL cannot warp {path} north-up from {how}: {gdal_reason(exc)}") from None
+
+
+def north_up(path: Path | str, src: rasterio.io.DatasetReader) -> rasterio.io.DatasetReader | WarpedVRT:
+    """A map raster as a north-up dataset: ``src`` itself, or its nearest-neighbour warp when it is
+    placed otherwise (see :func:`placement`), which keeps ``src`` open (close both). Nearest
+    keeps a map's flat colours; :func:`warped_onto` averages it onto the scene's grid after. (A
+    WarpedVRT given a grid of its own uses the source's geotransform and ignores ground control
+    points and RPCs: a map placed by them read as nodata everywhere.)"""
+    where = placement(path, src)
+    return src if where is None else warp_north_up(path, src, where, Resampling.nearest)
+
+
+def warped_onto(src: rasterio.io.DatasetReader, crs, transform: Affine, width: int, height: int) -> WarpedVRT:
+    """``src`` warped by GDAL (average) onto another grid, for a map raster compared with or cut
+    beside a scene. Its dataset mask says where ``src`` reaches: a raster without a mask gets an
+    alpha band, else the ground beyond it reads as valid black pixels."""
+    return WarpedVRT(src, crs=crs, transform=transform, width=width, height=height, resampling=Resampling.average,
+                     add_alpha=_unmasked(src))
+
+
+def _unmasked(src: rasterio.io.DatasetReader) -> bool:
+    """No nodata, mask or alpha: a warp of it needs an alpha band to say where it reaches."""
+    return all(MaskFlags.all_valid in flags for flags in src.mask_flag_enums)
