@@ -473,16 +473,21 @@ def test_an_asynchronous_engine_gets_the_next_batch_before_the_last_is_blended(s
 
 
 @pytest.mark.parametrize("kind,resolution,tta", [("uint8", "native", False), ("nodata", "native", False),
-                                                  ("nodata", 1.3, False), ("uint8", "native", True)])
+                                                  ("nodata", 1.3, False), ("uint8", "native", True),
+                                                  ("rotated", 2.5, False)])
 def test_tiles_blended_on_the_device_give_the_cpu_blenders_map(tmp_path, tiny_weights, monkeypatch, kind,
                                                                 resolution, tta):
     """The GPU path (tile rows cut, run and blended on the device, finished rows back as uint8)
     run on the CPU: the same map and mask as the CPU blender's, for 8-bit bands read as they are,
-    scenes with nodata (masked pixels, skipped tiles), resampled (float) reads and flip averaging."""
+    scenes with nodata (masked pixels, skipped tiles), resampled (float) reads, flip averaging and
+    a rotated scene read through GDAL's warper (its corners masked)."""
     data = synthetic_image(700, 900)
     if kind == "nodata":
         data[:, 300:700, 0:420] = 0  # whole tiles and parts of tiles
     src = write_scene(tmp_path / "s.tif", width=900, height=700, nodata=0 if kind == "nodata" else None, data=data)
+    if kind == "rotated":
+        with rasterio.open(src, "r+") as ds:
+            ds.transform = ds.transform @ rasterio.Affine.rotation(25)
     reference, out = tmp_path / "cpu.tif", tmp_path / "device.tif"
     translate(src, reference, weights=tiny_weights, batch_size=3, backend="torch", resolution=resolution, tta=tta)
     rows = []
@@ -508,6 +513,9 @@ def test_tiles_blended_on_the_device_give_the_cpu_blenders_map(tmp_path, tiny_we
             mask = a.read_masks(1)  # nodata: the lower left, 4/7 of the height and 7/15 of the width
             assert not mask[-mask.shape[0] // 2 :, : mask.shape[1] * 2 // 5].any() and mask[:, -10:].all()
             assert result.tiles_computed < result.tiles
+        if kind == "rotated":
+            mask = a.read_masks(1)
+            assert mask[0, 0] == mask[-1, -1] == 0 and mask[mask.shape[0] // 2, mask.shape[1] // 2] == 255
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
