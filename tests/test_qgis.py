@@ -157,6 +157,25 @@ def test_processing_script_makes_the_command_lines_map(script, tiny_weights, tmp
         np.testing.assert_array_equal(a.dataset_mask(), b.dataset_mask())
 
 
+def test_processing_script_translates_an_extent_given_in_another_crs(script, tiny_weights, tmp_path):
+    """The Extent parameter (say, the map canvas in longitude and latitude) is translate's --bounds."""
+    from rasterio.warp import transform_bounds
+
+    scene = write_scene(tmp_path / "scene.tif", width=700, height=500)
+    with rasterio.open(scene) as src:
+        left, bottom, right, top = src.bounds
+    box = transform_bounds("EPSG:32633", "EPSG:4326", left + 100, bottom + 100, left + 400, top - 150)
+    out = tmp_path / "from_qgis.tif"
+    extent = f"{box[0]!r},{box[2]!r},{box[1]!r},{box[3]!r} [EPSG:4326]"  # QGIS's xmin,xmax,ymin,ymax [CRS]
+    report = _run_processing(script, f"INPUT={scene}", f"OUTPUT={out}", f"WEIGHTS={tiny_weights}",
+                             f"EXTENT={extent}")
+    assert report.get("error") is None and report["output_valid"]
+    direct = translate(scene, tmp_path / "direct.tif", weights=tiny_weights, bounds=box, bounds_crs="EPSG:4326").dst
+    with rasterio.open(out) as a, rasterio.open(direct) as b:
+        assert a.bounds == b.bounds and a.width < 700
+        np.testing.assert_array_equal(a.read(), b.read())
+
+
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # writing plain.tif
 def test_processing_script_reports_errors_and_cancels_cleanly(script, tiny_weights, tmp_path):
     plain = tmp_path / "plain.tif"  # no georeferencing: QGIS opens it, translate refuses it

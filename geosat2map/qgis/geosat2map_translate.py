@@ -20,6 +20,7 @@ from qgis.core import (
     QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingParameterBoolean,
+    QgsProcessingParameterExtent,
     QgsProcessingParameterFile,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
@@ -35,7 +36,8 @@ FOREIGN = ("PYTHONHOME", "PYTHONPATH", "GDAL_DATA", "GDAL_DRIVER_PATH", "PROJ_LI
 
 
 class Geosat2mapTranslate(QgsProcessingAlgorithm):
-    INPUT, WEIGHTS, RESOLUTION, TTA, RESUME, OUTPUT = "INPUT", "WEIGHTS", "RESOLUTION", "TTA", "RESUME", "OUTPUT"
+    INPUT, EXTENT, WEIGHTS, RESOLUTION = "INPUT", "EXTENT", "WEIGHTS", "RESOLUTION"
+    TTA, RESUME, OUTPUT = "TTA", "RESUME", "OUTPUT"
 
     def name(self) -> str:
         return "translate"
@@ -60,6 +62,8 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
 
     def initAlgorithm(self, config=None) -> None:
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Satellite or aerial image"))
+        self.addParameter(QgsProcessingParameterExtent(
+            self.EXTENT, "Only this extent (empty: the whole image)", optional=True))
         self.addParameter(QgsProcessingParameterFile(
             self.WEIGHTS, "Generator weights (.safetensors; empty: the shipped model)", optional=True,
             fileFilter="Weights (*.safetensors)"))
@@ -79,6 +83,13 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
         out = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
         command = [PYTHON, "-m", "geosat2map_cli", "translate", source, out, "--overwrite",
                    "--resolution", self.parameterAsString(parameters, self.RESOLUTION, context).strip() or "model"]
+        if parameters.get(self.EXTENT):  # translate --bounds: the source pixels that cover it
+            box = self.parameterAsExtent(parameters, self.EXTENT, context)
+            crs = self.parameterAsExtentCrs(parameters, self.EXTENT, context)
+            command += ["--bounds", *(repr(v) for v in (box.xMinimum(), box.yMinimum(), box.xMaximum(),
+                                                          box.yMaximum()))]
+            if crs.isValid():
+                command += ["--bounds-crs", crs.authid() or crs.toWkt()]
         weights = self.parameterAsFile(parameters, self.WEIGHTS, context)
         if weights:
             command += ["--weights", weights]
