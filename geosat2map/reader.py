@@ -359,7 +359,8 @@ def check_input(path: Path | str) -> None:
     if not Path(path).exists():
         raise InputError(f"input not found: {path}")
     if Path(path).is_dir():
-        raise InputError(f"input is a folder, not a raster: {path}")
+        pattern = str(Path(path) / "*.tif")
+        raise InputError(f"input is a folder, not a raster: {path} (for the scenes in it, pass '{pattern}')")
 
 
 def open_raster(path: Path | str) -> rasterio.io.DatasetReader:

@@ -496,3 +496,16 @@ def test_a_map_is_named_as_a_geotiff(scene, tiny_weights, tmp_path):
     shutil.copy(scene, clash)
     result = run("translate", clash, scene, out, "--weights", tiny_weights, "--quiet", "--overwrite")
     assert result.exit_code == 1 and "outputs would collide" in result.stderr
+
+
+def test_a_folder_as_input_says_how_to_pass_its_scenes(tiny_weights, tmp_path):
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    write_scene(folder / "a.tif", width=300, height=260)
+    out = tmp_path / "map.tif"
+    assert_clean_failure(run("translate", folder, out, "--weights", tiny_weights), out,
+                         f"input is a folder, not a raster: {folder} (for the scenes in it, pass '{folder}/*.tif')")
+    (tmp_path / "maps").mkdir()
+    result = run("translate", f"{folder}/*.tif", tmp_path / "maps", "--weights", tiny_weights, "--quiet")
+    assert result.exit_code == 0, result.output  # the pattern it offers works
+    assert (tmp_path / "maps" / "a.tif").exists()
