@@ -116,7 +116,7 @@ def _parse_bands(ctx, param, value: str | None):
 
 
 @cli.command()
-@click.argument("src", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("src", nargs=-1, required=True, type=click.Path())
 @click.argument("dst", type=click.Path())
 @click.option("--weights", default=None, help="Generator weights (.safetensors); default: the shipped model.")
 @click.option("--resolution", default="model", show_default=True, callback=_parse_resolution,
