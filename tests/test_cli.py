@@ -509,3 +509,21 @@ def test_a_folder_as_input_says_how_to_pass_its_scenes(tiny_weights, tmp_path):
     result = run("translate", f"{folder}/*.tif", tmp_path / "maps", "--weights", tiny_weights, "--quiet")
     assert result.exit_code == 0, result.output  # the pattern it offers works
     assert (tmp_path / "maps" / "a.tif").exists()
+
+
+def test_qgis_script_goes_to_the_default_profile_and_names_this_python(tmp_path, monkeypatch):
+    """Without a folder, the Processing scripts folder of QGIS 3's default profile (under
+    $XDG_DATA_HOME on Linux, as QGIS's own data location); the script runs this Python. Run in
+    QGIS: tests/test_qgis.py."""
+    if sys.platform in ("win32", "darwin"):
+        pytest.skip("the Linux data location is tested here")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    result = run("qgis-script")
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "QGIS" / "QGIS3" / "profiles" / "default" / "processing" / "scripts" / "geosat2map_translate.py"
+    assert path.exists() and f"wrote {path}" in result.output
+    text = path.read_text()
+    assert f"PYTHON = {sys.executable!r}" in text and "class Geosat2mapTranslate(QgsProcessingAlgorithm)" in text
+    compile(text, str(path), "exec")  # valid Python for QGIS to load
+    assert run("qgis-script").exit_code == 1  # an installed copy stays unless --overwrite
+    assert run("qgis-script", "--overwrite").exit_code == 0
