@@ -36,7 +36,7 @@ FOREIGN = ("PYTHONHOME", "PYTHONPATH", "GDAL_DATA", "GDAL_DRIVER_PATH", "PROJ_LI
 
 
 class Geosat2mapTranslate(QgsProcessingAlgorithm):
-    INPUT, EXTENT, WEIGHTS, RESOLUTION = "INPUT", "EXTENT", "WEIGHTS", "RESOLUTION"
+    INPUT, EXTENT, BANDS, WEIGHTS, RESOLUTION = "INPUT", "EXTENT", "BANDS", "WEIGHTS", "RESOLUTION"
     TTA, RESUME, OUTPUT = "TTA", "RESUME", "OUTPUT"
 
     def name(self) -> str:
@@ -64,6 +64,9 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Satellite or aerial image"))
         self.addParameter(QgsProcessingParameterExtent(
             self.EXTENT, "Only this extent (empty: the whole image)", optional=True))
+        self.addParameter(QgsProcessingParameterString(
+            self.BANDS, "Bands as red,green,blue, e.g. 3,2,1 (empty: by colour interpretation, else 1,2,3)",
+            optional=True))
         self.addParameter(QgsProcessingParameterFile(
             self.WEIGHTS, "Generator weights (.safetensors; empty: the shipped model)", optional=True,
             fileFilter="Weights (*.safetensors)"))
@@ -90,6 +93,9 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
                                                           box.yMaximum()))]
             if crs.isValid():
                 command += ["--bounds-crs", crs.authid() or crs.toWkt()]
+        bands = self.parameterAsString(parameters, self.BANDS, context).strip()
+        if bands:
+            command += ["--bands", bands]
         weights = self.parameterAsFile(parameters, self.WEIGHTS, context)
         if weights:
             command += ["--weights", weights]
