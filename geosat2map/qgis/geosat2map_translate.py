@@ -106,8 +106,9 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
         feedback.pushCommandInfo(" ".join(command))
         env = {k: v for k, v in os.environ.items() if k not in FOREIGN}
         try:
+            # No console window for the child on Windows (the flag is 0 elsewhere).
             child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
-                                     errors="replace")
+                                     errors="replace", creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
         except OSError as exc:
             raise QgsProcessingException(f"cannot run geosat2map with {PYTHON}: {exc}") from None
         events: queue.SimpleQueue = queue.SimpleQueue()  # the child's progress and messages, in order
