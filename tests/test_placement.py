@@ -208,3 +208,25 @@ def test_map_raster_placed_by_points_is_read_where_it_lies(tmp_path):
     scores = evaluate_rasters(tmp_path / "out.tif", tmp_path / "map.tif")
     assert scores["count"] == 1
     assert scores["rmse"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_warped_scene_resumes_as_if_never_stopped(tmp_path):
+    """--resume on a scene read through the warper: the warp is the same in every run, so the
+    resumed map is the uninterrupted one, masked corners included."""
+    from geosat2map.errors import Interrupted
+
+    from .conftest import stop_after, write_scene
+
+    scene = write_scene(tmp_path / "s.tif", width=700, height=1200)
+    with rasterio.open(scene, "r+") as ds:
+        ds.transform = ds.transform @ Affine.rotation(10)
+    model = (random_generator(), ModelSpec(ngf=8))
+    whole = translate(scene, tmp_path / "whole.tif", model=model, resolution="native").dst
+    out = tmp_path / "map.tif"
+    with pytest.raises(Interrupted, match="rows are kept"):
+        translate(scene, out, model=model, resolution="native", progress=stop_after(25))
+    translate(scene, out, model=model, resolution="native", resume=True)
+    with rasterio.open(out) as a, rasterio.open(whole) as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+        np.testing.assert_array_equal(a.dataset_mask(), b.dataset_mask())
+        assert a.dataset_mask()[0, 0] == 0  # a corner outside the turned scene
