@@ -1,6 +1,6 @@
-"""Scenes placed on the Earth by something other than a north-up geotransform (a rotated one,
-ground control points, RPCs) are warped north-up by GDAL, as QGIS shows them: every pixel lands
-where its georeferencing says."""
+"""Scenes placed on the Earth by something other than a north-up geotransform (a rotated, turned
+or flipped one, ground control points, RPCs) are warped north-up by GDAL, as QGIS shows them:
+every pixel lands where its georeferencing says."""
 
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ def by_gcps(tmp_path: Path) -> Path:
     return _write(tmp_path / "gcps.tif", gcps=(points, "EPSG:32633"))
 
 
-#: RPCs of a nadir view: longitude and latitude linear in the column and the row.
+#: RPCs of an oblique view: longitude and latitude linear in the column and the row, and ground
+#: above or below the scene's mean height (HEIGHT_OFF, 500 m) shifted along the columns.
 LON0, LAT0, DEG = -115.1, 36.2, 1e-5  # the centre, and degrees per pixel
 
 
@@ -76,8 +77,9 @@ def by_rpcs(tmp_path: Path) -> Path:
     terms = [0.0] * 20
     samp_num, line_num, den = terms.copy(), terms.copy(), terms.copy()
     samp_num[1], line_num[2], den[0] = 1.0, -1.0, 1.0  # sample ~ longitude, line ~ -latitude
+    samp_num[3] = 0.2  # height: projected at 0 m instead of 500, the square lands 20 pixels off (measured)
     half = SIZE / 2
-    rpcs = RPC(height_off=0, height_scale=100, lat_off=LAT0, lat_scale=half * DEG, line_den_coeff=den,
+    rpcs = RPC(height_off=500, height_scale=500, lat_off=LAT0, lat_scale=half * DEG, line_den_coeff=den,
                line_num_coeff=line_num, line_off=half, line_scale=half, long_off=LON0, long_scale=half * DEG,
                samp_den_coeff=den, samp_num_coeff=samp_num, samp_off=half, samp_scale=half, err_bias=0, err_rand=0)
     return _write(tmp_path / "rpcs.tif", rpcs=rpcs)
