@@ -3,12 +3,13 @@
 Run by Debian's ``/usr/bin/python3`` (where the ``qgis`` bindings live); ``tests/test_qgis.py``
 calls it. Usage:
 
-    python3 tests/qgis_processing_check.py SCRIPT NAME=VALUE ... [--cancel-at PERCENT]
+    python3 tests/qgis_processing_check.py SCRIPT NAME=VALUE ... [--cancel-at PERCENT] [--project-layer]
 
 It loads SCRIPT as QGIS's Processing Toolbox does, runs its algorithm through ``processing.run``
 with the given parameters, and reports the results, the highest progress seen, the messages, the
 error (a QgsProcessingException's text) and whether the output opens as a valid raster layer.
-``--cancel-at`` cancels the run once the progress reaches PERCENT.
+``--cancel-at`` cancels the run once the progress reaches PERCENT; ``--project-layer`` opens INPUT
+as a layer of the project first (a GeoPackage raster table, say, which a bare string cannot name).
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ import sys
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-from qgis.core import QgsApplication, QgsProcessingException, QgsProcessingFeedback, QgsRasterLayer  # noqa: E402
+from qgis.core import (  # noqa: E402
+    QgsApplication,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProject,
+    QgsRasterLayer,
+)
 from qgis.PyQt.QtCore import Qt  # noqa: E402
 
 
@@ -49,6 +56,8 @@ def main() -> None:
     parser.add_argument("script")
     parser.add_argument("params", nargs="*")
     parser.add_argument("--cancel-at", type=float)
+    parser.add_argument("--project-layer", action="store_true",
+                        help="load INPUT as a layer of the project and pass the layer, as the Toolbox does")
     args = parser.parse_args()
     params = dict(p.split("=", 1) for p in args.params)
 
@@ -67,6 +76,11 @@ def main() -> None:
     alg.initAlgorithm()
     feedback = Feedback(args.cancel_at)
     report: dict = {"name": alg.displayName(), "python": module.PYTHON}
+    if args.project_layer:
+        layer = QgsRasterLayer(params["INPUT"], "scene")
+        report["input_layer_valid"] = layer.isValid()
+        QgsProject.instance().addMapLayer(layer)
+        params["INPUT"] = layer
     try:
         report["results"] = processing.run(alg, params, feedback=feedback)
     except QgsProcessingException as exc:

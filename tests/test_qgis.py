@@ -110,10 +110,12 @@ def test_qgis_process_raster_statistics(output):
 PROCESSING = Path(__file__).with_name("qgis_processing_check.py")
 
 
-def _run_processing(script: Path, *params: str, cancel_at: float | None = None) -> dict:
+def _run_processing(script: Path, *params: str, cancel_at: float | None = None, project_layer: bool = False) -> dict:
     command = [str(SYSTEM_PYTHON), str(PROCESSING), str(script), *params]
     if cancel_at is not None:
         command += ["--cancel-at", str(cancel_at)]
+    if project_layer:
+        command.append("--project-layer")
     proc = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -202,4 +204,22 @@ def test_processing_script_reports_errors_and_cancels_cleanly(script, tiny_weigh
     assert report.get("error") is None and out.exists()
     direct = translate(scene, tmp_path / "direct.tif", weights=slower, resolution="native").dst
     with rasterio.open(out) as a, rasterio.open(direct) as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+
+
+def test_processing_script_takes_a_geopackage_raster_layer(script, tiny_weights, tmp_path):
+    """A project layer whose source is a GDAL subdataset (a GeoPackage raster table) goes to
+    translate as that address."""
+    image = synthetic_image(300, 400).astype(np.uint8)
+    gpkg = tmp_path / "scenes.gpkg"
+    with rasterio.open(gpkg, "w", driver="GPKG", width=400, height=300, count=3, dtype="uint8", crs="EPSG:32633",
+                       transform=rasterio.transform.from_origin(500000, 4500000, 1, 1), RASTER_TABLE="area") as dst:
+        dst.write(image)
+    out = tmp_path / "from_qgis.tif"
+    report = _run_processing(script, f"INPUT=GPKG:{gpkg}:area", f"OUTPUT={out}", f"WEIGHTS={tiny_weights}",
+                             project_layer=True)
+    assert report["input_layer_valid"] and report.get("error") is None and report["output_valid"]
+    direct = translate(f"GPKG:{gpkg}:area", tmp_path / "direct.tif", weights=tiny_weights).dst
+    with rasterio.open(out) as a, rasterio.open(direct) as b:
+        assert (a.width, a.height) == (400, 300)
         np.testing.assert_array_equal(a.read(), b.read())
