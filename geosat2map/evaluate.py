@@ -137,7 +137,7 @@ def _per_pair(weights: str | Path | None, pairs: list, names: list[str], device:
 def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256) -> dict:
     """Score a translate output against a map raster of the same ground.
 
-    The map is warped onto the output's grid (:func:`~geosat2map.reader.warped_onto`); both are
+    The map is warped onto the output's grid (:func:`~geosat2map.placement.warped_onto`); both are
     cut into ``tile`` x ``tile`` windows, and windows with any nodata in either, or beyond the
     map, are left out.
     """

@@ -60,7 +60,7 @@ MAX_UPSAMPLE = 8
 #: A scene placed north-up by GDAL's warper (:mod:`geosat2map.placement`) and shrunk at least this
 #: much is warped nearest-neighbour: the average of the output's resampled read then hides its steps.
 #: A 4096 x 4096 scene at 0.5 m turned 20 degrees, read at 2.12 m: 3.4 s through a bilinear warp,
-#: 0.4 s through a nearest one (translate: 5.2-5.6 s, then 1.5-1.6 s). A scene read as it is, or
+#: 0.4 s through a nearest one (translate: 5.2-5.6 s, then 1.5-1.8 s). A scene read as it is, or
 #: shrunk less, gets bilinear.
 WARP_NEAREST_SCALE = 2.0
 
