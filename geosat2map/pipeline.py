@@ -198,8 +198,9 @@ def translate(
         if tta and not isinstance(net, FlipAveraged):
             net = FlipAveraged(net)
         started = time.perf_counter()
-        if batch_size is None:
-            batch_size = auto_batch_size(net, torch_device, spec.in_channels, tile_size, precision)
+        if batch_size is None:  # ONNX Runtime computes in fp32 whatever the hardware: fp32's batch
+            batch_size = auto_batch_size(net, torch_device, spec.in_channels, tile_size,
+                                         "fp32" if backend == "onnxruntime" else precision)
         return _run(src, dst, net, spec, torch_device, started, bands=bands, resolution=resolution,
                     bounds=bounds, bounds_crs=bounds_crs,
                     tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,

@@ -71,6 +71,18 @@ def test_translate_on_either_backend_gives_the_same_map_within_one_level(tiny_we
     assert np.abs(maps["torch"] - maps["onnxruntime"]).max() <= 1
 
 
+def test_onnxruntime_gets_the_fp32_batch_where_torch_would_run_bf16(tiny_weights, tmp_path, monkeypatch):
+    """ONNX Runtime computes in fp32 whatever the CPU, so it gets fp32's default batch."""
+    from geosat2map import engine
+
+    monkeypatch.setattr(engine, "use_bf16", lambda precision, device: precision != "fp32")
+    scene = write_scene(tmp_path / "scene.tif", width=300, height=300)
+    ort = translate(scene, tmp_path / "ort.tif", weights=tiny_weights, backend="onnxruntime")
+    assert (ort.backend, ort.batch_size) == ("onnxruntime", engine.CPU_BATCH)
+    assert translate(scene, tmp_path / "torch.tif", weights=tiny_weights, backend="torch").batch_size == \
+        engine.CPU_BATCH_BF16
+
+
 def test_resume_keeps_the_interrupted_runs_backend(tiny_weights, tmp_path):
     scene = write_scene(tmp_path / "scene.tif", width=600, height=1200)
     whole = translate(scene, tmp_path / "whole.tif", weights=tiny_weights, backend="onnxruntime")
