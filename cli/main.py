@@ -346,6 +346,9 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
 @click.option("--freeze-batchnorm", is_flag=True,
               help="With --init-from: train with the generator's BatchNorm layers in eval mode on the "
                    "statistics it starts with, as translate runs it (they are not re-estimated).")
+@click.option("--no-dropout", is_flag=True,
+              help="Train the generator with dropout off, as translate runs it (the pix2pix recipe drops "
+                   "half the channels of three decoder levels at every step).")
 @click.option("--rot90", is_flag=True,
               help="Also turn each training crop by a random multiple of 90 degrees (imagery seen from "
                    "above has no up; the pix2pix recipe only mirrors).")

@@ -44,7 +44,7 @@ from .weights import TRAINED_WEIGHTS, ModelSpec, load_generator, model_digest, s
 CHECKPOINT = "checkpoint.pt"
 #: The TrainConfig fields every saved generator's provenance records (how it was trained).
 RECORDED_SETTINGS = ("load_size", "crop_size", "batch_size", "lr", "beta1", "beta2", "lambda_l1", "epochs",
-                     "epochs_decay", "ndf", "holdout", "seed", "ema_decay", "freeze_batchnorm", "rot90",
+                     "epochs_decay", "ndf", "holdout", "seed", "ema_decay", "freeze_batchnorm", "no_dropout", "rot90",
                      "distill_from", "distill_weight")
 
 
@@ -93,6 +93,11 @@ class TrainConfig:
     #: ends). Translate runs the generator that way, while batch-1 training normalises every layer
     #: by the one image's own statistics; this removes that mismatch (see the model card).
     freeze_batchnorm: bool = False
+    #: Train the generator with its dropout off, as translate runs it. In the pix2pix recipe the
+    #: three innermost decoder levels drop half their channels at every step (the GAN's noise), so
+    #: the L1 term is fitted by a thinned network while the full one makes the maps; fine-tuning
+    #: with it off fits the function that is used, as ``freeze_batchnorm`` does for BatchNorm.
+    no_dropout: bool = False
     #: Turn each training crop (input and target alike) by a random multiple of 90 degrees as
     #: well as mirroring it: imagery seen from above has no "up", so the eight turns and mirrors
     #: are all plausible scenes (the pix2pix recipe only mirrors).
@@ -425,12 +430,17 @@ class Trainer:
 
     def _train_mode(self) -> None:
         """Both models in training mode, the generator's BatchNorm in eval mode with
-        ``freeze_batchnorm``. Set once: scoring and recalibration give each layer its own mode back."""
+        ``freeze_batchnorm`` and its dropout with ``no_dropout``. Set once: scoring and
+        recalibration give each layer its own mode back."""
         self.G_ddp.train()
         self.D_ddp.train()
         if self.cfg.freeze_batchnorm:
             for m in _batchnorms(self.G):
                 m.eval()
+        if self.cfg.no_dropout:
+            for m in self.G.modules():
+                if isinstance(m, nn.Dropout):
+                    m.eval()
 
     @property
     def saved_generator(self) -> nn.Module:

@@ -268,6 +268,30 @@ def test_frozen_batchnorm_trains_on_the_starting_statistics_and_keeps_them(tmp_p
         train(tiny_config(data, tmp_path / "run2", freeze_batchnorm=True))
 
 
+@pytest.mark.parametrize("no_dropout", [False, True])
+def test_no_dropout_trains_the_generator_with_dropout_off_and_is_recorded(tmp_path, monkeypatch, no_dropout):
+    from geosat2map.weights import load_generator
+
+    seen = []  # each generator dropout call: whether it dropped (training mode)
+    forward = torch.nn.Dropout.forward
+
+    def spy(self, x):
+        seen.append(self.training)
+        return forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Dropout, "forward", spy)
+    data = write_aligned(tmp_path / "data")
+    start = tmp_path / "start.safetensors"
+    save_generator(UNetGenerator(ngf=4).eval(), ModelSpec(ngf=4, gsd_m=2.0), start)
+    # BatchNorm frozen, as the option is used: no re-estimation pass (run in train mode) at epoch ends.
+    train(tiny_config(data, tmp_path / "run", init_from=str(start), no_dropout=no_dropout, freeze_batchnorm=True,
+                      epochs=1, epochs_decay=1, load_size=256))
+    assert any(seen) is not no_dropout  # the recipe drops in its training steps; --no-dropout never does
+    trained, spec = load_generator(tmp_path / "run" / "generator.safetensors")
+    assert spec.provenance["settings"]["no_dropout"] is no_dropout
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), load_generator(start)[0].parameters()))
+
+
 def test_quarter_turns_augment_input_and_target_alike_and_are_recorded(tmp_path):
     from geosat2map.datasets import PairDataset
     from geosat2map.weights import load_generator
