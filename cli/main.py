@@ -318,7 +318,8 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--direction", type=click.Choice(["AtoB", "BtoA"]), default="AtoB", show_default=True)
 @click.option("--ngf", type=int, default=None,
-              help="Generator width [default: 64; with --init-from, that generator's].")
+              help="Generator width [default: 64; with --init-from, that generator's; wider than it, the "
+                   "generator is grown to this width, new channels starting with no effect on its maps].")
 @click.option("--ndf", type=int, default=64, show_default=True, help="Discriminator width.")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--load-size", type=int, default=286, show_default=True,

@@ -115,6 +115,62 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
+def widen_generator(narrow: UNetGenerator, ngf: int) -> tuple[UNetGenerator, list[torch.Tensor]]:
+    """A width-``ngf`` copy of ``narrow`` that computes exactly what it does (Net2Net-style growth).
+
+    Every layer keeps the narrow one's channels and gains new ones, initialised as
+    :func:`init_weights` does; the weights from new input channels into old output channels (and
+    into the output image) are zero, so the new channels change nothing until training grows those
+    weights, and then add capacity to a model that already works. Returns the generator and, per
+    BatchNorm layer in module order, the indices of its new channels (whose running statistics
+    are the caller's to estimate)."""
+    old_ngf = narrow.encoder[0][0].out_channels
+    if ngf < old_ngf:
+        raise ValueError(f"cannot narrow a width-{old_ngf} generator to {ngf}")
+    wide = UNetGenerator(narrow.encoder[0][0].in_channels, narrow.decoder[-1][1].out_channels, ngf)
+    init_weights(wide)
+    old_w, new_w = ([old_ngf * m for m in _ENCODER_MULT], [ngf * m for m in _ENCODER_MULT])
+    levels = len(_ENCODER_MULT)
+
+    def kept(old: int, new: int, blocks: int = 1) -> torch.Tensor:
+        """Positions of the old channels among the new ones, for ``blocks`` concatenated groups."""
+        return torch.cat([torch.arange(old) + b * new for b in range(blocks)])
+
+    new_channels = []
+    with torch.no_grad():
+        for level in range(levels):  # encoder: in = previous level (the image for level 0)
+            src = torch.arange(narrow.encoder[0][0].in_channels) if level == 0 else kept(old_w[level - 1], new_w[level - 1])
+            pairs = (narrow.encoder[level], wide.encoder[level], src, kept(old_w[level], new_w[level]), False)
+            new_channels += _copy_block(*pairs)
+        for k in range(levels):  # decoder: in = [skip, previous decoder output], out = the mirrored level
+            src = kept(old_w[-1], new_w[-1]) if k == 0 else kept(old_w[levels - 1 - k], new_w[levels - 1 - k], 2)
+            outermost = k == levels - 1
+            dst = torch.arange(3) if outermost else kept(old_w[levels - 2 - k], new_w[levels - 2 - k])
+            new_channels += _copy_block(narrow.decoder[k], wide.decoder[k], src, dst, True)
+    return wide, new_channels
+
+
+def _copy_block(narrow: nn.Sequential, wide: nn.Sequential, src: torch.Tensor, dst: torch.Tensor,
+                transposed: bool) -> list[torch.Tensor]:
+    """Copy one level's conv (and BatchNorm) into the wide level at input positions ``src`` and
+    output positions ``dst``; zero the weights from the other inputs into ``dst``."""
+    conv_n, conv_w = (next(m for m in block if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))) for block in (narrow, wide))
+    weight = conv_w.weight.transpose(0, 1) if transposed else conv_w.weight  # (out, in, kh, kw) view
+    old = conv_n.weight.transpose(0, 1) if transposed else conv_n.weight
+    weight[dst] = 0.0
+    weight[dst[:, None], src] = old
+    if conv_n.bias is not None:
+        conv_w.bias[dst] = conv_n.bias
+    bns = [(a, b) for a, b in zip(narrow, wide) if isinstance(a, nn.BatchNorm2d)]
+    for bn_n, bn_w in bns:
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(bn_w, name)[dst] = getattr(bn_n, name)
+        bn_w.num_batches_tracked.copy_(bn_n.num_batches_tracked)
+    fresh = torch.ones(conv_w.out_channels, dtype=torch.bool)
+    fresh[dst] = False
+    return [fresh.nonzero().flatten() for _ in bns]
+
+
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
     """The pix2pix 'normal' init: conv weights N(0, std), BatchNorm weights N(1, std), biases 0."""
     for m in module.modules():

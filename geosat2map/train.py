@@ -38,7 +38,7 @@ from .devices import resolve_device, use_bf16
 from .distributed import DistContext, convert_batchnorm, init_distributed, shutdown_distributed
 from .errors import TrainingError
 from .evaluate import evaluate_generator, write_triplets
-from .model import FlipAveraged, PatchDiscriminator, UNetGenerator, init_weights, modes_kept
+from .model import FlipAveraged, PatchDiscriminator, UNetGenerator, init_weights, modes_kept, widen_generator
 from .weights import TRAINED_WEIGHTS, ModelSpec, load_generator, model_digest, save_generator
 
 CHECKPOINT = "checkpoint.pt"
@@ -109,6 +109,9 @@ class TrainConfig:
     #: discriminator still sees only real maps as real.
     distill_from: str | None = None
     distill_weight: float = 0.5
+    #: Set by the trainer: ``ngf`` is wider than ``init_from``'s generator, which was grown to it
+    #: (:func:`widen`); a resumed run then keeps its recorded width.
+    widened: bool = False
 
     def check(self) -> None:
         """Refuse settings that cannot train, in one line, before the run folder is made (they
@@ -204,13 +207,14 @@ class Trainer:
         self.lineage: dict | None = None
         if config.init_from:
             pretrained, pspec = load_generator(None if config.init_from == "default" else config.init_from)
-            if config.ngf is not None and config.ngf != pspec.ngf:
-                raise TrainingError(f"--init-from {config.init_from} is a width-{pspec.ngf} generator, not "
-                                    f"--ngf {config.ngf} (leave --ngf out to fine-tune it)")
-            config.ngf = pspec.ngf  # what the run's config.json records: the width it trains
+            if config.ngf is not None and config.ngf < pspec.ngf:
+                raise TrainingError(f"--init-from {config.init_from} is a width-{pspec.ngf} generator: --ngf can "
+                                    f"widen it, not narrow it to {config.ngf} (leave --ngf out to fine-tune it)")
+            config.widened = config.ngf is not None and config.ngf > pspec.ngf
+            config.ngf = config.ngf if config.widened else pspec.ngf  # config.json records the width it trains
             gsd = gsd if gsd is not None else pspec.gsd_m
             self.lineage = {"file": config.init_from, "sha256": model_digest(pretrained),
-                            "provenance": pspec.provenance}
+                            "provenance": pspec.provenance, **({"widened_from_ngf": pspec.ngf} if config.widened else {})}
         elif config.ngf is None:
             config.ngf = 64
         self.spec = ModelSpec(ngf=config.ngf, gsd_m=gsd)
@@ -221,7 +225,7 @@ class Trainer:
         init_weights(self.G)
         init_weights(self.D)
         if config.init_from:
-            self.G = pretrained.train()
+            self.G = (widen(pretrained, config.ngf, self.train_set, config.seed) if config.widened else pretrained).train()
         self.teacher: nn.Module | None = None
         self.teacher_lineage: dict | None = None
         if config.distill_from:
@@ -512,6 +516,21 @@ def _batchnorms(module: nn.Module) -> list[nn.BatchNorm2d]:
     return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
 
 
+def widen(narrow: UNetGenerator, ngf: int, dataset: datasets.PairDataset, seed: int, crops: int = 200) -> UNetGenerator:
+    """``narrow`` grown to width ``ngf``, computing exactly what it did (:func:`model.widen_generator`).
+
+    The new channels' BatchNorm running statistics are estimated on ``crops`` training crops, so
+    they start normalised when BatchNorm is frozen (``freeze_batchnorm``); the old channels keep
+    the statistics the narrow generator's weights were trained with."""
+    wide, fresh = widen_generator(narrow.cpu(), ngf)
+    probe = copy.deepcopy(wide)
+    recalibrate_batchnorm(probe, dataset, crops, 4, seed, torch.device("cpu"))
+    for bn, estimated, channels in zip(_batchnorms(wide), _batchnorms(probe), fresh):
+        bn.running_mean[channels] = estimated.running_mean[channels]
+        bn.running_var[channels] = estimated.running_var[channels]
+    return wide
+
+
 def recalibrate_batchnorm(generator: nn.Module, dataset: datasets.PairDataset, count: int | None, batch: int,
                           seed: int, device: torch.device) -> int:
     """Re-estimate the generator's BatchNorm running statistics over ``count`` training crops (None:
@@ -561,7 +580,7 @@ def train(
         max_steps = config.max_steps
         config = TrainConfig.from_json(out / "config.json")
         config.max_steps = max_steps
-        if config.init_from:  # its width is init_from's (runs before session 18 recorded 64 here)
+        if config.init_from and not config.widened:  # init_from's width (runs before session 18 recorded 64)
             config.ngf = None
         if schedule is not None:
             config.epochs = schedule[0] if schedule[0] is not None else config.epochs

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from geosat2map import metrics
 from geosat2map.errors import TrainingError
-from geosat2map.model import PatchDiscriminator, UNetGenerator
+from geosat2map.model import PatchDiscriminator, UNetGenerator, init_weights
 from geosat2map.train import TrainConfig, Trainer, train
 from geosat2map.weights import ModelSpec, read_spec, save_generator
 from geosat2map_cli.main import cli
@@ -711,15 +711,59 @@ def test_saved_weights_get_the_mode_an_ordinary_write_would(tmp_path):
         os.umask(old)
 
 
-def test_fine_tuning_takes_the_generators_width_and_refuses_another(tmp_path):
+def test_fine_tuning_takes_the_generators_width_and_refuses_a_narrower_one(tmp_path):
     """--init-from a width-4 generator with the default --ngf recorded width 64 in config.json
-    (while training width 4); an explicit other width is refused before the run folder is made."""
+    (while training width 4); a narrower width is refused before the run folder is made."""
     data = write_aligned(tmp_path / "data")
     start = tmp_path / "start.safetensors"
     save_generator(UNetGenerator(ngf=4).eval(), ModelSpec(ngf=4, gsd_m=2.0), start)
     cfg = tiny_config(data, tmp_path / "run", init_from=str(start), max_steps=1, ngf=None)
     train(cfg)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["ngf"] == 4
-    with pytest.raises(TrainingError, match="width-4 generator, not --ngf 8"):
-        train(tiny_config(data, tmp_path / "other", init_from=str(start), max_steps=1, ngf=8))
+    with pytest.raises(TrainingError, match="width-4 generator: --ngf can widen it, not narrow it to 3"):
+        train(tiny_config(data, tmp_path / "other", init_from=str(start), max_steps=1, ngf=3))
     assert not (tmp_path / "other").exists()
+
+
+def test_a_widened_generator_computes_what_the_narrow_one_did():
+    from geosat2map.model import widen_generator
+
+    torch.manual_seed(0)
+    narrow = UNetGenerator(ngf=4)
+    init_weights(narrow)
+    set_batchnorm_statistics(narrow, 0.25, 3.0)
+    wide, fresh = widen_generator(narrow, 6)
+    x = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        assert torch.equal(narrow.eval()(x), wide.eval()(x))
+    assert sum(p.numel() for p in wide.parameters()) == sum(p.numel() for p in UNetGenerator(ngf=6).parameters())
+    # The new channels are live (they get gradients), they only start with no path to the old ones.
+    bns = [m for m in wide.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert [len(f) for f in fresh] == [m.num_features - m.num_features * 4 // 6 for m in bns]
+    assert wide.encoder[1][1].weight[4:].abs().sum() > 0
+    assert wide.decoder[-1][1].weight[:, 4:].abs().sum() == 0  # the skip's new channels into the image
+    with pytest.raises(ValueError, match="narrow"):
+        widen_generator(wide, 4)
+
+
+def test_fine_tuning_at_a_wider_width_grows_the_generator_and_resumes_at_that_width(tmp_path):
+    from geosat2map.weights import load_generator
+
+    data = write_aligned(tmp_path / "data")
+    start = tmp_path / "start.safetensors"
+    narrow = UNetGenerator(ngf=4)
+    set_batchnorm_statistics(narrow, 0.25, 3.0)
+    save_generator(narrow.eval(), ModelSpec(ngf=4, gsd_m=2.0), start)
+    cfg = tiny_config(data, tmp_path / "run", init_from=str(start), ngf=6, freeze_batchnorm=True, max_steps=2,
+                      checkpoint_every=1)
+    train(cfg)
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (recorded["ngf"], recorded["widened"]) == (6, True)
+    train(tiny_config(data, tmp_path / "run", max_steps=4), resume=True)
+    wide, spec = load_generator(tmp_path / "run" / "generator.safetensors")
+    assert spec.ngf == 6 and spec.provenance["fine_tuned_from"]["widened_from_ngf"] == 4
+    bns = [m for m in wide.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    # Old channels keep the frozen statistics; new ones got theirs estimated on training crops.
+    assert all(torch.equal(m.running_mean[: m.num_features * 4 // 6], torch.full((m.num_features * 4 // 6,), 0.25))
+               for m in bns)
+    assert any(not torch.allclose(m.running_var[m.num_features * 4 // 6 :], torch.ones(1)) for m in bns)
