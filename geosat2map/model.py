@@ -127,25 +127,25 @@ def widen_generator(narrow: UNetGenerator, ngf: int) -> tuple[UNetGenerator, lis
     old_ngf = narrow.encoder[0][0].out_channels
     if ngf < old_ngf:
         raise ValueError(f"cannot narrow a width-{old_ngf} generator to {ngf}")
-    wide = UNetGenerator(narrow.encoder[0][0].in_channels, narrow.decoder[-1][1].out_channels, ngf)
+    image_in, image_out = narrow.encoder[0][0].in_channels, narrow.decoder[-1][1].out_channels
+    wide = UNetGenerator(image_in, image_out, ngf)
     init_weights(wide)
-    old_w, new_w = ([old_ngf * m for m in _ENCODER_MULT], [ngf * m for m in _ENCODER_MULT])
     levels = len(_ENCODER_MULT)
 
-    def kept(old: int, new: int, blocks: int = 1) -> torch.Tensor:
-        """Positions of the old channels among the new ones, for ``blocks`` concatenated groups."""
+    def kept(level: int, blocks: int = 1) -> torch.Tensor:
+        """Positions of encoder ``level``'s old channels among its new ones, in ``blocks``
+        concatenated copies (a decoder input is the skip, then the level below: two)."""
+        old, new = old_ngf * _ENCODER_MULT[level], ngf * _ENCODER_MULT[level]
         return torch.cat([torch.arange(old) + b * new for b in range(blocks)])
 
     new_channels = []
     with torch.no_grad():
-        for level in range(levels):  # encoder: in = previous level (the image for level 0)
-            src = torch.arange(narrow.encoder[0][0].in_channels) if level == 0 else kept(old_w[level - 1], new_w[level - 1])
-            pairs = (narrow.encoder[level], wide.encoder[level], src, kept(old_w[level], new_w[level]), False)
-            new_channels += _copy_block(*pairs)
-        for k in range(levels):  # decoder: in = [skip, previous decoder output], out = the mirrored level
-            src = kept(old_w[-1], new_w[-1]) if k == 0 else kept(old_w[levels - 1 - k], new_w[levels - 1 - k], 2)
-            outermost = k == levels - 1
-            dst = torch.arange(3) if outermost else kept(old_w[levels - 2 - k], new_w[levels - 2 - k])
+        for level in range(levels):  # in: the level above (the image for level 0)
+            src = torch.arange(image_in) if level == 0 else kept(level - 1)
+            new_channels += _copy_block(narrow.encoder[level], wide.encoder[level], src, kept(level), False)
+        for k in range(levels):  # in: [skip, decoder k - 1], both of encoder level 7 - k's width
+            src = kept(levels - 1) if k == 0 else kept(levels - 1 - k, 2)
+            dst = torch.arange(image_out) if k == levels - 1 else kept(levels - 2 - k)
             new_channels += _copy_block(narrow.decoder[k], wide.decoder[k], src, dst, True)
     return wide, new_channels
 
@@ -154,7 +154,8 @@ def _copy_block(narrow: nn.Sequential, wide: nn.Sequential, src: torch.Tensor, d
                 transposed: bool) -> list[torch.Tensor]:
     """Copy one level's conv (and BatchNorm) into the wide level at input positions ``src`` and
     output positions ``dst``; zero the weights from the other inputs into ``dst``."""
-    conv_n, conv_w = (next(m for m in block if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))) for block in (narrow, wide))
+    conv_n, conv_w = (next(m for m in block if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
+                      for block in (narrow, wide))
     weight = conv_w.weight.transpose(0, 1) if transposed else conv_w.weight  # (out, in, kh, kw) view
     old = conv_n.weight.transpose(0, 1) if transposed else conv_n.weight
     weight[dst] = 0.0

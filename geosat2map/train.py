@@ -44,8 +44,8 @@ from .weights import TRAINED_WEIGHTS, ModelSpec, load_generator, model_digest, s
 CHECKPOINT = "checkpoint.pt"
 #: The TrainConfig fields every saved generator's provenance records (how it was trained).
 RECORDED_SETTINGS = ("load_size", "crop_size", "batch_size", "lr", "beta1", "beta2", "lambda_l1", "epochs",
-                     "epochs_decay", "ndf", "holdout", "seed", "ema_decay", "freeze_batchnorm", "no_dropout", "rot90",
-                     "distill_from", "distill_weight")
+                     "epochs_decay", "ndf", "holdout", "seed", "ema_decay", "freeze_batchnorm", "no_dropout",
+                     "rot90", "distill_from", "distill_weight")
 
 
 @dataclass
@@ -214,7 +214,8 @@ class Trainer:
             config.ngf = config.ngf if config.widened else pspec.ngf  # config.json records the width it trains
             gsd = gsd if gsd is not None else pspec.gsd_m
             self.lineage = {"file": config.init_from, "sha256": model_digest(pretrained),
-                            "provenance": pspec.provenance, **({"widened_from_ngf": pspec.ngf} if config.widened else {})}
+                            "provenance": pspec.provenance,
+                            **({"widened_from_ngf": pspec.ngf} if config.widened else {})}
         elif config.ngf is None:
             config.ngf = 64
         self.spec = ModelSpec(ngf=config.ngf, gsd_m=gsd)
@@ -225,7 +226,8 @@ class Trainer:
         init_weights(self.G)
         init_weights(self.D)
         if config.init_from:
-            self.G = (widen(pretrained, config.ngf, self.train_set, config.seed) if config.widened else pretrained).train()
+            grown = widen(pretrained, config.ngf, self.train_set, config.seed) if config.widened else pretrained
+            self.G = grown.train()
         self.teacher: nn.Module | None = None
         self.teacher_lineage: dict | None = None
         if config.distill_from:
@@ -516,7 +518,8 @@ def _batchnorms(module: nn.Module) -> list[nn.BatchNorm2d]:
     return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
 
 
-def widen(narrow: UNetGenerator, ngf: int, dataset: datasets.PairDataset, seed: int, crops: int = 200) -> UNetGenerator:
+def widen(narrow: UNetGenerator, ngf: int, dataset: datasets.PairDataset, seed: int,
+          crops: int = 200) -> UNetGenerator:
     """``narrow`` grown to width ``ngf``, computing exactly what it did (:func:`model.widen_generator`).
 
     The new channels' BatchNorm running statistics are estimated on ``crops`` training crops, so
