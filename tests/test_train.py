@@ -48,6 +48,17 @@ def set_batchnorm_statistics(generator: torch.nn.Module, mean: float, var: float
             m.running_var.fill_(var)
 
 
+def data_and_start(tmp_path: Path) -> tuple[Path, Path]:
+    """An aligned folder and a width-4 generator to fine-tune, with BatchNorm statistics (mean
+    0.25, variance 3) that no batch of the test images would give."""
+    data = write_aligned(tmp_path / "data")
+    start = tmp_path / "start.safetensors"
+    g = UNetGenerator(ngf=4)
+    set_batchnorm_statistics(g, 0.25, 3.0)
+    save_generator(g.eval(), ModelSpec(ngf=4, gsd_m=2.0), start)
+    return data, start
+
+
 def tiny_config(data: Path, out: Path, **kw) -> TrainConfig:
     """fp32 unless a test asks for bf16: ``auto`` would autocast on CPUs with AMX or AVX512-BF16,
     and the tests that recompute a step's losses in fp32 would then hold on some machines only."""
@@ -247,11 +258,7 @@ def test_a_fine_tuned_generator_records_what_it_came_from(tmp_path):
 def test_frozen_batchnorm_trains_on_the_starting_statistics_and_keeps_them(tmp_path):
     from geosat2map.weights import load_generator
 
-    data = write_aligned(tmp_path / "data")
-    start = tmp_path / "start.safetensors"
-    g = UNetGenerator(ngf=4)
-    set_batchnorm_statistics(g, 0.25, 3.0)
-    save_generator(g.eval(), ModelSpec(ngf=4, gsd_m=2.0), start)
+    data, start = data_and_start(tmp_path)
     # Two epochs: the first's end-of-epoch scoring must leave BatchNorm frozen for the second.
     cfg = tiny_config(data, tmp_path / "run", init_from=str(start), freeze_batchnorm=True, epochs=1,
                       epochs_decay=1, load_size=256, ema_decay=0.9)
@@ -280,9 +287,7 @@ def test_no_dropout_trains_the_generator_with_dropout_off_and_is_recorded(tmp_pa
         return forward(self, x)
 
     monkeypatch.setattr(torch.nn.Dropout, "forward", spy)
-    data = write_aligned(tmp_path / "data")
-    start = tmp_path / "start.safetensors"
-    save_generator(UNetGenerator(ngf=4).eval(), ModelSpec(ngf=4, gsd_m=2.0), start)
+    data, start = data_and_start(tmp_path)
     # BatchNorm frozen, as the option is used: no re-estimation pass (run in train mode) at epoch ends.
     train(tiny_config(data, tmp_path / "run", init_from=str(start), no_dropout=no_dropout, freeze_batchnorm=True,
                       epochs=1, epochs_decay=1, load_size=256))
@@ -749,11 +754,7 @@ def test_a_widened_generator_computes_what_the_narrow_one_did():
 def test_fine_tuning_at_a_wider_width_grows_the_generator_and_resumes_at_that_width(tmp_path):
     from geosat2map.weights import load_generator
 
-    data = write_aligned(tmp_path / "data")
-    start = tmp_path / "start.safetensors"
-    narrow = UNetGenerator(ngf=4)
-    set_batchnorm_statistics(narrow, 0.25, 3.0)
-    save_generator(narrow.eval(), ModelSpec(ngf=4, gsd_m=2.0), start)
+    data, start = data_and_start(tmp_path)
     cfg = tiny_config(data, tmp_path / "run", init_from=str(start), ngf=6, freeze_batchnorm=True, max_steps=2,
                       checkpoint_every=1)
     train(cfg)
