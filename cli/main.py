@@ -463,13 +463,16 @@ def _echo_comparison(result: dict) -> None:
               help="trained: with --ema-decay, the weights being trained instead of their average (after "
                    "the latest epoch).")
 @click.option("--half", is_flag=True, help="Store fp16 (half the size).")
+@click.option("--int8", is_flag=True,
+              help="Store the convolution weights as int8 with a scale per channel, the rest fp16 (about "
+                   "a quarter of fp32's size).")
 @click.option("--gsd", "gsd_m", type=float, default=None, help="Override the ground sampling distance (m/px).")
 @click.option("--overwrite", is_flag=True)
-def export_weights(run_dir, out, which, half, gsd_m, overwrite) -> None:
+def export_weights(run_dir, out, which, half, int8, gsd_m, overwrite) -> None:
     """Export a training run's generator to the weights file translate loads."""
     from geosat2map.weights import export_run
 
-    spec = export_run(run_dir, out, which=which, half=half, gsd_m=gsd_m, overwrite=overwrite)
+    spec = export_run(run_dir, out, which=which, half=half, gsd_m=gsd_m, overwrite=overwrite, int8=int8)
     gsd = f"{spec.gsd_m:.3f} m" if spec.gsd_m is not None else "not recorded"
     click.echo(f"wrote {out} (ngf {spec.ngf}, ground sampling distance {gsd})")
 
@@ -487,8 +490,11 @@ def export_weights(run_dir, out, which, half, gsd_m, overwrite) -> None:
 @click.option("--load-size", type=int, default=286, show_default=True,
               help="As in training: the crops are cut from pairs resized to this.")
 @click.option("--half", is_flag=True, help="Store fp16 (half the size).")
+@click.option("--int8", is_flag=True,
+              help="Store the convolution weights as int8 with a scale per channel, the rest fp16 (about "
+                   "a quarter of fp32's size).")
 @click.option("--overwrite", is_flag=True)
-def average_weights(weights, out, data, holdout, crops, load_size, half, overwrite) -> None:
+def average_weights(weights, out, data, holdout, crops, load_size, half, int8, overwrite) -> None:
     """Average the generators WEIGHTS... (snapshots of one run) into OUT, with fresh BatchNorm statistics
     (kept instead when every input has the same: a run trained with --freeze-batchnorm)."""
     from geosat2map.average import average_generators
@@ -498,7 +504,7 @@ def average_weights(weights, out, data, holdout, crops, load_size, half, overwri
     check_destination(Path(out), None, overwrite)
     model, spec = average_generators(list(weights), data, recalibration=crops, holdout=holdout,
                                      load_size=load_size)
-    save_generator(model, spec, out, half=half)
+    save_generator(model, spec, out, half=half, int8=int8)
     recalibrated = spec.provenance.get("bn_recalibration")
     click.echo(f"wrote {out}: mean of {len(weights)} generators (ngf {spec.ngf}), BatchNorm "
                + (f"re-estimated on {recalibrated['crops']} crops" if recalibrated

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 
-from geosat2map.weights import load_generator, model_digest
+import torch
+
+from geosat2map.weights import ModelSpec, load_generator, model_digest, save_generator
 
 from .conftest import random_generator
 from .test_cli import run
@@ -48,3 +50,21 @@ def test_a_training_run_given_as_weights_says_how_to_export_it(tmp_path):
     assert result.exit_code == 1 and "is a training run, not a weights file" in result.stderr
     assert f"geosat2map export-weights {run_dir}" in result.stderr
     assert "is a folder, not a weights file" in run("info", tmp_path).stderr
+
+
+def test_int8_weights_load_within_half_a_step_and_take_a_quarter_of_the_size(tmp_path):
+    model = random_generator()
+    paths = {kind: tmp_path / f"{kind}.safetensors" for kind in ("fp32", "int8")}
+    save_generator(model, ModelSpec(ngf=8), paths["fp32"])
+    save_generator(model, ModelSpec(ngf=8), paths["int8"], int8=True)
+    assert paths["int8"].stat().st_size < 0.3 * paths["fp32"].stat().st_size
+    loaded = load_generator(paths["int8"])[0].state_dict()
+    for name, original in model.state_dict().items():
+        if original.dim() == 4:  # a convolution weight: int8, one scale per slice of dimension 0
+            step = original.abs().amax(dim=(1, 2, 3), keepdim=True) / 127
+            assert torch.all((loaded[name] - original).abs() <= step / 2 + 1e-7), name
+        elif original.is_floating_point():  # the rest: fp16
+            assert torch.equal(loaded[name], original.half().float()), name
+    d = json.loads(run("info", paths["int8"], "--json").stdout)
+    assert d["dtype"] == "float16, int8"
+    assert d["parameters"] == sum(p.numel() for p in model.parameters())  # the scales are not parameters

@@ -473,6 +473,10 @@ def test_train_and_evaluate_cli(tmp_path):
     result = CliRunner().invoke(cli, ["export-weights", str(run), str(out), "--half"])
     assert result.exit_code == 0, result.output
     assert read_spec(out).gsd_m == 2.0
+    small = tmp_path / "int8.safetensors"
+    assert CliRunner().invoke(cli, ["export-weights", str(run), str(small), "--int8"]).exit_code == 0
+    assert small.stat().st_size < 0.6 * out.stat().st_size
+    assert load_file(small)["encoder.1.1.weight"].dtype == torch.int8
     no_average = CliRunner().invoke(cli, ["export-weights", str(run), str(tmp_path / "t.safetensors"),
                                           "--which", "trained"])
     assert no_average.exit_code != 0 and "--which latest" in no_average.stderr
