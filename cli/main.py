@@ -542,7 +542,9 @@ def info(weights, as_json) -> None:
     if "epoch" in prov:
         made.append(f"epoch {prov['epoch']}, step {prov.get('step', '?')}")
     if "fine_tuned_from" in prov:
-        made.append(f"fine-tuned from {prov['fine_tuned_from']['file']}")
+        parent = prov["fine_tuned_from"]
+        grown = f" (grown from width {parent['widened_from_ngf']})" if "widened_from_ngf" in parent else ""
+        made.append(f"fine-tuned from {parent['file']}{grown}")
     if "distilled_from" in prov:
         made.append(f"distilled from {prov['distilled_from']['file']}'s flip-averaged maps")
     if "averaged_from" in prov:

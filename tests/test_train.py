@@ -767,6 +767,8 @@ def test_fine_tuning_at_a_wider_width_grows_the_generator_and_resumes_at_that_wi
     train(tiny_config(data, tmp_path / "run", max_steps=4), resume=True)
     wide, spec = load_generator(tmp_path / "run" / "generator.safetensors")
     assert spec.ngf == 6 and spec.provenance["fine_tuned_from"]["widened_from_ngf"] == 4
+    info = CliRunner().invoke(cli, ["info", str(tmp_path / "run" / "generator.safetensors")])
+    assert f"fine-tuned from {start} (grown from width 4)" in info.stdout
     bns = [m for m in wide.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     # Old channels keep the frozen statistics; new ones got theirs estimated on training crops.
     assert all(torch.equal(m.running_mean[: m.num_features * 4 // 6], torch.full((m.num_features * 4 // 6,), 0.25))
