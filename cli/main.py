@@ -456,16 +456,21 @@ def _echo_comparison(result: dict) -> None:
         click.echo(name.ljust(label) + "  " + "  ".join(c.rjust(w) for c, w in zip(cells, widths)))
 
 
+def _storage_options(command):
+    """--half and --int8, the stored precision of a weights file (export-weights, average-weights)."""
+    command = click.option("--int8", is_flag=True,
+                           help="Store the convolution weights as int8 with a scale per channel, the rest fp16 "
+                                "(about a quarter of fp32's size).")(command)
+    return click.option("--half", is_flag=True, help="Store fp16 (half the size).")(command)
+
+
 @cli.command("export-weights")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--which", type=click.Choice(["best", "latest", "trained"]), default="best", show_default=True,
               help="trained: with --ema-decay, the weights being trained instead of their average (after "
                    "the latest epoch).")
-@click.option("--half", is_flag=True, help="Store fp16 (half the size).")
-@click.option("--int8", is_flag=True,
-              help="Store the convolution weights as int8 with a scale per channel, the rest fp16 (about "
-                   "a quarter of fp32's size).")
+@_storage_options
 @click.option("--gsd", "gsd_m", type=float, default=None, help="Override the ground sampling distance (m/px).")
 @click.option("--overwrite", is_flag=True)
 def export_weights(run_dir, out, which, half, int8, gsd_m, overwrite) -> None:
@@ -489,10 +494,7 @@ def export_weights(run_dir, out, which, half, int8, gsd_m, overwrite) -> None:
                    "when every input has the same, else one crop of every training pair].")
 @click.option("--load-size", type=int, default=286, show_default=True,
               help="As in training: the crops are cut from pairs resized to this.")
-@click.option("--half", is_flag=True, help="Store fp16 (half the size).")
-@click.option("--int8", is_flag=True,
-              help="Store the convolution weights as int8 with a scale per channel, the rest fp16 (about "
-                   "a quarter of fp32's size).")
+@_storage_options
 @click.option("--overwrite", is_flag=True)
 def average_weights(weights, out, data, holdout, crops, load_size, half, int8, overwrite) -> None:
     """Average the generators WEIGHTS... (snapshots of one run) into OUT, with fresh BatchNorm statistics
