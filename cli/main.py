@@ -464,6 +464,13 @@ def _storage_options(command):
     return click.option("--half", is_flag=True, help="Store fp16 (half the size).")(command)
 
 
+def _storage(half: bool, int8: bool) -> str:
+    """The storage --half / --int8 ask for; both at once is a usage error, not a silent choice."""
+    if half and int8:
+        raise click.UsageError("--half and --int8 are two storages: pass one (int8 keeps the rest in fp16)")
+    return "int8" if int8 else "fp16" if half else "fp32"
+
+
 @cli.command("export-weights")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
@@ -477,7 +484,7 @@ def export_weights(run_dir, out, which, half, int8, gsd_m, overwrite) -> None:
     """Export a training run's generator to the weights file translate loads."""
     from geosat2map.weights import export_run
 
-    spec = export_run(run_dir, out, which=which, half=half, gsd_m=gsd_m, overwrite=overwrite, int8=int8)
+    spec = export_run(run_dir, out, which=which, storage=_storage(half, int8), gsd_m=gsd_m, overwrite=overwrite)
     gsd = f"{spec.gsd_m:.3f} m" if spec.gsd_m is not None else "not recorded"
     click.echo(f"wrote {out} (ngf {spec.ngf}, ground sampling distance {gsd})")
 
@@ -503,10 +510,11 @@ def average_weights(weights, out, data, holdout, crops, load_size, half, int8, o
     from geosat2map.weights import save_generator
     from geosat2map.writer import check_destination
 
+    storage = _storage(half, int8)
     check_destination(Path(out), None, overwrite)
     model, spec = average_generators(list(weights), data, recalibration=crops, holdout=holdout,
                                      load_size=load_size)
-    save_generator(model, spec, out, half=half, int8=int8)
+    save_generator(model, spec, out, storage)
     recalibrated = spec.provenance.get("bn_recalibration")
     click.echo(f"wrote {out}: mean of {len(weights)} generators (ngf {spec.ngf}), BatchNorm "
                + (f"re-estimated on {recalibrated['crops']} crops" if recalibrated

@@ -490,10 +490,10 @@ class Trainer:
             if self.cfg.keep_snapshots:  # every epoch's generator, for `average-weights`
                 snapshots = self.out / "snapshots"
                 snapshots.mkdir(exist_ok=True)
-                save_generator(generator, spec, snapshots / f"epoch{self.epoch:03d}.safetensors", half=True)
+                save_generator(generator, spec, snapshots / f"epoch{self.epoch:03d}.safetensors", "fp16")
                 if trained_spec:
                     save_generator(self.G, trained_spec, snapshots / f"epoch{self.epoch:03d}.trained.safetensors",
-                                   half=True)
+                                   "fp16")
             with open(self.out / "history.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         self.save_checkpoint()

@@ -64,24 +64,30 @@ class ModelSpec:
 INT8_SCALE = ".int8_scale"
 
 
-def save_generator(model: torch.nn.Module, spec: ModelSpec, path: str | Path, half: bool = False,
-                   int8: bool = False) -> None:
-    """Write the generator's state dict and spec; ``half`` stores fp16 to halve the size.
+#: How :func:`save_generator` can store the tensors; :func:`load_generator` reads each back to fp32.
+STORAGE = ("fp32", "fp16", "int8")
 
-    ``int8`` (implies ``half`` for the rest) stores each convolution weight as int8 with one fp32
-    scale per slice of its first dimension (symmetric, the slice's largest magnitude maps to 127):
-    the weights are nearly all of a generator's size, so the file is about a quarter of fp32's
-    (a width-48 generator: 31 MB against 61 MB in fp16, under the 32 MB a shipped model may take).
+
+def save_generator(model: torch.nn.Module, spec: ModelSpec, path: str | Path, storage: str = "fp32") -> None:
+    """Write the generator's state dict and spec; ``storage`` is one of :data:`STORAGE`.
+
+    ``fp16`` halves the size. ``int8`` stores each convolution weight as int8 with one fp32 scale
+    per slice of its first dimension (symmetric, the slice's largest magnitude maps to 127) and the
+    rest as fp16: the convolution weights are nearly all of a generator's size, so the file is about
+    a quarter of fp32's (a width-48 generator: 31 MB against 61 MB in fp16, under the 32 MB a
+    shipped model may take).
     """
+    if storage not in STORAGE:
+        raise ValueError(f"storage must be one of {STORAGE}, not {storage!r}")
     state = {}
     for key, value in model.state_dict().items():
         value = value.detach().cpu().contiguous()
-        if int8 and value.is_floating_point() and value.dim() == 4:
+        if storage == "int8" and value.is_floating_point() and value.dim() == 4:
             scale = value.float().abs().amax(dim=(1, 2, 3)).clamp_min(1e-12) / 127
             state[key] = (value.float() / scale[:, None, None, None]).round().clamp(-127, 127).to(torch.int8)
             state[key + INT8_SCALE] = scale
             continue
-        if (half or int8) and value.is_floating_point():
+        if storage != "fp32" and value.is_floating_point():
             value = value.half()
         state[key] = value
     path = Path(path)
@@ -195,13 +201,12 @@ def export_run(
     run_dir: str | Path,
     out: str | Path,
     which: str = "best",
-    half: bool = False,
+    storage: str = "fp32",
     gsd_m: float | None = None,
     overwrite: bool = False,
-    int8: bool = False,
 ) -> ModelSpec:
-    """Copy a training run's best, latest or trained generator to ``out``, optionally fp16 (or int8,
-    see :func:`save_generator`) and with a new GSD.
+    """Copy a training run's best, latest or trained generator to ``out``, stored as ``storage``
+    (see :func:`save_generator`) and optionally with a new GSD.
 
     ``which="trained"``: a run with a weight average (``--ema-decay``) saves and scores the average;
     this takes the weights being trained after its latest epoch instead (``val_online`` in its
@@ -230,7 +235,7 @@ def export_run(
     model, spec = load_generator(src)
     if gsd_m is not None:
         spec = replace(spec, gsd_m=gsd_m)
-    save_generator(model, spec, out, half=half, int8=int8)
+    save_generator(model, spec, out, storage)
     return spec
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
 import torch
 
 from geosat2map.weights import ModelSpec, load_generator, model_digest, save_generator
@@ -56,7 +57,7 @@ def test_int8_weights_load_within_half_a_step_and_take_a_quarter_of_the_size(tmp
     model = random_generator()
     paths = {kind: tmp_path / f"{kind}.safetensors" for kind in ("fp32", "int8")}
     save_generator(model, ModelSpec(ngf=8), paths["fp32"])
-    save_generator(model, ModelSpec(ngf=8), paths["int8"], int8=True)
+    save_generator(model, ModelSpec(ngf=8), paths["int8"], "int8")
     assert paths["int8"].stat().st_size < 0.3 * paths["fp32"].stat().st_size
     loaded = load_generator(paths["int8"])[0].state_dict()
     for name, original in model.state_dict().items():
@@ -68,3 +69,6 @@ def test_int8_weights_load_within_half_a_step_and_take_a_quarter_of_the_size(tmp
     d = json.loads(run("info", paths["int8"], "--json").stdout)
     assert d["dtype"] == "float16, int8"
     assert d["parameters"] == sum(p.numel() for p in model.parameters())  # the scales are not parameters
+    with pytest.raises(ValueError, match="storage must be one of"):
+        save_generator(model, ModelSpec(ngf=8), tmp_path / "bf16.safetensors", "bf16")
+    assert not (tmp_path / "bf16.safetensors").exists()

@@ -477,6 +477,9 @@ def test_train_and_evaluate_cli(tmp_path):
     assert CliRunner().invoke(cli, ["export-weights", str(run), str(small), "--int8"]).exit_code == 0
     assert small.stat().st_size < 0.6 * out.stat().st_size
     assert load_file(small)["encoder.1.1.weight"].dtype == torch.int8
+    assert load_file(out)["encoder.1.1.weight"].dtype == torch.float16
+    both = CliRunner().invoke(cli, ["export-weights", str(run), str(tmp_path / "b.safetensors"), "--half", "--int8"])
+    assert both.exit_code == 2 and "pass one" in both.stderr and not (tmp_path / "b.safetensors").exists()
     no_average = CliRunner().invoke(cli, ["export-weights", str(run), str(tmp_path / "t.safetensors"),
                                           "--which", "trained"])
     assert no_average.exit_code != 0 and "--which latest" in no_average.stderr
