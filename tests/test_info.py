@@ -7,7 +7,9 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from geosat2map import weights
 from geosat2map.weights import ModelSpec, load_generator, model_digest, save_generator
 
 from .conftest import random_generator
@@ -53,10 +55,11 @@ def test_a_training_run_given_as_weights_says_how_to_export_it(tmp_path):
     assert "is a folder, not a weights file" in run("info", tmp_path).stderr
 
 
-def test_int8_weights_load_within_half_a_step_and_take_a_quarter_of_the_size(tmp_path):
+def test_int8_weights_load_within_half_a_step_and_take_a_quarter_of_the_size(tmp_path, monkeypatch):
     model = random_generator()
-    paths = {kind: tmp_path / f"{kind}.safetensors" for kind in ("fp32", "int8")}
+    paths = {kind: tmp_path / f"{kind}.safetensors" for kind in ("fp32", "int8", "int8_inner")}
     save_generator(model, ModelSpec(ngf=8), paths["fp32"])
+    monkeypatch.setattr(weights, "INT8_MIN_ELEMENTS", 1)  # every convolution weight
     save_generator(model, ModelSpec(ngf=8), paths["int8"], "int8")
     assert paths["int8"].stat().st_size < 0.3 * paths["fp32"].stat().st_size
     loaded = load_generator(paths["int8"])[0].state_dict()
@@ -66,6 +69,14 @@ def test_int8_weights_load_within_half_a_step_and_take_a_quarter_of_the_size(tmp
             assert torch.all((loaded[name] - original).abs() <= step / 2 + 1e-7), name
         elif original.is_floating_point():  # the rest: fp16
             assert torch.equal(loaded[name], original.half().float()), name
+    # Only weights of INT8_MIN_ELEMENTS or more are int8; the smaller, outer ones stay fp16.
+    monkeypatch.setattr(weights, "INT8_MIN_ELEMENTS", 4096)
+    save_generator(model, ModelSpec(ngf=8), paths["int8_inner"], "int8")
+    stored = load_file(paths["int8_inner"])
+    convolutions = {k: v for k, v in model.state_dict().items() if v.dim() == 4}
+    assert {k for k in convolutions if stored[k].dtype == torch.int8} == {
+        k for k, v in convolutions.items() if v.numel() >= 4096} != set(convolutions)
+    assert stored["encoder.0.0.weight"].dtype == torch.float16
     d = json.loads(run("info", paths["int8"], "--json").stdout)
     assert d["dtype"] == "float16, int8"
     assert d["parameters"] == sum(p.numel() for p in model.parameters())  # the scales are not parameters
