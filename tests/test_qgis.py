@@ -27,7 +27,10 @@ CHECK = Path(__file__).with_name("qgis_check.py")
 
 def _system_environment() -> dict[str, str]:
     """The environment without an activated virtualenv: QGIS's embedded Python finds its home by
-    the first python3 on PATH, and the venv's (another Python build) made qgis_process crash."""
+    the first python3 on PATH, and the venv's (another Python build) made qgis_process crash.
+    Taken at each call, so it carries the session's GEOSAT2MAP_CACHE (conftest): translate run
+    from QGIS then keeps auto's engine pick where the test's own translate finds it, and both
+    make the same map, instead of timing its own pick into the user's cache."""
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME", "PYTHONPATH")}
     venv = os.environ.get("VIRTUAL_ENV")
     if venv:
@@ -36,13 +39,11 @@ def _system_environment() -> dict[str, str]:
     return {**env, "QT_QPA_PLATFORM": "offscreen"}
 
 
-ENV = _system_environment()
-
-
 def _qgis_python() -> bool:
     if not SYSTEM_PYTHON.exists():
         return False
-    probe = subprocess.run([str(SYSTEM_PYTHON), "-c", "import qgis.core"], capture_output=True, env=ENV)
+    probe = subprocess.run([str(SYSTEM_PYTHON), "-c", "import qgis.core"], capture_output=True,
+                           env=_system_environment())
     return probe.returncode == 0
 
 
@@ -70,7 +71,8 @@ def test_qgis_opens_the_output_as_a_georeferenced_unstretched_rgb_with_transpare
     nodata_point, valid_point = f"{left + 100},{top - 100}", f"{left + 600},{bottom + 100}"
     # Rendered at the raster's own size, so a rendered pixel is a raster pixel.
     proc = subprocess.run([str(SYSTEM_PYTHON), str(CHECK), str(out), str(png), "--size", "700", "--probe",
-                           nodata_point, "--probe", valid_point], capture_output=True, text=True, env=ENV, timeout=120)
+                           nodata_point, "--probe", valid_point], capture_output=True, text=True,
+                          env=_system_environment(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["valid"]
@@ -95,7 +97,8 @@ def test_qgis_opens_the_output_as_a_georeferenced_unstretched_rgb_with_transpare
 def test_qgis_process_raster_statistics(output):
     _, out = output
     proc = subprocess.run([str(QGIS_PROCESS), "--json", "run", "native:rasterlayerstatistics", "--",
-                           f"INPUT={out}", "BAND=1"], capture_output=True, text=True, env=ENV, timeout=120)
+                           f"INPUT={out}", "BAND=1"], capture_output=True, text=True,
+                          env=_system_environment(), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     stats = json.loads(proc.stdout)["results"]
     with rasterio.open(out) as dst:
@@ -116,7 +119,7 @@ def _run_processing(script: Path, *params: str, cancel_at: float | None = None, 
         command += ["--cancel-at", str(cancel_at)]
     if project_layer:
         command.append("--project-layer")
-    proc = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    proc = subprocess.run(command, capture_output=True, text=True, env=_system_environment(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
