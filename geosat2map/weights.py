@@ -80,7 +80,7 @@ def save_generator(model: torch.nn.Module, spec: ModelSpec, path: str | Path, st
     :data:`INT8_MIN_ELEMENTS` as int8 with one fp32 scale per slice of its first dimension
     (symmetric, the slice's largest magnitude maps to 127) and the rest as fp16: those weights are
     nearly all of a generator's size, so the file is not much over a quarter of fp32's (a width-48
-    generator: 32 MB against 61 MB in fp16, within the 32 MB a shipped model may take).
+    generator: 31.8 MB against 61 MB in fp16, within the 32 MB a shipped model may take).
     """
     if storage not in STORAGE:
         raise ValueError(f"storage must be one of {STORAGE}, not {storage!r}")
