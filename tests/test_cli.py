@@ -242,13 +242,17 @@ def test_signal_in_the_middle_of_a_run_leaves_nothing(tmp_path, tiny_weights, si
 
     scene = write_scene(tmp_path / "scene.tif", width=4000, height=4000)
     out = tmp_path / "map.tif"
-    # A shell without job control starts background jobs with SIGINT ignored, and Python then
-    # leaves it ignored (as nohup intends): the child gets the default disposition back, so the
-    # test asks what translate does on Ctrl-C however the suite was launched.
-    proc = subprocess.Popen([sys.executable, "-m", "geosat2map_cli", "translate", str(scene), str(out),
-                             "--weights", str(tiny_weights), "--batch-size", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # A shell without job control starts background jobs with SIGINT ignored, and an ignored
+    # signal stays ignored across exec (Python then leaves it so, as nohup intends). A handled one
+    # is reset to the default: SIGINT is handled here while the child starts, so the test asks
+    # what translate does on Ctrl-C however the suite was launched.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "geosat2map_cli", "translate", str(scene), str(out),
+                                 "--weights", str(tiny_weights), "--batch-size", "1"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.time() + 120
     while not [p for p in tmp_path.iterdir() if ".part" in p.name] and time.time() < deadline:
         time.sleep(0.05)  # wait until the temporary output exists: the run is under way
