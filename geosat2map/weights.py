@@ -62,11 +62,12 @@ class ModelSpec:
 
 #: Suffix of the per-slice scales stored beside a convolution weight kept as int8.
 INT8_SCALE = ".int8_scale"
-#: int8 storage quantises only convolution weights this large: the inner levels, nearly all of a
-#: generator's size. The outer ones (the first convolutions and the last, which see and write
-#: pixels) stay fp16: quantising them too cost a width-48 generator 0.0004 of held-out SSIM, with
-#: them in fp16 its scores equal fp16's, for 1.1 MB more.
-INT8_MIN_ELEMENTS = 2**20
+#: int8 storage quantises only convolution weights this large: all but the outermost (the first
+#: two convolutions and the last, which see and write pixels: 81 k of a width-48 generator's 30.6 M
+#: weights), which stay fp16. Quantising them too cost that generator 0.0002-0.0004 of held-out
+#: SSIM; keeping the outer three levels on each side (1.1 M) in fp16 gained no more than these
+#: three, and made the file 30.3 MiB.
+INT8_MIN_ELEMENTS = 2**17
 
 
 #: How :func:`save_generator` can store the tensors; :func:`load_generator` reads each back to fp32.
@@ -80,7 +81,7 @@ def save_generator(model: torch.nn.Module, spec: ModelSpec, path: str | Path, st
     :data:`INT8_MIN_ELEMENTS` as int8 with one fp32 scale per slice of its first dimension
     (symmetric, the slice's largest magnitude maps to 127) and the rest as fp16: those weights are
     nearly all of a generator's size, so the file is not much over a quarter of fp32's (a width-48
-    generator: 31.8 MB against 61 MB in fp16, within the 32 MB a shipped model may take).
+    generator: 29.3 MiB against 58 MiB in fp16).
     """
     if storage not in STORAGE:
         raise ValueError(f"storage must be one of {STORAGE}, not {storage!r}")
