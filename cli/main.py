@@ -137,7 +137,8 @@ def _parse_bands(ctx, param, value: str | None):
               help="auto: bf16 autocast where the hardware multiplies bf16 (CUDA, CPUs with AMX or "
                    "AVX512-BF16) and it is faster; maps within 2 levels of fp32's at 99.9 % of values.")
 @click.option("--bands", default=None, callback=_parse_bands,
-              help="Input bands, e.g. 1,2,3 (default: by colour interpretation, else 1,2,3; one band as grey).")
+              help="Input bands, e.g. 1,2,3 (default: by colour interpretation, else 1,2,3; one band as grey, "
+                   "or in its colour table's colours when paletted).")
 @click.option("--bounds", type=float, nargs=4, default=None, metavar="LEFT BOTTOM RIGHT TOP",
               help="Translate only this box (the source pixels that cover it), in the scene's CRS or --bounds-crs.")
 @click.option("--bounds-crs", default=None, metavar="CRS",

@@ -177,6 +177,49 @@ def test_single_band_uint16_translates_to_rgb(tiny_weights, tmp_path):
         assert dst.count == 3
 
 
+def _paletted_pair(tmp_path):
+    """A one-band paletted scene and the RGB scene its colour table expands it to."""
+    rgb = synthetic_image(300, 300)
+    index = (rgb[0] // 43 * 36 + rgb[1] // 43 * 6 + rgb[2] // 43).astype(np.uint8)  # a 6 x 6 x 6 colour cube
+    table = {i: (i // 36 * 43 + 21, i // 6 % 6 * 43 + 21, i % 6 * 43 + 21, 255) for i in range(216)}
+    paletted = write_scene(tmp_path / "paletted.tif", width=300, height=300, count=1, data=index[None],
+                           photometric="palette")
+    with rasterio.open(paletted, "r+") as dst:
+        dst.write_colormap(1, table)
+    expanded = np.array([[table[i][c] for i in range(216)] + [0] * 40 for c in range(3)], np.uint8)[:, index]
+    return paletted, write_scene(tmp_path / "expanded.tif", width=300, height=300, data=expanded)
+
+
+def test_a_paletted_scene_is_translated_in_its_colours(tiny_weights, tmp_path):
+    """A one-band paletted scene is read through its colour table, as QGIS shows it, not as grey
+    indices; resampled, through GDAL's palette-aware average."""
+    paletted, expanded = _paletted_pair(tmp_path)
+    maps = {}
+    for name, src in (("paletted", paletted), ("expanded", expanded)):
+        out = tmp_path / f"{name}_map.tif"
+        translate(src, out, weights=tiny_weights)
+        with rasterio.open(out) as dst:
+            maps[name] = dst.read()
+    assert np.array_equal(maps["paletted"], maps["expanded"])
+    scene = open_scene(paletted, resolution="native")
+    try:
+        pixels, _ = scene.read(Window(0, 0, 300, 300))
+        notes = scene.notes
+    finally:
+        scene.close()
+    with rasterio.open(expanded) as src:
+        assert np.array_equal(pixels, src.read())
+    assert notes == ["band 1 is paletted: its colour table gives the colours translated"]
+    # At the model's 2 m: every pixel a colour of the table (an average of indices would not be).
+    scene = open_scene(paletted, model_gsd_m=2.0)
+    try:
+        pixels, _ = scene.read(Window(0, 0, 150, 150))
+    finally:
+        scene.close()
+    colours = {(i // 36 * 43 + 21, i // 6 % 6 * 43 + 21, i % 6 * 43 + 21) for i in range(216)}
+    assert set(map(tuple, pixels.reshape(3, -1).T.astype(int).tolist())) <= colours
+
+
 def test_float_nan_and_inf_are_masked(tiny_weights, tmp_path):
     data = synthetic_image(300, 300) / 255.0
     data[:, 10:20, 10:20] = np.nan
