@@ -591,7 +591,12 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
         notes.append("the bounds reach past the scene: the map covers only the part inside them")
     # From here on the scene is its crop: these pixels, at this place.
     cols, rows, t = int(crop.width), int(crop.height), src.window_transform(crop)
-    bands = list(bands) if bands else default_bands(src)
+    if not bands:
+        bands = default_bands(src)
+        if src.count > 3 and bands == [1, 2, 3] and ColorInterp.red not in src.colorinterp:
+            # NAIP's order, but an 8-band WorldView or a Sentinel-2 stack starts with coastal blue.
+            notes.append(f"bands 1, 2, 3 of {src.count} read as red, green, blue (the file does not say which "
+                         "are): pass --bands to choose others")
     bad = [b for b in bands if not 1 <= b <= src.count]
     if bad:
         raise InputError(f"{path} has {src.count} band(s); cannot read band(s) {bad}")

@@ -244,6 +244,20 @@ def test_bands_option_picks_bands_in_order(tmp_path):
     assert pixels[:, 0, 0].tolist() == [40, 30, 20]
 
 
+def test_guessing_red_green_blue_among_more_bands_is_said(tmp_path):
+    path = write_scene(tmp_path / "four.tif", width=300, height=300, count=4, photometric="minisblack")  # as NAIP
+    notes = {}
+    for bands in (None, [3, 2, 1]):
+        scene = open_scene(path, bands=bands, resolution="native")
+        notes[str(bands)] = scene.notes
+        scene.close()
+    assert notes == {"None": ["bands 1, 2, 3 of 4 read as red, green, blue (the file does not say which are): "
+                              "pass --bands to choose others"], "[3, 2, 1]": []}
+    rgb = write_scene(tmp_path / "rgba.tif", width=300, height=300, count=4)  # GDAL's default: RGB and alpha
+    with open_scene(rgb, resolution="native") as scene:
+        assert scene.notes == []
+
+
 def test_scene_smaller_than_a_tile(tiny_weights, tmp_path):
     path = write_scene(tmp_path / "small.tif", width=37, height=9)
     out = tmp_path / "map.tif"
