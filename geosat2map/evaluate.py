@@ -145,12 +145,10 @@ def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256
 
     from .errors import InputError
     from .placement import north_up, warped_onto
+    from .reader import open_raster
 
-    try:
-        out_ds, map_ds = rasterio.open(output), rasterio.open(map_raster)
-    except rasterio.errors.RasterioIOError as exc:
-        raise InputError(f"cannot open a raster to evaluate: {exc}") from None
-    with out_ds, map_ds, north_up(map_raster, map_ds) as north, \
+    # A paletted map is opened in its colours (open_raster).
+    with open_raster(output) as out_ds, open_raster(map_raster) as map_ds, north_up(map_raster, map_ds) as north, \
             warped_onto(north, out_ds.crs, out_ds.transform, out_ds.width, out_ds.height) as warped:
         bands = [1, 2, 3] if map_ds.count >= 3 else [1, 1, 1]
         per_tile = []

@@ -53,6 +53,8 @@ OVERVIEW_HINT_SCALE = 4
 #: cores: GDAL's resampling rounds a little differently for a window that starts elsewhere (at
 #: most one level, here and there), so the strips must not depend on the machine for the map not to.
 STRIP = 256
+#: The options of the GDAL connection string that opens a paletted raster as its colours.
+EXPAND_RGB = "?expand=rgb"
 #: Most the model's resolution may be finer than the scene's when translate picks it: beyond this
 #: the scene is blown up into a huge raster of detail it does not have (a 30 m Landsat scene at
 #: the maps model's 2.12 m: 200 times the pixels). An explicit --resolution is taken as asked.
@@ -99,9 +101,6 @@ class Scene:
     #: The scene's own file when ``src`` is its north-up warp (:mod:`geosat2map.placement`), closed
     #: with it.
     warped_from: rasterio.io.DatasetReader | None = field(default=None, repr=False)
-    #: (3, 256) red, green and blue of each index when the band read is paletted (see
-    #: :func:`_palette`): the indices read are looked up in it, so the model sees the colours.
-    palette: np.ndarray | None = None
     _handles: list = field(default_factory=list, repr=False)  # the dataset handles of readers 1..
     _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
 
@@ -129,7 +128,7 @@ class Scene:
                 data, valid = self._read_source(window, shape, dtype, out)
         except RasterioIOError as exc:  # a truncated or corrupt file fails here, not at open
             raise InputError(f"reading {self.path} failed: {gdal_reason(exc)}") from None
-        return self._scale(self._expand(data), valid)
+        return self._scale(data, valid)
 
     def _gdal_env(self):
         """The scene's GDAL options in force (nothing to enter for a local scene: an empty
@@ -233,22 +232,11 @@ class Scene:
     def read_decimated(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         """The whole scene resampled to ``height`` x ``width`` (for previews), scaled like :meth:`read`."""
         shape = (height, width)
-        resampling = Resampling.bilinear
-        if self.palette is not None:  # bilinear would blend indices, not colours (see _plan)
-            resampling = Resampling.average if height < self.crop.height else Resampling.nearest
         with self._gdal_env():
             data = self.src.read(self.bands, window=self.crop, out_shape=(len(self.bands), *shape),
-                                 out_dtype="float32", resampling=resampling)
+                                 out_dtype="float32", resampling=Resampling.bilinear)
             valid = self.src.dataset_mask(window=self.crop, out_shape=shape, resampling=Resampling.nearest) > 0
-        return self._scale(self._expand(data), valid)
-
-    def _expand(self, data: np.ndarray) -> np.ndarray:
-        """Paletted indices (the same band read three times, as uint8 or as whole float32) to
-        their red, green and blue, in place; other data as it is."""
-        if self.palette is not None:
-            for band, lut in zip(data, self.palette):
-                band[:] = lut[band if band.dtype == np.uint8 else band.astype(np.uint8)]
-        return data
+        return self._scale(data, valid)
 
     def _scale(self, data: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.stretch is not None:  # in place: ``data`` may be the caller's buffer
@@ -391,11 +379,30 @@ def open_raster(path: Path | str) -> rasterio.io.DatasetReader:
     try:
         with warnings.catch_warnings(), rasterio.Env(**threads):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
+            return _colours(path, rasterio.open(path))
     except RasterioIOError as exc:
         if is_gdal_path(path):  # not found, refused, not a raster, no such table: GDAL's reason says which
             raise InputError(f"cannot open {path}: {gdal_reason(exc)}") from None
         raise InputError(f"{path} is not a raster GDAL can read") from None
+
+
+def _colours(path: Path | str, src: rasterio.io.DatasetReader) -> rasterio.io.DatasetReader:
+    """``src``, or for a one-band paletted raster the same file opened through GDAL's palette
+    expansion (``vrt://...?expand=rgb``, as ``gdal_translate -expand rgb``): three bands of its
+    colours, as QGIS shows it, never its indices, which no resampling or warp may average."""
+    if src.count != 1 or src.colorinterp[0] is not ColorInterp.palette:
+        return src
+    name = src.name
+    src.close()
+    if "?" in name:  # the connection string's options start at the first "?"
+        raise InputError(f"{path} is paletted and its name holds a '?', which GDAL's palette expansion cannot "
+                         "take: rename it, or expand it first (gdal_translate -expand rgb)")
+    return rasterio.open(f"vrt://{name}{EXPAND_RGB}")
+
+
+def is_expanded(src: rasterio.io.DatasetReader) -> bool:
+    """Whether :func:`open_raster` opened ``src`` through the palette expansion."""
+    return src.name.startswith("vrt://") and src.name.endswith(EXPAND_RGB)
 
 
 def default_bands(src: rasterio.io.DatasetReader) -> list[int]:
@@ -407,23 +414,6 @@ def default_bands(src: rasterio.io.DatasetReader) -> list[int]:
     if src.count >= 3:
         return [1, 2, 3]
     return [1, 1, 1]
-
-
-def _palette(src: rasterio.io.DatasetReader, bands: list[int]) -> np.ndarray | None:
-    """The (3, 256) colour table of the band selected when it is one 8-bit paletted band (as
-    QGIS shows it), else None: its indices are not brightness."""
-    band = bands[0]
-    if len(set(bands)) != 1 or src.colorinterp[band - 1] is not ColorInterp.palette or src.dtypes[band - 1] != "uint8":
-        return None
-    try:
-        table = src.colormap(band)
-    except ValueError:  # marked paletted, but with no table
-        return None
-    lut = np.zeros((3, 256), np.uint8)
-    for index, rgba in table.items():
-        if 0 <= index < 256:
-            lut[:, index] = rgba[:3]
-    return lut
 
 
 def ground_pixel_size(crs, transform: Affine, width: int, height: int) -> tuple[float, float]:
@@ -502,6 +492,7 @@ def open_scene(
     options = _remote_options(path)
     with rasterio.Env(**options):  # GDAL looks for side-car files while the scene is planned
         src = open_raster(path)
+        paletted = is_expanded(src)
         base = None  # the scene's own file, when src is its north-up warp
         try:
             where = placement(path, src, allow_ungeoreferenced)
@@ -509,8 +500,7 @@ def open_scene(
                 base, src = src, warp_north_up(path, src, where, Resampling.nearest)
             scene = _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, bounds, bounds_crs,
                           None if where is None else where[1])
-            if where is not None and scene.palette is None and (scene.scale is None or
-                                                                min(scene.scale) < WARP_NEAREST_SCALE):
+            if where is not None and (scene.scale is None or min(scene.scale) < WARP_NEAREST_SCALE):
                 scene.src = warp_north_up(path, base, where, Resampling.bilinear)
                 src.close()
         except BaseException:
@@ -520,6 +510,8 @@ def open_scene(
             raise
     scene.gdal_options = options
     scene.warped_from = base
+    if paletted:
+        scene.notes.insert(0, "paletted: read in its colour table's colours (GDAL's expand=rgb)")
     return scene
 
 
@@ -602,9 +594,6 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
         raise InputError(f"{path} has {src.count} band(s); cannot read band(s) {bad}")
     if len(bands) == 1:
         bands = bands * 3
-    palette = _palette(src, bands)
-    if palette is not None:
-        notes.append(f"band {bands[0]} is paletted: its colour table gives the colours translated")
     stretch = None if all(src.dtypes[b - 1] == "uint8" for b in bands) else _stretch(src, bands, crop)
     if stretch is not None:  # say what the map's colours were computed from
         kinds = "/".join(sorted({src.dtypes[b - 1] for b in bands}))
@@ -645,7 +634,7 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
     if target is None or math.isclose(target, native, rel_tol=1e-3):
         _check_size(path, cols, rows, native)
         return Scene(path, src, bands, cols, rows, t, src.crs, native, native, crop, stretch, notes,
-                     all_valid=all_valid, palette=palette)
+                     all_valid=all_valid)
 
     # Same CRS and footprint, pixels scaled so one covers `target` metres on the ground.
     scale = target / native
@@ -654,10 +643,6 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
     _check_size(path, width, height, target)
     transform = Affine(t.a * cols / width, 0, t.c, 0, t.e * rows / height, t.f)
     method = Resampling.average if scale > 1 else Resampling.bilinear
-    if palette is not None and scale <= 1:
-        # Bilinear blends indices into unrelated colours. GDAL's average of a paletted band is
-        # palette-aware (it averages the colours and takes the nearest entry of the table).
-        method = Resampling.nearest
     large = max(cols, rows) >= OVERVIEW_HINT_SIDE
     if large and scale >= OVERVIEW_HINT_SCALE and not src.overviews(bands[0]):
         name = scene_name(path)
@@ -667,5 +652,4 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
     one = is_remote(path) or warped is not None
     readers = 1 if one else max(1, min(reader_threads(), math.ceil(width / STRIP)))
     return Scene(path, src, bands, width, height, transform, src.crs, native, native * cols / width, crop, stretch,
-                 notes, scale=(cols / width, rows / height), resampling=method, all_valid=all_valid, readers=readers,
-                 palette=palette)
+                 notes, scale=(cols / width, rows / height), resampling=method, all_valid=all_valid, readers=readers)

@@ -27,13 +27,12 @@ import rasterio
 import shapely
 import shapely.geometry
 from pyproj import Transformer
-from rasterio.errors import RasterioIOError
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window, transform as window_transform
 
 from .errors import InputError, OutputError
 from .placement import north_up, warped_onto
-from .reader import Scene, open_scene
+from .reader import Scene, open_raster, open_scene
 from .render import Grid, MapRenderer, Style, read_vectors
 
 
@@ -87,10 +86,7 @@ class _RasterMap:
     """A map raster warped onto the scene's grid (average when shrinking, so lines stay visible)."""
 
     def __init__(self, path: str | Path, grid: Grid) -> None:
-        try:
-            self.src = rasterio.open(path)
-        except RasterioIOError:
-            raise InputError(f"{path} is not a raster GDAL can read") from None
+        self.src = open_raster(path)  # a paletted map in its colours, averaged as such below
         self.vrt = None
         try:
             self.north = north_up(path, self.src)

@@ -249,6 +249,21 @@ def test_evaluate_a_translate_output_against_a_map_raster(tmp_path):
     assert part["count"] == 6 and part["rmse"] == 0
 
 
+def test_a_paletted_map_raster_is_compared_in_its_colours(tmp_path):
+    """Maps are often saved paletted: evaluate (and tiles, through the same open_raster) read one
+    in its colour table's colours, not as grey indices."""
+    index = np.repeat(np.arange(8, dtype=np.uint8), 64)[None, :].repeat(512, axis=0)  # eight colour stripes
+    table = {i: (30 * i, 255 - 30 * i, 100, 255) for i in range(8)}
+    paletted = write_scene(tmp_path / "paletted.tif", width=512, height=512, count=1, data=index[None],
+                           photometric="palette")
+    with rasterio.open(paletted, "r+") as ds:
+        ds.write_colormap(1, table)
+    colours = np.array([table[i][:3] for i in range(8)], np.uint8).T[:, index]
+    rgb = write_scene(tmp_path / "rgb.tif", width=512, height=512, data=colours)
+    scores = json.loads(CliRunner().invoke(cli, ["evaluate", str(rgb), "--map", str(paletted), "--json"]).stdout)
+    assert scores["count"] == 4 and scores["rmse"] == 0
+
+
 @pytest.mark.parametrize("options, phrase", [
     (dict(tile_size=0), "tile size must be at least 256"),
     (dict(stride=-5), "stride must be at least 1"),

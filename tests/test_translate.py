@@ -192,7 +192,7 @@ def _paletted_pair(tmp_path):
 
 def test_a_paletted_scene_is_translated_in_its_colours(tiny_weights, tmp_path):
     """A one-band paletted scene is read through its colour table, as QGIS shows it, not as grey
-    indices; resampled, through GDAL's palette-aware average."""
+    indices; shrunk, GDAL averages it palette-aware."""
     paletted, expanded = _paletted_pair(tmp_path)
     maps = {}
     for name, src in (("paletted", paletted), ("expanded", expanded)):
@@ -209,7 +209,7 @@ def test_a_paletted_scene_is_translated_in_its_colours(tiny_weights, tmp_path):
         scene.close()
     with rasterio.open(expanded) as src:
         assert np.array_equal(pixels, src.read())
-    assert notes == ["band 1 is paletted: its colour table gives the colours translated"]
+    assert notes == ["paletted: read in its colour table's colours (GDAL's expand=rgb)"]
     # At the model's 2 m: every pixel a colour of the table (an average of indices would not be).
     scene = open_scene(paletted, model_gsd_m=2.0)
     try:
