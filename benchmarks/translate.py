@@ -18,8 +18,10 @@ and number of tiles, capped by --model-tiles), translate into a new file (its ow
 infer, blend, write, overviews, rename), the model alone, ... ``--repeat`` translate runs (default 3). Each
 side's best is reported with its range; the ratio is the median over translate runs of each run
 against the mean of the model-only runs on either side of it, because these machines' speed
-drifts by 10-20 % over minutes (a best-against-best ratio moved by as much between runs). Peak RSS
-is the child's.
+drifts by 10-20 % over minutes (a best-against-best ratio moved by as much between runs). The
+in-run ratio is the time of the model's own calls inside each translate over the translate's
+time (median over runs; CPU engines only): the share of the run the model had, which the drift
+between runs does not move. Peak RSS is the child's.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ from pathlib import Path
 import numpy as np, torch
 from geosat2map import load_generator, translate
 from geosat2map.devices import resolve_device
-from geosat2map.engine import auto_batch_size, engine_choice, make_engine
+from geosat2map.engine import InferenceEngine, OnnxRuntimeEngine, auto_batch_size, engine_choice, make_engine
 from geosat2map.grid import TileGrid
 from geosat2map.reader import open_scene
 src, dst, weights, batch, cap, backend, precision, resolution, repeat, device, malloc = sys.argv[1:12]
@@ -83,6 +85,19 @@ engine = make_engine(model[0], resolve_device(device), backend, precision, batch
 backend, precision = engine_choice(engine.name)  # translate runs the engine auto picked here
 x = np.random.default_rng(0).uniform(0, 255, (batch, 3, 256, 256)).astype(np.float32)
 engine(x)  # warm-up
+# The model's calls inside each translate, timed there: a CPU engine's submit returns once the
+# batch is computed (a GPU's returns at once: no figure there).
+calls = [0.0]
+def timed(submit):
+    def wrapper(self, tiles):
+        start = time.perf_counter()
+        try:
+            return submit(self, tiles)
+        finally:
+            calls[0] += time.perf_counter() - start
+    return wrapper
+for cls in (InferenceEngine, OnnxRuntimeEngine):
+    cls.submit = timed(cls.submit)
 
 def model_only():
     done, start = 0, time.perf_counter()
@@ -91,16 +106,18 @@ def model_only():
         done += min(batch, tiles - done)
     return done / (time.perf_counter() - start)
 
-model_rates, seconds = [model_only()], []
+model_rates, seconds, in_model = [model_only()], [], []
 for _ in range(repeat):  # interleaved, so a slow spell of the machine shows in both
     # A fresh output, as for a user's new map: replacing the last run's file made the kernel free
     # it inside translate's clock (0.28 s of a 2 s host-side profile at 8192 x 8192).
     Path(dst).unlink(missing_ok=True)
+    calls[0] = 0.0
     r = translate(src, dst, model=model, resolution=resolution, batch_size=batch, device=device, overwrite=True,
                   backend=backend, precision=precision)
     seconds.append(r.seconds)
+    in_model.append(None if engine.asynchronous else calls[0])
     model_rates.append(model_only())
-print(json.dumps({"seconds": seconds, "width": r.width, "all_tiles": r.tiles, "tiles": r.tiles_computed,
+print(json.dumps({"seconds": seconds, "in_model": in_model, "width": r.width, "all_tiles": r.tiles, "tiles": r.tiles_computed,
                   "model": model_rates, "backend": r.backend, "batch": batch,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -171,7 +188,8 @@ def main() -> None:
           f"{', '.join(sorted({r['backend'] for _, _, r in rows}))}, batch "
           f"{', '.join(sorted({str(r['batch']) for _, _, r in rows}))}")
     print(f"{'scene':>13} {'output':>6} {'tiles':>6} {'model-only t/s (range)':>24} {'GFLOP/s':>8} "
-          f"{'end-to-end t/s (range)':>24} {'ratio (range)':>18} {'wall s':>7} {'peak RSS MB':>12}")
+          f"{'end-to-end t/s (range)':>24} {'ratio (range)':>18} {'in-run (range)':>16} {'wall s':>7} "
+          f"{'peak RSS MB':>12}")
     for size, tiles, r in rows:
         mo, e2e = max(r["model"]), r["tiles"] / min(r["seconds"])
         mo_range = f"{mo:.1f} ({min(r['model']):.1f}-{mo:.1f})"
@@ -180,8 +198,12 @@ def main() -> None:
         # spell of the machine then shows on both sides of the ratio.
         ratios = [r["tiles"] / s / ((a + b) / 2) for s, a, b in zip(r["seconds"], r["model"], r["model"][1:])]
         ratio = f"{np.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+        # The model's own calls inside each run against the run: the same ratio, free of the
+        # machine's drift between runs (host work alone separates the two).
+        inside = [m / s for m, s in zip(r["in_model"], r["seconds"]) if m is not None]
+        in_run = f"{np.median(inside):.3f} ({min(inside):.3f}-{max(inside):.3f})" if inside else "n/a"
         print(f"{size:>5} x {size:<5} {r['width']:>6} {tiles:>6} {mo_range:>24} {mo * gflop:>8.0f} {e2e_range:>24} "
-              f"{ratio:>18} {min(r['seconds']):>7.1f} {r['peak_rss_mb']:>12.0f}")
+              f"{ratio:>18} {in_run:>16} {min(r['seconds']):>7.1f} {r['peak_rss_mb']:>12.0f}")
     if len(rows) > 1:
         ratio = rows[-1][2]["peak_rss_mb"] / rows[0][2]["peak_rss_mb"]
         print(f"peak RSS {rows[-1][0]} vs {rows[0][0]}: {ratio:.2f}x")
