@@ -400,7 +400,7 @@ def _colours(path: Path | str, src: rasterio.io.DatasetReader) -> rasterio.io.Da
     return rasterio.open(f"vrt://{name}{EXPAND_RGB}")
 
 
-def is_expanded(src: rasterio.io.DatasetReader) -> bool:
+def _is_expanded(src: rasterio.io.DatasetReader) -> bool:
     """Whether :func:`open_raster` opened ``src`` through the palette expansion."""
     return src.name.startswith("vrt://") and src.name.endswith(EXPAND_RGB)
 
@@ -492,7 +492,7 @@ def open_scene(
     options = _remote_options(path)
     with rasterio.Env(**options):  # GDAL looks for side-car files while the scene is planned
         src = open_raster(path)
-        paletted = is_expanded(src)
+        paletted = _is_expanded(src)
         base = None  # the scene's own file, when src is its north-up warp
         try:
             where = placement(path, src, allow_ungeoreferenced)
