@@ -135,7 +135,7 @@ def _parse_bands(ctx, param, value: str | None):
                    "faster in bf16 after: for very large scenes or many scenes in one call).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="auto: bf16 autocast where the hardware multiplies bf16 (CUDA, CPUs with AMX or "
-                   "AVX512-BF16) and it is faster; maps within 2 levels of fp32's at 99.9 % of values.")
+                   "AVX512-BF16) and it is faster; maps within 3 levels of fp32's at 99.9 % of values.")
 @click.option("--bands", default=None, callback=_parse_bands,
               help="Input bands, e.g. 1,2,3 (default: by colour interpretation, else 1,2,3; one band as grey, "
                    "or in its colour table's colours when paletted).")

@@ -12,7 +12,7 @@ model pays the few seconds of export); the pick is kept in the same cache folder
 library versions, so later runs of the same command run the same engine and make the same map.
 Where the hardware multiplies bf16 (CUDA GPUs, CPUs with AMX or AVX512-BF16) PyTorch under bf16
 autocast is a third candidate (``torch-bf16``): 2.5x the fp32 throughput on 2 AMX cores, its maps
-within 2 levels of fp32's at 99.9 % of values. GPUs use PyTorch only.
+within 3 levels of fp32's at 99.9 % of values (NAIP sample). GPUs use PyTorch only.
 ``compiled`` (:class:`CompiledEngine`) is asked for, never picked: it takes seconds to compile.
 """
 
