@@ -117,8 +117,8 @@ for _ in range(repeat):  # interleaved, so a slow spell of the machine shows in 
     seconds.append(r.seconds)
     in_model.append(None if engine.asynchronous else calls[0])
     model_rates.append(model_only())
-print(json.dumps({"seconds": seconds, "in_model": in_model, "width": r.width, "all_tiles": r.tiles, "tiles": r.tiles_computed,
-                  "model": model_rates, "backend": r.backend, "batch": batch,
+print(json.dumps({"seconds": seconds, "in_model": in_model, "width": r.width, "all_tiles": r.tiles,
+                  "tiles": r.tiles_computed, "model": model_rates, "backend": r.backend, "batch": batch,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
