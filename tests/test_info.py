@@ -55,6 +55,34 @@ def test_a_training_run_given_as_weights_says_how_to_export_it(tmp_path):
     assert "is a folder, not a weights file" in run("info", tmp_path).stderr
 
 
+def test_int4_weights_load_within_half_a_level_gap_and_the_rest_as_int8(tmp_path, monkeypatch):
+    model = random_generator()
+    monkeypatch.setattr(weights, "INT8_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(weights, "INT4_MIN_ELEMENTS", 4096)  # the larger convolutions in 4 bits
+    paths = {kind: tmp_path / f"{kind}.safetensors" for kind in ("int8", "int4")}
+    for kind, path in paths.items():
+        save_generator(model, ModelSpec(ngf=8), path, kind)
+    assert paths["int4"].stat().st_size < 0.7 * paths["int8"].stat().st_size
+    stored, loaded = load_file(paths["int4"]), load_generator(paths["int4"])[0].state_dict()
+    gap = (weights.NF4_LEVELS[1:] - weights.NF4_LEVELS[:-1]).max()  # the widest step between levels
+    coded = set()
+    for name, original in model.state_dict().items():
+        if original.dim() != 4:
+            continue
+        if original.numel() >= 4096:  # 4-bit codes, two to a byte, one fp16 scale per 64 weights
+            coded.add(name)
+            assert stored[name].dtype == torch.uint8 and stored[name].numel() * 2 == original.numel()
+            scale = original.reshape(-1, weights.INT4_GROUP).abs().amax(dim=1, keepdim=True)
+            error = (loaded[name] - original).reshape(-1, weights.INT4_GROUP).abs()
+            assert torch.all(error <= scale * gap / 2 + 1e-3 * scale), name
+        else:  # int8, one scale per slice of dimension 0
+            assert stored[name].dtype == torch.int8, name
+    assert coded and coded != {k for k, v in model.state_dict().items() if v.dim() == 4}
+    d = json.loads(run("info", paths["int4"], "--json").stdout)
+    assert d["dtype"] == "float16, int4, int8"
+    assert d["parameters"] == sum(p.numel() for p in model.parameters())
+
+
 def test_int8_weights_load_within_half_a_step_and_take_a_quarter_of_the_size(tmp_path, monkeypatch):
     model = random_generator()
     paths = {kind: tmp_path / f"{kind}.safetensors" for kind in ("fp32", "int8", "int8_inner")}

@@ -479,8 +479,14 @@ def test_train_and_evaluate_cli(tmp_path, monkeypatch):
     assert small.stat().st_size < 0.6 * out.stat().st_size
     assert load_file(small)["encoder.1.1.weight"].dtype == torch.int8
     assert load_file(out)["encoder.1.1.weight"].dtype == torch.float16
-    both = CliRunner().invoke(cli, ["export-weights", str(run), str(tmp_path / "b.safetensors"), "--half", "--int8"])
-    assert both.exit_code == 2 and "pass one" in both.stderr and not (tmp_path / "b.safetensors").exists()
+    tiny = tmp_path / "int4.safetensors"
+    monkeypatch.setattr(weights, "INT4_MIN_ELEMENTS", 1)
+    assert CliRunner().invoke(cli, ["export-weights", str(run), str(tiny), "--int4"]).exit_code == 0
+    assert tiny.stat().st_size < 0.7 * small.stat().st_size
+    assert load_file(tiny)["encoder.1.1.weight" + weights.INT4_SCALE].dtype == torch.float16
+    for flags in (["--half", "--int8"], ["--int8", "--int4"]):
+        both = CliRunner().invoke(cli, ["export-weights", str(run), str(tmp_path / "b.safetensors"), *flags])
+        assert both.exit_code == 2 and "pass one" in both.stderr and not (tmp_path / "b.safetensors").exists()
     no_average = CliRunner().invoke(cli, ["export-weights", str(run), str(tmp_path / "t.safetensors"),
                                           "--which", "trained"])
     assert no_average.exit_code != 0 and "--which latest" in no_average.stderr
