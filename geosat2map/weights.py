@@ -123,8 +123,7 @@ def save_generator(model: torch.nn.Module, spec: ModelSpec, path: str | Path, st
     for key, value in model.state_dict().items():
         value = value.detach().cpu().contiguous()
         convolution = value.is_floating_point() and value.dim() == 4
-        if (storage == "int4" and convolution and value.numel() >= INT4_MIN_ELEMENTS
-                and value.numel() % (2 * INT4_GROUP) == 0):
+        if storage == "int4" and convolution and value.numel() >= INT4_MIN_ELEMENTS and value.numel() % INT4_GROUP == 0:
             state[key], state[key + INT4_SCALE] = _int4_codes(value)
             continue
         if storage in ("int8", "int4") and convolution and value.numel() >= INT8_MIN_ELEMENTS:
