@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import rasterio
@@ -59,6 +61,18 @@ def test_geographic_scene_is_resampled_by_ground_distance(tiny_weights_gsd, tmp_
         assert dst.crs == src.crs and dst.crs.is_geographic
         assert dst.bounds == pytest.approx(src.bounds, abs=1e-9)
         assert ground_gsd_m(dst.crs, dst.transform, dst.width, dst.height) == pytest.approx(2.0, rel=0.02)
+
+
+def test_web_mercator_scene_is_resampled_by_ground_distance_not_by_its_metres(tiny_weights_gsd, tmp_path):
+    """Imagery saved from XYZ basemaps comes in EPSG:3857, whose "metres" are 1/cos(latitude) of the
+    ground's: taken at face value, a scene at 37 degrees north would be mapped 1.26 times too fine."""
+    src = write_scene(tmp_path / "mercator.tif", crs="EPSG:3857")  # 1 m pixels in the CRS, y = 4 500 km
+    latitude = math.degrees(2 * math.atan(math.exp(4_500_000 / 6_378_137)) - math.pi / 2)  # 37.4
+    out = tmp_path / "map.tif"
+    translate(src, out, weights=tiny_weights_gsd)
+    with rasterio.open(out) as dst:
+        assert dst.res == pytest.approx((2.0 / math.cos(math.radians(latitude)),) * 2, rel=0.01)
+        assert ground_gsd_m(dst.crs, dst.transform, dst.width, dst.height) == pytest.approx(2.0, rel=0.01)
 
 
 @pytest.mark.parametrize("unit, metres", [('"metre",1', 1.0), ('"US survey foot",0.304800609601219', 0.3048)])
