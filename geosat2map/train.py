@@ -247,8 +247,12 @@ class Trainer:
         # averaging in GAN training").
         self.G_ema: nn.Module | None = copy.deepcopy(self.G).eval() if config.ema_decay > 0 else None
         betas = (config.beta1, config.beta2)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=betas)
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=config.lr, betas=betas)
+        # Adam's update in one fused kernel rather than a loop of elementwise ops over each tensor:
+        # 24 against 124 ms per step for the width-48 generator on 2 AVX2 cores, the same weights
+        # to float rounding (session 24). Fused Adam runs on the CPU and CUDA.
+        fused = self.device.type in ("cpu", "cuda")
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=betas, fused=fused)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=config.lr, betas=betas, fused=fused)
         factor = _lr_lambda(config.epochs, config.epochs_decay)
         self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G, factor)
         self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D, factor)
