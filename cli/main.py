@@ -487,11 +487,12 @@ def _storage(half: bool, int8: bool, int4: bool) -> str:
 @click.option("--overwrite", is_flag=True)
 def export_weights(run_dir, out, which, half, int8, int4, gsd_m, overwrite) -> None:
     """Export a training run's generator to the weights file translate loads."""
-    from geosat2map.weights import export_run
+    from geosat2map.export import export_run
 
     spec = export_run(run_dir, out, which=which, storage=_storage(half, int8, int4), gsd_m=gsd_m, overwrite=overwrite)
     gsd = f"{spec.gsd_m:.3f} m" if spec.gsd_m is not None else "not recorded"
     click.echo(f"wrote {out} (ngf {spec.ngf}, ground sampling distance {gsd})")
+    _echo_val(spec.provenance)
 
 
 
@@ -518,16 +519,26 @@ def average_weights(weights, out, data, holdout, crops, load_size, half, int8, i
     storage = _storage(half, int8, int4)
     check_destination(Path(out), None, overwrite)
     model, spec = average_generators(list(weights), data, recalibration=crops, holdout=holdout,
-                                     load_size=load_size)
+                                     load_size=load_size, storage=storage)
     save_generator(model, spec, out, storage)
     recalibrated = spec.provenance.get("bn_recalibration")
     click.echo(f"wrote {out}: mean of {len(weights)} generators (ngf {spec.ngf}), BatchNorm "
                + (f"re-estimated on {recalibrated['crops']} crops" if recalibrated
                   else "statistics kept (the same in every input)"))
-    val = spec.provenance.get("val")
-    if val:
-        click.echo(f"held-out pairs: RMSE {val['rmse']:.2f}  acc@5 {val['acc5']:.3f}  acc@10 {val['acc10']:.3f}  "
-                   f"PSNR {val['psnr']:.2f} dB  SSIM {val['ssim']:.3f}")
+    _echo_val(spec.provenance)
+
+
+def _echo_val(provenance: dict) -> None:
+    """The held-out scores a weights file records: its own, and before fp16/int8/int4 rounding
+    when it was scored both ways (or only that, when its pairs could not be found again)."""
+    stored = "val_before_storage" in provenance
+    for key, label in (("val_before_storage", ", before storage"), ("val", ", as stored" if stored else "")):
+        val = provenance.get(key)
+        if val:
+            click.echo(f"held-out pairs ({int(val['count'])}{label}): RMSE {val['rmse']:.2f}  acc@5 {val['acc5']:.3f}  "
+                       f"acc@10 {val['acc10']:.3f}  PSNR {val['psnr']:.2f} dB  SSIM {val['ssim']:.3f}")
+    if "val_before_storage" in provenance and "val" not in provenance:
+        click.echo("not scored as stored: the run's data folder was not found")
 
 
 @cli.command()
@@ -549,10 +560,7 @@ def info(weights, as_json) -> None:
                f"({spec.input_bands}), {spec.out_channels} out, {spec.tile_size} x {spec.tile_size} tiles")
     click.echo(f"trained at {spec.gsd_m:.2f} m/pixel: translate resamples scenes to it" if spec.gsd_m else
                "no ground sampling distance recorded: translate keeps each scene's own pixels")
-    val = prov.get("val")
-    if val:
-        click.echo(f"held-out pairs ({int(val['count'])}): RMSE {val['rmse']:.2f}  acc@5 {val['acc5']:.3f}  "
-                   f"acc@10 {val['acc10']:.3f}  PSNR {val['psnr']:.2f} dB  SSIM {val['ssim']:.3f}")
+    _echo_val(prov)
     made = [f"recipe {prov['recipe']}"] if prov.get("recipe") else []
     if "epoch" in prov:
         made.append(f"epoch {prov['epoch']}, step {prov.get('step', '?')}")

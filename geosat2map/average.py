@@ -21,7 +21,7 @@ import torch
 from . import datasets
 from .devices import resolve_device
 from .errors import WeightsError
-from .evaluate import evaluate_pairs
+from .evaluate import score_as_stored
 from .model import UNetGenerator
 from .train import recalibrate_batchnorm
 from .weights import ModelSpec, load_generator, model_digest
@@ -38,6 +38,7 @@ def average_generators(
     direction: str = "AtoB",
     seed: int = 0,
     device: str = "auto",
+    storage: str = "fp32",
 ) -> tuple[UNetGenerator, ModelSpec]:
     """The mean of the generators in ``weights``, its BatchNorm statistics kept when they are the
     same in every input (see the module's docstring) and ``recalibration`` is None, else
@@ -45,7 +46,8 @@ def average_generators(
     data folder ``data`` (the training split, ``holdout`` as in training, so validation pairs
     stay unseen; ``load_size`` as the run was trained, so the statistics come from the scale the
     weights learned). The held-out pairs are then scored and the metrics kept in the spec's
-    provenance (``val``), as the trainer does."""
+    provenance (``val``), as the trainer does: those of the weights as a file stored as
+    ``storage`` (see :func:`~geosat2map.weights.save_generator`) holds them."""
     if len(weights) < 2:
         raise WeightsError("averaging needs at least two weights files")
     loaded = [load_generator(w) for w in weights]
@@ -79,9 +81,9 @@ def average_generators(
         used = recalibrate_batchnorm(model, crops, recalibration, batch, seed, dev)
         provenance["bn_recalibration"] = {"crops": used, "batch": batch, "data": str(data), "holdout": holdout,
                                           "load_size": load_size}
-    val_pairs, val_names = datasets.load_pairs(data, "val", direction, holdout)
-    if val_pairs:  # scored like a trained snapshot, so the file says how good it is
-        provenance["val"] = evaluate_pairs(model, val_pairs, val_names, spec.tile_size, dev)
+    val = score_as_stored(model, spec, storage, data, holdout, direction, device)
+    if val:  # scored like a trained snapshot, so the file says how good it is
+        provenance["val"] = val
     return model.eval(), replace(spec, provenance=provenance)
 
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .errors import InputError, OutputError, WeightsError
+from .errors import WeightsError
 from .model import UNetGenerator
 
 FORMAT = "geosat2map-generator/1"
@@ -106,8 +106,8 @@ def _int4_weight(packed: torch.Tensor, scale: torch.Tensor, shape: torch.Size) -
     return (NF4_LEVELS[codes].reshape(-1, INT4_GROUP) * scale.float()[:, None]).reshape(shape)
 
 
-def save_generator(model: torch.nn.Module, spec: ModelSpec, path: str | Path, storage: str = "fp32") -> None:
-    """Write the generator's state dict and spec; ``storage`` is one of :data:`STORAGE`.
+def stored_state(model: torch.nn.Module, storage: str = "fp32") -> dict[str, torch.Tensor]:
+    """The generator's tensors as a weights file stored as ``storage`` (one of :data:`STORAGE`) holds them.
 
     ``fp16`` halves the size. ``int8`` stores each convolution weight of at least
     :data:`INT8_MIN_ELEMENTS` as int8 with one fp32 scale per slice of its first dimension
@@ -134,6 +134,38 @@ def save_generator(model: torch.nn.Module, spec: ModelSpec, path: str | Path, st
         if storage != "fp32" and value.is_floating_point():
             value = value.half()
         state[key] = value
+    return state
+
+
+def _restored_state(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size], source: str | Path) -> dict:
+    """:func:`stored_state`'s tensors back to the float32 state dict of a generator whose tensors
+    have ``shapes``; ``source`` names them in errors."""
+    state = dict(state)
+    for key in [k for k in state if k.endswith(INT8_SCALE)]:  # int8 weights back to float
+        scale, weight = state.pop(key), key.removesuffix(INT8_SCALE)
+        state[weight] = state[weight].float() * scale[:, None, None, None]
+    for key in [k for k in state if k.endswith(INT4_SCALE)]:  # 4-bit codes back to float
+        scale, weight = state.pop(key), key.removesuffix(INT4_SCALE)
+        if weight not in shapes or state[weight].numel() * 2 != math.prod(shapes[weight]):
+            raise WeightsError(f"{source} does not fit its declared architecture: {weight} has "
+                               f"{state[weight].numel() * 2} 4-bit codes")
+        state[weight] = _int4_weight(state[weight], scale, shapes[weight])
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def as_stored(model: UNetGenerator, spec: ModelSpec, storage: str) -> UNetGenerator:
+    """A copy of ``model`` (on the CPU, in eval mode) with the weights a file stored as ``storage``
+    loads back: what to score before writing an fp16, int8 or int4 file, whose rounding costs a
+    little of the score the fp32 weights reached."""
+    copy = spec.build()
+    shapes = {k: v.shape for k, v in copy.state_dict().items()}
+    copy.load_state_dict(_restored_state(stored_state(model, storage), shapes, f"{storage} storage"))
+    return copy.eval()
+
+
+def save_generator(model: torch.nn.Module, spec: ModelSpec, path: str | Path, storage: str = "fp32") -> None:
+    """Write the generator's state dict (as :func:`stored_state` stores it) and spec."""
+    state = stored_state(model, storage)
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
     # Serialised here and written with an ordinary open(): safetensors 0.8's save_file goes through
@@ -218,17 +250,7 @@ def load_generator(path: str | Path | None = None) -> tuple[UNetGenerator, Model
         state = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise WeightsError(f"cannot read tensors from {path} ({exc})") from None
-    for key in [k for k in state if k.endswith(INT8_SCALE)]:  # int8 weights back to float
-        scale, weight = state.pop(key), key.removesuffix(INT8_SCALE)
-        state[weight] = state[weight].float() * scale[:, None, None, None]
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    for key in [k for k in state if k.endswith(INT4_SCALE)]:  # 4-bit codes back to float
-        scale, weight = state.pop(key), key.removesuffix(INT4_SCALE)
-        if weight not in shapes or state[weight].numel() * 2 != math.prod(shapes[weight]):
-            raise WeightsError(f"{path} does not fit its declared architecture: {weight} has "
-                               f"{state[weight].numel() * 2} 4-bit codes")
-        state[weight] = _int4_weight(state[weight], scale, shapes[weight])
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    state = _restored_state(state, {k: v.shape for k, v in model.state_dict().items()}, path)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -246,48 +268,6 @@ def default_weights_path() -> Path:
             f"{DEFAULT_WEIGHTS_NAME} is missing): pass --weights PATH"
         )
     return path
-
-
-def export_run(
-    run_dir: str | Path,
-    out: str | Path,
-    which: str = "best",
-    storage: str = "fp32",
-    gsd_m: float | None = None,
-    overwrite: bool = False,
-) -> ModelSpec:
-    """Copy a training run's best, latest or trained generator to ``out``, stored as ``storage``
-    (see :func:`save_generator`) and optionally with a new GSD.
-
-    ``which="trained"``: a run with a weight average (``--ema-decay``) saves and scores the average;
-    this takes the weights being trained after its latest epoch instead (``val_online`` in its
-    history), which have scored the better RMSE at times.
-    """
-    run_dir, out = Path(run_dir), Path(out)
-    name = {"best": "best_generator", "latest": "generator", "trained": "trained_generator"}[which]
-    src = run_dir / f"{name}.safetensors"
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out} exists (pass --overwrite to replace it)")
-    latest = run_dir / "generator.safetensors"
-    if not latest.exists():  # generators are saved at each epoch's end
-        if (run_dir / "checkpoint.pt").exists():
-            raise InputError(f"{run_dir} has not finished an epoch yet, so it holds no generator to export "
-                             "(its checkpoint is mid-epoch): resume it (train --resume) past the epoch's end")
-        raise InputError(f"{run_dir} is not a training run (no checkpoint.pt, no generator.safetensors)")
-    if which == "trained" and not src.exists():
-        if not read_spec(latest).provenance.get("settings", {}).get("ema_decay"):
-            raise InputError("this run keeps no weight average (--ema-decay): its generator file already "
-                             "holds the trained weights (--which latest)")
-        raise InputError(f"{run_dir} predates trained_generator.safetensors: with --keep-snapshots its "
-                         "snapshots/epochNNN.trained.safetensors hold each epoch's trained weights")
-    if which == "best" and not src.exists():
-        raise InputError(f"{run_dir} trained without validation pairs (--holdout 0, or a tile folder "
-                         "without a val split), so it has no best generator: export --which latest")
-    model, spec = load_generator(src)
-    if gsd_m is not None:
-        spec = replace(spec, gsd_m=gsd_m)
-    save_generator(model, spec, out, storage)
-    return spec
 
 
 #: Digests of live models with the state they were computed on: hashing a 27 MB generator takes

@@ -170,7 +170,7 @@ def test_translate_writes_a_north_up_map_of_a_rotated_scene(tmp_path):
 
 def test_points_with_no_crs_cannot_be_placed(tmp_path):
     """Ground control points in no stated CRS (rasterio cannot write them: a VRT, as GDAL can)."""
-    plain = _write(tmp_path / "plain.tif")
+    _write(tmp_path / "plain.tif")
     bands = "".join(f'''<VRTRasterBand dataType="Byte" band="{b}"><SimpleSource>
       <SourceFilename relativeToVRT="1">plain.tif</SourceFilename><SourceBand>{b}</SourceBand>
     </SimpleSource></VRTRasterBand>''' for b in (1, 2, 3))

@@ -484,6 +484,23 @@ def test_train_and_evaluate_cli(tmp_path, monkeypatch):
     assert CliRunner().invoke(cli, ["export-weights", str(run), str(tiny), "--int4"]).exit_code == 0
     assert tiny.stat().st_size < 0.7 * small.stat().st_size
     assert load_file(tiny)["encoder.1.1.weight" + weights.INT4_SCALE].dtype == torch.float16
+    # Stored in 4 bits, the file records its own held-out score, the run's fp32 one beside it.
+    provenance = read_spec(tiny).provenance
+    own = CliRunner().invoke(cli, ["evaluate", str(data), "--weights", str(tiny), "--split", "val",
+                                   "--holdout", "3", "--json", "--device", "cpu"])
+    own = json.loads(own.stdout)
+    assert provenance["val"]["rmse"] == pytest.approx(own["rmse"], rel=1e-6)
+    assert provenance["val_before_storage"] == read_spec(run / "best_generator.safetensors").provenance["val"]
+    assert provenance["val"]["rmse"] != provenance["val_before_storage"]["rmse"]
+    info = CliRunner().invoke(cli, ["info", str(tiny)])
+    assert "before storage" in info.stdout and f"as stored): RMSE {own['rmse']:.2f}" in info.stdout
+    # A run whose data folder moved exports unscored, and says so.
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    result = CliRunner().invoke(cli, ["export-weights", str(run), str(tiny), "--int4", "--overwrite"])
+    assert result.exit_code == 0 and "not scored as stored" in result.stdout, result.output
+    assert "val" not in read_spec(tiny).provenance
+    moved.rename(data)
     for flags in (["--half", "--int8"], ["--int8", "--int4"]):
         both = CliRunner().invoke(cli, ["export-weights", str(run), str(tmp_path / "b.safetensors"), *flags])
         assert both.exit_code == 2 and "pass one" in both.stderr and not (tmp_path / "b.safetensors").exists()
@@ -493,8 +510,6 @@ def test_train_and_evaluate_cli(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["evaluate", str(data), "--weights", str(out), "--split", "val",
                                       "--holdout", "3", "--json", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    import json
-
     scores = json.loads(result.stdout)
     assert scores["count"] == 2 and 0 <= scores["acc5"] <= 1 and scores["rmse"] > 0
     assert scores["tta"] is False
@@ -680,6 +695,10 @@ def test_average_weights_is_the_mean_with_fresh_batchnorm_statistics(tmp_path):
     assert result.exit_code == 0, result.output
     averaged = load_generator(out)[1]
     assert averaged.ngf == 4 and averaged.provenance["bn_recalibration"]["load_size"] == 256
+    from geosat2map.evaluate import evaluate  # the recorded score is the fp16 file's own
+
+    own = evaluate(out, data, split="val", holdout=3, device="cpu")
+    assert averaged.provenance["val"]["rmse"] == pytest.approx(own["rmse"], rel=1e-6)
     again = CliRunner().invoke(cli, args)
     assert again.exit_code != 0 and "exists" in again.stderr
 

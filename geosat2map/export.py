@@ -1,0 +1,71 @@
+"""Exporting a training run's generator to the weights file translate loads."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from .errors import InputError, OutputError
+from .evaluate import score_as_stored
+from .model import UNetGenerator
+from .train import TrainConfig
+from .weights import ModelSpec, load_generator, read_spec, save_generator
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    which: str = "best",
+    storage: str = "fp32",
+    gsd_m: float | None = None,
+    overwrite: bool = False,
+) -> ModelSpec:
+    """Copy a training run's best, latest or trained generator to ``out``, stored as ``storage``
+    (see :func:`~geosat2map.weights.save_generator`) and optionally with a new GSD. Stored in fewer
+    bits, it is scored again on the run's held-out pairs (see :func:`_rescored`).
+
+    ``which="trained"``: a run with a weight average (``--ema-decay``) saves and scores the average;
+    this takes the weights being trained after its latest epoch instead (``val_online`` in its
+    history), which have scored the better RMSE at times.
+    """
+    run_dir, out = Path(run_dir), Path(out)
+    name = {"best": "best_generator", "latest": "generator", "trained": "trained_generator"}[which]
+    src = run_dir / f"{name}.safetensors"
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out} exists (pass --overwrite to replace it)")
+    latest = run_dir / "generator.safetensors"
+    if not latest.exists():  # generators are saved at each epoch's end
+        if (run_dir / "checkpoint.pt").exists():
+            raise InputError(f"{run_dir} has not finished an epoch yet, so it holds no generator to export "
+                             "(its checkpoint is mid-epoch): resume it (train --resume) past the epoch's end")
+        raise InputError(f"{run_dir} is not a training run (no checkpoint.pt, no generator.safetensors)")
+    if which == "trained" and not src.exists():
+        if not read_spec(latest).provenance.get("settings", {}).get("ema_decay"):
+            raise InputError("this run keeps no weight average (--ema-decay): its generator file already "
+                             "holds the trained weights (--which latest)")
+        raise InputError(f"{run_dir} predates trained_generator.safetensors: with --keep-snapshots its "
+                         "snapshots/epochNNN.trained.safetensors hold each epoch's trained weights")
+    if which == "best" and not src.exists():
+        raise InputError(f"{run_dir} trained without validation pairs (--holdout 0, or a tile folder "
+                         "without a val split), so it has no best generator: export --which latest")
+    model, spec = load_generator(src)
+    if gsd_m is not None:
+        spec = replace(spec, gsd_m=gsd_m)
+    if storage != "fp32" and "val" in spec.provenance:
+        spec = replace(spec, provenance=_rescored(model, spec, storage, run_dir))
+    save_generator(model, spec, out, storage)
+    return spec
+
+
+def _rescored(model: UNetGenerator, spec: ModelSpec, storage: str, run_dir: Path) -> dict:
+    """The provenance with ``val`` the held-out score of the weights as ``storage`` keeps them, on
+    the run's own validation pairs, and the run's fp32 score as ``val_before_storage``; without
+    ``val`` when the run's data folder is not where its config says (moved, another machine)."""
+    config = TrainConfig.from_json(run_dir / "config.json")
+    provenance = dict(spec.provenance)
+    provenance["val_before_storage"] = provenance.pop("val")
+    if Path(config.data).is_dir():
+        val = score_as_stored(model, spec, storage, config.data, config.holdout, config.direction)
+        if val:
+            provenance["val"] = val
+    return provenance
