@@ -144,11 +144,12 @@ def make_scene(path: Path, size: int, kind: str = "sample") -> None:
                        crs="EPSG:32633", transform=from_origin(500000, 4500000, 0.5, 0.5), tiled=True,
                        blockxsize=256, blockysize=256, compress="zstd", photometric="RGB") as dst:
         for y in range(0, size, 256):
-            rows = _mirrored(y + 256, image.shape[1])[y:]
+            height = min(256, size - y)  # the last block row of a size that is no multiple of 256
+            rows = _mirrored(y + height, image.shape[1])[y:]
             band = image[:, rows][:, :, cols]
             if kind == "noise":  # shift each block row so the texture does not repeat vertically
                 band = np.roll(band, y // 256 * 7, axis=2)
-            dst.write(band, window=Window(0, y, size, 256))
+            dst.write(band, window=Window(0, y, size, height))
 
 
 def main() -> None:
