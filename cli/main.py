@@ -528,11 +528,14 @@ def average_weights(weights, out, data, holdout, crops, load_size, half, int8, i
     _echo_val(spec.provenance)
 
 
-def _echo_val(provenance: dict) -> None:
-    """The held-out scores a weights file records: its own, and before fp16/int8/int4 rounding
-    when it was scored both ways (or only that, when its pairs could not be found again)."""
-    stored = "val_before_storage" in provenance
-    for key, label in (("val_before_storage", ", before storage"), ("val", ", as stored" if stored else "")):
+def _echo_val(provenance: dict, dtype: str = "float32") -> None:
+    """The held-out scores a weights file records (``dtype``: its stored types, as info reads them).
+    Files exported or averaged into fp16, int8 or int4 record their own score (``val_storage``) and
+    the fp32 one before it; older files and the trainer's fp16 snapshots, the fp32 weights' only."""
+    stored = provenance.get("val_storage", "fp32") != "fp32"
+    before = "val_storage" not in provenance and dtype != "float32"
+    for key, label in (("val_before_storage", ", before storage"),
+                       ("val", ", as stored" if stored else ", scored before storage" if before else "")):
         val = provenance.get(key)
         if val:
             click.echo(f"held-out pairs ({int(val['count'])}{label}): RMSE {val['rmse']:.2f}  acc@5 {val['acc5']:.3f}  "
@@ -560,7 +563,7 @@ def info(weights, as_json) -> None:
                f"({spec.input_bands}), {spec.out_channels} out, {spec.tile_size} x {spec.tile_size} tiles")
     click.echo(f"trained at {spec.gsd_m:.2f} m/pixel: translate resamples scenes to it" if spec.gsd_m else
                "no ground sampling distance recorded: translate keeps each scene's own pixels")
-    _echo_val(prov)
+    _echo_val(prov, d.dtype)
     made = [f"recipe {prov['recipe']}"] if prov.get("recipe") else []
     if "epoch" in prov:
         made.append(f"epoch {prov['epoch']}, step {prov.get('step', '?')}")

@@ -83,7 +83,7 @@ def average_generators(
                                           "load_size": load_size}
     val = score_as_stored(model, spec, storage, data, holdout, direction, device)
     if val:  # scored like a trained snapshot, so the file says how good it is
-        provenance["val"] = val
+        provenance["val"], provenance["val_storage"] = val, storage
     return model.eval(), replace(spec, provenance=provenance)
 
 

@@ -58,14 +58,15 @@ def export_run(
 
 
 def _rescored(model: UNetGenerator, spec: ModelSpec, storage: str, run_dir: Path) -> dict:
-    """The provenance with ``val`` the held-out score of the weights as ``storage`` keeps them, on
-    the run's own validation pairs, and the run's fp32 score as ``val_before_storage``; without
-    ``val`` when the run's data folder is not where its config says (moved, another machine)."""
+    """The provenance with ``val`` the held-out score of the weights as ``storage`` keeps them
+    (``val_storage``), on the run's own validation pairs, and the run's fp32 score as
+    ``val_before_storage``; without ``val`` when the run's data folder is not where its config
+    says (moved, another machine)."""
     config = TrainConfig.from_json(run_dir / "config.json")
     provenance = dict(spec.provenance)
     provenance["val_before_storage"] = provenance.pop("val")
     if Path(config.data).is_dir():
         val = score_as_stored(model, spec, storage, config.data, config.holdout, config.direction)
         if val:
-            provenance["val"] = val
+            provenance["val"], provenance["val_storage"] = val, storage
     return provenance

@@ -493,7 +493,7 @@ def test_train_and_evaluate_cli(tmp_path, monkeypatch):
     assert provenance["val_before_storage"] == read_spec(run / "best_generator.safetensors").provenance["val"]
     assert provenance["val"]["rmse"] != provenance["val_before_storage"]["rmse"]
     info = CliRunner().invoke(cli, ["info", str(tiny)])
-    assert "before storage" in info.stdout and f"as stored): RMSE {own['rmse']:.2f}" in info.stdout
+    assert "(2, before storage)" in info.stdout and f"(2, as stored): RMSE {own['rmse']:.2f}" in info.stdout
     # A run whose data folder moved exports unscored, and says so.
     moved = tmp_path / "moved"
     data.rename(moved)
@@ -699,6 +699,7 @@ def test_average_weights_is_the_mean_with_fresh_batchnorm_statistics(tmp_path):
 
     own = evaluate(out, data, split="val", holdout=3, device="cpu")
     assert averaged.provenance["val"]["rmse"] == pytest.approx(own["rmse"], rel=1e-6)
+    assert averaged.provenance["val_storage"] == "fp16"
     again = CliRunner().invoke(cli, args)
     assert again.exit_code != 0 and "exists" in again.stderr
 
