@@ -429,9 +429,12 @@ def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, 
         click.echo(json.dumps(result, indent=2))
     elif against:
         _echo_comparison(result)
-    else:
-        click.echo(f"{int(result['count'])} pairs of 256 x 256: RMSE {result['rmse']:.2f}  acc@5 {result['acc5']:.3f}  "
-                   f"acc@10 {result['acc10']:.3f}  PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.3f}")
+    else:  # each mean with its standard error over the pairs (or tiles of a translate output)
+        se = result["se"]
+        cells = [f"{heading.removesuffix(' dB')} {result[k]:.{d}f} +- {se[k]:.{d}f}{' dB' if k == 'psnr' else ''}"
+                 for k, heading, d in _METRIC_COLUMNS]
+        click.echo(f"{int(result['count'])} {'tiles' if map_raster else 'pairs'} of 256 x 256 (mean +- standard "
+                   f"error): " + "  ".join(cells))
 
 
 #: evaluate's columns: (key, heading, decimals).

@@ -132,7 +132,7 @@ def evaluate(
     result = {"weights": str(weights or "default"), "data": str(data), "split": split, "tta": tta,
               "precision": "bf16" if bf16 else "fp32"}
     if against is None:
-        return {**result, **metrics.summarize(scores[0])}
+        return {**result, **metrics.summarize(scores[0]), "se": metrics.standard_errors(scores[0])}
     return {**result, "against": str(against), "count": float(len(pairs)),
             "scores": {"weights": metrics.summarize(scores[0]), "against": metrics.summarize(scores[1])},
             "difference": metrics.paired_differences(scores[0], scores[1])}
@@ -176,7 +176,8 @@ def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256
                 per_tile.append(metrics.image_metrics(a, b))
     if not per_tile:
         raise InputError(f"no complete {tile}-pixel window where {output} and {map_raster} both have data")
-    return {"output": str(output), "map": str(map_raster), **metrics.summarize(per_tile)}
+    return {"output": str(output), "map": str(map_raster), **metrics.summarize(per_tile),
+            "se": metrics.standard_errors(per_tile)}
 
 
 def water_by_ndwi(scene: str | Path, output: str | Path, green: int = 2, nir: int = 4) -> dict[str, float]:

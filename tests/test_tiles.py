@@ -231,6 +231,7 @@ def test_evaluate_a_translate_output_against_a_map_raster(tmp_path):
     scores = json.loads(result.stdout)
     assert scores["count"] == (768 // 256) ** 2
     assert scores["rmse"] == 0 and scores["acc5"] == 1.0  # a map against itself
+    assert scores["se"]["rmse"] == 0  # every tile alike
     other = tmp_path / "other.tif"
     render_map([str(vec)], other, grid, style=None)
     with rasterio.open(other, "r+") as ds:

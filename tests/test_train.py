@@ -512,7 +512,11 @@ def test_train_and_evaluate_cli(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     scores = json.loads(result.stdout)
     assert scores["count"] == 2 and 0 <= scores["acc5"] <= 1 and scores["rmse"] > 0
-    assert scores["tta"] is False
+    assert scores["tta"] is False and 0 < scores["se"]["rmse"] < math.inf  # two pairs: a spread
+    text = CliRunner().invoke(cli, ["evaluate", str(data), "--weights", str(out), "--split", "val",
+                                    "--holdout", "3", "--device", "cpu"]).stdout
+    assert text.startswith("2 pairs of 256 x 256 (mean +- standard error): RMSE ")
+    assert f"RMSE {scores['rmse']:.2f} +- {scores['se']['rmse']:.2f}" in text
     result = CliRunner().invoke(cli, ["evaluate", str(data), "--weights", str(out), "--split", "val",
                                       "--holdout", "3", "--json", "--device", "cpu", "--tta"])
     flipped = json.loads(result.stdout)
@@ -562,6 +566,9 @@ def test_paired_differences_mean_standard_error_and_wins():
     assert d["psnr"]["better"] == 1  # higher PSNR is better
     with pytest.raises(ValueError):
         metrics.paired_differences(first, second[:2])
+    se = metrics.standard_errors(first)  # of one set's means; the infinite PSNR left out
+    assert se["rmse"] == pytest.approx(math.sqrt((16 + 4 + 36) / 2 / 3))  # mean 14
+    assert se["psnr"] == pytest.approx(math.sqrt((25 + 25) / 1 / 2))  # mean 25 of two
 
 
 # --- metrics on constructed images ------------------------------------------------------------
