@@ -16,6 +16,10 @@ from .reader import open_raster, open_scene
 from .writer import check_destination
 
 
+#: GDAL's block cache while the preview reads, bytes (see side_by_side).
+PREVIEW_GDAL_CACHE = 16 * 2**20
+
+
 def side_by_side(scene: str | Path, map_path: str | Path, png: str | Path, size: int = 512,
                  overwrite: bool = False) -> tuple[int, int]:
     """Write ``png``: the scene (left) and its map (right), each ``size`` pixels on the long side.
@@ -25,18 +29,21 @@ def side_by_side(scene: str | Path, map_path: str | Path, png: str | Path, size:
     """
     png = Path(png)
     check_destination(png, None, overwrite)
-    with open_raster(map_path) as dst:
-        scale = size / max(dst.width, dst.height)
-        h, w = max(1, round(dst.height * scale)), max(1, round(dst.width * scale))
-        if dst.count < 3:
-            raise InputError(f"{map_path} is not an RGB map")
-        mapped = dst.read([1, 2, 3], out_shape=(3, h, w), resampling=Resampling.nearest)
-        map_valid = dst.dataset_mask(out_shape=(h, w), resampling=Resampling.nearest) > 0
-    src = open_scene(scene, resolution="native", allow_ungeoreferenced=True)
-    try:
-        photo, photo_valid = src.read_decimated(h, w)
-    finally:
-        src.close()
+    # Each source block is decoded once for the shrunk read, so GDAL's cache need not keep them: its
+    # default (5 % of memory) let a 10000 x 10000 scene without overviews take 716 MB of RSS, 130 MB in 16 MiB.
+    with rasterio.Env(GDAL_CACHEMAX=PREVIEW_GDAL_CACHE):
+        with open_raster(map_path) as dst:
+            scale = size / max(dst.width, dst.height)
+            h, w = max(1, round(dst.height * scale)), max(1, round(dst.width * scale))
+            if dst.count < 3:
+                raise InputError(f"{map_path} is not an RGB map")
+            mapped = dst.read([1, 2, 3], out_shape=(3, h, w), resampling=Resampling.nearest)
+            map_valid = dst.dataset_mask(out_shape=(h, w), resampling=Resampling.nearest) > 0
+        src = open_scene(scene, resolution="native", allow_ungeoreferenced=True)
+        try:
+            photo, photo_valid = src.read_decimated(h, w)
+        finally:
+            src.close()
     photo = np.clip(np.rint(photo), 0, 255).astype(np.uint8)
     photo[:, ~photo_valid] = 255
     mapped[:, ~map_valid] = 255
