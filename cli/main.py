@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -431,8 +432,9 @@ def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, 
         _echo_comparison(result)
     else:  # each mean with its standard error over the pairs (or tiles of a translate output)
         se = result["se"]
-        cells = [f"{heading.removesuffix(' dB')} {result[k]:.{d}f} +- {se[k]:.{d}f}{' dB' if k == 'psnr' else ''}"
-                 for k, heading, d in _METRIC_COLUMNS]
+        # no spread to give for one pair, or for PSNR where every pair is identical (infinite)
+        cells = [f"{heading.removesuffix(' dB')} {result[k]:.{d}f}" + (f" +- {se[k]:.{d}f}" if math.isfinite(se[k]) else "")
+                 + (" dB" if k == "psnr" else "") for k, heading, d in _METRIC_COLUMNS]
         click.echo(f"{int(result['count'])} {'tiles' if map_raster else 'pairs'} of 256 x 256 (mean +- standard "
                    f"error): " + "  ".join(cells))
 
