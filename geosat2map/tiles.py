@@ -199,81 +199,86 @@ def make_tiles(
     scene = open_scene(sat, resolution=options.resolution, model_gsd_m=model_gsd)
     work = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.part")
     source = None
-    try:
-        grid = Grid(scene.crs, scene.transform, scene.width, scene.height)
-        source = (_RasterMap(map_raster, grid) if map_raster is not None
-                  else _VectorMap(list(vectors), grid, options.style, options.min_map_cover))
-        area = _aoi_in_crs(aoi, scene.crs) if aoi is not None else None
-        if area is not None and not shapely.intersects(area, shapely.box(*grid.bounds)):
-            raise InputError(f"the AOI {aoi} lies outside the scene")
-        candidates = [(y, x) for y in range(0, scene.height - t + 1, stride) for x in range(0, scene.width - t + 1, stride)]
-        if not candidates:
-            raise InputError(f"the scene is {scene.width} x {scene.height} pixels at {scene.gsd_m:.2f} m: "
-                             f"smaller than one {t}-pixel tile")
-        skipped = {"aoi": 0, "nodata": 0, "empty_map": 0}
-        # Tiles go to a staging folder as they are cut (memory stays flat), then move to their split.
-        if work.exists():
-            shutil.rmtree(work)
-        staging = work / "staging"
-        for kind in ("sat", "map"):
-            (staging / kind).mkdir(parents=True)
-        kept: dict[tuple[int, int], float] = {}
-        for y, x in candidates:
-            footprint = _footprint(scene, x, y, t)
-            if area is not None and shapely.intersection(footprint, area).area < 0.5 * footprint.area:
-                skipped["aoi"] += 1
-                continue
-            sat_px, valid = scene.read(Window(x, y, t, t))
-            nodata = 1.0 - float(valid.mean())
-            if nodata > options.max_nodata:
-                skipped["nodata"] += 1
-                continue
-            map_px, usable = source.read(x, y, t)
-            if not usable:
-                skipped["empty_map"] += 1
-                continue
-            name = _tile_name(y, x)
-            _write_tile(staging / "sat" / name, np.clip(np.rint(sat_px), 0, 255).astype(np.uint8), scene, x, y)
-            _write_tile(staging / "map" / name, map_px, scene, x, y)
-            kept[(y, x)] = nodata
-        if not kept:
-            raise InputError(f"no usable tile: skipped {skipped}")
-        train, val, dropped = _split(sorted(kept), options)
-        skipped["split_buffer"] = dropped
-
-        features = []
-        to_wgs84 = Transformer.from_crs(scene.crs, "EPSG:4326", always_xy=True)
-        for split, positions in (("train", train), ("val", val)):
+    # Tiles are cut row by row, as translate reads, so GDAL's cache is sized as translate sizes it
+    # (for the map raster as well): its default, 5 % of memory, only filled (a 10000 x 10000 scene
+    # and map: 951 MB of RSS, 364 MB in 32 MiB).
+    cache = min(2**30, max(16 * 2**20, int(1.1 * scene.cache_bytes(t) * (2 if map_raster is not None else 1))))
+    with rasterio.Env(GDAL_CACHEMAX=cache):
+        try:
+            grid = Grid(scene.crs, scene.transform, scene.width, scene.height)
+            source = (_RasterMap(map_raster, grid) if map_raster is not None
+                      else _VectorMap(list(vectors), grid, options.style, options.min_map_cover))
+            area = _aoi_in_crs(aoi, scene.crs) if aoi is not None else None
+            if area is not None and not shapely.intersects(area, shapely.box(*grid.bounds)):
+                raise InputError(f"the AOI {aoi} lies outside the scene")
+            candidates = [(y, x) for y in range(0, scene.height - t + 1, stride) for x in range(0, scene.width - t + 1, stride)]
+            if not candidates:
+                raise InputError(f"the scene is {scene.width} x {scene.height} pixels at {scene.gsd_m:.2f} m: "
+                                 f"smaller than one {t}-pixel tile")
+            skipped = {"aoi": 0, "nodata": 0, "empty_map": 0}
+            # Tiles go to a staging folder as they are cut (memory stays flat), then move to their split.
+            if work.exists():
+                shutil.rmtree(work)
+            staging = work / "staging"
             for kind in ("sat", "map"):
-                (work / split / kind).mkdir(parents=True, exist_ok=True)
-            for y, x in positions:
+                (staging / kind).mkdir(parents=True)
+            kept: dict[tuple[int, int], float] = {}
+            for y, x in candidates:
+                footprint = _footprint(scene, x, y, t)
+                if area is not None and shapely.intersection(footprint, area).area < 0.5 * footprint.area:
+                    skipped["aoi"] += 1
+                    continue
+                sat_px, valid = scene.read(Window(x, y, t, t))
+                nodata = 1.0 - float(valid.mean())
+                if nodata > options.max_nodata:
+                    skipped["nodata"] += 1
+                    continue
+                map_px, usable = source.read(x, y, t)
+                if not usable:
+                    skipped["empty_map"] += 1
+                    continue
                 name = _tile_name(y, x)
+                _write_tile(staging / "sat" / name, np.clip(np.rint(sat_px), 0, 255).astype(np.uint8), scene, x, y)
+                _write_tile(staging / "map" / name, map_px, scene, x, y)
+                kept[(y, x)] = nodata
+            if not kept:
+                raise InputError(f"no usable tile: skipped {skipped}")
+            train, val, dropped = _split(sorted(kept), options)
+            skipped["split_buffer"] = dropped
+
+            features = []
+            to_wgs84 = Transformer.from_crs(scene.crs, "EPSG:4326", always_xy=True)
+            for split, positions in (("train", train), ("val", val)):
                 for kind in ("sat", "map"):
-                    (staging / kind / name).rename(work / split / kind / name)
-                features.append(_index_feature(scene, to_wgs84, x, y, t, name, split, kept[(y, x)]))
-        shutil.rmtree(staging)  # what is left are tiles dropped by the split buffer
-        (work / "index.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
-        manifest = {
-            "format": "geosat2map-tiles/1",
-            "satellite": str(sat),
-            "map": str(map_raster) if map_raster is not None else None,
-            "vectors": list(vectors or []),
-            "aoi": str(aoi) if aoi is not None else None,
-            "crs": scene.crs.to_string(),
-            "gsd_m": scene.gsd_m,
-            "options": {**asdict(options), "resolution": resolution, "stride": stride},
-            "counts": {"train": len(train), "val": len(val), "skipped": skipped},
-        }
-        (work / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        work.rename(out_dir)
-    finally:
-        if source is not None:
-            source.close()
-        scene.close()
-        if work.exists():
-            shutil.rmtree(work)
+                    (work / split / kind).mkdir(parents=True, exist_ok=True)
+                for y, x in positions:
+                    name = _tile_name(y, x)
+                    for kind in ("sat", "map"):
+                        (staging / kind / name).rename(work / split / kind / name)
+                    features.append(_index_feature(scene, to_wgs84, x, y, t, name, split, kept[(y, x)]))
+            shutil.rmtree(staging)  # what is left are tiles dropped by the split buffer
+            (work / "index.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+            manifest = {
+                "format": "geosat2map-tiles/1",
+                "satellite": str(sat),
+                "map": str(map_raster) if map_raster is not None else None,
+                "vectors": list(vectors or []),
+                "aoi": str(aoi) if aoi is not None else None,
+                "crs": scene.crs.to_string(),
+                "gsd_m": scene.gsd_m,
+                "options": {**asdict(options), "resolution": resolution, "stride": stride},
+                "counts": {"train": len(train), "val": len(val), "skipped": skipped},
+            }
+            (work / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            work.rename(out_dir)
+        finally:
+            if source is not None:
+                source.close()
+            scene.close()
+            if work.exists():
+                shutil.rmtree(work)
     return TilesResult(out_dir, len(train), len(val), skipped, scene.gsd_m)
 
 

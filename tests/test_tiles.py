@@ -318,3 +318,18 @@ def test_scoring_a_map_reads_through_a_cache_of_one_row_of_blocks(tmp_path, monk
                         lambda a, b: seen.append(rasterio.env.getenv().get("GDAL_CACHEMAX")) or original(a, b))
     scores = evaluate_rasters(scene, scene)
     assert scores["count"] == len(seen) > 0 and set(seen) == {16 * 2**20}
+
+
+def test_tiles_are_cut_through_a_cache_sized_like_translate(region, tmp_path, monkeypatch):
+    """Not GDAL's default cache (5 % of memory), which only filled: see make_tiles."""
+    import rasterio.env
+
+    from geosat2map import reader
+
+    sat, vec = region
+    seen = []
+    original = reader.Scene.read
+    monkeypatch.setattr(reader.Scene, "read", lambda self, window: seen.append(
+        (rasterio.env.getenv().get("GDAL_CACHEMAX"), self.cache_bytes(256))) or original(self, window))
+    make_tiles(sat, tmp_path / "tiles", vectors=[str(vec)], options=TileOptions(resolution=1.0))
+    assert seen and all(cache == max(16 * 2**20, int(1.1 * need)) for cache, need in seen)
