@@ -201,7 +201,7 @@ def make_tiles(
     source = None
     # Tiles are cut row by row, as translate reads, so GDAL's cache is sized as translate sizes it
     # (for the map raster as well): its default, 5 % of memory, only filled (a 10000 x 10000 scene
-    # and map: 951 MB of RSS, 364 MB in 32 MiB).
+    # and map: 951 MB of RSS, 434 MB so).
     cache = min(2**30, max(16 * 2**20, int(1.1 * scene.cache_bytes(t) * (2 if map_raster is not None else 1))))
     with rasterio.Env(GDAL_CACHEMAX=cache):
         try:
