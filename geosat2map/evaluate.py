@@ -159,13 +159,12 @@ def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256
 
     from .errors import InputError
     from .placement import north_up, warped_onto
-    from .reader import open_raster
+    from .reader import bounded_cache, open_raster
 
     # A paletted map is opened in its colours (open_raster). The windows go row by row, so GDAL's
-    # cache needs a row of both rasters' blocks (three bands and a mask), not its default 5 % of
-    # memory: a 10000 x 10000 output scored against itself peaked at 1.74 GB of RSS, 396 MB so.
-    with open_raster(output) as out_ds, \
-            rasterio.Env(GDAL_CACHEMAX=max(16 * 2**20, int(1.1 * 2 * 4 * tile * out_ds.width))), \
+    # cache needs a row of both rasters' blocks, three bands and a mask (a 10000 x 10000 output
+    # scored against itself: 1.74 GB of RSS in GDAL's default cache, 396 MB so).
+    with open_raster(output) as out_ds, rasterio.Env(GDAL_CACHEMAX=bounded_cache(2 * 4 * tile * out_ds.width)), \
             open_raster(map_raster) as map_ds, north_up(map_raster, map_ds) as north, \
             warped_onto(north, out_ds.crs, out_ds.transform, out_ds.width, out_ds.height) as warped:
         bands = [1, 2, 3] if map_ds.count >= 3 else [1, 1, 1]

@@ -26,15 +26,13 @@ from . import resume as progress_record
 from .errors import Geosat2mapError, InputError, Interrupted, OutputError, WeightsError
 from .grid import RowBlender, TileGrid
 from .model import FlipAveraged
-from .reader import RowBand, Scene, is_subdataset, open_scene, scene_name, scene_path
+from .reader import (RowBand, Scene, available_memory, bounded_cache, is_subdataset, open_scene, scene_name,
+                     scene_path)
 from .weights import ModelSpec, load_generator, model_digest
 from .writer import BLOCK, BUFFERS, GEOTIFF_SUFFIXES, GeoTIFFWriter, check_destination, partial_path
 
 #: Default overlap between 256-pixel tiles (see benchmarks/overlap.py for the measurement).
 DEFAULT_OVERLAP = 64
-#: Bounds of GDAL's block cache, bytes; within them it is sized to the scene (see gdal_cache_bytes).
-MIN_GDAL_CACHE = 16 * 2**20
-MAX_GDAL_CACHE = 1 * 2**30
 
 
 @dataclass
@@ -275,35 +273,17 @@ def row_buffer_bytes(grid: TileGrid) -> int:
 
 
 def gdal_cache_bytes(scene: Scene, tile: int) -> int:
-    """GDAL's block cache for a run: the source blocks :meth:`Scene.cache_bytes` says reads share,
-    with a tenth to spare. It grows with the scene's width, never its height. (A smaller cache
-    makes GDAL decode source blocks several times; room for output blocks as well only added
-    memory: the writer hands GDAL whole block rows.) Capped at 1 GiB and a quarter of the memory
-    available: a very wide scene shrunk many times over without overviews then decodes some
-    blocks twice rather than running out of memory."""
-    cap = MAX_GDAL_CACHE
-    free = available_memory()
-    if free is not None:
-        cap = min(cap, free // 4)
+    """GDAL's block cache for a run: the source blocks :meth:`Scene.cache_bytes` says reads share
+    (:func:`~geosat2map.reader.bounded_cache`). It grows with the scene's width, never its height.
+    (A smaller cache makes GDAL decode source blocks several times; room for output blocks as well
+    only added memory: the writer hands GDAL whole block rows.)"""
     need = scene.cache_bytes(tile)
     if scene.warped_from is not None:
         # The writer's block row passes through the same cache; for a warped scene its room
         # matters (4096 x 4096 rotated 20 degrees, read at 0.5 m: reading 7.1-7.5 s in a 16 MB
         # cache, 3.0-3.4 s in 24-64 MB).
         need += BLOCK * scene.width * 4
-    return max(MIN_GDAL_CACHE, min(cap, int(1.1 * need)))
-
-
-def available_memory() -> int | None:
-    """Bytes the kernel says can be allocated without swapping (Linux), else None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
+    return bounded_cache(need)
 
 
 def first_row_after(grid: TileGrid, rows: int) -> int:

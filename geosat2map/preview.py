@@ -12,12 +12,12 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 
 from .errors import InputError
-from .reader import open_raster, open_scene
+from .reader import MIN_GDAL_CACHE, open_raster, open_scene
 from .writer import check_destination
 
 
-#: GDAL's block cache while the preview reads, bytes (see side_by_side).
-PREVIEW_GDAL_CACHE = 16 * 2**20
+#: GDAL's block cache while the preview reads, bytes: the least (see side_by_side).
+PREVIEW_GDAL_CACHE = MIN_GDAL_CACHE
 
 
 def side_by_side(scene: str | Path, map_path: str | Path, png: str | Path, size: int = 512,

@@ -32,7 +32,7 @@ from rasterio.windows import Window, transform as window_transform
 
 from .errors import InputError, OutputError
 from .placement import north_up, warped_onto
-from .reader import Scene, open_raster, open_scene
+from .reader import Scene, bounded_cache, open_raster, open_scene
 from .render import Grid, MapRenderer, Style, read_vectors
 
 
@@ -199,10 +199,9 @@ def make_tiles(
     scene = open_scene(sat, resolution=options.resolution, model_gsd_m=model_gsd)
     work = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.part")
     source = None
-    # Tiles are cut row by row, as translate reads, so GDAL's cache is sized as translate sizes it
-    # (for the map raster as well): its default, 5 % of memory, only filled (a 10000 x 10000 scene
-    # and map: 951 MB of RSS, 434 MB so).
-    cache = min(2**30, max(16 * 2**20, int(1.1 * scene.cache_bytes(t) * (2 if map_raster is not None else 1))))
+    # Tiles are cut row by row, as translate reads: the scene's shared blocks, and the map raster's
+    # as many (a 10000 x 10000 scene and map: 951 MB of RSS in GDAL's default cache, 434 MB so).
+    cache = bounded_cache(scene.cache_bytes(t) * (2 if map_raster is not None else 1))
     with rasterio.Env(GDAL_CACHEMAX=cache):
         try:
             grid = Grid(scene.crs, scene.transform, scene.width, scene.height)

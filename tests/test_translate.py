@@ -612,7 +612,8 @@ def test_a_large_fine_scene_without_overviews_gets_a_hint_to_build_them(tmp_path
 
 
 def test_gdal_cache_is_capped_for_a_very_wide_scene_shrunk_many_times(tmp_path):
-    from geosat2map.pipeline import MAX_GDAL_CACHE, gdal_cache_bytes
+    from geosat2map.pipeline import gdal_cache_bytes
+    from geosat2map.reader import MAX_GDAL_CACHE
 
     path = tmp_path / "wide.tif"  # 120000 x 2048 at 0.1 m, never written: tiny on disk
     with rasterio.open(path, "w", driver="GTiff", width=120000, height=2048, count=3, dtype="uint8",
