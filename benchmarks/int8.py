@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import rasterio
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,7 @@ from rasterio.windows import Window
 from torch import nn
 
 from geosat2map import datasets, metrics
-from geosat2map.engine import _Scaled, engine_onnx
+from geosat2map.engine import OnnxRuntimeEngine, _Scaled, engine_onnx
 from geosat2map.onnx_export import export_proto
 from geosat2map.weights import load_generator
 
@@ -124,20 +123,13 @@ def quantize(model: nn.Module, tiles: list[np.ndarray], method: str, fp32_levels
     return out
 
 
-def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.enable_mem_pattern = False  # as translate's engine
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def scores(sess: ort.InferenceSession, data: str) -> list[dict[str, float]]:
+def scores(engine: OnnxRuntimeEngine, data: str) -> list[dict[str, float]]:
     pairs, names = datasets.load_pairs(data, "val")
     dataset = datasets.PairDataset(pairs, names, 256, 256, augment=False)
     per = []
     for i in range(len(dataset)):
         a, b = dataset[i]
-        out = sess.run(None, {"tiles": datasets.from_model_range(a)[None].numpy()})[0][0]
+        out = engine(datasets.from_model_range(a)[None].numpy())[0]
         per.append(metrics.image_metrics(torch.from_numpy(out).round(), datasets.from_model_range(b)))
     return per
 
@@ -160,15 +152,16 @@ def main() -> None:
         int8_path = quantize(model, tiles, args.method, args.fp32_levels, Path(tmp))
         print(f"export, calibration ({len(tiles)} tiles, {args.method}) and quantization: "
               f"{time.perf_counter() - start:.1f} s")
-        engines = {"fp32": session(engine_onnx(model, 3, 256)), "int8": session(int8_path)}
+        # translate's ONNX Runtime engine (its session options) for both
+        engines = {"fp32": OnnxRuntimeEngine(engine_onnx(model, 3, 256)), "int8": OnnxRuntimeEngine(int8_path)}
         batch = np.random.default_rng(0).uniform(0, 255, (args.batch_size, 3, 256, 256)).astype(np.float32)
         best = dict.fromkeys(engines, float("inf"))
-        for sess in engines.values():
-            sess.run(None, {"tiles": batch})  # warm-up
+        for engine in engines.values():
+            engine(batch)  # warm-up
         for _ in range(args.repeat):  # alternating, so both see the same drift of the machine
-            for name, sess in engines.items():
+            for name, engine in engines.items():
                 t = time.perf_counter()
-                sess.run(None, {"tiles": batch})
+                engine(batch)
                 best[name] = min(best[name], time.perf_counter() - t)
         rates = {name: args.batch_size / seconds for name, seconds in best.items()}
         print(f"model only, batch {args.batch_size} (best of {args.repeat}): fp32 {rates['fp32']:.1f} tiles/s, "
