@@ -31,15 +31,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from .devices import use_bf16
+from .devices import PRECISIONS as COMPUTE_PRECISIONS, use_bf16
 from .errors import WeightsError
+from .model import PixelScaled
 from .onnx_export import export_proto
+from .quantize import quantized_onnx
 from .weights import model_digest
 
 #: Scenes with fewer tiles run on PyTorch: exporting (first run of a model, seconds) and timing
 #: both engines (about half a second) would cost more than ONNX Runtime saves on them.
 AUTO_MIN_TILES = 200
 BACKENDS = ("auto", "torch", "compiled", "onnxruntime")
+#: What translate computes in: the compute precisions, and int8 (ONNX Runtime on the CPU, opt-in:
+#: its maps differ from fp32's a little more, see geosat2map.quantize).
+PRECISIONS = (*COMPUTE_PRECISIONS, "int8")
 #: Tiles per model call on the CPU. Batches 1-32 on 2 cores (width-32 default model, tiles/s):
 #: ONNX Runtime 32 / 29 / 29 / 34 / 34 / 33, PyTorch 21 / 26 / 29 / 28 / 25 / 22; every tile of a
 #: batch is held as float32 input and output (1.5 MB at 256 pixels).
@@ -59,16 +64,16 @@ _compiled: dict[tuple, CompiledEngine] = {}  # the most recent compiled engine o
 _choices: dict[tuple, str] = {}  # auto's pick per model, candidates and batch shape
 
 
-def engine_name(backend: str, bf16: bool) -> str:
+def engine_name(backend: str, precision: str = "fp32") -> str:
     """What an engine is called (reported, and kept in a resumable run's record): its backend,
-    with ``-bf16`` when it computes in bf16."""
-    return f"{backend}-bf16" if bf16 else backend
+    with ``-bf16`` or ``-int8`` when it does not compute in fp32."""
+    return backend if precision == "fp32" else f"{backend}-{precision}"
 
 
 def engine_choice(name: str) -> tuple[str, str]:
     """The ``(backend, precision)`` that makes the engine called ``name`` again."""
-    backend = name.removesuffix("-bf16")
-    return backend, "fp32" if backend == name else "bf16"
+    backend, _, precision = name.partition("-")
+    return backend, precision or "fp32"
 
 
 class Engine(Protocol):
@@ -94,7 +99,7 @@ class InferenceEngine:
         self.device = device
         self.model = model.eval().to(device, memory_format=torch.channels_last)
         self.bf16 = bf16
-        self.name = engine_name("torch", bf16)
+        self.name = engine_name("torch", "bf16" if bf16 else "fp32")
         self.cuda = self.asynchronous = device.type == "cuda"
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
@@ -153,7 +158,7 @@ class CompiledEngine(InferenceEngine):
 
     def __init__(self, model: torch.nn.Module, device: torch.device, bf16: bool, batch_size: int) -> None:
         super().__init__(model, device, bf16)
-        self.name = engine_name("compiled", bf16)
+        self.name = engine_name("compiled", "bf16" if bf16 else "fp32")
         self.batch_size = batch_size
         self.compiled = torch.compile(self.model, dynamic=False)
 
@@ -171,25 +176,16 @@ class CompiledEngine(InferenceEngine):
             return self.compiled(x)[:n]
 
 
-class _Scaled(nn.Module):
-    """The generator with translate's value mapping inside the graph: 0..255 in, 0..255 out."""
-
-    def __init__(self, generator: nn.Module) -> None:
-        super().__init__()
-        self.generator = generator
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.generator(x / 127.5 - 1.0).clamp(-1.0, 1.0) + 1.0) * 127.5
-
-
 class OnnxRuntimeEngine:
-    """The generator exported to ONNX, run by ONNX Runtime on the CPU."""
+    """The generator exported to ONNX (fp32, or int8 by :mod:`geosat2map.quantize`), run by ONNX
+    Runtime on the CPU."""
 
-    name = "onnxruntime"
     asynchronous = False
 
-    def __init__(self, onnx_path: Path) -> None:
+    def __init__(self, onnx_path: Path, name: str = "onnxruntime") -> None:
         import onnxruntime as ort
+
+        self.name = name
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()  # the same cores PyTorch would use
@@ -256,7 +252,7 @@ def engine_onnx(model: nn.Module, in_channels: int, tile: int) -> Path:
     import onnx  # about a second to import: only when exporting
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    proto = export_proto(_Scaled(model.float().eval().cpu()), torch.zeros(2, in_channels, tile, tile), "tiles",
+    proto = export_proto(PixelScaled(model.float().eval().cpu()), torch.zeros(2, in_channels, tile, tile), "tiles",
                          "maps", dynamic_batch=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     onnx.save_model(proto, str(tmp))
@@ -264,12 +260,30 @@ def engine_onnx(model: nn.Module, in_channels: int, tile: int) -> Path:
     return path
 
 
-def _ort_engine(onnx_path: Path) -> OnnxRuntimeEngine:
+def _ort_engine(onnx_path: Path, name: str = "onnxruntime") -> OnnxRuntimeEngine:
     key = (onnx_path, torch.get_num_threads())
     if key not in _sessions:
         _sessions.clear()
-        _sessions[key] = OnnxRuntimeEngine(onnx_path)
+        _sessions[key] = OnnxRuntimeEngine(onnx_path, name)
     return _sessions[key]
+
+
+def _int8_engine(model: nn.Module, device: torch.device, backend: str,
+                 calibration: np.ndarray | None) -> OnnxRuntimeEngine:
+    """ONNX Runtime on ``model`` in int8, its activation ranges from the ``calibration`` tiles."""
+    if device.type != "cpu":
+        raise WeightsError("int8 runs on the CPU (ONNX Runtime); use --device cpu")
+    if backend not in ("auto", "onnxruntime"):
+        raise WeightsError(f"int8 runs through ONNX Runtime: use --backend auto or onnxruntime, not {backend}")
+    if not onnx_available():
+        raise WeightsError("int8 needs the onnx extra: pip install 'geosat2map[onnx]'")
+    if calibration is None or not len(calibration):
+        raise ValueError("int8 needs calibration tiles")
+    try:
+        path = quantized_onnx(model, calibration, cache_dir())
+    except OSError as exc:
+        raise WeightsError(f"cannot keep the int8 model in {cache_dir()}: {exc} (set GEOSAT2MAP_CACHE)") from None
+    return _ort_engine(path, engine_name("onnxruntime", "int8"))
 
 
 def _seconds_per_batch(engine: Engine, batch: np.ndarray, runs: int = 1) -> float:
@@ -290,13 +304,18 @@ def make_engine(
     tile: int = 256,
     batch_size: int = 8,
     tiles: int | None = None,
+    calibration: np.ndarray | None = None,
 ) -> Engine:
     """The engine for ``backend`` at ``precision`` (``auto``: bf16 where the hardware has it, see
     :func:`~geosat2map.devices.native_bf16`). Backend ``auto`` times the CPU's candidates (PyTorch
     in fp32 and ONNX Runtime, and PyTorch in bf16 where precision allows it) on one batch and keeps
-    the fastest; on GPUs, without the onnx extra, or for scenes under ``AUTO_MIN_TILES`` it is PyTorch."""
+    the fastest; on GPUs, without the onnx extra, or for scenes under ``AUTO_MIN_TILES`` it is PyTorch.
+    ``int8`` is ONNX Runtime on the model quantized with the ``calibration`` tiles' ranges (the
+    scene's own, float32 0..255: see :mod:`geosat2map.quantize`)."""
     if backend not in BACKENDS:
         raise WeightsError(f"unknown backend {backend!r} (use {', '.join(BACKENDS)})")
+    if precision == "int8":
+        return _int8_engine(model, device, backend, calibration)
     bf16 = use_bf16(precision, device)
     if backend == "onnxruntime" and precision == "bf16":
         raise WeightsError("the onnxruntime backend runs in fp32 only; use --backend torch for bf16")

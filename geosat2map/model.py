@@ -8,6 +8,7 @@ Inference and training share this one definition.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -94,6 +95,70 @@ class FlipAveraged(nn.Module):
         n = x.shape[0]
         y = self.generator(torch.cat([x, x.flip(-1)]))
         return (y[:n] + y[n:].flip(-1)) * 0.5
+
+
+class PixelScaled(nn.Module):
+    """The generator with translate's value mapping inside: 0..255 pixels in, 0..255 map out (the
+    graphs ONNX Runtime runs take and give pixels, so no pass over the tiles is left outside)."""
+
+    def __init__(self, generator: nn.Module) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.generator(x / 127.5 - 1.0).clamp(-1.0, 1.0) + 1.0) * 127.5
+
+
+class SubPixelUp(nn.Module):
+    """A ``ConvTranspose2d(4, stride 2, padding 1)`` and the eval-mode BatchNorm after it as one
+    2x2 convolution with four times the output channels, a pixel shuffle and a one-pixel crop:
+    the same map (to float rounding), in layers that int8 kernels exist for (ONNX Runtime has none
+    for transposed convolutions, see :mod:`geosat2map.quantize`).
+
+    Output pixel (2i + a, 2j + b) takes input rows (columns) {i - 1, i} with kernel taps (3, 1)
+    where a (b) is 0, and {i, i + 1} with taps (2, 0) where it is 1. Padded by 1, the 2x2
+    convolution gives (H + 1) x (W + 1) positions, each holding the four phases; shuffled, that is
+    the output with one extra pixel on each side, hence the crop."""
+
+    def __init__(self, up: nn.ConvTranspose2d, bn: nn.BatchNorm2d | None) -> None:
+        super().__init__()
+        w = up.weight.detach()  # (in, out, 4, 4)
+        bias = up.bias.detach() if up.bias is not None else torch.zeros(w.shape[1])
+        if bn is not None:
+            scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+            w = w * scale[None, :, None, None]
+            bias = bn.bias.detach() + (bias - bn.running_mean) * scale
+        taps = ((2, 0), (3, 1))  # by output phase: the taps for input offsets (0, +1) / (-1, 0)
+        phases = [w[:, :, list(taps[a])][:, :, :, list(taps[b])].transpose(0, 1) for a in (0, 1) for b in (0, 1)]
+        self.conv = nn.Conv2d(w.shape[0], 4 * w.shape[1], 2, padding=1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.stack(phases, 1).flatten(0, 1))  # channel c * 4 + phase
+            self.conv.bias.copy_(bias.repeat_interleave(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        return nn.functional.pixel_shuffle(self.conv(x), 2)[:, :, 1 : 2 * h + 1, 1 : 2 * w + 1]
+
+
+def subpixel_generator(net: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``net`` (a :class:`UNetGenerator`, or one inside :class:`FlipAveraged`)
+    with every decoder level's transposed convolution and BatchNorm as a :class:`SubPixelUp`;
+    dropout, eval-mode, is the identity either way."""
+    if isinstance(net, FlipAveraged):
+        return FlipAveraged(subpixel_generator(net.generator))
+    g = copy.deepcopy(net).eval()
+    for k, block in enumerate(g.decoder):
+        layers, i = [], 0
+        while i < len(block):
+            if isinstance(block[i], nn.ConvTranspose2d):
+                bn = block[i + 1] if i + 1 < len(block) and isinstance(block[i + 1], nn.BatchNorm2d) else None
+                layers.append(SubPixelUp(block[i], bn))
+                i += 2 if bn is not None else 1
+            else:
+                layers.append(block[i])
+                i += 1
+        g.decoder[k] = nn.Sequential(*layers)
+    return g
 
 
 class PatchDiscriminator(nn.Module):

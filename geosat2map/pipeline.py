@@ -21,11 +21,12 @@ import torch.distributed as dist
 from . import device_rows, sharded
 from .devices import resolve_device
 from .distributed import DistContext, process_group
-from .engine import Engine, InferenceEngine, auto_batch_size, engine_choice, make_engine
+from .engine import PRECISIONS, Engine, InferenceEngine, auto_batch_size, engine_choice, make_engine
 from . import resume as progress_record
 from .errors import Geosat2mapError, InputError, Interrupted, OutputError, WeightsError
 from .grid import RowBlender, TileGrid
 from .model import FlipAveraged
+from .quantize import calibration_picks
 from .reader import (RowBand, Scene, available_memory, bounded_cache, is_subdataset, open_scene, scene_name,
                      scene_path)
 from .weights import ModelSpec, load_generator, model_digest
@@ -87,6 +88,23 @@ def _tiles(scene: Scene, grid: TileGrid, first_row: int = 0,
                 valid = valid_rows[:, x : x + w].copy()  # the band moves on before the tile is blended
             has_data = always_valid or valid.any()
             yield r, c, _pad(pixels[:, :, x : x + w], grid.tile) if has_data else None, valid
+
+
+def _calibration_tiles(scene: Scene, grid: TileGrid) -> np.ndarray:
+    """int8's calibration tiles (:func:`~geosat2map.quantize.calibration_picks`), as the engine
+    gets them: where a pick is all nodata, the nearest tile of its row with data, if any."""
+    picks = calibration_picks(len(grid.ys), len(grid.xs))
+    tiles = []
+    for row in sorted({r for r, _ in picks}):
+        with_data = {c: pixels.astype(np.float32) for _, c, pixels, _ in _tiles(scene, grid, row, row + 1)
+                     if pixels is not None}
+        for col in sorted({c for r, c in picks if r == row}):
+            if with_data:
+                nearest = min(with_data, key=lambda c: abs(c - col))
+                tiles.append(with_data.pop(nearest))
+    if not tiles:
+        raise InputError("the scene has no valid pixels where int8 takes its calibration tiles")
+    return np.stack(tiles)
 
 
 def _row_reader(scene: Scene, grid: TileGrid):
@@ -163,7 +181,8 @@ def translate(
     reloading. ``batch_size`` None: 8 tiles on the CPU (16 in bf16), on a GPU as many as half its free memory
     holds (up to 128). ``progress(advance, total)`` is called as tiles finish. ``backend``: ``torch``,
     ``onnxruntime`` (CPU, needs the onnx extra) or ``auto`` (the fastest, timed); ``precision``: ``fp32``,
-    ``bf16`` (autocast) or ``auto`` (bf16 where the hardware has it, see :func:`make_engine`). Interrupted (Ctrl-C,
+    ``bf16`` (autocast), ``auto`` (bf16 where the hardware has it, see :func:`make_engine`) or ``int8``
+    (ONNX Runtime on the CPU, calibrated on the scene's own tiles, see :mod:`~geosat2map.quantize`). Interrupted (Ctrl-C,
     SIGTERM), a run keeps its finished rows beside ``dst`` and raises :class:`Interrupted`;
     ``resume=True`` with the same input, options and model continues it. ``tta``: average each
     tile's map with the mirrored map of its mirror image (:class:`~geosat2map.model.FlipAveraged`,
@@ -177,33 +196,46 @@ def translate(
         raise InputError(f"overlap must be between 0 and {tile_size // 2} pixels, not {overlap}")
     if batch_size is not None and batch_size < 1:
         raise InputError("batch size must be at least 1")
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
     batch_bytes = (batch_size or 0) * tile_size**2 * 3 * 4 * 2  # float32 tiles in, maps out: a lower bound
     free = available_memory()
     if free is not None and batch_bytes > 0.5 * free:
         raise InputError(f"a batch of {batch_size} tiles needs over {batch_bytes / 2**30:.1f} GiB and "
                          f"{free / 2**30:.1f} GiB is available: use a smaller --batch-size")
-    torch_device = resolve_device(device)
+    torch_device = resolve_device("cpu" if precision == "int8" and device == "auto" else device)
     with process_group(torch_device.type) as ctx:
         if ctx.enabled:
             if resume:
                 raise InputError("--resume is not available under torchrun; run the resumed job in one process")
             if torch_device.type == "cuda":
                 torch_device = torch.device("cuda", ctx.local_rank)
-            backend = "torch" if backend == "auto" else backend  # every rank must run the same engine
+            if backend == "auto":  # every rank must run the same engine: no timing
+                backend = "onnxruntime" if precision == "int8" else "torch"
         local_src = None if isinstance(src, str) else src
         _agree(ctx, lambda: check_destination(dst, local_src, overwrite, geotiff=True) if ctx.is_main else None)
         net, spec = model if model is not None else load_generator(weights)
         if tta and not isinstance(net, FlipAveraged):
             net = FlipAveraged(net)
         started = time.perf_counter()
-        if batch_size is None:  # ONNX Runtime computes in fp32 whatever the hardware: fp32's batch
+        if batch_size is None:  # ONNX Runtime never computes in bf16, whatever the hardware: fp32's batch
             batch_size = auto_batch_size(net, torch_device, spec.in_channels, tile_size,
-                                         "fp32" if backend == "onnxruntime" else precision)
+                                         "fp32" if backend == "onnxruntime" or precision == "int8" else precision)
         return _run(src, dst, net, spec, torch_device, started, bands=bands, resolution=resolution,
                     bounds=bounds, bounds_crs=bounds_crs,
                     tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
                     allow_ungeoreferenced=allow_ungeoreferenced, progress=progress, resume=resume,
                     backend=backend, precision=precision, ctx=ctx)
+
+
+def _engine_on_every_rank(ctx: DistContext, build: Callable[[], Engine]) -> Engine:
+    """``build()`` on every rank, the main rank's first: what it makes once and keeps in the cache
+    (an ONNX export, an int8 model from the same calibration tiles) the others then load instead of
+    all making it at once; a failure on any rank stops them all with its error."""
+    made: list[Engine] = []
+    _agree(ctx, lambda: made.append(build()) if ctx.is_main else None)
+    _agree(ctx, lambda: None if ctx.is_main else made.append(build()))
+    return made[0]
 
 
 def _agree(ctx: DistContext, check: Callable[[], None]) -> None:
@@ -334,22 +366,22 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
                   batch_size, cog, progress, resume, backend, precision, ctx) -> TranslateResult:
     """The main rank reads, infers, blends and writes; a helper rank (torchrun) computes and sends rows."""
     tta = isinstance(net, FlipAveraged)
-    if ctx.enabled and not ctx.is_main:  # a helper rank: compute its rows, send them, write nothing
-        engine = make_engine(net, torch_device, backend, precision, in_channels=spec.in_channels,
-                             tile=tile_size, batch_size=batch_size, tiles=len(grid))
-        computed = sharded.send_rows(ctx, grid, _row_reader(scene, grid), engine, batch_size)
-        return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
-                               time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name,
-                               scene.notes, batch_size, tta)
     record_file = progress_record.record_path(dst)
     kept_rows, computed_before = 0, 0
-    if resume:  # the interrupted run's engine again: backends may differ in the last float bit
+    if resume:  # the interrupted run's engine again: backends may differ in the last float bit (never under torchrun)
         record = progress_record.load(record_file, partial_path(dst), dst)
         recorded = record.get("options", {}).get("backend")
         if recorded:
             backend, precision = engine_choice(recorded)
-    engine = make_engine(net, torch_device, backend, precision, in_channels=spec.in_channels, tile=tile_size,
-                         batch_size=batch_size, tiles=len(grid))
+    calibration = _calibration_tiles(scene, grid) if precision == "int8" else None
+    engine = _engine_on_every_rank(ctx, lambda: make_engine(
+        net, torch_device, backend, precision, in_channels=spec.in_channels, tile=tile_size,
+        batch_size=batch_size, tiles=len(grid), calibration=calibration))
+    if ctx.enabled and not ctx.is_main:  # a helper rank: compute its rows, send them, write nothing
+        computed = sharded.send_rows(ctx, grid, _row_reader(scene, grid), engine, batch_size)
+        return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
+                               time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name,
+                               scene.notes, batch_size, tta)
     c = scene.crop
     options = {"resolution": resolution, "tile_size": tile_size, "overlap": overlap, "bands": scene.bands,
                "cog": cog, "backend": engine.name, "tta": tta,
