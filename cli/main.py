@@ -137,7 +137,7 @@ def _parse_bands(ctx, param, value: str | None):
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True,
               help="auto: bf16 autocast where the hardware multiplies bf16 (CUDA, CPUs with AMX or "
                    "AVX512-BF16) and it is faster; maps within 3 levels of fp32's at 99.9 % of values. "
-                   "int8: ONNX Runtime on the CPU (onnx extra), calibrated on 8 of the scene's own tiles "
+                   "int8: ONNX Runtime on the CPU (onnx extra), its ranges from 8 of the scene's own tiles "
                    "(some seconds); 1.2-1.5x fp32's speed on CPUs without bf16, maps a little further from fp32's.")
 @click.option("--bands", default=None, callback=_parse_bands,
               help="Input bands, e.g. 1,2,3 (default: by colour interpretation, else 1,2,3; one band as grey, "

@@ -80,7 +80,8 @@ def test_int8_maps_of_the_default_model_stay_close_to_fp32(engine_cache, tmp_pat
     int8 = translate(NAIP_SCENE, tmp_path / "int8.tif", precision="int8", bounds=box)
     assert int8.backend == "onnxruntime-int8" and int8.tiles == fp32.tiles == 9
     diff = np.abs(_read(int8.dst) - _read(fp32.dst))
-    # Measured (session 27, w48_s7): the whole NAIP map 0.21 levels on average, 99.4 % within 2.
+    # Measured (session 27, w48_s7): here 0.21 levels on average, 99.2 % within 2, max 19; the whole
+    # NAIP map 0.19, 99.6 %, max 20.
     assert diff.mean() < 0.5 and (diff <= 2).mean() > 0.98
     with rasterio.open(int8.dst) as dst:
         assert "onnxruntime-int8" in dst.tags()["GEOSAT2MAP_TILING"]
@@ -124,7 +125,7 @@ def test_int8_with_tta_flip_averages_the_quantized_model(engine_cache, tiny_weig
 def test_torchrun_ranks_share_one_calibration(engine_cache, tiny_weights, tmp_path):
     """2 CPU ranks on gloo: one int8 model made (by rank 0, loaded by rank 1), the one-process file."""
     scene = write_scene(tmp_path / "scene.tif", width=700, height=900, nodata=0)
-    single = translate(scene, tmp_path / "single.tif", weights=tiny_weights, precision="int8", batch_size=3)
+    translate(scene, tmp_path / "single.tif", weights=tiny_weights, precision="int8", batch_size=3)
     for model in cache_dir().glob("int8-*.onnx"):
         model.unlink()
     script = tmp_path / "run.py"
