@@ -2,7 +2,7 @@
 
     python benchmarks/translate.py [--sizes 2048,8192,16384] [--scene sample|noise]
                                    [--resolution native|model] [--backend auto|torch|compiled|onnxruntime]
-                                   [--precision auto|fp32|bf16] [--malloc retain|default]
+                                   [--precision auto|fp32|bf16|int8] [--malloc retain|default]
                                    [--device cpu|cuda|mps|auto] [--repeat 3]
 
 For each size a uint8 RGB GeoTIFF (tiled, ZSTD, 0.5 m pixels) is written to a temporary folder.
@@ -51,15 +51,21 @@ def gflop_per_tile(weights: str | None) -> float:
         model(torch.zeros(1, 3, 256, 256))
     return flops.get_total_flops() / 1e9
 
-def export_first(weights: str | None, backend: str) -> None:
+def export_first(weights: str | None, backend: str, precision: str) -> None:
     """Make the ONNX export translate would make on its first run, here in the parent, so that no
-    child's peak RSS includes exporting (about 200 MB more for the first scene otherwise)."""
-    from geosat2map.engine import engine_onnx, onnx_available
+    child's peak RSS includes exporting (about 200 MB more for the first scene otherwise). For
+    int8 that is the rewritten model quantization starts from; calibrating and quantizing, done
+    for each new scene, stay in the child."""
+    from geosat2map.engine import cache_dir, engine_onnx, onnx_available
+    from geosat2map.quantize import FP32_LEVELS, _prepared_onnx
     from geosat2map.weights import load_generator
 
     if backend != "torch" and onnx_available():
         model, spec = load_generator(weights)
-        engine_onnx(model, spec.in_channels, 256)
+        if precision == "int8":
+            _prepared_onnx(model, (spec.in_channels, 256, 256), cache_dir(), FP32_LEVELS)
+        else:
+            engine_onnx(model, spec.in_channels, 256)
 
 
 CHILD = """
@@ -70,6 +76,7 @@ from geosat2map import load_generator, translate
 from geosat2map.devices import resolve_device
 from geosat2map.engine import InferenceEngine, OnnxRuntimeEngine, auto_batch_size, engine_choice, make_engine
 from geosat2map.grid import TileGrid
+from geosat2map.pipeline import _calibration_tiles
 from geosat2map.reader import open_scene
 src, dst, weights, batch, cap, backend, precision, resolution, repeat, device, malloc = sys.argv[1:12]
 if malloc == "retain":  # as the CLI's translate does
@@ -78,10 +85,16 @@ if malloc == "retain":  # as the CLI's translate does
 cap, repeat = int(cap), int(repeat)
 model = load_generator(None if weights == "default" else weights)
 scene = open_scene(src, None, resolution, model[1].gsd_m)
-tiles = min(cap, len(TileGrid(scene.width, scene.height)))
+grid = TileGrid(scene.width, scene.height)
+tiles = min(cap, len(grid))
+# int8: the model translate will quantize for this scene, calibrated on the same tiles (then cached)
+calibration = _calibration_tiles(scene, grid) if precision == "int8" else None
 scene.close()
-batch = int(batch) or auto_batch_size(model[0], resolve_device(device), precision=precision)  # 0: translate's
-engine = make_engine(model[0], resolve_device(device), backend, precision, batch_size=batch)
+batch = int(batch) or auto_batch_size(model[0], resolve_device(device),  # 0: translate's
+                                      precision="fp32" if precision == "int8" else precision)
+start = time.perf_counter()
+engine = make_engine(model[0], resolve_device(device), backend, precision, batch_size=batch, calibration=calibration)
+made = time.perf_counter() - start
 backend, precision = engine_choice(engine.name)  # translate runs the engine auto picked here
 x = np.random.default_rng(0).uniform(0, 255, (batch, 3, 256, 256)).astype(np.float32)
 engine(x)  # warm-up
@@ -118,7 +131,7 @@ for _ in range(repeat):  # interleaved, so a slow spell of the machine shows in 
     in_model.append(None if engine.asynchronous else calls[0])
     model_rates.append(model_only())
 print(json.dumps({"seconds": seconds, "in_model": in_model, "width": r.width, "all_tiles": r.tiles,
-                  "tiles": r.tiles_computed, "model": model_rates, "backend": r.backend, "batch": batch,
+                  "tiles": r.tiles_computed, "model": model_rates, "backend": r.backend, "batch": batch, "made_s": made,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -159,7 +172,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=0, help="default: translate's (8 on the CPU, 16 in bf16)")
     parser.add_argument("--model-tiles", type=int, default=512)
     parser.add_argument("--backend", default="auto", help="auto, torch, compiled or onnxruntime (both sides use the same)")
-    parser.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (as translate --precision)")
+    parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or int8 (as translate --precision)")
     parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
                         help="retain: glibc keeps freed memory, as the CLI's translate sets it "
                              "(geosat2map.allocator); default: glibc's own thresholds")
@@ -171,7 +184,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"batch {args.batch_size or 'as translate'}, device {args.device}, {args.scene} scene, {args.resolution} resolution, "
           f"{args.malloc} malloc")
-    export_first(args.weights, args.backend)
+    export_first(args.weights, args.backend, args.precision)
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for size in sizes:
@@ -205,6 +218,9 @@ def main() -> None:
         in_run = f"{np.median(inside):.3f} ({min(inside):.3f}-{max(inside):.3f})" if inside else "n/a"
         print(f"{size:>5} x {size:<5} {r['width']:>6} {tiles:>6} {mo_range:>24} {mo * gflop:>8.0f} {e2e_range:>24} "
               f"{ratio:>18} {in_run:>16} {min(r['seconds']):>7.1f} {r['peak_rss_mb']:>12.0f}")
+    if args.precision == "int8":
+        print("int8 engine made (calibration on the scene's tiles and quantization) in "
+              + ", ".join(f"{r['made_s']:.1f} s" for _, _, r in rows))
     if len(rows) > 1:
         ratio = rows[-1][2]["peak_rss_mb"] / rows[0][2]["peak_rss_mb"]
         print(f"peak RSS {rows[-1][0]} vs {rows[0][0]}: {ratio:.2f}x")
