@@ -82,7 +82,7 @@ def quantized_onnx(net: nn.Module, tiles: np.ndarray, cache: Path, *, fp32_level
                         nodes_to_exclude=fp32_nodes, calibrate_method={
                             "minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}[method])
         os.replace(out, path)
-    _prune(cache)
+    _prune(cache, KEPT_MODELS)
     return path
 
 
@@ -90,7 +90,7 @@ def quantized_onnx(net: nn.Module, tiles: np.ndarray, cache: Path, *, fp32_level
 KEPT_MODELS = 4
 
 
-def _prune(cache: Path, keep: int = KEPT_MODELS) -> None:
+def _prune(cache: Path, keep: int) -> None:
     """Delete all but the ``keep`` most recently used int8 models."""
     models = sorted(cache.glob("int8-*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in models[keep:]:

@@ -20,7 +20,8 @@ from geosat2map.engine import cache_dir, engine_choice, engine_name, make_engine
 from geosat2map.errors import Interrupted, WeightsError
 from geosat2map.grid import TileGrid
 from geosat2map.model import FlipAveraged, subpixel_generator
-from geosat2map.quantize import KEPT_MODELS, calibration_picks
+from geosat2map import quantize
+from geosat2map.quantize import calibration_picks
 
 from .conftest import NAIP_SCENE, random_generator, stop_after, write_scene
 
@@ -88,7 +89,7 @@ def test_int8_maps_of_the_default_model_stay_close_to_fp32(engine_cache, tmp_pat
 
 
 @needs_onnx
-def test_int8_resumes_to_the_same_map_and_keeps_few_models(engine_cache, tiny_weights, tmp_path):
+def test_int8_resumes_to_the_same_map_and_keeps_few_models(engine_cache, tiny_weights, tmp_path, monkeypatch):
     scene = write_scene(tmp_path / "scene.tif", width=600, height=1200)
     whole = translate(scene, tmp_path / "whole.tif", weights=tiny_weights, precision="int8")
     models = sorted(cache_dir().glob("int8-*.onnx"))
@@ -101,11 +102,12 @@ def test_int8_resumes_to_the_same_map_and_keeps_few_models(engine_cache, tiny_we
     resumed = translate(scene, out, weights=tiny_weights, precision="fp32", resume=True)
     assert resumed.backend == "onnxruntime-int8"
     assert np.array_equal(_read(whole.dst), _read(out))
-    for seed in range(KEPT_MODELS + 1):  # other scenes: other calibrations, the oldest models go
+    monkeypatch.setattr(quantize, "KEPT_MODELS", 2)
+    for seed in range(3):  # other scenes: other calibrations, the oldest models go
         pixels = np.random.default_rng(seed).integers(0, 255, (3, 300, 300), dtype=np.uint8)
         other = write_scene(tmp_path / f"other{seed}.tif", width=300, height=300, data=pixels)
         translate(other, tmp_path / f"other{seed}_map.tif", weights=tiny_weights, precision="int8")
-    assert len(list(cache_dir().glob("int8-*.onnx"))) == KEPT_MODELS
+    assert len(list(cache_dir().glob("int8-*.onnx"))) == 2
 
 
 @needs_onnx
