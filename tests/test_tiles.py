@@ -332,4 +332,4 @@ def test_tiles_are_cut_through_a_cache_sized_like_translate(region, tmp_path, mo
     monkeypatch.setattr(reader.Scene, "read", lambda self, window: seen.append(
         (rasterio.env.getenv().get("GDAL_CACHEMAX"), self.cache_bytes(256))) or original(self, window))
     make_tiles(sat, tmp_path / "tiles", vectors=[str(vec)], options=TileOptions(resolution=1.0))
-    assert seen and all(cache == max(16 * 2**20, int(1.1 * need)) for cache, need in seen)
+    assert seen and all(cache == reader.bounded_cache(need) for cache, need in seen)
