@@ -96,12 +96,12 @@ def _calibration_tiles(scene: Scene, grid: TileGrid) -> np.ndarray:
     picks = calibration_picks(len(grid.ys), len(grid.xs))
     tiles = []
     for row in sorted({r for r, _ in picks}):
-        with_data = {c: pixels.astype(np.float32) for _, c, pixels, _ in _tiles(scene, grid, row, row + 1)
-                     if pixels is not None}
+        # the row's tiles with data (views of one read of the row, which stays valid: no next row)
+        with_data = {c: pixels for _, c, pixels, _ in _tiles(scene, grid, row, row + 1) if pixels is not None}
         for col in sorted({c for r, c in picks if r == row}):
             if with_data:
                 nearest = min(with_data, key=lambda c: abs(c - col))
-                tiles.append(with_data.pop(nearest))
+                tiles.append(with_data.pop(nearest).astype(np.float32))
     if not tiles:
         raise InputError("the scene has no valid pixels where int8 takes its calibration tiles")
     return np.stack(tiles)
@@ -182,8 +182,8 @@ def translate(
     holds (up to 128). ``progress(advance, total)`` is called as tiles finish. ``backend``: ``torch``,
     ``onnxruntime`` (CPU, needs the onnx extra) or ``auto`` (the fastest, timed); ``precision``: ``fp32``,
     ``bf16`` (autocast), ``auto`` (bf16 where the hardware has it, see :func:`make_engine`) or ``int8``
-    (ONNX Runtime on the CPU, calibrated on the scene's own tiles, see :mod:`~geosat2map.quantize`). Interrupted (Ctrl-C,
-    SIGTERM), a run keeps its finished rows beside ``dst`` and raises :class:`Interrupted`;
+    (ONNX Runtime on the CPU, calibrated on the scene's own tiles, see :mod:`~geosat2map.quantize`).
+    Interrupted (Ctrl-C, SIGTERM), a run keeps its finished rows beside ``dst`` and raises :class:`Interrupted`;
     ``resume=True`` with the same input, options and model continues it. ``tta``: average each
     tile's map with the mirrored map of its mirror image (:class:`~geosat2map.model.FlipAveraged`,
     twice the compute). ``bounds`` (left, bottom, right, top; in the scene's CRS, or in
@@ -368,7 +368,7 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
     tta = isinstance(net, FlipAveraged)
     record_file = progress_record.record_path(dst)
     kept_rows, computed_before = 0, 0
-    if resume:  # the interrupted run's engine again: backends may differ in the last float bit (never under torchrun)
+    if resume:  # the interrupted run's engine again: backends differ in the last float bit (no resume in torchrun)
         record = progress_record.load(record_file, partial_path(dst), dst)
         recorded = record.get("options", {}).get("backend")
         if recorded:
