@@ -149,3 +149,16 @@ def test_torchrun_ranks_share_one_calibration(engine_cache, tiny_weights, tmp_pa
     assert ranks[0]["computed"] == len(grid) and ranks[1]["computed"] == len(grid.xs) * len(grid.ys[1::2])
     assert len(list(cache_dir().glob("int8-*.onnx"))) == 1
     assert np.array_equal(_read(tmp_path / "single.tif"), _read(tmp_path / "multi.tif"))
+
+
+@needs_onnx
+def test_int8_without_a_writable_cache_is_a_one_line_error(tiny_weights, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("GEOSAT2MAP_CACHE", str(blocker / "cache"))  # under a file: not even root can make it
+    scene = write_scene(tmp_path / "scene.tif")
+    result = CliRunner().invoke(cli, ["translate", str(scene), str(tmp_path / "map.tif"), "--weights",
+                                      str(tiny_weights), "--precision", "int8"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "cannot keep the int8 model" in result.output and "GEOSAT2MAP_CACHE" in result.output
+    assert not (tmp_path / "map.tif").exists()
