@@ -141,12 +141,12 @@ class SubPixelUp(nn.Module):
 
 
 def subpixel_generator(net: nn.Module) -> nn.Module:
-    """An eval-mode copy of ``net`` (a :class:`UNetGenerator`, or one inside :class:`FlipAveraged`)
-    with every decoder level's transposed convolution and BatchNorm as a :class:`SubPixelUp`;
-    dropout, eval-mode, is the identity either way."""
+    """An fp32, eval-mode copy of ``net`` (a :class:`UNetGenerator`, or one inside
+    :class:`FlipAveraged`) with every decoder level's transposed convolution and BatchNorm as a
+    :class:`SubPixelUp`; dropout, eval-mode, is the identity either way."""
     if isinstance(net, FlipAveraged):
         return FlipAveraged(subpixel_generator(net.generator))
-    g = copy.deepcopy(net).eval()
+    g = copy.deepcopy(net).float().eval()
     for k, block in enumerate(g.decoder):
         layers, i = [], 0
         while i < len(block):
