@@ -130,3 +130,26 @@ def stop_after(tiles: int):
             raise KeyboardInterrupt
 
     return progress
+
+
+def torchrun_translate(scene: Path, dst: Path, weights: Path, **options) -> list[dict]:
+    """``translate(scene, dst, weights=weights, **options)`` under ``torchrun --nproc_per_node 2``
+    (CPU processes, gloo, one thread each); each rank's tiles computed and engine name, by rank."""
+    import json
+    import subprocess
+    import sys
+
+    folder = dst.parent
+    script = folder / "torchrun_translate.py"
+    script.write_text(
+        "import json, os\n"
+        "from geosat2map import translate\n"
+        f"r = translate({str(scene)!r}, {str(dst)!r}, weights={str(weights)!r}, **{options!r})\n"
+        f"open({str(folder)!r} + '/rank' + os.environ['RANK'] + '.json', 'w').write(\n"
+        "    json.dumps({'computed': r.tiles_computed, 'backend': r.backend}))\n"
+    )
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -3,11 +3,6 @@ and the int8 engine carries through --resume, --tta and torchrun like the others
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import rasterio
@@ -16,19 +11,17 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from geosat2map import translate
-from geosat2map.engine import cache_dir, engine_choice, engine_name, make_engine
+from geosat2map.engine import cache_dir, engine_choice, engine_name, make_engine, onnx_available
 from geosat2map.errors import Interrupted, WeightsError
 from geosat2map.grid import TileGrid
 from geosat2map.model import FlipAveraged, subpixel_generator
 from geosat2map import quantize
 from geosat2map.quantize import calibration_picks
 
-from .conftest import NAIP_SCENE, random_generator, stop_after, write_scene
+from .conftest import NAIP_SCENE, random_generator, stop_after, torchrun_translate, write_scene
 
 CPU = torch.device("cpu")
-needs_onnx = pytest.mark.skipif(
-    not all(__import__("importlib").util.find_spec(m) for m in ("onnx", "onnxruntime")),
-    reason="the onnx extra is not installed")
+needs_onnx = pytest.mark.skipif(not onnx_available(), reason="the onnx extra is not installed")
 
 
 def _read(path) -> np.ndarray:
@@ -122,28 +115,13 @@ def test_int8_with_tta_flip_averages_the_quantized_model(engine_cache, tiny_weig
 
 
 @needs_onnx
-@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-                    reason="torchrun not installed")
 def test_torchrun_ranks_share_one_calibration(engine_cache, tiny_weights, tmp_path):
     """2 CPU ranks on gloo: one int8 model made (by rank 0, loaded by rank 1), the one-process file."""
     scene = write_scene(tmp_path / "scene.tif", width=700, height=900, nodata=0)
     translate(scene, tmp_path / "single.tif", weights=tiny_weights, precision="int8", batch_size=3)
     for model in cache_dir().glob("int8-*.onnx"):
         model.unlink()
-    script = tmp_path / "run.py"
-    script.write_text(
-        "import json, os\n"
-        "from geosat2map import translate\n"
-        f"r = translate({str(scene)!r}, {str(tmp_path / 'multi.tif')!r}, weights={str(tiny_weights)!r},\n"
-        "              precision='int8', batch_size=2)\n"
-        f"open({str(tmp_path)!r} + '/rank' + os.environ['RANK'] + '.json', 'w').write(\n"
-        "    json.dumps({'computed': r.tiles_computed, 'backend': r.backend}))\n"
-    )
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script)], capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = torchrun_translate(scene, tmp_path / "multi.tif", tiny_weights, precision="int8", batch_size=2)
     assert ranks[0]["backend"] == ranks[1]["backend"] == "onnxruntime-int8"
     grid = TileGrid(700, 900)
     assert ranks[0]["computed"] == len(grid) and ranks[1]["computed"] == len(grid.xs) * len(grid.ys[1::2])

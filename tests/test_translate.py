@@ -21,7 +21,8 @@ from geosat2map.reader import ground_gsd_m, open_scene
 from geosat2map import translate
 from geosat2map.weights import ModelSpec, describe_weights, save_generator
 
-from .conftest import SAMPLE_SCENE, engines_as_if_on_a_gpu, random_generator, synthetic_image, write_scene
+from .conftest import (SAMPLE_SCENE, engines_as_if_on_a_gpu, random_generator, synthetic_image, torchrun_translate,
+                       write_scene)
 
 
 def test_output_keeps_crs_transform_and_footprint(scene, tiny_weights, tmp_path):
@@ -315,29 +316,10 @@ def test_no_seam_along_tile_borders_on_a_real_scene(seam_model, tmp_path, monkey
 
 def test_torchrun_two_ranks_share_the_rows_and_write_the_single_process_file(tiny_weights, tmp_path):
     """2 CPU processes on gloo: rank 1 computes the odd tile rows, rank 0 the even ones and writes."""
-    import os
-    import subprocess
-    import sys
-
     scene = write_scene(tmp_path / "scene.tif", width=700, height=900, nodata=0)
     single = translate(scene, tmp_path / "single.tif", weights=tiny_weights, backend="torch", batch_size=3)
-    script = tmp_path / "run.py"
-    script.write_text(
-        "import json, os, sys\n"
-        "from geosat2map import translate\n"
-        f"r = translate({str(scene)!r}, {str(tmp_path / 'multi.tif')!r}, weights={str(tiny_weights)!r},\n"
-        "              batch_size=2)\n"
-        f"open({str(tmp_path)!r} + '/rank' + os.environ['RANK'] + '.json', 'w').write(\n"
-        "    json.dumps({'computed': r.tiles_computed, 'backend': r.backend}))\n"
-    )
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script)], capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
+    ranks = torchrun_translate(scene, tmp_path / "multi.tif", tiny_weights, batch_size=2)
     grid = TileGrid(700, 900)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[1]["computed"] == len(grid.xs) * len(grid.ys[1::2])  # only its own rows: none twice
     assert ranks[0]["computed"] == single.tiles_computed == len(grid)
     assert ranks[0]["backend"] == ranks[1]["backend"] == single.backend
