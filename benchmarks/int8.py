@@ -27,6 +27,7 @@ from rasterio.windows import Window
 
 from geosat2map import datasets, metrics
 from geosat2map.engine import OnnxRuntimeEngine, engine_onnx
+from geosat2map.evaluate import engine_metrics
 from geosat2map.quantize import CALIBRATION_TILES, FP32_LEVELS, RANGES, quantized_onnx
 from geosat2map.weights import load_generator
 
@@ -57,16 +58,6 @@ def calibration_tiles(source: str, count: int, score: str | None) -> np.ndarray:
         spots = [spots[i] for i in np.linspace(0, len(spots) - 1, min(count, len(spots))).astype(int)]
         return np.stack([src.read([1, 2, 3], window=Window(x, y, 256, 256), boundless=True).astype(np.float32)
                          for x, y in spots])
-
-
-def scores(engine: OnnxRuntimeEngine, tiles: list[np.ndarray], data: str) -> list[dict[str, float]]:
-    pairs, names = datasets.load_pairs(data, "val")
-    dataset = datasets.PairDataset(pairs, names, 256, 256, augment=False)
-    per = []
-    for i, tile in enumerate(tiles):
-        out = engine(tile[None])[0]
-        per.append(metrics.image_metrics(torch.from_numpy(out).round(), datasets.from_model_range(dataset[i][1])))
-    return per
 
 
 def main() -> None:
@@ -105,9 +96,10 @@ def main() -> None:
         print(f"model only, batch {args.batch_size} (best of {args.repeat}): fp32 {rates['fp32']:.1f} tiles/s, "
               f"int8 {rates['int8']:.1f} tiles/s ({rates['int8'] / rates['fp32']:.2f}x)")
         if args.score:
-            held_out = held_out_tiles(args.score)
-            diff = metrics.paired_differences(scores(engines["int8"], held_out, args.score),
-                                              scores(engines["fp32"], held_out, args.score))
+            pairs, names = datasets.load_pairs(args.score, "val")
+            held_out = datasets.PairDataset(pairs, names, 256, 256, augment=False)
+            diff = metrics.paired_differences(engine_metrics(engines["int8"], held_out),
+                                              engine_metrics(engines["fp32"], held_out))
             print("held-out, int8 minus fp32: " + "  ".join(
                 f"{k} {v['mean']:+.4f} +- {v['se']:.4f}" for k, v in diff.items()))
 

@@ -409,8 +409,9 @@ def train(ctx, data, out, resume, quiet, **options) -> None:
 @click.option("--direction", type=click.Choice(["AtoB", "BtoA"]), default="AtoB", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--tta", is_flag=True, help="Score the generator with translate --tta's flip averaging.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="fp32", show_default=True,
-              help="bf16: score what translate's bf16 engine makes (auto: bf16 where the hardware has it).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="fp32", show_default=True,
+              help="bf16: score what translate's bf16 engine makes (auto: bf16 where the hardware has it); int8: "
+                   "what translate --precision int8 makes, calibrated on 8 of the pairs' inputs (CPU, onnx extra).")
 @click.option("--against", default=None,
               help="Also score these weights ('default': the shipped model) on the same pairs and give the "
                    "per-pair differences with their standard errors.")

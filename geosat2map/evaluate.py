@@ -12,8 +12,10 @@ from rasterio.errors import NotGeoreferencedWarning
 
 from . import datasets, metrics
 from .devices import resolve_device, use_bf16
+from .engine import make_engine
 from .errors import DataError
 from .model import FlipAveraged, modes_kept
+from .quantize import calibration_picks
 from .weights import ModelSpec, as_stored, load_generator
 
 
@@ -113,7 +115,7 @@ def evaluate(
     """Score a weights file (None or 'default': the default model) on the ``split`` of a paired data
     folder, with translate's flip averaging when ``tta``, at ``precision`` (fp32 by default: the
     figures then do not depend on the machine; ``bf16`` or ``auto`` score what translate's bf16
-    engine makes).
+    engine makes, ``int8`` what ``translate --precision int8`` makes, see :func:`int8_metrics`).
 
     Images are resized to 256 x 256, as the maps literature evaluates. With ``against`` (another
     weights file, or 'default') both are scored on the same pairs and ``difference`` gives, per
@@ -126,11 +128,13 @@ def evaluate(
     if not pairs:
         hint = " (--holdout 0 holds none out)" if split == "val" and not datasets.is_tile_folder(Path(data)) else ""
         raise DataError(f"no {split} pairs in {data}{hint}")
-    dev = resolve_device(device)
-    bf16 = use_bf16(precision, dev)
-    scores = [_per_pair(w, pairs, names, dev, tta, bf16) for w in ([weights] if against is None else [weights, against])]
+    int8 = precision == "int8"
+    dev = resolve_device("cpu" if int8 and device == "auto" else device)
+    bf16 = not int8 and use_bf16(precision, dev)
+    scores = [_per_pair(w, pairs, names, dev, tta, bf16, int8)
+              for w in ([weights] if against is None else [weights, against])]
     result = {"weights": str(weights or "default"), "data": str(data), "split": split, "tta": tta,
-              "precision": "bf16" if bf16 else "fp32"}
+              "precision": "int8" if int8 else "bf16" if bf16 else "fp32"}
     if against is None:
         return {**result, **metrics.summarize(scores[0]), "se": metrics.standard_errors(scores[0])}
     return {**result, "against": str(against), "count": float(len(pairs)),
@@ -139,13 +143,36 @@ def evaluate(
 
 
 def _per_pair(weights: str | Path | None, pairs: list, names: list[str], device: torch.device,
-              tta: bool, bf16: bool) -> list[dict[str, float]]:
+              tta: bool, bf16: bool, int8: bool = False) -> list[dict[str, float]]:
     """Each pair's metrics for the generator in ``weights``, on ``device``, flip-averaged when ``tta``."""
     model, spec = load_generator(None if weights in (None, "default") else weights)
     if tta:
         model = FlipAveraged(model)
+    if int8:
+        return int8_metrics(model, datasets.PairDataset(pairs, names, spec.tile_size, spec.tile_size, augment=False),
+                            device)
     model.to(device, memory_format=torch.channels_last)
     return pair_metrics(model, pairs, names, spec.tile_size, device, bf16)
+
+
+def int8_metrics(model: torch.nn.Module, dataset: datasets.PairDataset,
+                 device: torch.device) -> list[dict[str, float]]:
+    """Each pair's metrics for ``translate --precision int8``'s engine on ``model``, its activation
+    ranges from inputs spread over the pairs, as translate takes them from a scene's own tiles."""
+    calibration = np.stack([datasets.from_model_range(dataset[i][0]).numpy()
+                            for _, i in calibration_picks(1, len(dataset))])
+    return engine_metrics(make_engine(model, device, "auto", "int8", calibration=calibration), dataset)
+
+
+def engine_metrics(engine, dataset: datasets.PairDataset) -> list[dict[str, float]]:
+    """Each pair's metrics for a translate engine (:class:`~geosat2map.engine.Engine`: 0..255 pixels
+    in and out), in the dataset's order."""
+    per_image = []
+    for i in range(len(dataset)):
+        a, b = dataset[i]
+        out = torch.from_numpy(engine(datasets.from_model_range(a)[None].numpy())[0]).round()
+        per_image.append(metrics.image_metrics(out, datasets.from_model_range(b)))
+    return per_image
 
 
 def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256) -> dict:

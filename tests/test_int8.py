@@ -3,6 +3,8 @@ and the int8 engine carries through --resume, --tta and torchrun like the others
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import rasterio
@@ -140,3 +142,18 @@ def test_int8_without_a_writable_cache_is_a_one_line_error(tiny_weights, tmp_pat
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "cannot keep the int8 model" in result.output and "GEOSAT2MAP_CACHE" in result.output
     assert not (tmp_path / "map.tif").exists()
+
+
+@needs_onnx
+def test_evaluate_scores_what_translate_int8_makes(engine_cache, tiny_weights, tmp_path):
+    from .test_train import write_aligned
+
+    data = write_aligned(tmp_path / "data", n=9)
+    common = ["evaluate", str(data), "--weights", str(tiny_weights), "--split", "val", "--holdout", "3", "--json"]
+    fp32 = json.loads(CliRunner().invoke(cli, common).stdout)
+    result = CliRunner().invoke(cli, [*common, "--precision", "int8"])
+    assert result.exit_code == 0, result.output
+    int8 = json.loads(result.stdout)
+    assert int8["precision"] == "int8" and int8["count"] == fp32["count"] == 3
+    assert int8["rmse"] != fp32["rmse"] and abs(int8["rmse"] - fp32["rmse"]) < 2  # quantized, not another model
+    assert list(cache_dir().glob("int8-*.onnx"))
