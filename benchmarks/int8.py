@@ -28,17 +28,16 @@ from rasterio.windows import Window
 from geosat2map import datasets, metrics
 from geosat2map.engine import OnnxRuntimeEngine, engine_onnx
 from geosat2map.evaluate import engine_metrics
-from geosat2map.quantize import CALIBRATION_TILES, FP32_LEVELS, RANGES, quantized_onnx
+from geosat2map.quantize import CALIBRATION_TILES, FP32_LEVELS, RANGES, calibration_picks, quantized_onnx
 from geosat2map.weights import load_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def held_out_tiles(data: str) -> list[np.ndarray]:
-    """The inputs of an aligned folder's held-out pairs as translate gets tiles: (3, 256, 256) 0..255."""
+def held_out(data: str) -> datasets.PairDataset:
+    """An aligned folder's held-out pairs at 256 x 256, as evaluate scores them."""
     pairs, names = datasets.load_pairs(data, "val")
-    dataset = datasets.PairDataset(pairs, names, 256, 256, augment=False)
-    return [datasets.from_model_range(dataset[i][0]).numpy() for i in range(len(dataset))]
+    return datasets.PairDataset(pairs, names, 256, 256, augment=False)
 
 
 def calibration_tiles(source: str, count: int, score: str | None) -> np.ndarray:
@@ -46,8 +45,9 @@ def calibration_tiles(source: str, count: int, score: str | None) -> np.ndarray:
     if source == "held-out":
         if not score:
             raise SystemExit("--calibration held-out takes its tiles from the --score folder")
-        tiles = held_out_tiles(score)
-        return np.stack([tiles[i] for i in np.linspace(0, len(tiles) - 1, count).round().astype(int)])
+        pairs = held_out(score)  # spread over them as translate spreads its picks over a scene
+        return np.stack([datasets.from_model_range(pairs[i][0]).numpy()
+                         for _, i in calibration_picks(1, len(pairs), count)])
     if Path(source).is_dir():
         pairs, _ = datasets.load_pairs(source, "train")
         picks = np.random.default_rng(0).choice(len(pairs), count, replace=False)
@@ -96,10 +96,9 @@ def main() -> None:
         print(f"model only, batch {args.batch_size} (best of {args.repeat}): fp32 {rates['fp32']:.1f} tiles/s, "
               f"int8 {rates['int8']:.1f} tiles/s ({rates['int8'] / rates['fp32']:.2f}x)")
         if args.score:
-            pairs, names = datasets.load_pairs(args.score, "val")
-            held_out = datasets.PairDataset(pairs, names, 256, 256, augment=False)
-            diff = metrics.paired_differences(engine_metrics(engines["int8"], held_out),
-                                              engine_metrics(engines["fp32"], held_out))
+            pairs = held_out(args.score)
+            diff = metrics.paired_differences(engine_metrics(engines["int8"], pairs),
+                                              engine_metrics(engines["fp32"], pairs))
             print("held-out, int8 minus fp32: " + "  ".join(
                 f"{k} {v['mean']:+.4f} +- {v['se']:.4f}" for k, v in diff.items()))
 

@@ -118,7 +118,8 @@ def test_int8_with_tta_flip_averages_the_quantized_model(engine_cache, tiny_weig
 
 @needs_onnx
 def test_torchrun_ranks_share_one_calibration(engine_cache, tiny_weights, tmp_path):
-    """2 CPU ranks on gloo: one int8 model made (by rank 0, loaded by rank 1), the one-process file."""
+    """2 CPU ranks on gloo: both run int8, one int8 model is left in the cache, and the file is the
+    one-process file (that rank 0 made the model and rank 1 loaded it is not observed here)."""
     scene = write_scene(tmp_path / "scene.tif", width=700, height=900, nodata=0)
     translate(scene, tmp_path / "single.tif", weights=tiny_weights, precision="int8", batch_size=3)
     for model in cache_dir().glob("int8-*.onnx"):
