@@ -362,6 +362,10 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
                    "output; 'default': the shipped model): one pass learns what the teacher needs two for.")
 @click.option("--distill-weight", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.5, show_default=True,
               help="With --distill-from: the teacher's share of the L1 term (the real map has the rest).")
+@click.option("--storage-aware", type=click.Choice(["int8", "int4"]), default=None,
+              help="Quantisation-aware training for a weights file stored this way (export-weights --int8 or "
+                   "--int4): every step computes with the weights rounded as stored; the run scores and saves "
+                   "its generators stored this way.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,

@@ -51,7 +51,8 @@ def export_run(
     model, spec = load_generator(src)
     if gsd_m is not None:
         spec = replace(spec, gsd_m=gsd_m)
-    if storage != "fp32" and "val" in spec.provenance:
+    # (a storage-aware run's generator is already scored as it stores it)
+    if storage != "fp32" and "val" in spec.provenance and spec.provenance.get("val_storage") != storage:
         spec = replace(spec, provenance=_rescored(model, spec, storage, run_dir))
     save_generator(model, spec, out, storage)
     return spec

@@ -297,6 +297,42 @@ def test_no_dropout_trains_the_generator_with_dropout_off_and_is_recorded(tmp_pa
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), load_generator(start)[0].parameters()))
 
 
+def test_storage_aware_training_steps_with_the_stored_rounding_and_saves_what_it_scored(tmp_path, monkeypatch):
+    from geosat2map.evaluate import evaluate_generator
+    from geosat2map.weights import load_generator, stored_value
+
+    monkeypatch.setattr(weights, "INT8_MIN_ELEMENTS", 1)
+    monkeypatch.setattr(weights, "INT4_MIN_ELEMENTS", 4096)  # the test generator's larger convolutions
+    data = write_aligned(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "run", storage_aware="int4", epochs=1, epochs_decay=0, load_size=256)
+    trainer = Trainer(cfg)
+    conv = trainer.G.encoder[3][1]  # 16 384 weights: coded in 4 bits
+    assert conv.weight.numel() >= 4096
+    exact = conv.weight.detach().clone()
+    seen = []
+    hook = conv.register_forward_pre_hook(lambda m, args: seen.append(m.weight.detach().clone()))
+    a, b = trainer.train_set[0]
+    trainer.train_step(a[None], b[None])
+    hook.remove()
+    rounded = stored_value(exact, "int4")
+    assert not torch.equal(rounded, exact) and torch.equal(seen[0], rounded)  # the step computed with the rounding
+    after = conv.weight.detach()  # and the update went to the exact weights, not to the rounded ones
+    assert 0 < (after - exact).abs().max() <= 1.01 * cfg.lr and not torch.equal(after, stored_value(after, "int4"))
+    trainer.release()
+
+    train(cfg)
+    saved = tmp_path / "run" / "generator.safetensors"
+    assert load_file(saved)["encoder.3.1.weight" + weights.INT4_SCALE].dtype == torch.float16  # stored in 4 bits
+    model, spec = load_generator(saved)
+    prov = spec.provenance
+    assert prov["settings"]["storage_aware"] == "int4" and prov["val_storage"] == "int4"
+    val_set = Trainer(cfg).val_set
+    assert prov["val"]["rmse"] == pytest.approx(evaluate_generator(model, val_set, torch.device("cpu"))[0]["rmse"],
+                                                rel=1e-6)  # the score is the saved file's own
+    with pytest.raises(TrainingError, match="int8 or int4"):
+        train(tiny_config(data, tmp_path / "run2", storage_aware="fp16"))
+
+
 def test_quarter_turns_augment_input_and_target_alike_and_are_recorded(tmp_path):
     from geosat2map.datasets import PairDataset
     from geosat2map.weights import load_generator
