@@ -329,6 +329,12 @@ def test_storage_aware_training_steps_with_the_stored_rounding_and_saves_what_it
     val_set = Trainer(cfg).val_set
     assert prov["val"]["rmse"] == pytest.approx(evaluate_generator(model, val_set, torch.device("cpu"))[0]["rmse"],
                                                 rel=1e-6)  # the score is the saved file's own
+    exported = tmp_path / "int4.safetensors"  # exported in the storage it trained for: not scored again
+    assert CliRunner().invoke(cli, ["export-weights", str(tmp_path / "run"), str(exported), "--int4",
+                                    "--which", "latest"]).exit_code == 0
+    kept = read_spec(exported).provenance
+    assert kept["val"] == prov["val"] and "val_before_storage" not in kept
+    assert "as stored): RMSE" in CliRunner().invoke(cli, ["info", str(exported)]).stdout
     with pytest.raises(TrainingError, match="int8 or int4"):
         train(tiny_config(data, tmp_path / "run2", storage_aware="fp16"))
 
