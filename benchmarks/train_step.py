@@ -1,11 +1,13 @@
 """Seconds per Pix2Pix training step (D update + G update), as `geosat2map train` runs it.
 
     python benchmarks/train_step.py [--ngf 64] [--batch-size 1] [--steps 10] [--device auto]
+                                    [--precision fp32] [--storage-aware int4]
 
 Uses the real Trainer on a small synthetic aligned folder; prints the median step time for the
 channels_last layout the trainer uses and for the default contiguous layout, in fp32 and under bf16
 autocast (train --precision; auto uses bf16 where the hardware multiplies it: CUDA, AMX or
-AVX512-BF16 CPUs; elsewhere bf16 is emulated and slow).
+AVX512-BF16 CPUs; elsewhere bf16 is emulated and slow). With --storage-aware, also the fp32
+channels_last step of train --storage-aware (the weights rounded as stored in every step).
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], action="append",
+                        help="time only these (repeatable; default: both)")
+    parser.add_argument("--storage-aware", choices=["int8", "int4"], default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         write_pairs(Path(tmp))
@@ -71,11 +76,17 @@ def main() -> None:
         trainer = Trainer(cfg)
         print(f"device {trainer.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"ngf {args.ngf}, batch {args.batch_size}, bf16 native: {native_bf16(trainer.device)}")
-        for precision in ("fp32", "bf16"):
+        for precision in args.precision or ("fp32", "bf16"):
             trainer.amp = precision == "bf16"
             for name, fmt in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
                 s = time_steps(trainer, args.steps, fmt)
                 print(f"{precision} {name:>14}: {s:.3f} s/step, {args.batch_size / s:.2f} images/s")
+        if args.storage_aware:
+            trainer.amp = False
+            trainer.cfg.storage_aware = args.storage_aware
+            s = time_steps(trainer, args.steps, torch.channels_last)
+            print(f"fp32  channels_last, storage-aware {args.storage_aware}: {s:.3f} s/step, "
+                  f"{args.batch_size / s:.2f} images/s")
 
 
 if __name__ == "__main__":
