@@ -90,37 +90,22 @@ NF4_LEVELS = torch.tensor([
 STORAGE = ("fp32", "fp16", "int8", "int4")
 
 
-def _nf4_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight``'s groups of :data:`INT4_GROUP` consecutive weights, each as indices into
-    :data:`NF4_LEVELS` (uint8, one per weight) times one fp16 scale (the group's largest magnitude)."""
+def _int4_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` as 4-bit codes into :data:`NF4_LEVELS`, two to a byte, and one fp16 scale per
+    :data:`INT4_GROUP` consecutive weights (their largest magnitude)."""
     groups = weight.float().reshape(-1, INT4_GROUP)
     scale = groups.abs().amax(dim=1).half().clamp_min(2**-24)
     levels = NF4_LEVELS.to(weight.device)
     midpoints = (levels[1:] + levels[:-1]) / 2
-    return torch.bucketize(groups / scale.float()[:, None], midpoints).to(torch.uint8), scale
-
-
-def _nf4_weight(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The float32 weight of :func:`_nf4_codes`'s indices and scales."""
-    return (NF4_LEVELS.to(codes.device)[codes.long()].reshape(-1, INT4_GROUP) * scale.float()[:, None]).reshape(shape)
-
-
-def _int4_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight`` as :func:`_nf4_codes`'s 4-bit codes, two to a byte, and scales."""
-    codes, scale = _nf4_codes(weight)
-    codes = codes.reshape(-1)
+    codes = torch.bucketize(groups / scale.float()[:, None], midpoints).to(torch.uint8).reshape(-1)
     return codes[0::2] | (codes[1::2] << 4), scale
 
 
 def _int4_weight(packed: torch.Tensor, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """The float32 weight of :func:`_int4_codes`'s codes and scales."""
-    return _nf4_weight(torch.stack([packed & 15, packed >> 4], dim=1), scale, shape)
-
-
-def _coded_in_4_bits(value: torch.Tensor) -> bool:
-    """Whether int4 storage codes this generator tensor in 4 bits."""
-    return (value.is_floating_point() and value.dim() == 4 and value.numel() >= INT4_MIN_ELEMENTS
-            and value.numel() % INT4_GROUP == 0)
+    codes = torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1).long()
+    levels = NF4_LEVELS.to(packed.device)
+    return (levels[codes].reshape(-1, INT4_GROUP) * scale.float()[:, None]).reshape(shape)
 
 
 def stored_state(model: torch.nn.Module, storage: str = "fp32") -> dict[str, torch.Tensor]:
@@ -145,7 +130,7 @@ def stored_state(model: torch.nn.Module, storage: str = "fp32") -> dict[str, tor
 def _stored(key: str, value: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
     """The tensors a file stored as ``storage`` holds for the generator's tensor ``key``."""
     convolution = value.is_floating_point() and value.dim() == 4
-    if storage == "int4" and _coded_in_4_bits(value):
+    if storage == "int4" and convolution and value.numel() >= INT4_MIN_ELEMENTS and value.numel() % INT4_GROUP == 0:
         codes, scale = _int4_codes(value)
         return {key: codes, key + INT4_SCALE: scale}
     if storage in ("int8", "int4") and convolution and value.numel() >= INT8_MIN_ELEMENTS:
@@ -161,8 +146,6 @@ def stored_value(value: torch.Tensor, storage: str) -> torch.Tensor:
     """One generator tensor as a file stored as ``storage`` loads it back (fp32, on ``value``'s
     device): the rounding that storage-aware training (``train --storage-aware``) makes the
     generator compute with."""
-    if storage == "int4" and _coded_in_4_bits(value):  # half the time of packing and unpacking the codes
-        return _nf4_weight(*_nf4_codes(value.detach()), value.shape)
     return _restored_state(_stored("t", value.detach().contiguous(), storage), {"t": value.shape}, storage)["t"]
 
 
