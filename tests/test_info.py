@@ -86,6 +86,24 @@ def test_int4_weights_load_within_half_a_level_gap_and_the_rest_as_int8(tmp_path
     assert d["parameters"] == sum(p.numel() for p in model.parameters())
 
 
+def test_int4_codes_are_the_nearest_level_with_ties_going_down():
+    levels = weights.NF4_LEVELS
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    values = torch.cat([levels, midpoints, torch.nextafter(midpoints, torch.tensor(2.0)),
+                        torch.nextafter(midpoints, torch.tensor(-2.0)), torch.rand(4000) * 2 - 1])
+    groups = torch.cat([torch.ones(len(values), 1), values[:, None].expand(-1, weights.INT4_GROUP - 1)], 1)
+    packed, scale = weights._int4_codes(groups)  # every group's largest magnitude is 1: scale 1
+    assert torch.all(scale == 1)
+    codes = torch.stack([packed & 15, packed >> 4], 1).reshape(-1, weights.INT4_GROUP)[:, 1].long()
+    distance = (values.double()[:, None] - levels.double()[None]).abs()
+    two = distance.topk(2, dim=1, largest=False).values
+    clear = two[:, 1] - two[:, 0] > 1e-6  # not within rounding of a midpoint (float32 midpoints are rounded)
+    assert clear.sum() > 4000 and torch.equal(codes[clear], distance.argmin(1)[clear])
+    # On a midpoint, the lower level; one step above it, the upper
+    assert torch.equal(codes[16:31], torch.arange(15)) and torch.equal(codes[31:46], torch.arange(1, 16))
+    assert torch.equal(codes[46:61], torch.arange(15))
+
+
 def test_int8_weights_load_within_half_a_step_and_take_a_quarter_of_the_size(tmp_path, monkeypatch):
     model = random_generator()
     paths = {kind: tmp_path / f"{kind}.safetensors" for kind in ("fp32", "int8", "int8_inner")}
