@@ -108,9 +108,11 @@ def _int4_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _int4_weight(packed: torch.Tensor, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """The float32 weight of :func:`_int4_codes`'s codes and scales."""
-    codes = torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1).long()
-    levels = NF4_LEVELS.to(packed.device)
-    return (levels[codes].reshape(-1, INT4_GROUP) * scale.float()[:, None]).reshape(shape)
+    # Each byte's two levels looked up at once, by int32 index: twice as fast as unpacking the
+    # nibbles and indexing with int64 (storage-aware training does this at every step).
+    pairs = torch.stack([NF4_LEVELS.repeat(16), NF4_LEVELS.repeat_interleave(16)], 1).to(packed.device)
+    levels = torch.index_select(pairs, 0, packed.int())
+    return (levels.reshape(-1, INT4_GROUP) * scale.float()[:, None]).reshape(shape)
 
 
 def stored_state(model: torch.nn.Module, storage: str = "fp32") -> dict[str, torch.Tensor]:
