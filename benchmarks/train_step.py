@@ -1,13 +1,16 @@
 """Seconds per Pix2Pix training step (D update + G update), as `geosat2map train` runs it.
 
     python benchmarks/train_step.py [--ngf 64] [--batch-size 1] [--steps 10] [--device auto]
-                                    [--precision fp32] [--storage-aware int4]
+                                    [--precision fp32] [--storage-aware int4] [--fine-tune]
 
 Uses the real Trainer on a small synthetic aligned folder; prints the median step time for the
 channels_last layout the trainer uses and for the default contiguous layout, in fp32 and under bf16
 autocast (train --precision; auto uses bf16 where the hardware multiplies it: CUDA, AMX or
 AVX512-BF16 CPUs; elsewhere bf16 is emulated and slow). With --storage-aware, also the fp32
-channels_last step of train --storage-aware (the weights rounded as stored in every step).
+step of train --storage-aware (the weights rounded as stored in every step) in both layouts. With
+--fine-tune, the recipe of the default model's fine-tuning runs: from a saved generator, its
+BatchNorm frozen, a teacher of the same width run at every step, and a moving average of the
+weights (train --init-from --freeze-batchnorm --distill-from --ema-decay 0.999).
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ import torch
 from rasterio.errors import NotGeoreferencedWarning
 
 from geosat2map.devices import native_bf16
+from geosat2map.model import UNetGenerator
+from geosat2map.storage_aware import StoredRounding
 from geosat2map.train import TrainConfig, Trainer
+from geosat2map.weights import ModelSpec, save_generator
 
 
 def write_pairs(folder: Path, n: int = 4) -> None:
@@ -40,8 +46,9 @@ def write_pairs(folder: Path, n: int = 4) -> None:
 
 
 def time_steps(trainer: Trainer, steps: int, memory_format: torch.memory_format) -> float:
-    trainer.G.to(memory_format=memory_format)
-    trainer.D.to(memory_format=memory_format)
+    for module in (trainer.G, trainer.D, trainer.teacher):
+        if module is not None:
+            module.to(memory_format=memory_format)
     bs = trainer.cfg.batch_size
     items = [trainer.train_set[i % len(trainer.train_set)] for i in range(bs)]
     a = torch.stack([x for x, _ in items]).to(trainer.device, memory_format=memory_format)
@@ -68,14 +75,23 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], action="append",
                         help="time only these (repeatable; default: both)")
     parser.add_argument("--storage-aware", choices=["int8", "int4"], default=None)
+    parser.add_argument("--fine-tune", action="store_true",
+                        help="the default model's fine-tuning recipe (teacher, frozen BatchNorm, moving average)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         write_pairs(Path(tmp))
         cfg = TrainConfig(data=tmp, out=str(Path(tmp) / "run"), ngf=args.ngf, batch_size=args.batch_size,
                           holdout=0, device=args.device)
+        if args.fine_tune:
+            start = Path(tmp) / "start.safetensors"
+            save_generator(UNetGenerator(3, 3, args.ngf), ModelSpec(ngf=args.ngf), start)
+            cfg.init_from = cfg.distill_from = str(start)
+            cfg.freeze_batchnorm, cfg.ema_decay = True, 0.999
         trainer = Trainer(cfg)
+        trainer._train_mode()  # as Trainer.run sets the layers' modes (frozen BatchNorm)
         print(f"device {trainer.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"ngf {args.ngf}, batch {args.batch_size}, bf16 native: {native_bf16(trainer.device)}")
+              f"ngf {args.ngf}, batch {args.batch_size}, bf16 native: {native_bf16(trainer.device)}, "
+              f"fine-tuning recipe: {args.fine_tune}")
         for precision in args.precision or ("fp32", "bf16"):
             trainer.amp = precision == "bf16"
             for name, fmt in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
@@ -84,9 +100,11 @@ def main() -> None:
         if args.storage_aware:
             trainer.amp = False
             trainer.cfg.storage_aware = args.storage_aware
-            s = time_steps(trainer, args.steps, torch.channels_last)
-            print(f"fp32  channels_last, storage-aware {args.storage_aware}: {s:.3f} s/step, "
-                  f"{args.batch_size / s:.2f} images/s")
+            trainer.rounding = StoredRounding(args.storage_aware, trainer.device)
+            for name, fmt in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
+                s = time_steps(trainer, args.steps, fmt)
+                print(f"fp32 {name:>14}, storage-aware {args.storage_aware}: {s:.3f} s/step, "
+                      f"{args.batch_size / s:.2f} images/s")
 
 
 if __name__ == "__main__":

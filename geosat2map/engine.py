@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .devices import PRECISIONS as COMPUTE_PRECISIONS, use_bf16
-from .errors import WeightsError
+from .errors import WeightsError, first_line
 from .model import PixelScaled
 from .onnx_export import export_proto
 from .quantize import quantized_onnx
@@ -423,8 +423,7 @@ def _compiled_engine(model: nn.Module, device: torch.device, bf16: bool, batch_s
         try:
             engine(np.zeros((batch_size, in_channels, tile, tile), np.float32))
         except Exception as exc:  # noqa: BLE001 - inductor's failures (no C++ compiler, ...) have many types
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise WeightsError(f"torch.compile failed ({first}); use --backend torch") from None
+            raise WeightsError(f"torch.compile failed ({first_line(exc)[:200]}); use --backend torch") from None
         _compiled.clear()
         _compiled[key] = engine
     return _compiled[key]

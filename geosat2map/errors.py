@@ -5,10 +5,15 @@ bug and keeps its traceback.
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): libraries'
+    messages can run to many lines, a user's error is one."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def gdal_reason(exc: BaseException) -> str:
     """GDAL's own first line for a rasterio error (rasterio's text is often "Read failed. See previous exception")."""
-    cause = exc.__cause__ or exc
-    return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    return first_line(exc.__cause__ or exc)
 
 
 class Geosat2mapError(Exception):

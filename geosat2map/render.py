@@ -23,7 +23,7 @@ from affine import Affine
 from pyproj import CRS, Transformer
 from rasterio.features import rasterize
 
-from .errors import InputError
+from .errors import InputError, first_line
 from .reader import ground_pixel_size
 
 DEFAULT_STYLE = "maps"
@@ -119,7 +119,7 @@ def read_vectors(spec: str) -> VectorLayer:
     try:
         meta, _, wkb, fields = pyogrio.raw.read(path, layer=layer)
     except Exception as exc:  # pyogrio raises its own DataSourceError/DataLayerError types
-        raise InputError(f"cannot read vectors from {spec}: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"cannot read vectors from {spec}: {first_line(exc)}") from None
     if meta.get("crs") is None:
         raise InputError(f"{spec} has no coordinate reference system")
     names = list(meta["fields"])

@@ -30,7 +30,7 @@ from pyproj import Transformer
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window, transform as window_transform
 
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, first_line
 from .placement import north_up, warped_onto
 from .reader import Scene, bounded_cache, open_raster, open_scene
 from .render import Grid, MapRenderer, Style, read_vectors
@@ -135,7 +135,7 @@ def _aoi_in_crs(path: str | Path, crs) -> shapely.Geometry:
     try:
         meta, _, wkb, _ = pyogrio.raw.read(path)
     except Exception as exc:  # pyogrio's own error types
-        raise InputError(f"cannot read the AOI {path}: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"cannot read the AOI {path}: {first_line(exc)}") from None
     geoms = shapely.from_wkb(wkb)
     if not len(geoms) or meta.get("crs") is None:
         raise InputError(f"the AOI {path} is empty or has no CRS")

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .errors import WeightsError
+from .errors import WeightsError, first_line
 from .model import UNetGenerator
 
 FORMAT = "geosat2map-generator/1"
@@ -84,26 +84,53 @@ INT4_GROUP = 64
 NF4_LEVELS = torch.tensor([
     -1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0,
     0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0])
+#: The 15 points halfway between consecutive levels: a scaled weight is coded as the nearest level.
+#: Python floats (as are the levels in ``_NF4_VALUES``), constants to torch.compile.
+NF4_MIDPOINTS = ((NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2).tolist()
+_NF4_VALUES = NF4_LEVELS.tolist()
 
 
 #: How :func:`save_generator` can store the tensors; :func:`load_generator` reads each back to fp32.
 STORAGE = ("fp32", "fp16", "int8", "int4")
 
 
+def _int4_scaled(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` in groups of :data:`INT4_GROUP` consecutive weights, each divided by its fp16
+    scale (the group's largest magnitude), and those scales."""
+    groups = weight.float().reshape(-1, INT4_GROUP)
+    scale = groups.abs().amax(dim=1).half().clamp_min(2**-24)
+    return groups / scale.float()[:, None], scale
+
+
 def _int4_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``weight`` as 4-bit codes into :data:`NF4_LEVELS`, two to a byte, and one fp16 scale per
     :data:`INT4_GROUP` consecutive weights (their largest magnitude)."""
-    groups = weight.float().reshape(-1, INT4_GROUP)
-    scale = groups.abs().amax(dim=1).half().clamp_min(2**-24)
-    scaled = groups / scale.float()[:, None]
+    scaled, scale = _int4_scaled(weight)
     # The nearest level's code is the number of midpoints between levels below the value (ties go
-    # down). Counted with 15 comparisons: twice as fast as torch.bucketize on CPU, and
-    # storage-aware training rounds the whole generator this way at every step.
+    # down). Counted with 15 comparisons: twice as fast as torch.bucketize on CPU.
     codes = torch.zeros(scaled.shape, dtype=torch.uint8, device=weight.device)
-    for midpoint in ((NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2).tolist():
+    for midpoint in NF4_MIDPOINTS:
         codes += scaled > midpoint
     codes = codes.reshape(-1)
     return codes[0::2] | (codes[1::2] << 4), scale
+
+
+def int4_rounded(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as int4 storage codes and loads it back (:func:`stored_value` of a tensor
+    :func:`int4_coded`), computed elementwise, with no codes packed and unpacked: written for
+    torch.compile to fuse into one pass (storage-aware training rounds 28 M weights at every
+    step). The nearest level, ties down, as :func:`_int4_codes` codes it."""
+    scaled, scale = _int4_scaled(weight)
+    level = torch.full_like(scaled, _NF4_VALUES[0])
+    for midpoint, above in zip(NF4_MIDPOINTS, _NF4_VALUES[1:]):
+        level = torch.where(scaled > midpoint, above, level)
+    return (level * scale.float()[:, None]).reshape(weight.shape)
+
+
+def int4_coded(value: torch.Tensor) -> bool:
+    """Whether int4 storage codes this generator tensor in 4 bits (the rest it stores as int8 does)."""
+    return (value.is_floating_point() and value.dim() == 4 and value.numel() >= INT4_MIN_ELEMENTS
+            and value.numel() % INT4_GROUP == 0)
 
 
 def _int4_weight(packed: torch.Tensor, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -137,7 +164,7 @@ def stored_state(model: torch.nn.Module, storage: str = "fp32") -> dict[str, tor
 def _stored(key: str, value: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
     """The tensors a file stored as ``storage`` holds for the generator's tensor ``key``."""
     convolution = value.is_floating_point() and value.dim() == 4
-    if storage == "int4" and convolution and value.numel() >= INT4_MIN_ELEMENTS and value.numel() % INT4_GROUP == 0:
+    if storage == "int4" and int4_coded(value):
         codes, scale = _int4_codes(value)
         return {key: codes, key + INT4_SCALE: scale}
     if storage in ("int8", "int4") and convolution and value.numel() >= INT8_MIN_ELEMENTS:
@@ -273,8 +300,7 @@ def load_generator(path: str | Path | None = None) -> tuple[UNetGenerator, Model
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise WeightsError(f"{path} does not fit its declared architecture: {first}") from None
+        raise WeightsError(f"{path} does not fit its declared architecture: {first_line(exc)}") from None
     return model.eval(), spec
 
 

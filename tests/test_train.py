@@ -129,6 +129,27 @@ def test_resumed_run_takes_the_same_next_step(tmp_path):
     assert a["opt_G"]["state"][0]["exp_avg"].equal(b["opt_G"]["state"][0]["exp_avg"])
 
 
+def test_fp32_on_the_cpu_trains_contiguous_and_resumes_a_channels_last_run_in_that_layout(tmp_path):
+    data = write_aligned(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "run", max_steps=2)
+    assert Trainer(tiny_config(data, tmp_path / "bf16", precision="bf16")).layout == torch.channels_last
+    older = Trainer(cfg)  # as runs before session 30 trained: channels_last
+    assert older.layout == torch.contiguous_format
+    older.layout = torch.channels_last
+    older.G.to(memory_format=torch.channels_last)
+    older.D.to(memory_format=torch.channels_last)
+    older.run()
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert saved["opt_G"]["state"][0]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    resumed = Trainer(cfg)
+    resumed.load_checkpoint()
+    for opt, model in ((resumed.opt_G, resumed.G), (resumed.opt_D, resumed.D)):
+        for p in model.parameters():
+            assert p.is_contiguous() and opt.state[p]["exp_avg"].stride() == p.stride()
+            assert opt.state[p]["exp_avg_sq"].stride() == p.stride()
+    assert torch.equal(resumed.opt_G.state[next(resumed.G.parameters())]["exp_avg"], saved["opt_G"]["state"][0]["exp_avg"])
+
+
 def test_weight_average_follows_each_step_resumes_and_is_what_the_run_saves(tmp_path):
     data = write_aligned(tmp_path / "data")
     trainer = Trainer(tiny_config(data, tmp_path / "unit", ema_decay=0.9, load_size=256))

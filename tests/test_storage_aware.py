@@ -1,0 +1,63 @@
+"""Storage-aware training's rounding: the same values as a stored file loads, however computed."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from geosat2map import storage_aware, weights
+from geosat2map.storage_aware import StoredRounding
+from geosat2map.weights import int4_rounded, stored_value
+
+
+@pytest.fixture
+def coded(monkeypatch) -> torch.Tensor:
+    """A convolution weight int4 storage codes in 4 bits, with values on, and one float step either
+    side of, every level and every midpoint between levels, in groups of several scales."""
+    monkeypatch.setattr(weights, "INT4_MIN_ELEMENTS", 4096)
+    levels = weights.NF4_LEVELS
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    exact = torch.cat([levels, midpoints])
+    values = torch.cat([exact, torch.nextafter(exact, torch.tensor(2.0)), torch.nextafter(exact, torch.tensor(-2.0)),
+                        torch.rand(4000) * 2 - 1])
+    groups = torch.cat([torch.ones(len(values), 1), values[:, None].expand(-1, weights.INT4_GROUP - 1)], 1)
+    groups = torch.cat([groups, groups * torch.logspace(-3, 0, len(values))[:, None]])  # scale 1, and ones fp16 rounds
+    rows = -(-groups.numel() // (weights.INT4_GROUP * 64))
+    flat = torch.cat([groups.reshape(-1), torch.randn(rows * weights.INT4_GROUP * 64 - groups.numel()) * 0.02])
+    weight = flat.reshape(rows * 8, 8, 8, 8)
+    assert weights.int4_coded(weight)
+    return weight
+
+
+def test_int4_rounded_is_the_stored_rounding_ties_and_all(coded):
+    assert torch.equal(int4_rounded(coded), stored_value(coded, "int4"))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile needs a C++ compiler on the CPU")
+def test_the_compiled_rounding_is_used_where_it_compiles_and_gives_the_stored_values(coded):
+    rounding = StoredRounding("int4", torch.device("cpu"))
+    assert torch.equal(rounding(coded), stored_value(coded, "int4")) and rounding.fused is True
+    small = torch.randn(8, 4, 3, 3)  # not coded in 4 bits: stored as int8 storage does
+    assert torch.equal(rounding(small), stored_value(small, "int4"))
+
+
+def test_the_rounding_falls_back_to_the_stored_one_when_compiling_fails_or_differs(coded, monkeypatch, caplog):
+    def fails(value):
+        raise RuntimeError("no C++ compiler\nand many more lines")
+
+    monkeypatch.setattr(storage_aware, "_compiled_int4", fails)
+    rounding = StoredRounding("int4", torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="geosat2map.storage_aware"):
+        assert torch.equal(rounding(coded), stored_value(coded, "int4"))
+    assert rounding.fused is False
+    assert caplog.messages == ["storage-aware training rounds without torch.compile: "
+                               "torch.compile failed (no C++ compiler)"]
+
+    monkeypatch.setattr(storage_aware, "_compiled_int4", lambda value: value.clone())  # not rounded: differs
+    rounding = StoredRounding("int4", torch.device("cpu"))
+    assert torch.equal(rounding(coded), stored_value(coded, "int4")) and rounding.fused is False
+    assert torch.equal(rounding(coded), stored_value(coded, "int4"))  # and stays on the stored rounding
