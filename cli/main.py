@@ -331,6 +331,9 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
                    "size keeps the data's scale, the one translate resamples to.")
 @click.option("--crop-size", type=int, default=256, show_default=True)
 @click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--lr-d", type=float, default=None,
+              help="The discriminator's learning rate [default: --lr]; lower, it slows a fresh discriminator "
+                   "against a fine-tuned generator.")
 @click.option("--lambda-l1", type=float, default=100.0, show_default=True)
 @click.option("--epochs", type=int, default=100, show_default=True, help="Epochs at the initial rate.")
 @click.option("--epochs-decay", type=int, default=100, show_default=True, help="Epochs of linear decay to 0.")

@@ -446,6 +446,7 @@ def test_train_on_a_missing_folder_prints_one_line_and_no_progress_bar(tmp_path)
 @pytest.mark.parametrize("option, phrase", [
     (["--batch-size", "0"], "batch size must be at least 1"),
     (["--lr", "-1"], "learning rate must be positive"),
+    (["--lr-d", "0"], "discriminator's learning rate must be positive"),
     (["--epochs", "0", "--epochs-decay", "0"], "nothing to train"),
     (["--crop-size", "128", "--load-size", "128"], "crop size must be a multiple of 256"),
     (["--ngf", "0"], "network widths must be at least 1"),

@@ -21,7 +21,7 @@ from geosat2map import metrics, weights
 from geosat2map.errors import TrainingError
 from geosat2map.model import PatchDiscriminator, UNetGenerator, init_weights
 from geosat2map.train import TrainConfig, Trainer, train
-from geosat2map.weights import ModelSpec, read_spec, save_generator
+from geosat2map.weights import ModelSpec, load_generator, read_spec, save_generator
 from geosat2map_cli.main import cli
 
 from .conftest import random_generator, synthetic_image
@@ -231,6 +231,18 @@ def test_epoch_outputs_and_schedule(tmp_path):
     # lr constant for 2 epochs, then linear decay: after 3 epochs the factor is 1 - 2/2 = 0.
     assert trainer.opt_G.param_groups[0]["lr"] == pytest.approx(0.0)
     assert set(load_file(run / "generator.safetensors")) == set(UNetGenerator(ngf=4).state_dict())
+
+
+def test_the_discriminator_learns_at_its_own_rate_on_the_same_schedule_and_it_is_recorded(tmp_path):
+    data = write_aligned(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "run", lr=2e-4, lr_d=5e-5, epochs=1, epochs_decay=1, max_steps=4)
+    trainer = Trainer(cfg)
+    assert [o.param_groups[0]["lr"] for o in (trainer.opt_G, trainer.opt_D)] == [2e-4, 5e-5]
+    assert Trainer(tiny_config(data, tmp_path / "same")).opt_D.param_groups[0]["lr"] == 2e-4  # the recipe
+    train(cfg)  # one epoch at the rates, then the decay halves both
+    trainer.load_checkpoint()
+    assert [o.param_groups[0]["lr"] for o in (trainer.opt_G, trainer.opt_D)] == pytest.approx([1e-4, 2.5e-5])
+    assert load_generator(tmp_path / "run" / "generator.safetensors")[1].provenance["settings"]["lr_d"] == 5e-5
 
 
 def test_finished_run_trains_longer_with_an_extended_schedule(tmp_path, monkeypatch):
