@@ -3,9 +3,9 @@
     python benchmarks/train_step.py [--ngf 64] [--batch-size 1] [--steps 10] [--device auto]
                                     [--precision fp32] [--storage-aware int4] [--fine-tune]
 
-Uses the real Trainer on a small synthetic aligned folder; prints the median step time for the
-channels_last layout the trainer uses and for the default contiguous layout, in fp32 and under bf16
-autocast (train --precision; auto uses bf16 where the hardware multiplies it: CUDA, AMX or
+Uses the real Trainer on a small synthetic aligned folder; prints the median step time in the
+channels_last and the contiguous layouts (the trainer uses contiguous for fp32 on the CPU,
+channels_last on CUDA and under bf16), in fp32 and under bf16 autocast (train --precision; auto uses bf16 where the hardware multiplies it: CUDA, AMX or
 AVX512-BF16 CPUs; elsewhere bf16 is emulated and slow). With --storage-aware, also the fp32
 step of train --storage-aware (the weights rounded as stored in every step) in both layouts. With
 --fine-tune, the recipe of the default model's fine-tuning runs: from a saved generator, its
