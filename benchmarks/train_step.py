@@ -6,8 +6,8 @@
 Uses the real Trainer on a small synthetic aligned folder; prints the median step time in the
 channels_last and the contiguous layouts (the trainer uses contiguous for fp32 on the CPU,
 channels_last on CUDA and under bf16), in fp32 and under bf16 autocast (train --precision; auto uses bf16 where the hardware multiplies it: CUDA, AMX or
-AVX512-BF16 CPUs; elsewhere bf16 is emulated and slow). With --storage-aware, also the fp32
-step of train --storage-aware (the weights rounded as stored in every step) in both layouts. With
+AVX512-BF16 CPUs; elsewhere bf16 is emulated and slow). With --storage-aware, the same again
+for the steps of train --storage-aware (the weights rounded as stored in every step). With
 --fine-tune, the recipe of the default model's fine-tuning runs: from a saved generator, its
 BatchNorm frozen, a teacher of the same width run at every step, and a moving average of the
 weights (train --init-from --freeze-batchnorm --distill-from --ema-decay 0.999).
@@ -92,19 +92,15 @@ def main() -> None:
         print(f"device {trainer.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"ngf {args.ngf}, batch {args.batch_size}, bf16 native: {native_bf16(trainer.device)}, "
               f"fine-tuning recipe: {args.fine_tune}")
-        for precision in args.precision or ("fp32", "bf16"):
-            trainer.amp = precision == "bf16"
-            for name, fmt in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
-                s = time_steps(trainer, args.steps, fmt)
-                print(f"{precision} {name:>14}: {s:.3f} s/step, {args.batch_size / s:.2f} images/s")
-        if args.storage_aware:
-            trainer.amp = False
-            trainer.cfg.storage_aware = args.storage_aware
-            trainer.rounding = StoredRounding(args.storage_aware, trainer.device)
-            for name, fmt in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
-                s = time_steps(trainer, args.steps, fmt)
-                print(f"fp32 {name:>14}, storage-aware {args.storage_aware}: {s:.3f} s/step, "
-                      f"{args.batch_size / s:.2f} images/s")
+        for storage in (None, args.storage_aware) if args.storage_aware else (None,):
+            trainer.cfg.storage_aware = storage
+            trainer.rounding = StoredRounding(storage, trainer.device) if storage else None
+            label = f", storage-aware {storage}" if storage else ""
+            for precision in args.precision or ("fp32", "bf16"):
+                trainer.amp = precision == "bf16"
+                for name, fmt in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
+                    s = time_steps(trainer, args.steps, fmt)
+                    print(f"{precision} {name:>14}{label}: {s:.3f} s/step, {args.batch_size / s:.2f} images/s")
 
 
 if __name__ == "__main__":

@@ -36,28 +36,43 @@ def test_int4_rounded_is_the_stored_rounding_ties_and_all(coded):
     assert torch.equal(int4_rounded(coded), stored_value(coded, "int4"))
 
 
+def rounded(rounding: StoredRounding, value: torch.Tensor) -> torch.Tensor:
+    """``value`` as ``rounding`` rounds it in place (a copy of it: ``value`` itself is kept)."""
+    param = value.clone()
+    rounding.round_([param])
+    return param
+
+
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile needs a C++ compiler on the CPU")
 def test_the_compiled_rounding_is_used_where_it_compiles_and_gives_the_stored_values(coded):
     rounding = StoredRounding("int4", torch.device("cpu"))
-    assert torch.equal(rounding(coded), stored_value(coded, "int4")) and rounding.fused is True
     small = torch.randn(8, 4, 3, 3)  # not coded in 4 bits: stored as int8 storage does
-    assert torch.equal(rounding(small), stored_value(small, "int4"))
+    channels_last = (coded * 0.5).contiguous(memory_format=torch.channels_last)  # as bf16 training lays them out
+    exact = [coded, small, channels_last]
+    params = [t.clone(memory_format=torch.preserve_format) for t in exact]
+    rounding.round_(params)
+    assert rounding.fused is True
+    assert all(torch.equal(p, stored_value(t, "int4")) for p, t in zip(params, exact))
+    assert params[2].is_contiguous(memory_format=torch.channels_last)  # rounded in its own layout
+    rounding.restore_(params)
+    assert all(torch.equal(p, t) for p, t in zip(params, exact))
+    assert torch.equal(rounded(rounding, coded * 2), stored_value(coded * 2, "int4"))  # the kept buffers again
 
 
 def test_the_rounding_falls_back_to_the_stored_one_when_compiling_fails_or_differs(coded, monkeypatch, caplog):
-    def fails(value):
+    def fails(out, value):
         raise RuntimeError("no C++ compiler\nand many more lines")
 
-    monkeypatch.setattr(storage_aware, "_compiled_int4", fails)
+    monkeypatch.setattr(storage_aware, "_compiled_int4_into", fails)
     rounding = StoredRounding("int4", torch.device("cpu"))
     with caplog.at_level(logging.WARNING, logger="geosat2map.storage_aware"):
-        assert torch.equal(rounding(coded), stored_value(coded, "int4"))
+        assert torch.equal(rounded(rounding, coded), stored_value(coded, "int4"))
     assert rounding.fused is False
     assert caplog.messages == ["storage-aware training rounds without torch.compile: "
                                "torch.compile failed (no C++ compiler)"]
 
-    monkeypatch.setattr(storage_aware, "_compiled_int4", lambda value: value.clone())  # not rounded: differs
+    monkeypatch.setattr(storage_aware, "_compiled_int4_into", lambda out, value: out.copy_(value))  # differs
     rounding = StoredRounding("int4", torch.device("cpu"))
-    assert torch.equal(rounding(coded), stored_value(coded, "int4")) and rounding.fused is False
-    assert torch.equal(rounding(coded), stored_value(coded, "int4"))  # and stays on the stored rounding
+    assert torch.equal(rounded(rounding, coded), stored_value(coded, "int4")) and rounding.fused is False
+    assert torch.equal(rounded(rounding, coded), stored_value(coded, "int4"))  # and stays on the stored rounding

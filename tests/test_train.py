@@ -133,6 +133,8 @@ def test_fp32_on_the_cpu_trains_contiguous_and_resumes_a_channels_last_run_in_th
     data = write_aligned(tmp_path / "data")
     cfg = tiny_config(data, tmp_path / "run", max_steps=2)
     assert Trainer(tiny_config(data, tmp_path / "bf16", precision="bf16")).layout == torch.channels_last
+    stored = Trainer(tiny_config(data, tmp_path / "bf16int4", precision="bf16", storage_aware="int4"))
+    assert stored.layout == torch.contiguous_format  # its rounding groups the weights in contiguous order
     older = Trainer(cfg)  # as runs before session 30 trained: channels_last
     assert older.layout == torch.contiguous_format
     older.layout = torch.channels_last
