@@ -45,6 +45,25 @@ def test_auto_uses_torch_for_small_scenes_and_times_both_for_big_ones():
     assert list(cache_dir().glob(f"engine-{model_digest(big)[:32]}-*.onnx"))
 
 
+def test_auto_times_one_candidate_at_a_time_and_keeps_no_session_it_did_not_pick(monkeypatch):
+    """The first run on a machine exports the model and opens ONNX Runtime only to time them: each
+    candidate's memory goes back before the next is made, and a session not picked is closed."""
+    from geosat2map import engine
+
+    events: list[str] = []
+    open_session = engine._ort_engine
+    monkeypatch.setattr(engine, "_ort_engine", lambda path, *a: (events.append("open"), open_session(path, *a))[1])
+    monkeypatch.setattr(engine, "_seconds_per_batch",
+                        lambda e, batch: (events.append(f"time {e.name}"), 0.0 if e.name == "torch" else 1.0)[1])
+    monkeypatch.setattr(engine, "release_freed_memory", lambda: events.append("release"))
+    model = random_generator(seed=23)  # not exported yet
+    assert make_engine(model, torch.device("cpu"), "auto", "fp32", tiles=AUTO_MIN_TILES, batch_size=2).name == "torch"
+    # PyTorch timed and its memory handed back; the export's handed back; then ONNX Runtime opened,
+    # timed, closed (not picked) and its memory handed back.
+    assert events == ["time torch", "release", "release", "open", "time onnxruntime", "release", "release"]
+    assert not engine._sessions
+
+
 def test_a_small_scene_on_auto_does_not_even_import_onnx(tiny_weights, tmp_path):
     """Importing onnx takes about a second, more than a small scene's whole translate."""
     import subprocess

@@ -680,15 +680,16 @@ def test_batch_size_defaults_to_8_on_the_cpu_16_in_bf16_and_to_the_free_memory_o
     assert engine.auto_batch_size(None, gpu) == engine.GPU_BATCH_MAX
 
 
-def test_glibc_is_told_to_keep_freed_memory_and_others_are_left_alone(monkeypatch):
+def test_glibc_is_told_to_keep_or_give_back_freed_memory_and_others_are_left_alone(monkeypatch):
     import platform
 
-    from geosat2map.allocator import retain_freed_memory
+    from geosat2map.allocator import release_freed_memory, retain_freed_memory
 
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert retain_freed_memory() is glibc  # mallopt accepted both thresholds
+    assert release_freed_memory() is glibc
     monkeypatch.setattr(platform, "libc_ver", lambda: ("musl", "1.2"))
-    assert retain_freed_memory() is False
+    assert retain_freed_memory() is False and release_freed_memory() is False
 
 
 def test_water_by_ndwi_counts_where_the_water_colour_falls(tmp_path):
