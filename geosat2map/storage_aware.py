@@ -28,8 +28,8 @@ class StoredRounding:
     inductor writes in place with no temporary of the tensor's size. Rounding, saving and
     restoring the width-48 generator: 0.046-0.049 against 0.096 s (rounding into new tensors and
     cloning; session 31, 2 AVX-512 cores, contiguous), 0.091-0.098 against 0.119-0.127 s for
-    channels_last weights (bf16 training), which are rounded through one contiguous scratch
-    tensor. Compiling takes 13-23 s once per process. Each tensor shape's first compiled result
+    channels_last weights, which are rounded through one contiguous scratch tensor (the trainer
+    keeps weights it rounds contiguous on the CPU for that reason). Compiling takes 13-23 s once per process. Each tensor shape's first compiled result
     is checked equal to stored_value's; where compiling fails (no C++ compiler) or a result
     differs, stored_value rounds from then on, so the compiled path only ever reaches the same
     values sooner.
