@@ -36,7 +36,7 @@ from torch.utils.data import DistributedSampler
 from . import datasets
 from .devices import resolve_device, use_bf16
 from .distributed import DistContext, convert_batchnorm, init_distributed, shutdown_distributed
-from .errors import TrainingError, first_line
+from .errors import DataError, TrainingError, first_line
 from .evaluate import evaluate_generator, write_triplets
 from .model import FlipAveraged, PatchDiscriminator, UNetGenerator, init_weights, modes_kept, widen_generator
 from .storage_aware import StoredRounding, rounded_as_stored
@@ -210,6 +210,9 @@ class Trainer:
         torch.manual_seed(config.seed)
 
         pairs, names = datasets.load_pairs(config.data, "train", config.direction, config.holdout)
+        if not pairs:  # e.g. one image, which --holdout keeps for validation
+            raise DataError(f"no training pairs in {config.data}: its images all went to validation "
+                            f"(--holdout {config.holdout}) or its train/ folder is empty")
         self.train_set = datasets.PairDataset(pairs, names, config.load_size, config.crop_size, True, config.seed,
                                               rot90=config.rot90)
         val_pairs, val_names = datasets.load_pairs(config.data, "val", config.direction, config.holdout)

@@ -888,3 +888,11 @@ def test_fine_tuning_at_a_wider_width_grows_the_generator_and_resumes_at_that_wi
     assert all(torch.equal(m.running_mean[: m.num_features * 4 // 6], torch.full((m.num_features * 4 // 6,), 0.25))
                for m in bns)
     assert any(not torch.allclose(m.running_var[m.num_features * 4 // 6 :], torch.ones(1)) for m in bns)
+
+
+def test_a_folder_with_no_training_pairs_is_one_clear_error(tmp_path):
+    data = write_aligned(tmp_path / "data", n=1)  # its one image is every 10th: held out for validation
+    result = CliRunner().invoke(cli, ["train", str(data), "--out", str(tmp_path / "run"), "--ngf", "4", "--quiet"])
+    assert result.exit_code == 1 and "Traceback" not in result.output and not (tmp_path / "run").exists()
+    assert result.stderr.strip() == (f"geosat2map: error: no training pairs in {data}: its images all went to "
+                                     "validation (--holdout 10) or its train/ folder is empty")
