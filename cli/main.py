@@ -335,6 +335,9 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
               help="The discriminator's learning rate [default: --lr]; lower, it slows a fresh discriminator "
                    "against a fine-tuned generator.")
 @click.option("--lambda-l1", type=float, default=100.0, show_default=True)
+@click.option("--lambda-l2", type=float, default=0.0, show_default=True,
+              help="Weight of a squared-error term beside L1 (0: none, the pix2pix recipe): pulls uncertain "
+                   "pixels to the mean of the maps that fit, which RMSE and PSNR score, not their median.")
 @click.option("--epochs", type=int, default=100, show_default=True, help="Epochs at the initial rate.")
 @click.option("--epochs-decay", type=int, default=100, show_default=True, help="Epochs of linear decay to 0.")
 @click.option("--checkpoint-every", type=int, default=500, show_default=True,

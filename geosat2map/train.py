@@ -45,7 +45,7 @@ from .weights import TRAINED_WEIGHTS, ModelSpec, as_stored, load_generator, mode
 CHECKPOINT = "checkpoint.pt"
 #: The TrainConfig fields every saved generator's provenance records (how it was trained).
 RECORDED_SETTINGS = ("load_size", "crop_size", "batch_size", "lr", "lr_d", "beta1", "beta2", "lambda_l1",
-                     "epochs", "epochs_decay", "ndf", "holdout", "seed", "ema_decay", "freeze_batchnorm",
+                     "lambda_l2", "epochs", "epochs_decay", "ndf", "holdout", "seed", "ema_decay", "freeze_batchnorm",
                      "no_dropout", "rot90", "distill_from", "distill_weight", "storage_aware")
 #: What ``storage_aware`` can train for: the lossy storages of weights files.
 STORAGE_AWARE = ("int8", "int4")
@@ -73,6 +73,12 @@ class TrainConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     lambda_l1: float = 100.0
+    #: Weight of a squared-error term beside the L1 one (0: none, the pix2pix recipe). Where the
+    #: maps that fit an image disagree (which side of a road edge a pixel falls), L1 pulls a
+    #: pixel to their median colour and squared error to their mean: the mean is what RMSE and
+    #: PSNR score, and what the flip average (``--tta``) gains by. Applies to the teacher's map
+    #: too, in the same shares.
+    lambda_l2: float = 0.0
     epochs: int = 100
     epochs_decay: int = 100
     checkpoint_every: int = 500
@@ -137,6 +143,7 @@ class TrainConfig:
             (self.lr_d is not None and self.lr_d <= 0,
              f"the discriminator's learning rate must be positive, not {self.lr_d}"),
             (self.lambda_l1 < 0, f"the L1 weight must not be negative, not {self.lambda_l1}"),
+            (self.lambda_l2 < 0, f"the squared-error weight must not be negative, not {self.lambda_l2}"),
             (min(self.epochs, self.epochs_decay) < 0 or self.epochs + self.epochs_decay < 1,
              f"nothing to train: {self.epochs} epochs and {self.epochs_decay} of decay"),
             # The U-Net halves a crop 8 times; below 256 its innermost BatchNorm sees one value.
@@ -381,8 +388,9 @@ class Trainer:
 
     # --- one optimisation step ----------------------------------------------------------
     def train_step(self, real_a: torch.Tensor, real_b: torch.Tensor) -> dict[str, float]:
-        """Update D on (real, fake) pairs, then G on GAN + lambda*L1, as the reference does (with
-        ``storage_aware``, G's forward and backward passes with its weights rounded as stored)."""
+        """Update D on (real, fake) pairs, then G on GAN + lambda*L1 (+ lambda_L2 * squared error
+        when asked), as the reference does (with ``storage_aware``, G's forward and backward passes
+        with its weights rounded as stored)."""
         with rounded_as_stored(self.G, self.rounding):
             losses = self._losses_and_gradients(real_a, real_b)
         self.opt_G.step()
@@ -417,20 +425,28 @@ class Trainer:
             with no_sync:
                 pred = self.D_ddp(torch.cat([real_a, fake_b], 1))
             loss_gan = F.binary_cross_entropy_with_logits(pred, torch.ones_like(pred))
-            loss_l1 = F.l1_loss(fake_b.float(), real_b.float())
-            l1_term, loss_teacher = loss_l1, None
+            fake = fake_b.float()
+            loss_l1 = F.l1_loss(fake, real_b.float())
+            pixel, loss_teacher = self._pixel_loss(fake, real_b.float(), loss_l1), None
             if self.teacher is not None:
                 with torch.no_grad():
                     taught = self.teacher(real_a).float()
-                loss_teacher = F.l1_loss(fake_b.float(), taught)
-                l1_term = (1 - self.cfg.distill_weight) * loss_l1 + self.cfg.distill_weight * loss_teacher
-            loss_g = loss_gan + self.cfg.lambda_l1 * l1_term
+                loss_teacher = F.l1_loss(fake, taught)
+                share = self.cfg.distill_weight
+                pixel = (1 - share) * pixel + share * self._pixel_loss(fake, taught, loss_teacher)
+            loss_g = loss_gan + pixel
         self.opt_G.zero_grad(set_to_none=True)
         loss_g.backward()
         losses = {"G_GAN": loss_gan.item(), "G_L1": loss_l1.item(), "D": loss_d.item()}
         if loss_teacher is not None:  # G_L1 stays the distance to the real map, comparable across runs
             losses["G_L1_teacher"] = loss_teacher.item()
         return losses
+
+    def _pixel_loss(self, fake: torch.Tensor, target: torch.Tensor, l1: torch.Tensor) -> torch.Tensor:
+        """lambda_L1 * ``l1`` (the L1 distance to ``target``, which the caller also logs), plus
+        lambda_L2 * the mean squared error when that term is on."""
+        loss = self.cfg.lambda_l1 * l1
+        return loss + self.cfg.lambda_l2 * F.mse_loss(fake, target) if self.cfg.lambda_l2 else loss
 
     @torch.no_grad()
     def _update_ema(self) -> None:

@@ -440,6 +440,44 @@ def test_distillation_pulls_towards_the_teachers_flip_average_and_records_the_te
         train(tiny_config(data, tmp_path / "run2", distill_from=str(teacher_file), distill_weight=0.0))
 
 
+def test_the_squared_error_term_adds_its_gradient_towards_the_real_and_the_teachers_maps(tmp_path):
+    """--lambda-l2 adds lambda_L2 * ((1 - w) * MSE(real map) + w * MSE(teacher's map)) to the
+    generator's loss and nothing else: the gradients of two runs that differ only in it differ by
+    that term's gradient."""
+    import torch.nn.functional as F
+
+    from geosat2map.model import FlipAveraged
+    from geosat2map.weights import load_generator
+
+    data = write_aligned(tmp_path / "data")
+    teacher_file = tmp_path / "teacher.safetensors"
+    torch.manual_seed(5)
+    save_generator(UNetGenerator(ngf=4).eval(), ModelSpec(ngf=4, gsd_m=2.0), teacher_file)
+    grads, runs = [], []
+    for lambda_l2 in (0.0, 50.0):
+        cfg = tiny_config(data, tmp_path / f"run{lambda_l2}", distill_from=str(teacher_file), distill_weight=0.25,
+                          lambda_l2=lambda_l2, no_dropout=True, load_size=256)
+        trainer = Trainer(cfg)
+        trainer._train_mode()
+        a, b = next(trainer._batches())
+        trainer._losses_and_gradients(a, b)
+        grads.append([q.grad.clone() for q in trainer.G.parameters()])
+        runs.append(trainer)
+    trainer = runs[0]
+    trainer.G.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        taught = FlipAveraged(load_generator(teacher_file)[0].eval())(a)
+    fake = trainer.G(a)
+    (50.0 * (0.75 * F.mse_loss(fake, b) + 0.25 * F.mse_loss(fake, taught))).backward()
+    for without, with_l2, q in zip(*grads, trainer.G.parameters()):
+        assert torch.allclose(with_l2 - without, q.grad, rtol=1e-3, atol=1e-6)
+    assert any(q.grad.abs().max() > 1e-4 for q in trainer.G.parameters())  # the term is not vanishing
+    for run in runs:
+        run.release()
+    with pytest.raises(TrainingError, match="squared-error weight"):
+        train(tiny_config(data, tmp_path / "run2", lambda_l2=-1.0))
+
+
 def test_a_lineage_records_each_ancestor_once(tmp_path):
     """A cycle fine-tuned from and taught by the same generator names it twice; a chain of them
     doubled its provenance each time (5.9 MB of JSON after eight cycles). Saved, a repeated
