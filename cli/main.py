@@ -150,6 +150,12 @@ def _parse_bands(ctx, param, value: str | None):
               help="Test-time augmentation: average each tile's map with the mirrored map of its mirror image "
                    "(a cleaner map, twice the compute).")
 @click.option("--cog", is_flag=True, help="Write a Cloud Optimized GeoTIFF.")
+@click.option("--compress", type=click.Choice(["zstd", "deflate", "lzw", "jpeg", "webp"]), default="zstd",
+              show_default=True,
+              help="zstd, deflate, lzw: lossless (deflate or lzw for readers without ZSTD); jpeg, webp: lossy, "
+                   "smaller files, at --quality.")
+@click.option("--quality", type=click.IntRange(1, 100), default=None,
+              help="JPEG or WebP quality, 1-100 [default: 90].")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run (Ctrl-C, SIGTERM) of the same command from the rows it kept.")

@@ -30,7 +30,8 @@ from .quantize import calibration_picks
 from .reader import (RowBand, Scene, available_memory, bounded_cache, is_subdataset, open_scene, scene_name,
                      scene_path)
 from .weights import ModelSpec, load_generator, model_digest
-from .writer import BLOCK, BUFFERS, GEOTIFF_SUFFIXES, GeoTIFFWriter, check_destination, partial_path
+from .writer import (BLOCK, BUFFERS, GEOTIFF_SUFFIXES, GeoTIFFWriter, check_compression, check_destination,
+                     partial_path)
 
 #: Default overlap between 256-pixel tiles (see benchmarks/overlap.py for the measurement).
 DEFAULT_OVERLAP = 64
@@ -162,6 +163,8 @@ def translate(
     device: str = "auto",
     bands: list[int] | None = None,
     cog: bool = False,
+    compress: str = "zstd",
+    quality: int | None = None,
     overwrite: bool = False,
     allow_ungeoreferenced: bool = False,
     progress: Callable[[int, int], None] | None = None,
@@ -188,6 +191,8 @@ def translate(
     tile's map with the mirrored map of its mirror image (:class:`~geosat2map.model.FlipAveraged`,
     twice the compute). ``bounds`` (left, bottom, right, top; in the scene's CRS, or in
     ``bounds_crs`` such as ``"EPSG:4326"``) translates only the source pixels that cover them.
+    ``compress``: ``zstd`` (the default), ``deflate`` or ``lzw`` (lossless), ``jpeg`` or ``webp``
+    (lossy, at ``quality`` 1-100, 90 unless given); see :mod:`~geosat2map.writer`.
     """
     src, dst = scene_path(src), Path(dst)
     if tile_size % 256 or tile_size <= 0:
@@ -198,6 +203,7 @@ def translate(
         raise InputError("batch size must be at least 1")
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
+    check_compression(compress, quality)
     batch_bytes = (batch_size or 0) * tile_size**2 * 3 * 4 * 2  # float32 tiles in, maps out: a lower bound
     free = available_memory()
     if free is not None and batch_bytes > 0.5 * free:
@@ -224,7 +230,7 @@ def translate(
         return _run(src, dst, net, spec, torch_device, started, bands=bands, resolution=resolution,
                     bounds=bounds, bounds_crs=bounds_crs,
                     tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
-                    allow_ungeoreferenced=allow_ungeoreferenced, progress=progress, resume=resume,
+                    compress=compress, quality=quality, allow_ungeoreferenced=allow_ungeoreferenced, progress=progress, resume=resume,
                     backend=backend, precision=precision, ctx=ctx)
 
 
@@ -347,7 +353,8 @@ def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size
 
 
 def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, bounds, bounds_crs, tile_size, overlap,
-         batch_size, cog, allow_ungeoreferenced, progress, resume, backend, precision, ctx) -> TranslateResult:
+         batch_size, cog, compress, quality, allow_ungeoreferenced, progress, resume, backend, precision,
+         ctx) -> TranslateResult:
     opened: list = []
     _agree(ctx, lambda: opened.append(_open_checked(src, bands, resolution, spec, allow_ungeoreferenced,
                                                     tile_size, overlap, bounds, bounds_crs)))
@@ -357,13 +364,15 @@ def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, bound
         with rasterio.Env(GDAL_CACHEMAX=cache):
             return _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, resolution=resolution,
                                  tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
+                                 compress=compress, quality=quality,
                                  progress=progress, resume=resume, backend=backend, precision=precision, ctx=ctx)
     finally:
         scene.close()
 
 
 def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, resolution, tile_size, overlap,
-                  batch_size, cog, progress, resume, backend, precision, ctx) -> TranslateResult:
+                  batch_size, cog, compress, quality, progress, resume, backend, precision,
+                  ctx) -> TranslateResult:
     """The main rank reads, infers, blends and writes; a helper rank (torchrun) computes and sends rows."""
     tta = isinstance(net, FlipAveraged)
     record_file = progress_record.record_path(dst)
@@ -384,7 +393,7 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
                                scene.notes, batch_size, tta)
     c = scene.crop
     options = {"resolution": resolution, "tile_size": tile_size, "overlap": overlap, "bands": scene.bands,
-               "cog": cog, "backend": engine.name, "tta": tta,
+               "cog": cog, "compress": compress, "quality": quality, "backend": engine.name, "tta": tta,
                "crop": [int(c.col_off), int(c.row_off), int(c.width), int(c.height)]}
     generator = net.generator if tta else net  # the weights the record names
     if resume:
@@ -398,8 +407,8 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
             progress(1, len(grid))
 
     tags = provenance_tags(src, scene, generator, engine.name, tile_size, overlap, tta)
-    with GeoTIFFWriter(dst, scene.width, scene.height, scene.crs, scene.transform, cog=cog,
-                       resume_rows=kept_rows, parallel=engine.asynchronous, tags=tags) as writer:
+    with GeoTIFFWriter(dst, scene.width, scene.height, scene.crs, scene.transform, cog=cog, compress=compress,
+                       quality=quality, resume_rows=kept_rows, parallel=engine.asynchronous, tags=tags) as writer:
         on_device = not ctx.enabled and _blend_on_device(engine, grid)
         blender = None if on_device else RowBlender(grid, writer, first_row, track_valid=not scene.always_valid)
         if not resume and record_file.exists():

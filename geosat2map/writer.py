@@ -40,6 +40,15 @@ ZSTD_LEVEL = 1
 #: overviews are compressed at the base's ZSTD level (GDAL's default for them is 9, which made
 #: building them twice as slow for files 2 % smaller).
 GDAL_ENV = {"GDAL_TIFF_INTERNAL_MASK": True, "ZSTD_LEVEL_OVERVIEW": ZSTD_LEVEL}
+#: Lossless compressions (with the horizontal predictor): ZSTD, the default, is the smallest and
+#: fastest; DEFLATE and LZW are for readers built without ZSTD (GDAL before 2.3, older ArcGIS).
+LOSSLESS = ("zstd", "deflate", "lzw")
+#: Lossy ones, for basemaps where file size matters more than exact colours: JPEG (in YCbCr, as
+#: GDAL's own JPEG GeoTIFFs) and WebP.
+LOSSY = ("jpeg", "webp")
+COMPRESSIONS = LOSSLESS + LOSSY
+#: JPEG and WebP quality unless asked (GDAL's default, 75, rings visibly along map edges).
+DEFAULT_QUALITY = 90
 
 
 #: Endings a GeoTIFF output's name may have: any other would name a GeoTIFF as another format
@@ -70,6 +79,30 @@ def partial_path(dst: Path) -> Path:
     return dst.with_name(f".{dst.name}.part.tif")
 
 
+def check_compression(compress: str, quality: int | None) -> None:
+    """Refuse, before any work, a compression GDAL is not asked for here or a quality it ignores."""
+    if compress not in COMPRESSIONS:
+        raise OutputError(f"unknown compression {compress!r} (use {', '.join(COMPRESSIONS)})")
+    if quality is not None and compress not in LOSSY:
+        raise OutputError(f"a quality is for lossy compression ({' or '.join(LOSSY)}), not {compress}")
+    if quality is not None and not 1 <= quality <= 100:
+        raise OutputError(f"the quality must be 1 to 100, not {quality}")
+
+
+def compression_options(compress: str, quality: int | None, cog: bool = False) -> dict:
+    """The creation options of ``compress`` for GDAL's GTiff driver, or (``cog``) its COG driver,
+    whose option names differ (LEVEL and QUALITY; it picks YCbCr for RGB JPEG itself)."""
+    if compress in LOSSLESS:
+        level = {"zstd_level" if not cog else "level": ZSTD_LEVEL} if compress == "zstd" else {}
+        return {"compress": compress, "predictor": 2, **level}
+    quality = DEFAULT_QUALITY if quality is None else quality
+    if cog:
+        return {"compress": compress, "quality": quality}
+    if compress == "jpeg":
+        return {"compress": "jpeg", "photometric": "YCbCr", "jpeg_quality": quality}
+    return {"compress": "webp", "webp_level": quality}
+
+
 def software_tags() -> dict[str, str]:
     """The TIFF tags naming the program and the time that wrote a file."""
     from . import __version__
@@ -98,11 +131,13 @@ class GeoTIFFWriter:
         transform: Affine,
         cog: bool = False,
         compress: str = "zstd",
+        quality: int | None = None,
         resume_rows: int = 0,
         parallel: bool = False,
         tags: dict[str, str] | None = None,
     ) -> None:
-        """``resume_rows``: continue the partial file of an interrupted run, whose first
+        """``compress``: one of :data:`COMPRESSIONS`; ``quality`` (1-100, for JPEG and WebP):
+        :data:`DEFAULT_QUALITY` unless given. ``resume_rows``: continue the partial file of an interrupted run, whose first
         ``resume_rows`` rows are kept; rows given to :meth:`write_rows` above them are ignored.
         ``parallel``: GDAL compresses the blocks of each block row on every core (when the model
         runs on a GPU and the cores are free), not on the writer thread alone. ``tags``: dataset
@@ -111,7 +146,8 @@ class GeoTIFFWriter:
         self.dst = Path(dst)
         self.width, self.height = width, height
         self.cog = cog
-        self.compress = compress
+        check_compression(compress, quality)
+        self.compress, self.quality = compress, quality
         self.tmp = partial_path(self.dst)
         self.cog_tmp = self.dst.with_name(f".{self.dst.name}.cog.tif")
         self.prev = self.dst.with_name(f".{self.dst.name}.part.prev.tif")
@@ -131,16 +167,17 @@ class GeoTIFFWriter:
             "tiled": True,
             "blockxsize": BLOCK,
             "blockysize": BLOCK,
-            "compress": compress,
-            "predictor": 2,
-            "zstd_level": ZSTD_LEVEL,
             "photometric": "RGB",
             "interleave": "pixel",
             "BIGTIFF": "IF_SAFER",
+            # A COG is re-encoded from this file at the end: ZSTD here, so JPEG or WebP is lossy once.
+            **compression_options("zstd" if cog else compress, None if cog else quality),
         }
         if parallel:
             self.profile["num_threads"] = "ALL_CPUS"
-        self._env = rasterio.Env(**GDAL_ENV)
+        q = DEFAULT_QUALITY if quality is None else quality  # the overviews' (GDAL's default: 75)
+        self._env = rasterio.Env(**GDAL_ENV, **({"JPEG_QUALITY_OVERVIEW": q, "WEBP_LEVEL_OVERVIEW": q}
+                                                 if compress in LOSSY else {}))
         self._ds = None
         # Three block-row buffers, block row k in buffer k % 3: two are being filled (the blender
         # puts its finished rectangles there, in any order) while the writer thread writes the
@@ -315,9 +352,9 @@ class GeoTIFFWriter:
             self._ds.close()
             if self.cog:
                 rasterio.shutil.copy(
-                    self.tmp, self.cog_tmp, driver="COG", compress=self.compress, predictor=2,
-                    level=ZSTD_LEVEL, blocksize=BLOCK, overview_resampling="average", bigtiff="IF_SAFER",
-                    num_threads="ALL_CPUS",
+                    self.tmp, self.cog_tmp, driver="COG", blocksize=BLOCK, overview_resampling="average",
+                    bigtiff="IF_SAFER", num_threads="ALL_CPUS",
+                    **compression_options(self.compress, self.quality, cog=True),
                 )
                 os.replace(self.cog_tmp, self.dst)
             else:

@@ -15,6 +15,7 @@ import geosat2map.device_rows
 import geosat2map.grid
 import geosat2map.pipeline
 from geosat2map.engine import InferenceEngine
+from geosat2map.errors import OutputError
 from geosat2map.grid import TileGrid, seam_ratio
 from geosat2map.model import FlipAveraged, UNetGenerator, init_weights
 from geosat2map.reader import ground_gsd_m, open_scene
@@ -283,6 +284,44 @@ def test_cog_output_is_a_cloud_optimized_geotiff(tiny_weights, tmp_path):
         assert dst.dataset_mask()[:200, :300].max() == 0
         assert dst.crs.to_epsg() == 32633
         assert dst.tags()["GEOSAT2MAP_SOURCE"] == "big.tif"  # the tags survive the COG copy
+
+
+def test_every_compression_keeps_the_map_its_mask_and_overviews(tiny_weights, tmp_path):
+    """DEFLATE and LZW store the ZSTD map's exact pixels; JPEG (YCbCr) and WebP store them within
+    lossy compression's error, at the quality asked; all keep the nodata mask and the overviews,
+    as a COG too."""
+    from rio_cogeo.cogeo import cog_validate
+
+    data = synthetic_image(600, 700)
+    data[:, :200, :300] = 0
+    path = write_scene(tmp_path / "scene.tif", width=700, height=600, nodata=0, data=data)
+    translate(path, tmp_path / "zstd.tif", weights=tiny_weights)
+    with rasterio.open(tmp_path / "zstd.tif") as ref:
+        pixels, mask, levels = ref.read().astype(int), ref.dataset_mask(), ref.overviews(1)
+    assert mask[:200, :300].max() == 0 and mask.min() == 0 < mask.max() and levels
+    for compress, quality, cog in [("deflate", None, False), ("lzw", None, False), ("jpeg", None, False),
+                                   ("jpeg", 70, True), ("webp", 80, False)]:
+        out = tmp_path / f"{compress}{quality}{cog}.tif"
+        translate(path, out, weights=tiny_weights, compress=compress, quality=quality, cog=cog)
+        with rasterio.open(out) as dst:
+            assert dst.compression.name == compress and dst.overviews(1) == levels
+            assert (dst.dataset_mask() == mask).all()
+            diff = np.abs(dst.read().astype(int) - pixels)[:, mask > 0]
+            if compress in ("deflate", "lzw"):
+                assert diff.max() == 0
+            else:
+                assert diff.mean() < 3 and diff.max() > 0
+            if compress == "jpeg":
+                assert dst.photometric.name == "ycbcr"
+                assert dst.tags(ns="IMAGE_STRUCTURE")["JPEG_QUALITY"] == str(quality or 90)
+        if cog:
+            assert cog_validate(out) == (True, [], [])
+    # Only JPEG and WebP have a quality; nothing is written for a refused one.
+    with pytest.raises(OutputError, match="quality is for lossy compression"):
+        translate(path, tmp_path / "bad.tif", weights=tiny_weights, compress="deflate", quality=80)
+    with pytest.raises(OutputError, match="unknown compression 'jp2'"):
+        translate(path, tmp_path / "bad.tif", weights=tiny_weights, compress="jp2")
+    assert not (tmp_path / "bad.tif").exists()
 
 
 @pytest.fixture(scope="module")
