@@ -153,15 +153,16 @@ def test_processing_script_makes_the_command_lines_map(script, tiny_weights, tmp
     scene = write_scene(tmp_path / "scene.tif", width=700, height=500, nodata=0, data=data)
     out = tmp_path / "from_qgis.tif"
     report = _run_processing(script, f"INPUT={scene}", f"OUTPUT={out}", f"WEIGHTS={tiny_weights}",
-                             "RESOLUTION=native", "BANDS=3,2,1")
+                             "RESOLUTION=native", "BANDS=3,2,1", "COMPRESSION=3")
     assert report["name"] == "Translate imagery into a map"
     assert report.get("error") is None and report["results"] == {"OUTPUT": str(out)}
     assert report["progress"] == 100
     assert any(m.startswith(f"wrote {out}") for m in report["messages"])
     assert report["output_valid"] and report["output_crs"] == "EPSG:32633"
     direct = translate(scene, tmp_path / "direct.tif", weights=tiny_weights, resolution="native",
-                       bands=[3, 2, 1]).dst
+                       bands=[3, 2, 1], compress="jpeg").dst
     with rasterio.open(out) as a, rasterio.open(direct) as b:
+        assert a.compression.name == "jpeg"  # the dialog's fourth choice
         np.testing.assert_array_equal(a.read(), b.read())
         np.testing.assert_array_equal(a.dataset_mask(), b.dataset_mask())
 

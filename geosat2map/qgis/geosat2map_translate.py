@@ -20,6 +20,7 @@ from qgis.core import (
     QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingParameterBoolean,
+    QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
     QgsProcessingParameterFile,
     QgsProcessingParameterRasterDestination,
@@ -37,7 +38,11 @@ FOREIGN = ("PYTHONHOME", "PYTHONPATH", "GDAL_DATA", "GDAL_DRIVER_PATH", "PROJ_LI
 
 class Geosat2mapTranslate(QgsProcessingAlgorithm):
     INPUT, EXTENT, BANDS, WEIGHTS, RESOLUTION = "INPUT", "EXTENT", "BANDS", "WEIGHTS", "RESOLUTION"
-    TTA, RESUME, OUTPUT = "TTA", "RESUME", "OUTPUT"
+    TTA, COMPRESSION, RESUME, OUTPUT = "TTA", "COMPRESSION", "RESUME", "OUTPUT"
+    #: translate --compress's choices, as the dialog lists them.
+    COMPRESSIONS = (("zstd", "ZSTD (lossless)"), ("deflate", "DEFLATE (lossless, for older readers)"),
+                    ("lzw", "LZW (lossless, for older readers)"), ("jpeg", "JPEG (lossy, small)"),
+                    ("webp", "WebP (lossy, smallest)"))
 
     def name(self) -> str:
         return "translate"
@@ -74,6 +79,8 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
             self.RESOLUTION, "Resolution: model, native or metres per pixel", defaultValue="model"))
         self.addParameter(QgsProcessingParameterBoolean(
             self.TTA, "Average with the mirrored image's map (cleaner, twice the compute)", defaultValue=False))
+        self.addParameter(QgsProcessingParameterEnum(
+            self.COMPRESSION, "Compression", options=[label for _, label in self.COMPRESSIONS], defaultValue=0))
         self.addParameter(QgsProcessingParameterBoolean(
             self.RESUME, "Continue the run canceled before (from the rows it kept)", defaultValue=False))
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Map"))
@@ -101,6 +108,7 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
             command += ["--weights", weights]
         if self.parameterAsBoolean(parameters, self.TTA, context):
             command.append("--tta")
+        command += ["--compress", self.COMPRESSIONS[self.parameterAsEnum(parameters, self.COMPRESSION, context)][0]]
         if self.parameterAsBoolean(parameters, self.RESUME, context):
             command.append("--resume")
         feedback.pushCommandInfo(" ".join(command))
