@@ -230,8 +230,8 @@ def translate(
         return _run(src, dst, net, spec, torch_device, started, bands=bands, resolution=resolution,
                     bounds=bounds, bounds_crs=bounds_crs,
                     tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
-                    compress=compress, quality=quality, allow_ungeoreferenced=allow_ungeoreferenced, progress=progress, resume=resume,
-                    backend=backend, precision=precision, ctx=ctx)
+                    compress=compress, quality=quality, allow_ungeoreferenced=allow_ungeoreferenced,
+                    progress=progress, resume=resume, backend=backend, precision=precision, ctx=ctx)
 
 
 def _engine_on_every_rank(ctx: DistContext, build: Callable[[], Engine]) -> Engine:

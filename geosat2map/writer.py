@@ -40,14 +40,16 @@ ZSTD_LEVEL = 1
 #: overviews are compressed at the base's ZSTD level (GDAL's default for them is 9, which made
 #: building them twice as slow for files 2 % smaller).
 GDAL_ENV = {"GDAL_TIFF_INTERNAL_MASK": True, "ZSTD_LEVEL_OVERVIEW": ZSTD_LEVEL}
-#: Lossless compressions (with the horizontal predictor): ZSTD, the default, is the smallest and
-#: fastest; DEFLATE and LZW are for readers built without ZSTD (GDAL before 2.3, older ArcGIS).
+#: Lossless compressions (with the horizontal predictor): ZSTD at level 1, the default, is quick to
+#: write; DEFLATE made the NAIP sample's map 7 % smaller (3.91 against 4.21 MB), and it and LZW are
+#: read by tools built without ZSTD (GDAL before 2.3, older ArcGIS).
 LOSSLESS = ("zstd", "deflate", "lzw")
 #: Lossy ones, for basemaps where file size matters more than exact colours: JPEG (in YCbCr, as
 #: GDAL's own JPEG GeoTIFFs) and WebP.
 LOSSY = ("jpeg", "webp")
 COMPRESSIONS = LOSSLESS + LOSSY
-#: JPEG and WebP quality unless asked (GDAL's default, 75, rings visibly along map edges).
+#: JPEG and WebP quality unless asked. At GDAL's default, 75, JPEG moved 1.45 % of the NAIP sample
+#: map's pixels by more than 5 levels (WebP 1.97 %); at 90, 0.69 % (0.67 %), for twice the bytes.
 DEFAULT_QUALITY = 90
 
 
@@ -137,8 +139,9 @@ class GeoTIFFWriter:
         tags: dict[str, str] | None = None,
     ) -> None:
         """``compress``: one of :data:`COMPRESSIONS`; ``quality`` (1-100, for JPEG and WebP):
-        :data:`DEFAULT_QUALITY` unless given. ``resume_rows``: continue the partial file of an interrupted run, whose first
-        ``resume_rows`` rows are kept; rows given to :meth:`write_rows` above them are ignored.
+        :data:`DEFAULT_QUALITY` unless given. ``resume_rows``: continue the partial file of an
+        interrupted run, whose first ``resume_rows`` rows are kept; rows given to
+        :meth:`write_rows` above them are ignored.
         ``parallel``: GDAL compresses the blocks of each block row on every core (when the model
         runs on a GPU and the cores are free), not on the writer thread alone. ``tags``: dataset
         metadata (GDAL's default domain, which gdalinfo and QGIS's layer information show), with
