@@ -151,8 +151,9 @@ class GeoTIFFWriter:
         self.cog = cog
         check_compression(compress, quality)
         self.compress, self.quality = compress, quality
+        self.copied_at_commit = cog or compress in LOSSY
         self.tmp = partial_path(self.dst)
-        self.cog_tmp = self.dst.with_name(f".{self.dst.name}.cog.tif")
+        self.final_tmp = self.dst.with_name(f".{self.dst.name}.final.tif")  # a COG, JPEG or WebP copy
         self.prev = self.dst.with_name(f".{self.dst.name}.part.prev.tif")
         self.lock_path = self.dst.with_name(f".{self.dst.name}.lock")
         self.resume_rows = resume_rows
@@ -173,14 +174,13 @@ class GeoTIFFWriter:
             "photometric": "RGB",
             "interleave": "pixel",
             "BIGTIFF": "IF_SAFER",
-            # A COG is re-encoded from this file at the end: ZSTD here, so JPEG or WebP is lossy once.
-            **compression_options("zstd" if cog else compress, None if cog else quality),
+            # A COG, and a JPEG or WebP map, is built in ZSTD and copied in its own compression at the
+            # end: JPEG or WebP is then lossy once, and a resumed run copies kept rows losslessly.
+            **compression_options(*(("zstd", None) if self.copied_at_commit else (compress, quality))),
         }
         if parallel:
             self.profile["num_threads"] = "ALL_CPUS"
-        q = DEFAULT_QUALITY if quality is None else quality  # the overviews' (GDAL's default: 75)
-        self._env = rasterio.Env(**GDAL_ENV, **({"JPEG_QUALITY_OVERVIEW": q, "WEBP_LEVEL_OVERVIEW": q}
-                                                 if compress in LOSSY else {}))
+        self._env = rasterio.Env(**GDAL_ENV)
         self._ds = None
         # Three block-row buffers, block row k in buffer k % 3: two are being filled (the blender
         # puts its finished rectangles there, in any order) while the writer thread writes the
@@ -346,7 +346,8 @@ class GeoTIFFWriter:
                 future.result()
 
     def commit(self) -> None:
-        """Finish the file (overviews, or the COG layout) and move it to the destination."""
+        """Finish the file (overviews, or the COG layout; a JPEG or WebP copy) and move it to the
+        destination."""
         self._wait()
         if self.rows_written != self.height:
             raise ValueError(f"only {self.rows_written} of {self.height} rows were written")
@@ -355,11 +356,11 @@ class GeoTIFFWriter:
             self._ds.close()
             if self.cog:
                 rasterio.shutil.copy(
-                    self.tmp, self.cog_tmp, driver="COG", blocksize=BLOCK, overview_resampling="average",
+                    self.tmp, self.final_tmp, driver="COG", blocksize=BLOCK, overview_resampling="average",
                     bigtiff="IF_SAFER", num_threads="ALL_CPUS",
                     **compression_options(self.compress, self.quality, cog=True),
                 )
-                os.replace(self.cog_tmp, self.dst)
+                os.replace(self.final_tmp, self.dst)
             else:
                 factors = overview_factors(self.width, self.height)
                 if factors:
@@ -368,7 +369,13 @@ class GeoTIFFWriter:
                     with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"), rasterio.open(self.tmp, "r+") as ds:
                         ds.build_overviews(factors, Resampling.average)  # nothing else runs now
                         ds.update_tags(ns="rio_overview", resampling="average")
-                os.replace(self.tmp, self.dst)
+                if self.copied_at_commit:  # JPEG or WebP: the pixels, mask and overviews encoded once
+                    rasterio.shutil.copy(
+                        self.tmp, self.final_tmp, driver="GTiff", tiled=True, blockxsize=BLOCK,
+                        blockysize=BLOCK, interleave="pixel", bigtiff="IF_SAFER", num_threads="ALL_CPUS",
+                        copy_src_overviews=True, **compression_options(self.compress, self.quality),
+                    )
+                os.replace(self.final_tmp if self.copied_at_commit else self.tmp, self.dst)
         except (RasterioIOError, OSError) as exc:
             raise OutputError(f"finishing {self.dst} failed: {gdal_reason(exc)}") from None
         finally:
@@ -392,7 +399,7 @@ class GeoTIFFWriter:
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self._ds is not None and not self._ds.closed:
             self._ds.close()
-        for p in (self.cog_tmp, self.prev) if self._keep else (self.tmp, self.cog_tmp, self.prev):
+        for p in (self.final_tmp, self.prev) if self._keep else (self.tmp, self.final_tmp, self.prev):
             p.unlink(missing_ok=True)
         if self._lock is not None:
             self.lock_path.unlink(missing_ok=True)

@@ -33,7 +33,7 @@ def assert_clean_failure(result, out: Path, phrase: str) -> None:
     assert lines[0].startswith("geosat2map: error:") and phrase in lines[0], lines[0]
     assert "Traceback" not in result.output
     assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if ".part" in p.name or ".cog." in p.name]
+    assert not [p for p in out.parent.iterdir() if ".part" in p.name or ".final." in p.name]
 
 
 def test_translate_writes_a_map_and_reports_one_line(scene, tiny_weights, tmp_path):

@@ -37,27 +37,29 @@ def content(path: Path) -> tuple:
                 [ds.read(1, out_shape=(1, ds.height // f, ds.width // f)).sum() for f in ds.overviews(1)], tags)
 
 
-@pytest.mark.parametrize("on_device", [False, True])
+@pytest.mark.parametrize("on_device, compress", [(False, "zstd"), (True, "zstd"), (False, "jpeg")])
 def test_interrupted_twice_and_resumed_equals_an_uninterrupted_run(scene, tiny_weights, tmp_path, monkeypatch,
-                                                                   on_device):
-    """Also on the GPU path (run here on the CPU), which hands the writer whole rows."""
+                                                                   on_device, compress):
+    """Also on the GPU path (run here on the CPU), which hands the writer whole rows, and in JPEG,
+    whose kept rows must not be encoded twice."""
     if on_device:
         import geosat2map.pipeline as pipeline
         from geosat2map.engine import InferenceEngine
 
         monkeypatch.setattr(pipeline, "_blend_on_device", lambda engine, grid: isinstance(engine, InferenceEngine))
     whole = tmp_path / "whole.tif"
-    uninterrupted = translate(scene, whole, weights=tiny_weights, batch_size=3)
+    uninterrupted = translate(scene, whole, weights=tiny_weights, batch_size=3, compress=compress)
     out = tmp_path / "map.tif"
     total = 4 * 8  # 700 x 1500 with 256-pixel tiles and 64 overlap: 4 columns, 8 rows
     with pytest.raises(Interrupted, match="rows are kept"):
-        translate(scene, out, weights=tiny_weights, batch_size=3, progress=stop_after(20))
+        translate(scene, out, weights=tiny_weights, batch_size=3, progress=stop_after(20), compress=compress)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([PARTIAL, RECORD, "src.tif", "whole.tif"])
     # A second interruption, later in the resumed run, keeps more rows.
     with pytest.raises(Interrupted):
-        translate(scene, out, weights=tiny_weights, batch_size=5, resume=True, progress=stop_after(total - 6))
-    result = translate(scene, out, weights=tiny_weights, batch_size=2, resume=True)
+        translate(scene, out, weights=tiny_weights, batch_size=5, resume=True, progress=stop_after(total - 6),
+                  compress=compress)
+    result = translate(scene, out, weights=tiny_weights, batch_size=2, resume=True, compress=compress)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.tif", "src.tif", "whole.tif"]
     a, b = content(whole), content(out)
     for x, y in zip(a, b):
