@@ -19,6 +19,9 @@ from .errors import InputError
 from .weights import model_digest
 
 VERSION = 1
+#: Options records came to hold after they first did, with the value every run had before: a
+#: partial output kept by an earlier version still resumes under the same options.
+ADDED_OPTIONS = {"compress": "zstd", "quality": None}
 
 
 def record_path(dst: Path) -> Path:
@@ -62,7 +65,7 @@ def check(record: dict, ident: dict, dst: Path) -> None:
         if record.get(key) != ident[key]:
             raise InputError(f"the partial output of {dst} was made from another {what}; "
                              "run without --resume to start over")
-    saved = record.get("options", {})
+    saved = {**ADDED_OPTIONS, **record.get("options", {})}
     for name, value in ident["options"].items():
         if saved.get(name) != value:
             raise InputError(f"the partial output of {dst} was made with {name}={saved.get(name)!r}, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -87,6 +88,8 @@ def test_resume_refuses_other_options_input_or_nothing(scene, tiny_weights, tmp_
         translate(scene, out, weights=tiny_weights, overlap=32, resume=True)
     with pytest.raises(InputError, match="crop="):  # the scene's origin is (500000, 4500000), 1 m pixels
         translate(scene, out, weights=tiny_weights, bounds=(500000, 4498600, 500700, 4500000), resume=True)
+    with pytest.raises(InputError, match="compress='zstd', not 'jpeg'"):
+        translate(scene, out, weights=tiny_weights, compress="jpeg", resume=True)
     os.utime(scene, ns=(1, 1))
     with pytest.raises(InputError, match="another input file"):
         translate(scene, out, weights=tiny_weights, resume=True)
@@ -95,6 +98,17 @@ def test_resume_refuses_other_options_input_or_nothing(scene, tiny_weights, tmp_
     result = translate(scene, out, weights=tiny_weights)
     assert any("replaced" in n for n in result.notes)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.tif", "src.tif"]
+    # A record from before compress and quality were recorded: made in ZSTD, as every run then was.
+    with pytest.raises(Interrupted):
+        translate(scene, out, weights=tiny_weights, progress=stop_after(25), overwrite=True)
+    record = json.loads((tmp_path / RECORD).read_text())
+    del record["options"]["compress"], record["options"]["quality"]
+    (tmp_path / RECORD).write_text(json.dumps(record))
+    with pytest.raises(InputError, match="compress='zstd', not 'webp'"):
+        translate(scene, out, weights=tiny_weights, compress="webp", resume=True, overwrite=True)
+    advances: list[int] = []
+    translate(scene, out, weights=tiny_weights, resume=True, overwrite=True, progress=lambda a, t: advances.append(a))
+    assert advances[0] > 1 and sum(advances) == 32  # the kept rows' tiles counted at once: it resumed
 
 
 def test_cli_interrupt_message_and_resume_flag(scene, tiny_weights, tmp_path, monkeypatch):
