@@ -95,8 +95,10 @@ def compression_options(compress: str, quality: int | None, cog: bool = False) -
     """The creation options of ``compress`` for GDAL's GTiff driver, or (``cog``) its COG driver,
     whose option names differ (LEVEL and QUALITY; it picks YCbCr for RGB JPEG itself)."""
     if compress in LOSSLESS:
-        level = {"zstd_level" if not cog else "level": ZSTD_LEVEL} if compress == "zstd" else {}
-        return {"compress": compress, "predictor": 2, **level}
+        options = {"compress": compress, "predictor": 2}
+        if compress == "zstd":
+            options["level" if cog else "zstd_level"] = ZSTD_LEVEL
+        return options
     quality = DEFAULT_QUALITY if quality is None else quality
     if cog:
         return {"compress": compress, "quality": quality}
