@@ -538,6 +538,29 @@ def test_qgis_script_goes_to_the_default_profile_and_names_this_python(tmp_path,
     assert run("qgis-script", "--overwrite").exit_code == 0
 
 
+def test_choice_lists_repeat_the_library_lists():
+    """The CLI writes its choices out (it imports the library lazily, so `--help` stays fast) and the
+    QGIS script lists the compressions for its dialog (it runs in QGIS's Python, without geosat2map):
+    each must stay the library's list, or a new choice is missing from one of them."""
+    import ast
+
+    from geosat2map import devices, engine, train, writer
+    from geosat2map.qgis_script import SCRIPT
+
+    def choices(command: str, option: str) -> tuple[str, ...]:
+        (param,) = [p for p in cli.commands[command].params if p.name == option]
+        return tuple(param.type.choices)
+
+    assert choices("translate", "compress") == writer.COMPRESSIONS
+    assert choices("translate", "backend") == engine.BACKENDS
+    assert choices("translate", "precision") == choices("evaluate", "precision") == engine.PRECISIONS
+    assert choices("train", "precision") == devices.PRECISIONS
+    assert choices("train", "storage_aware") == train.STORAGE_AWARE
+    (listed,) = [ast.literal_eval(node.value) for node in ast.walk(ast.parse(SCRIPT.read_text()))
+                 if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["COMPRESSIONS"]]
+    assert tuple(name for name, _ in listed) == writer.COMPRESSIONS
+
+
 def test_preview_reads_through_a_small_gdal_cache(scene, tmp_path, monkeypatch):
     """A shrunk read decodes each block once: GDAL's default cache (5 % of memory) would only fill
     with them (716 MB of RSS for a 10000 x 10000 scene without overviews, 130 MB in 16 MiB)."""
