@@ -18,7 +18,7 @@ import rasterio
 import torch
 import torch.distributed as dist
 
-from . import device_rows, sharded
+from . import aoi as area, device_rows, sharded
 from .devices import resolve_device
 from .distributed import DistContext, process_group
 from .engine import PRECISIONS, Engine, InferenceEngine, auto_batch_size, engine_choice, make_engine
@@ -175,6 +175,7 @@ def translate(
     tta: bool = False,
     bounds: tuple[float, float, float, float] | None = None,
     bounds_crs: str | None = None,
+    aoi: str | area.AreaOfInterest | None = None,
 ) -> TranslateResult:
     """Translate the GeoTIFF ``src`` into a map GeoTIFF at ``dst``; see ``geosat2map translate --help``.
     ``src`` may be any address GDAL reads (a URL such as ``https://.../scene.tif`` or ``s3://...``,
@@ -191,6 +192,9 @@ def translate(
     tile's map with the mirrored map of its mirror image (:class:`~geosat2map.model.FlipAveraged`,
     twice the compute). ``bounds`` (left, bottom, right, top; in the scene's CRS, or in
     ``bounds_crs`` such as ``"EPSG:4326"``) translates only the source pixels that cover them.
+    ``aoi`` (instead of ``bounds``): an area of interest, ``FILE`` or ``FILE:LAYER`` of polygons
+    (or its :class:`~geosat2map.aoi.AreaOfInterest`): the map covers their bounding box and is
+    nodata outside them.
     ``compress``: ``zstd`` (the default), ``deflate`` or ``lzw`` (lossless), ``jpeg`` or ``webp``
     (lossy, at ``quality`` 1-100, 90 unless given); see :mod:`~geosat2map.writer`.
     """
@@ -204,6 +208,10 @@ def translate(
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
     check_compression(compress, quality)
+    if bounds is not None and aoi is not None:
+        raise InputError("give bounds or an area of interest, not both")
+    if isinstance(aoi, (str, Path)):
+        aoi = area.AreaOfInterest.read(str(aoi))
     batch_bytes = (batch_size or 0) * tile_size**2 * 3 * 4 * 2  # float32 tiles in, maps out: a lower bound
     free = available_memory()
     if free is not None and batch_bytes > 0.5 * free:
@@ -228,7 +236,7 @@ def translate(
             batch_size = auto_batch_size(net, torch_device, spec.in_channels, tile_size,
                                          "fp32" if backend == "onnxruntime" or precision == "int8" else precision)
         return _run(src, dst, net, spec, torch_device, started, bands=bands, resolution=resolution,
-                    bounds=bounds, bounds_crs=bounds_crs,
+                    bounds=bounds, bounds_crs=bounds_crs, aoi=aoi,
                     tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
                     compress=compress, quality=quality, allow_ungeoreferenced=allow_ungeoreferenced,
                     progress=progress, resume=resume, backend=backend, precision=precision, ctx=ctx)
@@ -281,6 +289,10 @@ def translate_many(
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise InputError(f"several inputs share a file name, their outputs would collide: {', '.join(twice)}")
+    if options.get("aoi") is not None and options.get("bounds") is not None:
+        raise InputError("give bounds or an area of interest, not both")
+    if isinstance(options.get("aoi"), (str, Path)):  # read once for all scenes, before the model loads
+        options["aoi"] = area.AreaOfInterest.read(str(options["aoi"]))
     model = options.pop("model", None) or load_generator(weights)
     if options.get("tta") and not isinstance(model[0], FlipAveraged):  # wrapped once for all scenes
         model = (FlipAveraged(model[0]), model[1])
@@ -330,9 +342,9 @@ def first_row_after(grid: TileGrid, rows: int) -> int:
 
 
 def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size, overlap, bounds,
-                  bounds_crs) -> tuple[Scene, TileGrid, int]:
+                  bounds_crs, aoi) -> tuple[Scene, TileGrid, int]:
     """The scene, its tile grid and the GDAL cache size for it, once it is known to fit in memory."""
-    scene = open_scene(src, bands, resolution, spec.gsd_m, allow_ungeoreferenced, bounds, bounds_crs)
+    scene = open_scene(src, bands, resolution, spec.gsd_m, allow_ungeoreferenced, bounds, bounds_crs, aoi)
     try:
         if len(scene.bands) != spec.in_channels:
             raise WeightsError(
@@ -352,12 +364,12 @@ def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size
     return scene, grid, cache
 
 
-def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, bounds, bounds_crs, tile_size, overlap,
+def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, bounds, bounds_crs, aoi, tile_size, overlap,
          batch_size, cog, compress, quality, allow_ungeoreferenced, progress, resume, backend, precision,
          ctx) -> TranslateResult:
     opened: list = []
     _agree(ctx, lambda: opened.append(_open_checked(src, bands, resolution, spec, allow_ungeoreferenced,
-                                                    tile_size, overlap, bounds, bounds_crs)))
+                                                    tile_size, overlap, bounds, bounds_crs, aoi)))
     scene, grid, cache = opened[0]
     try:
         # rasterio takes GDAL_CACHEMAX in bytes (a bare 32 would be a 32-byte cache, i.e. none).
@@ -394,7 +406,8 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
     c = scene.crop
     options = {"resolution": resolution, "tile_size": tile_size, "overlap": overlap, "bands": scene.bands,
                "cog": cog, "compress": compress, "quality": quality, "backend": engine.name, "tta": tta,
-               "crop": [int(c.col_off), int(c.row_off), int(c.width), int(c.height)]}
+               "crop": [int(c.col_off), int(c.row_off), int(c.width), int(c.height)],
+               "aoi": None if scene.aoi is None else area.digest(scene.aoi)}
     generator = net.generator if tta else net  # the weights the record names
     if resume:
         progress_record.check(record, progress_record.identity(src, options, generator), dst)

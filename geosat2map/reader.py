@@ -34,6 +34,7 @@ from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window, from_bounds
 
+from . import aoi as area
 from .buffers import row_buffer
 from .errors import InputError, gdal_reason
 from .placement import placement, warp_north_up
@@ -132,13 +133,16 @@ class Scene:
     #: The scene's own file when ``src`` is its north-up warp (:mod:`geosat2map.placement`), closed
     #: with it.
     warped_from: rasterio.io.DatasetReader | None = field(default=None, repr=False)
+    #: The area of interest in the scene's CRS (``translate --aoi``): pixels outside it are nodata.
+    aoi: object | None = None  # a shapely geometry
     _handles: list = field(default_factory=list, repr=False)  # the dataset handles of readers 1..
     _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
 
     @property
     def always_valid(self) -> bool:
-        """Every pixel read is valid: no mask, and no float NaN or infinity to mask (scaled inputs)."""
-        return self.all_valid and self.stretch is None
+        """Every pixel read is valid: no mask, no float NaN or infinity to mask (scaled inputs), no
+        area of interest."""
+        return self.all_valid and self.stretch is None and self.aoi is None
 
     @property
     def dtype(self) -> type:
@@ -159,6 +163,9 @@ class Scene:
                 data, valid = self._read_source(window, shape, dtype, out)
         except RasterioIOError as exc:  # a truncated or corrupt file fails here, not at open
             raise InputError(f"reading {self.path} failed: {gdal_reason(exc)}") from None
+        if self.aoi is not None:
+            at = self.transform @ Affine.translation(window.col_off, window.row_off)
+            valid = valid & area.inside(self.aoi, at, shape)
         return self._scale(data, valid)
 
     def _gdal_env(self):
@@ -510,6 +517,7 @@ def open_scene(
     allow_ungeoreferenced: bool = False,
     bounds: tuple[float, float, float, float] | None = None,
     bounds_crs: str | None = None,
+    aoi: area.AreaOfInterest | None = None,
 ) -> Scene:
     """Open ``path`` (a file, or any address GDAL reads: see :func:`is_gdal_path`) for windowed
     reading on the output grid.
@@ -517,7 +525,8 @@ def open_scene(
     ``resolution``: ``"model"`` resamples to ``model_gsd_m`` (native when the model does not
     say), ``"native"`` keeps the scene's pixels, a number is metres per pixel. ``bounds`` (left,
     bottom, right, top, in the scene's CRS or in ``bounds_crs``) keeps only the source pixels
-    that cover them: the output grid is theirs.
+    that cover them: the output grid is theirs. ``aoi`` (instead of ``bounds``): the source pixels
+    under its bounding box, those outside its polygons read as nodata.
     """
     path = scene_path(path)
     options = _remote_options(path)
@@ -530,7 +539,7 @@ def open_scene(
             if where is not None:  # planned on a cheap warp, read through the one that suits the plan
                 base, src = src, warp_north_up(path, src, where, Resampling.nearest)
             scene = _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, bounds, bounds_crs,
-                          None if where is None else where[1])
+                          None if where is None else where[1], aoi)
             if where is not None and (scene.scale is None or min(scene.scale) < WARP_NEAREST_SCALE):
                 scene.src = warp_north_up(path, base, where, Resampling.bilinear)
                 src.close()
@@ -557,9 +566,9 @@ def _remote_options(path: Path | str) -> dict:
 
 
 def _crop_window(path: Path | str, src: rasterio.io.DatasetReader, bounds: tuple[float, float, float, float],
-                 bounds_crs: str | None) -> tuple[Window, bool]:
+                 bounds_crs: str | None, what: str = "the bounds") -> tuple[Window, bool]:
     """The whole source pixels that cover ``bounds`` within the scene, and whether the bounds
-    reach past it."""
+    reach past it; ``what`` names the bounds in the error when none are inside."""
     if len(bounds) != 4:
         raise InputError(f"bounds are four numbers, left bottom right top, not {bounds}")
     left, bottom, right, top = bounds
@@ -583,7 +592,7 @@ def _crop_window(path: Path | str, src: rasterio.io.DatasetReader, bounds: tuple
     col0, row0 = max(0, cover[0]), max(0, cover[1])
     col1, row1 = min(src.width, cover[2]), min(src.height, cover[3])
     if col1 <= col0 or row1 <= row0:
-        raise InputError(f"the bounds lie outside {path}")
+        raise InputError(f"{what} and {path} do not overlap: nothing to translate")
     return Window(col0, row0, col1 - col0, row1 - row0), (col0, row0, col1, row1) != cover
 
 
@@ -595,7 +604,7 @@ def _check_size(path: Path | str, width: int, height: int, gsd_m: float | None) 
 
 
 def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, bounds, bounds_crs,
-          warped: str | None) -> Scene:
+          warped: str | None, aoi: area.AreaOfInterest | None = None) -> Scene:
     """The output grid and reading plan for ``src``: the scene, or its north-up warp (``warped``
     says from what)."""
     if src.width < 1 or src.height < 1:
@@ -603,15 +612,22 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
     georeferenced = src.crs is not None and not src.transform.is_identity
     if not georeferenced and not allow_ungeoreferenced:
         raise InputError(f"{path} has no georeferencing (pass --allow-ungeoreferenced to translate it in pixel space)")
-    if bounds is not None and not georeferenced:
-        raise InputError(f"{path} has no georeferencing: bounds cannot be placed on it")
+    if (bounds is not None or aoi is not None) and not georeferenced:
+        raise InputError(f"{path} has no georeferencing: {'bounds' if aoi is None else 'an area of interest'} "
+                         "cannot be placed on it")
+    if bounds is not None and aoi is not None:
+        raise InputError("give bounds or an area of interest, not both")
     notes: list[str] = []
     if warped is not None:
         notes.append(f"placed north-up by GDAL's warper from {warped}")
+    aoi_here = None if aoi is None else aoi.in_crs(src.crs)  # the polygons in the scene's CRS
+    if aoi_here is not None:
+        bounds, bounds_crs = aoi_here.bounds, None
     crop, clipped = (Window(0, 0, src.width, src.height), False) if bounds is None else \
-        _crop_window(path, src, bounds, bounds_crs)
+        _crop_window(path, src, bounds, bounds_crs, "the area of interest" if aoi else "the bounds")
     if clipped:
-        notes.append("the bounds reach past the scene: the map covers only the part inside them")
+        what = "the area of interest reaches" if aoi else "the bounds reach"
+        notes.append(f"{what} past the scene: the map covers only the part inside them")
     # From here on the scene is its crop: these pixels, at this place.
     cols, rows, t = int(crop.width), int(crop.height), src.window_transform(crop)
     if not bands:
@@ -665,7 +681,7 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
     if target is None or math.isclose(target, native, rel_tol=1e-3):
         _check_size(path, cols, rows, native)
         return Scene(path, src, bands, cols, rows, t, src.crs, native, native, crop, stretch, notes,
-                     all_valid=all_valid)
+                     all_valid=all_valid, aoi=aoi_here)
 
     # Same CRS and footprint, pixels scaled so one covers `target` metres on the ground.
     scale = target / native
@@ -683,4 +699,5 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
     one = is_remote(path) or warped is not None
     readers = 1 if one else max(1, min(reader_threads(), math.ceil(width / STRIP)))
     return Scene(path, src, bands, width, height, transform, src.crs, native, native * cols / width, crop, stretch,
-                 notes, scale=(cols / width, rows / height), resampling=method, all_valid=all_valid, readers=readers)
+                 notes, scale=(cols / width, rows / height), resampling=method, all_valid=all_valid, readers=readers,
+                 aoi=aoi_here)

@@ -4,12 +4,15 @@ Run by Debian's ``/usr/bin/python3`` (where the ``qgis`` bindings live); ``tests
 calls it. Usage:
 
     python3 tests/qgis_processing_check.py SCRIPT NAME=VALUE ... [--cancel-at PERCENT] [--project-layer]
+        [--aoi-in-memory]
 
 It loads SCRIPT as QGIS's Processing Toolbox does, runs its algorithm through ``processing.run``
 with the given parameters, and reports the results, the highest progress seen, the messages, the
 error (a QgsProcessingException's text) and whether the output opens as a valid raster layer.
 ``--cancel-at`` cancels the run once the progress reaches PERCENT; ``--project-layer`` opens INPUT
-as a layer of the project first (a GeoPackage raster table, say, which a bare string cannot name).
+as a layer of the project first (a GeoPackage raster table, say, which a bare string cannot name);
+``--aoi-in-memory`` passes AOI's features as a memory layer of the project (a layer with no file,
+as an edited or computed one is).
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 from qgis.core import (  # noqa: E402
     QgsApplication,
+    QgsFeatureRequest,
     QgsProcessingException,
     QgsProcessingFeedback,
     QgsProject,
     QgsRasterLayer,
+    QgsVectorLayer,
 )
 from qgis.PyQt.QtCore import Qt  # noqa: E402
 
@@ -58,6 +63,7 @@ def main() -> None:
     parser.add_argument("--cancel-at", type=float)
     parser.add_argument("--project-layer", action="store_true",
                         help="load INPUT as a layer of the project and pass the layer, as the Toolbox does")
+    parser.add_argument("--aoi-in-memory", action="store_true", help="pass AOI's features as a memory layer")
     args = parser.parse_args()
     params = dict(p.split("=", 1) for p in args.params)
 
@@ -81,6 +87,11 @@ def main() -> None:
         report["input_layer_valid"] = layer.isValid()
         QgsProject.instance().addMapLayer(layer)
         params["INPUT"] = layer
+    if args.aoi_in_memory:
+        memory = QgsVectorLayer(params["AOI"], "aoi").materialize(QgsFeatureRequest())
+        report["aoi_provider"] = memory.providerType()
+        QgsProject.instance().addMapLayer(memory)
+        params["AOI"] = memory
     try:
         report["results"] = processing.run(alg, params, feedback=feedback)
     except QgsProcessingException as exc:

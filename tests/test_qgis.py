@@ -116,8 +116,11 @@ def test_qgis_process_raster_statistics(output):
 PROCESSING = Path(__file__).with_name("qgis_processing_check.py")
 
 
-def _run_processing(script: Path, *params: str, cancel_at: float | None = None, project_layer: bool = False) -> dict:
+def _run_processing(script: Path, *params: str, cancel_at: float | None = None, project_layer: bool = False,
+                    aoi_in_memory: bool = False) -> dict:
     command = [str(SYSTEM_PYTHON), str(PROCESSING), str(script), *params]
+    if aoi_in_memory:
+        command.append("--aoi-in-memory")
     if cancel_at is not None:
         command += ["--cancel-at", str(cancel_at)]
     if project_layer:
@@ -184,6 +187,26 @@ def test_processing_script_translates_an_extent_given_in_another_crs(script, tin
     with rasterio.open(out) as a, rasterio.open(direct) as b:
         assert a.bounds == b.bounds and a.width < 700
         np.testing.assert_array_equal(a.read(), b.read())
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_processing_script_translates_only_inside_a_polygon_layer(script, tiny_weights, tmp_path, in_memory):
+    """The polygons parameter is translate's --aoi: a layer of a GeoPackage, or a memory layer
+    (no file: its features are written to one for translate)."""
+    from .test_aoi import L_SHAPE, write_polygons
+
+    scene = write_scene(tmp_path / "scene.tif", width=600, height=500)
+    aoi = write_polygons(tmp_path / "aoi.gpkg", [L_SHAPE])
+    out = tmp_path / "from_qgis.tif"
+    report = _run_processing(script, f"INPUT={scene}", f"OUTPUT={out}", f"WEIGHTS={tiny_weights}",
+                             f"AOI={aoi}|layername=aoi", aoi_in_memory=in_memory)
+    assert report.get("error") is None and report["output_valid"]
+    assert report.get("aoi_provider") == ("memory" if in_memory else None)
+    direct = translate(scene, tmp_path / "direct.tif", weights=tiny_weights, aoi=str(aoi)).dst
+    with rasterio.open(out) as a, rasterio.open(direct) as b:
+        assert a.bounds == b.bounds and (a.dataset_mask() == 0).any()
+        np.testing.assert_array_equal(a.read(), b.read())
+        np.testing.assert_array_equal(a.dataset_mask(), b.dataset_mask())
 
 
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # writing plain.tif

@@ -17,11 +17,13 @@ import subprocess
 import threading
 
 from qgis.core import (
+    QgsProcessing,
     QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingParameterBoolean,
     QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
+    QgsProcessingParameterFeatureSource,
     QgsProcessingParameterFile,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
@@ -37,7 +39,7 @@ FOREIGN = ("PYTHONHOME", "PYTHONPATH", "GDAL_DATA", "GDAL_DRIVER_PATH", "PROJ_LI
 
 
 class Geosat2mapTranslate(QgsProcessingAlgorithm):
-    INPUT, EXTENT, BANDS, WEIGHTS, RESOLUTION = "INPUT", "EXTENT", "BANDS", "WEIGHTS", "RESOLUTION"
+    INPUT, EXTENT, AOI, BANDS, WEIGHTS, RESOLUTION = "INPUT", "EXTENT", "AOI", "BANDS", "WEIGHTS", "RESOLUTION"
     TTA, COMPRESSION, RESUME, OUTPUT = "TTA", "COMPRESSION", "RESUME", "OUTPUT"
     #: translate --compress's choices, as the dialog lists them.
     COMPRESSIONS = (("zstd", "ZSTD (lossless)"), ("deflate", "DEFLATE (lossless, for older readers)"),
@@ -69,6 +71,9 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Satellite or aerial image"))
         self.addParameter(QgsProcessingParameterExtent(
             self.EXTENT, "Only this extent (empty: the whole image)", optional=True))
+        self.addParameter(QgsProcessingParameterFeatureSource(
+            self.AOI, "Only inside these polygons (the rest of their extent transparent)",
+            types=[QgsProcessing.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterString(
             self.BANDS, "Bands as red,green,blue, e.g. 3,2,1 (empty: by colour interpretation, else 1,2,3)",
             optional=True))
@@ -100,6 +105,10 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
                                                           box.yMaximum()))]
             if crs.isValid():
                 command += ["--bounds-crs", crs.authid() or crs.toWkt()]
+        if parameters.get(self.AOI):  # translate --aoi: the layer's file, or its (selected) features written to one
+            path, layer_name = self.parameterAsCompatibleSourceLayerPathAndLayerName(
+                parameters, self.AOI, context, ["gpkg", "shp", "geojson"], "gpkg", feedback)
+            command += ["--aoi", f"{path}:{layer_name}" if layer_name else path]
         bands = self.parameterAsString(parameters, self.BANDS, context).strip()
         if bands:
             command += ["--bands", bands]
