@@ -132,3 +132,18 @@ def test_cli_aoi(tiny_weights, tmp_path):
     assert result.exit_code == 1 and result.output.strip() == \
         "geosat2map: error: give bounds or an area of interest, not both"
     assert not (tmp_path / "b.tif").exists()
+
+
+def test_several_scenes_one_area(tiny_weights, tmp_path):
+    """The area is read once for all scenes; a scene it does not reach fails alone."""
+    from geosat2map.pipeline import translate_many
+
+    near = write_scene(tmp_path / "near.tif")
+    far = write_scene(tmp_path / "far.tif")
+    with rasterio.open(far, "r+") as ds:  # 100 km east
+        ds.transform = rasterio.transform.from_origin(600000, 4500000, 1, 1)
+    aoi = write_polygons(tmp_path / "aoi.gpkg", [L_SHAPE])
+    (tmp_path / "maps").mkdir()
+    outcomes = dict(translate_many([near, far], tmp_path / "maps", weights=tiny_weights, aoi=str(aoi)))
+    assert isinstance(outcomes[far], InputError) and "do not overlap" in str(outcomes[far])
+    assert outcomes[near].width == 500 and sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["near.tif"]
