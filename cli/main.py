@@ -306,7 +306,8 @@ def render_map_cmd(vectors, dst, like, bounds, crs, resolution, style, overwrite
               help="model (the default model's ground sampling distance), native, or metres per pixel.")
 @click.option("--tile-size", type=int, default=256, show_default=True)
 @click.option("--stride", type=int, default=None, help="Pixels between tiles [default: tile size].")
-@click.option("--aoi", type=click.Path(dir_okay=False), help="Only tiles at least half inside this area (any CRS).")
+@click.option("--aoi", default=None, metavar="FILE[:LAYER]",
+              help="Only tiles at least half inside these polygons (a vector file GDAL reads, in any CRS).")
 @click.option("--max-nodata", type=float, default=0.05, show_default=True)
 @click.option("--val-fraction", type=float, default=0.2, show_default=True,
               help="Share of the split blocks held out for validation (0: none).")

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pyogrio
 import rasterio
 import shapely
 import shapely.geometry
@@ -30,7 +29,8 @@ from pyproj import Transformer
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window, transform as window_transform
 
-from .errors import InputError, OutputError, first_line
+from .errors import InputError, OutputError
+from .aoi import AreaOfInterest
 from .placement import north_up, warped_onto
 from .reader import Scene, bounded_cache, open_raster, open_scene
 from .render import Grid, MapRenderer, Style, read_vectors
@@ -131,19 +131,6 @@ class _VectorMap:
         pass
 
 
-def _aoi_in_crs(path: str | Path, crs) -> shapely.Geometry:
-    try:
-        meta, _, wkb, _ = pyogrio.raw.read(path)
-    except Exception as exc:  # pyogrio's own error types
-        raise InputError(f"cannot read the AOI {path}: {first_line(exc)}") from None
-    geoms = shapely.from_wkb(wkb)
-    if not len(geoms) or meta.get("crs") is None:
-        raise InputError(f"the AOI {path} is empty or has no CRS")
-    to_grid = Transformer.from_crs(meta["crs"], crs, always_xy=True)
-    area = shapely.union_all(geoms)
-    return shapely.transform(area, lambda c: np.column_stack(to_grid.transform(c[:, 0], c[:, 1])))
-
-
 def _split(positions: list[tuple[int, int]], opts: TileOptions) -> tuple[list, list, int]:
     """(train, val, dropped): val = whole random blocks; train tiles touching a val tile are dropped."""
     # Blocks shrink (down to one tile) on small scenes, so there are enough to split.
@@ -207,7 +194,7 @@ def make_tiles(
             grid = Grid(scene.crs, scene.transform, scene.width, scene.height)
             source = (_RasterMap(map_raster, grid) if map_raster is not None
                       else _VectorMap(list(vectors), grid, options.style, options.min_map_cover))
-            area = _aoi_in_crs(aoi, scene.crs) if aoi is not None else None
+            area = AreaOfInterest.read(str(aoi)).in_crs(scene.crs) if aoi is not None else None
             if area is not None and not shapely.intersects(area, shapely.box(*grid.bounds)):
                 raise InputError(f"the AOI {aoi} lies outside the scene")
             candidates = [(y, x) for y in range(0, scene.height - t + 1, stride) for x in range(0, scene.width - t + 1, stride)]

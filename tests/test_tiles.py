@@ -187,6 +187,26 @@ def test_tiles_from_a_map_raster(region, tmp_path):
             assert t.bounds.right <= w.bounds.right and t.read().max(axis=0).min() > 0, tile.name
 
 
+def test_tiles_only_at_least_half_inside_the_aoi(region, tmp_path):
+    """An L of lon/lat polygons (GeoJSON) over the 1536 m scene, read as geosat2map.aoi reads
+    translate's: 256-pixel tiles (stride 256) are kept where half of them or more lies inside."""
+    import shapely
+
+    sat, vec = region
+    # The west 700 m, and the north 300 m: 2 whole tile columns, the third 188/256 inside.
+    aoi = write_geojson(tmp_path / "aoi.geojson", [square(0, 0, 700, 1536), square(700, 0, 1536, 300)])
+    out = tmp_path / "tiles"
+    result = make_tiles(sat, out, vectors=[str(vec)], aoi=str(aoi),
+                        options=TileOptions(resolution=1.0, val_fraction=0, max_nodata=1.0))
+    area = shapely.union(shapely.box(0, 0, 700, 1536), shapely.box(700, 0, 1536, 300))
+    kept = {(f["properties"]["x"], f["properties"]["y"])
+            for f in json.loads((out / "index.geojson").read_text())["features"]}
+    expected = {(x, y) for x in range(0, 1536, 256) for y in range(0, 1536, 256)
+                if shapely.box(x, y, x + 256, y + 256).intersection(area).area >= 0.5 * 256**2}
+    assert kept <= expected and len(expected - kept) == result.skipped["empty_map"]
+    assert result.skipped["aoi"] == 36 - len(expected) and len(expected) == 18 + 3
+
+
 def test_no_overlap_empty_layer_and_aoi_outside_are_clear_errors(region, tmp_path):
     sat, _ = region
     far = write_geojson(tmp_path / "far.geojson", [square(50000, 50000, 50100, 50100)])
