@@ -91,6 +91,16 @@ def test_a_resumed_run_needs_the_same_area(tiny_weights, tmp_path):
     translate(scene, out, weights=tiny_weights, aoi=str(holed), resume=True)
     for a, b in zip(_read(whole), _read(out)):
         assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
+    mask = _read(out)[1]
+    assert not mask[600:900, 100:400].any() and mask[:600].all() and mask[900:].all()  # the hole is nodata
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_an_area_needs_a_georeferenced_scene(tiny_weights, tmp_path):
+    plain = write_scene(tmp_path / "plain.tif", crs=None)
+    aoi = write_polygons(tmp_path / "aoi.gpkg", [L_SHAPE])
+    with pytest.raises(InputError, match="no georeferencing: an area of interest cannot be placed on it"):
+        translate(plain, tmp_path / "map.tif", weights=tiny_weights, allow_ungeoreferenced=True, aoi=str(aoi))
 
 
 @pytest.mark.parametrize("make, options, message", [
