@@ -208,10 +208,7 @@ def translate(
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
     check_compression(compress, quality)
-    if bounds is not None and aoi is not None:
-        raise InputError("give bounds or an area of interest, not both")
-    if isinstance(aoi, (str, Path)):
-        aoi = area.AreaOfInterest.read(str(aoi))
+    aoi = _area(aoi, bounds)
     batch_bytes = (batch_size or 0) * tile_size**2 * 3 * 4 * 2  # float32 tiles in, maps out: a lower bound
     free = available_memory()
     if free is not None and batch_bytes > 0.5 * free:
@@ -240,6 +237,13 @@ def translate(
                     tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
                     compress=compress, quality=quality, allow_ungeoreferenced=allow_ungeoreferenced,
                     progress=progress, resume=resume, backend=backend, precision=precision, ctx=ctx)
+
+
+def _area(aoi: str | Path | area.AreaOfInterest | None, bounds) -> area.AreaOfInterest | None:
+    """The area of interest read (before the model loads), refused beside bounds."""
+    if aoi is not None and bounds is not None:
+        raise InputError("give bounds or an area of interest, not both")
+    return area.AreaOfInterest.read(str(aoi)) if isinstance(aoi, (str, Path)) else aoi
 
 
 def _engine_on_every_rank(ctx: DistContext, build: Callable[[], Engine]) -> Engine:
@@ -289,10 +293,7 @@ def translate_many(
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise InputError(f"several inputs share a file name, their outputs would collide: {', '.join(twice)}")
-    if options.get("aoi") is not None and options.get("bounds") is not None:
-        raise InputError("give bounds or an area of interest, not both")
-    if isinstance(options.get("aoi"), (str, Path)):  # read once for all scenes, before the model loads
-        options["aoi"] = area.AreaOfInterest.read(str(options["aoi"]))
+    options["aoi"] = _area(options.get("aoi"), options.get("bounds"))  # read once for all scenes
     model = options.pop("model", None) or load_generator(weights)
     if options.get("tta") and not isinstance(model[0], FlipAveraged):  # wrapped once for all scenes
         model = (FlipAveraged(model[0]), model[1])

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import rasterio
+import shapely
 from affine import Affine
 from pyproj import CRS, Geod, Transformer
 from pyproj.exceptions import CRSError as PyprojCRSError, ProjError
@@ -134,7 +135,7 @@ class Scene:
     #: with it.
     warped_from: rasterio.io.DatasetReader | None = field(default=None, repr=False)
     #: The area of interest in the scene's CRS (``translate --aoi``): pixels outside it are nodata.
-    aoi: object | None = None  # a shapely geometry
+    aoi: shapely.Geometry | None = None
     _handles: list = field(default_factory=list, repr=False)  # the dataset handles of readers 1..
     _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
 
