@@ -298,6 +298,21 @@ def render_map_cmd(vectors, dst, like, bounds, crs, resolution, style, overwrite
 
 
 @cli.command()
+@click.argument("sheets", nargs=-1, required=True)
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--overwrite", is_flag=True)
+def mosaic(sheets, dst, overwrite) -> None:
+    """Put raster SHEETS (an orthophoto delivered in tiles, or a quoted pattern such as
+    'sheets/*.tif') together as one seamless scene DST, a GDAL VRT (.vrt), to translate or cut
+    into tiles as one (what gdalbuildvrt does, for installs without GDAL's programs)."""
+    from geosat2map.mosaic import build_mosaic
+
+    result = build_mosaic(list(_expand_globs(sheets)), dst, overwrite=overwrite)
+    click.echo(f"wrote {result.dst}: {result.sheets} sheet{'' if result.sheets == 1 else 's'}, "
+               f"{result.width} x {result.height} pixels ({result.crs})")
+
+
+@cli.command()
 @click.argument("sat", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--map", "map_raster", type=click.Path(dir_okay=False), help="A map raster of the same ground.")

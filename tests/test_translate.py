@@ -764,36 +764,3 @@ def test_the_python_api_refuses_bad_options_with_its_own_error(scene, tiny_weigh
     with pytest.raises(Geosat2mapError, match=phrase):
         translate(scene, out, weights=tiny_weights, resolution=options.pop("resolution", "native"), **options)
     assert not out.exists()
-
-
-def test_a_vrt_mosaic_of_tiles_makes_the_map_of_the_whole_scene(tiny_weights_gsd, tmp_path):
-    """An orthophoto delivered as tiles, mosaicked by a GDAL VRT (gdalbuildvrt, QGIS's Build
-    Virtual Raster), translates into one seamless map: the same pixels as the scene in one file,
-    at native resolution and resampled (where each reader thread opens the VRT itself)."""
-    whole = write_scene(tmp_path / "whole.tif", width=600, height=500, res=0.5)
-    with rasterio.open(whole) as src:
-        image, transform = src.read(), src.transform
-    sources = []
-    for row in (0, 250):
-        for col in (0, 300):
-            name = f"tile_{row}_{col}.tif"
-            write_scene(tmp_path / name, width=300, height=250, res=0.5, data=image[:, row : row + 250, col : col + 300])
-            with rasterio.open(tmp_path / name, "r+") as tile:  # place each tile where it lies in the scene
-                tile.transform = transform @ rasterio.Affine.translation(col, row)
-            sources.append((name, col, row))
-    bands = ""
-    for b in (1, 2, 3):
-        parts = "".join(
-            f'<SimpleSource><SourceFilename relativeToVRT="1">{name}</SourceFilename><SourceBand>{b}</SourceBand>'
-            f'<SrcRect xOff="0" yOff="0" xSize="300" ySize="250"/><DstRect xOff="{col}" yOff="{row}" xSize="300" '
-            f'ySize="250"/></SimpleSource>' for name, col, row in sources)
-        bands += f'<VRTRasterBand dataType="Byte" band="{b}">{parts}</VRTRasterBand>'
-    mosaic = tmp_path / "mosaic.vrt"
-    mosaic.write_text(f'<VRTDataset rasterXSize="600" rasterYSize="500"><SRS>EPSG:32633</SRS>'
-                      f'<GeoTransform>{", ".join(map(str, transform.to_gdal()))}</GeoTransform>{bands}</VRTDataset>')
-    for resolution in ("native", "model"):
-        maps = [translate(src, tmp_path / f"{src.stem}_{resolution}.tif", weights=tiny_weights_gsd,
-                          resolution=resolution).dst for src in (whole, mosaic)]
-        with rasterio.open(maps[0]) as a, rasterio.open(maps[1]) as b:
-            assert (a.transform, a.width, a.height) == (b.transform, b.width, b.height)
-            np.testing.assert_array_equal(a.read(), b.read())

@@ -1,0 +1,122 @@
+"""geosat2map mosaic: sheets put together as one VRT scene, gaps nodata, sheets found where they lie."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.windows import Window
+
+from geosat2map import translate
+from geosat2map.errors import Geosat2mapError
+from geosat2map.mosaic import build_mosaic
+
+from .conftest import write_scene
+
+
+def cut(scene: Path, folder: Path, size: tuple[int, int], skip: tuple = (), **profile) -> list[Path]:
+    """``scene`` cut into sheets of ``size`` (width, height), each placed where it lies; ``skip``:
+    (col, row) offsets left out, as gaps."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sheets = []
+    with rasterio.open(scene) as src:
+        for row in range(0, src.height, size[1]):
+            for col in range(0, src.width, size[0]):
+                if (col, row) in skip:
+                    continue
+                window = Window(col, row, min(size[0], src.width - col), min(size[1], src.height - row))
+                path = folder / f"sheet_{row}_{col}.tif"
+                with rasterio.open(path, "w", **(src.profile | {"width": window.width, "height": window.height,
+                                                                 "transform": src.window_transform(window)} | profile)) as out:
+                    out.write(src.read(window=window))
+                sheets.append(path)
+    return sheets
+
+
+def test_a_mosaic_of_sheets_makes_the_map_of_the_whole_scene(tiny_weights_gsd, tmp_path):
+    """Native and resampled (0.5 m to the model's 2 m, where each reader thread opens the VRT
+    itself): the same pixels as the scene in one file."""
+    whole = write_scene(tmp_path / "whole.tif", width=600, height=500, res=0.5)
+    sheets = cut(whole, tmp_path / "sheets", (300, 250))
+    result = build_mosaic(sheets, tmp_path / "mosaic.vrt")
+    assert (result.sheets, result.width, result.height) == (4, 600, 500)
+    for resolution in ("native", "model"):
+        maps = [translate(src, tmp_path / f"{src.stem}_{resolution}.tif", weights=tiny_weights_gsd,
+                          resolution=resolution).dst for src in (whole, result.dst)]
+        with rasterio.open(maps[0]) as a, rasterio.open(maps[1]) as b:
+            assert (a.transform, a.width, a.height, a.crs) == (b.transform, b.width, b.height, b.crs)
+            np.testing.assert_array_equal(a.read(), b.read())
+            np.testing.assert_array_equal(a.dataset_mask(), b.dataset_mask())
+
+
+@pytest.mark.parametrize("nodata", [None, 0])
+def test_ground_no_sheet_covers_is_nodata(nodata, tmp_path):
+    """Sheets with no mask (a mask band made of theirs) or with a nodata value (the mosaic's)."""
+    whole = write_scene(tmp_path / "whole.tif", width=400, height=300, data=np.full((3, 300, 400), 90, np.uint8))
+    sheets = cut(whole, tmp_path / "sheets", (200, 150), skip=[(200, 150)], nodata=nodata)
+    with rasterio.open(build_mosaic(sheets, tmp_path / "m.vrt").dst) as m:
+        mask, pixels = m.dataset_mask(), m.read()
+        assert m.shape == (300, 400)
+    assert not mask[150:, 200:].any() and mask[:150].all() and mask[:, :200].all()
+    assert (pixels[:, mask > 0] == 90).all()
+
+
+def test_the_later_sheet_is_drawn_where_sheets_overlap_but_not_its_nodata(tmp_path):
+    a = write_scene(tmp_path / "a.tif", width=200, height=100, nodata=0, data=np.full((3, 100, 200), 50, np.uint8))
+    data = np.full((3, 100, 200), 200, np.uint8)
+    data[:, :, :20] = 0  # a nodata margin, over sheet a
+    b = write_scene(tmp_path / "b.tif", width=200, height=100, nodata=0, data=data)
+    with rasterio.open(b, "r+") as ds:  # 100 m east of a: overlapping its east half
+        ds.transform = ds.transform @ rasterio.Affine.translation(100, 0)
+    with rasterio.open(build_mosaic([a, b], tmp_path / "m.vrt").dst) as m:
+        row = m.read(1)[50]
+        assert m.shape == (100, 300)
+    assert (row[:120] == 50).all() and (row[120:] == 200).all()
+
+
+def test_the_mosaic_moves_with_its_sheets(tmp_path):
+    """Sheet paths are relative to the VRT: the folder can be moved or shared as a whole."""
+    whole = write_scene(tmp_path / "whole.tif", width=400, height=300)
+    folder = tmp_path / "delivery"
+    build_mosaic(cut(whole, folder / "sheets", (200, 150)), folder / "m.vrt")
+    moved = shutil.move(folder, tmp_path / "elsewhere")
+    with rasterio.open(Path(moved) / "m.vrt") as m, rasterio.open(whole) as w:
+        np.testing.assert_array_equal(m.read(), w.read())
+
+
+def _rotated(tmp_path: Path) -> Path:
+    path = write_scene(tmp_path / "rotated.tif", width=100, height=100)
+    with rasterio.open(path, "r+") as ds:
+        ds.transform = ds.transform @ rasterio.Affine.rotation(20)
+    return path
+
+
+@pytest.mark.parametrize("make, dst, message", [
+    (lambda d: [write_scene(d / "a.tif"), write_scene(d / "b.tif", crs="EPSG:32632")], "m.vrt", "share one CRS"),
+    (lambda d: [write_scene(d / "a.tif"), write_scene(d / "b.tif", count=4)], "m.vrt", "have the same bands"),
+    (lambda d: [write_scene(d / "a.tif"), write_scene(d / "b.tif", nodata=0)], "m.vrt", "share one nodata value"),
+    (lambda d: [write_scene(d / "a.tif")], "m.tif", "name it .vrt"),
+    (lambda d: [d / "missing.tif"], "m.vrt", "missing.tif"),
+    (_rotated, "m.vrt", "not north-up"),
+])
+def test_sheets_that_do_not_fit_together_are_one_line_and_write_nothing(make, dst, message, tmp_path):
+    sheets = make(tmp_path)
+    with pytest.raises(Geosat2mapError, match=message):
+        build_mosaic(sheets if isinstance(sheets, list) else [sheets], tmp_path / dst)
+    assert not (tmp_path / dst).exists() and not list(tmp_path.glob(".*part*"))
+
+
+def test_cli_mosaic_takes_a_pattern_and_keeps_an_existing_mosaic(tmp_path):
+    from .test_cli import run
+
+    whole = write_scene(tmp_path / "whole.tif", width=400, height=300)
+    cut(whole, tmp_path / "sheets", (200, 150))
+    out = tmp_path / "m.vrt"
+    result = run("mosaic", f"{tmp_path}/sheets/*.tif", out)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"wrote {out}: 4 sheets, 400 x 300 pixels (EPSG:32633)"
+    again = run("mosaic", f"{tmp_path}/sheets/*.tif", out)
+    assert again.exit_code == 1 and "--overwrite" in again.output
