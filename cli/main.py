@@ -592,9 +592,14 @@ def _echo_val(provenance: dict, dtype: str = "float32") -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print everything, the whole provenance included, as JSON.")
 def info(weights, as_json) -> None:
     """What the generator WEIGHTS (default: the shipped model) is: its architecture, the ground
-    sampling distance translate resamples scenes to, its held-out scores and where it came from."""
+    sampling distance translate resamples scenes to, its held-out scores and where it came from.
+    Given a map (.tif) translate wrote: how it was made, and by which model."""
     from geosat2map.weights import describe_weights
+    from geosat2map.writer import GEOTIFF_SUFFIXES
 
+    if Path(weights).suffix.lower() in GEOTIFF_SUFFIXES:
+        _map_info(weights, as_json)
+        return
     d = describe_weights(None if weights == "default" else weights)
     if as_json:
         click.echo(json.dumps(d.as_dict(), indent=2))
@@ -620,6 +625,29 @@ def info(weights, as_json) -> None:
         made.append(f"the mean of {len(prov['averaged_from'])} generators")
     if made:
         click.echo("; ".join(made) + " (--json: the whole provenance)")
+
+
+def _map_info(path: str, as_json: bool) -> None:
+    from geosat2map.errors import WeightsError
+    from geosat2map.pipeline import read_provenance
+    from geosat2map.weights import describe_weights
+
+    p = read_provenance(path)
+    try:
+        default = describe_weights(None).model_sha256
+    except WeightsError:  # no shipped model in this install
+        default = None
+    p["shipped_model"] = p.get("GEOSAT2MAP_MODEL_SHA256") == default
+    if as_json:
+        click.echo(json.dumps(p, indent=2))
+        return
+    click.echo(f"{p['file']}: a map of {p['width']} x {p['height']} pixels ({p['crs']}), made by "
+               f"{p.get('TIFFTAG_SOFTWARE', 'geosat2map')} on {p.get('TIFFTAG_DATETIME', '?')} from "
+               f"{p.get('GEOSAT2MAP_SOURCE', '?')}")
+    which = "the shipped model" if p["shipped_model"] else "not the shipped model"
+    click.echo(f"model sha256 {p.get('GEOSAT2MAP_MODEL_SHA256', '?')} ({which}; `geosat2map info WEIGHTS` "
+               "prints a weights file's)")
+    click.echo(f"{p.get('GEOSAT2MAP_RESOLUTION', '?')}; {p.get('GEOSAT2MAP_TILING', '?')}")
 
 
 @cli.command("export-onnx")

@@ -27,8 +27,8 @@ from .errors import Geosat2mapError, InputError, Interrupted, OutputError, Weigh
 from .grid import RowBlender, TileGrid
 from .model import FlipAveraged
 from .quantize import calibration_picks
-from .reader import (RowBand, Scene, available_memory, bounded_cache, is_subdataset, open_scene, scene_name,
-                     scene_path)
+from .reader import (RowBand, Scene, available_memory, bounded_cache, is_subdataset, open_raster, open_scene,
+                     scene_name, scene_path)
 from .weights import ModelSpec, load_generator, model_digest
 from .writer import (BLOCK, BUFFERS, GEOTIFF_SUFFIXES, GeoTIFFWriter, check_compression, check_destination,
                      partial_path)
@@ -474,6 +474,20 @@ def provenance_tags(src: Path | str, scene: Scene, generator: torch.nn.Module, e
         "GEOSAT2MAP_TILING": f"{tile_size}-pixel tiles overlapping by {overlap}, {engine}"
                              + (", flip-averaged (--tta)" if tta else ""),
     }
+
+
+def read_provenance(path: str | Path) -> dict:
+    """What the map at ``path`` records of how it was made (:func:`provenance_tags` and the
+    software tags), with its size and CRS; an :class:`InputError` for a raster geosat2map did not
+    make."""
+    with open_raster(path) as src:
+        tags = src.tags()
+        about = {"file": str(path), "width": src.width, "height": src.height,
+                 "crs": src.crs.to_string() if src.crs else None}
+    if not any(k.startswith("GEOSAT2MAP_") for k in tags):
+        raise InputError(f"{path} is a raster, but not a map geosat2map made: it records no GEOSAT2MAP tags")
+    return about | {k: v for k, v in tags.items()
+                    if k.startswith(("GEOSAT2MAP_", "TIFFTAG_SOFTWARE", "TIFFTAG_DATETIME"))}
 
 
 def _blend_on_device(engine: Engine, grid: TileGrid) -> bool:

@@ -40,6 +40,28 @@ def test_info_of_the_shipped_model():
     assert result.stdout == run("info", "default").stdout
 
 
+def test_info_of_a_map_says_how_it_was_made_and_by_which_model(tiny_weights, scene, tmp_path):
+    """A map translate wrote records its scene, model digest, resolution and tiling; info reads
+    them back and says whether the model is the shipped one. Any other raster: one line."""
+    from geosat2map import translate
+
+    out = translate(scene, tmp_path / "map.tif", weights=tiny_weights).dst
+    result = run("info", out, "--json")
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert d["GEOSAT2MAP_MODEL_SHA256"] == model_digest(load_generator(tiny_weights)[0])
+    assert d["GEOSAT2MAP_SOURCE"] == "scene.tif" and d["shipped_model"] is False
+    assert (d["width"], d["height"], d["crs"]) == (600, 500, "EPSG:32633")
+    text = run("info", out).stdout.splitlines()
+    assert text[0].startswith(f"{out}: a map of 600 x 500 pixels (EPSG:32633), made by geosat2map ")
+    assert text[0].endswith(" from scene.tif") and "(not the shipped model;" in text[1]
+    shipped = translate(scene, tmp_path / "shipped.tif").dst
+    assert json.loads(run("info", shipped, "--json").stdout)["shipped_model"] is True
+    result = run("info", scene)
+    assert result.exit_code == 1 and result.output.strip() == \
+        f"geosat2map: error: {scene} is a raster, but not a map geosat2map made: it records no GEOSAT2MAP tags"
+
+
 def test_info_of_a_file_that_is_not_weights(tmp_path):
     bogus = tmp_path / "notes.safetensors"
     bogus.write_text("hello")
