@@ -73,9 +73,12 @@ def _read_sheet(path: str) -> _Sheet:
 
 def _source(parent: ET.Element, sheet: _Sheet, band: str, folder: Path, place: tuple[float, ...]) -> None:
     """All of ``sheet``'s ``band`` ("1", or "mask,1" for its mask) at ``place`` (xOff, yOff, xSize,
-    ySize in the mosaic's pixels): a SimpleSource, or a ComplexSource that skips its nodata."""
+    ySize in the mosaic's pixels): a SimpleSource, or a ComplexSource that skips its nodata. A
+    coarser sheet's pixels are enlarged bilinearly (its mask by nearest neighbour)."""
     source = ET.SubElement(parent, "SimpleSource" if sheet.nodata is None or band.startswith("mask") else
                            "ComplexSource")
+    if not band.startswith("mask") and (abs(place[2] - sheet.width) > 1e-6 or abs(place[3] - sheet.height) > 1e-6):
+        source.set("resampling", "bilinear")
     name, relative = _location(sheet.path, folder)
     ET.SubElement(source, "SourceFilename", relativeToVRT="1" if relative else "0").text = name
     ET.SubElement(source, "SourceBand").text = band

@@ -29,8 +29,8 @@ def cut(scene: Path, folder: Path, size: tuple[int, int], skip: tuple = (), **pr
                     continue
                 window = Window(col, row, min(size[0], src.width - col), min(size[1], src.height - row))
                 path = folder / f"sheet_{row}_{col}.tif"
-                with rasterio.open(path, "w", **(src.profile | {"width": window.width, "height": window.height,
-                                                                 "transform": src.window_transform(window)} | profile)) as out:
+                placed = {"width": window.width, "height": window.height, "transform": src.window_transform(window)}
+                with rasterio.open(path, "w", **(src.profile | placed | profile)) as out:
                     out.write(src.read(window=window))
                 sheets.append(path)
     return sheets
@@ -75,6 +75,21 @@ def test_the_later_sheet_is_drawn_where_sheets_overlap_but_not_its_nodata(tmp_pa
         row = m.read(1)[50]
         assert m.shape == (100, 300)
     assert (row[:120] == 50).all() and (row[120:] == 200).all()
+
+
+def test_a_coarser_sheet_is_enlarged_smoothly(tmp_path):
+    """Sheets of 1 m and 2 m: the mosaic takes 1 m, and the 2 m sheet's ramp stays a ramp
+    (bilinear), not steps of two pixels (nearest neighbour)."""
+    fine = write_scene(tmp_path / "fine.tif", width=100, height=50, data=np.full((3, 50, 100), 7, np.uint8))
+    ramp = np.broadcast_to(np.arange(0, 250, 5, dtype=np.uint8), (3, 25, 50))
+    coarse = write_scene(tmp_path / "coarse.tif", width=50, height=25, res=2.0, data=ramp)
+    with rasterio.open(coarse, "r+") as ds:  # east of the fine sheet
+        ds.transform = ds.transform @ rasterio.Affine.translation(50, 0)
+    with rasterio.open(build_mosaic([fine, coarse], tmp_path / "m.vrt").dst) as m:
+        assert m.res == (1.0, 1.0) and m.shape == (50, 200)
+        row = m.read(1)[25, 100:].astype(int)
+    steps = np.diff(row[2:-2])
+    assert steps.min() >= 2 and steps.max() <= 3  # 5 levels per 2 m: 2.5 per metre, no 0/5 steps
 
 
 def test_the_mosaic_moves_with_its_sheets(tmp_path):
