@@ -4,7 +4,7 @@ Run by Debian's ``/usr/bin/python3`` (where the ``qgis`` bindings live); ``tests
 calls it. Usage:
 
     python3 tests/qgis_processing_check.py SCRIPT NAME=VALUE ... [--cancel-at PERCENT] [--project-layer]
-        [--aoi-in-memory]
+        [--aoi-in-memory | --aoi-selected FID]
 
 It loads SCRIPT as QGIS's Processing Toolbox does, runs its algorithm through ``processing.run``
 with the given parameters, and reports the results, the highest progress seen, the messages, the
@@ -12,7 +12,8 @@ error (a QgsProcessingException's text) and whether the output opens as a valid 
 ``--cancel-at`` cancels the run once the progress reaches PERCENT; ``--project-layer`` opens INPUT
 as a layer of the project first (a GeoPackage raster table, say, which a bare string cannot name);
 ``--aoi-in-memory`` passes AOI's features as a memory layer of the project (a layer with no file,
-as an edited or computed one is).
+as an edited or computed one is); ``--aoi-selected FID`` passes AOI as a project layer with only
+that feature selected, and "Selected features only" ticked.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 from qgis.core import (  # noqa: E402
     QgsApplication,
     QgsFeatureRequest,
+    QgsProcessingFeatureSourceDefinition,
     QgsProcessingException,
     QgsProcessingFeedback,
     QgsProject,
@@ -64,6 +66,7 @@ def main() -> None:
     parser.add_argument("--project-layer", action="store_true",
                         help="load INPUT as a layer of the project and pass the layer, as the Toolbox does")
     parser.add_argument("--aoi-in-memory", action="store_true", help="pass AOI's features as a memory layer")
+    parser.add_argument("--aoi-selected", type=int, help="pass AOI with only this feature selected")
     args = parser.parse_args()
     params = dict(p.split("=", 1) for p in args.params)
 
@@ -92,6 +95,12 @@ def main() -> None:
         report["aoi_provider"] = memory.providerType()
         QgsProject.instance().addMapLayer(memory)
         params["AOI"] = memory
+    if args.aoi_selected is not None:
+        layer = QgsVectorLayer(params["AOI"], "aoi")
+        QgsProject.instance().addMapLayer(layer)
+        layer.selectByIds([args.aoi_selected])
+        report["aoi_selected"] = layer.selectedFeatureCount()
+        params["AOI"] = QgsProcessingFeatureSourceDefinition(layer.id(), True)
     try:
         report["results"] = processing.run(alg, params, feedback=feedback)
     except QgsProcessingException as exc:

@@ -117,10 +117,12 @@ PROCESSING = Path(__file__).with_name("qgis_processing_check.py")
 
 
 def _run_processing(script: Path, *params: str, cancel_at: float | None = None, project_layer: bool = False,
-                    aoi_in_memory: bool = False) -> dict:
+                    aoi_in_memory: bool = False, aoi_selected: int | None = None) -> dict:
     command = [str(SYSTEM_PYTHON), str(PROCESSING), str(script), *params]
     if aoi_in_memory:
         command.append("--aoi-in-memory")
+    if aoi_selected is not None:
+        command += ["--aoi-selected", str(aoi_selected)]
     if cancel_at is not None:
         command += ["--cancel-at", str(cancel_at)]
     if project_layer:
@@ -205,6 +207,28 @@ def test_processing_script_translates_only_inside_a_polygon_layer(script, tiny_w
     direct = translate(scene, tmp_path / "direct.tif", weights=tiny_weights, aoi=str(aoi)).dst
     with rasterio.open(out) as a, rasterio.open(direct) as b:
         assert a.bounds == b.bounds and (a.dataset_mask() == 0).any()
+        np.testing.assert_array_equal(a.read(), b.read())
+        np.testing.assert_array_equal(a.dataset_mask(), b.dataset_mask())
+
+
+def test_processing_script_takes_only_the_selected_polygons(script, tiny_weights, tmp_path):
+    """With "Selected features only" ticked, translate's --aoi is the selection: of an L and a
+    square east of it, the L selected gives the L's map."""
+    import shapely
+
+    from .test_aoi import L_SHAPE, write_polygons
+
+    scene = write_scene(tmp_path / "scene.tif", width=900, height=500)
+    x0, y0 = L_SHAPE.bounds[2], L_SHAPE.bounds[1]
+    aoi = write_polygons(tmp_path / "aoi.gpkg", [L_SHAPE, shapely.box(x0 + 100, y0, x0 + 300, y0 + 200)])
+    out = tmp_path / "from_qgis.tif"
+    report = _run_processing(script, f"INPUT={scene}", f"OUTPUT={out}", f"WEIGHTS={tiny_weights}",
+                             f"AOI={aoi}|layername=aoi", aoi_selected=1)  # GeoPackage feature ids start at 1
+    assert report.get("error") is None and report["aoi_selected"] == 1
+    only_l = write_polygons(tmp_path / "l.gpkg", [L_SHAPE])
+    direct = translate(scene, tmp_path / "direct.tif", weights=tiny_weights, aoi=str(only_l)).dst
+    with rasterio.open(out) as a, rasterio.open(direct) as b:
+        assert a.bounds == b.bounds == L_SHAPE.bounds
         np.testing.assert_array_equal(a.read(), b.read())
         np.testing.assert_array_equal(a.dataset_mask(), b.dataset_mask())
 
