@@ -647,7 +647,8 @@ def _map_info(path: str, as_json: bool) -> None:
     which = "the shipped model" if p["shipped_model"] else "not the shipped model"
     click.echo(f"model sha256 {p.get('GEOSAT2MAP_MODEL_SHA256', '?')} ({which}; `geosat2map info WEIGHTS` "
                "prints a weights file's)")
-    click.echo(f"{p.get('GEOSAT2MAP_RESOLUTION', '?')}; {p.get('GEOSAT2MAP_TILING', '?')}")
+    inside = f"; only inside the polygons of {p['GEOSAT2MAP_AOI']}" if "GEOSAT2MAP_AOI" in p else ""
+    click.echo(f"{p.get('GEOSAT2MAP_RESOLUTION', '?')}; {p.get('GEOSAT2MAP_TILING', '?')}{inside}")
 
 
 @cli.command("export-onnx")

@@ -134,8 +134,10 @@ class Scene:
     #: The scene's own file when ``src`` is its north-up warp (:mod:`geosat2map.placement`), closed
     #: with it.
     warped_from: rasterio.io.DatasetReader | None = field(default=None, repr=False)
-    #: The area of interest in the scene's CRS (``translate --aoi``): pixels outside it are nodata.
+    #: The area of interest in the scene's CRS (``translate --aoi``): pixels outside it are nodata;
+    #: and where it was read from (FILE or FILE:LAYER).
     aoi: shapely.Geometry | None = None
+    aoi_source: str | None = None
     _handles: list = field(default_factory=list, repr=False)  # the dataset handles of readers 1..
     _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
 
@@ -682,7 +684,7 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
     if target is None or math.isclose(target, native, rel_tol=1e-3):
         _check_size(path, cols, rows, native)
         return Scene(path, src, bands, cols, rows, t, src.crs, native, native, crop, stretch, notes,
-                     all_valid=all_valid, aoi=aoi_here)
+                     all_valid=all_valid, aoi=aoi_here, aoi_source=None if aoi is None else aoi.source)
 
     # Same CRS and footprint, pixels scaled so one covers `target` metres on the ground.
     scale = target / native
@@ -701,4 +703,4 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
     readers = 1 if one else max(1, min(reader_threads(), math.ceil(width / STRIP)))
     return Scene(path, src, bands, width, height, transform, src.crs, native, native * cols / width, crop, stretch,
                  notes, scale=(cols / width, rows / height), resampling=method, all_valid=all_valid, readers=readers,
-                 aoi=aoi_here)
+                 aoi=aoi_here, aoi_source=None if aoi is None else aoi.source)

@@ -55,6 +55,8 @@ def test_inside_the_polygons_the_map_of_their_box_outside_nodata(tiny_weights, t
     # There, the very pixels of the box's map; the tile wholly outside is not computed.
     np.testing.assert_array_equal(pixels[:, expected], box_pixels[:, expected])
     assert result.tiles_computed == result.tiles - 1 and whole.tiles_computed == whole.tiles
+    with rasterio.open(out) as ds, rasterio.open(boxed) as box:
+        assert ds.tags()["GEOSAT2MAP_AOI"] == "aoi.gpkg" and "GEOSAT2MAP_AOI" not in box.tags()
 
 
 def test_polygons_in_another_crs_are_carried_into_the_scenes(tiny_weights_gsd, tmp_path):
@@ -137,6 +139,7 @@ def test_cli_aoi(tiny_weights, tmp_path):
     assert result.exit_code == 0, result.output
     with rasterio.open(out) as ds:
         assert ds.bounds == L_SHAPE.bounds and (ds.dataset_mask() == 0).any()
+    assert run("info", out).stdout.splitlines()[2].endswith("; only inside the polygons of aoi.gpkg")
     result = run("translate", scene, tmp_path / "b.tif", "--weights", tiny_weights, "--aoi", aoi, "--bounds",
                  LEFT, TOP - 10, LEFT + 10, TOP)
     assert result.exit_code == 1 and result.output.strip() == \
