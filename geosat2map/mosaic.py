@@ -15,6 +15,7 @@ write, reads resampled windows shifted by up to a source pixel inside a sheet.)
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 import xml.etree.ElementTree as ET
@@ -88,6 +89,10 @@ def _source(parent: ET.Element, sheet: _Sheet, band: str, folder: Path, place: t
         ET.SubElement(source, "NODATA").text = repr(sheet.nodata)
 
 
+def _is_nan(value: float | None) -> bool:
+    return value is not None and math.isnan(value)
+
+
 def _location(sheet: str, folder: Path) -> tuple[str, bool]:
     """The sheet's path as the VRT names it, and whether relative to the VRT's folder (so the two
     can be moved together); absolute where no relative path exists (another drive on Windows); a
@@ -119,7 +124,7 @@ def build_mosaic(sheets: list[str | Path], dst: str | Path, overwrite: bool = Fa
         if (sheet.count, sheet.dtype) != (first.count, first.dtype):
             raise InputError(f"{sheet.path} has {sheet.count} {sheet.dtype} band(s), {first.path} {first.count} "
                              f"{first.dtype}: a mosaic's sheets have the same bands")
-        if sheet.nodata != first.nodata:
+        if sheet.nodata != first.nodata and not (_is_nan(sheet.nodata) and _is_nan(first.nodata)):
             raise InputError(f"{sheet.path} has nodata {sheet.nodata}, {first.path} {first.nodata}: a mosaic's "
                              "sheets share one nodata value")
     resx, resy = min(s.res[0] for s in read), min(s.res[1] for s in read)

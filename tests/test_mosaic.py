@@ -92,6 +92,14 @@ def test_a_coarser_sheet_is_enlarged_smoothly(tmp_path):
     assert steps.min() >= 2 and steps.max() <= 3  # 5 levels per 2 m: 2.5 per metre, no 0/5 steps
 
 
+def test_float_sheets_with_nan_nodata(tmp_path):
+    """NaN, the usual nodata of float rasters, equals no value, itself included: still one nodata."""
+    whole = write_scene(tmp_path / "whole.tif", width=400, height=300, dtype="float32", nodata=float("nan"))
+    sheets = cut(whole, tmp_path / "sheets", (200, 150), skip=[(0, 0)])
+    with rasterio.open(build_mosaic(sheets, tmp_path / "m.vrt").dst) as m:
+        assert np.isnan(m.nodata) and not m.dataset_mask()[:150, :200].any() and m.dataset_mask()[150:].all()
+
+
 def test_the_mosaic_moves_with_its_sheets(tmp_path):
     """Sheet paths are relative to the VRT: the folder can be moved or shared as a whole."""
     whole = write_scene(tmp_path / "whole.tif", width=400, height=300)
