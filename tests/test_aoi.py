@@ -37,7 +37,14 @@ def _read(path: Path) -> tuple:
         return ds.read(), ds.dataset_mask(), ds.transform, ds.crs
 
 
-def test_inside_the_polygons_the_map_of_their_box_outside_nodata(tiny_weights, tmp_path):
+@pytest.mark.parametrize("on_device", [False, True])
+def test_inside_the_polygons_the_map_of_their_box_outside_nodata(tiny_weights, tmp_path, monkeypatch, on_device):
+    """Also on the GPU path (run here on the CPU), which cuts and blends whole tile rows itself."""
+    if on_device:
+        import geosat2map.pipeline as pipeline
+        from geosat2map.engine import InferenceEngine
+
+        monkeypatch.setattr(pipeline, "_blend_on_device", lambda engine, grid: isinstance(engine, InferenceEngine))
     scene = write_scene(tmp_path / "scene.tif", width=600, height=500)
     aoi = write_polygons(tmp_path / "aoi.gpkg", [L_SHAPE])
     out, boxed = tmp_path / "aoi.tif", tmp_path / "box.tif"
