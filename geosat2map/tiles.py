@@ -29,8 +29,8 @@ from pyproj import Transformer
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window, transform as window_transform
 
-from .errors import InputError, OutputError
 from .aoi import AreaOfInterest
+from .errors import InputError, OutputError
 from .placement import north_up, warped_onto
 from .reader import Scene, bounded_cache, open_raster, open_scene
 from .render import Grid, MapRenderer, Style, read_vectors
