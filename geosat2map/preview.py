@@ -39,7 +39,10 @@ def side_by_side(scene: str | Path, map_path: str | Path, png: str | Path, size:
                 raise InputError(f"{map_path} is not an RGB map")
             mapped = dst.read([1, 2, 3], out_shape=(3, h, w), resampling=Resampling.nearest)
             map_valid = dst.dataset_mask(out_shape=(h, w), resampling=Resampling.nearest) > 0
-        src = open_scene(scene, resolution="native", allow_ungeoreferenced=True)
+            # The scene under the map only: a map of part of it (--bounds, --aoi) beside the whole
+            # scene would not line up. translate keeps the scene's CRS, so the box is in it.
+            footprint = tuple(dst.bounds) if dst.crs is not None and not dst.transform.is_identity else None
+        src = open_scene(scene, resolution="native", allow_ungeoreferenced=True, bounds=footprint)
         try:
             photo, photo_valid = src.read_decimated(h, w)
         finally:

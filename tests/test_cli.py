@@ -438,6 +438,23 @@ def test_preview_refuses_a_missing_or_unreadable_map_in_one_line(scene, tmp_path
     assert_clean_failure(run("preview", scene, tmp_path / "junk.tif", png), png, "not a raster GDAL can read")
 
 
+def test_preview_of_a_map_of_part_of_a_scene_shows_that_part(tiny_weights, tmp_path):
+    """A map made with --bounds (or --aoi) beside the scene under it, not the whole scene squeezed
+    into the map's shape: the scene's west half is black, the map covers its east half."""
+    data = np.full((3, 200, 400), 255, np.uint8)
+    data[:, :, :200] = 0
+    scene = write_scene(tmp_path / "scene.tif", width=400, height=200, data=data)
+    out, png = tmp_path / "east.tif", tmp_path / "east.png"
+    assert run("translate", scene, out, "--weights", tiny_weights, "--quiet", "--bounds", 500200, 4499800, 500400,
+               4500000).exit_code == 0
+    result = run("preview", scene, out, png, "--size", "100")
+    assert result.exit_code == 0, result.output
+    with rasterio.open(png) as p:
+        photo = p.read()[:, :, :100]  # the left panel (a white gap, then the map, follow)
+    # White; GDAL's bilinear shrink blends the first column with the black pixel west of the box.
+    assert p.shape == (100, 208) and (photo[:, :, 1:] == 255).all() and photo.min() > 200
+
+
 def test_train_on_a_missing_folder_prints_one_line_and_no_progress_bar(tmp_path):
     assert_clean_failure(run("train", tmp_path / "nosuch", "--out", tmp_path / "run"), tmp_path / "run",
                          "data folder not found")
