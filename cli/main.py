@@ -147,8 +147,8 @@ def _parse_bands(ctx, param, value: str | None):
 @click.option("--bounds-crs", default=None, metavar="CRS",
               help="The CRS --bounds is given in, e.g. EPSG:4326 for longitude and latitude [default: the scene's].")
 @click.option("--aoi", default=None, metavar="FILE[:LAYER]",
-              help="Translate only inside these polygons (a vector file GDAL reads, in any CRS: GeoPackage, "
-                   "GeoJSON, Shapefile...): the map covers their bounding box and is nodata outside them.")
+              help="Translate only inside these polygons (a vector file or URL GDAL reads, in any CRS: "
+                   "GeoPackage, GeoJSON, Shapefile...): the map covers their bounding box and is nodata outside them.")
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: average each tile's map with the mirrored map of its mirror image "
                    "(a cleaner map, twice the compute).")

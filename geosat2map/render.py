@@ -24,7 +24,7 @@ from pyproj import CRS, Transformer
 from rasterio.features import rasterize
 
 from .errors import InputError, first_line
-from .reader import ground_pixel_size
+from .reader import ground_pixel_size, is_remote
 
 DEFAULT_STYLE = "maps"
 _KINDS = {"Polygon": "polygon", "MultiPolygon": "polygon", "LineString": "line", "MultiLineString": "line",
@@ -110,12 +110,14 @@ class VectorLayer:
 
 
 def read_vectors(spec: str) -> VectorLayer:
-    """Read ``FILE`` or ``FILE:LAYER`` (GeoJSON, GeoPackage, Shapefile: whatever GDAL/OGR reads)."""
+    """Read ``FILE`` or ``FILE:LAYER`` (GeoJSON, GeoPackage, Shapefile: whatever GDAL/OGR reads),
+    or the first layer at a URL or /vsi path (``https://...``, ``/vsizip/...``) as given."""
     path, layer = spec, None
-    if not Path(spec).exists() and ":" in spec:
-        path, layer = spec.rsplit(":", 1)
-    if not Path(path).exists():
-        raise InputError(f"vector file not found: {path}")
+    if not is_remote(spec):
+        if not Path(spec).exists() and ":" in spec:
+            path, layer = spec.rsplit(":", 1)
+        if not Path(path).exists():
+            raise InputError(f"vector file not found: {path}")
     try:
         meta, _, wkb, fields = pyogrio.raw.read(path, layer=layer)
     except Exception as exc:  # pyogrio raises its own DataSourceError/DataLayerError types

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from geosat2map import translate
+from geosat2map import Geosat2mapError, translate
 from geosat2map.reader import is_gdal_path, scene_name
 from geosat2map.resume import identity
 
@@ -189,3 +189,20 @@ def test_a_driver_subdataset_is_an_address(tiny_weights, tmp_path):
         assert not np.array_equal(north.read(), south.read())  # each table's own map
     out = tmp_path / "map.tif"
     assert_clean_failure(run("translate", f"GPKG:{gpkg}:east", out, "--weights", tiny_weights), out, "cannot open")
+
+
+def test_an_area_of_interest_from_a_url(served, tiny_weights, tmp_path):
+    """--aoi (and every vector input: tiles --vector, render-map) reads a URL's first layer as GDAL
+    does; the map equals the one from the same polygons on disk."""
+    from .test_aoi import L_SHAPE, write_polygons
+
+    base, folder, _ = served
+    scene = write_scene(tmp_path / "scene.tif")
+    local = write_polygons(folder / "aoi.geojson", [L_SHAPE])
+    a = translate(scene, tmp_path / "local.tif", weights=tiny_weights, aoi=str(local)).dst
+    b = translate(scene, tmp_path / "remote.tif", weights=tiny_weights, aoi=f"{base}/aoi.geojson").dst
+    _same_map(a, b)
+    with rasterio.open(b) as ds:
+        assert (ds.dataset_mask() == 0).any() and ds.tags()["GEOSAT2MAP_AOI"] == "aoi.geojson"
+    with pytest.raises(Geosat2mapError, match="cannot read vectors from .*/nosuch.geojson"):
+        translate(scene, tmp_path / "x.tif", weights=tiny_weights, aoi=f"{base}/nosuch.geojson")
