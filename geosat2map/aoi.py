@@ -41,7 +41,7 @@ class AreaOfInterest:
         from .render import read_vectors  # here: render imports reader, which imports this module
 
         layer = read_vectors(spec)
-        polygons = [g for g in layer.geometries if shapely.get_type_id(g) in (3, 6)]  # Polygon, MultiPolygon
+        polygons = [g for g in layer.geometries if g.geom_type in ("Polygon", "MultiPolygon")]
         if not polygons:
             raise InputError(f"{spec} has no polygons to use as the area of interest")
         geometry = shapely.make_valid(shapely.union_all(shapely.make_valid(np.array(polygons))))
@@ -70,8 +70,7 @@ def inside(geometry: shapely.Geometry, transform: Affine, shape: tuple[int, int]
     (GDAL's rasterisation; the geometry is first cut to the window, so a long boundary costs only
     its part there)."""
     h, w = shape
-    corners = [transform @ (0, 0), transform @ (w, h)]
-    (xa, ya), (xb, yb) = corners
+    (xa, ya), (xb, yb) = transform @ (0, 0), transform @ (w, h)
     part = shapely.clip_by_rect(geometry, min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb))
     if part.is_empty:
         return np.zeros(shape, bool)

@@ -623,14 +623,16 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
     notes: list[str] = []
     if warped is not None:
         notes.append(f"placed north-up by GDAL's warper from {warped}")
-    aoi_here = None if aoi is None else aoi.in_crs(src.crs)  # the polygons in the scene's CRS
+    # An area of interest is cut like bounds: its polygons' box, in the scene's CRS.
+    aoi_here, aoi_source = (None, None) if aoi is None else (aoi.in_crs(src.crs), aoi.source)
     if aoi_here is not None:
         bounds, bounds_crs = aoi_here.bounds, None
+    what = "the bounds" if aoi is None else "the area of interest"
     crop, clipped = (Window(0, 0, src.width, src.height), False) if bounds is None else \
-        _crop_window(path, src, bounds, bounds_crs, "the area of interest" if aoi else "the bounds")
+        _crop_window(path, src, bounds, bounds_crs, what)
     if clipped:
-        what = "the area of interest reaches" if aoi else "the bounds reach"
-        notes.append(f"{what} past the scene: the map covers only the part inside them")
+        notes.append(f"{what} reach{'' if aoi is None else 'es'} past the scene: the map covers only the part "
+                     "inside them")
     # From here on the scene is its crop: these pixels, at this place.
     cols, rows, t = int(crop.width), int(crop.height), src.window_transform(crop)
     if not bands:
@@ -684,7 +686,7 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
     if target is None or math.isclose(target, native, rel_tol=1e-3):
         _check_size(path, cols, rows, native)
         return Scene(path, src, bands, cols, rows, t, src.crs, native, native, crop, stretch, notes,
-                     all_valid=all_valid, aoi=aoi_here, aoi_source=None if aoi is None else aoi.source)
+                     all_valid=all_valid, aoi=aoi_here, aoi_source=aoi_source)
 
     # Same CRS and footprint, pixels scaled so one covers `target` metres on the ground.
     scale = target / native
@@ -703,4 +705,4 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
     readers = 1 if one else max(1, min(reader_threads(), math.ceil(width / STRIP)))
     return Scene(path, src, bands, width, height, transform, src.crs, native, native * cols / width, crop, stretch,
                  notes, scale=(cols / width, rows / height), resampling=method, all_valid=all_valid, readers=readers,
-                 aoi=aoi_here, aoi_source=None if aoi is None else aoi.source)
+                 aoi=aoi_here, aoi_source=aoi_source)
