@@ -53,6 +53,7 @@ class _Sheet:
     dtype: str
     colours: tuple[str, ...]
     nodata: float | None
+    palette: dict[int, tuple[int, ...]] | None  # a one-band paletted sheet's colour table
 
 
 def _read_sheet(path: str) -> _Sheet:
@@ -66,8 +67,9 @@ def _read_sheet(path: str) -> _Sheet:
                 if src.transform.b or src.transform.d or src.transform.e > 0:
                     raise InputError(f"{path} is not north-up: mosaic sheets must be (translate warps a single "
                                      "such scene itself)")
+                palette = src.colormap(1) if src.colorinterp[0].name == "palette" else None
                 return _Sheet(path, tuple(src.bounds), src.width, src.height, src.crs, src.res, src.count,
-                              src.dtypes[0], tuple(c.name for c in src.colorinterp), src.nodata)
+                              src.dtypes[0], tuple(c.name for c in src.colorinterp), src.nodata, palette)
     except RasterioIOError:
         raise InputError(f"{path} is not a raster GDAL can read") from None
 
@@ -108,7 +110,8 @@ def _location(sheet: str, folder: Path) -> tuple[str, bool]:
 def build_mosaic(sheets: list[str | Path], dst: str | Path, overwrite: bool = False) -> MosaicResult:
     """Describe ``sheets`` (north-up rasters of one CRS, band count and data type) as the mosaic
     ``dst`` (``.vrt``), on the finest sheet's pixel size over all of them, with the first sheet's
-    colour interpretation. Where sheets overlap, the later one listed is drawn."""
+    colour interpretation (and colour table, for paletted sheets). Where sheets overlap, the later
+    one listed is drawn."""
     dst = Path(dst)
     if dst.suffix.lower() != ".vrt":
         raise OutputError(f"the mosaic is a GDAL VRT: name it .vrt, not {dst.name}")
@@ -147,6 +150,11 @@ def build_mosaic(sheets: list[str | Path], dst: str | Path, overwrite: bool = Fa
         ET.SubElement(band, "ColorInterp").text = first.colours[b - 1].capitalize()
         if first.nodata is not None:
             ET.SubElement(band, "NoDataValue").text = repr(first.nodata)
+        if b == 1 and first.palette:  # without its table a Palette band is unreadable
+            table = ET.SubElement(band, "ColorTable")
+            for index in range(max(first.palette) + 1):
+                c = first.palette.get(index, (0, 0, 0, 0))
+                ET.SubElement(table, "Entry", c1=str(c[0]), c2=str(c[1]), c3=str(c[2]), c4=str(c[3]))
         for sheet, place in zip(read, places):
             _source(band, sheet, str(b), folder, place)
     if first.nodata is None:

@@ -100,6 +100,25 @@ def test_float_sheets_with_nan_nodata(tmp_path):
         assert np.isnan(m.nodata) and not m.dataset_mask()[:150, :200].any() and m.dataset_mask()[150:].all()
 
 
+def test_paletted_sheets_keep_their_colours(tiny_weights, tmp_path):
+    """A mosaic of one-band paletted sheets carries the colour table: translate reads it in its
+    colours, as it reads a paletted file (without the table GDAL refused the VRT)."""
+    from geosat2map.reader import open_scene
+
+    sheets = []
+    for i in (0, 1):
+        sheets.append(write_scene(tmp_path / f"p{i}.tif", width=100, height=100, count=1,
+                                  data=np.full((1, 100, 100), 1, np.uint8)))
+        with rasterio.open(sheets[-1], "r+") as ds:
+            ds.write_colormap(1, {0: (0, 0, 0, 255), 1: (200, 30, 30, 255)})
+            ds.transform = ds.transform @ rasterio.Affine.translation(100 * i, 0)
+    mosaic = build_mosaic(sheets, tmp_path / "m.vrt").dst
+    with open_scene(mosaic, resolution="native") as scene:
+        pixels, valid = scene.read(Window(0, 0, 200, 100))
+    assert valid.all() and (pixels[:, 50, 150] == (200, 30, 30)).all() and (pixels[:, 50, 20] == (200, 30, 30)).all()
+    assert translate(mosaic, tmp_path / "map.tif", weights=tiny_weights, resolution="native").width == 200
+
+
 def test_the_mosaic_moves_with_its_sheets(tmp_path):
     """Sheet paths are relative to the VRT: the folder can be moved or shared as a whole."""
     whole = write_scene(tmp_path / "whole.tif", width=400, height=300)
