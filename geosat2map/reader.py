@@ -496,9 +496,11 @@ def ground_gsd_m(crs, transform: Affine, width: int, height: int) -> float:
     return math.sqrt(dx * dy)
 
 
-def _stretch(src, bands: list[int], crop: Window) -> tuple[np.ndarray, np.ndarray]:
-    """Per-band 2-98 % percentiles over the part of the scene translated (``crop``), from one
-    decimated read (computed once)."""
+def _stretch(src, bands: list[int], crop: Window,
+             aoi: shapely.Geometry | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band 2-98 % percentiles over the part of the scene translated (``crop``, and inside
+    ``aoi`` when given: the ground outside the polygons is never mapped, so a bright quarry or a
+    cloud beside them must not darken the map), from one decimated read (computed once)."""
     factor = max(1, math.ceil(max(crop.width, crop.height) / STATS_SIZE))
     shape = (len(bands), max(1, int(crop.height) // factor), max(1, int(crop.width) // factor))
     data = src.read(bands, window=crop, out_shape=shape, out_dtype="float64", resampling=Resampling.nearest)
@@ -506,6 +508,10 @@ def _stretch(src, bands: list[int], crop: Window) -> tuple[np.ndarray, np.ndarra
     valid &= np.isfinite(data).all(axis=0)
     if not valid.any():
         raise InputError(f"{src.name} has no valid pixels (everything is nodata or not finite)")
+    if aoi is not None:  # a sliver thinner than the decimated pixels keeps its box's statistics
+        sampled = src.window_transform(crop) * Affine.scale(crop.width / shape[2], crop.height / shape[1])
+        inside = valid & area.inside(aoi, sampled, shape[1:])
+        valid = inside if inside.any() else valid
     lo = np.array([np.percentile(b[valid], STRETCH_PERCENT[0]) for b in data], dtype=np.float32)
     hi = np.array([np.percentile(b[valid], STRETCH_PERCENT[1]) for b in data], dtype=np.float32)
     hi = np.where(hi > lo, hi, lo + 1)
@@ -646,7 +652,7 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
         raise InputError(f"{path} has {src.count} band(s); cannot read band(s) {bad}")
     if len(bands) == 1:
         bands = bands * 3
-    stretch = None if all(src.dtypes[b - 1] == "uint8" for b in bands) else _stretch(src, bands, crop)
+    stretch = None if all(src.dtypes[b - 1] == "uint8" for b in bands) else _stretch(src, bands, crop, aoi_here)
     if stretch is not None:  # say what the map's colours were computed from
         kinds = "/".join(sorted({src.dtypes[b - 1] for b in bands}))
         ranges = ", ".join(f"{b}: {lo:.6g}-{hi:.6g}" for b, lo, hi in dict.fromkeys(zip(bands, *stretch)))

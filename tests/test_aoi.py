@@ -12,9 +12,11 @@ import shapely
 from pyproj import Transformer
 
 from geosat2map import translate
+from geosat2map.aoi import AreaOfInterest
 from geosat2map.errors import InputError, Interrupted
+from geosat2map.reader import open_scene
 
-from .conftest import stop_after, write_scene
+from .conftest import stop_after, synthetic_image, write_scene
 
 #: write_scene's origin: 1 m pixels from (500000, 4500000) down and to the right, EPSG:32633.
 LEFT, TOP, CRS = 500000.0, 4500000.0, "EPSG:32633"
@@ -167,3 +169,20 @@ def test_several_scenes_one_area(tiny_weights, tmp_path):
     outcomes = dict(translate_many([near, far], tmp_path / "maps", weights=tiny_weights, aoi=str(aoi)))
     assert isinstance(outcomes[far], InputError) and "do not overlap" in str(outcomes[far])
     assert outcomes[near].width == 500 and sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["near.tif"]
+
+
+def test_a_stretched_scene_takes_its_colours_from_inside_the_polygons(tmp_path):
+    """A uint16 scene's 2-98 % stretch: bright ground in the L's box but outside the L (a quarry,
+    a cloud) would set the top of the range and darken the whole map."""
+    data = synthetic_image(500, 600, count=3).astype(np.float64) * 40 + 500
+    data[:, 175:475, 250:550] = 60000  # the box's lower right, outside the L
+    path = write_scene(tmp_path / "scene.tif", dtype="uint16", data=data)
+    area = AreaOfInterest.read(str(write_polygons(tmp_path / "aoi.gpkg", [L_SHAPE])))
+    with open_scene(path, resolution="native", aoi=area) as scene:
+        lo, hi = scene.stretch
+    stored = data.astype(np.uint16)
+    inside = np.concatenate([stored[:, 25:175, 50:550].reshape(3, -1),
+                             stored[:, 175:475, 50:250].reshape(3, -1)], axis=1)
+    np.testing.assert_allclose(hi, np.percentile(inside, 98, axis=1), rtol=1e-6)
+    np.testing.assert_allclose(lo, np.percentile(inside, 2, axis=1), rtol=1e-6)
+    assert (hi < 60000).all()
