@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +24,10 @@ from pathlib import Path
 import rasterio
 from affine import Affine
 from rasterio import dtypes
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.errors import RasterioIOError
 
 from .errors import InputError, OutputError
-from .reader import check_input, is_gdal_path
+from .reader import is_gdal_path, open_raster
 from .writer import check_destination
 
 
@@ -57,21 +56,15 @@ class _Sheet:
 
 
 def _read_sheet(path: str) -> _Sheet:
-    check_input(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as src:
-                if src.crs is None or src.transform.is_identity:
-                    raise InputError(f"{path} has no georeferencing: a mosaic places its sheets by theirs")
-                if src.transform.b or src.transform.d or src.transform.e > 0:
-                    raise InputError(f"{path} is not north-up: mosaic sheets must be (translate warps a single "
-                                     "such scene itself)")
-                palette = src.colormap(1) if src.colorinterp[0].name == "palette" else None
-                return _Sheet(path, tuple(src.bounds), src.width, src.height, src.crs, src.res, src.count,
-                              src.dtypes[0], tuple(c.name for c in src.colorinterp), src.nodata, palette)
-    except RasterioIOError:
-        raise InputError(f"{path} is not a raster GDAL can read") from None
+    with open_raster(path, expand_palette=False) as src:  # the VRT names the file, indices and all
+        if src.crs is None or src.transform.is_identity:
+            raise InputError(f"{path} has no georeferencing: a mosaic places its sheets by theirs")
+        if src.transform.b or src.transform.d or src.transform.e > 0:
+            raise InputError(f"{path} is not north-up: mosaic sheets must be (translate warps a single such "
+                             "scene itself)")
+        palette = src.colormap(1) if src.colorinterp[0].name == "palette" else None
+        return _Sheet(path, tuple(src.bounds), src.width, src.height, src.crs, src.res, src.count,
+                      src.dtypes[0], tuple(c.name for c in src.colorinterp), src.nodata, palette)
 
 
 def _source(parent: ET.Element, sheet: _Sheet, band: str, folder: Path, place: tuple[float, ...]) -> None:
@@ -110,8 +103,8 @@ def _location(sheet: str, folder: Path) -> tuple[str, bool]:
 def build_mosaic(sheets: list[str | Path], dst: str | Path, overwrite: bool = False) -> MosaicResult:
     """Describe ``sheets`` (north-up rasters of one CRS, band count and data type) as the mosaic
     ``dst`` (``.vrt``), on the finest sheet's pixel size over all of them, with the first sheet's
-    colour interpretation (and colour table, for paletted sheets). Where sheets overlap, the later
-    one listed is drawn."""
+    colour interpretation (and colour table: paletted sheets share one). Where sheets overlap, the
+    later one listed is drawn."""
     dst = Path(dst)
     if dst.suffix.lower() != ".vrt":
         raise OutputError(f"the mosaic is a GDAL VRT: name it .vrt, not {dst.name}")
@@ -127,6 +120,9 @@ def build_mosaic(sheets: list[str | Path], dst: str | Path, overwrite: bool = Fa
         if (sheet.count, sheet.dtype) != (first.count, first.dtype):
             raise InputError(f"{sheet.path} has {sheet.count} {sheet.dtype} band(s), {first.path} {first.count} "
                              f"{first.dtype}: a mosaic's sheets have the same bands")
+        if sheet.palette != first.palette:  # the VRT has one table for all the sheets' indices
+            raise InputError(f"{sheet.path} and {first.path} do not share one colour table: expand the sheets to "
+                             "RGB first (gdal_translate -expand rgb)")
         if sheet.nodata != first.nodata and not (_is_nan(sheet.nodata) and _is_nan(first.nodata)):
             raise InputError(f"{sheet.path} has nodata {sheet.nodata}, {first.path} {first.nodata}: a mosaic's "
                              "sheets share one nodata value")

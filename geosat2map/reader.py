@@ -406,8 +406,10 @@ def check_input(path: Path | str) -> None:
         raise InputError(f"input is a folder, not a raster: {path} (for the scenes in it, pass '{pattern}')")
 
 
-def open_raster(path: Path | str) -> rasterio.io.DatasetReader:
-    """``path`` opened by GDAL, or an :class:`InputError` that says why not in one line."""
+def open_raster(path: Path | str, expand_palette: bool = True) -> rasterio.io.DatasetReader:
+    """``path`` opened by GDAL, or an :class:`InputError` that says why not in one line; a
+    paletted raster in its colours unless ``expand_palette`` is false (for a description of the
+    file itself, as a mosaic's source)."""
     remote = is_remote(path)
     check_input(path)
     # GDAL_NUM_THREADS at open: the GTiff driver then decodes the blocks of a multi-block read
@@ -420,7 +422,8 @@ def open_raster(path: Path | str) -> rasterio.io.DatasetReader:
     try:
         with warnings.catch_warnings(), rasterio.Env(**threads):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return _colours(path, rasterio.open(path))
+            src = rasterio.open(path)
+            return _colours(path, src) if expand_palette else src
     except RasterioIOError as exc:
         if is_gdal_path(path):  # not found, refused, not a raster, no such table: GDAL's reason says which
             raise InputError(f"cannot open {path}: {gdal_reason(exc)}") from None

@@ -17,6 +17,10 @@ from geosat2map.mosaic import build_mosaic
 from .conftest import write_scene
 
 
+#: A colour table: index 1 red.
+RED = {0: (0, 0, 0, 255), 1: (200, 30, 30, 255)}
+
+
 def cut(scene: Path, folder: Path, size: tuple[int, int], skip: tuple = (), **profile) -> list[Path]:
     """``scene`` cut into sheets of ``size`` (width, height), each placed where it lies; ``skip``:
     (col, row) offsets left out, as gaps."""
@@ -105,14 +109,7 @@ def test_paletted_sheets_keep_their_colours(tiny_weights, tmp_path):
     colours, as it reads a paletted file (without the table GDAL refused the VRT)."""
     from geosat2map.reader import open_scene
 
-    sheets = []
-    for i in (0, 1):
-        sheets.append(write_scene(tmp_path / f"p{i}.tif", width=100, height=100, count=1,
-                                  data=np.full((1, 100, 100), 1, np.uint8)))
-        with rasterio.open(sheets[-1], "r+") as ds:
-            ds.write_colormap(1, {0: (0, 0, 0, 255), 1: (200, 30, 30, 255)})
-            ds.transform = ds.transform @ rasterio.Affine.translation(100 * i, 0)
-    mosaic = build_mosaic(sheets, tmp_path / "m.vrt").dst
+    mosaic = build_mosaic(_paletted(tmp_path, [RED] * 2), tmp_path / "m.vrt").dst
     with open_scene(mosaic, resolution="native") as scene:
         pixels, valid = scene.read(Window(0, 0, 200, 100))
     assert valid.all() and (pixels[:, 50, 150] == (200, 30, 30)).all() and (pixels[:, 50, 20] == (200, 30, 30)).all()
@@ -129,6 +126,18 @@ def test_the_mosaic_moves_with_its_sheets(tmp_path):
         np.testing.assert_array_equal(m.read(), w.read())
 
 
+def _paletted(tmp_path: Path, tables: list[dict]) -> list[Path]:
+    """One-band paletted 100 x 100 sheets side by side, one per colour table."""
+    sheets = []
+    for i, table in enumerate(tables):
+        sheets.append(write_scene(tmp_path / f"p{i}.tif", width=100, height=100, count=1,
+                                  data=np.full((1, 100, 100), 1, np.uint8)))
+        with rasterio.open(sheets[-1], "r+") as ds:
+            ds.write_colormap(1, table)
+            ds.transform = ds.transform @ rasterio.Affine.translation(100 * i, 0)
+    return sheets
+
+
 def _rotated(tmp_path: Path) -> Path:
     path = write_scene(tmp_path / "rotated.tif", width=100, height=100)
     with rasterio.open(path, "r+") as ds:
@@ -143,6 +152,8 @@ def _rotated(tmp_path: Path) -> Path:
     (lambda d: [write_scene(d / "a.tif")], "m.tif", "name it .vrt"),
     (lambda d: [d / "missing.tif"], "m.vrt", "missing.tif"),
     (_rotated, "m.vrt", "not north-up"),
+    (lambda d: _paletted(d, [RED, {0: (0, 0, 0, 255), 1: (30, 30, 200, 255)}]), "m.vrt", "share one colour table"),
+    (lambda d: [write_scene(d / "grey.tif", count=1), *_paletted(d, [RED])], "m.vrt", "share one colour table"),
 ])
 def test_sheets_that_do_not_fit_together_are_one_line_and_write_nothing(make, dst, message, tmp_path):
     sheets = make(tmp_path)
