@@ -111,17 +111,28 @@ class VectorLayer:
 
 def read_vectors(spec: str) -> VectorLayer:
     """Read ``FILE`` or ``FILE:LAYER`` (GeoJSON, GeoPackage, Shapefile: whatever GDAL/OGR reads),
-    or the first layer at a URL or /vsi path (``https://...``, ``/vsizip/...``) as given."""
-    path, layer = spec, None
-    if not is_remote(spec):
+    or a URL or /vsi path (``https://...``, ``/vsizip/...``): its first layer, or ``URL:LAYER``
+    when the address as given is not a vector source (a URL's own colons, in its port or query,
+    stay part of it)."""
+    tries: list[tuple[str, str | None]] = [(spec, None)]
+    if is_remote(spec):
+        head, _, tail = spec.rpartition(":")
+        if head and "/" not in tail:
+            tries.append((head, tail))  # URL:LAYER
+    else:
         if not Path(spec).exists() and ":" in spec:
-            path, layer = spec.rsplit(":", 1)
-        if not Path(path).exists():
-            raise InputError(f"vector file not found: {path}")
-    try:
-        meta, _, wkb, fields = pyogrio.raw.read(path, layer=layer)
-    except Exception as exc:  # pyogrio raises its own DataSourceError/DataLayerError types
-        raise InputError(f"cannot read vectors from {spec}: {first_line(exc)}") from None
+            tries = [tuple(spec.rsplit(":", 1))]
+        if not Path(tries[0][0]).exists():
+            raise InputError(f"vector file not found: {tries[0][0]}")
+    failed = None
+    for path, layer in tries:
+        try:
+            meta, _, wkb, fields = pyogrio.raw.read(path, layer=layer)
+            break
+        except Exception as exc:  # pyogrio raises its own DataSourceError/DataLayerError types
+            failed = failed or exc  # the address as given says best what is wrong
+    else:
+        raise InputError(f"cannot read vectors from {spec}: {first_line(failed)}")
     if meta.get("crs") is None:
         raise InputError(f"{spec} has no coordinate reference system")
     names = list(meta["fields"])

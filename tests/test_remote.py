@@ -206,3 +206,27 @@ def test_an_area_of_interest_from_a_url(served, tiny_weights, tmp_path):
         assert (ds.dataset_mask() == 0).any() and ds.tags()["GEOSAT2MAP_AOI"] == "aoi.geojson"
     with pytest.raises(Geosat2mapError, match="cannot read vectors from .*/nosuch.geojson"):
         translate(scene, tmp_path / "x.tif", weights=tiny_weights, aoi=f"{base}/nosuch.geojson")
+
+
+def test_a_layer_of_a_geopackage_at_a_url(served, tiny_weights, tmp_path):
+    """URL:LAYER picks a layer of a served GeoPackage (its first layer is another polygon); a
+    missing layer is one line that names it."""
+    import pyogrio
+    import shapely
+
+    from .test_aoi import L_SHAPE, write_polygons
+
+    base, folder, _ = served
+    scene = write_scene(tmp_path / "scene.tif")
+    gpkg = folder / "areas.gpkg"
+    for name, polygon in (("square", shapely.box(*L_SHAPE.bounds)), ("ell", L_SHAPE)):
+        pyogrio.raw.write(gpkg, geometry=np.array([shapely.to_wkb(polygon)], dtype=object), field_data=[],
+                          fields=[], layer=name, crs="EPSG:32633", geometry_type="Polygon", append=gpkg.exists())
+    local = translate(scene, tmp_path / "local.tif", weights=tiny_weights,
+                      aoi=str(write_polygons(tmp_path / "ell.gpkg", [L_SHAPE]))).dst
+    remote = translate(scene, tmp_path / "remote.tif", weights=tiny_weights, aoi=f"{base}/areas.gpkg:ell").dst
+    _same_map(local, remote)
+    with rasterio.open(remote) as ds:
+        assert (ds.dataset_mask() == 0).any()
+    with pytest.raises(Geosat2mapError, match="cannot read vectors from .*/areas.gpkg:nosuch"):
+        translate(scene, tmp_path / "x.tif", weights=tiny_weights, aoi=f"{base}/areas.gpkg:nosuch")
