@@ -161,7 +161,8 @@ def _parse_bands(ctx, param, value: str | None):
               help="JPEG or WebP quality, 1-100 [default: 90].")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @click.option("--resume", is_flag=True,
-              help="Continue an interrupted run (Ctrl-C, SIGTERM) of the same command from the rows it kept.")
+              help="Continue an interrupted run (Ctrl-C, SIGTERM) of the same command from the rows it "
+                   "kept, or a killed one (SIGKILL, power cut) from its last minute's checkpoint.")
 @click.option("--allow-ungeoreferenced", is_flag=True, help="Translate a raster without georeferencing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def translate(src, dst, overlap, quiet, **options) -> None:

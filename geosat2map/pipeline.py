@@ -188,7 +188,8 @@ def translate(
     ``bf16`` (autocast), ``auto`` (bf16 where the hardware has it, see :func:`make_engine`) or ``int8``
     (ONNX Runtime on the CPU, calibrated on the scene's own tiles, see :mod:`~geosat2map.quantize`).
     Interrupted (Ctrl-C, SIGTERM), a run keeps its finished rows beside ``dst`` and raises :class:`Interrupted`;
-    ``resume=True`` with the same input, options and model continues it. ``tta``: average each
+    killed, its rows up to the last checkpoint (:data:`~geosat2map.writer.CHECKPOINT_SECONDS`) are
+    kept. ``resume=True`` with the same input, options and model continues it. ``tta``: average each
     tile's map with the mirrored map of its mirror image (:class:`~geosat2map.model.FlipAveraged`,
     twice the compute). ``bounds`` (left, bottom, right, top; in the scene's CRS, or in
     ``bounds_crs`` such as ``"EPSG:4326"``) translates only the source pixels that cover them.
@@ -410,8 +411,9 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
                "crop": [int(c.col_off), int(c.row_off), int(c.width), int(c.height)],
                "aoi": None if scene.aoi is None else area.digest(scene.aoi)}
     generator = net.generator if tta else net  # the weights the record names
+    ident = progress_record.identity(src, options, generator)
     if resume:
-        progress_record.check(record, progress_record.identity(src, options, generator), dst)
+        progress_record.check(record, ident, dst)
         kept_rows, computed_before = record["rows"], record["computed"]
     first_row = first_row_after(grid, kept_rows)
     computed_in_row = [0] * len(grid.ys)
@@ -420,12 +422,18 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
         if progress:
             progress(1, len(grid))
 
+    def keep(rows: int) -> None:
+        """Record that the partial file holds ``rows`` rows (tile rows above them are finished)."""
+        done = computed_before + sum(computed_in_row[first_row : first_row_after(grid, rows)])
+        progress_record.save(record_file, ident, rows, done)
+
     tags = provenance_tags(src, scene, generator, engine.name, tile_size, overlap, tta)
     with GeoTIFFWriter(dst, scene.width, scene.height, scene.crs, scene.transform, cog=cog, compress=compress,
-                       quality=quality, resume_rows=kept_rows, parallel=engine.asynchronous, tags=tags) as writer:
+                       quality=quality, resume_rows=kept_rows, parallel=engine.asynchronous, tags=tags,
+                       checkpoint=None if ctx.enabled else keep) as writer:
         on_device = not ctx.enabled and _blend_on_device(engine, grid)
         blender = None if on_device else RowBlender(grid, writer, first_row, track_valid=not scene.always_valid)
-        if not resume and record_file.exists():
+        if not resume and record_file.exists():  # under the writer's lock, before its first checkpoint
             record_file.unlink()
             scene.notes.append("an interrupted run's partial output was replaced (--resume continues one)")
         if progress and first_row:
@@ -441,15 +449,19 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
         except KeyboardInterrupt:
             rows = writer.keep_partial()
             if not rows:
+                record_file.unlink(missing_ok=True)
                 raise
-            done = computed_before + sum(computed_in_row[first_row : first_row_after(grid, rows)])
             try:
-                progress_record.save(record_file, progress_record.identity(src, options, generator), rows, done)
+                keep(rows)
             except OSError:
                 writer.drop_partial()
+                record_file.unlink(missing_ok=True)
                 raise KeyboardInterrupt from None
             raise Interrupted(f"{rows} of {scene.height} rows are kept; the same command with --resume "
                               "continues") from None
+        except BaseException:  # the partial file goes (the writer removes it), and its record with it
+            record_file.unlink(missing_ok=True)
+            raise
         computed = computed_before + sum(computed_in_row[first_row:])
         if computed == 0:
             raise InputError(f"{src} has no valid pixels: everything is nodata")

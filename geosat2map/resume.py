@@ -40,9 +40,13 @@ def identity(src: Path | str, options: dict, model: torch.nn.Module) -> dict:
 
 
 def save(path: Path, ident: dict, rows: int, computed: int) -> None:
-    """Write the record atomically (a torn record would make the partial file unusable)."""
+    """Write the record atomically and durably (a torn record would make the partial file
+    unusable; one lost in a power cut would hide it)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"version": VERSION, **ident, "rows": rows, "computed": computed}, indent=1))
+    with open(tmp, "w") as f:
+        f.write(json.dumps({"version": VERSION, **ident, "rows": rows, "computed": computed}, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +171,48 @@ def test_a_resume_that_fails_before_its_copy_is_done_keeps_the_partial(scene, ti
     monkeypatch.undo()
     translate(scene, out, weights=tiny_weights, resume=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.tif", "src.tif"]
+
+
+#: A translate that SIGKILLs its own process once the writer has written the block row at or
+#: below KILL_AT (argv: scene, dst, weights, KILL_AT, resume 0/1), checkpointing at every block row.
+KILLED_RUN = """
+import os, signal, sys
+import geosat2map.writer as writer
+from geosat2map import translate
+
+writer.CHECKPOINT_SECONDS = 0.0
+write = writer.GeoTIFFWriter._write
+
+def write_then_die(self, window, pixels, valid):
+    write(self, window, pixels, valid)
+    if window.row_off >= int(sys.argv[4]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+writer.GeoTIFFWriter._write = write_then_die
+translate(sys.argv[1], sys.argv[2], weights=sys.argv[3], resume=sys.argv[5] == "1", backend="torch")
+"""
+
+
+def _killed(scene: Path, out: Path, weights: Path, kill_at: int, resume: bool = False) -> None:
+    run = subprocess.run([sys.executable, "-c", KILLED_RUN, str(scene), str(out), str(weights), str(kill_at),
+                          str(int(resume))], capture_output=True, text=True, timeout=300)
+    assert run.returncode == -signal.SIGKILL, run.stderr
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(scene, tiny_weights, tmp_path):
+    """SIGKILL (no handler runs): the partial file as of the last checkpoint is what is resumed;
+    the block row written after it, past the file's block index, is computed again. A resume
+    killed while it copies the kept rows keeps them too (in .prev) for the next."""
+    whole = tmp_path / "whole.tif"
+    translate(scene, whole, weights=tiny_weights, backend="torch")
+    out = tmp_path / "map.tif"
+    _killed(scene, out, tiny_weights, kill_at=768)
+    assert json.loads((tmp_path / RECORD).read_text())["rows"] == 768 and not out.exists()
+    _killed(scene, out, tiny_weights, kill_at=0, resume=True)  # dies on the first row it copies
+    assert (tmp_path / ".map.tif.part.prev.tif").exists()
+    result = translate(scene, out, weights=tiny_weights, backend="torch", resume=True)
+    a, b = content(whole), content(out)
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y
+    assert result.tiles_computed == 4 * 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.tif", "src.tif", "whole.tif"]
