@@ -512,7 +512,7 @@ def _stretch(src, bands: list[int], crop: Window,
     if not valid.any():
         raise InputError(f"{src.name} has no valid pixels (everything is nodata or not finite)")
     if aoi is not None:  # a sliver thinner than the decimated pixels keeps its box's statistics
-        sampled = src.window_transform(crop) * Affine.scale(crop.width / shape[2], crop.height / shape[1])
+        sampled = src.window_transform(crop) @ Affine.scale(crop.width / shape[2], crop.height / shape[1])
         inside = valid & area.inside(aoi, sampled, shape[1:])
         valid = inside if inside.any() else valid
     lo = np.array([np.percentile(b[valid], STRETCH_PERCENT[0]) for b in data], dtype=np.float32)
