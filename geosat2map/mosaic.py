@@ -116,7 +116,7 @@ def build_mosaic(sheets: list[str | Path], dst: str | Path, overwrite: bool = Fa
     for sheet in read[1:]:
         if sheet.crs != first.crs:
             raise InputError(f"{sheet.path} is in {sheet.crs}, {first.path} in {first.crs}: a mosaic's sheets "
-                             "share one CRS")
+                             f"share one CRS, as gdalbuildvrt asks (warp them first: gdalwarp -t_srs {first.crs})")
         if (sheet.count, sheet.dtype) != (first.count, first.dtype):
             raise InputError(f"{sheet.path} has {sheet.count} {sheet.dtype} band(s), {first.path} {first.count} "
                              f"{first.dtype}: a mosaic's sheets have the same bands")
