@@ -173,14 +173,13 @@ def translate(src, dst, overlap, quiet, **options) -> None:
     scene's file name there, and the model is loaded once. A scene that fails is reported and the others go on (exit status 1 at the end).
     """
     from geosat2map.reader import check_input, is_gdal_path
-    from geosat2map.writer import check_destination
+    from geosat2map.writer import GEOTIFF, check_destination
 
     to_folder = len(src) > 1 or any(glob.has_magic(p) and not is_gdal_path(p) for p in src)  # pattern: a folder
     src = _expand_globs(src)
     if not to_folder:  # the library checks these again; here they come before the model loads
         check_input(src[0])
-        check_destination(Path(dst), None if is_gdal_path(src[0]) else Path(src[0]), options["overwrite"],
-                          geotiff=True)
+        check_destination(Path(dst), None if is_gdal_path(src[0]) else Path(src[0]), options["overwrite"], GEOTIFF)
 
     from geosat2map.allocator import retain_freed_memory
     from geosat2map.pipeline import DEFAULT_OVERLAP, translate as run_translate, translate_many
@@ -558,10 +557,10 @@ def average_weights(weights, out, data, holdout, crops, load_size, half, int8, i
     (kept instead when every input has the same: a run trained with --freeze-batchnorm)."""
     from geosat2map.average import average_generators
     from geosat2map.weights import save_generator
-    from geosat2map.writer import check_destination
+    from geosat2map.writer import WEIGHTS, check_destination
 
     storage = _storage(half, int8, int4)
-    check_destination(Path(out), None, overwrite)
+    check_destination(Path(out), None, overwrite, WEIGHTS)
     model, spec = average_generators(list(weights), data, recalibration=crops, holdout=holdout,
                                      load_size=load_size, storage=storage)
     save_generator(model, spec, out, storage)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .errors import InputError, OutputError
+from .errors import InputError
 from .evaluate import score_as_stored
 from .model import UNetGenerator
 from .train import TrainConfig
 from .weights import ModelSpec, load_generator, read_spec, save_generator
+from .writer import WEIGHTS, check_destination
 
 
 def export_run(
@@ -31,8 +32,7 @@ def export_run(
     run_dir, out = Path(run_dir), Path(out)
     name = {"best": "best_generator", "latest": "generator", "trained": "trained_generator"}[which]
     src = run_dir / f"{name}.safetensors"
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out} exists (pass --overwrite to replace it)")
+    check_destination(out, None, overwrite, WEIGHTS)
     latest = run_dir / "generator.safetensors"
     if not latest.exists():  # generators are saved at each epoch's end
         if (run_dir / "checkpoint.pt").exists():

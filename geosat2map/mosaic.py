@@ -28,7 +28,7 @@ from rasterio.errors import RasterioIOError
 
 from .errors import InputError, OutputError
 from .reader import is_gdal_path, open_raster
-from .writer import check_destination
+from .writer import VRT, check_destination
 
 
 @dataclass
@@ -106,9 +106,7 @@ def build_mosaic(sheets: list[str | Path], dst: str | Path, overwrite: bool = Fa
     colour interpretation (and colour table: paletted sheets share one). Where sheets overlap, the
     later one listed is drawn."""
     dst = Path(dst)
-    if dst.suffix.lower() != ".vrt":
-        raise OutputError(f"the mosaic is a GDAL VRT: name it .vrt, not {dst.name}")
-    check_destination(dst, None, overwrite)
+    check_destination(dst, None, overwrite, VRT)
     if not sheets:
         raise InputError("no sheets to put together")
     read = [_read_sheet(str(s)) for s in sheets]

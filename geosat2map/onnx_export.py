@@ -22,6 +22,7 @@ from torch import nn
 
 from .errors import OutputError, WeightsError
 from .weights import ModelSpec, load_generator
+from .writer import ONNX, check_destination
 
 
 class _ZeroOneOutput(nn.Module):
@@ -85,8 +86,7 @@ def export_onnx(
     except ImportError:
         raise WeightsError("ONNX export needs the onnx extra: pip install 'geosat2map[onnx]'") from None
     dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise OutputError(f"{dst} exists (pass --overwrite to replace it)")
+    check_destination(dst, None, overwrite, ONNX)
     if tile_size % 256 or tile_size <= 0:
         raise WeightsError(f"tile size must be a multiple of 256, not {tile_size}")
     if not 0 <= overlap <= tile_size // 2:  # as translate: beyond half a tile, tiles overlap thrice

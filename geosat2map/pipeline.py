@@ -30,8 +30,8 @@ from .quantize import calibration_picks
 from .reader import (RowBand, Scene, available_memory, bounded_cache, is_subdataset, open_raster, open_scene,
                      scene_name, scene_path)
 from .weights import ModelSpec, load_generator, model_digest
-from .writer import (BLOCK, BUFFERS, GEOTIFF_SUFFIXES, GeoTIFFWriter, check_compression, check_destination,
-                     partial_path)
+from .writer import (BLOCK, BUFFERS, GEOTIFF, GEOTIFF_SUFFIXES, GeoTIFFWriter, check_compression,
+                     check_destination, partial_path)
 
 #: Default overlap between 256-pixel tiles (see benchmarks/overlap.py for the measurement).
 DEFAULT_OVERLAP = 64
@@ -225,7 +225,7 @@ def translate(
             if backend == "auto":  # every rank must run the same engine: no timing
                 backend = "onnxruntime" if precision == "int8" else "torch"
         local_src = None if isinstance(src, str) else src
-        _agree(ctx, lambda: check_destination(dst, local_src, overwrite, geotiff=True) if ctx.is_main else None)
+        _agree(ctx, lambda: check_destination(dst, local_src, overwrite, GEOTIFF) if ctx.is_main else None)
         net, spec = model if model is not None else load_generator(weights)
         if tta and not isinstance(net, FlipAveraged):
             net = FlipAveraged(net)

@@ -13,7 +13,7 @@ from rasterio.errors import NotGeoreferencedWarning
 
 from .errors import InputError
 from .reader import MIN_GDAL_CACHE, open_raster, open_scene
-from .writer import check_destination
+from .writer import PNG, check_destination
 
 
 #: GDAL's block cache while the preview reads, bytes: the least (see side_by_side).
@@ -28,7 +28,7 @@ def side_by_side(scene: str | Path, map_path: str | Path, png: str | Path, size:
     written beside ``png`` and renamed when whole, so a failure leaves nothing at ``png``.
     """
     png = Path(png)
-    check_destination(png, None, overwrite)
+    check_destination(png, None, overwrite, PNG)
     # Each source block is decoded once for the shrunk read, so GDAL's cache need not keep them: its
     # default (5 % of memory) let a 10000 x 10000 scene without overviews take 716 MB of RSS, 130 MB in 16 MiB.
     with rasterio.Env(GDAL_CACHEMAX=PREVIEW_GDAL_CACHE):

@@ -285,10 +285,10 @@ def render_map(
     overwrite: bool = False,
 ) -> int:
     """Render vector files onto ``grid`` as a uint8 RGB GeoTIFF at ``dst``; returns the feature count."""
-    from .writer import GeoTIFFWriter, check_destination
+    from .writer import GEOTIFF, GeoTIFFWriter, check_destination
 
     dst = Path(dst)
-    check_destination(dst, None, overwrite, geotiff=True)
+    check_destination(dst, None, overwrite, GEOTIFF)
     renderer = MapRenderer([read_vectors(v) for v in vectors], grid, Style.load(style))
     renderer.require_features()
     valid = np.ones((256, grid.width), bool)

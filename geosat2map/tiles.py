@@ -50,7 +50,7 @@ class TileOptions:
 
     def check(self) -> None:
         """Refuse options that cut no usable tile, in one line (a stride of -5 cut tiles outside the
-        scene, a tile size of 0 failed with a traceback)."""
+        scene, a tile size of 0 and a seed of -1 failed with a traceback)."""
         problems = [
             (self.tile_size < 256, f"tile size must be at least 256 pixels (train crops 256), not {self.tile_size}"),
             (self.stride is not None and self.stride < 1, f"stride must be at least 1 pixel, not {self.stride}"),
@@ -58,6 +58,7 @@ class TileOptions:
             (not 0.0 <= self.min_map_cover <= 1.0, f"the map cover is a share from 0 to 1, not {self.min_map_cover}"),
             (not 0.0 <= self.val_fraction <= 1.0, f"--val-fraction is a share from 0 to 1, not {self.val_fraction}"),
             (self.block_tiles < 1, f"--block-tiles must be at least 1, not {self.block_tiles}"),
+            (self.seed < 0, f"--seed is a whole number from 0, not {self.seed}"),  # numpy's generators take no sign
         ]
         for failed, message in problems:
             if failed:

@@ -64,17 +64,25 @@ DEFAULT_QUALITY = 90
 #: Endings a GeoTIFF output's name may have: any other would name a GeoTIFF as another format
 #: (``map.png`` opened by an image viewer, ``map.jp2`` by a JPEG 2000 reader).
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
+#: Each kind of output and the endings its name may have (``check_destination``'s ``kind``).
+GEOTIFF = ("the map is a GeoTIFF", GEOTIFF_SUFFIXES)
+PNG = ("the preview is a PNG", (".png",))
+VRT = ("the mosaic is a GDAL VRT", (".vrt",))
+ONNX = ("the model is an ONNX file", (".onnx",))
+WEIGHTS = ("weights are a safetensors file", (".safetensors",))
 
 
-def check_destination(dst: Path, src: Path | None, overwrite: bool, geotiff: bool = False) -> None:
-    """Refuse, before any work, outputs that would lose data or cannot be written, and (``geotiff``)
-    a GeoTIFF's name that says another format."""
+def check_destination(dst: Path, src: Path | None, overwrite: bool,
+                      kind: tuple[str, tuple[str, ...]] | None = None) -> None:
+    """Refuse, before any work, outputs that would lose data or cannot be written, and a name that
+    says another format than ``kind``'s (:data:`GEOTIFF`, :data:`PNG`...): a file is opened by
+    what its ending names."""
     if src is not None and dst.exists() and src.exists() and os.path.samefile(src, dst):  # links included
         raise OutputError(f"the output {dst} is the input; choose another path")
     if dst.is_dir():
         raise OutputError(f"the output {dst} is a folder")
-    if geotiff and dst.suffix.lower() not in GEOTIFF_SUFFIXES:
-        raise OutputError(f"the map is a GeoTIFF: name it .tif or .tiff, not {dst.name}")
+    if kind is not None and dst.suffix.lower() not in kind[1]:
+        raise OutputError(f"{kind[0]}: name it {' or '.join(kind[1])}, not {dst.name}")
     if dst.exists() and not overwrite:
         raise OutputError(f"{dst} exists (pass --overwrite to replace it)")
     folder = dst.parent if str(dst.parent) else Path(".")

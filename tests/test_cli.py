@@ -596,3 +596,18 @@ def test_preview_reads_through_a_small_gdal_cache(scene, tmp_path, monkeypatch):
     png = tmp_path / "p.png"
     preview.side_by_side(scene, scene, png, size=64)
     assert png.exists() and seen == [preview.PREVIEW_GDAL_CACHE]
+
+
+@pytest.mark.parametrize("args, out, phrase", [
+    (["preview", "{scene}", "{scene}"], "preview.txt", "the preview is a PNG: name it .png"),
+    (["export-onnx", "default"], "model.txt", "the model is an ONNX file: name it .onnx"),
+    (["export-weights", "{tmp}"], "model.pt", "weights are a safetensors file: name it .safetensors"),
+    (["average-weights", "--data", "{tmp}", "{weights}", "{weights}"], "model.pt", "weights are a safetensors file"),
+    (["render-map", "{tmp}/roads.gpkg", "--like", "{scene}"], "map.png", "the map is a GeoTIFF"),
+])
+def test_every_output_is_named_for_its_format(args, out, phrase, scene, tiny_weights, tmp_path):
+    """A file is opened by what its ending names: a PNG preview named .txt, or weights named .pt
+    (which torch.load would unpickle), are refused before any work, in one line."""
+    dst = tmp_path / out
+    fill = {"scene": scene, "tmp": tmp_path, "weights": tiny_weights}
+    assert_clean_failure(run(*[a.format(**fill) for a in args], dst), dst, phrase)

@@ -293,6 +293,7 @@ def test_a_paletted_map_raster_is_compared_in_its_colours(tmp_path):
     (dict(val_fraction=2.0), "--val-fraction is a share"),
     (dict(block_tiles=0), "--block-tiles must be at least 1"),
     (dict(max_nodata=-1.0), "--max-nodata is a share"),
+    (dict(seed=-1), "--seed is a whole number from 0"),
 ])
 def test_options_that_cut_no_usable_tile_are_refused_before_reading(tmp_path, options, phrase):
     """A negative stride used to cut tiles outside the scene; a tile size of 0 raised from range()."""
