@@ -653,6 +653,9 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
     bad = [b for b in bands if not 1 <= b <= src.count]
     if bad:
         raise InputError(f"{path} has {src.count} band(s); cannot read band(s) {bad}")
+    if any(src.dtypes[b - 1].startswith("complex") for b in bands):  # GDAL would hand over the real parts
+        raise InputError(f"{path} holds complex values (radar, or a Fourier transform), not the optical "
+                         "imagery the model reads")
     if len(bands) == 1:
         bands = bands * 3
     stretch = None if all(src.dtypes[b - 1] == "uint8" for b in bands) else _stretch(src, bands, crop, aoi_here)

@@ -15,7 +15,7 @@ import geosat2map.device_rows
 import geosat2map.grid
 import geosat2map.pipeline
 from geosat2map.engine import InferenceEngine
-from geosat2map.errors import OutputError
+from geosat2map.errors import InputError, OutputError
 from geosat2map.grid import TileGrid, seam_ratio
 from geosat2map.model import FlipAveraged, UNetGenerator, init_weights
 from geosat2map.reader import ground_gsd_m, open_scene
@@ -234,6 +234,13 @@ def test_float_nan_and_inf_are_masked(tiny_weights, tmp_path):
         mask = dst.dataset_mask() > 0
     assert not mask[10:20, 10:20].any() and not mask[50:60, 50:60].any()
     assert mask[100:, 100:].all()
+
+
+def test_complex_values_are_refused(tmp_path):
+    """A radar scene (complex samples) would be read as its real parts, a meaningless picture."""
+    path = write_scene(tmp_path / "slc.tif", dtype="complex64", data=synthetic_image(300, 300) * (1 + 1j))
+    with pytest.raises(InputError, match="holds complex values"):
+        open_scene(path, resolution="native")
 
 
 def test_bands_option_picks_bands_in_order(tmp_path):
