@@ -362,9 +362,9 @@ class GeoTIFFWriter:
             finally:
                 os.close(fd)
             self._ds = rasterio.open(self.tmp, "r+", **self._open_options)
-        except (RasterioIOError, OSError) as exc:
+            self.checkpoint(self.rows_written)
+        except (RasterioIOError, OSError) as exc:  # a full disk, for the file or the record
             raise OutputError(f"writing {self.dst} failed: {gdal_reason(exc)}") from None
-        self.checkpoint(self.rows_written)
         self._checkpointed = time.monotonic()
 
     def _write(self, window: Window, pixels: np.ndarray, valid: np.ndarray | None) -> None:

@@ -216,3 +216,19 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(scene, tiny_weights, tmp_
         assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y
     assert result.tiles_computed == 4 * 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.tif", "src.tif", "whole.tif"]
+
+
+def test_a_checkpoint_that_cannot_be_recorded_fails_in_one_line_and_leaves_nothing(scene, tiny_weights, tmp_path,
+                                                                                   monkeypatch):
+    import geosat2map.resume as resume
+    import geosat2map.writer as writer
+    from geosat2map.errors import OutputError
+
+    def full_disk(*args) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer, "CHECKPOINT_SECONDS", 0.0)
+    monkeypatch.setattr(resume, "save", full_disk)
+    with pytest.raises(OutputError, match="No space left on device"):
+        translate(scene, tmp_path / "map.tif", weights=tiny_weights)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.tif"]
