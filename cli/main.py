@@ -162,7 +162,8 @@ def _parse_bands(ctx, param, value: str | None):
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run (Ctrl-C, SIGTERM) of the same command from the rows it "
-                   "kept, or a killed one (SIGKILL, power cut) from its last minute's checkpoint.")
+                   "kept, or a killed one (SIGKILL, power cut) from its last minute's checkpoint. With several "
+                   "SRC: finished maps are kept, partial ones resumed, the rest translated.")
 @click.option("--allow-ungeoreferenced", is_flag=True, help="Translate a raster without georeferencing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def translate(src, dst, overlap, quiet, **options) -> None:
@@ -182,7 +183,7 @@ def translate(src, dst, overlap, quiet, **options) -> None:
         check_destination(Path(dst), None if is_gdal_path(src[0]) else Path(src[0]), options["overwrite"], GEOTIFF)
 
     from geosat2map.allocator import retain_freed_memory
-    from geosat2map.pipeline import DEFAULT_OVERLAP, translate as run_translate, translate_many
+    from geosat2map.pipeline import DEFAULT_OVERLAP, FinishedMap, translate as run_translate, translate_many
 
     retain_freed_memory()  # batch after batch, the same activations' memory (see geosat2map.allocator)
 
@@ -209,6 +210,8 @@ def translate(src, dst, overlap, quiet, **options) -> None:
                 failed += 1
                 where = "" if str(scene) in str(outcome) else f"{scene}: "
                 click.echo(f"geosat2map: error: {where}{outcome}", err=True)
+            elif isinstance(outcome, FinishedMap):
+                click.echo(f"kept {outcome.dst}: finished before the interruption")
             elif not helper:
                 _report(outcome)
     finally:

@@ -55,6 +55,14 @@ class TranslateResult:
     tta: bool = False  # flip-averaged (FlipAveraged)
 
 
+@dataclass
+class FinishedMap:
+    """A map that a resumed batch (:func:`translate_many` with ``resume=True``) found already made
+    from its scene by its model, and kept."""
+
+    dst: Path
+
+
 def _pad(tile: np.ndarray, size: int) -> np.ndarray:
     """Reflect-pad a tile clipped by a scene smaller than the tile back to ``size``."""
     _, h, w = tile.shape
@@ -285,7 +293,9 @@ def translate_many(
 
     Yields ``(src, result)`` per scene, or ``(src, error)`` for a scene that fails with a
     :class:`Geosat2mapError`, so one bad file does not stop the others. Other options as for
-    :func:`translate`.
+    :func:`translate`; ``resume=True`` continues an interrupted batch: a scene whose map is
+    finished is kept (:class:`FinishedMap`; it must name the scene and the model), one with a
+    partial output is resumed, the rest are translated.
     """
     dst_dir = Path(dst_dir)
     if not dst_dir.is_dir():
@@ -298,12 +308,27 @@ def translate_many(
     model = options.pop("model", None) or load_generator(weights)
     if options.get("tta") and not isinstance(model[0], FlipAveraged):  # wrapped once for all scenes
         model = (FlipAveraged(model[0]), model[1])
+    resume = options.pop("resume", False)
+    digest = model_digest(model[0].generator if isinstance(model[0], FlipAveraged) else model[0]) if resume else ""
     with process_group(resolve_device(options.get("device", "auto")).type):  # one group for all scenes
         for src in srcs:
+            dst = dst_dir / map_name(src)
             try:
-                yield src, translate(src, dst_dir / map_name(src), model=model, **options)
+                if resume and dst.exists() and not options.get("overwrite"):
+                    yield src, _finished(src, dst, digest)
+                    continue
+                partial = resume and progress_record.record_path(dst).exists()
+                yield src, translate(src, dst, model=model, resume=partial, **options)
             except Geosat2mapError as exc:
                 yield src, exc
+
+
+def _finished(src: str | Path, dst: Path, digest: str) -> FinishedMap:
+    """``dst``, found by a resumed batch, if it is ``src``'s map by the model of ``digest``."""
+    made = read_provenance(dst)
+    if (made.get("GEOSAT2MAP_SOURCE"), made.get("GEOSAT2MAP_MODEL_SHA256")) != (scene_name(src), digest):
+        raise OutputError(f"{dst} exists and is not this scene's map by this model; pass --overwrite to replace it")
+    return FinishedMap(dst)
 
 
 def map_name(src: str | Path) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,11 +15,11 @@ import pytest
 import rasterio
 from click.testing import CliRunner
 
-from geosat2map import translate
+from geosat2map import ModelSpec, save_generator, translate
 from geosat2map.errors import InputError, Interrupted
 from geosat2map_cli.main import cli
 
-from .conftest import stop_after, write_scene
+from .conftest import random_generator, stop_after, write_scene
 
 PARTIAL, RECORD = ".map.tif.part.tif", ".map.tif.part.json"
 
@@ -232,3 +233,32 @@ def test_a_checkpoint_that_cannot_be_recorded_fails_in_one_line_and_leaves_nothi
     with pytest.raises(OutputError, match="No space left on device"):
         translate(scene, tmp_path / "map.tif", weights=tiny_weights)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.tif"]
+
+
+def test_a_resumed_batch_keeps_finished_maps_resumes_partial_ones_and_starts_the_rest(scene, tiny_weights,
+                                                                                      tmp_path):
+    """The batch was stopped in its second scene: its first map is kept, the second resumed (and
+    ends as if never stopped), the third made; a map by another model is not taken for finished."""
+    from geosat2map.pipeline import FinishedMap, translate_many
+
+    scenes = [scene.rename(tmp_path / "a.tif")] + [Path(shutil.copy(tmp_path / "a.tif", tmp_path / f"{n}.tif"))
+                                                    for n in ("b", "c")]
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    translate(scenes[0], maps / "a.tif", weights=tiny_weights)
+    with pytest.raises(Interrupted):
+        translate(scenes[1], maps / "b.tif", weights=tiny_weights, progress=stop_after(20))
+    outcomes = dict(translate_many(scenes, maps, weights=tiny_weights, resume=True))
+    assert isinstance(outcomes[scenes[0]], FinishedMap)
+    assert outcomes[scenes[1]].tiles_computed == outcomes[scenes[2]].tiles_computed == 32  # counted over both runs
+    for x, y in zip(content(maps / "b.tif")[:-1], content(maps / "c.tif")[:-1]):  # the same pixels (not name)
+        assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y
+    assert sorted(p.name for p in maps.iterdir()) == ["a.tif", "b.tif", "c.tif"]
+    again = CliRunner().invoke(cli, ["translate", *map(str, scenes), str(maps), "--weights", str(tiny_weights),
+                                     "--resume", "--quiet"])
+    assert again.exit_code == 0 and again.stdout.splitlines() == [
+        f"kept {maps / n}: finished before the interruption" for n in ("a.tif", "b.tif", "c.tif")], again.output
+    # A map made by other weights is the user's to replace, not a finished part of this batch.
+    save_generator(random_generator(seed=1), ModelSpec(ngf=8), tmp_path / "other.safetensors")
+    other = translate_many(scenes[:1], maps, weights=tmp_path / "other.safetensors", resume=True)
+    assert "is not this scene's map by this model" in str(dict(other)[scenes[0]])
