@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable, Iterator
@@ -453,9 +454,10 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
         progress_record.save(record_file, ident, rows, done)
 
     tags = provenance_tags(src, scene, generator, engine.name, tile_size, overlap, tta)
-    with GeoTIFFWriter(dst, scene.width, scene.height, scene.crs, scene.transform, cog=cog, compress=compress,
-                       quality=quality, resume_rows=kept_rows, parallel=engine.asynchronous, tags=tags,
-                       checkpoint=None if ctx.enabled else keep) as writer:
+    with _record_follows_partial(record_file, partial_path(dst)), \
+            GeoTIFFWriter(dst, scene.width, scene.height, scene.crs, scene.transform, cog=cog, compress=compress,
+                          quality=quality, resume_rows=kept_rows, parallel=engine.asynchronous, tags=tags,
+                          checkpoint=None if ctx.enabled else keep) as writer:
         on_device = not ctx.enabled and _blend_on_device(engine, grid)
         blender = None if on_device else RowBlender(grid, writer, first_row, track_valid=not scene.always_valid)
         if not resume and record_file.exists():  # under the writer's lock, before its first checkpoint
@@ -474,19 +476,14 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
         except KeyboardInterrupt:
             rows = writer.keep_partial()
             if not rows:
-                record_file.unlink(missing_ok=True)
                 raise
             try:
                 keep(rows)
             except OSError:
                 writer.drop_partial()
-                record_file.unlink(missing_ok=True)
                 raise KeyboardInterrupt from None
             raise Interrupted(f"{rows} of {scene.height} rows are kept; the same command with --resume "
                               "continues") from None
-        except BaseException:  # the partial file goes (the writer removes it), and its record with it
-            record_file.unlink(missing_ok=True)
-            raise
         computed = computed_before + sum(computed_in_row[first_row:])
         if computed == 0:
             raise InputError(f"{src} has no valid pixels: everything is nodata")
@@ -497,6 +494,19 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
     return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
                            time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name, scene.notes,
                            batch_size, tta)
+
+
+@contextmanager
+def _record_follows_partial(record_file: Path, partial: Path) -> Iterator[None]:
+    """On any failure, once the writer has cleaned up: a progress record whose partial file is
+    gone goes too (one kept for --resume stays, with its record). A checkpoint may have written
+    the record long before the failure."""
+    try:
+        yield
+    except BaseException:
+        if not partial.exists():
+            record_file.unlink(missing_ok=True)
+        raise
 
 
 def provenance_tags(src: Path | str, scene: Scene, generator: torch.nn.Module, engine: str, tile_size: int,

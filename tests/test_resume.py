@@ -219,8 +219,10 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(scene, tiny_weights, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.tif", "src.tif", "whole.tif"]
 
 
-def test_a_checkpoint_that_cannot_be_recorded_fails_in_one_line_and_leaves_nothing(scene, tiny_weights, tmp_path,
-                                                                                   monkeypatch):
+@pytest.mark.parametrize("where", ["record", "commit"])
+def test_a_run_that_fails_after_checkpoints_leaves_nothing(scene, tiny_weights, tmp_path, monkeypatch, where):
+    """A full disk when a checkpoint's record is saved is one line; a failure when the map is
+    finished (after records were saved) takes the record with the partial file."""
     import geosat2map.resume as resume
     import geosat2map.writer as writer
     from geosat2map.errors import OutputError
@@ -228,8 +230,14 @@ def test_a_checkpoint_that_cannot_be_recorded_fails_in_one_line_and_leaves_nothi
     def full_disk(*args) -> None:
         raise OSError(28, "No space left on device")
 
+    def failed_commit(self) -> None:
+        raise OutputError("finishing the map failed: No space left on device")
+
     monkeypatch.setattr(writer, "CHECKPOINT_SECONDS", 0.0)
-    monkeypatch.setattr(resume, "save", full_disk)
+    if where == "record":
+        monkeypatch.setattr(resume, "save", full_disk)
+    else:
+        monkeypatch.setattr(writer.GeoTIFFWriter, "commit", failed_commit)
     with pytest.raises(OutputError, match="No space left on device"):
         translate(scene, tmp_path / "map.tif", weights=tiny_weights)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.tif"]
