@@ -254,7 +254,7 @@ def test_processing_script_reports_errors_and_cancels_cleanly(script, tiny_weigh
     assert 30 <= report["progress"] < 100
     assert any("rows are kept" in m for m in report["messages"])
     assert not out.exists()  # nothing half-written at the output path
-    report = _run_processing(script, *params, "RESUME=true")  # "Continue the run canceled before"
+    report = _run_processing(script, *params, "RESUME=true")  # "Continue the run canceled (or killed) before"
     assert report.get("error") is None and out.exists()
     direct = translate(scene, tmp_path / "direct.tif", weights=slower, resolution="native").dst
     with rasterio.open(out) as a, rasterio.open(direct) as b:

@@ -87,7 +87,7 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterEnum(
             self.COMPRESSION, "Compression", options=[label for _, label in self.COMPRESSIONS], defaultValue=0))
         self.addParameter(QgsProcessingParameterBoolean(
-            self.RESUME, "Continue the run canceled before (from the rows it kept)", defaultValue=False))
+            self.RESUME, "Continue the run canceled (or killed) before, from the rows it kept", defaultValue=False))
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Map"))
 
     def processAlgorithm(self, parameters, context, feedback) -> dict:
