@@ -317,10 +317,6 @@ class Trainer:
     def total_epochs(self) -> int:
         return self.cfg.epochs + self.cfg.epochs_decay
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.sampler) / self.cfg.batch_size)
-
     # --- checkpoints -------------------------------------------------------------------
     def state(self) -> dict:
         rng = {"cpu": torch.get_rng_state()}
