@@ -303,16 +303,20 @@ def render_map_cmd(vectors, dst, like, bounds, crs, resolution, style, overwrite
 @cli.command()
 @click.argument("sheets", nargs=-1, required=True)
 @click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--crs", help="The mosaic's CRS, e.g. EPSG:32615 [default: the first sheet's]; sheets in another are "
+                            "warped into it.")
 @click.option("--overwrite", is_flag=True)
-def mosaic(sheets, dst, overwrite) -> None:
+def mosaic(sheets, dst, crs, overwrite) -> None:
     """Put raster SHEETS (an orthophoto delivered in tiles, or a quoted pattern such as
     'sheets/*.tif') together as one seamless scene DST, a GDAL VRT (.vrt), to translate or cut
-    into tiles as one (what gdalbuildvrt does, for installs without GDAL's programs)."""
+    into tiles as one (what gdalbuildvrt does, for installs without GDAL's programs; sheets in
+    another CRS, which it refuses, are warped, each by a VRT in the folder DST_warped beside it)."""
     from geosat2map.mosaic import build_mosaic
 
-    result = build_mosaic(list(_expand_globs(sheets)), dst, overwrite=overwrite)
+    result = build_mosaic(list(_expand_globs(sheets)), dst, overwrite=overwrite, crs=crs)
+    warped = f"; {result.warped} warped into it (in {result.warped_dir})" if result.warped else ""
     click.echo(f"wrote {result.dst}: {result.sheets} sheet{'' if result.sheets == 1 else 's'}, "
-               f"{result.width} x {result.height} pixels ({result.crs})")
+               f"{result.width} x {result.height} pixels ({result.crs}{warped})")
 
 
 @cli.command()

@@ -11,20 +11,30 @@ gdalbuildvrt -srcnodata), else a mask band made of each sheet's own mask (alpha 
 (GDAL 3.10 fills only the first row of such a mask band from sheets whose mask is a nodata value
 when a read spans several sheets, hence the two kinds; and its tile index, GTI, which pyogrio could
 write, reads resampled windows shifted by up to a source pixel inside a sheet.)
+
+Sheets in another CRS than the mosaic's (a delivery that spans two UTM zones, which gdalbuildvrt
+refuses) are each described by a warped VRT in a folder beside the mosaic, written by GDAL itself
+(a rasterio WarpedVRT copied with the VRT driver), and the mosaic takes them as sheets.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 import rasterio
+import rasterio.shutil
 from affine import Affine
 from rasterio import dtypes
-from rasterio.errors import RasterioIOError
+from rasterio.crs import CRS
+from rasterio.enums import ColorInterp, Resampling
+from rasterio.errors import CRSError, RasterioIOError
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import calculate_default_transform, transform_bounds
 
 from .errors import InputError, OutputError
 from .reader import is_gdal_path, open_raster
@@ -38,6 +48,8 @@ class MosaicResult:
     width: int
     height: int
     crs: str
+    warped: int = 0  # sheets warped from another CRS (their VRTs in warped_dir)
+    warped_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -67,12 +79,61 @@ def _read_sheet(path: str) -> _Sheet:
                       src.dtypes[0], tuple(c.name for c in src.colorinterp), src.nodata, palette)
 
 
-def _source(parent: ET.Element, sheet: _Sheet, band: str, folder: Path, place: tuple[float, ...]) -> None:
+def _warp_grid(read: list[_Sheet], crs: CRS) -> tuple[float, float, float, float]:
+    """The pixel grid sheets are warped onto (x and y pixel size, an origin on it): that of the
+    sheets already in ``crs`` (their finest pixels, the first one's corner), so a warped sheet
+    lands on whole pixels of the mosaic and is resampled once; with none, GDAL's suggested pixel
+    size for each (the finest) on a grid through 0, 0."""
+    native = [s for s in read if s.crs == crs]
+    if native:
+        return (min(s.res[0] for s in native), min(s.res[1] for s in native), native[0].bounds[0],
+                native[0].bounds[3])
+    sizes = [calculate_default_transform(s.crs, crs, s.width, s.height, *s.bounds)[0] for s in read]
+    return min(t.a for t in sizes), min(-t.e for t in sizes), 0.0, 0.0
+
+
+def _warped(sheet: _Sheet, crs: CRS, grid: tuple[float, float, float, float], path: Path, final: Path) -> _Sheet:
+    """``sheet`` carried into ``crs`` by GDAL's warper onto ``grid`` (:func:`_warp_grid`), over the
+    whole pixels that cover it, described as the VRT ``path`` (which names the sheet relative to
+    itself), and returned as the sheet the mosaic reads once that VRT is moved to ``final`` (a
+    folder beside ``path``'s, so the relative name holds). Its pixels are
+    interpolated bilinearly (a paletted sheet's indices by nearest neighbour); what lies outside
+    it is nodata, or transparent through an alpha band GDAL adds after the sheet's bands (the
+    mosaic reads only those, and the alpha as their mask)."""
+    resampling = Resampling.nearest if sheet.palette else Resampling.bilinear
+    has_alpha = ColorInterp.alpha.name in sheet.colours
+    resx, resy, x0, y0 = grid
+    left, bottom, right, top = transform_bounds(sheet.crs, crs, *sheet.bounds, densify_pts=21)
+    left, right = x0 + math.floor((left - x0) / resx) * resx, x0 + math.ceil((right - x0) / resx) * resx
+    bottom, top = y0 + math.floor((bottom - y0) / resy) * resy, y0 + math.ceil((top - y0) / resy) * resy
+    with open_raster(sheet.path, expand_palette=False) as src, \
+            WarpedVRT(src, crs=crs, transform=Affine(resx, 0, left, 0, -resy, top),
+                      width=max(1, round((right - left) / resx)), height=max(1, round((top - bottom) / resy)),
+                      resampling=resampling, nodata=sheet.nodata,
+                      add_alpha=sheet.nodata is None and not has_alpha) as vrt:
+        rasterio.shutil.copy(vrt, path, driver="VRT")
+        bounds, width, height, res = tuple(vrt.bounds), vrt.width, vrt.height, vrt.res
+    tree = ET.parse(path)
+    for source in tree.iter("SourceDataset"):  # GDAL writes the sheet's absolute path
+        name, relative = _location(sheet.path, path.parent)
+        source.text, source.attrib["relativeToVRT"] = name, "1" if relative else "0"
+    tree.write(path, encoding="utf-8", xml_declaration=False)
+    return _Sheet(str(final), bounds, width, height, crs, res, sheet.count, sheet.dtype, sheet.colours,
+                  sheet.nodata, sheet.palette)
+
+
+def _source(parent: ET.Element, sheet: _Sheet, band: str, folder: Path, place: tuple[float, ...],
+            over: bool) -> None:
     """All of ``sheet``'s ``band`` ("1", or "mask,1" for its mask) at ``place`` (xOff, yOff, xSize,
-    ySize in the mosaic's pixels): a SimpleSource, or a ComplexSource that skips its nodata. A
-    coarser sheet's pixels are enlarged bilinearly (its mask by nearest neighbour)."""
-    source = ET.SubElement(parent, "SimpleSource" if sheet.nodata is None or band.startswith("mask") else
-                           "ComplexSource")
+    ySize in the mosaic's pixels). Drawn ``over`` an earlier sheet, a ComplexSource that skips
+    what the sheet does not cover, so the one below shows through: its nodata value, or where
+    its mask (alpha band, mask band) is 0 (and in the mask, its zeros). Else a SimpleSource
+    (but a sheet with a nodata value always skips it): compositing by mask everywhere doubled the
+    read time of a 4096 x 4096 mosaic of four sheets side by side (0.32-0.38 s against
+    0.14-0.18 s). A coarser sheet's pixels are enlarged bilinearly (its mask by nearest
+    neighbour)."""
+    composite = over or (sheet.nodata is not None and not band.startswith("mask"))
+    source = ET.SubElement(parent, "ComplexSource" if composite else "SimpleSource")
     if not band.startswith("mask") and (abs(place[2] - sheet.width) > 1e-6 or abs(place[3] - sheet.height) > 1e-6):
         source.set("resampling", "bilinear")
     name, relative = _location(sheet.path, folder)
@@ -80,8 +141,14 @@ def _source(parent: ET.Element, sheet: _Sheet, band: str, folder: Path, place: t
     ET.SubElement(source, "SourceBand").text = band
     ET.SubElement(source, "SrcRect", xOff="0", yOff="0", xSize=str(sheet.width), ySize=str(sheet.height))
     ET.SubElement(source, "DstRect", **{k: repr(v) for k, v in zip(("xOff", "yOff", "xSize", "ySize"), place)})
-    if source.tag == "ComplexSource":
+    if not composite:
+        return
+    if band.startswith("mask"):
+        ET.SubElement(source, "NODATA").text = "0"
+    elif sheet.nodata is not None:
         ET.SubElement(source, "NODATA").text = repr(sheet.nodata)
+    else:
+        ET.SubElement(source, "UseMaskBand").text = "true"
 
 
 def _is_nan(value: float | None) -> bool:
@@ -100,21 +167,24 @@ def _location(sheet: str, folder: Path) -> tuple[str, bool]:
         return str(Path(sheet).resolve()), False
 
 
-def build_mosaic(sheets: list[str | Path], dst: str | Path, overwrite: bool = False) -> MosaicResult:
-    """Describe ``sheets`` (north-up rasters of one CRS, band count and data type) as the mosaic
-    ``dst`` (``.vrt``), on the finest sheet's pixel size over all of them, with the first sheet's
-    colour interpretation (and colour table: paletted sheets share one). Where sheets overlap, the
-    later one listed is drawn."""
+def build_mosaic(sheets: list[str | Path], dst: str | Path, overwrite: bool = False,
+                 crs: str | None = None) -> MosaicResult:
+    """Describe ``sheets`` (north-up rasters of one band count and data type) as the mosaic ``dst``
+    (``.vrt``) in ``crs`` (default: the first sheet's), on the finest sheet's pixel size over all
+    of them, with the first sheet's colour interpretation (and colour table: paletted sheets share
+    one). Where sheets overlap, the later one listed is drawn. Sheets in another CRS are warped
+    into it: their warped VRTs go in the folder ``<dst's name>_warped`` beside ``dst``."""
     dst = Path(dst)
     check_destination(dst, None, overwrite, VRT)
     if not sheets:
         raise InputError("no sheets to put together")
     read = [_read_sheet(str(s)) for s in sheets]
     first = read[0]
+    try:
+        target = first.crs if crs is None else CRS.from_user_input(crs)
+    except CRSError:
+        raise InputError(f"unknown CRS for the mosaic: {crs}") from None
     for sheet in read[1:]:
-        if sheet.crs != first.crs:
-            raise InputError(f"{sheet.path} is in {sheet.crs}, {first.path} in {first.crs}: a mosaic's sheets "
-                             f"share one CRS, as gdalbuildvrt asks (warp them first: gdalwarp -t_srs {first.crs})")
         if (sheet.count, sheet.dtype) != (first.count, first.dtype):
             raise InputError(f"{sheet.path} has {sheet.count} {sheet.dtype} band(s), {first.path} {first.count} "
                              f"{first.dtype}: a mosaic's sheets have the same bands")
@@ -124,6 +194,29 @@ def build_mosaic(sheets: list[str | Path], dst: str | Path, overwrite: bool = Fa
         if sheet.nodata != first.nodata and not (_is_nan(sheet.nodata) and _is_nan(first.nodata)):
             raise InputError(f"{sheet.path} has nodata {sheet.nodata}, {first.path} {first.nodata}: a mosaic's "
                              "sheets share one nodata value")
+    warped_dir = dst.with_name(f"{dst.stem}_warped")
+    moving = [i for i, sheet in enumerate(read) if sheet.crs != target]
+    if moving and warped_dir.exists() and not overwrite:
+        raise OutputError(f"{warped_dir} exists (pass --overwrite to replace it)")
+    part = dst.with_name(f".{warped_dir.name}.part")
+    shutil.rmtree(part, ignore_errors=True)
+    try:
+        if moving:
+            part.mkdir()
+        grid = _warp_grid(read, target) if moving else None
+        for i in moving:
+            name = f"{i + 1:03d}_{Path(read[i].path).stem}.vrt"  # numbered: sheets of one name in two folders
+            read[i] = _warped(read[i], target, grid, part / name, warped_dir / name)
+        root, width, height = _mosaic_xml(read, target, dst.parent if str(dst.parent) else Path("."))
+        _publish(root, dst, part if moving else None, warped_dir, overwrite)
+    finally:
+        shutil.rmtree(part, ignore_errors=True)
+    return MosaicResult(dst, len(read), width, height, str(target), len(moving), warped_dir if moving else None)
+
+
+def _mosaic_xml(read: list[_Sheet], crs: CRS, folder: Path) -> tuple[ET.Element, int, int]:
+    """The VRT of ``read`` (sheets of one CRS, checked alike) and its width and height."""
+    first = read[0]
     resx, resy = min(s.res[0] for s in read), min(s.res[1] for s in read)
     left, bottom = min(s.bounds[0] for s in read), min(s.bounds[1] for s in read)
     right, top = max(s.bounds[2] for s in read), max(s.bounds[3] for s in read)
@@ -133,10 +226,13 @@ def build_mosaic(sheets: list[str | Path], dst: str | Path, overwrite: bool = Fa
     for s in read:
         (x0, y0), (x1, y1) = to_pixels @ (s.bounds[0], s.bounds[3]), to_pixels @ (s.bounds[2], s.bounds[1])
         places.append((x0, y0, x1 - x0, y1 - y0))
+    # Which sheets are drawn over an earlier one (their rectangles overlap by more than rounding).
+    over = [any(min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]) > 1e-6 and
+                min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]) > 1e-6 for b in places[:i])
+            for i, a in enumerate(places)]
 
-    folder = dst.parent if str(dst.parent) else Path(".")
     root = ET.Element("VRTDataset", rasterXSize=str(width), rasterYSize=str(height))
-    ET.SubElement(root, "SRS").text = first.crs.to_wkt()
+    ET.SubElement(root, "SRS").text = crs.to_wkt()
     ET.SubElement(root, "GeoTransform").text = ", ".join(repr(v) for v in (left, resx, 0.0, top, 0.0, -resy))
     gdal_type = dtypes.typename_fwd[dtypes.dtype_rev[first.dtype]]  # Byte, UInt16...
     for b in range(1, first.count + 1):
@@ -149,21 +245,38 @@ def build_mosaic(sheets: list[str | Path], dst: str | Path, overwrite: bool = Fa
             for index in range(max(first.palette) + 1):
                 c = first.palette.get(index, (0, 0, 0, 0))
                 ET.SubElement(table, "Entry", c1=str(c[0]), c2=str(c[1]), c3=str(c[2]), c4=str(c[3]))
-        for sheet, place in zip(read, places):
-            _source(band, sheet, str(b), folder, place)
+        for sheet, place, on in zip(read, places, over):
+            _source(band, sheet, str(b), folder, place, on)
     if first.nodata is None:
         mask = ET.SubElement(ET.SubElement(root, "MaskBand"), "VRTRasterBand", dataType="Byte")
-        for sheet, place in zip(read, places):
-            _source(mask, sheet, "mask,1", folder, place)
+        for sheet, place, on in zip(read, places, over):
+            _source(mask, sheet, "mask,1", folder, place, on)
+    return root, width, height
 
-    tmp = dst.with_name(f".{dst.name}.part")
+
+def _publish(root: ET.Element, dst: Path, warped: Path | None, warped_dir: Path, overwrite: bool) -> None:
+    """Put the mosaic at ``dst`` and its warped sheets (the folder ``warped``, if any) at
+    ``warped_dir``, once GDAL reads the mosaic back; on failure nothing new is left and an older
+    mosaic's folder is back in place. A mosaic replaced by one without warped sheets takes its
+    stale folder with it."""
+    tmp, old = dst.with_name(f".{dst.name}.part"), dst.with_name(f".{warped_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
     try:
+        if overwrite and warped_dir.exists():
+            warped_dir.rename(old)
+        if warped is not None:
+            warped.rename(warped_dir)
         ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=False)
-        with rasterio.open(tmp):  # GDAL reads it back, or nothing is left at DST
+        with rasterio.open(tmp):  # GDAL reads it back, or nothing is left
             pass
         os.replace(tmp, dst)
-    except RasterioIOError as exc:
-        raise OutputError(f"GDAL cannot read the mosaic back: {exc}") from None
+    except (RasterioIOError, OSError) as exc:
+        if warped is not None:
+            shutil.rmtree(warped_dir, ignore_errors=True)
+        if old.exists():
+            old.rename(warped_dir)
+        what = "GDAL cannot read the mosaic back" if isinstance(exc, RasterioIOError) else f"cannot write {dst}"
+        raise OutputError(f"{what}: {exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
-    return MosaicResult(dst, len(read), width, height, str(first.crs))
+    shutil.rmtree(old, ignore_errors=True)

@@ -68,17 +68,24 @@ def test_ground_no_sheet_covers_is_nodata(nodata, tmp_path):
     assert (pixels[:, mask > 0] == 90).all()
 
 
-def test_the_later_sheet_is_drawn_where_sheets_overlap_but_not_its_nodata(tmp_path):
-    a = write_scene(tmp_path / "a.tif", width=200, height=100, nodata=0, data=np.full((3, 100, 200), 50, np.uint8))
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_later_sheet_is_drawn_where_sheets_overlap_but_not_its_nodata(tmp_path, masked):
+    """Its margin marked by a nodata value, or by a mask band (then sheet a's pixels show there,
+    and the mosaic's mask is valid there too)."""
+    nodata = None if masked else 0
+    a = write_scene(tmp_path / "a.tif", width=200, height=100, nodata=nodata,
+                    data=np.full((3, 100, 200), 50, np.uint8))
     data = np.full((3, 100, 200), 200, np.uint8)
-    data[:, :, :20] = 0  # a nodata margin, over sheet a
-    b = write_scene(tmp_path / "b.tif", width=200, height=100, nodata=0, data=data)
-    with rasterio.open(b, "r+") as ds:  # 100 m east of a: overlapping its east half
-        ds.transform = ds.transform @ rasterio.Affine.translation(100, 0)
+    data[:, :, :20] = 0  # a margin without data, over sheet a
+    b = write_scene(tmp_path / "b.tif", width=200, height=100, nodata=nodata, data=data)
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(b, "r+") as ds:
+        ds.transform = ds.transform @ rasterio.Affine.translation(100, 0)  # 100 m east of a: over its east half
+        if masked:
+            ds.write_mask(np.where(data[0] > 0, 255, 0).astype(np.uint8))
     with rasterio.open(build_mosaic([a, b], tmp_path / "m.vrt").dst) as m:
-        row = m.read(1)[50]
+        row, valid = m.read(1)[50], m.dataset_mask()[50]
         assert m.shape == (100, 300)
-    assert (row[:120] == 50).all() and (row[120:] == 200).all()
+    assert (row[:120] == 50).all() and (row[120:] == 200).all() and (valid == 255).all()
 
 
 def test_a_coarser_sheet_is_enlarged_smoothly(tmp_path):
@@ -146,7 +153,6 @@ def _rotated(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("make, dst, message", [
-    (lambda d: [write_scene(d / "a.tif"), write_scene(d / "b.tif", crs="EPSG:32632")], "m.vrt", "share one CRS"),
     (lambda d: [write_scene(d / "a.tif"), write_scene(d / "b.tif", count=4)], "m.vrt", "have the same bands"),
     (lambda d: [write_scene(d / "a.tif"), write_scene(d / "b.tif", nodata=0)], "m.vrt", "share one nodata value"),
     (lambda d: [write_scene(d / "a.tif")], "m.tif", "name it .vrt"),
@@ -173,3 +179,75 @@ def test_cli_mosaic_takes_a_pattern_and_keeps_an_existing_mosaic(tmp_path):
     assert result.output.strip() == f"wrote {out}: 4 sheets, 400 x 300 pixels (EPSG:32633)"
     again = run("mosaic", f"{tmp_path}/sheets/*.tif", out)
     assert again.exit_code == 1 and "--overwrite" in again.output
+
+
+def _into(sheet: Path, crs: str, dst: Path) -> Path:
+    """``sheet`` reprojected into ``crs`` (bilinear, about its own pixel size), as another file:
+    the neighbouring UTM zone's copy of a delivery's sheet, its corners outside the ground
+    nodata, or masked where it has no nodata value."""
+    from rasterio.warp import Resampling, calculate_default_transform, reproject
+
+    with rasterio.open(sheet) as src:
+        transform, width, height = calculate_default_transform(src.crs, crs, src.width, src.height, *src.bounds)
+        with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), \
+                rasterio.open(dst, "w", **(src.profile | {"crs": crs, "transform": transform, "width": width,
+                                                         "height": height})) as out:
+            for b in range(1, src.count + 1):
+                reproject(rasterio.band(src, b), rasterio.band(out, b), resampling=Resampling.bilinear)
+            if src.nodata is None:
+                covered = np.zeros((height, width), np.uint8)
+                reproject(np.full(src.shape, 255, np.uint8), covered, src_transform=src.transform, src_crs=src.crs,
+                          dst_transform=transform, dst_crs=crs, resampling=Resampling.nearest)
+                out.write_mask(covered)
+    return dst
+
+
+@pytest.mark.parametrize("nodata", [None, 0])
+def test_a_sheet_in_another_crs_is_warped_into_the_mosaics(nodata, tmp_path):
+    """Two sheets in two UTM zones: the second is warped into the first's CRS through a warped VRT
+    beside the mosaic, onto the first's pixel grid; the mosaic is the whole scene again (the first
+    sheet exactly, the warped one within the blur of two bilinear resamplings: there and back)
+    and valid throughout, but for a pixel or so along the cut that neither warped edge covers.
+    The warped sheet's empty corners, nodata or masked, let the first sheet show."""
+    whole = write_scene(tmp_path / "whole.tif", width=400, height=300, nodata=nodata)
+    west, east = cut(whole, tmp_path / "sheets", (200, 300))
+    moved = _into(east, "EPSG:32632", tmp_path / "sheets" / "east_32632.tif")
+    result = build_mosaic([west, moved], tmp_path / "m.vrt")
+    assert (result.crs, result.warped) == ("EPSG:32633", 1)
+    assert [p.name for p in (tmp_path / "m_warped").iterdir()] == ["002_east_32632.vrt"]
+    with rasterio.open(tmp_path / "m.vrt") as m, rasterio.open(whole) as w:
+        assert m.res == w.res  # the first sheet's grid, the warped sheet on whole pixels of it
+        there = m.window(*w.bounds)
+        got, mask, truth = m.read(window=there), m.read_masks(1, window=there), w.read()
+    # The first sheet as it is (but at the cut, where the warped sheet's edge pixels are drawn).
+    np.testing.assert_array_equal(got[:, :, :199], truth[:, :, :199])
+    inner = (slice(None), slice(2, -2), slice(202, -2))
+    assert np.abs(got[inner].astype(int) - truth[inner]).mean() < 8
+    assert (mask[2:-2, 2:198] == 255).all() and (mask[2:-2, 202:-2] == 255).all()  # a pixel at the cut may not be
+    assert (mask[2:-2, 198:202] == 255).mean() > 0.99
+
+
+def test_a_mosaic_in_a_crs_of_its_own_and_its_folder_moves_with_it(tiny_weights, tmp_path):
+    """--crs: every sheet is warped (here both, into the second's zone); the mosaic and its
+    folder of warped sheets can be moved together, and translated. Rebuilt without warping
+    (--overwrite), the stale folder goes; without --overwrite an existing folder is refused."""
+    whole = write_scene(tmp_path / "whole.tif", width=400, height=300)
+    sheets = cut(whole, tmp_path / "d" / "sheets", (200, 300))
+    result = build_mosaic(sheets, tmp_path / "d" / "m.vrt", crs="EPSG:32632")
+    assert (result.crs, result.warped) == ("EPSG:32632", 2)
+    with rasterio.open(tmp_path / "d" / "m.vrt") as m:
+        before = m.read()
+    moved = Path(shutil.move(tmp_path / "d", tmp_path / "elsewhere"))
+    with rasterio.open(moved / "m.vrt") as m:
+        np.testing.assert_array_equal(m.read(), before)
+    mapped = translate(moved / "m.vrt", tmp_path / "map.tif", weights=tiny_weights, resolution="native")
+    with rasterio.open(mapped.dst) as out:
+        assert out.crs == "EPSG:32632" and out.shape == before.shape[1:] and (out.dataset_mask() == 0).any()
+    sheets = sorted((moved / "sheets").iterdir())
+    (moved / "m.vrt").unlink()  # the folder of an earlier mosaic of that name is left
+    with pytest.raises(Geosat2mapError, match="m_warped exists"):
+        build_mosaic(sheets, moved / "m.vrt", crs="EPSG:32632")
+    build_mosaic(sheets, moved / "m.vrt", overwrite=True)
+    assert not (moved / "m_warped").exists()
+    with pytest.raises(Geosat2mapError, match="unknown CRS"):
+        build_mosaic(sheets, moved / "n.vrt", crs="EPSG:999999")
