@@ -196,8 +196,11 @@ def build_mosaic(sheets: list[str | Path], dst: str | Path, overwrite: bool = Fa
                              "sheets share one nodata value")
     warped_dir = dst.with_name(f"{dst.stem}_warped")
     moving = [i for i, sheet in enumerate(read) if sheet.crs != target]
-    if moving and warped_dir.exists() and not overwrite:
-        raise OutputError(f"{warped_dir} exists (pass --overwrite to replace it)")
+    if warped_dir.exists() and (moving or overwrite):
+        if not overwrite:
+            raise OutputError(f"{warped_dir} exists (pass --overwrite to replace it)")
+        if not _holds_warped_sheets(warped_dir):  # --overwrite replaces a mosaic's files, nothing else
+            raise OutputError(f"{warped_dir} is in the way and holds more than a mosaic's warped sheets: move it")
     part = dst.with_name(f".{warped_dir.name}.part")
     shutil.rmtree(part, ignore_errors=True)
     try:
@@ -252,6 +255,12 @@ def _mosaic_xml(read: list[_Sheet], crs: CRS, folder: Path) -> tuple[ET.Element,
         for sheet, place, on in zip(read, places, over):
             _source(mask, sheet, "mask,1", folder, place, on)
     return root, width, height
+
+
+def _holds_warped_sheets(folder: Path) -> bool:
+    """Whether ``folder`` holds only files named as :func:`build_mosaic` names warped sheets."""
+    return folder.is_dir() and all(p.is_file() and p.suffix == ".vrt" and p.name[:3].isdigit() and p.name[3] == "_"
+                                   for p in folder.iterdir())
 
 
 def _publish(root: ET.Element, dst: Path, warped: Path | None, warped_dir: Path, overwrite: bool) -> None:

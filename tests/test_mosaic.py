@@ -251,3 +251,16 @@ def test_a_mosaic_in_a_crs_of_its_own_and_its_folder_moves_with_it(tiny_weights,
     assert not (moved / "m_warped").exists()
     with pytest.raises(Geosat2mapError, match="unknown CRS"):
         build_mosaic(sheets, moved / "n.vrt", crs="EPSG:999999")
+
+
+def test_overwrite_never_takes_a_folder_that_is_not_a_mosaics(tmp_path):
+    """A folder of the user's own that happens to be named like the warped sheets' is refused,
+    even with --overwrite, and left as it is."""
+    sheets = cut(write_scene(tmp_path / "whole.tif", width=400, height=300), tmp_path / "sheets", (200, 300))
+    own = tmp_path / "m_warped"
+    own.mkdir()
+    (own / "notes.txt").write_text("mine")
+    for crs in (None, "EPSG:32632"):
+        with pytest.raises(Geosat2mapError, match="holds more than a mosaic's warped sheets"):
+            build_mosaic(sheets, tmp_path / "m.vrt", overwrite=True, crs=crs)
+    assert (own / "notes.txt").read_text() == "mine" and not (tmp_path / "m.vrt").exists()
