@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -259,8 +260,7 @@ def _mosaic_xml(read: list[_Sheet], crs: CRS, folder: Path) -> tuple[ET.Element,
 
 def _holds_warped_sheets(folder: Path) -> bool:
     """Whether ``folder`` holds only files named as :func:`build_mosaic` names warped sheets."""
-    return folder.is_dir() and all(p.is_file() and p.suffix == ".vrt" and p.name[:3].isdigit() and p.name[3] == "_"
-                                   for p in folder.iterdir())
+    return folder.is_dir() and all(p.is_file() and re.fullmatch(r"\d{3,}_.*\.vrt", p.name) for p in folder.iterdir())
 
 
 def _publish(root: ET.Element, dst: Path, warped: Path | None, warped_dir: Path, overwrite: bool) -> None:
