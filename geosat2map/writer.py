@@ -203,6 +203,7 @@ class GeoTIFFWriter:
         self.profile.update(self._open_options)
         self.checkpoint = checkpoint
         self._checkpointed = time.monotonic()
+        self._recorded = resume_rows  # rows the last checkpoint recorded
         self._env = rasterio.Env(**GDAL_ENV)
         self._ds = None
         # Three block-row buffers, block row k in buffer k % 3: two are being filled (the blender
@@ -229,8 +230,11 @@ class GeoTIFFWriter:
         self._take_lock()
         self._env.__enter__()
         try:
-            # A resume killed during its copy left the kept rows in .prev and a torn copy in .tmp.
-            if self.resume_rows and not self.prev.exists():
+            # A resume killed during its copy left the kept rows in .prev and a torn copy in .tmp;
+            # a run that starts afresh drops such leftovers (a later resume would copy them).
+            if not self.resume_rows:
+                self.prev.unlink(missing_ok=True)
+            elif not self.prev.exists():
                 os.replace(self.tmp, self.prev)
             self._ds = rasterio.open(self.tmp, "w", **self.profile)
             self._ds.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
@@ -344,7 +348,7 @@ class GeoTIFFWriter:
             self._futures[i] = self._pool.submit(self._write, Window(0, top, self.width, n),
                                                  self._pixels[i][:, :n], mask)
             self._next_block += 1
-        if self.checkpoint and self.rows_written < self.height and \
+        if self.checkpoint and self._recorded < self.rows_written < self.height and \
                 time.monotonic() - self._checkpointed >= CHECKPOINT_SECONDS:
             self._wait()
             self._make_resumable()
@@ -365,7 +369,7 @@ class GeoTIFFWriter:
             self.checkpoint(self.rows_written)
         except (RasterioIOError, OSError) as exc:  # a full disk, for the file or the record
             raise OutputError(f"writing {self.dst} failed: {gdal_reason(exc)}") from None
-        self._checkpointed = time.monotonic()
+        self._checkpointed, self._recorded = time.monotonic(), self.rows_written
 
     def _write(self, window: Window, pixels: np.ndarray, valid: np.ndarray | None) -> None:
         """Write one block row (``valid``: uint8 0/255, None if all valid); runs on the writer thread."""

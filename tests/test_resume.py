@@ -215,6 +215,18 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(scene, tiny_weights, tmp_
     a, b = content(whole), content(out)
     for x, y in zip(a, b):
         assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y
+    # A run started afresh over such leftovers (.prev of 768 rows), killed in turn, resumes from
+    # its own rows, not the leftovers'.
+    out.unlink()
+    _killed(scene, out, tiny_weights, kill_at=768)
+    _killed(scene, out, tiny_weights, kill_at=0, resume=True)
+    assert (tmp_path / ".map.tif.part.prev.tif").exists()
+    _killed(scene, out, tiny_weights, kill_at=1024)
+    assert json.loads((tmp_path / RECORD).read_text())["rows"] == 1024
+    result = translate(scene, out, weights=tiny_weights, backend="torch", resume=True)
+    a, b = content(whole), content(out)
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y
     assert result.tiles_computed == 4 * 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.tif", "src.tif", "whole.tif"]
 
