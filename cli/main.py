@@ -149,6 +149,10 @@ def _parse_bands(ctx, param, value: str | None):
 @click.option("--aoi", default=None, metavar="FILE[:LAYER]",
               help="Translate only inside these polygons (a vector file or URL GDAL reads, in any CRS: "
                    "GeoPackage, GeoJSON, Shapefile...): the map covers their bounding box and is nodata outside them.")
+@click.option("--src-nodata", type=float, default=None, metavar="VALUE",
+              help="The value that marks nodata in the scene (a pixel with it in every band), in place of the "
+                   "scene's own nodata, alpha or mask: e.g. 0 for a black collar the file does not mark (as "
+                   "gdalwarp -srcnodata).")
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: average each tile's map with the mirrored map of its mirror image "
                    "(a cleaner map, twice the compute).")

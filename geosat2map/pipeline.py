@@ -185,6 +185,7 @@ def translate(
     bounds: tuple[float, float, float, float] | None = None,
     bounds_crs: str | None = None,
     aoi: str | area.AreaOfInterest | None = None,
+    src_nodata: float | None = None,
 ) -> TranslateResult:
     """Translate the GeoTIFF ``src`` into a map GeoTIFF at ``dst``; see ``geosat2map translate --help``.
     ``src`` may be any address GDAL reads (a URL such as ``https://.../scene.tif`` or ``s3://...``,
@@ -204,7 +205,8 @@ def translate(
     ``bounds_crs`` such as ``"EPSG:4326"``) translates only the source pixels that cover them.
     ``aoi`` (instead of ``bounds``): an area of interest, ``FILE`` or ``FILE:LAYER`` of polygons
     (or its :class:`~geosat2map.aoi.AreaOfInterest`): the map covers their bounding box and is
-    nodata outside them.
+    nodata outside them. ``src_nodata``: the value that marks nodata in the scene (in every band
+    of a pixel), in place of its own nodata, alpha or mask: a black collar the file does not mark.
     ``compress``: ``zstd`` (the default), ``deflate`` or ``lzw`` (lossless), ``jpeg`` or ``webp``
     (lossy, at ``quality`` 1-100, 90 unless given); see :mod:`~geosat2map.writer`.
     """
@@ -243,7 +245,7 @@ def translate(
             batch_size = auto_batch_size(net, torch_device, spec.in_channels, tile_size,
                                          "fp32" if backend == "onnxruntime" or precision == "int8" else precision)
         return _run(src, dst, net, spec, torch_device, started, bands=bands, resolution=resolution,
-                    bounds=bounds, bounds_crs=bounds_crs, aoi=aoi,
+                    bounds=bounds, bounds_crs=bounds_crs, aoi=aoi, src_nodata=src_nodata,
                     tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
                     compress=compress, quality=quality, allow_ungeoreferenced=allow_ungeoreferenced,
                     progress=progress, resume=resume, backend=backend, precision=precision, ctx=ctx)
@@ -370,9 +372,10 @@ def first_row_after(grid: TileGrid, rows: int) -> int:
 
 
 def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size, overlap, bounds,
-                  bounds_crs, aoi) -> tuple[Scene, TileGrid, int]:
+                  bounds_crs, aoi, src_nodata) -> tuple[Scene, TileGrid, int]:
     """The scene, its tile grid and the GDAL cache size for it, once it is known to fit in memory."""
-    scene = open_scene(src, bands, resolution, spec.gsd_m, allow_ungeoreferenced, bounds, bounds_crs, aoi)
+    scene = open_scene(src, bands, resolution, spec.gsd_m, allow_ungeoreferenced, bounds, bounds_crs, aoi,
+                       src_nodata)
     try:
         if len(scene.bands) != spec.in_channels:
             raise WeightsError(
@@ -392,12 +395,12 @@ def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size
     return scene, grid, cache
 
 
-def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, bounds, bounds_crs, aoi, tile_size, overlap,
-         batch_size, cog, compress, quality, allow_ungeoreferenced, progress, resume, backend, precision,
-         ctx) -> TranslateResult:
+def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, bounds, bounds_crs, aoi, src_nodata,
+         tile_size, overlap, batch_size, cog, compress, quality, allow_ungeoreferenced, progress, resume, backend,
+         precision, ctx) -> TranslateResult:
     opened: list = []
     _agree(ctx, lambda: opened.append(_open_checked(src, bands, resolution, spec, allow_ungeoreferenced,
-                                                    tile_size, overlap, bounds, bounds_crs, aoi)))
+                                                    tile_size, overlap, bounds, bounds_crs, aoi, src_nodata)))
     scene, grid, cache = opened[0]
     try:
         # rasterio takes GDAL_CACHEMAX in bytes (a bare 32 would be a 32-byte cache, i.e. none).
@@ -435,7 +438,8 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
     options = {"resolution": resolution, "tile_size": tile_size, "overlap": overlap, "bands": scene.bands,
                "cog": cog, "compress": compress, "quality": quality, "backend": engine.name, "tta": tta,
                "crop": [int(c.col_off), int(c.row_off), int(c.width), int(c.height)],
-               "aoi": None if scene.aoi is None else area.digest(scene.aoi)}
+               "aoi": None if scene.aoi is None else area.digest(scene.aoi),
+               "src_nodata": None if scene.src_nodata is None else repr(float(scene.src_nodata))}  # NaN as text
     generator = net.generator if tta else net  # the weights the record names
     ident = progress_record.identity(src, options, generator)
     if resume:

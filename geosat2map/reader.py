@@ -125,6 +125,8 @@ class Scene:
     all_valid: bool = False
     #: GDAL configuration options in force while the scene is read (see :func:`_remote_options`).
     gdal_options: dict = field(default_factory=dict)
+    #: The nodata value that replaces the scene's own (its handles open with it: :func:`open_raster`).
+    src_nodata: float | None = None
     #: Threads (each with its own dataset handle) that read the strips of a resampled read. GDAL
     #: decodes and averages a resampled read on one thread (GDAL_NUM_THREADS parallelises only
     #: native multi-block reads): on 2 cores, a 0.5 m scene's row bands at 2.12 m took 0.47-0.50 s
@@ -232,7 +234,7 @@ class Scene:
     def _reader_handles(self, n: int) -> list[rasterio.io.DatasetReader]:
         """``n`` more handles on the scene and a thread for each, opened at the first read that needs them."""
         if n and len(self._handles) < n:
-            self._handles += [open_raster(self.path) for _ in range(n - len(self._handles))]
+            self._handles += [open_raster(self.path, nodata=self.src_nodata) for _ in range(n - len(self._handles))]
             if self._pool is not None:
                 self._pool.shutdown()
             self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="scene-reader")
@@ -406,10 +408,12 @@ def check_input(path: Path | str) -> None:
         raise InputError(f"input is a folder, not a raster: {path} (for the scenes in it, pass '{pattern}')")
 
 
-def open_raster(path: Path | str, expand_palette: bool = True) -> rasterio.io.DatasetReader:
+def open_raster(path: Path | str, expand_palette: bool = True,
+                nodata: float | None = None) -> rasterio.io.DatasetReader:
     """``path`` opened by GDAL, or an :class:`InputError` that says why not in one line; a
     paletted raster in its colours unless ``expand_palette`` is false (for a description of the
-    file itself, as a mosaic's source)."""
+    file itself, as a mosaic's source); with ``nodata``, that value as every band's nodata (see
+    :func:`_with_nodata`)."""
     remote = is_remote(path)
     check_input(path)
     # GDAL_NUM_THREADS at open: the GTiff driver then decodes the blocks of a multi-block read
@@ -422,12 +426,31 @@ def open_raster(path: Path | str, expand_palette: bool = True) -> rasterio.io.Da
     try:
         with warnings.catch_warnings(), rasterio.Env(**threads):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            src = rasterio.open(path)
+            src = rasterio.open(path) if nodata is None else _with_nodata(path, rasterio.open(path), nodata)
             return _colours(path, src) if expand_palette else src
     except RasterioIOError as exc:
         if is_gdal_path(path):  # not found, refused, not a raster, no such table: GDAL's reason says which
             raise InputError(f"cannot open {path}: {gdal_reason(exc)}") from None
         raise InputError(f"{path} is not a raster GDAL can read") from None
+
+
+def _with_nodata(path: Path | str, src: rasterio.io.DatasetReader, nodata: float) -> rasterio.io.DatasetReader:
+    """``src`` reopened with ``nodata`` as every band's nodata value, in place of its own nodata,
+    alpha or mask (GDAL's ``vrt://...?a_nodata=``, as ``gdal_translate -a_nodata``): for a scene
+    whose empty border or collar the file does not mark. A pixel is then nodata where every band
+    holds the value (GDAL's dataset mask)."""
+    name, paletted = src.name, src.count == 1 and src.colorinterp[0] is ColorInterp.palette
+    misfit = next((t for t in src.dtypes if not rasterio.dtypes.in_dtype_range(nodata, t)), None)
+    src.close()
+    if paletted:  # its nodata would be an index, and GDAL applies it after expanding the colours
+        raise InputError(f"{path} is paletted: mark its nodata index in the file (gdal_edit -a_nodata) rather "
+                         "than with --src-nodata")
+    if misfit is not None:
+        raise InputError(f"nodata {nodata:g} is outside the range of {path}'s {misfit} values")
+    if "?" in name:  # the connection string's options start at the first "?"
+        raise InputError(f"{path} has a '?' in its name, which GDAL's nodata override cannot take: rename it, "
+                         "or set its nodata in the file (gdal_edit -a_nodata)")
+    return rasterio.open(f"vrt://{name}?a_nodata={nodata!r}")
 
 
 def _colours(path: Path | str, src: rasterio.io.DatasetReader) -> rasterio.io.DatasetReader:
@@ -530,6 +553,7 @@ def open_scene(
     bounds: tuple[float, float, float, float] | None = None,
     bounds_crs: str | None = None,
     aoi: area.AreaOfInterest | None = None,
+    src_nodata: float | None = None,
 ) -> Scene:
     """Open ``path`` (a file, or any address GDAL reads: see :func:`is_gdal_path`) for windowed
     reading on the output grid.
@@ -538,12 +562,13 @@ def open_scene(
     say), ``"native"`` keeps the scene's pixels, a number is metres per pixel. ``bounds`` (left,
     bottom, right, top, in the scene's CRS or in ``bounds_crs``) keeps only the source pixels
     that cover them: the output grid is theirs. ``aoi`` (instead of ``bounds``): the source pixels
-    under its bounding box, those outside its polygons read as nodata.
+    under its bounding box, those outside its polygons read as nodata. ``src_nodata``: a value
+    that marks nodata in every band, in place of the scene's own nodata, alpha or mask.
     """
     path = scene_path(path)
     options = _remote_options(path)
     with rasterio.Env(**options):  # GDAL looks for side-car files while the scene is planned
-        src = open_raster(path)
+        src = open_raster(path, nodata=src_nodata)
         paletted = _is_expanded(src)
         base = None  # the scene's own file, when src is its north-up warp
         try:
@@ -560,8 +585,11 @@ def open_scene(
             if base is not None:
                 base.close()
             raise
-    scene.gdal_options = options
+    scene.gdal_options, scene.src_nodata = options, src_nodata
     scene.warped_from = base
+    if src_nodata is not None:
+        scene.notes.append(f"pixels of value {src_nodata:g} in every band read as nodata (--src-nodata), in place "
+                           "of the scene's own nodata or mask")
     if paletted:
         scene.notes.insert(0, "paletted: read in its colour table's colours (GDAL's expand=rgb)")
     return scene

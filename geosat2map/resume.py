@@ -21,7 +21,7 @@ from .weights import model_digest
 VERSION = 1
 #: Options records came to hold after they first did, with the value every run had before: a
 #: partial output kept by an earlier version still resumes under the same options.
-ADDED_OPTIONS = {"compress": "zstd", "quality": None, "aoi": None}
+ADDED_OPTIONS = {"compress": "zstd", "quality": None, "aoi": None, "src_nodata": None}
 
 
 def record_path(dst: Path) -> Path:

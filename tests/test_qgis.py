@@ -172,6 +172,21 @@ def test_processing_script_makes_the_command_lines_map(script, tiny_weights, tmp
         np.testing.assert_array_equal(a.dataset_mask(), b.dataset_mask())
 
 
+def test_processing_script_nodata_value_is_src_nodata(script, tiny_weights, tmp_path):
+    """The nodata parameter marks a black collar the file does not (translate --src-nodata)."""
+    data = synthetic_image(300, 400)
+    data[:, :, :50] = 0
+    scene = write_scene(tmp_path / "scene.tif", width=400, height=300, data=data)
+    out = tmp_path / "from_qgis.tif"
+    report = _run_processing(script, f"INPUT={scene}", f"OUTPUT={out}", f"WEIGHTS={tiny_weights}", "NODATA=0")
+    assert report.get("error") is None and report["output_valid"]
+    direct = translate(scene, tmp_path / "direct.tif", weights=tiny_weights, src_nodata=0).dst
+    with rasterio.open(out) as a, rasterio.open(direct) as b:
+        assert (a.dataset_mask() == 0).any()
+        np.testing.assert_array_equal(a.read(), b.read())
+        np.testing.assert_array_equal(a.dataset_mask(), b.dataset_mask())
+
+
 def test_processing_script_translates_an_extent_given_in_another_crs(script, tiny_weights, tmp_path):
     """The Extent parameter (say, the map canvas in longitude and latitude) is translate's --bounds."""
     from rasterio.warp import transform_bounds

@@ -94,6 +94,8 @@ def test_resume_refuses_other_options_input_or_nothing(scene, tiny_weights, tmp_
         translate(scene, out, weights=tiny_weights, bounds=(500000, 4498600, 500700, 4500000), resume=True)
     with pytest.raises(InputError, match="compress='zstd', not 'jpeg'"):
         translate(scene, out, weights=tiny_weights, compress="jpeg", resume=True)
+    with pytest.raises(InputError, match="src_nodata=None, not '0.0'"):
+        translate(scene, out, weights=tiny_weights, src_nodata=0, resume=True)
     os.utime(scene, ns=(1, 1))
     with pytest.raises(InputError, match="another input file"):
         translate(scene, out, weights=tiny_weights, resume=True)

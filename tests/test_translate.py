@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,6 +235,45 @@ def test_float_nan_and_inf_are_masked(tiny_weights, tmp_path):
         mask = dst.dataset_mask() > 0
     assert not mask[10:20, 10:20].any() and not mask[50:60, 50:60].any()
     assert mask[100:, 100:].all()
+
+
+def test_src_nodata_marks_a_collar_the_file_does_not(tiny_weights, tmp_path):
+    """A black collar without nodata metadata: with src_nodata=0 the map is the one of the same
+    scene whose file says nodata 0 (pixels and mask); without, the collar is mapped as ground."""
+    data = synthetic_image(400, 500)
+    data[:, :40] = 0
+    data[:, :, :30] = 0
+    data[:, 200, 200] = (0, 0, 7)  # black in two bands only: ground
+    unmarked = write_scene(tmp_path / "unmarked.tif", width=500, height=400, data=data)
+    marked = write_scene(tmp_path / "marked.tif", width=500, height=400, data=data, nodata=0)
+    result = translate(unmarked, tmp_path / "a.tif", weights=tiny_weights, src_nodata=0)
+    translate(marked, tmp_path / "b.tif", weights=tiny_weights)
+    translate(unmarked, tmp_path / "c.tif", weights=tiny_weights)
+    with rasterio.open(tmp_path / "a.tif") as a, rasterio.open(tmp_path / "b.tif") as b, \
+            rasterio.open(tmp_path / "c.tif") as c:
+        np.testing.assert_array_equal(a.read(), b.read())
+        np.testing.assert_array_equal(a.dataset_mask(), b.dataset_mask())
+        assert (a.dataset_mask() == 0).sum() == 40 * 500 + 360 * 30 and a.dataset_mask()[200, 200] == 255
+        assert (c.dataset_mask() == 255).all()
+    assert any("--src-nodata" in note for note in result.notes)
+
+
+@pytest.mark.parametrize("make, value, message", [
+    (lambda p: write_scene(p, width=300, height=300), 300, "outside the range of .* uint8 values"),
+    (lambda p: write_scene(p, width=300, height=300), float("nan"), "outside the range"),
+    (lambda p: _paletted_scene(p), 0, "is paletted: mark its nodata index in the file"),
+])
+def test_src_nodata_that_cannot_apply_is_refused(make, value, message, tmp_path):
+    path = make(tmp_path / "scene.tif")
+    with pytest.raises(InputError, match=message):
+        open_scene(path, resolution="native", src_nodata=value)
+
+
+def _paletted_scene(path: Path) -> Path:
+    write_scene(path, width=300, height=300, count=1, data=np.ones((1, 300, 300), np.uint8))
+    with rasterio.open(path, "r+") as ds:
+        ds.write_colormap(1, {0: (0, 0, 0, 255), 1: (200, 30, 30, 255)})
+    return path
 
 
 def test_complex_values_are_refused(tmp_path):

@@ -25,6 +25,7 @@ from qgis.core import (
     QgsProcessingParameterExtent,
     QgsProcessingParameterFeatureSource,
     QgsProcessingParameterFile,
+    QgsProcessingParameterNumber,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
@@ -40,7 +41,7 @@ FOREIGN = ("PYTHONHOME", "PYTHONPATH", "GDAL_DATA", "GDAL_DRIVER_PATH", "PROJ_LI
 
 class Geosat2mapTranslate(QgsProcessingAlgorithm):
     INPUT, EXTENT, AOI, BANDS, WEIGHTS, RESOLUTION = "INPUT", "EXTENT", "AOI", "BANDS", "WEIGHTS", "RESOLUTION"
-    TTA, COMPRESSION, RESUME, OUTPUT = "TTA", "COMPRESSION", "RESUME", "OUTPUT"
+    NODATA, TTA, COMPRESSION, RESUME, OUTPUT = "NODATA", "TTA", "COMPRESSION", "RESUME", "OUTPUT"
     #: translate --compress's choices, as the dialog lists them.
     COMPRESSIONS = (("zstd", "ZSTD (lossless)"), ("deflate", "DEFLATE (lossless, for older readers)"),
                     ("lzw", "LZW (lossless, for older readers)"), ("jpeg", "JPEG (lossy, small)"),
@@ -82,6 +83,9 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
             fileFilter="Weights (*.safetensors)"))
         self.addParameter(QgsProcessingParameterString(
             self.RESOLUTION, "Resolution: model, native or metres per pixel", defaultValue="model"))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.NODATA, "Nodata value of the image, in every band (empty: the image's own nodata or mask)",
+            type=QgsProcessingParameterNumber.Double, optional=True))
         self.addParameter(QgsProcessingParameterBoolean(
             self.TTA, "Average with the mirrored image's map (cleaner, twice the compute)", defaultValue=False))
         self.addParameter(QgsProcessingParameterEnum(
@@ -115,6 +119,8 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
         weights = self.parameterAsFile(parameters, self.WEIGHTS, context)
         if weights:
             command += ["--weights", weights]
+        if parameters.get(self.NODATA) is not None:  # translate --src-nodata: a collar the file does not mark
+            command += ["--src-nodata", repr(self.parameterAsDouble(parameters, self.NODATA, context))]
         if self.parameterAsBoolean(parameters, self.TTA, context):
             command.append("--tta")
         command += ["--compress", self.COMPRESSIONS[self.parameterAsEnum(parameters, self.COMPRESSION, context)][0]]
