@@ -339,6 +339,9 @@ def mosaic(sheets, dst, crs, overwrite) -> None:
               help="Share of the split blocks held out for validation (0: none).")
 @click.option("--block-tiles", type=int, default=4, show_default=True, help="Side of a split block, in tiles.")
 @click.option("--style", type=click.Path(dir_okay=False), help="Style for --vector (default: maps).")
+@click.option("--src-nodata", type=float, default=None, metavar="VALUE",
+              help="SAT's nodata value, a pixel holding it in every band, in place of its own marking (as "
+                   "translate's).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True)
 def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:

@@ -47,6 +47,7 @@ class TileOptions:
     block_tiles: int = 4  # side of a split block, in tiles
     seed: int = 0
     style: str | None = None
+    src_nodata: float | None = None  # the scene's nodata value in place of its own marking (translate's)
 
     def check(self) -> None:
         """Refuse options that cut no usable tile, in one line (a stride of -5 cut tiles outside the
@@ -184,7 +185,7 @@ def make_tiles(
     t = options.tile_size
     stride = options.stride or t
     # "model" goes through as such, so open_scene refuses a scene far coarser than the model's pixels.
-    scene = open_scene(sat, resolution=options.resolution, model_gsd_m=model_gsd)
+    scene = open_scene(sat, resolution=options.resolution, model_gsd_m=model_gsd, src_nodata=options.src_nodata)
     work = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.part")
     source = None
     # Tiles are cut row by row, as translate reads: the scene's shared blocks, and the map raster's

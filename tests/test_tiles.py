@@ -17,7 +17,7 @@ from geosat2map.tiles import TileOptions, make_tiles
 from geosat2map.train import TrainConfig, Trainer
 from geosat2map_cli.main import cli
 
-from .conftest import write_scene
+from .conftest import synthetic_image, write_scene
 
 ORIGIN = (500000.0, 4500000.0)  # the test scenes' top-left corner in EPSG:32633 (conftest.write_scene)
 
@@ -185,6 +185,19 @@ def test_tiles_from_a_map_raster(region, tmp_path):
     for tile in tiles:
         with rasterio.open(tile) as t, rasterio.open(west) as w:
             assert t.bounds.right <= w.bounds.right and t.read().max(axis=0).min() > 0, tile.name
+
+
+def test_tiles_skip_a_collar_marked_by_src_nodata(tmp_path):
+    """A scene whose black western third the file does not mark: with --src-nodata 0 the tiles
+    there are skipped as nodata; without, they are cut, black."""
+    data = synthetic_image(512, 768)
+    data[:, :, :256] = 0
+    sat = write_scene(tmp_path / "sat.tif", width=768, height=512, data=data)
+    map_raster = write_scene(tmp_path / "map.tif", width=768, height=512)
+    options = dict(resolution="native", val_fraction=0, block_tiles=1)
+    marked = make_tiles(sat, tmp_path / "a", map_raster=map_raster, options=TileOptions(src_nodata=0, **options))
+    plain = make_tiles(sat, tmp_path / "b", map_raster=map_raster, options=TileOptions(**options))
+    assert (marked.train, marked.skipped["nodata"]) == (4, 2) and (plain.train, plain.skipped["nodata"]) == (6, 0)
 
 
 def test_tiles_only_at_least_half_inside_the_aoi(region, tmp_path):
