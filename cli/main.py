@@ -662,6 +662,8 @@ def _map_info(path: str, as_json: bool) -> None:
     click.echo(f"model sha256 {p.get('GEOSAT2MAP_MODEL_SHA256', '?')} ({which}; `geosat2map info WEIGHTS` "
                "prints a weights file's)")
     inside = f"; only inside the polygons of {p['GEOSAT2MAP_AOI']}" if "GEOSAT2MAP_AOI" in p else ""
+    if "GEOSAT2MAP_SRC_NODATA" in p:
+        inside += f"; the scene's nodata taken as {p['GEOSAT2MAP_SRC_NODATA']} (--src-nodata)"
     click.echo(f"{p.get('GEOSAT2MAP_RESOLUTION', '?')}; {p.get('GEOSAT2MAP_TILING', '?')}{inside}")
 
 

@@ -518,9 +518,11 @@ def provenance_tags(src: Path | str, scene: Scene, generator: torch.nn.Module, e
     """What a map records of how it was made (beside :func:`~geosat2map.writer.software_tags`): the
     scene's file name, the model's digest (the sha256 weights provenance and resume records use,
     see :func:`~geosat2map.weights.model_digest`), the resolution and the tiling; with an area of
-    interest, the polygons' file (and layer)."""
-    area_tag = {} if scene.aoi_source is None else {"GEOSAT2MAP_AOI": Path(scene.aoi_source).name}
-    return area_tag | {
+    interest, the polygons' file (and layer); with ``--src-nodata``, its value."""
+    optional = {} if scene.aoi_source is None else {"GEOSAT2MAP_AOI": Path(scene.aoi_source).name}
+    if scene.src_nodata is not None:
+        optional["GEOSAT2MAP_SRC_NODATA"] = f"{scene.src_nodata:g}"
+    return optional | {
         "GEOSAT2MAP_SOURCE": scene_name(src),
         "GEOSAT2MAP_MODEL_SHA256": model_digest(generator),
         "GEOSAT2MAP_RESOLUTION": f"{scene.gsd_m:.4g} m/pixel" if scene.gsd_m else "the scene's pixels (no ground size)",

@@ -255,6 +255,7 @@ def test_src_nodata_marks_a_collar_the_file_does_not(tiny_weights, tmp_path):
         np.testing.assert_array_equal(a.dataset_mask(), b.dataset_mask())
         assert (a.dataset_mask() == 0).sum() == 40 * 500 + 360 * 30 and a.dataset_mask()[200, 200] == 255
         assert (c.dataset_mask() == 255).all()
+        assert a.tags()["GEOSAT2MAP_SRC_NODATA"] == "0" and "GEOSAT2MAP_SRC_NODATA" not in c.tags()
     assert any("--src-nodata" in note for note in result.notes)
 
 
