@@ -97,10 +97,10 @@ def _warped(sheet: _Sheet, crs: CRS, grid: tuple[float, float, float, float], pa
     """``sheet`` carried into ``crs`` by GDAL's warper onto ``grid`` (:func:`_warp_grid`), over the
     whole pixels that cover it, described as the VRT ``path`` (which names the sheet relative to
     itself), and returned as the sheet the mosaic reads once that VRT is moved to ``final`` (a
-    folder beside ``path``'s, so the relative name holds). Its pixels are
-    interpolated bilinearly (a paletted sheet's indices by nearest neighbour); what lies outside
-    it is nodata, or transparent through an alpha band GDAL adds after the sheet's bands (the
-    mosaic reads only those, and the alpha as their mask)."""
+    folder beside ``path``'s, so the relative name holds). Its pixels are interpolated
+    bilinearly (a paletted sheet's indices by nearest neighbour); what lies outside it is nodata,
+    or transparent through an alpha band GDAL adds after the sheet's bands (the mosaic reads only
+    those, and the alpha as their mask)."""
     resampling = Resampling.nearest if sheet.palette else Resampling.bilinear
     has_alpha = ColorInterp.alpha.name in sheet.colours
     resx, resy, x0, y0 = grid

@@ -223,8 +223,8 @@ def test_a_sheet_in_another_crs_is_warped_into_the_mosaics(nodata, tmp_path):
     np.testing.assert_array_equal(got[:, :, :199], truth[:, :, :199])
     inner = (slice(None), slice(2, -2), slice(202, -2))
     assert np.abs(got[inner].astype(int) - truth[inner]).mean() < 8
-    assert (mask[2:-2, 2:198] == 255).all() and (mask[2:-2, 202:-2] == 255).all()  # a pixel at the cut may not be
-    assert (mask[2:-2, 198:202] == 255).mean() > 0.99
+    assert (mask[2:-2, 2:198] == 255).all() and (mask[2:-2, 202:-2] == 255).all()
+    assert (mask[2:-2, 198:202] == 255).mean() > 0.99  # at the cut, a pixel or so uncovered
 
 
 def test_a_mosaic_in_a_crs_of_its_own_and_its_folder_moves_with_it(tiny_weights, tmp_path):
