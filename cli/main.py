@@ -487,7 +487,8 @@ def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, 
         # no spread to give for one pair, or for PSNR where every pair is identical (infinite)
         cells = [f"{heading.removesuffix(' dB')} {result[k]:.{d}f}" + (f" +- {se[k]:.{d}f}" if math.isfinite(se[k]) else "")
                  + (" dB" if k == "psnr" else "") for k, heading, d in _METRIC_COLUMNS]
-        click.echo(f"{int(result['count'])} {'tiles' if map_raster else 'pairs'} of 256 x 256 (mean +- standard "
+        n = int(result["count"])
+        click.echo(f"{n} {'tile' if map_raster else 'pair'}{'' if n == 1 else 's'} of 256 x 256 (mean +- standard "
                    f"error): " + "  ".join(cells))
 
 
@@ -508,7 +509,7 @@ def _echo_comparison(result: dict) -> None:
                                    for k, _, _ in _METRIC_COLUMNS])]
     label = max(len(r[0]) for r in rows)
     widths = [max(len(h), *(len(r[1][i]) for r in rows)) for i, (_, h, _) in enumerate(_METRIC_COLUMNS)]
-    click.echo(f"{n} pairs of 256 x 256".ljust(label) + "  " + "  ".join(h.rjust(w) for (_, h, _), w in
+    click.echo(f"{n} pair{'' if n == 1 else 's'} of 256 x 256".ljust(label) + "  " + "  ".join(h.rjust(w) for (_, h, _), w in
                                                                            zip(_METRIC_COLUMNS, widths)))
     for name, cells in rows:
         click.echo(name.ljust(label) + "  " + "  ".join(c.rjust(w) for c, w in zip(cells, widths)))

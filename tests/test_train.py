@@ -632,6 +632,9 @@ def test_train_and_evaluate_cli(tmp_path, monkeypatch):
                                     "--holdout", "3", "--device", "cpu"]).stdout
     assert text.startswith("2 pairs of 256 x 256 (mean +- standard error): RMSE ")
     assert f"RMSE {scores['rmse']:.2f} +- {scores['se']['rmse']:.2f}" in text
+    one = CliRunner().invoke(cli, ["evaluate", str(data), "--weights", str(out), "--split", "val",
+                                   "--holdout", "6", "--device", "cpu"]).stdout
+    assert one.startswith("1 pair of 256 x 256 (mean +- standard error): RMSE "), one
     result = CliRunner().invoke(cli, ["evaluate", str(data), "--weights", str(out), "--split", "val",
                                       "--holdout", "3", "--json", "--device", "cpu", "--tta"])
     flipped = json.loads(result.stdout)
