@@ -169,8 +169,16 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: Path) -> TrainConfig:
+        """The config a run recorded, or a :class:`TrainingError` saying why there is none."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
+        try:
+            stored = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise TrainingError(f"nothing to resume: {path.parent} holds no training run ({path.name} is "
+                                "missing)") from None
+        except (OSError, ValueError) as exc:
+            raise TrainingError(f"the run's {path} is unreadable: {first_line(exc)}") from None
+        return cls(**{k: v for k, v in stored.items() if k in known})
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:

@@ -529,6 +529,17 @@ def test_existing_run_needs_resume(tmp_path):
         train(tiny_config(data, tmp_path / "run", max_steps=1))
 
 
+def test_resume_without_a_run_is_one_line(tmp_path):
+    """--resume of a folder that holds no run (a typo in --out), or whose config is torn."""
+    data = write_aligned(tmp_path / "data")
+    with pytest.raises(TrainingError, match="holds no training run"):
+        train(tiny_config(data, tmp_path / "nosuch", max_steps=1), resume=True)
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "config.json").write_text("{")
+    with pytest.raises(TrainingError, match="config.json is unreadable"):
+        train(tiny_config(data, tmp_path / "torn", max_steps=1), resume=True)
+
+
 def test_corrupt_checkpoint_is_detected_on_resume(tmp_path):
     data = write_aligned(tmp_path / "data")
     train(tiny_config(data, tmp_path / "run", max_steps=1))
