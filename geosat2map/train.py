@@ -672,6 +672,11 @@ def train(
     elif (out / CHECKPOINT).exists():
         raise TrainingError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     config.check()
+    if not resume:  # before the data and the networks load
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrainingError(f"cannot create the run folder {out}: {exc.strerror}") from None
     trainer = Trainer(config)
     try:
         if resume:
@@ -679,7 +684,6 @@ def train(
             if schedule is not None and trainer.dist.is_main:
                 (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
         elif trainer.dist.is_main:
-            out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
         return trainer.run(progress)
     finally:

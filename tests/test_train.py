@@ -529,7 +529,7 @@ def test_existing_run_needs_resume(tmp_path):
         train(tiny_config(data, tmp_path / "run", max_steps=1))
 
 
-def test_resume_without_a_run_is_one_line(tmp_path):
+def test_resume_without_a_run_or_an_out_that_cannot_be_made_is_one_line(tmp_path):
     """--resume of a folder that holds no run (a typo in --out), or whose config is torn."""
     data = write_aligned(tmp_path / "data")
     with pytest.raises(TrainingError, match="holds no training run"):
@@ -538,6 +538,9 @@ def test_resume_without_a_run_is_one_line(tmp_path):
     (tmp_path / "torn" / "config.json").write_text("{")
     with pytest.raises(TrainingError, match="config.json is unreadable"):
         train(tiny_config(data, tmp_path / "torn", max_steps=1), resume=True)
+    (tmp_path / "a_file").write_text("")  # and a new run whose --out cannot be a folder
+    with pytest.raises(TrainingError, match="cannot create the run folder"):
+        train(tiny_config(data, tmp_path / "a_file" / "run", max_steps=1))
 
 
 def test_corrupt_checkpoint_is_detected_on_resume(tmp_path):
