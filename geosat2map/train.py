@@ -22,7 +22,7 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from collections.abc import Callable, Iterator
@@ -672,12 +672,21 @@ def train(
     elif (out / CHECKPOINT).exists():
         raise TrainingError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     config.check()
-    if not resume:  # before the data and the networks load
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"{out} is a file, not a run folder: choose another --out")
+    made = not resume and not out.exists()
+    if made:  # before the data and the networks load
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            out.mkdir(parents=True)
         except OSError as exc:
             raise TrainingError(f"cannot create the run folder {out}: {exc.strerror}") from None
-    trainer = Trainer(config)
+    try:
+        trainer = Trainer(config)
+    except BaseException:  # a refused run leaves no folder behind
+        if made:
+            with suppress(OSError):
+                out.rmdir()
+        raise
     try:
         if resume:
             trainer.load_checkpoint()

@@ -541,6 +541,8 @@ def test_resume_without_a_run_or_an_out_that_cannot_be_made_is_one_line(tmp_path
     (tmp_path / "a_file").write_text("")  # and a new run whose --out cannot be a folder
     with pytest.raises(TrainingError, match="cannot create the run folder"):
         train(tiny_config(data, tmp_path / "a_file" / "run", max_steps=1))
+    with pytest.raises(TrainingError, match="is a file, not a run folder"):
+        train(tiny_config(data, tmp_path / "a_file", max_steps=1))
 
 
 def test_corrupt_checkpoint_is_detected_on_resume(tmp_path):
