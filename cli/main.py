@@ -184,6 +184,9 @@ def translate(src, dst, overlap, quiet, **options) -> None:
     src = _expand_globs(src)
     if not to_folder:  # the library checks these again; here they come before the model loads
         check_input(src[0])
+        if options["resume"] and Path(dst).exists() and not options["overwrite"]:  # a rerun after the end
+            _keep_finished(src[0], Path(dst), options["weights"])
+            return
         check_destination(Path(dst), None if is_gdal_path(src[0]) else Path(src[0]), options["overwrite"], GEOTIFF)
 
     from geosat2map.allocator import retain_freed_memory
@@ -215,13 +218,23 @@ def translate(src, dst, overlap, quiet, **options) -> None:
                 where = "" if str(scene) in str(outcome) else f"{scene}: "
                 click.echo(f"geosat2map: error: {where}{outcome}", err=True)
             elif isinstance(outcome, FinishedMap):
-                click.echo(f"kept {outcome.dst}: finished before the interruption")
+                click.echo(f"kept {outcome.dst}: finished before")
             elif not helper:
                 _report(outcome)
     finally:
         bar.close()
     if failed:
         raise click.exceptions.Exit(1)
+
+
+def _keep_finished(src: str, dst: Path, weights: str | None) -> None:
+    """--resume of a run that had finished (a requeued job runs its command again): the map is
+    kept if it is this scene's by this model."""
+    from geosat2map.pipeline import finished_map
+    from geosat2map.weights import load_generator, model_digest
+
+    kept = finished_map(src, dst, model_digest(load_generator(weights)[0]))
+    click.echo(f"kept {kept.dst}: finished before")
 
 
 class _LazyBar:

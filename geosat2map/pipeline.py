@@ -318,7 +318,7 @@ def translate_many(
             dst = dst_dir / map_name(src)
             try:
                 if resume and dst.exists() and not options.get("overwrite"):
-                    yield src, _finished(src, dst, digest)
+                    yield src, finished_map(src, dst, digest)
                     continue
                 partial = resume and progress_record.record_path(dst).exists()
                 yield src, translate(src, dst, model=model, resume=partial, **options)
@@ -326,8 +326,9 @@ def translate_many(
                 yield src, exc
 
 
-def _finished(src: str | Path, dst: Path, digest: str) -> FinishedMap:
-    """``dst``, found by a resumed batch, if it is ``src``'s map by the model of ``digest``."""
+def finished_map(src: str | Path, dst: Path, digest: str) -> FinishedMap:
+    """``dst``, found by a resumed run, if it is ``src``'s map by the model of ``digest``
+    (:func:`~geosat2map.weights.model_digest`); else an :class:`OutputError`."""
     made = read_provenance(dst)
     if (made.get("GEOSAT2MAP_SOURCE"), made.get("GEOSAT2MAP_MODEL_SHA256")) != (scene_name(src), digest):
         raise OutputError(f"{dst} exists and is not this scene's map by this model; pass --overwrite to replace it")

@@ -278,8 +278,15 @@ def test_a_resumed_batch_keeps_finished_maps_resumes_partial_ones_and_starts_the
     again = CliRunner().invoke(cli, ["translate", *map(str, scenes), str(maps), "--weights", str(tiny_weights),
                                      "--resume", "--quiet"])
     assert again.exit_code == 0 and again.stdout.splitlines() == [
-        f"kept {maps / n}: finished before the interruption" for n in ("a.tif", "b.tif", "c.tif")], again.output
+        f"kept {maps / n}: finished before" for n in ("a.tif", "b.tif", "c.tif")], again.output
     # A map made by other weights is the user's to replace, not a finished part of this batch.
     save_generator(random_generator(seed=1), ModelSpec(ngf=8), tmp_path / "other.safetensors")
     other = translate_many(scenes[:1], maps, weights=tmp_path / "other.safetensors", resume=True)
     assert "is not this scene's map by this model" in str(dict(other)[scenes[0]])
+    # One scene: a run that had finished, run again with --resume (a requeued job), keeps its map.
+    one = CliRunner().invoke(cli, ["translate", str(scenes[0]), str(maps / "a.tif"), "--weights", str(tiny_weights),
+                                   "--resume"])
+    assert one.exit_code == 0 and one.stdout == f"kept {maps / 'a.tif'}: finished before\n", one.output
+    mismatch = CliRunner().invoke(cli, ["translate", str(scenes[1]), str(maps / "a.tif"), "--weights",
+                                        str(tiny_weights), "--resume"])
+    assert mismatch.exit_code == 1 and "is not this scene's map by this model" in mismatch.stderr
