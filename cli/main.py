@@ -166,8 +166,9 @@ def _parse_bands(ctx, param, value: str | None):
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run (Ctrl-C, SIGTERM) of the same command from the rows it "
-                   "kept, or a killed one (SIGKILL, power cut) from its last minute's checkpoint. With several "
-                   "SRC: finished maps are kept, partial ones resumed, the rest translated.")
+                   "kept, or a killed one (SIGKILL, power cut) from its last minute's checkpoint. A finished map "
+                   "of the same scene and model is kept; with several SRC, partial ones are resumed and the rest "
+                   "translated.")
 @click.option("--allow-ungeoreferenced", is_flag=True, help="Translate a raster without georeferencing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def translate(src, dst, overlap, quiet, **options) -> None:
