@@ -323,15 +323,18 @@ def render_map_cmd(vectors, dst, like, bounds, crs, resolution, style, overwrite
 @click.argument("dst", type=click.Path(dir_okay=False))
 @click.option("--crs", help="The mosaic's CRS, e.g. EPSG:32615 [default: the first sheet's]; sheets in another are "
                             "warped into it.")
+@click.option("--src-nodata", type=float, default=None, metavar="VALUE",
+              help="Every sheet's nodata value, in place of what the files say (as gdalbuildvrt -srcnodata): "
+                   "e.g. 0 for black collars, so that the sheet below shows there.")
 @click.option("--overwrite", is_flag=True)
-def mosaic(sheets, dst, crs, overwrite) -> None:
+def mosaic(sheets, dst, crs, src_nodata, overwrite) -> None:
     """Put raster SHEETS (an orthophoto delivered in tiles, or a quoted pattern such as
     'sheets/*.tif') together as one seamless scene DST, a GDAL VRT (.vrt), to translate or cut
     into tiles as one (what gdalbuildvrt does, for installs without GDAL's programs; sheets in
     another CRS, which it refuses, are warped, each by a VRT in the folder DST_warped beside it)."""
     from geosat2map.mosaic import build_mosaic
 
-    result = build_mosaic(list(_expand_globs(sheets)), dst, overwrite=overwrite, crs=crs)
+    result = build_mosaic(list(_expand_globs(sheets)), dst, overwrite=overwrite, crs=crs, src_nodata=src_nodata)
     warped = f"; {result.warped} warped into it (in {result.warped_dir})" if result.warped else ""
     click.echo(f"wrote {result.dst}: {result.sheets} sheet{'' if result.sheets == 1 else 's'}, "
                f"{result.width} x {result.height} pixels ({result.crs}{warped})")

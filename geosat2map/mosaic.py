@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import rasterio
@@ -110,7 +110,7 @@ def _warped(sheet: _Sheet, crs: CRS, grid: tuple[float, float, float, float], pa
     with open_raster(sheet.path, expand_palette=False) as src, \
             WarpedVRT(src, crs=crs, transform=Affine(resx, 0, left, 0, -resy, top),
                       width=max(1, round((right - left) / resx)), height=max(1, round((top - bottom) / resy)),
-                      resampling=resampling, nodata=sheet.nodata,
+                      resampling=resampling, src_nodata=sheet.nodata, nodata=sheet.nodata,
                       add_alpha=sheet.nodata is None and not has_alpha) as vrt:
         rasterio.shutil.copy(vrt, path, driver="VRT")
         bounds, width, height, res = tuple(vrt.bounds), vrt.width, vrt.height, vrt.res
@@ -169,17 +169,24 @@ def _location(sheet: str, folder: Path) -> tuple[str, bool]:
 
 
 def build_mosaic(sheets: list[str | Path], dst: str | Path, overwrite: bool = False,
-                 crs: str | None = None) -> MosaicResult:
+                 crs: str | None = None, src_nodata: float | None = None) -> MosaicResult:
     """Describe ``sheets`` (north-up rasters of one band count and data type) as the mosaic ``dst``
     (``.vrt``) in ``crs`` (default: the first sheet's), on the finest sheet's pixel size over all
     of them, with the first sheet's colour interpretation (and colour table: paletted sheets share
     one). Where sheets overlap, the later one listed is drawn. Sheets in another CRS are warped
-    into it: their warped VRTs go in the folder ``<dst's name>_warped`` beside ``dst``."""
+    into it: their warped VRTs go in the folder ``<dst's name>_warped`` beside ``dst``.
+    ``src_nodata``: every sheet's nodata value, in place of what the files say (as gdalbuildvrt
+    -srcnodata): black collars the files do not mark then let the sheet below show."""
     dst = Path(dst)
     check_destination(dst, None, overwrite, VRT)
     if not sheets:
         raise InputError("no sheets to put together")
     read = [_read_sheet(str(s)) for s in sheets]
+    if src_nodata is not None:
+        misfit = next((s for s in read if not rasterio.dtypes.in_dtype_range(src_nodata, s.dtype)), None)
+        if misfit is not None:
+            raise InputError(f"nodata {src_nodata:g} is outside the range of {misfit.path}'s {misfit.dtype} values")
+        read = [replace(s, nodata=src_nodata) for s in read]
     first = read[0]
     try:
         target = first.crs if crs is None else CRS.from_user_input(crs)

@@ -68,10 +68,10 @@ def test_ground_no_sheet_covers_is_nodata(nodata, tmp_path):
     assert (pixels[:, mask > 0] == 90).all()
 
 
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("masked", [False, True, "src_nodata"])
 def test_the_later_sheet_is_drawn_where_sheets_overlap_but_not_its_nodata(tmp_path, masked):
     """Its margin marked by a nodata value, or by a mask band (then sheet a's pixels show there,
-    and the mosaic's mask is valid there too)."""
+    and the mosaic's mask is valid there too), or unmarked in the file but given as --src-nodata."""
     nodata = None if masked else 0
     a = write_scene(tmp_path / "a.tif", width=200, height=100, nodata=nodata,
                     data=np.full((3, 100, 200), 50, np.uint8))
@@ -80,9 +80,10 @@ def test_the_later_sheet_is_drawn_where_sheets_overlap_but_not_its_nodata(tmp_pa
     b = write_scene(tmp_path / "b.tif", width=200, height=100, nodata=nodata, data=data)
     with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(b, "r+") as ds:
         ds.transform = ds.transform @ rasterio.Affine.translation(100, 0)  # 100 m east of a: over its east half
-        if masked:
+        if masked is True:
             ds.write_mask(np.where(data[0] > 0, 255, 0).astype(np.uint8))
-    with rasterio.open(build_mosaic([a, b], tmp_path / "m.vrt").dst) as m:
+    src_nodata = 0 if masked == "src_nodata" else None
+    with rasterio.open(build_mosaic([a, b], tmp_path / "m.vrt", src_nodata=src_nodata).dst) as m:
         row, valid = m.read(1)[50], m.dataset_mask()[50]
         assert m.shape == (100, 300)
     assert (row[:120] == 50).all() and (row[120:] == 200).all() and (valid == 255).all()
@@ -166,6 +167,12 @@ def test_sheets_that_do_not_fit_together_are_one_line_and_write_nothing(make, ds
     with pytest.raises(Geosat2mapError, match=message):
         build_mosaic(sheets if isinstance(sheets, list) else [sheets], tmp_path / dst)
     assert not (tmp_path / dst).exists() and not list(tmp_path.glob(".*part*"))
+
+
+def test_a_src_nodata_outside_the_sheets_values_is_refused(tmp_path):
+    with pytest.raises(Geosat2mapError, match="nodata -1 is outside the range of .*a.tif's uint8 values"):
+        build_mosaic([write_scene(tmp_path / "a.tif")], tmp_path / "m.vrt", src_nodata=-1)
+    assert not (tmp_path / "m.vrt").exists()
 
 
 def test_cli_mosaic_takes_a_pattern_and_keeps_an_existing_mosaic(tmp_path):
