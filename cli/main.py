@@ -319,22 +319,30 @@ def render_map_cmd(vectors, dst, like, bounds, crs, resolution, style, overwrite
 
 
 @cli.command()
-@click.argument("sheets", nargs=-1, required=True)
+@click.argument("sheets", nargs=-1)
 @click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--index", metavar="FILE[:LAYER]",
+              help="A tile index listing the sheets (gdaltindex's, QGIS's Tile Index): their paths in --index-field, "
+                   "relative to the index's folder.")
+@click.option("--index-field", default="location", show_default=True, help="The index's field of sheet paths.")
+@click.option("--aoi", metavar="FILE[:LAYER]", help="Only the sheets whose extent meets these polygons (any CRS).")
 @click.option("--crs", help="The mosaic's CRS, e.g. EPSG:32615 [default: the first sheet's]; sheets in another are "
                             "warped into it.")
 @click.option("--src-nodata", type=float, default=None, metavar="VALUE",
               help="Every sheet's nodata value, in place of what the files say (as gdalbuildvrt -srcnodata): "
                    "e.g. 0 for black collars, so that the sheet below shows there.")
 @click.option("--overwrite", is_flag=True)
-def mosaic(sheets, dst, crs, src_nodata, overwrite) -> None:
+def mosaic(sheets, dst, index, index_field, aoi, crs, src_nodata, overwrite) -> None:
     """Put raster SHEETS (an orthophoto delivered in tiles, or a quoted pattern such as
     'sheets/*.tif') together as one seamless scene DST, a GDAL VRT (.vrt), to translate or cut
     into tiles as one (what gdalbuildvrt does, for installs without GDAL's programs; sheets in
     another CRS, which it refuses, are warped, each by a VRT in the folder DST_warped beside it)."""
-    from geosat2map.mosaic import build_mosaic
+    from geosat2map.mosaic import build_mosaic, sheets_from_index
 
-    result = build_mosaic(list(_expand_globs(sheets)), dst, overwrite=overwrite, crs=crs, src_nodata=src_nodata)
+    listed = list(_expand_globs(sheets)) + (sheets_from_index(index, index_field) if index else [])
+    if not listed:
+        raise click.UsageError("give SHEETS, or --index")
+    result = build_mosaic(listed, dst, overwrite=overwrite, crs=crs, src_nodata=src_nodata, aoi=aoi)
     warped = f"; {result.warped} warped into it (in {result.warped_dir})" if result.warped else ""
     click.echo(f"wrote {result.dst}: {result.sheets} sheet{'' if result.sheets == 1 else 's'}, "
                f"{result.width} x {result.height} pixels ({result.crs}{warped})")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import rasterio
 import rasterio.shutil
+import shapely
 from affine import Affine
 from rasterio import dtypes
 from rasterio.crs import CRS
@@ -37,6 +38,7 @@ from rasterio.errors import CRSError, RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform, transform_bounds
 
+from .aoi import AreaOfInterest
 from .errors import InputError, OutputError
 from .reader import is_gdal_path, open_raster
 from .writer import VRT, check_destination
@@ -168,20 +170,45 @@ def _location(sheet: str, folder: Path) -> tuple[str, bool]:
         return str(Path(sheet).resolve()), False
 
 
+def sheets_from_index(index: str, field: str = "location") -> list[str]:
+    """The sheets a tile index lists (gdaltindex's, QGIS's Tile Index, a delivery's index layer;
+    ``FILE`` or ``FILE:LAYER``): each feature's ``field``, a path relative to the index's folder
+    (as GDAL's GTI driver reads one) unless absolute or an address GDAL reads."""
+    from .render import read_vectors  # here: render imports reader, as this module does
+
+    layer = read_vectors(index)
+    if not layer.properties:
+        raise InputError(f"{index} lists no sheets")
+    if field not in layer.properties[0]:
+        raise InputError(f"{index} has no field {field!r} (its fields: {', '.join(layer.properties[0])}); "
+                         "name the one that holds the sheets' paths")
+    file = Path(index) if Path(index).exists() or ":" not in index else Path(index.rsplit(":", 1)[0])
+    base = file.parent
+    paths = [str(p[field]) for p in layer.properties]
+    return [p if is_gdal_path(p) or Path(p).is_absolute() else str(base / p) for p in paths]
+
+
 def build_mosaic(sheets: list[str | Path], dst: str | Path, overwrite: bool = False,
-                 crs: str | None = None, src_nodata: float | None = None) -> MosaicResult:
+                 crs: str | None = None, src_nodata: float | None = None, aoi: str | None = None) -> MosaicResult:
     """Describe ``sheets`` (north-up rasters of one band count and data type) as the mosaic ``dst``
     (``.vrt``) in ``crs`` (default: the first sheet's), on the finest sheet's pixel size over all
     of them, with the first sheet's colour interpretation (and colour table: paletted sheets share
     one). Where sheets overlap, the later one listed is drawn. Sheets in another CRS are warped
     into it: their warped VRTs go in the folder ``<dst's name>_warped`` beside ``dst``.
     ``src_nodata``: every sheet's nodata value, in place of what the files say (as gdalbuildvrt
-    -srcnodata): black collars the files do not mark then let the sheet below show."""
+    -srcnodata): black collars the files do not mark then let the sheet below show. ``aoi``
+    (``FILE`` or ``FILE:LAYER`` of polygons, any CRS): only the sheets whose extent meets them."""
     dst = Path(dst)
     check_destination(dst, None, overwrite, VRT)
     if not sheets:
         raise InputError("no sheets to put together")
     read = [_read_sheet(str(s)) for s in sheets]
+    if aoi is not None:
+        area, carried = AreaOfInterest.read(aoi), {}
+        read = [s for s in read if shapely.intersects(carried.setdefault(s.crs.to_wkt(), area.in_crs(s.crs)),
+                                                      shapely.box(*s.bounds))]
+        if not read:
+            raise InputError(f"no sheet meets the area of interest {aoi}")
     if src_nodata is not None:
         misfit = next((s for s in read if not rasterio.dtypes.in_dtype_range(src_nodata, s.dtype)), None)
         if misfit is not None:

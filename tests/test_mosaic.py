@@ -271,3 +271,40 @@ def test_overwrite_never_takes_a_folder_that_is_not_a_mosaics(tmp_path):
         with pytest.raises(Geosat2mapError, match="holds more than a mosaic's warped sheets"):
             build_mosaic(sheets, tmp_path / "m.vrt", overwrite=True, crs=crs)
     assert (own / "notes.txt").read_text() == "mine" and not (tmp_path / "m.vrt").exists()
+
+
+def test_sheets_from_a_tile_index_and_only_those_that_meet_an_area(tmp_path):
+    """A tile index (a layer of footprints with each sheet's path, relative to the index, as
+    gdaltindex and QGIS's Tile Index write) lists the sheets; --aoi keeps those meeting it."""
+    import pyogrio
+    import shapely
+
+    from .test_cli import run
+
+    whole = write_scene(tmp_path / "whole.tif", width=400, height=300)
+    sheets = cut(whole, tmp_path / "delivery" / "sheets", (200, 150))
+    footprints = []
+    for s in sheets:
+        with rasterio.open(s) as ds:
+            footprints.append(shapely.box(*ds.bounds))
+    index = tmp_path / "delivery" / "index.gpkg"
+    pyogrio.raw.write(index, geometry=np.array(shapely.to_wkb(footprints), dtype=object),
+                      field_data=[np.array([f"sheets/{s.name}" for s in sheets], dtype=object)],
+                      fields=["location"], crs="EPSG:32633", geometry_type="Polygon")
+    result = run("mosaic", tmp_path / "m.vrt", "--index", index)
+    assert result.exit_code == 0 and "4 sheets" in result.stdout, result.output
+    with rasterio.open(tmp_path / "m.vrt") as m, rasterio.open(whole) as w:
+        np.testing.assert_array_equal(m.read(), w.read())
+    # An area over the western half (sheets at columns 0-200): two sheets.
+    from .test_aoi import write_polygons
+
+    west = write_polygons(tmp_path / "west.gpkg", [shapely.box(500010, 4499710, 500150, 4499990)])
+    result = run("mosaic", tmp_path / "w.vrt", "--index", index, "--aoi", west)
+    assert result.exit_code == 0 and "2 sheets" in result.stdout, result.output
+    with rasterio.open(tmp_path / "w.vrt") as m:
+        assert m.shape == (300, 200)
+    far = write_polygons(tmp_path / "far.gpkg", [shapely.box(600000, 4000000, 600100, 4000100)])
+    assert "no sheet meets the area of interest" in run("mosaic", tmp_path / "f.vrt", "--index", index,
+                                                         "--aoi", far).stderr
+    assert "has no field 'path'" in run("mosaic", tmp_path / "g.vrt", "--index", index, "--index-field",
+                                        "path").stderr
