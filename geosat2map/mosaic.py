@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import posixpath
 import re
 import shutil
 import xml.etree.ElementTree as ET
@@ -172,8 +173,8 @@ def _location(sheet: str, folder: Path) -> tuple[str, bool]:
 
 def sheets_from_index(index: str, field: str = "location") -> list[str]:
     """The sheets a tile index lists (gdaltindex's, QGIS's Tile Index, a delivery's index layer;
-    ``FILE`` or ``FILE:LAYER``): each feature's ``field``, a path relative to the index's folder
-    (as GDAL's GTI driver reads one) unless absolute or an address GDAL reads."""
+    ``FILE`` or ``FILE:LAYER``, or a URL): each feature's ``field``, a path relative to the
+    index's folder (as GDAL's GTI driver reads one) unless absolute or an address GDAL reads."""
     from .render import read_vectors  # here: render imports reader, as this module does
 
     layer = read_vectors(index)
@@ -182,10 +183,12 @@ def sheets_from_index(index: str, field: str = "location") -> list[str]:
     if field not in layer.properties[0]:
         raise InputError(f"{index} has no field {field!r} (its fields: {', '.join(layer.properties[0])}); "
                          "name the one that holds the sheets' paths")
-    file = Path(index) if Path(index).exists() or ":" not in index else Path(index.rsplit(":", 1)[0])
-    base = file.parent
+    head, _, tail = index.rpartition(":")
+    file = head if head and "/" not in tail and not Path(index).exists() else index  # FILE:LAYER's file
     paths = [str(p[field]) for p in layer.properties]
-    return [p if is_gdal_path(p) or Path(p).is_absolute() else str(base / p) for p in paths]
+    if is_gdal_path(file):  # a URL or /vsi path: its sheets beside it, at that address
+        return [p if is_gdal_path(p) else posixpath.join(posixpath.dirname(file), p) for p in paths]
+    return [p if is_gdal_path(p) or Path(p).is_absolute() else str(Path(file).parent / p) for p in paths]
 
 
 def build_mosaic(sheets: list[str | Path], dst: str | Path, overwrite: bool = False,

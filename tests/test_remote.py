@@ -230,3 +230,25 @@ def test_a_layer_of_a_geopackage_at_a_url(served, tiny_weights, tmp_path):
         assert (ds.dataset_mask() == 0).any()
     with pytest.raises(Geosat2mapError, match="cannot read vectors from .*/areas.gpkg:nosuch"):
         translate(scene, tmp_path / "x.tif", weights=tiny_weights, aoi=f"{base}/areas.gpkg:nosuch")
+
+
+def test_a_tile_index_at_a_url_lists_its_sheets_beside_it(served, tmp_path):
+    """mosaic --index URL: the index's relative locations are read at the index's address."""
+    import pyogrio
+    import shapely
+
+    from geosat2map.mosaic import build_mosaic, sheets_from_index
+
+    from .test_mosaic import cut
+
+    base, folder, _ = served
+    whole = write_scene(tmp_path / "whole.tif", width=400, height=300)
+    sheets = cut(whole, folder / "sheets", (200, 300))
+    pyogrio.raw.write(folder / "index.geojson", geometry=np.array([shapely.to_wkb(shapely.box(0, 0, 1, 1))] * 2,
+                                                                   dtype=object),
+                      field_data=[np.array([f"sheets/{s.name}" for s in sheets], dtype=object)],
+                      fields=["location"], crs="EPSG:32633", geometry_type="Polygon")
+    listed = sheets_from_index(f"{base}/index.geojson")
+    assert listed == [f"{base}/sheets/{s.name}" for s in sheets]
+    with rasterio.open(build_mosaic(listed, tmp_path / "m.vrt").dst) as m, rasterio.open(whole) as w:
+        np.testing.assert_array_equal(m.read(), w.read())
