@@ -207,9 +207,9 @@ def build_mosaic(sheets: list[str | Path], dst: str | Path, overwrite: bool = Fa
         raise InputError("no sheets to put together")
     read = [_read_sheet(str(s)) for s in sheets]
     if aoi is not None:
-        area, carried = AreaOfInterest.read(aoi), {}
-        read = [s for s in read if shapely.intersects(carried.setdefault(s.crs.to_wkt(), area.in_crs(s.crs)),
-                                                      shapely.box(*s.bounds))]
+        area = AreaOfInterest.read(aoi)
+        carried = {key: area.in_crs(c) for key, c in {s.crs.to_wkt(): s.crs for s in read}.items()}  # once a CRS
+        read = [s for s in read if shapely.intersects(carried[s.crs.to_wkt()], shapely.box(*s.bounds))]
         if not read:
             raise InputError(f"no sheet meets the area of interest {aoi}")
     if src_nodata is not None:
