@@ -274,6 +274,9 @@ def test_processing_script_reports_errors_and_cancels_cleanly(script, tiny_weigh
     direct = translate(scene, tmp_path / "direct.tif", weights=slower, resolution="native").dst
     with rasterio.open(out) as a, rasterio.open(direct) as b:
         np.testing.assert_array_equal(a.read(), b.read())
+    # Continuing again once finished keeps the map (a second click, a rerun from the history).
+    report = _run_processing(script, *params, "RESUME=true")
+    assert report.get("error") is None and any(m.startswith(f"kept {out}") for m in report["messages"])
 
 
 def test_processing_script_takes_a_geopackage_raster_layer(script, tiny_weights, tmp_path):

@@ -100,7 +100,10 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
         if not source:
             raise QgsProcessingException("no input image")
         out = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
-        command = [PYTHON, "-m", "geosat2map_cli", "translate", source, out, "--overwrite",
+        resume = self.parameterAsBoolean(parameters, self.RESUME, context)
+        # A new run replaces the map there (Processing's own rule); a resumed one keeps a map that is
+        # already finished, if it is this image's by this model, instead of failing to find a partial.
+        command = [PYTHON, "-m", "geosat2map_cli", "translate", source, out, "--resume" if resume else "--overwrite",
                    "--resolution", self.parameterAsString(parameters, self.RESOLUTION, context).strip() or "model"]
         if parameters.get(self.EXTENT):  # translate --bounds: the source pixels that cover it
             box = self.parameterAsExtent(parameters, self.EXTENT, context)
@@ -124,8 +127,6 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
         if self.parameterAsBoolean(parameters, self.TTA, context):
             command.append("--tta")
         command += ["--compress", self.COMPRESSIONS[self.parameterAsEnum(parameters, self.COMPRESSION, context)][0]]
-        if self.parameterAsBoolean(parameters, self.RESUME, context):
-            command.append("--resume")
         feedback.pushCommandInfo(" ".join(command))
         env = {k: v for k, v in os.environ.items() if k not in FOREIGN}
         try:
