@@ -183,8 +183,7 @@ def sheets_from_index(index: str, field: str = "location") -> list[str]:
     if field not in layer.properties[0]:
         raise InputError(f"{index} has no field {field!r} (its fields: {', '.join(layer.properties[0])}); "
                          "name the one that holds the sheets' paths")
-    head, _, tail = index.rpartition(":")
-    file = head if head and "/" not in tail and not Path(index).exists() else index  # FILE:LAYER's file
+    file = layer.source
     paths = [str(p[field]) for p in layer.properties]
     if is_gdal_path(file):  # a URL or /vsi path: its sheets beside it, at that address
         return [p if is_gdal_path(p) else posixpath.join(posixpath.dirname(file), p) for p in paths]

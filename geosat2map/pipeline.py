@@ -441,8 +441,8 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
                "crop": [int(c.col_off), int(c.row_off), int(c.width), int(c.height)],
                "aoi": None if scene.aoi is None else area.digest(scene.aoi),
                "src_nodata": None if scene.src_nodata is None else repr(float(scene.src_nodata))}  # NaN as text
-    generator = net.generator if tta else net  # the weights the record names
-    ident = progress_record.identity(src, options, generator)
+    digest = model_digest(net.generator if tta else net)  # the weights the record and the map's tags name
+    ident = progress_record.identity(src, options, digest)
     if resume:
         progress_record.check(record, ident, dst)
         kept_rows, computed_before = record["rows"], record["computed"]
@@ -458,7 +458,7 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
         done = computed_before + sum(computed_in_row[first_row : first_row_after(grid, rows)])
         progress_record.save(record_file, ident, rows, done)
 
-    tags = provenance_tags(src, scene, generator, engine.name, tile_size, overlap, tta)
+    tags = provenance_tags(src, scene, digest, engine.name, tile_size, overlap, tta)
     with _record_follows_partial(record_file, partial_path(dst)), \
             GeoTIFFWriter(dst, scene.width, scene.height, scene.crs, scene.transform, cog=cog, compress=compress,
                           quality=quality, resume_rows=kept_rows, parallel=engine.asynchronous, tags=tags,
@@ -514,10 +514,10 @@ def _record_follows_partial(record_file: Path, partial: Path) -> Iterator[None]:
         raise
 
 
-def provenance_tags(src: Path | str, scene: Scene, generator: torch.nn.Module, engine: str, tile_size: int,
+def provenance_tags(src: Path | str, scene: Scene, digest: str, engine: str, tile_size: int,
                     overlap: int, tta: bool) -> dict[str, str]:
     """What a map records of how it was made (beside :func:`~geosat2map.writer.software_tags`): the
-    scene's file name, the model's digest (the sha256 weights provenance and resume records use,
+    scene's file name, the model's ``digest`` (the sha256 weights provenance and resume records use,
     see :func:`~geosat2map.weights.model_digest`), the resolution and the tiling; with an area of
     interest, the polygons' file (and layer); with ``--src-nodata``, its value."""
     optional = {} if scene.aoi_source is None else {"GEOSAT2MAP_AOI": Path(scene.aoi_source).name}
@@ -525,7 +525,7 @@ def provenance_tags(src: Path | str, scene: Scene, generator: torch.nn.Module, e
         optional["GEOSAT2MAP_SRC_NODATA"] = f"{scene.src_nodata:g}"
     return optional | {
         "GEOSAT2MAP_SOURCE": scene_name(src),
-        "GEOSAT2MAP_MODEL_SHA256": model_digest(generator),
+        "GEOSAT2MAP_MODEL_SHA256": digest,
         "GEOSAT2MAP_RESOLUTION": f"{scene.gsd_m:.4g} m/pixel" if scene.gsd_m else "the scene's pixels (no ground size)",
         "GEOSAT2MAP_TILING": f"{tile_size}-pixel tiles overlapping by {overlap}, {engine}"
                              + (", flip-averaged (--tta)" if tta else ""),

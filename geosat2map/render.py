@@ -107,6 +107,7 @@ class VectorLayer:
     geometries: np.ndarray  # shapely geometries in the layer's CRS
     properties: list[dict]
     crs: CRS
+    source: str = ""  # the file or address read (FILE of FILE:LAYER), for paths relative to it
 
 
 def read_vectors(spec: str) -> VectorLayer:
@@ -142,7 +143,8 @@ def read_vectors(spec: str) -> VectorLayer:
     geoms = shapely.from_wkb(wkb, on_invalid="ignore")
     keep = ~shapely.is_missing(geoms) & ~shapely.is_empty(geoms)
     layer_name = layer or Path(path).stem
-    return VectorLayer(layer_name, geoms[keep], [p for p, k in zip(props, keep) if k], CRS.from_user_input(meta["crs"]))
+    return VectorLayer(layer_name, geoms[keep], [p for p, k in zip(props, keep) if k], CRS.from_user_input(meta["crs"]),
+                       str(path))
 
 
 class GroundFrame:

@@ -13,10 +13,8 @@ import json
 import os
 from pathlib import Path
 
-import torch
 
 from .errors import InputError
-from .weights import model_digest
 
 VERSION = 1
 #: Options records came to hold after they first did, with the value every run had before: a
@@ -28,15 +26,16 @@ def record_path(dst: Path) -> Path:
     return dst.with_name(f".{dst.name}.part.json")
 
 
-def identity(src: Path | str, options: dict, model: torch.nn.Module) -> dict:
-    """What a resumed run must share with the interrupted one. A remote input (a URL or /vsi path,
-    given as a str) is named by its address alone: its size and date are not asked of the server."""
+def identity(src: Path | str, options: dict, digest: str) -> dict:
+    """What a resumed run must share with the interrupted one (``digest``: the model's,
+    :func:`~geosat2map.weights.model_digest`). A remote input (a URL or /vsi path, given as a str)
+    is named by its address alone: its size and date are not asked of the server."""
     if isinstance(src, str):
         source = {"path": src}
     else:
         st = src.stat()
         source = {"path": str(src.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    return {"input": source, "options": options, "model_sha256": model_digest(model)}
+    return {"input": source, "options": options, "model_sha256": digest}
 
 
 def save(path: Path, ident: dict, rows: int, computed: int) -> None:
