@@ -308,12 +308,15 @@ def preview(scene, map_path, png, size, overwrite) -> None:
 @click.option("--crs", help="CRS of --bounds, e.g. EPSG:32633.")
 @click.option("--resolution", type=float, help="Pixel size in --crs units (with --bounds).")
 @click.option("--style", type=click.Path(dir_okay=False), help="Style file (default: the shipped maps style).")
+@click.option("--max-pixels", type=click.IntRange(min=1),
+              help="Refuse a --bounds/--resolution grid with more pixels, as a resolution in the wrong units "
+                   "[default: 2^32, 65 536 x 65 536].")
 @click.option("--overwrite", is_flag=True)
-def render_map_cmd(vectors, dst, like, bounds, crs, resolution, style, overwrite) -> None:
+def render_map_cmd(vectors, dst, like, bounds, crs, resolution, style, max_pixels, overwrite) -> None:
     """Render VECTORS (FILE or FILE:LAYER) in map style onto a grid, as an RGB GeoTIFF DST."""
     from geosat2map.render import grid_from, render_map
 
-    grid = grid_from(like=like, bounds=bounds, crs=crs, resolution=resolution)
+    grid = grid_from(like=like, bounds=bounds, crs=crs, resolution=resolution, max_pixels=max_pixels)
     n = render_map(list(vectors), dst, grid, style=style, overwrite=overwrite)
     click.echo(f"wrote {dst}: {grid.width} x {grid.height}, {n} feature{'' if n == 1 else 's'} drawn")
 

@@ -27,6 +27,10 @@ from .errors import InputError, first_line
 from .reader import ground_pixel_size, is_remote
 
 DEFAULT_STYLE = "maps"
+#: The most pixels a grid made from bounds and a resolution may have (65 536 x 65 536, 12 GiB as
+#: raw RGB): past it, a resolution given in the wrong units (metres for degrees) or a typo is far
+#: likelier than a wanted map, and rendering it would run for days before anyone noticed.
+MAX_PIXELS = 2**32
 _KINDS = {"Polygon": "polygon", "MultiPolygon": "polygon", "LineString": "line", "MultiLineString": "line",
           "LinearRing": "line", "Point": "point", "MultiPoint": "point"}
 
@@ -257,8 +261,9 @@ class MapRenderer:
 
 
 def grid_from(like: str | Path | None = None, bounds=None, crs: str | None = None,
-              resolution: float | None = None) -> Grid:
-    """A grid copied from a reference raster, or made from bounds + CRS + resolution."""
+              resolution: float | None = None, max_pixels: int | None = None) -> Grid:
+    """A grid copied from a reference raster, or made from bounds + CRS + resolution (refused over
+    ``max_pixels``, default :data:`MAX_PIXELS`; a reference raster's grid is not: it exists already)."""
     if like is not None:
         import rasterio
         from rasterio.errors import RasterioIOError
@@ -276,7 +281,13 @@ def grid_from(like: str | Path | None = None, bounds=None, crs: str | None = Non
     if right <= left or top <= bottom or resolution <= 0:
         raise InputError("bounds must be left bottom right top with right > left and top > bottom")
     width, height = math.ceil((right - left) / resolution), math.ceil((top - bottom) / resolution)
-    return Grid(CRS.from_user_input(crs), Affine(resolution, 0, left, 0, -resolution, top), width, height)
+    grid_crs = CRS.from_user_input(crs)
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
+    if width * height > max_pixels:
+        unit = grid_crs.axis_info[0].unit_name if grid_crs.axis_info else "unknown"
+        raise InputError(f"the grid would be {width:_} x {height:_} pixels, more than {max_pixels:_} (the resolution "
+                         f"is in the CRS's unit, {unit}; raise the pixel limit for a grid that large)".replace("_", " "))
+    return Grid(grid_crs, Affine(resolution, 0, left, 0, -resolution, top), width, height)
 
 
 def render_map(

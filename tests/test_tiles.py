@@ -89,6 +89,20 @@ def test_render_map_cli_writes_on_the_reference_grid(tmp_path):
         assert m.tags()["TIFFTAG_SOFTWARE"].startswith("geosat2map ")
 
 
+def test_render_map_refuses_a_grid_past_the_pixel_limit(tmp_path):
+    """A resolution typed in the wrong units (1e-8 degrees) is one line naming the size and unit,
+    before any pixel is drawn; --max-pixels lets a grid that large through."""
+    vec = write_geojson(tmp_path / "b.geojson", [square(10, 10, 60, 60)])
+    out = tmp_path / "map.tif"
+    args = ["render-map", str(vec), str(out), "--bounds", "0", "0", "0.001", "0.001", "--crs", "EPSG:4326"]
+    result = CliRunner().invoke(cli, [*args, "--resolution", "1e-8"])
+    assert result.exit_code == 1 and not out.exists()
+    assert "100 000 x 100 000 pixels, more than 4 294 967 296" in result.output and "degree" in result.output
+    result = CliRunner().invoke(cli, [*args, "--resolution", "1e-5", "--max-pixels", "9999"])
+    assert result.exit_code == 1 and "100 x 100 pixels, more than 9 999" in result.output
+    assert grid_from(bounds=(0, 0, 0.001, 0.001), crs="EPSG:4326", resolution=1e-5, max_pixels=10_000).width == 100
+
+
 def make_region(tmp_path: Path, size: int = 1536) -> tuple[Path, Path]:
     """A 1 m scene with buildings scattered over it."""
     sat = write_scene(tmp_path / "sat.tif", width=size, height=size)
