@@ -27,12 +27,14 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import rasterio
+import rasterio.shutil
 import shapely
 from affine import Affine
 from pyproj import CRS, Geod, Transformer
 from pyproj.exceptions import CRSError as PyprojCRSError, ProjError
 from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.io import MemoryFile
 from rasterio.windows import Window, from_bounds
 
 from . import aoi as area
@@ -55,8 +57,8 @@ OVERVIEW_HINT_SCALE = 4
 #: cores: GDAL's resampling rounds a little differently for a window that starts elsewhere (at
 #: most one level, here and there), so the strips must not depend on the machine for the map not to.
 STRIP = 256
-#: The options of the GDAL connection string that opens a paletted raster as its colours.
-EXPAND_RGB = "?expand=rgb"
+#: The option of GDAL's ``vrt://`` connection string that opens a paletted raster as its colours.
+EXPAND = "expand"
 #: Most the model's resolution may be finer than the scene's when translate picks it: beyond this
 #: the scene is blown up into a huge raster of detail it does not have (a 30 m Landsat scene at
 #: the maps model's 2.12 m: 200 times the pixels). An explicit --resolution is taken as asked.
@@ -438,38 +440,48 @@ def _with_nodata(path: Path | str, src: rasterio.io.DatasetReader, nodata: float
     """``src`` reopened with ``nodata`` as every band's nodata value, in place of its own nodata,
     alpha or mask (GDAL's ``vrt://...?a_nodata=``, as ``gdal_translate -a_nodata``): for a scene
     whose empty border or collar the file does not mark. A pixel is then nodata where every band
-    holds the value (GDAL's dataset mask)."""
-    name, paletted = src.name, src.count == 1 and src.colorinterp[0] is ColorInterp.palette
+    holds the value (GDAL's dataset mask); in a paletted raster, where the index is that value."""
     misfit = next((t for t in src.dtypes if not rasterio.dtypes.in_dtype_range(nodata, t)), None)
-    src.close()
-    if paletted:  # its nodata would be an index, and GDAL applies it after expanding the colours
-        raise InputError(f"{path} is paletted: mark its nodata index in the file (gdal_edit -a_nodata) rather "
-                         "than with --src-nodata")
     if misfit is not None:
+        src.close()
         raise InputError(f"nodata {nodata:g} is outside the range of {path}'s {misfit} values")
-    if "?" in name:  # the connection string's options start at the first "?"
-        raise InputError(f"{path} has a '?' in its name, which GDAL's nodata override cannot take: rename it, "
-                         "or set its nodata in the file (gdal_edit -a_nodata)")
-    return rasterio.open(f"vrt://{name}?a_nodata={nodata!r}")
+    return _translated(path, src, f"a_nodata={nodata!r}")
 
 
 def _colours(path: Path | str, src: rasterio.io.DatasetReader) -> rasterio.io.DatasetReader:
-    """``src``, or for a one-band paletted raster the same file opened through GDAL's palette
-    expansion (``vrt://...?expand=rgb``, as ``gdal_translate -expand rgb``): three bands of its
-    colours, as QGIS shows it, never its indices, which no resampling or warp may average."""
+    """``src``, or for a one-band paletted raster the same raster through GDAL's palette expansion
+    (``vrt://...?expand=``, as ``gdal_translate -expand``): its colours, as QGIS shows it, never
+    its indices, which no resampling or warp may average. With an alpha band (``rgba``) where the
+    raster has a nodata index or see-through colours: the three colour bands alone lose them
+    (GDAL paints a nodata index black and marks nothing)."""
     if src.count != 1 or src.colorinterp[0] is not ColorInterp.palette:
         return src
+    see_through = src.nodata is not None or any(entry[3] < 255 for entry in src.colormap(1).values())
+    return _translated(path, src, f"{EXPAND}={'rgba' if see_through else 'rgb'}")
+
+
+def _translated(path: Path | str, src: rasterio.io.DatasetReader, option: str) -> rasterio.io.DatasetReader:
+    """``src`` (closed) opened again as GDAL's ``vrt://NAME?OPTION`` (a ``gdal_translate`` option
+    applied on the fly). GDAL's connection string takes one '?': where ``src`` is such a view
+    already (a paletted scene's nodata index, then its colours), it is described as a VRT file in
+    memory and that is opened; the opened VRT no longer needs the file."""
     name = src.name
-    src.close()
-    if "?" in name:  # the connection string's options start at the first "?"
-        raise InputError(f"{path} is paletted and its name holds a '?', which GDAL's palette expansion cannot "
-                         "take: rename it, or expand it first (gdal_translate -expand rgb)")
-    return rasterio.open(f"vrt://{name}{EXPAND_RGB}")
+    try:
+        if "?" not in name:
+            return rasterio.open(f"vrt://{name}?{option}")
+        if not name.startswith("vrt://"):
+            raise InputError(f"{path} has a '?' in its name, which GDAL's vrt:// options cannot follow: rename it")
+        with MemoryFile(ext=".vrt") as described:
+            rasterio.shutil.copy(src, described.name, driver="VRT")
+            return rasterio.open(f"vrt://{described.name}?{option}")
+    finally:
+        src.close()
 
 
-def _is_expanded(src: rasterio.io.DatasetReader) -> bool:
-    """Whether :func:`open_raster` opened ``src`` through the palette expansion."""
-    return src.name.startswith("vrt://") and src.name.endswith(EXPAND_RGB)
+def _expansion(src: rasterio.io.DatasetReader) -> str | None:
+    """How :func:`open_raster` expanded ``src``'s palette: ``"rgb"``, ``"rgba"``, or None."""
+    found = re.search(rf"[?&]{EXPAND}=(rgba?)$", src.name) if src.name.startswith("vrt://") else None
+    return found.group(1) if found else None
 
 
 def default_bands(src: rasterio.io.DatasetReader) -> list[int]:
@@ -569,7 +581,7 @@ def open_scene(
     options = _remote_options(path)
     with rasterio.Env(**options):  # GDAL looks for side-car files while the scene is planned
         src = open_raster(path, nodata=src_nodata)
-        paletted = _is_expanded(src)
+        expanded = _expansion(src)
         base = None  # the scene's own file, when src is its north-up warp
         try:
             where = placement(path, src, allow_ungeoreferenced)
@@ -590,8 +602,8 @@ def open_scene(
     if src_nodata is not None:
         scene.notes.append(f"pixels of value {src_nodata:g} in every band read as nodata (--src-nodata), in place "
                            "of the scene's own nodata or mask")
-    if paletted:
-        scene.notes.insert(0, "paletted: read in its colour table's colours (GDAL's expand=rgb)")
+    if expanded:
+        scene.notes.insert(0, f"paletted: read in its colour table's colours (GDAL's expand={expanded})")
     return scene
 
 

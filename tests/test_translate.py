@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import rasterio.shutil
 import torch
 from rasterio.enums import Resampling
 from rasterio.windows import Window
@@ -262,7 +263,6 @@ def test_src_nodata_marks_a_collar_the_file_does_not(tiny_weights, tmp_path):
 @pytest.mark.parametrize("make, value, message", [
     (lambda p: write_scene(p, width=300, height=300), 300, "outside the range of .* uint8 values"),
     (lambda p: write_scene(p, width=300, height=300), float("nan"), "outside the range"),
-    (lambda p: _paletted_scene(p), 0, "is paletted: mark its nodata index in the file"),
 ])
 def test_src_nodata_that_cannot_apply_is_refused(make, value, message, tmp_path):
     path = make(tmp_path / "scene.tif")
@@ -275,6 +275,30 @@ def _paletted_scene(path: Path) -> Path:
     with rasterio.open(path, "r+") as ds:
         ds.write_colormap(1, {0: (0, 0, 0, 255), 1: (200, 30, 30, 255)})
     return path
+
+
+@pytest.mark.parametrize("mark", ["file", "src_nodata", "see-through colour"])
+def test_a_paletted_scenes_nodata_index_is_masked(mark, tiny_weights, tmp_path):
+    """A paletted scene's nodata index (marked in the file, given as --src-nodata, or a colour the
+    table makes see-through, as QGIS shows it) is nodata in the map, as a nodata value is in an RGB
+    scene; GDAL's expansion to three colour bands painted it black and marked nothing."""
+    index = np.ones((300, 300), np.uint8)
+    index[:, 150:] = 2
+    index[:60] = 7
+    table = {1: (200, 30, 30, 255), 2: (30, 200, 30, 255), 7: (10, 20, 30, 0 if mark == "see-through colour" else 255)}
+    path = write_scene(tmp_path / "paletted.tif", width=300, height=300, count=1, data=index[None],
+                       photometric="palette", nodata=7 if mark == "file" else None)
+    if mark == "see-through colour":  # a TIFF's table has no alpha; a VRT's (or a PNG's) has
+        rasterio.shutil.copy(path, tmp_path / "paletted.vrt", driver="VRT")
+        path = tmp_path / "paletted.vrt"
+    with rasterio.open(path, "r+") as ds:
+        ds.write_colormap(1, table)
+    out = tmp_path / "map.tif"
+    result = translate(path, out, weights=tiny_weights, resolution="native", src_nodata=7 if mark == "src_nodata" else None)
+    assert "paletted: read in its colour table's colours (GDAL's expand=rgba)" in result.notes
+    with rasterio.open(out) as dst:
+        valid = dst.dataset_mask() > 0
+    assert not valid[:60].any() and valid[60:].all()
 
 
 def test_complex_values_are_refused(tmp_path):
