@@ -186,7 +186,7 @@ def translate(src, dst, overlap, quiet, **options) -> None:
     if not to_folder:  # the library checks these again; here they come before the model loads
         check_input(src[0])
         if options["resume"] and Path(dst).exists() and not options["overwrite"]:  # a rerun after the end
-            _keep_finished(src[0], Path(dst), options["weights"])
+            _keep_finished(src[0], Path(dst), {**options, "overlap": overlap})
             return
         check_destination(Path(dst), None if is_gdal_path(src[0]) else Path(src[0]), options["overwrite"], GEOTIFF)
 
@@ -228,13 +228,15 @@ def translate(src, dst, overlap, quiet, **options) -> None:
         raise click.exceptions.Exit(1)
 
 
-def _keep_finished(src: str, dst: Path, weights: str | None) -> None:
+def _keep_finished(src: str, dst: Path, options: dict) -> None:
     """--resume of a run that had finished (a requeued job runs its command again): the map is
-    kept if it is this scene's by this model."""
-    from geosat2map.pipeline import finished_map
+    kept if it is this scene's by this model, made with these options."""
+    from geosat2map.pipeline import DEFAULT_OVERLAP, finished_map
     from geosat2map.weights import load_generator, model_digest
 
-    kept = finished_map(src, dst, model_digest(load_generator(weights)[0]))
+    if options["overlap"] is None:
+        options["overlap"] = DEFAULT_OVERLAP
+    kept = finished_map(src, dst, model_digest(load_generator(options["weights"])[0]), options)
     click.echo(f"kept {kept.dst}: finished before")
 
 

@@ -7,6 +7,8 @@ height.
 
 from __future__ import annotations
 
+import inspect
+import json
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -244,7 +246,10 @@ def translate(
         if batch_size is None:  # ONNX Runtime never computes in bf16, whatever the hardware: fp32's batch
             batch_size = auto_batch_size(net, torch_device, spec.in_channels, tile_size,
                                          "fp32" if backend == "onnxruntime" or precision == "int8" else precision)
-        return _run(src, dst, net, spec, torch_device, started, bands=bands, resolution=resolution,
+        asked = asked_options(dict(resolution=resolution, bands=bands, tile_size=tile_size, overlap=overlap, tta=tta,
+                                   precision=precision, backend=backend, bounds=bounds, bounds_crs=bounds_crs,
+                                   aoi=aoi, src_nodata=src_nodata, cog=cog, compress=compress, quality=quality))
+        return _run(src, dst, net, spec, torch_device, started, asked, bands=bands, resolution=resolution,
                     bounds=bounds, bounds_crs=bounds_crs, aoi=aoi, src_nodata=src_nodata,
                     tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
                     compress=compress, quality=quality, allow_ungeoreferenced=allow_ungeoreferenced,
@@ -318,7 +323,7 @@ def translate_many(
             dst = dst_dir / map_name(src)
             try:
                 if resume and dst.exists() and not options.get("overwrite"):
-                    yield src, finished_map(src, dst, digest)
+                    yield src, finished_map(src, dst, digest, options)
                     continue
                 partial = resume and progress_record.record_path(dst).exists()
                 yield src, translate(src, dst, model=model, resume=partial, **options)
@@ -326,13 +331,43 @@ def translate_many(
                 yield src, exc
 
 
-def finished_map(src: str | Path, dst: Path, digest: str) -> FinishedMap:
+def finished_map(src: str | Path, dst: Path, digest: str, options: dict) -> FinishedMap:
     """``dst``, found by a resumed run, if it is ``src``'s map by the model of ``digest``
-    (:func:`~geosat2map.weights.model_digest`); else an :class:`OutputError`."""
+    (:func:`~geosat2map.weights.model_digest`) made with these :func:`translate` ``options`` (see
+    :func:`asked_options`); else an :class:`OutputError`."""
     made = read_provenance(dst)
     if (made.get("GEOSAT2MAP_SOURCE"), made.get("GEOSAT2MAP_MODEL_SHA256")) != (scene_name(src), digest):
         raise OutputError(f"{dst} exists and is not this scene's map by this model; pass --overwrite to replace it")
+    try:
+        then = json.loads(made.get("GEOSAT2MAP_OPTIONS", ""))
+    except ValueError:
+        raise OutputError(f"{dst} exists and does not record the options it was made with; pass --overwrite to "
+                          "replace it") from None
+    now = json.loads(asked_options(options))
+    differ = [f"{name} {then.get(name)!r}, not {value!r}" for name, value in now.items() if then.get(name) != value]
+    if differ:
+        raise OutputError(f"{dst} exists and was made with other options ({'; '.join(differ)}); pass --overwrite "
+                          "to replace it")
     return FinishedMap(dst)
+
+
+def asked_options(options: dict) -> str:
+    """The :func:`translate` options that shape a map, as asked (defaults filled in), as JSON: a
+    map records them (``GEOSAT2MAP_OPTIONS``) so that a resumed batch keeps a finished map only if
+    it was asked for the same way. An area of interest is named by a digest of its polygons."""
+    asked = {name: options.get(name, default) for name, default in _ASKED.items()}
+    aoi = _area(asked["aoi"], None)
+    asked["aoi"] = None if aoi is None else f"{area.digest(aoi.geometry)} {aoi.crs.to_string()}"
+    if asked["src_nodata"] is not None:
+        asked["src_nodata"] = repr(float(asked["src_nodata"]))  # NaN as text
+    return json.dumps(asked, sort_keys=True)
+
+
+#: translate's options that change the pixels of its map (not how fast, where or what it reports),
+#: with their defaults.
+_ASKED = {name: p.default for name, p in inspect.signature(translate).parameters.items()
+          if name in ("resolution", "bands", "tile_size", "overlap", "tta", "precision", "backend", "bounds",
+                      "bounds_crs", "aoi", "src_nodata", "cog", "compress", "quality")}
 
 
 def map_name(src: str | Path) -> str:
@@ -396,7 +431,7 @@ def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size
     return scene, grid, cache
 
 
-def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, bounds, bounds_crs, aoi, src_nodata,
+def _run(src, dst, net, spec, torch_device, started, asked, *, bands, resolution, bounds, bounds_crs, aoi, src_nodata,
          tile_size, overlap, batch_size, cog, compress, quality, allow_ungeoreferenced, progress, resume, backend,
          precision, ctx) -> TranslateResult:
     opened: list = []
@@ -406,7 +441,7 @@ def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, bound
     try:
         # rasterio takes GDAL_CACHEMAX in bytes (a bare 32 would be a 32-byte cache, i.e. none).
         with rasterio.Env(GDAL_CACHEMAX=cache):
-            return _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, resolution=resolution,
+            return _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, asked, resolution=resolution,
                                  tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
                                  compress=compress, quality=quality,
                                  progress=progress, resume=resume, backend=backend, precision=precision, ctx=ctx)
@@ -414,7 +449,7 @@ def _run(src, dst, net, spec, torch_device, started, *, bands, resolution, bound
         scene.close()
 
 
-def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, resolution, tile_size, overlap,
+def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, asked, *, resolution, tile_size, overlap,
                   batch_size, cog, compress, quality, progress, resume, backend, precision,
                   ctx) -> TranslateResult:
     """The main rank reads, infers, blends and writes; a helper rank (torchrun) computes and sends rows."""
@@ -458,7 +493,7 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, *, re
         done = computed_before + sum(computed_in_row[first_row : first_row_after(grid, rows)])
         progress_record.save(record_file, ident, rows, done)
 
-    tags = provenance_tags(src, scene, digest, engine.name, tile_size, overlap, tta)
+    tags = provenance_tags(src, scene, digest, engine.name, tile_size, overlap, tta) | {"GEOSAT2MAP_OPTIONS": asked}
     with _record_follows_partial(record_file, partial_path(dst)), \
             GeoTIFFWriter(dst, scene.width, scene.height, scene.crs, scene.transform, cog=cog, compress=compress,
                           quality=quality, resume_rows=kept_rows, parallel=engine.asynchronous, tags=tags,

@@ -290,3 +290,10 @@ def test_a_resumed_batch_keeps_finished_maps_resumes_partial_ones_and_starts_the
     mismatch = CliRunner().invoke(cli, ["translate", str(scenes[1]), str(maps / "a.tif"), "--weights",
                                         str(tiny_weights), "--resume"])
     assert mismatch.exit_code == 1 and "is not this scene's map by this model" in mismatch.stderr
+    # Nor is a map asked for another way: the command run again with another option makes its own.
+    resized = CliRunner().invoke(cli, ["translate", str(scenes[0]), str(maps / "a.tif"), "--weights",
+                                       str(tiny_weights), "--resume", "--overlap", "32", "--compress", "deflate"])
+    assert resized.exit_code == 1 and resized.stderr.count("\n") == 1, resized.output
+    assert "was made with other options (compress 'zstd', not 'deflate'; overlap 64, not 32)" in resized.stderr
+    other = translate_many(scenes[:1], maps, weights=tiny_weights, resume=True, resolution=1.0)
+    assert "was made with other options (resolution 'model', not 1.0)" in str(dict(other)[scenes[0]])
