@@ -285,8 +285,8 @@ def grid_from(like: str | Path | None = None, bounds=None, crs: str | None = Non
     max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     if width * height > max_pixels:
         unit = grid_crs.axis_info[0].unit_name if grid_crs.axis_info else "unknown"
-        raise InputError(f"the grid would be {width:_} x {height:_} pixels, more than {max_pixels:_} (the resolution "
-                         f"is in the CRS's unit, {unit}; raise the pixel limit for a grid that large)".replace("_", " "))
+        raise InputError(f"the grid would be {width:,} x {height:,} pixels, more than {max_pixels:,} (the resolution "
+                         f"is in the CRS's unit, {unit}; raise the pixel limit for a grid that large)")
     return Grid(grid_crs, Affine(resolution, 0, left, 0, -resolution, top), width, height)
 
 

@@ -97,9 +97,9 @@ def test_render_map_refuses_a_grid_past_the_pixel_limit(tmp_path):
     args = ["render-map", str(vec), str(out), "--bounds", "0", "0", "0.001", "0.001", "--crs", "EPSG:4326"]
     result = CliRunner().invoke(cli, [*args, "--resolution", "1e-8"])
     assert result.exit_code == 1 and not out.exists()
-    assert "100 000 x 100 000 pixels, more than 4 294 967 296" in result.output and "degree" in result.output
+    assert "100,000 x 100,000 pixels, more than 4,294,967,296" in result.output and "degree" in result.output
     result = CliRunner().invoke(cli, [*args, "--resolution", "1e-5", "--max-pixels", "9999"])
-    assert result.exit_code == 1 and "100 x 100 pixels, more than 9 999" in result.output
+    assert result.exit_code == 1 and "100 x 100 pixels, more than 9,999" in result.output
     assert grid_from(bounds=(0, 0, 0.001, 0.001), crs="EPSG:4326", resolution=1e-5, max_pixels=10_000).width == 100
 
 
