@@ -63,6 +63,10 @@ EXPAND = "expand"
 #: the scene is blown up into a huge raster of detail it does not have (a 30 m Landsat scene at
 #: the maps model's 2.12 m: 200 times the pixels). An explicit --resolution is taken as asked.
 MAX_UPSAMPLE = 8
+#: Most an explicit --resolution may be finer than the scene's: past it each scene pixel becomes
+#: over 4 096 map pixels, a slip of units or digits (0.001 for 1 m) rather than a wish, and the
+#: run would write for days (a 300 m scene at 0.001 m: 300 000 x 300 000 pixels).
+MAX_EXPLICIT_UPSAMPLE = 64
 #: A scene placed north-up by GDAL's warper (:mod:`geosat2map.placement`) and shrunk at least this
 #: much is warped nearest-neighbour: the average of the output's resampled read then hides its steps.
 #: A 4096 x 4096 scene at 0.5 m turned 20 degrees, read at 2.12 m: 3.4 s through a bilinear warp,
@@ -734,6 +738,10 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
             raise InputError(f"resolution must be positive metres, not {resolution}")
         if native is None:
             raise InputError("a resolution in metres needs a georeferenced scene")
+        if native / target > MAX_EXPLICIT_UPSAMPLE:
+            side = f"{round(cols * native / target):,} x {round(rows * native / target):,}"
+            raise InputError(f"--resolution {target:g} m is {native / target:.0f} times finer than {path}'s "
+                             f"{native:.3g} m pixels: the map would be {side} pixels; pass a coarser resolution")
 
     if target is None or math.isclose(target, native, rel_tol=1e-3):
         _check_size(path, cols, rows, native)

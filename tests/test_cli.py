@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -130,6 +131,17 @@ def test_coarse_scene_is_not_blown_up_to_the_model_resolution(tiny_weights_gsd, 
                "--weights", tiny_weights_gsd, "--overwrite", "--quiet").exit_code == 0
     with rasterio.open(out) as dst:
         assert (dst.width, dst.height) == (256, 192)
+
+
+def test_a_resolution_far_finer_than_the_scene_is_refused(tiny_weights, tmp_path):
+    """An explicit --resolution is taken as asked, but not 1000 times the scene's detail (0.001
+    typed for 1 m): one line with the size it would make, before anything is written."""
+    scene = write_scene(tmp_path / "scene.tif", width=64, height=48, res=1.0)
+    out = tmp_path / "map.tif"
+    result = run("translate", scene, out, "--weights", tiny_weights, "--resolution", "0.001")
+    assert_clean_failure(result, out, "1000 times finer than")
+    assert re.search(r"would be 64,0\d\d x 48,0\d\d pixels", result.stderr)  # ground metres, not quite 1 m
+    assert run("translate", scene, out, "--weights", tiny_weights, "--resolution", "0.25", "--quiet").exit_code == 0
 
 
 def test_output_equal_to_input(scene, tiny_weights):
