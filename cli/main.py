@@ -292,7 +292,8 @@ def _report(result) -> None:
 @click.argument("scene", type=click.Path(dir_okay=False))
 @click.argument("map_path", metavar="MAP", type=click.Path(dir_okay=False))
 @click.argument("png", type=click.Path(dir_okay=False))
-@click.option("--size", type=int, default=512, show_default=True, help="Long side of each panel, pixels.")
+@click.option("--size", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Long side of each panel, pixels.")
 @click.option("--overwrite", is_flag=True)
 def preview(scene, map_path, png, size, overwrite) -> None:
     """Write PNG: SCENE beside the MAP translated from it."""

@@ -24,6 +24,10 @@ class InputError(Geosat2mapError):
     """The input raster cannot be used (missing, unreadable, not georeferenced, ...)."""
 
 
+class NotGeoreferenced(InputError):
+    """A raster has no georeferencing where one is needed (its message names translate's way round)."""
+
+
 class OutputError(Geosat2mapError):
     """The output cannot be written where asked."""
 

@@ -28,6 +28,8 @@ def side_by_side(scene: str | Path, map_path: str | Path, png: str | Path, size:
     written beside ``png`` and renamed when whole, so a failure leaves nothing at ``png``.
     """
     png = Path(png)
+    if size < 1:
+        raise InputError(f"a preview panel is at least 1 pixel on its long side, not {size}")
     check_destination(png, None, overwrite, PNG)
     # Each source block is decoded once for the shrunk read, so GDAL's cache need not keep them: its
     # default (5 % of memory) let a 10000 x 10000 scene without overviews take 716 MB of RSS, 130 MB in 16 MiB.

@@ -39,7 +39,7 @@ from rasterio.windows import Window, from_bounds
 
 from . import aoi as area
 from .buffers import row_buffer
-from .errors import InputError, gdal_reason
+from .errors import InputError, NotGeoreferenced, gdal_reason
 from .placement import placement, warp_north_up
 
 #: Share of the darkest and brightest pixels clipped when stretching non-8-bit input to 0..255.
@@ -667,7 +667,8 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
         raise InputError(f"{path} is empty ({src.width} x {src.height})")
     georeferenced = src.crs is not None and not src.transform.is_identity
     if not georeferenced and not allow_ungeoreferenced:
-        raise InputError(f"{path} has no georeferencing (pass --allow-ungeoreferenced to translate it in pixel space)")
+        raise NotGeoreferenced(f"{path} has no georeferencing (pass --allow-ungeoreferenced to translate it in pixel "
+                               "space)")
     if (bounds is not None or aoi is not None) and not georeferenced:
         raise InputError(f"{path} has no georeferencing: {'bounds' if aoi is None else 'an area of interest'} "
                          "cannot be placed on it")

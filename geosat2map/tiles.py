@@ -30,7 +30,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window, transform as window_transform
 
 from .aoi import AreaOfInterest
-from .errors import InputError, OutputError
+from .errors import InputError, NotGeoreferenced, OutputError
 from .placement import north_up, warped_onto
 from .reader import Scene, bounded_cache, open_raster, open_scene
 from .render import Grid, MapRenderer, Style, read_vectors
@@ -185,7 +185,11 @@ def make_tiles(
     t = options.tile_size
     stride = options.stride or t
     # "model" goes through as such, so open_scene refuses a scene far coarser than the model's pixels.
-    scene = open_scene(sat, resolution=options.resolution, model_gsd_m=model_gsd, src_nodata=options.src_nodata)
+    try:
+        scene = open_scene(sat, resolution=options.resolution, model_gsd_m=model_gsd, src_nodata=options.src_nodata)
+    except NotGeoreferenced:
+        raise InputError(f"{sat} has no georeferencing: tiles pairs it with the map where both lie on the ground") \
+            from None
     work = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.part")
     source = None
     # Tiles are cut row by row, as translate reads: the scene's shared blocks, and the map raster's

@@ -17,6 +17,8 @@ import rasterio
 import torch
 from click.testing import CliRunner
 
+from geosat2map import preview
+from geosat2map.errors import InputError
 from geosat2map.weights import ModelSpec, save_generator
 from geosat2map_cli.main import cli
 
@@ -70,6 +72,11 @@ def test_no_georeferencing_unless_allowed(tiny_weights, tmp_path):
     assert_clean_failure(run("translate", png, out, "--weights", tiny_weights), out, "no georeferencing")
     ok = run("translate", png, out, "--weights", tiny_weights, "--allow-ungeoreferenced", "--quiet")
     assert ok.exit_code == 0 and out.exists()
+    # tiles has no such way round: it pairs the scene with the map on the ground.
+    tiles = tmp_path / "tiles"
+    refused = run("tiles", png, tiles, "--map", out)
+    assert_clean_failure(refused, tiles, "photo.png has no georeferencing: tiles pairs it with the map")
+    assert "--allow-ungeoreferenced" not in refused.stderr
 
 
 def test_coordinates_outside_their_crs(tiny_weights, tiny_weights_gsd, tmp_path):
@@ -448,6 +455,9 @@ def test_preview_refuses_a_missing_or_unreadable_map_in_one_line(scene, tmp_path
     assert_clean_failure(run("preview", scene, tmp_path / "nosuch.tif", png), png, "input not found")
     (tmp_path / "junk.tif").write_bytes(b"not a raster")
     assert_clean_failure(run("preview", scene, tmp_path / "junk.tif", png), png, "not a raster GDAL can read")
+    with pytest.raises(InputError, match="at least 1 pixel on its long side, not 0"):  # the CLI's range refuses it too
+        preview.side_by_side(scene, scene, png, size=0)
+    assert not png.exists()
 
 
 def test_preview_of_a_map_of_part_of_a_scene_shows_that_part(tiny_weights, tmp_path):
@@ -595,7 +605,7 @@ def test_preview_reads_through_a_small_gdal_cache(scene, tmp_path, monkeypatch):
     with them (716 MB of RSS for a 10000 x 10000 scene without overviews, 130 MB in 16 MiB)."""
     import rasterio.env
 
-    from geosat2map import preview, reader
+    from geosat2map import reader
 
     seen = []
     original = reader.Scene.read_decimated
