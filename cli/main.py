@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from geosat2map.errors import Geosat2mapError
+from geosat2map.errors import DataError, Geosat2mapError
 
 
 @contextmanager
@@ -502,6 +502,9 @@ def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, 
     output DATA against --map: RMSE, accuracy at delta 5 and 10, PSNR, SSIM."""
     from geosat2map.evaluate import evaluate as run_eval, evaluate_rasters
 
+    if not map_raster and Path(data).is_file():
+        raise DataError(f"{data} is a file: score a translate output against a reference map with --map MAP, "
+                        "or a generator on a folder of pairs")
     if map_raster:
         if tta or against:
             raise click.UsageError("--tta and --against score generators; with --map, score translate outputs")

@@ -174,6 +174,8 @@ def tile_folder_gsd(folder: str | Path) -> float | None:
 def load_pairs(folder: str | Path, split: str, direction: str = "AtoB", holdout: int = 10):
     """Pairs and names for ``split`` (train/val/all) of an aligned folder or a tile folder."""
     folder = Path(folder)
+    if folder.is_file():
+        raise DataError(f"{folder} is a file, not a folder of pairs")
     if not folder.is_dir():
         raise DataError(f"data folder not found: {folder}")
     if is_tile_folder(folder):

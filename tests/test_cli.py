@@ -527,6 +527,13 @@ def test_evaluate_says_why_a_split_is_empty(tmp_path):
             and phrase in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_evaluate_on_a_map_without_its_reference_names_map(scene):
+    result = run("evaluate", scene)
+    assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
+        f"geosat2map: error: {scene} is a file: score a translate output against a reference map with --map MAP, "
+        "or a generator on a folder of pairs"]
+
+
 def test_a_map_is_named_as_a_geotiff(scene, tiny_weights, tmp_path):
     """A map named map.png would be a GeoTIFF an image viewer cannot open: refused. In a folder,
     a scene in another format (here a GeoTIFF named .img) gets a .tif map."""
