@@ -387,7 +387,7 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
 
 
 @cli.command()
-@click.argument("data", type=click.Path(file_okay=False))
+@click.argument("data", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--direction", type=click.Choice(["AtoB", "BtoA"]), default="AtoB", show_default=True)
@@ -450,14 +450,15 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
 @click.option("--quiet", is_flag=True)
 @click.pass_context
 def train(ctx, data, out, resume, quiet, **options) -> None:
-    """Train Pix2Pix on DATA (a pix2pix aligned folder or a `geosat2map tiles` output).
+    """Train Pix2Pix on DATA (a pix2pix aligned folder or a `geosat2map tiles` output; several are
+    trained on as one, e.g. your region's tiles beside the data the model learned from).
 
     With --resume, the run's stored options are used; --epochs/--epochs-decay given on the command line
     replace its schedule (train a finished run longer).
     """
     from geosat2map.train import TrainConfig, train as run_training
 
-    config = TrainConfig(data=data, out=out, **options)
+    config = TrainConfig(data=data[0] if len(data) == 1 else list(data), out=out, **options)
     bar = _LazyBar(unit="step", disable=quiet, dynamic_ncols=True, smoothing=0.05)
 
     def progress(info: dict) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -171,13 +172,35 @@ def tile_folder_gsd(folder: str | Path) -> float | None:
     return json.loads((folder / "manifest.json").read_text()).get("gsd_m")
 
 
-def load_pairs(folder: str | Path, split: str, direction: str = "AtoB", holdout: int = 10):
-    """Pairs and names for ``split`` (train/val/all) of an aligned folder or a tile folder."""
-    folder = Path(folder)
-    if folder.is_file():
-        raise DataError(f"{folder} is a file, not a folder of pairs")
-    if not folder.is_dir():
-        raise DataError(f"data folder not found: {folder}")
-    if is_tile_folder(folder):
-        return load_tile_folder(folder, split)
-    return load_aligned_folder(folder, direction, holdout, split)
+def data_gsd(folders: str | Path | Sequence[str | Path]) -> float | None:
+    """The ground sampling distance the tile folders among ``folders`` share (None if none is one);
+    a :class:`DataError` if they were cut at different ones, which one model cannot learn as one."""
+    cut = {str(f): tile_folder_gsd(f) for f in _folders(folders)}
+    found = sorted({round(g, 3) for g in cut.values() if g is not None})
+    if len(found) > 1:
+        listed = ", ".join(f"{f} at {g:.2f} m" for f, g in cut.items() if g is not None)
+        raise DataError(f"the tile folders were cut at different resolutions ({listed}): cut them at one "
+                        "(tiles --resolution), or give the one to record with --gsd")
+    return next((g for g in cut.values() if g is not None), None)
+
+
+def load_pairs(folders: str | Path | Sequence[str | Path], split: str, direction: str = "AtoB", holdout: int = 10):
+    """Pairs and names for ``split`` (train/val/all) of an aligned folder or a tile folder, or of
+    several in turn (the user's region beside the data a model learned from, so that fine-tuning
+    does not forget it); with several, each name starts with its folder's."""
+    listed = _folders(folders)
+    pairs, names = [], []
+    for folder in listed:
+        if folder.is_file():
+            raise DataError(f"{folder} is a file, not a folder of pairs")
+        if not folder.is_dir():
+            raise DataError(f"data folder not found: {folder}")
+        found, found_names = (load_tile_folder(folder, split) if is_tile_folder(folder)
+                              else load_aligned_folder(folder, direction, holdout, split))
+        pairs += found
+        names += found_names if len(listed) == 1 else [f"{folder.name}/{n}" for n in found_names]
+    return pairs, names
+
+
+def _folders(folders: str | Path | Sequence[str | Path]) -> list[Path]:
+    return [Path(folders)] if isinstance(folders, (str, Path)) else [Path(f) for f in folders]

@@ -55,7 +55,8 @@ STORAGE_AWARE = ("int8", "int4")
 class TrainConfig:
     """Defaults are the pix2pix recipe (Isola et al. 2017)."""
 
-    data: str
+    #: One folder of pairs, or several trained on as one (see :func:`datasets.load_pairs`).
+    data: str | list[str]
     out: str
     direction: str = "AtoB"
     #: Generator width; None: 64 (the recipe's), or with ``init_from`` that generator's own.
@@ -226,7 +227,8 @@ class Trainer:
 
         pairs, names = datasets.load_pairs(config.data, "train", config.direction, config.holdout)
         if not pairs:  # e.g. one image, which --holdout keeps for validation
-            raise DataError(f"no training pairs in {config.data}: its images all went to validation "
+            where = config.data if isinstance(config.data, str) else ", ".join(config.data)
+            raise DataError(f"no training pairs in {where}: its images all went to validation "
                             f"(--holdout {config.holdout}) or its train/ folder is empty")
         self.train_set = datasets.PairDataset(pairs, names, config.load_size, config.crop_size, True, config.seed,
                                               rot90=config.rot90)
@@ -238,7 +240,7 @@ class Trainer:
             self.train_set, num_replicas=dist_ctx.world_size, rank=dist_ctx.rank, shuffle=True, seed=config.seed
         )
 
-        gsd = config.gsd_m if config.gsd_m is not None else datasets.tile_folder_gsd(config.data)
+        gsd = config.gsd_m if config.gsd_m is not None else datasets.data_gsd(config.data)
         #: The generator this run was fine-tuned from, for the provenance of what it saves (kept in
         #: the checkpoint: the file behind ``init_from``, e.g. the shipped default, can change).
         self.lineage: dict | None = None
@@ -580,7 +582,7 @@ class Trainer:
 
     def _spec(self, record: dict, trained: bool = False) -> ModelSpec:
         """Provenance of the saved generator (``trained``: of the weights being trained, not their average)."""
-        prov = {"data": str(self.cfg.data), "epoch": self.epoch, "step": self.global_step,
+        prov = {"data": self.cfg.data, "epoch": self.epoch, "step": self.global_step,
                 "recipe": "pix2pix", "val": record.get("val_online" if trained else "val"),
                 "settings": {name: getattr(self.cfg, name) for name in RECORDED_SETTINGS}}
         if trained:

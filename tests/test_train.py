@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from geosat2map import metrics, weights
-from geosat2map.errors import TrainingError
+from geosat2map.errors import DataError, TrainingError
 from geosat2map.model import PatchDiscriminator, UNetGenerator, init_weights
 from geosat2map.train import TrainConfig, Trainer, train
 from geosat2map.weights import ModelSpec, load_generator, read_spec, save_generator
@@ -520,6 +520,44 @@ def test_interrupted_training_says_so_in_one_line(tmp_path):
     assert proc.returncode == 130, proc.stderr
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith("geosat2map: interrupted"), proc.stderr
+
+
+def write_tile_folder(folder: Path, gsd_m: float, train_n: int = 3, val_n: int = 1, size: int = 64) -> Path:
+    """A folder laid out as `geosat2map tiles` writes one: SPLIT/sat and SPLIT/map, and a manifest."""
+    for split, n in (("train", train_n), ("val", val_n)):
+        for kind in ("sat", "map"):
+            (folder / split / kind).mkdir(parents=True)
+        for i in range(n):
+            a = synthetic_image(size, size, seed=100 + i).astype(np.uint8)
+            for kind, img in (("sat", a), ("map", a // 64 * 64 + 32)):
+                with rasterio.open(folder / split / kind / f"r0c{i}.tif", "w", driver="GTiff", width=size,
+                                   height=size, count=3, dtype="uint8") as dst:
+                    dst.write(img)
+    (folder / "manifest.json").write_text(json.dumps({"gsd_m": gsd_m}))
+    return folder
+
+
+def test_several_data_folders_are_trained_on_as_one(tmp_path):
+    """The user's region (a tiles folder) beside an aligned folder: both splits hold both, each
+    name says its folder, and the run records the tiles' resolution and both folders."""
+    aligned = write_aligned(tmp_path / "maps")  # 6 images, every 3rd held out: 4 train, 2 val
+    tiles = write_tile_folder(tmp_path / "region", gsd_m=0.5)
+    result = CliRunner().invoke(cli, ["train", str(aligned), str(tiles), "--out", str(tmp_path / "run"), "--ngf", "4",
+                                      "--ndf", "4", "--holdout", "3", "--max-steps", "1", "--device", "cpu",
+                                      "--precision", "fp32", "--quiet"])
+    assert result.exit_code == 0, result.output
+    config = TrainConfig.from_json(tmp_path / "run" / "config.json")
+    assert config.data == [str(aligned), str(tiles)]
+    trainer = Trainer(config)
+    assert len(trainer.train_set) == 4 + 3 and len(trainer.val_set) == 2 + 1
+    assert trainer.train_set.names[0] == "maps/1.png" and trainer.train_set.names[-1] == "region/train/r0c2.tif"
+    assert trainer.spec.gsd_m == 0.5
+    other = write_tile_folder(tmp_path / "coarser", gsd_m=2.0)
+    mixed, told = tiny_config(tiles, tmp_path / "mixed"), tiny_config(tiles, tmp_path / "told", gsd_m=1.0)
+    mixed.data = told.data = [str(tiles), str(other)]
+    with pytest.raises(DataError, match="cut at different resolutions .*region at 0.50 m, .*coarser at 2.00 m"):
+        Trainer(mixed)
+    assert Trainer(told).spec.gsd_m == 1.0
 
 
 def test_existing_run_needs_resume(tmp_path):
