@@ -175,7 +175,7 @@ def tile_folder_gsd(folder: str | Path) -> float | None:
 def data_gsd(folders: str | Path | Sequence[str | Path]) -> float | None:
     """The ground sampling distance the tile folders among ``folders`` share (None if none is one);
     a :class:`DataError` if they were cut at different ones, which one model cannot learn as one."""
-    cut = {str(f): tile_folder_gsd(f) for f in _folders(folders)}
+    cut = {str(f): tile_folder_gsd(f) for f in as_folders(folders)}
     found = sorted({round(g, 3) for g in cut.values() if g is not None})
     if len(found) > 1:
         listed = ", ".join(f"{f} at {g:.2f} m" for f, g in cut.items() if g is not None)
@@ -188,7 +188,7 @@ def load_pairs(folders: str | Path | Sequence[str | Path], split: str, direction
     """Pairs and names for ``split`` (train/val/all) of an aligned folder or a tile folder, or of
     several in turn (the user's region beside the data a model learned from, so that fine-tuning
     does not forget it); with several, each name starts with its folder's."""
-    listed = _folders(folders)
+    listed = as_folders(folders)
     pairs, names = [], []
     for folder in listed:
         if folder.is_file():
@@ -202,5 +202,6 @@ def load_pairs(folders: str | Path | Sequence[str | Path], split: str, direction
     return pairs, names
 
 
-def _folders(folders: str | Path | Sequence[str | Path]) -> list[Path]:
+def as_folders(folders: str | Path | Sequence[str | Path]) -> list[Path]:
+    """One folder or several, as paths (a run's config records one as a str, several as a list)."""
     return [Path(folders)] if isinstance(folders, (str, Path)) else [Path(f) for f in folders]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from .datasets import as_folders
 from .errors import InputError
 from .evaluate import score_as_stored
 from .model import UNetGenerator
@@ -66,7 +67,7 @@ def _rescored(model: UNetGenerator, spec: ModelSpec, storage: str, run_dir: Path
     config = TrainConfig.from_json(run_dir / "config.json")
     provenance = dict(spec.provenance)
     provenance["val_before_storage"] = provenance.pop("val")
-    if Path(config.data).is_dir():
+    if all(folder.is_dir() for folder in as_folders(config.data)):
         val = score_as_stored(model, spec, storage, config.data, config.holdout, config.direction)
         if val:
             provenance["val"], provenance["val_storage"] = val, storage

@@ -543,7 +543,7 @@ def test_several_data_folders_are_trained_on_as_one(tmp_path):
     aligned = write_aligned(tmp_path / "maps")  # 6 images, every 3rd held out: 4 train, 2 val
     tiles = write_tile_folder(tmp_path / "region", gsd_m=0.5)
     result = CliRunner().invoke(cli, ["train", str(aligned), str(tiles), "--out", str(tmp_path / "run"), "--ngf", "4",
-                                      "--ndf", "4", "--holdout", "3", "--max-steps", "1", "--device", "cpu",
+                                      "--ndf", "4", "--holdout", "3", "--epochs", "1", "--epochs-decay", "0", "--device", "cpu",
                                       "--precision", "fp32", "--quiet"])
     assert result.exit_code == 0, result.output
     config = TrainConfig.from_json(tmp_path / "run" / "config.json")
@@ -552,6 +552,11 @@ def test_several_data_folders_are_trained_on_as_one(tmp_path):
     assert len(trainer.train_set) == 4 + 3 and len(trainer.val_set) == 2 + 1
     assert trainer.train_set.names[0] == "maps/1.png" and trainer.train_set.names[-1] == "region/train/r0c2.tif"
     assert trainer.spec.gsd_m == 0.5
+    # export-weights scores the stored file again on the run's validation pairs, of both folders
+    exported = CliRunner().invoke(cli, ["export-weights", str(tmp_path / "run"), str(tmp_path / "w.safetensors"),
+                                        "--which", "latest", "--half"])
+    assert exported.exit_code == 0, exported.output
+    assert read_spec(tmp_path / "w.safetensors").provenance["val"]["count"] == 3
     other = write_tile_folder(tmp_path / "coarser", gsd_m=2.0)
     mixed, told = tiny_config(tiles, tmp_path / "mixed"), tiny_config(tiles, tmp_path / "told", gsd_m=1.0)
     mixed.data = told.data = [str(tiles), str(other)]
