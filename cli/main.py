@@ -481,7 +481,7 @@ def train(ctx, data, out, resume, quiet, **options) -> None:
 
 
 @cli.command()
-@click.argument("data", type=click.Path(exists=True))
+@click.argument("data", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--map", "map_raster", type=click.Path(dir_okay=False),
               help="DATA is a translate output: score it against this map raster.")
 @click.option("--weights", default=None, help="Generator weights (default: the shipped model).")
@@ -499,19 +499,23 @@ def train(ctx, data, out, resume, quiet, **options) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, precision, against,
              as_json) -> None:
-    """Score a generator on paired DATA (a pix2pix aligned folder or a tiles folder), or a translate
-    output DATA against --map: RMSE, accuracy at delta 5 and 10, PSNR, SSIM."""
+    """Score a generator on paired DATA (a pix2pix aligned folder or a tiles folder; several are
+    scored as one), or a translate output DATA against --map: RMSE, accuracy at delta 5 and 10,
+    PSNR, SSIM."""
     from geosat2map.evaluate import evaluate as run_eval, evaluate_rasters
 
-    if not map_raster and Path(data).is_file():
-        raise DataError(f"{data} is a file: score a translate output against a reference map with --map MAP, "
+    files = [d for d in data if Path(d).is_file()]
+    if files and not map_raster:
+        raise DataError(f"{files[0]} is a file: score a translate output against a reference map with --map MAP, "
                         "or a generator on a folder of pairs")
     if map_raster:
         if tta or against:
             raise click.UsageError("--tta and --against score generators; with --map, score translate outputs")
-        result = evaluate_rasters(data, map_raster)
+        if len(data) > 1:
+            raise click.UsageError("with --map, DATA is one translate output")
+        result = evaluate_rasters(data[0], map_raster)
     else:
-        result = run_eval(weights, data, split=split, direction=direction, holdout=holdout, device=device, tta=tta,
+        result = run_eval(weights, data[0] if len(data) == 1 else list(data), split=split, direction=direction, holdout=holdout, device=device, tta=tta,
                           against=against, precision=precision)
     if as_json:
         click.echo(json.dumps(result, indent=2))

@@ -103,7 +103,7 @@ def _write_png(path: Path, grid: np.ndarray) -> None:
 
 def evaluate(
     weights: str | Path | None,
-    data: str | Path,
+    data: str | Path | list[str | Path],
     split: str = "all",
     direction: str = "AtoB",
     holdout: int = 10,
@@ -113,7 +113,7 @@ def evaluate(
     precision: str = "fp32",
 ) -> dict:
     """Score a weights file (None or 'default': the default model) on the ``split`` of a paired data
-    folder, with translate's flip averaging when ``tta``, at ``precision`` (fp32 by default: the
+    folder (or of several, as one: :func:`datasets.load_pairs`), with translate's flip averaging when ``tta``, at ``precision`` (fp32 by default: the
     figures then do not depend on the machine; ``bf16`` or ``auto`` score what translate's bf16
     engine makes, ``int8`` what ``translate --precision int8`` makes, see :func:`int8_metrics`).
 
@@ -126,14 +126,16 @@ def evaluate(
         raise DataError(f"--holdout must be 0 (none) or more, not {holdout}")
     pairs, names = datasets.load_pairs(data, split, direction, holdout)
     if not pairs:
-        hint = " (--holdout 0 holds none out)" if split == "val" and not datasets.is_tile_folder(Path(data)) else ""
-        raise DataError(f"no {split} pairs in {data}{hint}")
+        folders = datasets.as_folders(data)
+        hint = " (--holdout 0 holds none out)" if split == "val" and not all(map(datasets.is_tile_folder, folders)) else ""
+        raise DataError(f"no {split} pairs in {', '.join(map(str, folders))}{hint}")
     int8 = precision == "int8"
     dev = resolve_device("cpu" if int8 and device == "auto" else device)
     bf16 = not int8 and use_bf16(precision, dev)
     scores = [_per_pair(w, pairs, names, dev, tta, bf16, int8)
               for w in ([weights] if against is None else [weights, against])]
-    result = {"weights": str(weights or "default"), "data": str(data), "split": split, "tta": tta,
+    named = [str(f) for f in data] if isinstance(data, list) else str(data)
+    result = {"weights": str(weights or "default"), "data": named, "split": split, "tta": tta,
               "precision": "int8" if int8 else "bf16" if bf16 else "fp32"}
     if against is None:
         return {**result, **metrics.summarize(scores[0]), "se": metrics.standard_errors(scores[0])}

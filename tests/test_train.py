@@ -557,6 +557,10 @@ def test_several_data_folders_are_trained_on_as_one(tmp_path):
                                         "--which", "latest", "--half"])
     assert exported.exit_code == 0, exported.output
     assert read_spec(tmp_path / "w.safetensors").provenance["val"]["count"] == 3
+    scored = CliRunner().invoke(cli, ["evaluate", str(aligned), str(tiles), "--split", "val", "--holdout", "3",
+                                      "--weights", str(tmp_path / "w.safetensors"), "--json"])
+    assert scored.exit_code == 0, scored.output
+    assert json.loads(scored.stdout)["count"] == 3 and json.loads(scored.stdout)["data"] == [str(aligned), str(tiles)]
     other = write_tile_folder(tmp_path / "coarser", gsd_m=2.0)
     mixed, told = tiny_config(tiles, tmp_path / "mixed"), tiny_config(tiles, tmp_path / "told", gsd_m=1.0)
     mixed.data = told.data = [str(tiles), str(other)]
