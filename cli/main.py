@@ -515,8 +515,8 @@ def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, 
             raise click.UsageError("with --map, DATA is one translate output")
         result = evaluate_rasters(data[0], map_raster)
     else:
-        result = run_eval(weights, data[0] if len(data) == 1 else list(data), split=split, direction=direction, holdout=holdout, device=device, tta=tta,
-                          against=against, precision=precision)
+        result = run_eval(weights, data[0] if len(data) == 1 else list(data), split=split, direction=direction,
+                          holdout=holdout, device=device, tta=tta, against=against, precision=precision)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     elif against:

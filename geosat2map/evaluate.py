@@ -113,8 +113,8 @@ def evaluate(
     precision: str = "fp32",
 ) -> dict:
     """Score a weights file (None or 'default': the default model) on the ``split`` of a paired data
-    folder (or of several, as one: :func:`datasets.load_pairs`), with translate's flip averaging when ``tta``, at ``precision`` (fp32 by default: the
-    figures then do not depend on the machine; ``bf16`` or ``auto`` score what translate's bf16
+    folder (or of several, as one: :func:`datasets.load_pairs`), with translate's flip averaging
+    when ``tta``, at ``precision`` (fp32 by default: the figures then do not depend on the machine; ``bf16`` or ``auto`` score what translate's bf16
     engine makes, ``int8`` what ``translate --precision int8`` makes, see :func:`int8_metrics`).
 
     Images are resized to 256 x 256, as the maps literature evaluates. With ``against`` (another
@@ -127,7 +127,8 @@ def evaluate(
     pairs, names = datasets.load_pairs(data, split, direction, holdout)
     if not pairs:
         folders = datasets.as_folders(data)
-        hint = " (--holdout 0 holds none out)" if split == "val" and not all(map(datasets.is_tile_folder, folders)) else ""
+        aligned = not all(map(datasets.is_tile_folder, folders))
+        hint = " (--holdout 0 holds none out)" if split == "val" and aligned else ""
         raise DataError(f"no {split} pairs in {', '.join(map(str, folders))}{hint}")
     int8 = precision == "int8"
     dev = resolve_device("cpu" if int8 and device == "auto" else device)

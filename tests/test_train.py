@@ -543,8 +543,8 @@ def test_several_data_folders_are_trained_on_as_one(tmp_path):
     aligned = write_aligned(tmp_path / "maps")  # 6 images, every 3rd held out: 4 train, 2 val
     tiles = write_tile_folder(tmp_path / "region", gsd_m=0.5)
     result = CliRunner().invoke(cli, ["train", str(aligned), str(tiles), "--out", str(tmp_path / "run"), "--ngf", "4",
-                                      "--ndf", "4", "--holdout", "3", "--epochs", "1", "--epochs-decay", "0", "--device", "cpu",
-                                      "--precision", "fp32", "--quiet"])
+                                      "--ndf", "4", "--holdout", "3", "--epochs", "1", "--epochs-decay", "0",
+                                      "--device", "cpu", "--precision", "fp32", "--quiet"])
     assert result.exit_code == 0, result.output
     config = TrainConfig.from_json(tmp_path / "run" / "config.json")
     assert config.data == [str(aligned), str(tiles)]

@@ -294,7 +294,8 @@ def test_a_paletted_scenes_nodata_index_is_masked(mark, tiny_weights, tmp_path):
     with rasterio.open(path, "r+") as ds:
         ds.write_colormap(1, table)
     out = tmp_path / "map.tif"
-    result = translate(path, out, weights=tiny_weights, resolution="native", src_nodata=7 if mark == "src_nodata" else None)
+    result = translate(path, out, weights=tiny_weights, resolution="native",
+                       src_nodata=7 if mark == "src_nodata" else None)
     assert "paletted: read in its colour table's colours (GDAL's expand=rgba)" in result.notes
     with rasterio.open(out) as dst:
         valid = dst.dataset_mask() > 0
