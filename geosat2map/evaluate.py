@@ -114,8 +114,9 @@ def evaluate(
 ) -> dict:
     """Score a weights file (None or 'default': the default model) on the ``split`` of a paired data
     folder (or of several, as one: :func:`datasets.load_pairs`), with translate's flip averaging
-    when ``tta``, at ``precision`` (fp32 by default: the figures then do not depend on the machine; ``bf16`` or ``auto`` score what translate's bf16
-    engine makes, ``int8`` what ``translate --precision int8`` makes, see :func:`int8_metrics`).
+    when ``tta``, at ``precision`` (fp32 by default: the figures then do not depend on the machine;
+    ``bf16`` or ``auto`` score what translate's bf16 engine makes, ``int8`` what ``translate
+    --precision int8`` makes, see :func:`int8_metrics`).
 
     Images are resized to 256 x 256, as the maps literature evaluates. With ``against`` (another
     weights file, or 'default') both are scored on the same pairs and ``difference`` gives, per
