@@ -683,7 +683,7 @@ def info(weights, as_json) -> None:
 
 def _map_info(path: str, as_json: bool) -> None:
     from geosat2map.errors import WeightsError
-    from geosat2map.pipeline import read_provenance
+    from geosat2map.pipeline import changed_options, read_provenance
     from geosat2map.weights import describe_weights
 
     p = read_provenance(path)
@@ -693,6 +693,8 @@ def _map_info(path: str, as_json: bool) -> None:
         default = None
     p["shipped_model"] = p.get("GEOSAT2MAP_MODEL_SHA256") == default
     if as_json:
+        if "GEOSAT2MAP_OPTIONS" in p:
+            p["GEOSAT2MAP_OPTIONS"] = json.loads(p["GEOSAT2MAP_OPTIONS"])
         click.echo(json.dumps(p, indent=2))
         return
     click.echo(f"{p['file']}: a map of {p['width']} x {p['height']} pixels ({p['crs']}), made by "
@@ -705,6 +707,21 @@ def _map_info(path: str, as_json: bool) -> None:
     if "GEOSAT2MAP_SRC_NODATA" in p:
         inside += f"; the scene's nodata taken as {p['GEOSAT2MAP_SRC_NODATA']} (--src-nodata)"
     click.echo(f"{p.get('GEOSAT2MAP_RESOLUTION', '?')}; {p.get('GEOSAT2MAP_TILING', '?')}{inside}")
+    if "GEOSAT2MAP_OPTIONS" in p:  # maps made before session 38 do not record them
+        changed = changed_options(p["GEOSAT2MAP_OPTIONS"]).items()
+        click.echo("asked with " + (" ".join(_as_option(name, value) for name, value in changed) or "the defaults"))
+
+
+def _as_option(name: str, value) -> str:
+    """One recorded translate option as its command-line flag."""
+    flag = "--" + name.replace("_", "-")
+    if value is True:
+        return flag
+    if name == "aoi":
+        return f"{flag} (polygons {value.split()[0]})"  # recorded as a digest of the polygons and their CRS
+    if isinstance(value, list):
+        return f"{flag} {','.join(map(str, value)) if name == 'bands' else ' '.join(map(str, value))}"
+    return f"{flag} {value}"
 
 
 @cli.command("export-onnx")

@@ -363,6 +363,13 @@ def asked_options(options: dict) -> str:
     return json.dumps(asked, sort_keys=True)
 
 
+def changed_options(asked: str) -> dict:
+    """The options a map records as asked (its ``GEOSAT2MAP_OPTIONS``) that are not translate's
+    defaults: what its command line said beyond ``translate SRC DST``."""
+    recorded, defaults = json.loads(asked), json.loads(asked_options({}))
+    return {name: value for name, value in recorded.items() if defaults.get(name) != value}
+
+
 #: translate's options that change the pixels of its map (not how fast, where or what it reports),
 #: with their defaults.
 _ASKED = {name: p.default for name, p in inspect.signature(translate).parameters.items()

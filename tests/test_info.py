@@ -55,8 +55,11 @@ def test_info_of_a_map_says_how_it_was_made_and_by_which_model(tiny_weights, sce
     text = run("info", out).stdout.splitlines()
     assert text[0].startswith(f"{out}: a map of 600 x 500 pixels (EPSG:32633), made by geosat2map ")
     assert text[0].endswith(" from scene.tif") and "(not the shipped model;" in text[1]
-    shipped = translate(scene, tmp_path / "shipped.tif").dst
-    assert json.loads(run("info", shipped, "--json").stdout)["shipped_model"] is True
+    assert text[-1] == "asked with the defaults"
+    shipped = translate(scene, tmp_path / "shipped.tif", bands=[3, 2, 1], overlap=32, compress="deflate").dst
+    d = json.loads(run("info", shipped, "--json").stdout)
+    assert d["shipped_model"] is True and d["GEOSAT2MAP_OPTIONS"]["bands"] == [3, 2, 1]
+    assert run("info", shipped).stdout.splitlines()[-1] == "asked with --bands 3,2,1 --compress deflate --overlap 32"
     result = run("info", scene)
     assert result.exit_code == 1 and result.output.strip() == \
         f"geosat2map: error: {scene} is a raster, but not a map geosat2map made: it records no GEOSAT2MAP tags"
