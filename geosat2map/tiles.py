@@ -15,6 +15,7 @@ reads::
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -26,11 +27,12 @@ import rasterio
 import shapely
 import shapely.geometry
 from pyproj import Transformer
+from rasterio.errors import RasterioIOError
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window, transform as window_transform
 
 from .aoi import AreaOfInterest
-from .errors import InputError, NotGeoreferenced, OutputError
+from .errors import InputError, NotGeoreferenced, OutputError, gdal_reason
 from .placement import north_up, warped_onto
 from .reader import Scene, bounded_cache, open_raster, open_scene
 from .render import Grid, MapRenderer, Style, read_vectors
@@ -155,10 +157,13 @@ def _split(positions: list[tuple[int, int]], opts: TileOptions) -> tuple[list, l
 
 def _write_tile(path: Path, pixels: np.ndarray, scene: Scene, x: int, y: int) -> None:
     transform = window_transform(Window(x, y, pixels.shape[2], pixels.shape[1]), scene.transform)
-    with rasterio.open(path, "w", driver="GTiff", width=pixels.shape[2], height=pixels.shape[1], count=3,
-                       dtype="uint8", crs=scene.crs, transform=transform, compress="deflate",
-                       photometric="RGB") as dst:
-        dst.write(pixels)
+    try:
+        with rasterio.open(path, "w", driver="GTiff", width=pixels.shape[2], height=pixels.shape[1], count=3,
+                           dtype="uint8", crs=scene.crs, transform=transform, compress="deflate",
+                           photometric="RGB") as dst:
+            dst.write(pixels)
+    except (RasterioIOError, OSError) as exc:
+        raise OutputError(f"writing the tile {path.name} failed (disk full?): {gdal_reason(exc)}") from None
 
 
 def make_tiles(
@@ -203,8 +208,8 @@ def make_tiles(
             area = AreaOfInterest.read(str(aoi)).in_crs(scene.crs) if aoi is not None else None
             if area is not None and not shapely.intersects(area, shapely.box(*grid.bounds)):
                 raise InputError(f"the AOI {aoi} lies outside the scene")
-            candidates = [(y, x) for y in range(0, scene.height - t + 1, stride) for x in range(0, scene.width - t + 1, stride)]
-            if not candidates:
+            rows, cols = range(0, scene.height - t + 1, stride), range(0, scene.width - t + 1, stride)
+            if not rows or not cols:
                 raise InputError(f"the scene is {scene.width} x {scene.height} pixels at {scene.gsd_m:.2f} m: "
                                  f"smaller than one {t}-pixel tile")
             skipped = {"aoi": 0, "nodata": 0, "empty_map": 0}
@@ -215,7 +220,7 @@ def make_tiles(
             for kind in ("sat", "map"):
                 (staging / kind).mkdir(parents=True)
             kept: dict[tuple[int, int], float] = {}
-            for y, x in candidates:
+            for y, x in itertools.product(rows, cols):  # not listed first: a small stride makes millions
                 footprint = _footprint(scene, x, y, t)
                 if area is not None and shapely.intersection(footprint, area).area < 0.5 * footprint.area:
                     skipped["aoi"] += 1
@@ -249,7 +254,7 @@ def make_tiles(
                         (staging / kind / name).rename(work / split / kind / name)
                     features.append(_index_feature(scene, to_wgs84, x, y, t, name, split, kept[(y, x)]))
             shutil.rmtree(staging)  # what is left are tiles dropped by the split buffer
-            (work / "index.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+            _write_text(work / "index.geojson", json.dumps({"type": "FeatureCollection", "features": features}))
             manifest = {
                 "format": "geosat2map-tiles/1",
                 "satellite": str(sat),
@@ -261,7 +266,7 @@ def make_tiles(
                 "options": {**asdict(options), "resolution": resolution, "stride": stride},
                 "counts": {"train": len(train), "val": len(val), "skipped": skipped},
             }
-            (work / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            _write_text(work / "manifest.json", json.dumps(manifest, indent=2))
             if out_dir.exists():
                 shutil.rmtree(out_dir)
             work.rename(out_dir)
@@ -272,6 +277,13 @@ def make_tiles(
             if work.exists():
                 shutil.rmtree(work)
     return TilesResult(out_dir, len(train), len(val), skipped, scene.gsd_m)
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise OutputError(f"writing {path.name} failed: {exc.strerror}") from None
 
 
 def _tile_name(y: int, x: int) -> str:

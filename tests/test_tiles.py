@@ -151,6 +151,34 @@ def test_tiles_index_and_split(region, tmp_path):
     assert manifest["counts"]["train"] == result.train and manifest["gsd_m"] == pytest.approx(1.0, rel=0.01)
 
 
+@pytest.mark.parametrize("where", ["tile", "manifest"])
+def test_a_full_disk_while_cutting_is_one_line_and_leaves_nothing(region, tmp_path, monkeypatch, where):
+    """GDAL's write error on the fifth tile (or the OS's on the manifest) was a traceback."""
+    import geosat2map.tiles as tiles
+    from geosat2map.errors import OutputError
+    from rasterio.errors import RasterioIOError
+
+    sat, vec = region
+    opened, real_open = [], rasterio.open
+
+    def open_until_full(path, mode="r", **kw):
+        if mode == "w" and len(opened) == 4:
+            raise RasterioIOError("TIFFAppendToStrip:Write error at scanline 120")
+        opened.append(path)
+        return real_open(path, mode, **kw)
+
+    def full_disk(self, text):
+        raise OSError(28, "No space left on device")
+
+    if where == "tile":
+        monkeypatch.setattr(tiles.rasterio, "open", open_until_full)
+    else:
+        monkeypatch.setattr(tiles.Path, "write_text", full_disk)
+    with pytest.raises(OutputError, match="(tile r.*|index.geojson) failed.*(Write error|No space left)"):
+        make_tiles(sat, tmp_path / "tiles", vectors=[str(vec)], options=TileOptions(resolution=1.0, block_tiles=2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["buildings.geojson", "sat.tif"]
+
+
 def test_train_runs_on_tiles(region, tmp_path):
     sat, vec = region
     out = tmp_path / "tiles"
