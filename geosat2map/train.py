@@ -36,7 +36,7 @@ from torch.utils.data import DistributedSampler
 from . import datasets
 from .devices import resolve_device, use_bf16
 from .distributed import DistContext, convert_batchnorm, init_distributed, shutdown_distributed
-from .errors import DataError, TrainingError, first_line
+from .errors import DataError, OutputError, TrainingError, first_line
 from .evaluate import evaluate_generator, write_triplets
 from .model import FlipAveraged, PatchDiscriminator, UNetGenerator, init_weights, modes_kept, widen_generator
 from .storage_aware import StoredRounding, rounded_as_stored
@@ -183,9 +183,14 @@ class TrainConfig:
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
+    """``obj`` saved whole at ``path`` or not at all (the checkpoint before it is kept)."""
     tmp = path.with_name(path.name + ".part")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"writing {path} failed (disk full?): {first_line(exc)}") from None
 
 
 @contextmanager

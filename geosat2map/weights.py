@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .errors import WeightsError, first_line
+from .errors import OutputError, WeightsError, first_line
 from .model import UNetGenerator
 
 FORMAT = "geosat2map-generator/1"
@@ -226,8 +226,10 @@ def save_generator(model: torch.nn.Module, spec: ModelSpec, path: str | Path, st
         if path.exists():
             os.chmod(tmp, path.stat().st_mode & 0o7777)
         tmp.replace(path)
-    except BaseException:  # a full disk, Ctrl-C: no half-written .part left behind
+    except BaseException as exc:  # a full disk, Ctrl-C: no half-written .part left behind
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"writing {path} failed: {exc.strerror or first_line(exc)}") from None
         raise
 
 

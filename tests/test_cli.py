@@ -460,6 +460,16 @@ def test_preview_refuses_a_missing_or_unreadable_map_in_one_line(scene, tmp_path
     assert not png.exists()
 
 
+def test_preview_on_a_full_disk_is_one_line_and_leaves_nothing(scene, tmp_path, monkeypatch):
+    def full_disk(*args) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(preview.os, "replace", full_disk)
+    png = tmp_path / "preview.png"
+    assert_clean_failure(run("preview", scene, scene, png), png, f"writing {png} failed (disk full?)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [scene.name]
+
+
 def test_preview_of_a_map_of_part_of_a_scene_shows_that_part(tiny_weights, tmp_path):
     """A map made with --bounds (or --aoi) beside the scene under it, not the whole scene squeezed
     into the map's shape: the scene's west half is black, the map covers its east half."""

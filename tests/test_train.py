@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from geosat2map import metrics, weights
-from geosat2map.errors import DataError, TrainingError
+from geosat2map.errors import DataError, OutputError, TrainingError
 from geosat2map.model import PatchDiscriminator, UNetGenerator, init_weights
 from geosat2map.train import TrainConfig, Trainer, train
 from geosat2map.weights import ModelSpec, load_generator, read_spec, save_generator
@@ -590,6 +590,34 @@ def test_resume_without_a_run_or_an_out_that_cannot_be_made_is_one_line(tmp_path
         train(tiny_config(data, tmp_path / "a_file" / "run", max_steps=1))
     with pytest.raises(TrainingError, match="is a file, not a run folder"):
         train(tiny_config(data, tmp_path / "a_file", max_steps=1))
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint that cannot be written leaves the one before it, no .part, and one line; so
+    does a generator file (save_generator's write)."""
+    import geosat2map.train as train_module
+
+    data = write_aligned(tmp_path / "data")
+    train(tiny_config(data, tmp_path / "run", max_steps=1))
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+
+    def full_disk(obj, path) -> None:
+        Path(path).write_bytes(b"torn")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(train_module.torch, "save", full_disk)
+    result = CliRunner().invoke(cli, ["train", str(data), "--out", str(tmp_path / "run"), "--resume",
+                                      "--max-steps", "2", "--quiet"])
+    assert result.exit_code == 1 and result.stderr.strip().splitlines() == [
+        f"geosat2map: error: writing {tmp_path / 'run' / 'checkpoint.pt'} failed (disk full?): [enforce fail at "
+        "inline_container.cc:603] . unexpected pos 64 vs 0"], result.output
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    assert not list((tmp_path / "run").glob("*.part"))
+    monkeypatch.setattr(weights.os, "chmod", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    (tmp_path / "w.safetensors").write_bytes(b"")  # an existing file: its mode is copied, where the write fails here
+    with pytest.raises(OutputError, match="writing .*w.safetensors failed: No space left on device"):
+        save_generator(UNetGenerator(ngf=4), ModelSpec(ngf=4), tmp_path / "w.safetensors")
+    assert not (tmp_path / "w.safetensors.part").exists()
 
 
 def test_corrupt_checkpoint_is_detected_on_resume(tmp_path):
