@@ -20,6 +20,7 @@ from writing the same destination at once.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import time
 from collections.abc import Callable
@@ -137,6 +138,25 @@ def overview_factors(width: int, height: int, smallest: int = BLOCK) -> list[int
         factors.append(f)
         f *= 2
     return factors
+
+
+def unwritten_block(path: Path, rows: int | None = None) -> tuple[int, int] | None:
+    """The first block (column, row) of ``path``'s pixels, of those that hold its first ``rows``
+    rows (None: all), that does not lie whole inside the file.
+
+    GDAL writes the blocks its cache still holds, and the directory, when a GeoTIFF is closed, and
+    rasterio raises none of their failures: on a full disk a small map was left truncated and
+    reported written. The block index says so at once (2-3 us a block, 10 ms at 16384 x 16384)."""
+    size = path.stat().st_size
+    with rasterio.open(path) as ds:
+        block_h, block_w = ds.block_shapes[0]
+        for j in range(math.ceil((ds.height if rows is None else rows) / block_h)):
+            for i in range(math.ceil(ds.width / block_w)):
+                offset = ds.get_tag_item(f"BLOCK_OFFSET_{i}_{j}", "TIFF", bidx=1)
+                length = ds.get_tag_item(f"BLOCK_SIZE_{i}_{j}", "TIFF", bidx=1)
+                if not (offset and length and int(offset) > 0 and int(offset) + int(length) <= size):
+                    return i, j
+    return None
 
 
 class GeoTIFFWriter:
@@ -365,6 +385,7 @@ class GeoTIFFWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            self._check_whole(self.rows_written)  # before the record says they are kept
             self._ds = rasterio.open(self.tmp, "r+", **self._open_options)
             self.checkpoint(self.rows_written)
         except (RasterioIOError, OSError) as exc:  # a full disk, for the file or the record
@@ -405,6 +426,7 @@ class GeoTIFFWriter:
         self._pixels, self._masks = [], None  # not needed while the overviews are built
         try:
             self._ds.close()
+            self._check_whole()
             if self.cog:
                 rasterio.shutil.copy(
                     self.tmp, self.final_tmp, driver="COG", blocksize=BLOCK, overview_resampling="average",
@@ -431,6 +453,11 @@ class GeoTIFFWriter:
             raise OutputError(f"finishing {self.dst} failed: {gdal_reason(exc)}") from None
         finally:
             self._cleanup()
+
+    def _check_whole(self, rows: int | None = None) -> None:
+        """After a close: the file's blocks (those of its first ``rows`` rows) are all on disk."""
+        if unwritten_block(self.tmp, rows) is not None:
+            raise OutputError(f"writing {self.dst} failed (disk full?): not every block reached the disk")
 
     def keep_partial(self) -> int:
         """After an interruption: close the partial file with its whole block rows and keep it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -336,6 +337,25 @@ def test_full_disk_is_a_clean_error(tiny_weights, tmp_path):
     assert "See previous exception" not in lines[0]
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
+
+
+def test_a_small_map_on_a_full_disk_is_not_reported_written(tmp_path):
+    """A map small enough to sit in GDAL's cache is written on close, whose failures rasterio does
+    not raise: render-map said "wrote" and left a truncated file. Its block index now says so."""
+    ref = write_scene(tmp_path / "ref.tif", width=1300, height=1300)
+    vec = tmp_path / "roads.geojson"
+    road = {"type": "LineString", "coordinates": [[500000 + i * 97.0, 4500000 - i * 89.0] for i in range(14)]}
+    vec.write_text(json.dumps({"type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": "EPSG:32633"}},
+                               "features": [{"type": "Feature", "properties": {"highway": "primary"}, "geometry": road}]}))
+    out = tmp_path / "map.tif"
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (4_096, 4_096)); "
+            "from geosat2map_cli.main import cli; cli(prog_name='geosat2map')")
+    proc = subprocess.run([sys.executable, "-c", code, "render-map", str(vec), str(out), "--like", str(ref)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"geosat2map: error: writing {out} failed (disk full?): not every block reached the disk"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.tif", "roads.geojson"]
 
 
 def tiff_declaring(path: Path, width: int, height: int) -> Path:
