@@ -40,11 +40,12 @@ def install_script(folder: Path | None = None, python: str = sys.executable, ove
     text = SCRIPT.read_text(encoding="utf-8")
     if text.count(PLACEHOLDER) != 1:
         raise RuntimeError(f"{SCRIPT} must name its Python once as {PLACEHOLDER}")
+    tmp = dst.with_name(f".{dst.name}.part")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.part")
         tmp.write_text(text.replace(PLACEHOLDER, f"PYTHON = {str(python)!r}"), encoding="utf-8")
         os.replace(tmp, dst)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)  # a full disk: not half a script left beside the user's
         raise OutputError(f"cannot write {dst}: {exc.strerror or exc}") from None
     return dst

@@ -614,6 +614,18 @@ def test_qgis_script_goes_to_the_default_profile_and_names_this_python(tmp_path,
     assert run("qgis-script", "--overwrite").exit_code == 0
 
 
+def test_qgis_script_on_a_full_disk_leaves_nothing(tmp_path, monkeypatch):
+    import geosat2map.qgis_script as qgis_script
+
+    def full_disk(*args) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(qgis_script.os, "replace", full_disk)
+    result = run("qgis-script", tmp_path)
+    assert result.exit_code == 1 and "No space left on device" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_choice_lists_repeat_the_library_lists():
     """The CLI writes its choices out (it imports the library lazily, so `--help` stays fast) and the
     QGIS script lists the compressions for its dialog (it runs in QGIS's Python, without geosat2map):
