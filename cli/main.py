@@ -374,7 +374,7 @@ def mosaic(sheets, dst, index, index_field, aoi, crs, src_nodata, overwrite) -> 
               help="SAT's nodata value, a pixel holding it in every band, in place of its own marking (as "
                    "translate's).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is an earlier tiles folder (or empty).")
 def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
     """Cut aligned satellite/map training pairs from SAT into OUT_DIR (what `train` reads)."""
     from geosat2map.tiles import TileOptions, make_tiles

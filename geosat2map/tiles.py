@@ -38,6 +38,10 @@ from .reader import Scene, bounded_cache, open_raster, open_scene
 from .render import Grid, MapRenderer, Style, read_vectors
 
 
+#: The manifest's format: what ``--overwrite`` takes for a tiles folder it may replace.
+TILES_FORMAT = "geosat2map-tiles/1"
+
+
 @dataclass(frozen=True)
 class TileOptions:
     resolution: float | str = "model"  # metres per pixel, "native", or "model" (the default model's)
@@ -183,6 +187,8 @@ def make_tiles(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise OutputError(f"{out_dir} exists (pass --overwrite to replace it)")
+    if out_dir.exists():
+        _check_replaceable(out_dir)
     if not out_dir.parent.is_dir():
         raise OutputError(f"the output folder {out_dir.parent} does not exist")
     model_gsd = _model_resolution() if options.resolution == "model" else None
@@ -256,7 +262,7 @@ def make_tiles(
             shutil.rmtree(staging)  # what is left are tiles dropped by the split buffer
             _write_text(work / "index.geojson", json.dumps({"type": "FeatureCollection", "features": features}))
             manifest = {
-                "format": "geosat2map-tiles/1",
+                "format": TILES_FORMAT,
                 "satellite": str(sat),
                 "map": str(map_raster) if map_raster is not None else None,
                 "vectors": list(vectors or []),
@@ -277,6 +283,21 @@ def make_tiles(
             if work.exists():
                 shutil.rmtree(work)
     return TilesResult(out_dir, len(train), len(val), skipped, scene.gsd_m)
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """``--overwrite`` replaces an earlier tiles folder (its manifest says so) or an empty one,
+    never another folder: a slip of the output path must not delete the user's files."""
+    if not out_dir.is_dir():
+        raise OutputError(f"{out_dir} is a file, not a tiles folder; it is not replaced")
+    manifest = out_dir / "manifest.json"
+    try:
+        made_here = json.loads(manifest.read_text()).get("format", "").startswith(TILES_FORMAT.split("/")[0])
+    except (OSError, ValueError, AttributeError):
+        made_here = False
+    if not made_here and any(out_dir.iterdir()):
+        raise OutputError(f"{out_dir} holds files and is not a tiles folder (no tiles manifest.json); --overwrite "
+                          "replaces only those: choose another folder")
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -11,7 +11,7 @@ import rasterio
 from click.testing import CliRunner
 from pyproj import Transformer
 
-from geosat2map.errors import InputError
+from geosat2map.errors import InputError, OutputError
 from geosat2map.render import Grid, MapRenderer, Style, grid_from, read_vectors, render_map
 from geosat2map.tiles import TileOptions, make_tiles
 from geosat2map.train import TrainConfig, Trainer
@@ -151,11 +151,27 @@ def test_tiles_index_and_split(region, tmp_path):
     assert manifest["counts"]["train"] == result.train and manifest["gsd_m"] == pytest.approx(1.0, rel=0.01)
 
 
+def test_overwrite_replaces_a_tiles_folder_and_nothing_else(region, tmp_path):
+    """--overwrite deleted whatever folder it was given (a slip of the path: the user's files)."""
+    sat, vec = region
+    options = TileOptions(resolution=1.0, block_tiles=2)
+    theirs = tmp_path / "thesis"
+    theirs.mkdir()
+    (theirs / "chapter1.tex").write_text("years of work")
+    with pytest.raises(OutputError, match="holds files and is not a tiles folder"):
+        make_tiles(sat, theirs, vectors=[str(vec)], options=options, overwrite=True)
+    assert (theirs / "chapter1.tex").read_text() == "years of work"
+    out = tmp_path / "tiles"
+    first = make_tiles(sat, out, vectors=[str(vec)], options=options)
+    (tmp_path / "empty").mkdir()
+    for folder in (out, tmp_path / "empty"):  # an earlier tiles folder, or an empty one
+        assert make_tiles(sat, folder, vectors=[str(vec)], options=options, overwrite=True).train == first.train
+
+
 @pytest.mark.parametrize("where", ["tile", "manifest"])
 def test_a_full_disk_while_cutting_is_one_line_and_leaves_nothing(region, tmp_path, monkeypatch, where):
     """GDAL's write error on the fifth tile (or the OS's on the manifest) was a traceback."""
     import geosat2map.tiles as tiles
-    from geosat2map.errors import OutputError
     from rasterio.errors import RasterioIOError
 
     sat, vec = region
