@@ -1,11 +1,11 @@
 """What the writer's checkpoints cost (the partial map made resumable after a kill, every
-geosat2map.writer.CHECKPOINT_SECONDS): the figure behind the README's "15 ms at 16 384 x 16 384".
+geosat2map.writer.CHECKPOINT_SECONDS): the figure behind the README's "20 ms at 16 384 x 16 384".
 
     python benchmarks/checkpoint.py [--side 16384]
 
 Writes a SIDE x SIDE map of random pixels (ZSTD compresses them least: the most bytes to sync)
 with a nodata column, checkpointing after every block row, and prints the time each checkpoint
-took (close, fsync, reopen, record) and the whole write's.
+took (close, fsync, block index check, reopen, record) and the whole write's.
 """
 
 from __future__ import annotations
