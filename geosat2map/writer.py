@@ -31,6 +31,7 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 from affine import Affine
+from rasterio._err import CPLE_BaseError  # what a failed copy raises through rasterio (no public alias)
 from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
@@ -449,7 +450,7 @@ class GeoTIFFWriter:
                         copy_src_overviews=True, **compression_options(self.compress, self.quality),
                     )
                 os.replace(self.final_tmp if self.copied_at_commit else self.tmp, self.dst)
-        except (RasterioIOError, OSError) as exc:
+        except (RasterioIOError, CPLE_BaseError, OSError) as exc:  # GDAL's copy fails on its close as CPLE_*
             raise OutputError(f"finishing {self.dst} failed: {gdal_reason(exc)}") from None
         finally:
             self._cleanup()

@@ -358,6 +358,24 @@ def test_a_small_map_on_a_full_disk_is_not_reported_written(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.tif", "roads.geojson"]
 
 
+def test_a_cog_copy_failing_on_a_full_disk_is_one_line(scene, tiny_weights, tmp_path, monkeypatch):
+    """GDAL's COG copy reports a full disk as a CPLE_AppDefinedError, not a RasterioIOError: it was
+    a traceback (found on a 6 MB tmpfs)."""
+    from rasterio._err import CPLE_AppDefinedError
+
+    import geosat2map.writer as writer
+
+    def full_disk(*args, **kwargs) -> None:
+        raise CPLE_AppDefinedError(1, 1, "TIFFRewriteDirectory:Error fetching directory count")
+
+    monkeypatch.setattr(writer.rasterio.shutil, "copy", full_disk)
+    out = tmp_path / "map.tif"
+    result = run("translate", scene, out, "--weights", tiny_weights, "--cog", "--quiet")
+    assert_clean_failure(result, out, "finishing")
+    assert "TIFFRewriteDirectory:Error fetching directory count" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [scene.name]
+
+
 def tiff_declaring(path: Path, width: int, height: int) -> Path:
     """A 1 x 1 GeoTIFF whose header is then edited to declare ``width`` x ``height`` pixels."""
     import struct
