@@ -33,14 +33,15 @@ import rasterio.shutil
 import shapely
 from affine import Affine
 from rasterio import dtypes
+from rasterio._err import CPLE_BaseError  # what a failed copy raises through rasterio (no public alias)
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, Resampling
-from rasterio.errors import CRSError, RasterioIOError
+from rasterio.errors import CRSError, RasterioError, RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform, transform_bounds
 
 from .aoi import AreaOfInterest
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, gdal_reason
 from .reader import is_gdal_path, open_raster
 from .writer import VRT, check_destination
 
@@ -115,13 +116,20 @@ def _warped(sheet: _Sheet, crs: CRS, grid: tuple[float, float, float, float], pa
                       width=max(1, round((right - left) / resx)), height=max(1, round((top - bottom) / resy)),
                       resampling=resampling, src_nodata=sheet.nodata, nodata=sheet.nodata,
                       add_alpha=sheet.nodata is None and not has_alpha) as vrt:
-        rasterio.shutil.copy(vrt, path, driver="VRT")
+        try:
+            rasterio.shutil.copy(vrt, path, driver="VRT")
+        except (RasterioError, CPLE_BaseError, SystemError) as exc:  # a full disk: rasterio's SystemError, no reason
+            reason = "GDAL gives no reason" if isinstance(exc, SystemError) else gdal_reason(exc)
+            raise OutputError(f"writing the warped sheet {path.name} failed (disk full?): {reason}") from None
         bounds, width, height, res = tuple(vrt.bounds), vrt.width, vrt.height, vrt.res
     tree = ET.parse(path)
     for source in tree.iter("SourceDataset"):  # GDAL writes the sheet's absolute path
         name, relative = _location(sheet.path, path.parent)
         source.text, source.attrib["relativeToVRT"] = name, "1" if relative else "0"
-    tree.write(path, encoding="utf-8", xml_declaration=False)
+    try:
+        tree.write(path, encoding="utf-8", xml_declaration=False)
+    except OSError as exc:
+        raise OutputError(f"writing the warped sheet {path.name} failed: {exc.strerror}") from None
     return _Sheet(str(final), bounds, width, height, crs, res, sheet.count, sheet.dtype, sheet.colours,
                   sheet.nodata, sheet.palette)
 

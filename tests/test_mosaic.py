@@ -260,6 +260,24 @@ def test_a_mosaic_in_a_crs_of_its_own_and_its_folder_moves_with_it(tiny_weights,
         build_mosaic(sheets, moved / "n.vrt", crs="EPSG:999999")
 
 
+def test_a_full_disk_while_warping_a_sheet_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """GDAL's VRT copy on a full disk fails in rasterio as a SystemError without a reason: it was a
+    traceback (found on a 64 kB tmpfs)."""
+    import geosat2map.mosaic as mosaic
+
+    whole = write_scene(tmp_path / "whole.tif", width=400, height=300)
+    west, east = cut(whole, tmp_path / "sheets", (200, 300))
+    moved = _into(east, "EPSG:32632", tmp_path / "sheets" / "east_32632.tif")
+
+    def full_disk(*args, **kwargs) -> None:
+        raise SystemError("Unknown GDAL Error. To debug: ...")
+
+    monkeypatch.setattr(mosaic.rasterio.shutil, "copy", full_disk)
+    with pytest.raises(Geosat2mapError, match="writing the warped sheet 002_east_32632.vrt failed .*no reason"):
+        build_mosaic([west, moved], tmp_path / "m.vrt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sheets", "whole.tif"]
+
+
 def test_overwrite_never_takes_a_folder_that_is_not_a_mosaics(tmp_path):
     """A folder of the user's own that happens to be named like the warped sheets' is refused,
     even with --overwrite, and left as it is."""
