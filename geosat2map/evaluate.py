@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import torch
-from rasterio.errors import NotGeoreferencedWarning
+from rasterio._err import CPLE_BaseError  # what a failed close raises through rasterio (no public alias)
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from . import datasets, metrics
 from .devices import resolve_device, use_bf16
 from .engine import make_engine
-from .errors import DataError
+from .errors import DataError, OutputError, gdal_reason
 from .model import FlipAveraged, modes_kept
 from .quantize import calibration_picks
 from .weights import ModelSpec, as_stored, load_generator
@@ -90,10 +91,14 @@ def write_triplets(triplets: list[tuple[torch.Tensor, ...]], path: Path) -> None
         return
     rows = [torch.cat(list(t), dim=-1) for t in triplets]
     grid = torch.cat(rows, dim=-2).numpy().astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        _write_png(path, grid)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            _write_png(path, grid)
+    except (RasterioError, CPLE_BaseError, OSError) as exc:  # GDAL's PNG driver fails on close as CPLE_*
+        path.unlink(missing_ok=True)
+        raise OutputError(f"writing {path} failed (disk full?): {gdal_reason(exc)}") from None
 
 
 def _write_png(path: Path, grid: np.ndarray) -> None:

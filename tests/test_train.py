@@ -618,6 +618,20 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeyp
     with pytest.raises(OutputError, match="writing .*w.safetensors failed: No space left on device"):
         save_generator(UNetGenerator(ngf=4), ModelSpec(ngf=4), tmp_path / "w.safetensors")
     assert not (tmp_path / "w.safetensors.part").exists()
+    # and an epoch's sample PNG: GDAL's PNG driver fails on close, as a CPLE_ error
+    from rasterio._err import CPLE_AppDefinedError
+
+    from geosat2map import evaluate
+
+    def png_full(path, grid) -> None:
+        Path(path).write_bytes(b"torn")
+        raise CPLE_AppDefinedError(1, 1, "libpng: Write Error")
+
+    monkeypatch.setattr(evaluate, "_write_png", png_full)
+    sample = tmp_path / "samples" / "epoch001.png"
+    with pytest.raises(OutputError, match="writing .*epoch001.png failed .*libpng: Write Error"):
+        evaluate.write_triplets([(torch.zeros(3, 4, 4),) * 3], sample)
+    assert not sample.exists()
 
 
 def test_corrupt_checkpoint_is_detected_on_resume(tmp_path):
