@@ -669,6 +669,8 @@ def info(weights, as_json) -> None:
     made = [f"recipe {prov['recipe']}"] if prov.get("recipe") else []
     if "epoch" in prov:
         made.append(f"epoch {prov['epoch']}, step {prov.get('step', '?')}")
+    if "data" in prov:  # one folder, or several trained on as one
+        made.append("trained on " + (prov["data"] if isinstance(prov["data"], str) else ", ".join(prov["data"])))
     if "fine_tuned_from" in prov:
         parent = prov["fine_tuned_from"]
         grown = f" (grown from width {parent['widened_from_ngf']})" if "widened_from_ngf" in parent else ""
