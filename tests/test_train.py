@@ -557,7 +557,8 @@ def test_several_data_folders_are_trained_on_as_one(tmp_path):
                                         "--which", "latest", "--half"])
     assert exported.exit_code == 0, exported.output
     assert read_spec(tmp_path / "w.safetensors").provenance["val"]["count"] == 3
-    assert f"; trained on {aligned}, {tiles} (--json" in CliRunner().invoke(cli, ["info", str(tmp_path / "w.safetensors")]).stdout
+    described = CliRunner().invoke(cli, ["info", str(tmp_path / "w.safetensors")]).stdout
+    assert f"; trained on {aligned}, {tiles} (--json" in described
     scored = CliRunner().invoke(cli, ["evaluate", str(aligned), str(tiles), "--split", "val", "--holdout", "3",
                                       "--weights", str(tmp_path / "w.safetensors"), "--json"])
     assert scored.exit_code == 0, scored.output
