@@ -27,6 +27,8 @@ from .errors import InputError, first_line
 from .reader import ground_pixel_size, is_remote
 
 DEFAULT_STYLE = "maps"
+#: A rule's fill that draws nothing: what the maps leave as land (land-use areas, tunnels, power lines).
+NOT_DRAWN = "none"
 #: The most pixels a grid made from bounds and a resolution may have (65 536 x 65 536, 12 GiB as
 #: raw RGB): past it, a resolution given in the wrong units (metres for degrees) or a typo is far
 #: likelier than a wanted map, and rendering it would run for days before anyone noticed.
@@ -47,7 +49,7 @@ class Rule:
     """How features of one geometry kind (optionally of one layer, with given attribute values) look."""
 
     geometry: str
-    fill: str
+    fill: str  # "#rrggbb", or "none": matched features are not drawn (land-use areas, tunnels)
     z: float = 0
     layer: str | None = None
     where: dict[str, list[str]] = field(default_factory=dict)
@@ -56,9 +58,11 @@ class Rule:
     outline_width_m: float = 1.0
 
     def matches(self, layer: str, kind: str, props: dict) -> bool:
+        """``where`` lists each attribute's values; ``["*"]`` matches any value (the attribute set)."""
         if kind != self.geometry or (self.layer is not None and self.layer != layer):
             return False
-        return all(str(props.get(k)) in {str(v) for v in vals} for k, vals in self.where.items())
+        return all(props.get(k) not in (None, "") if vals == ["*"] else str(props.get(k)) in {str(v) for v in vals}
+                   for k, vals in self.where.items())
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,8 @@ class Style:
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"style file {path} is not valid: {exc}") from None
         for r in rules:
+            if r.fill == NOT_DRAWN:
+                continue
             _colour(r.fill)
             if r.geometry in ("line", "point") and not r.width_m:
                 raise InputError(f"style {path}: {r.geometry} rules need width_m")
@@ -203,7 +209,7 @@ class MapRenderer:
             for geom, props in zip(ground, layer.properties):
                 kind = _KINDS.get(geom.geom_type)
                 rule_i = next((i for i, r in enumerate(self.style.rules) if r.matches(layer.name, kind, props)), None)
-                if rule_i is None:
+                if rule_i is None or self.style.rules[rule_i].fill == NOT_DRAWN:
                     continue
                 self.feature_count += 1
                 rule = self.style.rules[rule_i]

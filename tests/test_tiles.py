@@ -50,13 +50,53 @@ def test_polygon_in_another_crs_lands_on_the_right_pixels(tmp_path):
     grid = Grid(rasterio.crs.CRS.from_epsg(32633), rasterio.Affine(1, 0, ORIGIN[0], 0, -1, ORIGIN[1]), 200, 200)
     style = Style.load()
     pixels, cover = MapRenderer([read_vectors(str(vec))], grid, style).render(0, 0, 200, 200)
-    fill = [int(style.rules[4].fill[i : i + 2], 16) for i in (1, 3, 5)]
+    generic = next(r for r in style.rules if r.geometry == "polygon" and not r.where)  # a footprint: a building
+    fill = [int(generic.fill[i : i + 2], 16) for i in (1, 3, 5)]
     background = [int(style.background[i : i + 2], 16) for i in (1, 3, 5)]
     assert (pixels[:, 62:118, 52:98].reshape(3, -1).T == fill).all()  # inside, clear of the outline
     assert (pixels[:, :58, :].reshape(3, -1).T == background).all()
     assert (pixels[:, :, 102:].reshape(3, -1).T == background).all()
     # 50 x 60 m, plus the 1 m outline half outside and anti-aliased edge pixels.
     assert 50 * 60 <= cover * 200**2 <= 52 * 62
+
+
+def line(col0, row0, col1, row1, **props) -> dict:
+    return {"type": "Feature", "properties": props,
+            "geometry": {"type": "LineString", "coordinates": to_lonlat([utm(col0, row0), utm(col1, row1)])}}
+
+
+def test_osm_and_geofabrik_attributes_are_drawn_as_the_maps_draw_them(tmp_path):
+    """OSM tags and Geofabrik's shapefile classes (fclass): water, parks, buildings, railways and
+    rivers in their colours; land-use areas, boundaries, tunnels and power lines are land, not
+    the buildings and roads an unmatched polygon or line is drawn as."""
+    style = Style.load()
+    colour = {name: [int(hex_[i : i + 2], 16) for i in (1, 3, 5)] for name, hex_ in (
+        ("land", style.background), ("water", "#b2d2fc"), ("green", "#cadcac"), ("building", "#f1efe9"),
+        ("road", "#fefefe"), ("motorway", "#fdd98c"), ("rail", "#bdb9b3"))}
+    cells = [  # each feature in a 40 x 40 cell of its own; the colour at the cell's centre
+        (square(0, 0, 40, 40, fclass="water"), "water"),
+        (square(40, 0, 80, 40, fclass="residential"), "land"),
+        (square(80, 0, 120, 40, landuse="industrial"), "land"),
+        (square(120, 0, 160, 40, boundary="administrative"), "land"),
+        (square(160, 0, 200, 40, fclass="park"), "green"),
+        (square(0, 40, 40, 80, building="yes", amenity="school"), "building"),
+        (square(40, 40, 80, 80, fclass="building"), "building"),
+        (square(80, 40, 120, 80), "building"),
+        (line(120, 60, 160, 60, fclass="primary"), "road"),
+        (line(160, 60, 200, 60, fclass="motorway"), "motorway"),
+        (line(0, 100, 40, 100, railway="rail"), "rail"),
+        (line(40, 100, 80, 100, fclass="river"), "water"),
+        (line(80, 100, 120, 100, highway="primary", tunnel="yes"), "land"),
+        (line(120, 100, 160, 100, power="line"), "land"),
+        (line(160, 100, 200, 100, fclass="subway"), "land"),
+    ]
+    vec = write_geojson(tmp_path / "osm.geojson", [feature for feature, _ in cells])
+    grid = Grid(rasterio.crs.CRS.from_epsg(32633), rasterio.Affine(1, 0, ORIGIN[0], 0, -1, ORIGIN[1]), 200, 120)
+    pixels, _ = MapRenderer([read_vectors(str(vec))], grid, style).render(0, 0, 200, 120)
+    centres = [(20, 20), (20, 60), (20, 100), (20, 140), (20, 180), (60, 20), (60, 60), (60, 100), (60, 140),
+               (60, 180), (100, 20), (100, 60), (100, 100), (100, 140), (100, 180)]
+    got = [pixels[:, r, c].tolist() for r, c in centres]
+    assert got == [colour[name] for _, name in cells]
 
 
 def test_line_width_is_in_ground_metres_and_edges_are_antialiased(tmp_path):
