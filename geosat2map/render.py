@@ -27,6 +27,8 @@ from .errors import InputError, first_line
 from .reader import ground_pixel_size, is_remote
 
 DEFAULT_STYLE = "maps"
+#: How far outside a grid a feature may lie and still be drawn on it: more than half the widest line.
+DRAW_MARGIN_M = 100.0
 #: A rule's fill that draws nothing: what the maps leave as land (land-use areas, tunnels, power lines).
 NOT_DRAWN = "none"
 #: The most pixels a grid made from bounds and a resolution may have (65 536 x 65 536, 12 GiB as
@@ -120,11 +122,13 @@ class VectorLayer:
     source: str = ""  # the file or address read (FILE of FILE:LAYER), for paths relative to it
 
 
-def read_vectors(spec: str) -> VectorLayer:
+def read_vectors(spec: str, near: Grid | None = None) -> VectorLayer:
     """Read ``FILE`` or ``FILE:LAYER`` (GeoJSON, GeoPackage, Shapefile: whatever GDAL/OGR reads),
     or a URL or /vsi path (``https://...``, ``/vsizip/...``): its first layer, or ``URL:LAYER``
     when the address as given is not a vector source (a URL's own colons, in its port or query,
-    stay part of it)."""
+    stay part of it). With ``near``, only the features whose extent meets the grid's, widened by
+    :data:`DRAW_MARGIN_M` (GDAL's spatial filter: a country's OSM extract for a town's scene is
+    not read whole)."""
     tries: list[tuple[str, str | None]] = [(spec, None)]
     if is_remote(spec):
         head, _, tail = spec.rpartition(":")
@@ -138,14 +142,19 @@ def read_vectors(spec: str) -> VectorLayer:
     failed = None
     for path, layer in tries:
         try:
-            meta, _, wkb, fields = pyogrio.raw.read(path, layer=layer)
+            info = pyogrio.read_info(path, layer=layer)
             break
         except Exception as exc:  # pyogrio raises its own DataSourceError/DataLayerError types
             failed = failed or exc  # the address as given says best what is wrong
     else:
         raise InputError(f"cannot read vectors from {spec}: {first_line(failed)}")
-    if meta.get("crs") is None:
+    if info.get("crs") is None:
         raise InputError(f"{spec} has no coordinate reference system")
+    crs = CRS.from_user_input(info["crs"])
+    try:
+        meta, _, wkb, fields = pyogrio.raw.read(path, layer=layer, bbox=None if near is None else _reach(near, crs))
+    except Exception as exc:
+        raise InputError(f"cannot read vectors from {spec}: {first_line(exc)}") from None
     names = list(meta["fields"])
     props = [{n: fields[i][k] for i, n in enumerate(names)} for k in range(len(wkb))]
     # A malformed feature (a one-point line, as real OSM extracts hold now and then) is left out,
@@ -153,8 +162,16 @@ def read_vectors(spec: str) -> VectorLayer:
     geoms = shapely.from_wkb(wkb, on_invalid="ignore")
     keep = ~shapely.is_missing(geoms) & ~shapely.is_empty(geoms)
     layer_name = layer or Path(path).stem
-    return VectorLayer(layer_name, geoms[keep], [p for p, k in zip(props, keep) if k], CRS.from_user_input(meta["crs"]),
-                       str(path))
+    return VectorLayer(layer_name, geoms[keep], [p for p, k in zip(props, keep) if k], crs, str(path))
+
+
+def _reach(grid: Grid, crs: CRS) -> tuple[float, float, float, float]:
+    """The grid's extent widened by :data:`DRAW_MARGIN_M` on the ground, in ``crs`` (densified)."""
+    gx, gy = ground_pixel_size(grid.crs, grid.transform, grid.width, grid.height)
+    mx, my = DRAW_MARGIN_M / gx * abs(grid.transform.a), DRAW_MARGIN_M / gy * abs(grid.transform.e)
+    left, bottom, right, top = grid.bounds
+    return Transformer.from_crs(grid.crs, crs, always_xy=True).transform_bounds(
+        left - mx, bottom - my, right + mx, top + my, densify_pts=21)
 
 
 class GroundFrame:
@@ -308,7 +325,7 @@ def render_map(
 
     dst = Path(dst)
     check_destination(dst, None, overwrite, GEOTIFF)
-    renderer = MapRenderer([read_vectors(v) for v in vectors], grid, Style.load(style))
+    renderer = MapRenderer([read_vectors(v, near=grid) for v in vectors], grid, Style.load(style))
     renderer.require_features()
     valid = np.ones((256, grid.width), bool)
     with GeoTIFFWriter(dst, grid.width, grid.height, grid.crs, grid.transform) as writer:

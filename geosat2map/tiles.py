@@ -127,7 +127,7 @@ class _RasterMap:
 
 class _VectorMap:
     def __init__(self, specs: list[str], grid: Grid, style: str | None, min_cover: float) -> None:
-        self.renderer = MapRenderer([read_vectors(s) for s in specs], grid, Style.load(style))
+        self.renderer = MapRenderer([read_vectors(s, near=grid) for s in specs], grid, Style.load(style))
         self.renderer.require_features()
         self.min_cover = min_cover
 

@@ -99,6 +99,22 @@ def test_osm_and_geofabrik_attributes_are_drawn_as_the_maps_draw_them(tmp_path):
     assert got == [colour[name] for _, name in cells]
 
 
+def test_only_the_features_near_the_grid_are_read_and_the_map_is_the_same(tmp_path):
+    """A region's extract for a small scene: GDAL's spatial filter reads the features whose extent
+    meets the grid (widened so a road just outside still draws its edge), and the map is the one
+    the whole layer gives."""
+    grid = Grid(rasterio.crs.CRS.from_epsg(32633), rasterio.Affine(1, 0, ORIGIN[0], 0, -1, ORIGIN[1]), 200, 200)
+    features = [square(20, 20, 60, 60, building="yes"), line(-5, 100, -5, 150, highway="motorway"),  # edge 3 m in
+                line(-500, 0, -400, 0), square(3000, 3000, 3010, 3010)]  # far off
+    vec = write_geojson(tmp_path / "region.geojson", features)
+    near, whole = read_vectors(str(vec), near=grid), read_vectors(str(vec))
+    assert (len(near.geometries), len(whole.geometries)) == (2, 4)
+    near_map, _ = MapRenderer([near], grid).render(0, 0, 200, 200)
+    whole_map, _ = MapRenderer([whole], grid).render(0, 0, 200, 200)
+    np.testing.assert_array_equal(near_map, whole_map)
+    assert (near_map[:, 120, :2] != near_map[:, 10, 150:152]).any()  # the motorway's edge is drawn
+
+
 def test_line_width_is_in_ground_metres_and_edges_are_antialiased(tmp_path):
     t = Transformer.from_crs("EPSG:32633", "EPSG:3857", always_xy=True)
     line = [list(t.transform(*utm(0, 100))), list(t.transform(*utm(200, 100)))]
