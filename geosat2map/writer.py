@@ -285,6 +285,10 @@ class GeoTIFFWriter:
         except BlockingIOError:
             os.close(fd)
             raise OutputError(f"another geosat2map run is writing {self.dst}") from None
+        except OSError:  # a file system without locks (some NFS, SMB and FUSE mounts): write unguarded
+            os.close(fd)
+            self.lock_path.unlink(missing_ok=True)
+            return
         self._lock = fd
 
     def _copy_previous(self) -> None:

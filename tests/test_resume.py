@@ -159,6 +159,20 @@ def test_a_second_run_on_the_same_output_is_refused_while_one_writes(scene, tiny
     assert not out.exists()
 
 
+def test_a_file_system_without_locks_still_gets_its_map(scene, tiny_weights, tmp_path, monkeypatch):
+    """flock fails with ENOLCK on some NFS, SMB and FUSE mounts: it was a traceback."""
+    import errno
+
+    import geosat2map.writer as writer
+
+    def no_locks(fd, operation) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(writer.fcntl, "flock", no_locks)
+    translate(scene, tmp_path / "map.tif", weights=tiny_weights)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.tif", "src.tif"]
+
+
 def test_a_resume_that_fails_before_its_copy_is_done_keeps_the_partial(scene, tiny_weights, tmp_path, monkeypatch):
     from geosat2map.errors import OutputError
     from geosat2map.writer import GeoTIFFWriter
