@@ -2,8 +2,10 @@
 
 Both become a :class:`PairDataset` of (input, target) uint8 tensors resized once to the load
 size and kept in memory (1096 maps pairs at 286 px are about 540 MB), so each training step
-only crops and flips: augmentation is a function of (seed, epoch, index), which makes a
-resumed run draw exactly what an uninterrupted one would.
+only crops and flips; a set too large for that (:data:`IN_MEMORY_BYTES`: some 8 000 pairs, the
+tiles of a county) is read from disk pair by pair instead, the same tensors. Augmentation is a
+function of (seed, epoch, index), which makes a resumed run draw exactly what an uninterrupted
+one would.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,8 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from .errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
+#: The most a data set's resized pairs may take in memory; a larger one is read pair by pair.
+IN_MEMORY_BYTES = 4 * 2**30
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -69,25 +74,34 @@ def _resize(img: torch.Tensor, size: int) -> torch.Tensor:
 
 class PairDataset(torch.utils.data.Dataset):
     """(input, target) pairs resized to ``load_size``; ``crop_size`` random crops with flips when
-    ``augment``, and random quarter turns too with ``rot90``."""
+    ``augment``, and random quarter turns too with ``rot90``.
+
+    ``pairs``: (input, target) uint8 arrays, or sources that read them (:class:`AlignedPair`,
+    :class:`TilePair`); kept resized in memory when they fit in ``in_memory_bytes``, else read
+    again at each use."""
 
     def __init__(
         self,
-        pairs: list[tuple[np.ndarray, np.ndarray]],
+        pairs: Sequence[tuple[np.ndarray, np.ndarray] | Callable[[], tuple[np.ndarray, np.ndarray]]],
         names: list[str],
         load_size: int = 286,
         crop_size: int = 256,
         augment: bool = True,
         seed: int = 0,
         rot90: bool = False,
+        in_memory_bytes: int = IN_MEMORY_BYTES,
     ) -> None:
         if not pairs:
             raise DataError("the data set is empty")
         if crop_size > load_size:
             raise DataError(f"crop size {crop_size} exceeds load size {load_size}")
-        size = load_size if augment else crop_size
-        self.inputs = [_resize(torch.from_numpy(a), size) for a, _ in pairs]
-        self.targets = [_resize(torch.from_numpy(b), size) for _, b in pairs]
+        self.size = load_size if augment else crop_size
+        self.sources = list(pairs)
+        self.kept = None
+        if len(pairs) * 2 * 3 * self.size**2 <= in_memory_bytes:
+            self.kept = [self._read(i) for i in range(len(pairs))]
+            self.sources = []  # the arrays read are not held twice
+        self.count = len(pairs)
         self.names = names
         self.load_size, self.crop_size, self.augment, self.seed = load_size, crop_size, augment, seed
         self.rot90 = rot90
@@ -97,11 +111,17 @@ class PairDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.inputs)
+        return self.count
+
+    def _read(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pair ``index`` as uint8 tensors resized to the dataset's size."""
+        pair = self.sources[index]
+        a, b = pair() if callable(pair) else pair
+        return _resize(torch.from_numpy(a), self.size), _resize(torch.from_numpy(b), self.size)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Float tensors in [-1, 1]; the same crop, flip and turn for input and target."""
-        a, b = self.inputs[index], self.targets[index]
+        a, b = self.kept[index] if self.kept is not None else self._read(index)
         if self.augment:
             gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
             span = self.load_size - self.crop_size + 1
@@ -126,21 +146,58 @@ def from_model_range(img: torch.Tensor) -> torch.Tensor:
     return ((img.float().clamp(-1, 1) + 1.0) * 127.5).round()
 
 
+@dataclass(frozen=True)
+class AlignedPair:
+    """One image of a pix2pix aligned folder, read when called: A on the left half, B on the right
+    (``BtoA``: the other way round)."""
+
+    path: Path
+    direction: str = "AtoB"
+
+    def __call__(self) -> tuple[np.ndarray, np.ndarray]:
+        img = read_image(self.path)
+        w = img.shape[-1] // 2
+        a, b = img[:, :, :w], img[:, :, w : 2 * w]
+        return (a, b) if self.direction == "AtoB" else (b, a)
+
+
+@dataclass(frozen=True)
+class TilePair:
+    """A satellite tile and its map tile of a ``geosat2map tiles`` folder, read when called."""
+
+    sat: Path
+    map: Path
+
+    def __call__(self) -> tuple[np.ndarray, np.ndarray]:
+        return read_image(self.sat), read_image(self.map)
+
+
+def _checked_size(path: Path) -> tuple[int, int]:
+    """An image's (width, height) from its header, after the checks :func:`read_image` makes: a
+    set read pair by pair must fail before training, not in its hundredth epoch."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                size, dtype = (src.width, src.height), src.dtypes[0]
+    except RasterioIOError as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
+    if dtype != "uint8":
+        raise DataError(f"{path}: expected 8-bit images, found {dtype}")
+    return size
+
+
 def load_aligned_folder(folder: Path, direction: str = "AtoB", holdout: int = 0, split: str = "train"):
     """Pairs from a pix2pix aligned folder: each image is A on the left half, B on the right."""
     if direction not in ("AtoB", "BtoA"):
         raise DataError(f"direction must be AtoB or BtoA, not {direction}")
     files = holdout_split(list_images(folder), holdout, split)
-    pairs = []
     for path in files:
-        img = read_image(path)
-        h, w = img.shape[-2], img.shape[-1] // 2
-        if abs(w - h) > 1:  # a plain image would be cut into two unrelated halves and trained on
-            raise DataError(f"{path} is {img.shape[-1]} x {h}: an aligned pair is A and B side by side, "
+        width, h = _checked_size(path)
+        if abs(width // 2 - h) > 1:  # a plain image would be cut into two unrelated halves and trained on
+            raise DataError(f"{path} is {width} x {h}: an aligned pair is A and B side by side, "
                             "twice as wide as tall (or use a `geosat2map tiles` folder)")
-        a, b = img[:, :, :w], img[:, :, w : 2 * w]
-        pairs.append((a, b) if direction == "AtoB" else (b, a))
-    return pairs, [p.name for p in files]
+    return [AlignedPair(path, direction) for path in files], [p.name for p in files]
 
 
 def load_tile_folder(folder: Path, split: str = "train"):
@@ -155,7 +212,9 @@ def load_tile_folder(folder: Path, split: str = "train"):
             target = folder / s / "map" / sat.name
             if not target.is_file():
                 raise DataError(f"tile {sat} has no map tile at {target}")
-            pairs.append((read_image(sat), read_image(target)))
+            _checked_size(sat)
+            _checked_size(target)
+            pairs.append(TilePair(sat, target))
             names.append(f"{s}/{sat.name}")
     return pairs, names
 
