@@ -496,8 +496,11 @@ def train(ctx, data, out, resume, quiet, **options) -> None:
 @click.option("--against", default=None,
               help="Also score these weights ('default': the shipped model) on the same pairs and give the "
                    "per-pair differences with their standard errors.")
+@click.option("--classes", is_flag=True,
+              help="Also score each map colour class (land, buildings, roads, highways, water, parks): its share "
+                   "of the real maps, and the generated maps' precision, recall and IoU in it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, precision, against,
+def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, precision, against, classes,
              as_json) -> None:
     """Score a generator on paired DATA (a pix2pix aligned folder or a tiles folder; several are
     scored as one), or a translate output DATA against --map: RMSE, accuracy at delta 5 and 10,
@@ -513,10 +516,11 @@ def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, 
             raise click.UsageError("--tta and --against score generators; with --map, score translate outputs")
         if len(data) > 1:
             raise click.UsageError("with --map, DATA is one translate output")
-        result = evaluate_rasters(data[0], map_raster)
+        result = evaluate_rasters(data[0], map_raster, classes=classes)
     else:
         result = run_eval(weights, data[0] if len(data) == 1 else list(data), split=split, direction=direction,
-                          holdout=holdout, device=device, tta=tta, against=against, precision=precision)
+                          holdout=holdout, device=device, tta=tta, against=against, precision=precision,
+                          classes=classes)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     elif against:
@@ -529,6 +533,18 @@ def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, 
         n = int(result["count"])
         click.echo(f"{n} {'tile' if map_raster else 'pair'}{'' if n == 1 else 's'} of 256 x 256 (mean +- standard "
                    f"error): " + "  ".join(cells))
+    if classes and not as_json:
+        _echo_classes(result["classes"], against)
+
+
+def _echo_classes(by_class: dict, against: str | None) -> None:
+    """Per colour class: its share of the real maps, then precision, recall and IoU (each model's)."""
+    models = [by_class["weights"], by_class["against"]] if against else [by_class]
+    click.echo("class      share" + "  precision recall   IoU" * len(models)
+               + ("   (weights, then against)" if against else ""))
+    for name, first in models[0].items():
+        cells = "".join(f"  {s[name]['precision']:9.3f} {s[name]['recall']:6.3f} {s[name]['iou']:5.3f}" for s in models)
+        click.echo(f"{name:<9} {100 * first['share']:5.1f} %{cells}")
 
 
 #: evaluate's columns: (key, heading, decimals).

@@ -27,10 +27,12 @@ def per_image_metrics(
     device: torch.device,
     keep: int = 0,
     bf16: bool = False,
+    classes: bool = False,
 ) -> tuple[list[dict[str, float]], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Each pair's metrics for ``model`` in eval mode (as translate runs it, under bf16 autocast
-    when ``bf16``), in the dataset's order, and the first ``keep`` (input, output, target) triplets
-    as uint8 tensors. The model's train/eval modes are restored afterwards, each layer's own."""
+    when ``bf16``; with ``classes``, :func:`metrics.class_counts` too), in the dataset's order, and
+    the first ``keep`` (input, output, target) triplets as uint8 tensors. The model's train/eval
+    modes are restored afterwards, each layer's own."""
     per_image, kept = [], []
     with modes_kept(model):
         model.eval()
@@ -39,7 +41,7 @@ def per_image_metrics(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = model(a[None].to(device, memory_format=torch.channels_last))[0].float().cpu()
             out_u8, b_u8 = datasets.from_model_range(out), datasets.from_model_range(b)
-            per_image.append(metrics.image_metrics(out_u8, b_u8))
+            per_image.append(metrics.image_metrics(out_u8, b_u8, classes))
             if i < keep:
                 kept.append((datasets.from_model_range(a).to(torch.uint8), out_u8.to(torch.uint8),
                              b_u8.to(torch.uint8)))
@@ -59,10 +61,10 @@ def evaluate_generator(
 
 
 def pair_metrics(model: torch.nn.Module, pairs: list, names: list[str], size: int,
-                 device: torch.device, bf16: bool = False) -> list[dict[str, float]]:
+                 device: torch.device, bf16: bool = False, classes: bool = False) -> list[dict[str, float]]:
     """Each loaded pair's metrics for ``model``, the pairs resized to ``size`` x ``size`` (no augmentation)."""
     dataset = datasets.PairDataset(pairs, names, size, size, augment=False)
-    return per_image_metrics(model, dataset, device, bf16=bf16)[0]
+    return per_image_metrics(model, dataset, device, bf16=bf16, classes=classes)[0]
 
 
 def evaluate_pairs(model: torch.nn.Module, pairs: list, names: list[str], size: int,
@@ -116,6 +118,7 @@ def evaluate(
     tta: bool = False,
     against: str | Path | None = None,
     precision: str = "fp32",
+    classes: bool = False,
 ) -> dict:
     """Score a weights file (None or 'default': the default model) on the ``split`` of a paired data
     folder (or of several, as one: :func:`datasets.load_pairs`), with translate's flip averaging
@@ -126,7 +129,9 @@ def evaluate(
     Images are resized to 256 x 256, as the maps literature evaluates. With ``against`` (another
     weights file, or 'default') both are scored on the same pairs and ``difference`` gives, per
     metric, the per-pair differences ``weights`` minus ``against`` (:func:`metrics.paired_differences`):
-    whether a fine-tuned model is better, not only its means.
+    whether a fine-tuned model is better, not only its means. With ``classes``, the result's ``classes`` gives
+    per map colour class (:data:`metrics.MAP_CLASSES`: land, buildings, roads, water, parks...) the
+    generated maps' precision, recall and IoU (:func:`metrics.class_scores`).
     """
     if holdout < 0:
         raise DataError(f"--holdout must be 0 (none) or more, not {holdout}")
@@ -139,57 +144,61 @@ def evaluate(
     int8 = precision == "int8"
     dev = resolve_device("cpu" if int8 and device == "auto" else device)
     bf16 = not int8 and use_bf16(precision, dev)
-    scores = [_per_pair(w, pairs, names, dev, tta, bf16, int8)
+    scores = [_per_pair(w, pairs, names, dev, tta, bf16, int8, classes)
               for w in ([weights] if against is None else [weights, against])]
+    by_class = [metrics.class_scores(s) for s in scores] if classes else []
+    scores = [metrics.without_classes(s) for s in scores]
     named = [str(f) for f in data] if isinstance(data, list) else str(data)
     result = {"weights": str(weights or "default"), "data": named, "split": split, "tta": tta,
               "precision": "int8" if int8 else "bf16" if bf16 else "fp32"}
     if against is None:
-        return {**result, **metrics.summarize(scores[0]), "se": metrics.standard_errors(scores[0])}
+        return {**result, **metrics.summarize(scores[0]), "se": metrics.standard_errors(scores[0]),
+                **({"classes": by_class[0]} if classes else {})}
     return {**result, "against": str(against), "count": float(len(pairs)),
             "scores": {"weights": metrics.summarize(scores[0]), "against": metrics.summarize(scores[1])},
-            "difference": metrics.paired_differences(scores[0], scores[1])}
+            "difference": metrics.paired_differences(scores[0], scores[1]),
+            **({"classes": {"weights": by_class[0], "against": by_class[1]}} if classes else {})}
 
 
 def _per_pair(weights: str | Path | None, pairs: list, names: list[str], device: torch.device,
-              tta: bool, bf16: bool, int8: bool = False) -> list[dict[str, float]]:
+              tta: bool, bf16: bool, int8: bool = False, classes: bool = False) -> list[dict[str, float]]:
     """Each pair's metrics for the generator in ``weights``, on ``device``, flip-averaged when ``tta``."""
     model, spec = load_generator(None if weights in (None, "default") else weights)
     if tta:
         model = FlipAveraged(model)
     if int8:
         return int8_metrics(model, datasets.PairDataset(pairs, names, spec.tile_size, spec.tile_size, augment=False),
-                            device)
+                            device, classes)
     model.to(device, memory_format=torch.channels_last)
-    return pair_metrics(model, pairs, names, spec.tile_size, device, bf16)
+    return pair_metrics(model, pairs, names, spec.tile_size, device, bf16, classes)
 
 
 def int8_metrics(model: torch.nn.Module, dataset: datasets.PairDataset,
-                 device: torch.device) -> list[dict[str, float]]:
+                 device: torch.device, classes: bool = False) -> list[dict[str, float]]:
     """Each pair's metrics for ``translate --precision int8``'s engine on ``model``, its activation
     ranges from inputs spread over the pairs, as translate takes them from a scene's own tiles."""
     calibration = np.stack([datasets.from_model_range(dataset[i][0]).numpy()
                             for _, i in calibration_picks(1, len(dataset))])
-    return engine_metrics(make_engine(model, device, "auto", "int8", calibration=calibration), dataset)
+    return engine_metrics(make_engine(model, device, "auto", "int8", calibration=calibration), dataset, classes)
 
 
-def engine_metrics(engine, dataset: datasets.PairDataset) -> list[dict[str, float]]:
+def engine_metrics(engine, dataset: datasets.PairDataset, classes: bool = False) -> list[dict[str, float]]:
     """Each pair's metrics for a translate engine (:class:`~geosat2map.engine.Engine`: 0..255 pixels
     in and out), in the dataset's order."""
     per_image = []
     for i in range(len(dataset)):
         a, b = dataset[i]
         out = torch.from_numpy(engine(datasets.from_model_range(a)[None].numpy())[0]).round()
-        per_image.append(metrics.image_metrics(out, datasets.from_model_range(b)))
+        per_image.append(metrics.image_metrics(out, datasets.from_model_range(b), classes))
     return per_image
 
 
-def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256) -> dict:
+def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256, classes: bool = False) -> dict:
     """Score a translate output against a map raster of the same ground.
 
     The map is warped onto the output's grid (:func:`~geosat2map.placement.warped_onto`); both are
     cut into ``tile`` x ``tile`` windows, and windows with any nodata in either, or beyond the
-    map, are left out.
+    map, are left out. ``classes``: per map colour class too, as :func:`evaluate`'s.
     """
     from rasterio.windows import Window
 
@@ -212,11 +221,13 @@ def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256
                     continue
                 a = torch.from_numpy(out_ds.read([1, 2, 3], window=w).astype(np.float32))
                 b = torch.from_numpy(warped.read(bands, window=w).astype(np.float32))
-                per_tile.append(metrics.image_metrics(a, b))
+                per_tile.append(metrics.image_metrics(a, b, classes))
     if not per_tile:
         raise InputError(f"no complete {tile}-pixel window where {output} and {map_raster} both have data")
+    by_class = {"classes": metrics.class_scores(per_tile)} if classes else {}
+    per_tile = metrics.without_classes(per_tile)
     return {"output": str(output), "map": str(map_raster), **metrics.summarize(per_tile),
-            "se": metrics.standard_errors(per_tile)}
+            "se": metrics.standard_errors(per_tile), **by_class}
 
 
 def water_by_ndwi(scene: str | Path, output: str | Path, green: int = 2, nir: int = 4) -> dict[str, float]:

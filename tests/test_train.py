@@ -813,6 +813,35 @@ def test_paired_differences_mean_standard_error_and_wins():
     assert se["psnr"] == pytest.approx(math.sqrt((25 + 25) / 1 / 2))  # mean 25 of two
 
 
+def test_evaluate_scores_each_map_colour_class(tmp_path):
+    """--classes adds, per colour class, its share of the real maps and the generated maps'
+    precision, recall and IoU; the other figures are the same as without it."""
+    data = write_aligned(tmp_path / "data")
+    weights_file = tmp_path / "w.safetensors"
+    save_generator(random_generator(seed=1), ModelSpec(ngf=8), weights_file)
+    common = ["evaluate", str(data), "--weights", str(weights_file), "--device", "cpu", "--json"]
+    plain = json.loads(CliRunner().invoke(cli, common).stdout)
+    scored = json.loads(CliRunner().invoke(cli, [*common, "--classes"]).stdout)
+    assert {k: scored[k] for k in plain} == plain
+    assert list(scored["classes"]) == list(metrics.MAP_CLASSES)
+    assert all(set(c) == {"share", "precision", "recall", "iou"} for c in scored["classes"].values())
+    text = CliRunner().invoke(cli, [*common[:-1], "--classes"]).stdout.splitlines()
+    assert text[1].startswith("class      share  precision recall   IoU") and text[2].startswith("land ")
+
+
+def test_class_scores_pool_the_pixels_of_every_image():
+    water, land = torch.tensor(metrics.MAP_CLASSES["water"]), torch.tensor(metrics.MAP_CLASSES["land"])
+    real = torch.empty(3, 4, 4)
+    real[:, :, :2], real[:, :, 2:] = water[:, None, None], land[:, None, None]
+    made = real.clone()
+    made[:, :2, :2] = land[:, None, None] - 10  # half the water painted (nearly) as land
+    made[:, 3, 3] = torch.tensor([0.0, 0.0, 0.0])  # a pixel in no class: a label's black
+    s = metrics.class_scores([metrics.image_metrics(made, real, classes=True), metrics.image_metrics(real, real, True)])
+    assert s["water"] == pytest.approx({"share": 0.5, "precision": 1.0, "recall": 0.75, "iou": 0.75})
+    assert s["land"]["recall"] == pytest.approx(15 / 16) and s["land"]["precision"] == pytest.approx(15 / 19)
+    assert math.isnan(s["road"]["iou"]) and s["road"]["share"] == 0  # no road in either map
+
+
 # --- metrics on constructed images ------------------------------------------------------------
 
 def test_rmse_follows_the_maps_protocol():
