@@ -387,6 +387,10 @@ def test_evaluate_a_translate_output_against_a_map_raster(tmp_path):
         ds.write(np.full((3, 768, 768), 255, np.uint8))
     worse = json.loads(CliRunner().invoke(cli, ["evaluate", str(other), "--map", str(map_tif), "--json"]).stdout)
     assert worse["rmse"] > 10 and worse["acc5"] < 0.5
+    # by class: all white, the output is all road; the rendered map is land and buildings
+    by_class = json.loads(CliRunner().invoke(cli, ["evaluate", str(other), "--map", str(map_tif), "--json",
+                                                   "--classes"]).stdout)["classes"]
+    assert by_class["land"]["recall"] == 0 and by_class["road"]["precision"] == 0 and by_class["land"]["share"] > 0.5
     # A map (valid everywhere, no mask) of the left half only: the windows beyond it are not
     # scored (they were, against the warp's zeros).
     half = tmp_path / "half.tif"
