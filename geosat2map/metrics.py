@@ -81,7 +81,7 @@ def image_metrics(output: torch.Tensor, target: torch.Tensor, classes: bool = Fa
 #: The maps' colour classes, each by its most frequent colour in the maps training targets (the
 #: pix2pix maps set: Google Maps of New York): what a map reader tells apart.
 MAP_CLASSES = {"land": (233, 228, 222), "building": (243, 240, 233), "road": (255, 255, 255),
-               "highway": (252, 156, 36), "water": (177, 208, 254), "park": (203, 223, 172)}
+               "highway": (252, 158, 38), "water": (177, 208, 254), "park": (203, 223, 172)}
 #: The farthest (RGB distance) a pixel may lie from its class's colour: 93 % of the held-out targets'
 #: pixels lie within it of one; the rest (labels, icons, edges between colours) are in no class.
 CLASS_TOLERANCE = 20.0

@@ -72,7 +72,7 @@ def test_osm_and_geofabrik_attributes_are_drawn_as_the_maps_draw_them(tmp_path):
     style = Style.load()
     colour = {name: [int(hex_[i : i + 2], 16) for i in (1, 3, 5)] for name, hex_ in (
         ("land", style.background), ("water", "#b2d2fc"), ("green", "#cadcac"), ("building", "#f1efe9"),
-        ("road", "#fefefe"), ("motorway", "#fdd98c"), ("rail", "#bdb9b3"))}
+        ("road", "#fefefe"), ("motorway", "#fc9e26"), ("rail", "#bdb9b3"))}
     cells = [  # each feature in a 40 x 40 cell of its own; the colour at the cell's centre
         (square(0, 0, 40, 40, fclass="water"), "water"),
         (square(40, 0, 80, 40, fclass="residential"), "land"),
