@@ -467,7 +467,8 @@ def test_scoring_a_map_reads_through_a_cache_of_one_row_of_blocks(tmp_path, monk
     seen = []
     original = metrics.image_metrics
     monkeypatch.setattr(metrics, "image_metrics",
-                        lambda a, b: seen.append(rasterio.env.getenv().get("GDAL_CACHEMAX")) or original(a, b))
+                        lambda a, b, classes=False: seen.append(rasterio.env.getenv().get("GDAL_CACHEMAX"))
+                        or original(a, b, classes))
     scores = evaluate_rasters(scene, scene)
     assert scores["count"] == len(seen) > 0 and set(seen) == {16 * 2**20}
 
