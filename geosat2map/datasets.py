@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,19 +31,24 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 IN_MEMORY_BYTES = 4 * 2**30
 
 
-def read_image(path: Path) -> np.ndarray:
-    """An image file's first three bands as uint8 (3, H, W); one band is repeated to three."""
+@contextmanager
+def _image(path: Path) -> Iterator[rasterio.io.DatasetReader]:
+    """``path`` open, an 8-bit image, or a :class:`DataError` (for the open or any read in the block)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as src:
-                bands = [1, 2, 3] if src.count >= 3 else [1, 1, 1]
-                data = src.read(bands)
+                if src.dtypes[0] != "uint8":
+                    raise DataError(f"{path}: expected 8-bit images, found {src.dtypes[0]}")
+                yield src
     except RasterioIOError as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None
-    if data.dtype != np.uint8:
-        raise DataError(f"{path}: expected 8-bit images, found {data.dtype}")
-    return data
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image file's first three bands as uint8 (3, H, W); one band is repeated to three."""
+    with _image(path) as src:
+        return src.read([1, 2, 3] if src.count >= 3 else [1, 1, 1])
 
 
 def _natural_key(path: Path) -> tuple:
@@ -175,16 +181,8 @@ class TilePair:
 def _checked_size(path: Path) -> tuple[int, int]:
     """An image's (width, height) from its header, after the checks :func:`read_image` makes: a
     set read pair by pair must fail before training, not in its hundredth epoch."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(path) as src:
-                size, dtype = (src.width, src.height), src.dtypes[0]
-    except RasterioIOError as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from None
-    if dtype != "uint8":
-        raise DataError(f"{path}: expected 8-bit images, found {dtype}")
-    return size
+    with _image(path) as src:
+        return src.width, src.height
 
 
 def load_aligned_folder(folder: Path, direction: str = "AtoB", holdout: int = 0, split: str = "train"):
