@@ -554,6 +554,21 @@ def test_a_set_too_large_for_memory_is_read_pair_by_pair_the_same(tmp_path):
                 assert torch.equal(x, y)
 
 
+def test_a_bad_image_fails_when_the_set_is_loaded_not_in_training(tmp_path):
+    """Pairs are read when used (past the memory budget), so their files are checked up front."""
+    from geosat2map import datasets
+
+    data = write_aligned(tmp_path / "maps")
+    (data / "7.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot read image .*7.png"):
+        datasets.load_pairs(data, "all", holdout=0)
+    (data / "7.png").unlink()
+    with rasterio.open(data / "8.tif", "w", driver="GTiff", width=128, height=64, count=3, dtype="uint16") as dst:
+        dst.write(np.zeros((3, 64, 128), np.uint16))
+    with pytest.raises(DataError, match="8.tif: expected 8-bit images, found uint16"):
+        datasets.load_pairs(data, "all", holdout=0)
+
+
 def test_several_data_folders_are_trained_on_as_one(tmp_path):
     """The user's region (a tiles folder) beside an aligned folder: both splits hold both, each
     name says its folder, and the run records the tiles' resolution and both folders."""
