@@ -72,7 +72,7 @@ def test_osm_and_geofabrik_attributes_are_drawn_as_the_maps_draw_them(tmp_path):
     style = Style.load()
     colour = {name: [int(hex_[i : i + 2], 16) for i in (1, 3, 5)] for name, hex_ in (
         ("land", style.background), ("water", "#b2d2fc"), ("green", "#cadcac"), ("building", "#f1efe9"),
-        ("road", "#fefefe"), ("motorway", "#fc9e26"), ("rail", "#bdb9b3"))}
+        ("road", "#fefefe"), ("motorway", "#fc9e26"), ("ramp", "#fdd98c"), ("rail", "#bdb9b3"))}
     cells = [  # each feature in a 40 x 40 cell of its own; the colour at the cell's centre
         (square(0, 0, 40, 40, fclass="water"), "water"),
         (square(40, 0, 80, 40, fclass="residential"), "land"),
@@ -89,10 +89,11 @@ def test_osm_and_geofabrik_attributes_are_drawn_as_the_maps_draw_them(tmp_path):
         (line(80, 100, 120, 100, highway="primary", tunnel="yes"), "land"),
         (line(120, 100, 160, 100, power="line"), "land"),
         (line(160, 100, 200, 100, fclass="subway"), "land"),
+        (line(0, 140, 40, 140, highway="motorway_link"), "ramp"),
     ]
     vec = write_geojson(tmp_path / "osm.geojson", [feature for feature, _ in cells])
-    grid = Grid(rasterio.crs.CRS.from_epsg(32633), rasterio.Affine(1, 0, ORIGIN[0], 0, -1, ORIGIN[1]), 200, 120)
-    pixels, _ = MapRenderer([read_vectors(str(vec))], grid, style).render(0, 0, 200, 120)
+    grid = Grid(rasterio.crs.CRS.from_epsg(32633), rasterio.Affine(1, 0, ORIGIN[0], 0, -1, ORIGIN[1]), 200, 160)
+    pixels, _ = MapRenderer([read_vectors(str(vec))], grid, style).render(0, 0, 200, 160)
     got = [pixels[:, 40 * (i // 5) + 20, 40 * (i % 5) + 20].tolist() for i in range(len(cells))]  # 5 cells a row
     assert got == [colour[name] for _, name in cells]
 
