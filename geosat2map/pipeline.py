@@ -500,7 +500,7 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, asked
         done = computed_before + sum(computed_in_row[first_row : first_row_after(grid, rows)])
         progress_record.save(record_file, ident, rows, done)
 
-    tags = provenance_tags(src, scene, digest, engine.name, tile_size, overlap, tta) | {"GEOSAT2MAP_OPTIONS": asked}
+    tags = provenance_tags(src, scene, digest, engine.name, tile_size, overlap, tta, asked)
     with _record_follows_partial(record_file, partial_path(dst)), \
             GeoTIFFWriter(dst, scene.width, scene.height, scene.crs, scene.transform, cog=cog, compress=compress,
                           quality=quality, resume_rows=kept_rows, parallel=engine.asynchronous, tags=tags,
@@ -557,11 +557,12 @@ def _record_follows_partial(record_file: Path, partial: Path) -> Iterator[None]:
 
 
 def provenance_tags(src: Path | str, scene: Scene, digest: str, engine: str, tile_size: int,
-                    overlap: int, tta: bool) -> dict[str, str]:
+                    overlap: int, tta: bool, asked: str) -> dict[str, str]:
     """What a map records of how it was made (beside :func:`~geosat2map.writer.software_tags`): the
     scene's file name, the model's ``digest`` (the sha256 weights provenance and resume records use,
-    see :func:`~geosat2map.weights.model_digest`), the resolution and the tiling; with an area of
-    interest, the polygons' file (and layer); with ``--src-nodata``, its value."""
+    see :func:`~geosat2map.weights.model_digest`), the resolution and the tiling, the options it
+    was ``asked`` for (:func:`asked_options`); with an area of interest, the polygons' file (and
+    layer); with ``--src-nodata``, its value."""
     optional = {} if scene.aoi_source is None else {"GEOSAT2MAP_AOI": Path(scene.aoi_source).name}
     if scene.src_nodata is not None:
         optional["GEOSAT2MAP_SRC_NODATA"] = f"{scene.src_nodata:g}"
@@ -571,6 +572,7 @@ def provenance_tags(src: Path | str, scene: Scene, digest: str, engine: str, til
         "GEOSAT2MAP_RESOLUTION": f"{scene.gsd_m:.4g} m/pixel" if scene.gsd_m else "the scene's pixels (no ground size)",
         "GEOSAT2MAP_TILING": f"{tile_size}-pixel tiles overlapping by {overlap}, {engine}"
                              + (", flip-averaged (--tta)" if tta else ""),
+        "GEOSAT2MAP_OPTIONS": asked,
     }
 
 
