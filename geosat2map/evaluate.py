@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import torch
-from rasterio._err import CPLE_BaseError  # what a failed close raises through rasterio (no public alias)
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.errors import NotGeoreferencedWarning
 
 from . import datasets, metrics
 from .devices import resolve_device, use_bf16
@@ -18,6 +17,7 @@ from .errors import DataError, OutputError, gdal_reason
 from .model import FlipAveraged, modes_kept
 from .quantize import calibration_picks
 from .weights import ModelSpec, as_stored, load_generator
+from .writer import GDAL_WRITE_ERRORS
 
 
 @torch.inference_mode()
@@ -98,7 +98,7 @@ def write_triplets(triplets: list[tuple[torch.Tensor, ...]], path: Path) -> None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             _write_png(path, grid)
-    except (RasterioError, CPLE_BaseError, OSError) as exc:  # GDAL's PNG driver fails on close as CPLE_*
+    except GDAL_WRITE_ERRORS as exc:  # GDAL's PNG driver writes the file on close
         path.unlink(missing_ok=True)
         raise OutputError(f"writing {path} failed (disk full?): {gdal_reason(exc)}") from None
 

@@ -33,17 +33,16 @@ import rasterio.shutil
 import shapely
 from affine import Affine
 from rasterio import dtypes
-from rasterio._err import CPLE_BaseError  # what a failed copy raises through rasterio (no public alias)
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, Resampling
-from rasterio.errors import CRSError, RasterioError, RasterioIOError
+from rasterio.errors import CRSError, RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform, transform_bounds
 
 from .aoi import AreaOfInterest
 from .errors import InputError, OutputError, gdal_reason
 from .reader import is_gdal_path, open_raster
-from .writer import VRT, check_destination
+from .writer import GDAL_WRITE_ERRORS, VRT, check_destination
 
 
 @dataclass
@@ -118,7 +117,7 @@ def _warped(sheet: _Sheet, crs: CRS, grid: tuple[float, float, float, float], pa
                       add_alpha=sheet.nodata is None and not has_alpha) as vrt:
         try:
             rasterio.shutil.copy(vrt, path, driver="VRT")
-        except (RasterioError, CPLE_BaseError, SystemError) as exc:  # a full disk: rasterio's SystemError, no reason
+        except (*GDAL_WRITE_ERRORS, SystemError) as exc:  # a full disk: rasterio's SystemError, no reason
             reason = "GDAL gives no reason" if isinstance(exc, SystemError) else gdal_reason(exc)
             raise OutputError(f"writing the warped sheet {path.name} failed (disk full?): {reason}") from None
         bounds, width, height, res = tuple(vrt.bounds), vrt.width, vrt.height, vrt.res

@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from rasterio.enums import Resampling
-from rasterio._err import CPLE_BaseError  # what a failed close raises through rasterio (no public alias)
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.errors import NotGeoreferencedWarning
 
 from .errors import InputError, OutputError, gdal_reason
 from .reader import MIN_GDAL_CACHE, open_raster, open_scene
-from .writer import PNG, check_destination
+from .writer import GDAL_WRITE_ERRORS, PNG, check_destination
 
 
 #: GDAL's block cache while the preview reads, bytes: the least (see side_by_side).
@@ -62,7 +61,7 @@ def side_by_side(scene: str | Path, map_path: str | Path, png: str | Path, size:
             with rasterio.open(tmp, "w", driver="PNG", width=grid.shape[2], height=h, count=3, dtype="uint8") as out:
                 out.write(grid)
         os.replace(tmp, png)
-    except (RasterioError, CPLE_BaseError, OSError) as exc:  # GDAL's PNG driver writes the file on close
+    except GDAL_WRITE_ERRORS as exc:  # GDAL's PNG driver writes the file on close
         raise OutputError(f"writing {png} failed (disk full?): {gdal_reason(exc)}") from None
     finally:
         tmp.unlink(missing_ok=True)

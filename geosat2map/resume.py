@@ -13,7 +13,6 @@ import json
 import os
 from pathlib import Path
 
-
 from .errors import InputError
 
 VERSION = 1

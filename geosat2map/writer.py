@@ -31,9 +31,9 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 from affine import Affine
-from rasterio._err import CPLE_BaseError  # what a failed copy raises through rasterio (no public alias)
+from rasterio._err import CPLE_BaseError  # no public alias
 from rasterio.enums import ColorInterp, Resampling
-from rasterio.errors import RasterioIOError
+from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.windows import Window
 
 from .errors import OutputError, gdal_reason
@@ -141,9 +141,14 @@ def overview_factors(width: int, height: int, smallest: int = BLOCK) -> list[int
     return factors
 
 
-def unwritten_block(path: Path, rows: int | None = None) -> tuple[int, int] | None:
-    """The first block (column, row) of ``path``'s pixels, of those that hold its first ``rows``
-    rows (None: all), that does not lie whole inside the file.
+#: What a failed GDAL write reaches Python as: rasterio's errors, the OS's, or a CPLE_* error where
+#: a driver fails on close or inside a copy (libpng's "Write Error", the COG driver's).
+GDAL_WRITE_ERRORS = (RasterioError, CPLE_BaseError, OSError)
+
+
+def blocks_written(path: Path, rows: int | None = None) -> bool:
+    """Whether every block of ``path``'s pixels (those that hold its first ``rows`` rows; None:
+    all) lies whole inside the file.
 
     GDAL writes the blocks its cache still holds, and the directory, when a GeoTIFF is closed, and
     rasterio raises none of their failures: on a full disk a small map was left truncated and
@@ -156,8 +161,8 @@ def unwritten_block(path: Path, rows: int | None = None) -> tuple[int, int] | No
                 offset = ds.get_tag_item(f"BLOCK_OFFSET_{i}_{j}", "TIFF", bidx=1)
                 length = ds.get_tag_item(f"BLOCK_SIZE_{i}_{j}", "TIFF", bidx=1)
                 if not (offset and length and int(offset) > 0 and int(offset) + int(length) <= size):
-                    return i, j
-    return None
+                    return False
+    return True
 
 
 class GeoTIFFWriter:
@@ -454,14 +459,14 @@ class GeoTIFFWriter:
                         copy_src_overviews=True, **compression_options(self.compress, self.quality),
                     )
                 os.replace(self.final_tmp if self.copied_at_commit else self.tmp, self.dst)
-        except (RasterioIOError, CPLE_BaseError, OSError) as exc:  # GDAL's copy fails on its close as CPLE_*
+        except GDAL_WRITE_ERRORS as exc:
             raise OutputError(f"finishing {self.dst} failed: {gdal_reason(exc)}") from None
         finally:
             self._cleanup()
 
     def _check_whole(self, rows: int | None = None) -> None:
         """After a close: the file's blocks (those of its first ``rows`` rows) are all on disk."""
-        if unwritten_block(self.tmp, rows) is not None:
+        if not blocks_written(self.tmp, rows):
             raise OutputError(f"writing {self.dst} failed (disk full?): not every block reached the disk")
 
     def keep_partial(self) -> int:
