@@ -303,6 +303,35 @@ def preview(scene, map_path, png, size, overwrite) -> None:
     click.echo(f"wrote {png} ({w} x {h})")
 
 
+@cli.command()
+@click.argument("map_path", metavar="MAP", type=click.Path(dir_okay=False))
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--compress", type=click.Choice(["zstd", "deflate", "lzw"]), default="zstd", show_default=True)
+@click.option("--cog", is_flag=True, help="Write a Cloud Optimized GeoTIFF.")
+@click.option("--json", "as_json", is_flag=True, help="Each class's pixels and area (m²) as JSON.")
+@click.option("--overwrite", is_flag=True)
+def classify(map_path, dst, compress, cog, as_json, overwrite) -> None:
+    """Write DST: each pixel of MAP (a translated map) as its map colour class (1 land, 2 building,
+    3 road, 4 highway, 5 water, 6 park; 0 unclassified: labels, edges), a paletted GeoTIFF in the
+    classes' colours; print each class's area."""
+    from geosat2map.classify import classify_map
+
+    by_class = classify_map(map_path, dst, overwrite=overwrite, compress=compress, cog=cog)
+    if as_json:
+        click.echo(json.dumps({name: {"pixels": c.pixels, "area_m2": c.area_m2} for name, c in by_class.items()}))
+        return
+    total = sum(c.pixels for c in by_class.values())
+    click.echo(f"wrote {dst}: {total:,} valid pixels")
+    for name, c in by_class.items():
+        area = "" if c.area_m2 is None else f"  {_area(c.area_m2):>12}"
+        click.echo(f"  {name:<12} {100 * c.pixels / max(total, 1):5.1f} %{area}")
+
+
+def _area(m2: float) -> str:
+    """An area for people: hectares below 100 ha (1 km²), square kilometres above."""
+    return f"{m2 / 1e4:,.2f} ha" if m2 < 1e6 else f"{m2 / 1e6:,.2f} km²"
+
+
 @cli.command("render-map")
 @click.argument("vectors", nargs=-1, required=True)
 @click.argument("dst", type=click.Path(dir_okay=False))

@@ -1,4 +1,5 @@
-"""Writing the map GeoTIFF: tiled, compressed, RGB, masked, with overviews, published atomically.
+"""Writing the map GeoTIFF: tiled, compressed, RGB (or one band of classes), masked, with overviews,
+published atomically.
 
 Pixels arrive as rectangles within the two block rows being filled (or as whole rows); they are
 written in whole block rows so GDAL never has to re-read and re-compress a half-filled block,
@@ -182,6 +183,8 @@ class GeoTIFFWriter:
         parallel: bool = False,
         tags: dict[str, str] | None = None,
         checkpoint: Callable[[int], None] | None = None,
+        colormap: dict[int, tuple[int, ...]] | None = None,
+        nodata: int | None = None,
     ) -> None:
         """``compress``: one of :data:`COMPRESSIONS`; ``quality`` (1-100, for JPEG and WebP):
         :data:`DEFAULT_QUALITY` unless given. ``resume_rows``: continue the partial file of an
@@ -192,11 +195,20 @@ class GeoTIFFWriter:
         metadata (GDAL's default domain, which gdalinfo and QGIS's layer information show), with
         :func:`software_tags` added. ``checkpoint(rows)``: called when the partial file on disk
         holds its first ``rows`` rows intact (after a resumed run's copy, then every
-        :data:`CHECKPOINT_SECONDS`), to record them for a resume after a kill."""
+        :data:`CHECKPOINT_SECONDS`), to record them for a resume after a kill. ``colormap``: one
+        paletted band of class values with these colours (its overviews the most frequent class,
+        never an average of two), instead of RGB; lossless compression only. ``nodata``: the
+        band's nodata value, for such a band: QGIS 3.22 shows a one-band raster with a mask as two
+        bands (the mask as alpha) and then draws it as RGB, not in its colours."""
         self.dst = Path(dst)
         self.width, self.height = width, height
         self.cog = cog
         check_compression(compress, quality)
+        if colormap is not None and compress not in LOSSLESS:
+            raise OutputError(f"class values are compressed losslessly ({', '.join(LOSSLESS)}), not with {compress}")
+        self.colormap = colormap
+        self.bands = 3 if colormap is None else 1
+        self.overview_resampling = Resampling.average if colormap is None else Resampling.mode
         self.compress, self.quality = compress, quality
         self.copied_at_commit = cog or compress in LOSSY
         self.tmp = partial_path(self.dst)
@@ -211,16 +223,17 @@ class GeoTIFFWriter:
             "driver": "GTiff",
             "width": width,
             "height": height,
-            "count": 3,
+            "count": self.bands,
             "dtype": "uint8",
             "crs": crs,
             "transform": transform,
             "tiled": True,
             "blockxsize": BLOCK,
             "blockysize": BLOCK,
-            "photometric": "RGB",
+            "photometric": "RGB" if colormap is None else "palette",
             "interleave": "pixel",
             "BIGTIFF": "IF_SAFER",
+            "nodata": nodata,
             # A COG, and a JPEG or WebP map, is built in ZSTD and copied in its own compression at the
             # end: JPEG or WebP is then lossy once, and a resumed run copies kept rows losslessly.
             **compression_options(*(("zstd", None) if self.copied_at_commit else (compress, quality))),
@@ -240,7 +253,7 @@ class GeoTIFFWriter:
         # Contiguous, not row-padded: rasterio copies a strided array before writing it (12.9 MB
         # more per block row at 16384 pixels wide).
         rows = min(BLOCK, height)
-        self._pixels = [np.zeros((3, rows, width), np.uint8) for _ in range(BUFFERS)]
+        self._pixels = [np.zeros((self.bands, rows, width), np.uint8) for _ in range(BUFFERS)]
         # The mask buffers are made at the first invalid pixel, and the mask band is created then:
         # a scene valid everywhere gets no mask, which spares writing it and halves the time GDAL
         # takes to build the overviews.
@@ -263,7 +276,10 @@ class GeoTIFFWriter:
             elif not self.prev.exists():
                 os.replace(self.tmp, self.prev)
             self._ds = rasterio.open(self.tmp, "w", **self.profile)
-            self._ds.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
+            if self.colormap is None:
+                self._ds.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
+            else:
+                self._ds.write_colormap(1, self.colormap)
             self._ds.update_tags(**self.tags)
             if self.resume_rows:
                 self._copy_previous()
@@ -299,7 +315,7 @@ class GeoTIFFWriter:
     def _copy_previous(self) -> None:
         """Copy the kept rows of the interrupted run's file, block row by block row."""
         with rasterio.open(self.prev) as prev:
-            if (prev.width, prev.height, prev.count) != (self.width, self.height, 3):
+            if (prev.width, prev.height, prev.count) != (self.width, self.height, self.bands):
                 raise OutputError(f"the partial file {self.prev} does not fit this run")
             for top in range(0, self.resume_rows, BLOCK):
                 window = Window(0, top, self.width, min(BLOCK, self.resume_rows - top))
@@ -330,7 +346,7 @@ class GeoTIFFWriter:
         """Place a rectangle at row ``top``, column ``left``, anywhere in the two block rows after
         the last one handed on; :meth:`advance` hands them on once whole.
 
-        ``pixels`` (3, h, w) are cast straight into the uint8 block buffer: uint8, or any numeric
+        ``pixels`` (bands, h, w) are cast straight into the uint8 block buffer: uint8, or any numeric
         type in [0, 256), whose integer part is kept; ``valid`` is the bool mask, None if all valid.
         """
         if top < self.resume_rows:  # rows the interrupted run wrote already
@@ -439,7 +455,8 @@ class GeoTIFFWriter:
             self._check_whole()
             if self.cog:
                 rasterio.shutil.copy(
-                    self.tmp, self.final_tmp, driver="COG", blocksize=BLOCK, overview_resampling="average",
+                    self.tmp, self.final_tmp, driver="COG", blocksize=BLOCK,
+                    overview_resampling=self.overview_resampling.name,
                     bigtiff="IF_SAFER", num_threads="ALL_CPUS",
                     **compression_options(self.compress, self.quality, cog=True),
                 )
@@ -450,8 +467,8 @@ class GeoTIFFWriter:
                     # On the file reopened: built on the handle that wrote it, GDAL computed them on
                     # one thread (0.72-0.84 s at 8192 x 8192 against 0.54-0.68 s reopened).
                     with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"), rasterio.open(self.tmp, "r+") as ds:
-                        ds.build_overviews(factors, Resampling.average)  # nothing else runs now
-                        ds.update_tags(ns="rio_overview", resampling="average")
+                        ds.build_overviews(factors, self.overview_resampling)  # nothing else runs now
+                        ds.update_tags(ns="rio_overview", resampling=self.overview_resampling.name)
                 if self.copied_at_commit:  # JPEG or WebP: the pixels, mask and overviews encoded once
                     rasterio.shutil.copy(
                         self.tmp, self.final_tmp, driver="GTiff", tiled=True, blockxsize=BLOCK,

@@ -64,7 +64,7 @@ def main() -> None:
                    for b in range(1, layer.bandCount() + 1)],
             interpretation=[provider.colorInterpretationName(b) for b in range(1, layer.bandCount() + 1)],
             renderer=layer.renderer().type(),
-            renderer_bands=[getattr(layer.renderer(), f"{c}Band")() for c in ("red", "green", "blue", "alpha")],
+            renderer_bands=[getattr(layer.renderer(), f"{c}Band", lambda: None)() for c in ("red", "green", "blue", "alpha")],
             contrast=_enhancement(layer.renderer()),
         )
         layers = [layer]

@@ -96,6 +96,36 @@ def test_qgis_opens_the_output_as_a_georeferenced_unstretched_rgb_with_transpare
     assert report["png"] and png.stat().st_size > 0
 
 
+def test_qgis_draws_a_class_raster_in_the_class_colours_with_its_nodata_transparent(tmp_path):
+    """classify's output, dragged into QGIS: its colour table drawn (paletted), the mask see-through."""
+    from geosat2map.classify import classify_map
+    from geosat2map.metrics import MAP_CLASSES
+
+    rgb = np.zeros((3, 300, 400), np.uint8)
+    rgb[:, :, 200:] = np.array(MAP_CLASSES["water"], np.uint8)[:, None, None]
+    rgb[:, :, :200] = np.array(MAP_CLASSES["park"], np.uint8)[:, None, None]
+    valid = np.ones((300, 400), bool)
+    valid[:, :100] = False
+    src = write_scene(tmp_path / "map.tif", width=400, height=300, data=rgb)
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(src, "r+") as ds:
+        ds.write_mask(valid.astype(np.uint8) * 255)
+        left, bottom, right, top = ds.bounds
+        res = ds.res[0]
+    out = tmp_path / "classes.tif"
+    classify_map(src, out)
+    probes = [f"{left + 50 * res},{top - 150 * res}", f"{left + 150 * res},{top - 150 * res}",
+              f"{left + 300 * res},{top - 150 * res}"]
+    proc = subprocess.run([str(SYSTEM_PYTHON), str(CHECK), str(out), str(tmp_path / "render.png"), "--size", "400",
+                           *[a for p in probes for a in ("--probe", p)]], capture_output=True, text=True,
+                          env=_system_environment(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["valid"] and report["renderer"] == "paletted"
+    nodata, park, water = report["probes"]
+    assert nodata[3] == 0
+    assert park == [*MAP_CLASSES["park"], 255] and water == [*MAP_CLASSES["water"], 255]
+
+
 @pytest.mark.skipif(not QGIS_PROCESS.exists(), reason="qgis_process.bin not installed (make test-qgis)")
 def test_qgis_process_raster_statistics(output):
     _, out = output

@@ -1,0 +1,130 @@
+"""A map's colours as classes: land, buildings, roads, highways, water and parks, and their areas.
+
+A translated map is a picture; for analysis (how much of a scene is water or parkland, a layer
+to clip or to take zonal statistics of) each pixel is given the map colour class nearest its
+colour, as ``evaluate --classes`` scores them (:data:`metrics.MAP_CLASSES`, within
+:data:`metrics.CLASS_TOLERANCE`; value 0, unclassified, for the rest: labels, icons, the edges
+between two colours). The result is a paletted uint8 GeoTIFF on the map's grid, drawn in the
+classes' own colours and naming them in its metadata, with the map's nodata as the value
+:data:`NODATA` (a nodata value, not a mask band: see :class:`writer.GeoTIFFWriter`), and each
+class's area on the ground. The map is read block row by block row, never whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from affine import Affine
+from pyproj import CRS as ProjCRS
+from rasterio.windows import Window
+
+from .errors import InputError
+from .metrics import MAP_CLASSES, colour_classes
+from .reader import open_raster
+from .writer import BLOCK, GEOTIFF, GeoTIFFWriter, check_destination
+
+#: The value of pixels in no class; the classes follow from 1 in :data:`MAP_CLASSES`' order.
+UNCLASSIFIED = 0
+CLASS_VALUES = {name: k + 1 for k, name in enumerate(MAP_CLASSES)}
+#: Unclassified pixels are drawn mid grey, apart from every class colour.
+UNCLASSIFIED_COLOUR = (128, 128, 128)
+#: Where the map has no data: see-through in the colour table, and the band's nodata value.
+NODATA = 255
+#: Columns classified at once: the distances to every class colour of 256 x 2048 pixels take 12 MB.
+CHUNK_COLUMNS = 2048
+
+
+@dataclass
+class ClassArea:
+    """One class's share of a map's valid pixels: their count, and their area in square metres
+    (None where the map's grid gives none: no CRS, or a rotated grid in degrees)."""
+
+    pixels: int
+    area_m2: float | None
+
+
+def class_tags() -> dict[str, str]:
+    """The class raster's metadata naming each value (gdalinfo, QGIS's layer information)."""
+    names = {UNCLASSIFIED: "unclassified", **{v: k for k, v in CLASS_VALUES.items()}, NODATA: "nodata"}
+    return {"GEOSAT2MAP_CLASSES": ", ".join(f"{v}={name}" for v, name in sorted(names.items()))}
+
+
+def colormap() -> dict[int, tuple[int, ...]]:
+    """Each class value drawn in its class's map colour (QGIS shows the raster as the map)."""
+    return {UNCLASSIFIED: UNCLASSIFIED_COLOUR, **{CLASS_VALUES[k]: rgb for k, rgb in MAP_CLASSES.items()},
+            NODATA: (0, 0, 0, 0)}
+
+
+def classes_of(rgb: np.ndarray) -> np.ndarray:
+    """The class value (:data:`CLASS_VALUES`, 0 for none) of each pixel of ``rgb`` (3, h, w) uint8."""
+    # colour_classes gives each pixel an index into MAP_CLASSES, len(MAP_CLASSES) for none.
+    values = np.array([*CLASS_VALUES.values(), UNCLASSIFIED], np.uint8)
+    out = np.empty(rgb.shape[1:], np.uint8)
+    for left in range(0, rgb.shape[2], CHUNK_COLUMNS):
+        part = slice(left, left + CHUNK_COLUMNS)
+        out[:, part] = values[colour_classes(torch.from_numpy(np.ascontiguousarray(rgb[:, :, part]))).numpy()]
+    return out
+
+
+def row_areas(crs, transform: Affine, height: int) -> np.ndarray | None:
+    """The ground area, m², of one pixel in each row (the same along a row), or None.
+
+    In a projected CRS every pixel has the same area in the CRS's plane (its unit converted to
+    metres). In degrees a pixel shrinks towards the poles: each row's is the ellipsoid's area of
+    its first pixel, exact for a north-up grid (the only kind whose rows are alike), measured with
+    pyproj's geodesics. A rotated grid in degrees, or no CRS, gives none."""
+    if crs is None or transform.is_identity:
+        return None
+    if crs.is_projected:
+        metres = crs.linear_units_factor[1]
+        return np.full(height, abs(transform.determinant) * metres * metres)
+    if not crs.is_geographic or transform.b or transform.d:
+        return None
+    geod = ProjCRS.from_wkt(crs.to_wkt()).get_geod()
+    if geod is None:
+        return None
+    left, right = transform.c, transform.c + transform.a
+    areas = np.empty(height)
+    for row in range(height):
+        top, bottom = transform.f + row * transform.e, transform.f + (row + 1) * transform.e
+        area, _ = geod.polygon_area_perimeter([left, right, right, left], [top, top, bottom, bottom])
+        areas[row] = abs(area)
+    return areas
+
+
+def classify_map(map_path: str | Path, dst: str | Path, overwrite: bool = False, compress: str = "zstd",
+                 cog: bool = False) -> dict[str, ClassArea]:
+    """Write ``dst``: the class of each pixel of the RGB map at ``map_path`` (see the module),
+    tiled, compressed (``compress``, lossless), masked where the map is, with overviews (or a
+    COG); returns each class's pixels and area, ``unclassified`` first, over the map's valid
+    pixels."""
+    dst = Path(dst)
+    counts = np.zeros(len(CLASS_VALUES) + 1, np.int64)
+    areas = np.zeros(len(CLASS_VALUES) + 1)
+    with open_raster(map_path) as src:
+        check_destination(dst, Path(map_path), overwrite, GEOTIFF)
+        if src.count < 3 or src.dtypes[0] != "uint8":
+            raise InputError(f"{map_path} is not an RGB map of 8-bit colours ({src.count} band(s) of {src.dtypes[0]})")
+        per_row = row_areas(src.crs, src.transform, src.height)
+        tags = {**class_tags(), "GEOSAT2MAP_CLASSIFIED_MAP": Path(str(map_path)).name}
+        with GeoTIFFWriter(dst, src.width, src.height, src.crs, src.transform, cog=cog, compress=compress,
+                           tags=tags, colormap=colormap(), nodata=NODATA) as writer:
+            for top in range(0, src.height, BLOCK):
+                window = Window(0, top, src.width, min(BLOCK, src.height - top))
+                values = classes_of(src.read([1, 2, 3], window=window))
+                valid = src.dataset_mask(window=window) > 0
+                counts += np.bincount(values[valid], minlength=len(counts))
+                if per_row is not None:
+                    row_area = np.broadcast_to(per_row[top : top + window.height, None], values.shape)
+                    areas += np.bincount(values[valid], weights=row_area[valid], minlength=len(areas))
+                values[~valid] = NODATA
+                writer.write_rows(top, values[None], None)
+            writer.commit()
+    names = ["unclassified", *CLASS_VALUES]
+    order = [UNCLASSIFIED, *CLASS_VALUES.values()]
+    return {name: ClassArea(int(counts[v]), None if per_row is None else float(areas[v]))
+            for name, v in zip(names, order)}
+

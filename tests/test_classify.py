@@ -1,0 +1,104 @@
+"""classify: a map's colours as a paletted class raster on its grid, and each class's area."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from click.testing import CliRunner
+from pyproj import Geod
+
+from geosat2map.classify import CLASS_VALUES, UNCLASSIFIED, classify_map
+from geosat2map.metrics import MAP_CLASSES
+from geosat2map_cli.main import cli
+
+
+def write_map(path: Path, rgb: np.ndarray, crs: str, transform: Affine, valid: np.ndarray | None = None) -> Path:
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(
+            path, "w", driver="GTiff", width=rgb.shape[2], height=rgb.shape[1], count=3, dtype="uint8", crs=crs,
+            transform=transform, tiled=True, blockxsize=256, blockysize=256) as dst:
+        dst.write(rgb)
+        if valid is not None:
+            dst.write_mask(valid.astype(np.uint8) * 255)
+    return path
+
+
+def striped_map(height: int = 600, width: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    """Rows in bands of water, park and road colour, a near-water colour, and black (a label)."""
+    rgb = np.zeros((3, height, width), np.uint8)
+    expected = np.zeros((height, width), np.uint8)
+    colours = [(MAP_CLASSES["water"], CLASS_VALUES["water"]), (MAP_CLASSES["park"], CLASS_VALUES["park"]),
+               (MAP_CLASSES["road"], CLASS_VALUES["road"]),
+               (tuple(c + 10 for c in MAP_CLASSES["water"][:2]) + (MAP_CLASSES["water"][2] - 1,), CLASS_VALUES["water"]),
+               ((0, 0, 0), UNCLASSIFIED)]
+    for k, (colour, value) in enumerate(colours):
+        rows = slice(k * height // len(colours), (k + 1) * height // len(colours))
+        rgb[:, rows] = np.array(colour, np.uint8)[:, None, None]
+        expected[rows] = value
+    return rgb, expected
+
+
+def test_classes_mask_palette_and_areas_in_metres(tmp_path):
+    rgb, expected = striped_map()
+    valid = np.ones(expected.shape, bool)
+    valid[:, :40] = False  # a nodata strip down the left edge
+    src = write_map(tmp_path / "map.tif", rgb, "EPSG:32633", Affine(2, 0, 500000, 0, -2, 4600000), valid)
+    by_class = classify_map(src, tmp_path / "classes.tif")
+    with rasterio.open(tmp_path / "classes.tif") as out:
+        values = out.read(1)
+        assert out.count == 1 and out.dtypes[0] == "uint8"
+        assert out.crs.to_epsg() == 32633 and out.transform == Affine(2, 0, 500000, 0, -2, 4600000)
+        assert out.colorinterp[0] == rasterio.enums.ColorInterp.palette
+        assert out.colormap(1)[CLASS_VALUES["water"]][:3] == MAP_CLASSES["water"]
+        assert out.overviews(1) and out.tags(ns="rio_overview")["resampling"] == "mode"
+        assert "5=water" in out.tags()["GEOSAT2MAP_CLASSES"]
+        assert out.nodata == 255 and out.colormap(1)[255][3] == 0  # nodata see-through
+        mask = out.dataset_mask()
+    assert (mask[:, :40] == 0).all() and (mask[:, 40:] == 255).all()
+    assert (values[:, :40] == 255).all()
+    assert (values[:, 40:] == expected[:, 40:]).all()
+    for name, c in by_class.items():
+        value = UNCLASSIFIED if name == "unclassified" else CLASS_VALUES[name]
+        assert c.pixels == int((expected[:, 40:] == value).sum())
+        assert c.area_m2 == pytest.approx(4.0 * c.pixels)  # 2 m pixels
+    assert by_class["water"].pixels == 2 * 120 * 260  # the near-water colour is water too
+
+
+def test_areas_in_degrees_sum_to_the_footprint_on_the_ellipsoid(tmp_path):
+    rgb, _ = striped_map(300, 200)
+    transform = Affine(1e-4, 0, 10.0, 0, -1e-4, 60.0)
+    src = write_map(tmp_path / "map.tif", rgb, "EPSG:4326", transform)
+    by_class = classify_map(src, tmp_path / "classes.tif")
+    lon = [10.0, 10.02, 10.02, 10.0]
+    lat = [60.0, 60.0, 59.97, 59.97]
+    footprint, _ = Geod(ellps="WGS84").polygon_area_perimeter(lon, lat)
+    assert sum(c.area_m2 for c in by_class.values()) == pytest.approx(abs(footprint), rel=1e-6)
+    # Pixels further north are smaller: the park band (rows 60-119) covers less ground than the road
+    # band south of it (rows 120-179), by the cosine of latitude (0.05 % over 0.006 degrees).
+    assert by_class["park"].pixels == by_class["road"].pixels
+    assert by_class["park"].area_m2 / by_class["road"].area_m2 == pytest.approx(
+        np.cos(np.radians(59.991)) / np.cos(np.radians(59.985)), rel=2e-5)
+
+
+def test_cli_prints_areas_and_refuses_a_map_that_is_not_rgb(tmp_path):
+    rgb, _ = striped_map(60, 64)
+    src = write_map(tmp_path / "map.tif", rgb, "EPSG:32633", Affine(100, 0, 500000, 0, -100, 4600000))
+    result = CliRunner().invoke(cli, ["classify", str(src), str(tmp_path / "c.tif")])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"wrote {tmp_path / 'c.tif'}: 3,840 valid pixels"
+    assert any(line.split()[:2] == ["water", "40.0"] and line.endswith("km²") for line in lines), lines
+    result = CliRunner().invoke(cli, ["classify", str(src), str(tmp_path / "j.tif"), "--json"])
+    assert json.loads(result.stdout)["park"]["area_m2"] == pytest.approx(12 * 64 * 1e4)
+
+    grey = tmp_path / "grey.tif"
+    with rasterio.open(grey, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint16", crs="EPSG:32633",
+                       transform=Affine(1, 0, 10, 0, -1, 10)) as dst:
+        dst.write(np.zeros((1, 8, 8), np.uint16))
+    result = CliRunner().invoke(cli, ["classify", str(grey), str(tmp_path / "g.tif")])
+    assert result.exit_code == 1 and "is not an RGB map" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "g.tif").exists()
