@@ -64,7 +64,8 @@ def main() -> None:
                    for b in range(1, layer.bandCount() + 1)],
             interpretation=[provider.colorInterpretationName(b) for b in range(1, layer.bandCount() + 1)],
             renderer=layer.renderer().type(),
-            renderer_bands=[getattr(layer.renderer(), f"{c}Band", lambda: None)() for c in ("red", "green", "blue", "alpha")],
+            renderer_bands=[getattr(layer.renderer(), f"{c}Band", lambda: None)()  # None: a paletted renderer
+                            for c in ("red", "green", "blue", "alpha")],
             contrast=_enhancement(layer.renderer()),
         )
         layers = [layer]

@@ -31,9 +31,10 @@ def striped_map(height: int = 600, width: int = 300) -> tuple[np.ndarray, np.nda
     """Rows in bands of water, park and road colour, a near-water colour, and black (a label)."""
     rgb = np.zeros((3, height, width), np.uint8)
     expected = np.zeros((height, width), np.uint8)
+    red, green, blue = MAP_CLASSES["water"]
+    near_water = (red + 10, green + 10, blue - 1)  # 14.2 from it, within the tolerance of 20
     colours = [(MAP_CLASSES["water"], CLASS_VALUES["water"]), (MAP_CLASSES["park"], CLASS_VALUES["park"]),
-               (MAP_CLASSES["road"], CLASS_VALUES["road"]),
-               (tuple(c + 10 for c in MAP_CLASSES["water"][:2]) + (MAP_CLASSES["water"][2] - 1,), CLASS_VALUES["water"]),
+               (MAP_CLASSES["road"], CLASS_VALUES["road"]), (near_water, CLASS_VALUES["water"]),
                ((0, 0, 0), UNCLASSIFIED)]
     for k, (colour, value) in enumerate(colours):
         rows = slice(k * height // len(colours), (k + 1) * height // len(colours))
