@@ -744,10 +744,19 @@ def _map_info(path: str, as_json: bool) -> None:
             p["GEOSAT2MAP_OPTIONS"] = json.loads(p["GEOSAT2MAP_OPTIONS"])
         click.echo(json.dumps(p, indent=2))
         return
+    which = "the shipped model" if p["shipped_model"] else "not the shipped model"
+    if "GEOSAT2MAP_CLASSES" in p:  # classify's output
+        click.echo(f"{p['file']}: the classes of {p['width']} x {p['height']} pixels ({p['crs']}) of the map "
+                   f"{p.get('GEOSAT2MAP_CLASSIFIED_MAP', '?')}, made by {p.get('TIFFTAG_SOFTWARE', 'geosat2map')} "
+                   f"classify on {p.get('TIFFTAG_DATETIME', '?')}")
+        click.echo(f"values {p['GEOSAT2MAP_CLASSES']}")
+        if "GEOSAT2MAP_MODEL_SHA256" in p:
+            click.echo(f"the map: from {p.get('GEOSAT2MAP_SOURCE', '?')} by model sha256 "
+                       f"{p['GEOSAT2MAP_MODEL_SHA256']} ({which})")
+        return
     click.echo(f"{p['file']}: a map of {p['width']} x {p['height']} pixels ({p['crs']}), made by "
                f"{p.get('TIFFTAG_SOFTWARE', 'geosat2map')} on {p.get('TIFFTAG_DATETIME', '?')} from "
                f"{p.get('GEOSAT2MAP_SOURCE', '?')}")
-    which = "the shipped model" if p["shipped_model"] else "not the shipped model"
     click.echo(f"model sha256 {p.get('GEOSAT2MAP_MODEL_SHA256', '?')} ({which}; `geosat2map info WEIGHTS` "
                "prints a weights file's)")
     inside = f"; only inside the polygons of {p['GEOSAT2MAP_AOI']}" if "GEOSAT2MAP_AOI" in p else ""

@@ -109,7 +109,9 @@ def classify_map(map_path: str | Path, dst: str | Path, overwrite: bool = False,
         if src.count < 3 or src.dtypes[0] != "uint8":
             raise InputError(f"{map_path} is not an RGB map of 8-bit colours ({src.count} band(s) of {src.dtypes[0]})")
         per_row = row_areas(src.crs, src.transform, src.height)
-        tags = {**class_tags(), "GEOSAT2MAP_CLASSIFIED_MAP": Path(str(map_path)).name}
+        # The map's scene and model come along, so `info` on the classes says where they came from.
+        lineage = {k: v for k, v in src.tags().items() if k in ("GEOSAT2MAP_SOURCE", "GEOSAT2MAP_MODEL_SHA256")}
+        tags = {**lineage, **class_tags(), "GEOSAT2MAP_CLASSIFIED_MAP": Path(str(map_path)).name}
         with GeoTIFFWriter(dst, src.width, src.height, src.crs, src.transform, cog=cog, compress=compress,
                            tags=tags, colormap=colormap(), nodata=NODATA) as writer:
             for top in range(0, src.height, BLOCK):

@@ -95,6 +95,9 @@ def test_cli_prints_areas_and_refuses_a_map_that_is_not_rgb(tmp_path):
     assert any(line.split()[:2] == ["water", "40.0"] and line.endswith("km²") for line in lines), lines
     result = CliRunner().invoke(cli, ["classify", str(src), str(tmp_path / "j.tif"), "--json"])
     assert json.loads(result.stdout)["park"]["area_m2"] == pytest.approx(12 * 64 * 1e4)
+    result = CliRunner().invoke(cli, ["info", str(tmp_path / "c.tif")])
+    assert result.exit_code == 0 and "the classes of 64 x 60 pixels (EPSG:32633) of the map map.tif" in result.stdout
+    assert "5=water" in result.stdout
 
     grey = tmp_path / "grey.tif"
     with rasterio.open(grey, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint16", crs="EPSG:32633",
