@@ -202,6 +202,20 @@ def test_processing_script_makes_the_command_lines_map(script, tiny_weights, tmp
         np.testing.assert_array_equal(a.dataset_mask(), b.dataset_mask())
 
 
+def test_processing_script_writes_the_maps_classes_when_asked(script, tiny_weights, tmp_path):
+    scene = write_scene(tmp_path / "scene.tif", width=300, height=200)
+    out, classes = tmp_path / "map.tif", tmp_path / "classes.tif"
+    report = _run_processing(script, f"INPUT={scene}", f"OUTPUT={out}", f"CLASSES={classes}",
+                             f"WEIGHTS={tiny_weights}", "RESOLUTION=native")
+    assert report.get("error") is None and report["results"] == {"OUTPUT": str(out), "CLASSES": str(classes)}
+    assert any(m.startswith(f"wrote {classes}") for m in report["messages"])
+    from geosat2map.classify import classify_map
+
+    classify_map(out, tmp_path / "direct.tif")
+    with rasterio.open(classes) as a, rasterio.open(tmp_path / "direct.tif") as b:
+        assert a.count == 1 and (a.read() == b.read()).all()
+
+
 def test_processing_script_nodata_value_is_src_nodata(script, tiny_weights, tmp_path):
     """The nodata parameter marks a black collar the file does not (translate --src-nodata)."""
     data = synthetic_image(300, 400)

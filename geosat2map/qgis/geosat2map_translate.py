@@ -5,7 +5,7 @@ PYTHON below set to the Python that has geosat2map installed; QGIS's own Python 
 torch or rasterio. The algorithm runs `python -m geosat2map_cli translate` on the layer's file
 in a child process (the same seamless, streaming map as on the command line), shows its progress,
 stops it (SIGTERM: no half-written map is left; the rows done wait for "Continue") when the user
-cancels, and loads the map.
+cancels, and loads the map; and, where asked, the map's classes (`geosat2map classify`).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ FOREIGN = ("PYTHONHOME", "PYTHONPATH", "GDAL_DATA", "GDAL_DRIVER_PATH", "PROJ_LI
 class Geosat2mapTranslate(QgsProcessingAlgorithm):
     INPUT, EXTENT, AOI, BANDS, WEIGHTS, RESOLUTION = "INPUT", "EXTENT", "AOI", "BANDS", "WEIGHTS", "RESOLUTION"
     NODATA, TTA, COMPRESSION, RESUME, OUTPUT = "NODATA", "TTA", "COMPRESSION", "RESUME", "OUTPUT"
+    CLASSES = "CLASSES"
     #: translate --compress's choices, as the dialog lists them.
     COMPRESSIONS = (("zstd", "ZSTD (lossless)"), ("deflate", "DEFLATE (lossless, for older readers)"),
                     ("lzw", "LZW (lossless, for older readers)"), ("jpeg", "JPEG (lossy, small)"),
@@ -93,6 +94,9 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterBoolean(
             self.RESUME, "Continue the run canceled (or killed) before, from the rows it kept", defaultValue=False))
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Map"))
+        self.addParameter(QgsProcessingParameterRasterDestination(  # geosat2map classify on the map
+            self.CLASSES, "Classes of the map (land, building, road, highway, water, park)", optional=True,
+            createByDefault=False))
 
     def processAlgorithm(self, parameters, context, feedback) -> dict:
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
@@ -127,41 +131,55 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
         if self.parameterAsBoolean(parameters, self.TTA, context):
             command.append("--tta")
         command += ["--compress", self.COMPRESSIONS[self.parameterAsEnum(parameters, self.COMPRESSION, context)][0]]
-        feedback.pushCommandInfo(" ".join(command))
-        env = {k: v for k, v in os.environ.items() if k not in FOREIGN}
-        try:
-            # No console window for the child on Windows (the flag is 0 elsewhere).
-            child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
-                                     errors="replace", creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
-        except OSError as exc:
-            raise QgsProcessingException(f"cannot run geosat2map with {PYTHON}: {exc}") from None
-        events: queue.SimpleQueue = queue.SimpleQueue()  # the child's progress and messages, in order
-        reader = threading.Thread(target=_follow, args=(child.stderr, events), daemon=True)
-        reader.start()
-        lines: list[str] = []
-        stopping = False
-        while child.poll() is None:  # feedback is given on this thread only; the reader thread just reads
-            _relay(events, feedback, lines)
-            if feedback.isCanceled() and not stopping:
-                child.terminate()  # once: translate stops on SIGTERM, leaving nothing at the output path
-                stopping = True
-            try:
-                child.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                pass
-        reader.join()
-        _relay(events, feedback, lines)
-        for line in child.stdout.read().splitlines():
-            feedback.pushInfo(line)
-        child.stdout.close()
-        child.stderr.close()
-        if feedback.isCanceled():
+        if not _run(command, feedback):
             return {}
-        if child.returncode != 0:
-            errors = [line for line in lines if line.startswith("geosat2map: error:")]
-            raise QgsProcessingException((errors or lines or [f"geosat2map exited with {child.returncode}"])[-1])
+        results = {self.OUTPUT: out}
+        classes = self.parameterAsOutputLayer(parameters, self.CLASSES, context)
+        if classes:
+            if not _run([PYTHON, "-m", "geosat2map_cli", "classify", out, classes, "--overwrite"], feedback):
+                return {}
+            results[self.CLASSES] = classes
         feedback.setProgress(100)
-        return {self.OUTPUT: out}
+        return results
+
+
+def _run(command: list[str], feedback) -> bool:
+    """Run a geosat2map command in a child process, relaying its progress and messages; stop it on
+    cancel (False); a QgsProcessingException with its error line if it fails."""
+    feedback.pushCommandInfo(" ".join(command))
+    env = {k: v for k, v in os.environ.items() if k not in FOREIGN}
+    try:
+        # No console window for the child on Windows (the flag is 0 elsewhere).
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                                 errors="replace", creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+    except OSError as exc:
+        raise QgsProcessingException(f"cannot run geosat2map with {PYTHON}: {exc}") from None
+    events: queue.SimpleQueue = queue.SimpleQueue()  # the child's progress and messages, in order
+    reader = threading.Thread(target=_follow, args=(child.stderr, events), daemon=True)
+    reader.start()
+    lines: list[str] = []
+    stopping = False
+    while child.poll() is None:  # feedback is given on this thread only; the reader thread just reads
+        _relay(events, feedback, lines)
+        if feedback.isCanceled() and not stopping:
+            child.terminate()  # once: translate stops on SIGTERM, leaving nothing at the output path
+            stopping = True
+        try:
+            child.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            pass
+    reader.join()
+    _relay(events, feedback, lines)
+    for line in child.stdout.read().splitlines():
+        feedback.pushInfo(line)
+    child.stdout.close()
+    child.stderr.close()
+    if feedback.isCanceled():
+        return False
+    if child.returncode != 0:
+        errors = [line for line in lines if line.startswith("geosat2map: error:")]
+        raise QgsProcessingException((errors or lines or [f"geosat2map exited with {child.returncode}"])[-1])
+    return True
 
 
 def _follow(stream, events: queue.SimpleQueue) -> None:
