@@ -10,7 +10,9 @@ AVX512-BF16 CPUs; elsewhere bf16 is emulated and slow). With --storage-aware, th
 for the steps of train --storage-aware (the weights rounded as stored in every step). With
 --fine-tune, the recipe of the default model's fine-tuning runs: from a saved generator, its
 BatchNorm frozen, a teacher of the same width run at every step, and a moving average of the
-weights (train --init-from --freeze-batchnorm --distill-from --ema-decay 0.999).
+weights (train --init-from --freeze-batchnorm --distill-from --ema-decay 0.999); and the same
+step with the teacher's maps given, as the trainer keeps them after the first epoch for pairs used
+whole (load size = crop size).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def write_pairs(folder: Path, n: int = 4) -> None:
                 dst.write(img)
 
 
-def time_steps(trainer: Trainer, steps: int, memory_format: torch.memory_format) -> float:
+def time_steps(trainer: Trainer, steps: int, memory_format: torch.memory_format, kept: bool = False) -> float:
+    """Median seconds per step; ``kept``: the teacher's maps given, as from an earlier epoch."""
     for module in (trainer.G, trainer.D, trainer.teacher):
         if module is not None:
             module.to(memory_format=memory_format)
@@ -53,12 +56,16 @@ def time_steps(trainer: Trainer, steps: int, memory_format: torch.memory_format)
     items = [trainer.train_set[i % len(trainer.train_set)] for i in range(bs)]
     a = torch.stack([x for x, _ in items]).to(trainer.device, memory_format=memory_format)
     b = torch.stack([y for _, y in items]).to(trainer.device, memory_format=memory_format)
+    taught = None
+    if kept:
+        with torch.no_grad():
+            taught = trainer.teacher(a).float()
     times = []
     for i in range(steps + 2):
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        trainer.train_step(a, b)
+        trainer.train_step(a, b, taught)
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
         if i >= 2:  # warm-up
@@ -99,8 +106,11 @@ def main() -> None:
             for precision in args.precision or ("fp32", "bf16"):
                 trainer.amp = precision == "bf16"
                 for name, fmt in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
-                    s = time_steps(trainer, args.steps, fmt)
-                    print(f"{precision} {name:>14}{label}: {s:.3f} s/step, {args.batch_size / s:.2f} images/s")
+                    for kept in (False, True) if args.fine_tune else (False,):
+                        s = time_steps(trainer, args.steps, fmt, kept)
+                        what = ", the teacher's maps kept (epochs after the first)" if kept else ""
+                        print(f"{precision} {name:>14}{label}{what}: {s:.3f} s/step, "
+                              f"{args.batch_size / s:.2f} images/s")
 
 
 if __name__ == "__main__":

@@ -125,20 +125,35 @@ class PairDataset(torch.utils.data.Dataset):
         a, b = pair() if callable(pair) else pair
         return _resize(torch.from_numpy(a), self.size), _resize(torch.from_numpy(b), self.size)
 
+    def _draw(self, index: int) -> tuple[int, int, bool, int]:
+        """Item ``index``'s crop corner (y, x), mirroring and quarter turns this epoch."""
+        gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
+        span = self.load_size - self.crop_size + 1
+        y, x = torch.randint(span, (2,), generator=gen).tolist()
+        flip = bool(torch.rand((), generator=gen) < 0.5)
+        # drawn last, so runs without it see the same crops and flips as before
+        turns = int(torch.randint(4, (), generator=gen)) if self.rot90 else 0
+        return y, x, flip, turns
+
+    def mirrored(self, index: int) -> bool | None:
+        """Whether item ``index`` is its pair mirrored this epoch, where that is all that changes it
+        from epoch to epoch (the whole pair, no quarter turns); None where a crop or turn does."""
+        if not self.augment:
+            return False
+        if self.size != self.crop_size or self.rot90:
+            return None
+        return self._draw(index)[2]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Float tensors in [-1, 1]; the same crop, flip and turn for input and target."""
         a, b = self.kept[index] if self.kept is not None else self._read(index)
         if self.augment:
-            gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
-            span = self.load_size - self.crop_size + 1
-            y, x = torch.randint(span, (2,), generator=gen).tolist()
-            flip = bool(torch.rand((), generator=gen) < 0.5)
+            y, x, flip, turns = self._draw(index)
             a = a[:, y : y + self.crop_size, x : x + self.crop_size]
             b = b[:, y : y + self.crop_size, x : x + self.crop_size]
             if flip:
                 a, b = a.flip(-1), b.flip(-1)
-            if self.rot90:  # drawn last, so runs without it see the same crops and flips as before
-                turns = int(torch.randint(4, (), generator=gen))
+            if turns:
                 a, b = a.rot90(turns, (-2, -1)), b.rot90(turns, (-2, -1))
         return to_model_range(a), to_model_range(b)
 

@@ -47,6 +47,9 @@ CHECKPOINT = "checkpoint.pt"
 RECORDED_SETTINGS = ("load_size", "crop_size", "batch_size", "lr", "lr_d", "beta1", "beta2", "lambda_l1",
                      "lambda_l2", "epochs", "epochs_decay", "ndf", "holdout", "seed", "ema_decay",
                      "freeze_batchnorm", "no_dropout", "rot90", "distill_from", "distill_weight", "storage_aware")
+#: The most memory the teacher's kept maps take (Trainer._taught): the maps set's 986 training pairs
+#: at 256 x 256 take 775 MB; a larger set keeps the first pairs' and asks the teacher for the rest.
+TEACHER_MAPS_BYTES = 2 * 2**30
 #: What ``storage_aware`` can train for: the lossy storages of weights files.
 STORAGE_AWARE = ("int8", "int4")
 
@@ -290,6 +293,12 @@ class Trainer:
                                     "provenance": tspec.provenance}
             self.teacher = FlipAveraged(teacher.eval().requires_grad_(False)).to(self.device,
                                                                                  memory_format=self.layout)
+        # The teacher's map of each training pair, unmirrored, kept once made: where a pair reaches
+        # the model whole, mirrored or not (load size = crop size, no turns), the flip-averaged
+        # teacher's map of it is the same in every epoch, mirrored with it (FlipAveraged is
+        # mirror-symmetric), so epochs after the first skip the teacher's two passes, a quarter
+        # of the step. Kept up to TEACHER_MAPS_BYTES.
+        self._taught: dict[int, torch.Tensor] = {}
         if dist_ctx.enabled:
             convert_batchnorm(self.G)
             convert_batchnorm(self.D)
@@ -398,12 +407,14 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
 
     # --- one optimisation step ----------------------------------------------------------
-    def train_step(self, real_a: torch.Tensor, real_b: torch.Tensor) -> dict[str, float]:
+    def train_step(self, real_a: torch.Tensor, real_b: torch.Tensor,
+                   taught: torch.Tensor | None = None) -> dict[str, float]:
         """Update D on (real, fake) pairs, then G on GAN + lambda*L1 (+ lambda_L2 * squared error
         when asked), as the reference does (with ``storage_aware``, G's forward and backward passes
-        with its weights rounded as stored)."""
+        with its weights rounded as stored). ``taught``: the teacher's maps of ``real_a``, if
+        known (else the teacher makes them)."""
         with rounded_as_stored(self.G, self.rounding):
-            losses = self._losses_and_gradients(real_a, real_b)
+            losses = self._losses_and_gradients(real_a, real_b, taught)
         self.opt_G.step()
         if self.G_ema is not None:
             self._update_ema()
@@ -414,7 +425,8 @@ class Trainer:
             )
         return losses
 
-    def _losses_and_gradients(self, real_a: torch.Tensor, real_b: torch.Tensor) -> dict[str, float]:
+    def _losses_and_gradients(self, real_a: torch.Tensor, real_b: torch.Tensor,
+                              taught: torch.Tensor | None = None) -> dict[str, float]:
         """D's update, and G's loss backpropagated (its optimiser step is the caller's)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             fake_b = self.G_ddp(real_a)
@@ -440,8 +452,9 @@ class Trainer:
             loss_l1 = F.l1_loss(fake, real_b.float())
             pixel, loss_teacher = self._pixel_loss(fake, real_b.float(), loss_l1), None
             if self.teacher is not None:
-                with torch.no_grad():
-                    taught = self.teacher(real_a).float()
+                if taught is None:
+                    with torch.no_grad():
+                        taught = self.teacher(real_a).float()
                 loss_teacher = F.l1_loss(fake, taught)
                 share = self.cfg.distill_weight
                 pixel = (1 - share) * pixel + share * self._pixel_loss(fake, taught, loss_teacher)
@@ -474,10 +487,29 @@ class Trainer:
         indices = list(self.sampler)
         bs = self.cfg.batch_size
         for start in range(self.step_in_epoch * bs, len(indices), bs):
-            items = [self.train_set[i] for i in indices[start : start + bs]]
+            batch = indices[start : start + bs]
+            items = [self.train_set[i] for i in batch]
             a = torch.stack([x for x, _ in items]).to(self.device, memory_format=self.layout)
             b = torch.stack([y for _, y in items]).to(self.device, memory_format=self.layout)
-            yield a, b
+            yield a, b, batch
+
+    def _teacher_maps(self, real_a: torch.Tensor, batch: list[int]) -> torch.Tensor | None:
+        """The teacher's maps of the items ``batch`` (``real_a``), kept from an earlier epoch or made
+        now and kept (see ``_taught``); None without a teacher, or where the items change from
+        epoch to epoch by more than a mirroring (the step then asks the teacher)."""
+        if self.teacher is None:
+            return None
+        mirrored = [self.train_set.mirrored(i) for i in batch]
+        if None in mirrored:
+            return None
+        if all(i in self._taught for i in batch):
+            return torch.stack([self._taught[i].flip(-1) if m else self._taught[i] for i, m in zip(batch, mirrored)])
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            taught = self.teacher(real_a).float()
+        if (len(self._taught) + len(batch)) * taught[0].nelement() * taught.element_size() <= TEACHER_MAPS_BYTES:
+            for k, (i, m) in enumerate(zip(batch, mirrored)):
+                self._taught[i] = taught[k].flip(-1) if m else taught[k]
+        return taught
 
     # --- the loop -------------------------------------------------------------------------
     def run(self, progress: Callable[[dict], None] | None = None) -> dict:
@@ -490,11 +522,11 @@ class Trainer:
             sums: dict[str, float] = {}
             count = 0
             started = time.time()
-            for a, b in self._batches():
+            for a, b, batch in self._batches():
                 if steps_left is not None and steps_left <= 0:
                     self.save_checkpoint()
                     return record
-                losses = self.train_step(a, b)
+                losses = self.train_step(a, b, self._teacher_maps(a, batch))
                 self.step_in_epoch += 1
                 self.global_step += 1
                 count += 1

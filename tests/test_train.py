@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from geosat2map import metrics, weights
+from geosat2map.datasets import PairDataset
 from geosat2map.errors import DataError, OutputError, TrainingError
 from geosat2map.model import PatchDiscriminator, UNetGenerator, init_weights
 from geosat2map.train import TrainConfig, Trainer, train
@@ -258,9 +259,9 @@ def test_finished_run_trains_longer_with_an_extended_schedule(tmp_path, monkeypa
 
     original = train_mod.Trainer.train_step
 
-    def spy(self, a, b):
+    def spy(self, a, b, taught=None):
         seen.append(self.opt_G.param_groups[0]["lr"])
-        return original(self, a, b)
+        return original(self, a, b, taught)
 
     monkeypatch.setattr(train_mod.Trainer, "train_step", spy)
     record = train(tiny_config(data, run), resume=True, schedule=(4, None))
@@ -398,6 +399,38 @@ def test_quarter_turns_augment_input_and_target_alike_and_are_recorded(tmp_path)
     assert spec.provenance["settings"]["rot90"] is True
 
 
+def test_the_teachers_maps_are_made_once_and_train_as_if_made_at_every_step(tmp_path, monkeypatch):
+    """Pairs used whole (load size = crop size), mirrored or not: the teacher runs in the first
+    epoch only, and the run ends with the weights of one that asks it at every step."""
+    data = write_aligned(tmp_path / "data")
+    teacher_file = tmp_path / "teacher.safetensors"
+    torch.manual_seed(5)
+    save_generator(UNetGenerator(ngf=4).eval(), ModelSpec(ngf=4, gsd_m=2.0), teacher_file)
+
+    def run(name: str) -> tuple[int, dict, list]:
+        torch.manual_seed(0)
+        trainer = Trainer(tiny_config(data, tmp_path / name, distill_from=str(teacher_file), epochs=2,
+                                      epochs_decay=0, load_size=256, crop_size=256))
+        calls = []
+        trainer.teacher.register_forward_hook(lambda *_: calls.append(1))
+        trainer.run()
+        mirrored = []
+        for epoch in (0, 1):
+            trainer.train_set.set_epoch(epoch)
+            mirrored.append([trainer.train_set.mirrored(i) for i in range(len(trainer.train_set))])
+        return len(calls), {k: v.clone() for k, v in trainer.saved_generator.state_dict().items()}, mirrored
+
+    kept_calls, kept, mirrored = run("kept")
+    # A pair mirrored in one epoch and not in the other: its kept map was mirrored for it.
+    assert any(first != second for first, second in zip(*mirrored)) and None not in mirrored[0] + mirrored[1]
+    monkeypatch.setattr(PairDataset, "mirrored", lambda self, index: None)  # as a cropped set: no keeping
+    asked_calls, asked, _ = run("asked")
+    train_pairs = 4  # 6 pairs, every 3rd held out
+    assert (kept_calls, asked_calls) == (train_pairs, 2 * train_pairs)
+    for k in kept:
+        assert torch.allclose(kept[k].float(), asked[k].float(), atol=1e-6), k
+
+
 def test_distillation_pulls_towards_the_teachers_flip_average_and_records_the_teacher(tmp_path):
     import torch.nn.functional as F
 
@@ -413,7 +446,7 @@ def test_distillation_pulls_towards_the_teachers_flip_average_and_records_the_te
                       epochs_decay=0, load_size=256)
     trainer = Trainer(cfg)
     trainer._train_mode()
-    a, b = next(trainer._batches())
+    a, b, _ = next(trainer._batches())
     torch.manual_seed(11)  # the generator's dropout draws the same masks in both passes
     fake = trainer.G(a).detach()
     torch.manual_seed(11)
@@ -459,7 +492,7 @@ def test_the_squared_error_term_adds_its_gradient_towards_the_real_and_the_teach
                           lambda_l2=lambda_l2, no_dropout=True, load_size=256)
         trainer = Trainer(cfg)
         trainer._train_mode()
-        a, b = next(trainer._batches())
+        a, b, _ = next(trainer._batches())
         trainer._losses_and_gradients(a, b)
         grads.append([q.grad.clone() for q in trainer.G.parameters()])
         runs.append(trainer)
