@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from affine import Affine
 from pyproj import CRS as ProjCRS
+from pyproj import Transformer
 from rasterio.windows import Window
 
 from .errors import InputError
@@ -69,30 +70,48 @@ def classes_of(rgb: np.ndarray) -> np.ndarray:
     return out
 
 
-def row_areas(crs, transform: Affine, height: int) -> np.ndarray | None:
-    """The ground area, m², of one pixel in each row (the same along a row), or None.
+class PixelAreas:
+    """The ground area, m², of a grid's pixels on its CRS's ellipsoid, a band of rows at a time.
 
-    In a projected CRS every pixel has the same area in the CRS's plane (its unit converted to
-    metres). In degrees a pixel shrinks towards the poles: each row's is the ellipsoid's area of
-    its first pixel, exact for a north-up grid (the only kind whose rows are alike), measured with
-    pyproj's geodesics. A rotated grid in degrees, or no CRS, gives none."""
-    if crs is None or transform.is_identity:
-        return None
-    if crs.is_projected:
-        metres = crs.linear_units_factor[1]
-        return np.full(height, abs(transform.determinant) * metres * metres)
-    if not crs.is_geographic or transform.b or transform.d:
-        return None
-    geod = ProjCRS.from_wkt(crs.to_wkt()).get_geod()
-    if geod is None:
-        return None
-    left, right = transform.c, transform.c + transform.a
-    areas = np.empty(height)
-    for row in range(height):
-        top, bottom = transform.f + row * transform.e, transform.f + (row + 1) * transform.e
-        area, _ = geod.polygon_area_perimeter([left, right, right, left], [top, top, bottom, bottom])
-        areas[row] = abs(area)
-    return areas
+    A projected CRS's plane is not the ground: Web Mercator (EPSG:3857, OpenAerialMap's and most
+    web tiles' CRS) draws a pixel at 60 degrees north on four times its ground area, UTM 0.1 %
+    off, and a degree of longitude shrinks towards the poles. So each pixel's area is measured on
+    the ellipsoid: its sides carried to longitude and latitude (PROJ), their cross product times
+    the ellipsoid's area element there (M N cos(latitude)); taken at the centre of every
+    256-pixel stretch of each row, where it barely changes. No CRS: no areas (:attr:`known`).
+    """
+
+    def __init__(self, crs, transform: Affine, width: int) -> None:
+        self.transform, self.width = transform, width
+        self.known = crs is not None and not transform.is_identity
+        if not self.known:
+            return
+        grid_crs = ProjCRS.from_wkt(crs.to_wkt())
+        geodetic = grid_crs.geodetic_crs
+        self.to_lonlat = Transformer.from_crs(grid_crs, geodetic, always_xy=True)
+        self.a = geodetic.ellipsoid.semi_major_metre
+        self.e2 = 1.0 - (geodetic.ellipsoid.semi_minor_metre / self.a) ** 2
+
+    def of_rows(self, top: int, rows: int) -> np.ndarray:
+        """The areas of the pixels of rows ``top .. top + rows``, shaped (rows, width)."""
+        cols = np.arange(BLOCK // 2, self.width + BLOCK // 2, BLOCK).clip(max=self.width - 0.5)
+        col, row = np.meshgrid(cols, top + np.arange(rows) + 0.5)
+
+        def lonlat(c: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return self.to_lonlat.transform(*(self.transform @ (c, r)))
+
+        def apart(first: tuple, second: tuple) -> tuple[np.ndarray, np.ndarray]:
+            """(longitude, latitude) from ``second`` to ``first``, radians (across the antimeridian too)."""
+            dlon = (first[0] - second[0] + 180.0) % 360.0 - 180.0
+            return np.radians(dlon), np.radians(first[1] - second[1])
+
+        along_row = apart(lonlat(col + 0.5, row), lonlat(col - 0.5, row))
+        along_col = apart(lonlat(col, row + 0.5), lonlat(col, row - 0.5))
+        lat = np.radians(lonlat(col, row)[1])
+        w = 1.0 - self.e2 * np.sin(lat) ** 2
+        element = self.a**2 * (1.0 - self.e2) / w**2 * np.cos(lat)  # M * N * cos(latitude)
+        area = element * np.abs(along_row[0] * along_col[1] - along_row[1] * along_col[0])
+        return np.repeat(area, BLOCK, axis=1)[:, : self.width]
 
 
 def classify_map(map_path: str | Path, dst: str | Path, overwrite: bool = False, compress: str = "zstd",
@@ -103,12 +122,12 @@ def classify_map(map_path: str | Path, dst: str | Path, overwrite: bool = False,
     pixels."""
     dst = Path(dst)
     counts = np.zeros(len(CLASS_VALUES) + 1, np.int64)
-    areas = np.zeros(len(CLASS_VALUES) + 1)
+    area = np.zeros(len(CLASS_VALUES) + 1)
     with open_raster(map_path) as src:
         check_destination(dst, Path(map_path), overwrite, GEOTIFF)
         if src.count < 3 or src.dtypes[0] != "uint8":
             raise InputError(f"{map_path} is not an RGB map of 8-bit colours ({src.count} band(s) of {src.dtypes[0]})")
-        per_row = row_areas(src.crs, src.transform, src.height)
+        areas = PixelAreas(src.crs, src.transform, src.width)
         # The map's scene and model come along, so `info` on the classes says where they came from.
         lineage = {k: v for k, v in src.tags().items() if k in ("GEOSAT2MAP_SOURCE", "GEOSAT2MAP_MODEL_SHA256")}
         tags = {**lineage, **class_tags(), "GEOSAT2MAP_CLASSIFIED_MAP": Path(str(map_path)).name}
@@ -119,14 +138,14 @@ def classify_map(map_path: str | Path, dst: str | Path, overwrite: bool = False,
                 values = classes_of(src.read([1, 2, 3], window=window))
                 valid = src.dataset_mask(window=window) > 0
                 counts += np.bincount(values[valid], minlength=len(counts))
-                if per_row is not None:
-                    row_area = np.broadcast_to(per_row[top : top + window.height, None], values.shape)
-                    areas += np.bincount(values[valid], weights=row_area[valid], minlength=len(areas))
+                if areas.known:
+                    pixel_area = areas.of_rows(top, window.height)
+                    area += np.bincount(values[valid], weights=pixel_area[valid], minlength=len(area))
                 values[~valid] = NODATA
                 writer.write_rows(top, values[None], None)
             writer.commit()
     names = ["unclassified", *CLASS_VALUES]
     order = [UNCLASSIFIED, *CLASS_VALUES.values()]
-    return {name: ClassArea(int(counts[v]), None if per_row is None else float(areas[v]))
+    return {name: ClassArea(int(counts[v]), float(area[v]) if areas.known else None)
             for name, v in zip(names, order)}
 

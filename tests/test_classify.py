@@ -65,7 +65,8 @@ def test_classes_mask_palette_and_areas_in_metres(tmp_path):
     for name, c in by_class.items():
         value = UNCLASSIFIED if name == "unclassified" else CLASS_VALUES[name]
         assert c.pixels == int((expected[:, 40:] == value).sum())
-        assert c.area_m2 == pytest.approx(4.0 * c.pixels)  # 2 m pixels
+        # 2 m pixels on UTM's central meridian, where the plane shrinks the ground by 0.9996
+        assert c.area_m2 == pytest.approx(4.0 * c.pixels / 0.9996**2, rel=1e-6)
     assert by_class["water"].pixels == 2 * 120 * 260  # the near-water colour is water too
 
 
@@ -85,6 +86,25 @@ def test_areas_in_degrees_sum_to_the_footprint_on_the_ellipsoid(tmp_path):
         np.cos(np.radians(59.991)) / np.cos(np.radians(59.985)), rel=2e-5)
 
 
+def test_areas_in_web_mercator_are_on_the_ground_not_the_plane(tmp_path):
+    """EPSG:3857 at 60 degrees north draws the ground four times too large; the areas are the
+    ground's, as the footprint's on the ellipsoid."""
+    from pyproj import Transformer
+
+    x0, y0 = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True).transform(10.0, 60.0)
+    rgb, _ = striped_map(300, 200)
+    transform = Affine(10, 0, x0, 0, -10, y0)
+    by_class = classify_map(write_map(tmp_path / "map.tif", rgb, "EPSG:3857", transform), tmp_path / "c.tif")
+    lon1, lat1 = Transformer.from_crs("EPSG:3857", "EPSG:4326", always_xy=True).transform(x0 + 2000, y0 - 3000)
+    along = np.linspace(10.0, lon1, 200)  # the edges along parallels, densified
+    lon = [*along, *along[::-1]]
+    lat = [60.0] * 200 + [lat1] * 200
+    footprint, _ = Geod(ellps="WGS84").polygon_area_perimeter(lon, lat)
+    total = sum(c.area_m2 for c in by_class.values())
+    assert total == pytest.approx(abs(footprint), rel=1e-5)
+    assert 300 * 200 * 100 / total == pytest.approx(4.0, rel=0.01)  # the plane's area
+
+
 def test_cli_prints_areas_and_refuses_a_map_that_is_not_rgb(tmp_path):
     rgb, _ = striped_map(60, 64)
     src = write_map(tmp_path / "map.tif", rgb, "EPSG:32633", Affine(100, 0, 500000, 0, -100, 4600000))
@@ -94,7 +114,7 @@ def test_cli_prints_areas_and_refuses_a_map_that_is_not_rgb(tmp_path):
     assert lines[0] == f"wrote {tmp_path / 'c.tif'}: 3,840 valid pixels"
     assert any(line.split()[:2] == ["water", "40.0"] and line.endswith("km²") for line in lines), lines
     result = CliRunner().invoke(cli, ["classify", str(src), str(tmp_path / "j.tif"), "--json"])
-    assert json.loads(result.stdout)["park"]["area_m2"] == pytest.approx(12 * 64 * 1e4)
+    assert json.loads(result.stdout)["park"]["area_m2"] == pytest.approx(12 * 64 * 1e4 / 0.9996**2, rel=1e-5)
     result = CliRunner().invoke(cli, ["info", str(tmp_path / "c.tif")])
     assert result.exit_code == 0 and "the classes of 64 x 60 pixels (EPSG:32633) of the map map.tif" in result.stdout
     assert "5=water" in result.stdout
