@@ -25,7 +25,7 @@ from rasterio.windows import Window
 from .errors import InputError
 from .metrics import MAP_CLASSES, colour_classes
 from .reader import open_raster
-from .writer import BLOCK, GEOTIFF, GeoTIFFWriter, check_destination
+from .writer import BLOCK, GEOTIFF_SUFFIXES, GeoTIFFWriter, check_destination
 
 #: The value of pixels in no class; the classes follow from 1 in :data:`MAP_CLASSES`' order.
 UNCLASSIFIED = 0
@@ -124,7 +124,7 @@ def classify_map(map_path: str | Path, dst: str | Path, overwrite: bool = False,
     counts = np.zeros(len(CLASS_VALUES) + 1, np.int64)
     area = np.zeros(len(CLASS_VALUES) + 1)
     with open_raster(map_path) as src:
-        check_destination(dst, Path(map_path), overwrite, GEOTIFF)
+        check_destination(dst, Path(map_path), overwrite, ("the classes are a GeoTIFF", GEOTIFF_SUFFIXES))
         if src.count < 3 or src.dtypes[0] != "uint8":
             raise InputError(f"{map_path} is not an RGB map of 8-bit colours ({src.count} band(s) of {src.dtypes[0]})")
         areas = PixelAreas(src.crs, src.transform, src.width)

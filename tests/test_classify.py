@@ -126,3 +126,5 @@ def test_cli_prints_areas_and_refuses_a_map_that_is_not_rgb(tmp_path):
     result = CliRunner().invoke(cli, ["classify", str(grey), str(tmp_path / "g.tif")])
     assert result.exit_code == 1 and "is not an RGB map" in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "g.tif").exists()
+    result = CliRunner().invoke(cli, ["classify", str(src), str(tmp_path / "c.png")])
+    assert result.exit_code == 1 and "the classes are a GeoTIFF: name it .tif or .tiff" in result.stderr
