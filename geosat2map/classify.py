@@ -41,7 +41,7 @@ CHUNK_COLUMNS = 2048
 @dataclass
 class ClassArea:
     """One class's share of a map's valid pixels: their count, and their area in square metres
-    (None where the map's grid gives none: no CRS, or a rotated grid in degrees)."""
+    (None for a map with no CRS)."""
 
     pixels: int
     area_m2: float | None
@@ -117,8 +117,8 @@ class PixelAreas:
 def classify_map(map_path: str | Path, dst: str | Path, overwrite: bool = False, compress: str = "zstd",
                  cog: bool = False) -> dict[str, ClassArea]:
     """Write ``dst``: the class of each pixel of the RGB map at ``map_path`` (see the module),
-    tiled, compressed (``compress``, lossless), masked where the map is, with overviews (or a
-    COG); returns each class's pixels and area, ``unclassified`` first, over the map's valid
+    tiled, compressed (``compress``, lossless), :data:`NODATA` where the map has none, with
+    overviews (or a COG); returns each class's pixels and area, ``unclassified`` first, over the map's valid
     pixels."""
     dst = Path(dst)
     counts = np.zeros(len(CLASS_VALUES) + 1, np.int64)
@@ -127,7 +127,7 @@ def classify_map(map_path: str | Path, dst: str | Path, overwrite: bool = False,
         check_destination(dst, Path(map_path), overwrite, ("the classes are a GeoTIFF", GEOTIFF_SUFFIXES))
         if src.count < 3 or src.dtypes[0] != "uint8":
             raise InputError(f"{map_path} is not an RGB map of 8-bit colours ({src.count} band(s) of {src.dtypes[0]})")
-        areas = PixelAreas(src.crs, src.transform, src.width)
+        ground = PixelAreas(src.crs, src.transform, src.width)
         # The map's scene and model come along, so `info` on the classes says where they came from.
         lineage = {k: v for k, v in src.tags().items() if k in ("GEOSAT2MAP_SOURCE", "GEOSAT2MAP_MODEL_SHA256")}
         tags = {**lineage, **class_tags(), "GEOSAT2MAP_CLASSIFIED_MAP": Path(str(map_path)).name}
@@ -138,14 +138,12 @@ def classify_map(map_path: str | Path, dst: str | Path, overwrite: bool = False,
                 values = classes_of(src.read([1, 2, 3], window=window))
                 valid = src.dataset_mask(window=window) > 0
                 counts += np.bincount(values[valid], minlength=len(counts))
-                if areas.known:
-                    pixel_area = areas.of_rows(top, window.height)
+                if ground.known:
+                    pixel_area = ground.of_rows(top, window.height)
                     area += np.bincount(values[valid], weights=pixel_area[valid], minlength=len(area))
                 values[~valid] = NODATA
                 writer.write_rows(top, values[None], None)
             writer.commit()
-    names = ["unclassified", *CLASS_VALUES]
-    order = [UNCLASSIFIED, *CLASS_VALUES.values()]
-    return {name: ClassArea(int(counts[v]), float(area[v]) if areas.known else None)
-            for name, v in zip(names, order)}
+    return {name: ClassArea(int(counts[v]), float(area[v]) if ground.known else None)
+            for name, v in {"unclassified": UNCLASSIFIED, **CLASS_VALUES}.items()}
 
