@@ -128,3 +128,15 @@ def test_cli_prints_areas_and_refuses_a_map_that_is_not_rgb(tmp_path):
     assert not (tmp_path / "g.tif").exists()
     result = CliRunner().invoke(cli, ["classify", str(src), str(tmp_path / "c.png")])
     assert result.exit_code == 1 and "the classes are a GeoTIFF: name it .tif or .tiff" in result.stderr
+
+
+def test_a_picture_without_a_crs_gets_classes_and_no_areas(tmp_path):
+    rgb, expected = striped_map(60, 64)
+    picture = tmp_path / "picture.tif"
+    with rasterio.open(picture, "w", driver="GTiff", width=64, height=60, count=3, dtype="uint8") as dst:
+        dst.write(rgb)
+    by_class = classify_map(picture, tmp_path / "c.tif")
+    assert by_class["water"].pixels == int((expected == CLASS_VALUES["water"]).sum())
+    assert all(c.area_m2 is None for c in by_class.values())
+    result = CliRunner().invoke(cli, ["classify", str(picture), str(tmp_path / "d.tif")])
+    assert result.exit_code == 0 and "ha" not in result.stdout and "km²" not in result.stdout
