@@ -24,6 +24,7 @@ import fcntl
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +35,7 @@ import rasterio.shutil
 from affine import Affine
 from rasterio._err import CPLE_BaseError  # no public alias
 from rasterio.enums import ColorInterp, Resampling
-from rasterio.errors import RasterioError, RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
 from .errors import OutputError, gdal_reason
@@ -147,6 +148,15 @@ def overview_factors(width: int, height: int, smallest: int = BLOCK) -> list[int
 GDAL_WRITE_ERRORS = (RasterioError, CPLE_BaseError, OSError)
 
 
+def _open(path: Path, mode: str = "r", **options) -> rasterio.io.DatasetWriter:
+    """``rasterio.open``, quiet about a file without georeferencing: such an output was asked for
+    (translate --allow-ungeoreferenced, classify on a picture), and rasterio's warning at each
+    open reached the user's terminal as two lines of its source."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path, mode, **options)
+
+
 def blocks_written(path: Path, rows: int | None = None) -> bool:
     """Whether every block of ``path``'s pixels (those that hold its first ``rows`` rows; None:
     all) lies whole inside the file.
@@ -155,7 +165,7 @@ def blocks_written(path: Path, rows: int | None = None) -> bool:
     rasterio raises none of their failures: on a full disk a small map was left truncated and
     reported written. The block index says so at once (2-3 us a block, 10 ms at 16384 x 16384)."""
     size = path.stat().st_size
-    with rasterio.open(path) as ds:
+    with _open(path) as ds:
         block_h, block_w = ds.block_shapes[0]
         for j in range(math.ceil((ds.height if rows is None else rows) / block_h)):
             for i in range(math.ceil(ds.width / block_w)):
@@ -275,7 +285,7 @@ class GeoTIFFWriter:
                 self.prev.unlink(missing_ok=True)
             elif not self.prev.exists():
                 os.replace(self.tmp, self.prev)
-            self._ds = rasterio.open(self.tmp, "w", **self.profile)
+            self._ds = _open(self.tmp, "w", **self.profile)
             if self.colormap is None:
                 self._ds.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
             else:
@@ -314,7 +324,7 @@ class GeoTIFFWriter:
 
     def _copy_previous(self) -> None:
         """Copy the kept rows of the interrupted run's file, block row by block row."""
-        with rasterio.open(self.prev) as prev:
+        with _open(self.prev) as prev:
             if (prev.width, prev.height, prev.count) != (self.width, self.height, self.bands):
                 raise OutputError(f"the partial file {self.prev} does not fit this run")
             for top in range(0, self.resume_rows, BLOCK):
@@ -412,7 +422,7 @@ class GeoTIFFWriter:
             finally:
                 os.close(fd)
             self._check_whole(self.rows_written)  # before the record says they are kept
-            self._ds = rasterio.open(self.tmp, "r+", **self._open_options)
+            self._ds = _open(self.tmp, "r+", **self._open_options)
             self.checkpoint(self.rows_written)
         except (RasterioIOError, OSError) as exc:  # a full disk, for the file or the record
             raise OutputError(f"writing {self.dst} failed: {gdal_reason(exc)}") from None
@@ -466,7 +476,7 @@ class GeoTIFFWriter:
                 if factors:
                     # On the file reopened: built on the handle that wrote it, GDAL computed them on
                     # one thread (0.72-0.84 s at 8192 x 8192 against 0.54-0.68 s reopened).
-                    with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"), rasterio.open(self.tmp, "r+") as ds:
+                    with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"), _open(self.tmp, "r+") as ds:
                         ds.build_overviews(factors, self.overview_resampling)  # nothing else runs now
                         ds.update_tags(ns="rio_overview", resampling=self.overview_resampling.name)
                 if self.copied_at_commit:  # JPEG or WebP: the pixels, mask and overviews encoded once

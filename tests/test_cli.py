@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 import rasterio
 import torch
 from click.testing import CliRunner
+from rasterio.errors import NotGeoreferencedWarning
 
 from geosat2map import preview
 from geosat2map.errors import InputError
@@ -71,8 +73,10 @@ def test_no_georeferencing_unless_allowed(tiny_weights, tmp_path):
         dst.write(np.zeros((3, 200, 300), np.uint8))
     out = tmp_path / "map.tif"
     assert_clean_failure(run("translate", png, out, "--weights", tiny_weights), out, "no georeferencing")
-    ok = run("translate", png, out, "--weights", tiny_weights, "--allow-ungeoreferenced", "--quiet")
-    assert ok.exit_code == 0 and out.exists()
+    with warnings.catch_warnings():  # the map written without georeferencing, as asked: no warning
+        warnings.simplefilter("error", NotGeoreferencedWarning)
+        ok = run("translate", png, out, "--weights", tiny_weights, "--allow-ungeoreferenced", "--quiet")
+    assert ok.exit_code == 0 and out.exists(), ok.output
     # tiles has no such way round: it pairs the scene with the map on the ground.
     tiles = tmp_path / "tiles"
     refused = run("tiles", png, tiles, "--map", out)
