@@ -127,6 +127,33 @@ def test_qgis_draws_a_class_raster_in_the_class_colours_with_its_nodata_transpar
 
 
 @pytest.mark.skipif(not QGIS_PROCESS.exists(), reason="qgis_process.bin not installed (make test-qgis)")
+def test_qgis_counts_a_class_raster_as_classify_does_its_nodata_left_out(tmp_path):
+    """QGIS's analysis tools read classify's nodata value (a mask band they would count as data)."""
+    from geosat2map.classify import CLASS_VALUES, classify_map
+    from geosat2map.metrics import MAP_CLASSES
+
+    rgb = np.zeros((3, 200, 300), np.uint8)
+    for k, name in enumerate(("water", "park", "road")):
+        rgb[:, :, k * 100 : (k + 1) * 100] = np.array(MAP_CLASSES[name], np.uint8)[:, None, None]
+    src = write_scene(tmp_path / "map.tif", width=300, height=200, data=rgb)
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(src, "r+") as ds:
+        valid = np.full((200, 300), 255, np.uint8)
+        valid[:50] = 0
+        ds.write_mask(valid)
+    by_class = classify_map(src, tmp_path / "classes.tif")
+    table = tmp_path / "values.csv"
+    proc = subprocess.run([str(QGIS_PROCESS), "--json", "run", "native:rasterlayeruniquevaluesreport", "--",
+                           f"INPUT={tmp_path / 'classes.tif'}", "BAND=1", f"OUTPUT_TABLE={table}"],
+                          capture_output=True, text=True, env=_system_environment(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["results"]["NODATA_PIXEL_COUNT"] == 50 * 300
+    rows = [line.split(",") for line in table.read_text().splitlines()[1:]]
+    counted = {int(float(value)): int(count.strip('"')) for value, count, _ in rows}
+    assert counted == {CLASS_VALUES[n]: by_class[n].pixels for n in ("water", "park", "road")}
+    assert by_class["water"].pixels == 150 * 100
+
+
+@pytest.mark.skipif(not QGIS_PROCESS.exists(), reason="qgis_process.bin not installed (make test-qgis)")
 def test_qgis_process_raster_statistics(output):
     _, out = output
     proc = subprocess.run([str(QGIS_PROCESS), "--json", "run", "native:rasterlayerstatistics", "--",
