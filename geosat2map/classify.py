@@ -34,7 +34,8 @@ CLASS_VALUES = {name: k + 1 for k, name in enumerate(MAP_CLASSES)}
 UNCLASSIFIED_COLOUR = (128, 128, 128)
 #: Where the map has no data: see-through in the colour table, and the band's nodata value.
 NODATA = 255
-#: Columns classified at once: the distances to every class colour of 256 x 2048 pixels take 12 MB.
+#: Columns classified (and measured) at once: the distances to every class colour of 256 x 2048
+#: pixels take 12 MB, their areas 4 MB (a whole row band of a 100 000-pixel-wide map: 200 MB).
 CHUNK_COLUMNS = 2048
 
 
@@ -92,9 +93,11 @@ class PixelAreas:
         self.a = geodetic.ellipsoid.semi_major_metre
         self.e2 = 1.0 - (geodetic.ellipsoid.semi_minor_metre / self.a) ** 2
 
-    def of_rows(self, top: int, rows: int) -> np.ndarray:
-        """The areas of the pixels of rows ``top .. top + rows``, shaped (rows, width)."""
-        cols = np.arange(BLOCK // 2, self.width + BLOCK // 2, BLOCK).clip(max=self.width - 0.5)
+    def of(self, top: int, rows: int, left: int, columns: int) -> np.ndarray:
+        """The areas of the pixels of rows ``top .. top + rows`` and columns ``left .. left +
+        columns`` (``left`` a multiple of 256), shaped (rows, columns)."""
+        right = min(left + columns, self.width)
+        cols = np.arange(left + BLOCK // 2, right + BLOCK // 2, BLOCK).clip(max=right - 0.5)
         col, row = np.meshgrid(cols, top + np.arange(rows) + 0.5)
 
         def lonlat(c: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +114,7 @@ class PixelAreas:
         w = 1.0 - self.e2 * np.sin(lat) ** 2
         element = self.a**2 * (1.0 - self.e2) / w**2 * np.cos(lat)  # M * N * cos(latitude)
         area = element * np.abs(along_row[0] * along_col[1] - along_row[1] * along_col[0])
-        return np.repeat(area, BLOCK, axis=1)[:, : self.width]
+        return np.repeat(area, BLOCK, axis=1)[:, : right - left]
 
 
 def classify_map(map_path: str | Path, dst: str | Path, overwrite: bool = False, compress: str = "zstd",
@@ -138,9 +141,10 @@ def classify_map(map_path: str | Path, dst: str | Path, overwrite: bool = False,
                 values = classes_of(src.read([1, 2, 3], window=window))
                 valid = src.dataset_mask(window=window) > 0
                 counts += np.bincount(values[valid], minlength=len(counts))
-                if ground.known:
-                    pixel_area = ground.of_rows(top, window.height)
-                    area += np.bincount(values[valid], weights=pixel_area[valid], minlength=len(area))
+                for left in range(0, src.width, CHUNK_COLUMNS) if ground.known else ():
+                    part = (slice(None), slice(left, left + CHUNK_COLUMNS))  # the areas of 2048 columns at once
+                    pixel_area = ground.of(top, window.height, left, CHUNK_COLUMNS)
+                    area += np.bincount(values[part][valid[part]], weights=pixel_area[valid[part]], minlength=len(area))
                 values[~valid] = NODATA
                 writer.write_rows(top, values[None], None)
             writer.commit()

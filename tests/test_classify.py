@@ -92,17 +92,17 @@ def test_areas_in_web_mercator_are_on_the_ground_not_the_plane(tmp_path):
     from pyproj import Transformer
 
     x0, y0 = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True).transform(10.0, 60.0)
-    rgb, _ = striped_map(300, 200)
+    rgb, _ = striped_map(300, 2600)  # wider than the 2048 columns measured at once
     transform = Affine(10, 0, x0, 0, -10, y0)
     by_class = classify_map(write_map(tmp_path / "map.tif", rgb, "EPSG:3857", transform), tmp_path / "c.tif")
-    lon1, lat1 = Transformer.from_crs("EPSG:3857", "EPSG:4326", always_xy=True).transform(x0 + 2000, y0 - 3000)
+    lon1, lat1 = Transformer.from_crs("EPSG:3857", "EPSG:4326", always_xy=True).transform(x0 + 26000, y0 - 3000)
     along = np.linspace(10.0, lon1, 200)  # the edges along parallels, densified
     lon = [*along, *along[::-1]]
     lat = [60.0] * 200 + [lat1] * 200
     footprint, _ = Geod(ellps="WGS84").polygon_area_perimeter(lon, lat)
     total = sum(c.area_m2 for c in by_class.values())
     assert total == pytest.approx(abs(footprint), rel=1e-5)
-    assert 300 * 200 * 100 / total == pytest.approx(4.0, rel=0.01)  # the plane's area
+    assert 300 * 2600 * 100 / total == pytest.approx(4.0, rel=0.01)  # the plane's area
 
 
 def test_cli_prints_areas_and_refuses_a_map_that_is_not_rgb(tmp_path):
