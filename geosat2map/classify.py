@@ -34,7 +34,7 @@ CLASS_VALUES = {name: k + 1 for k, name in enumerate(MAP_CLASSES)}
 UNCLASSIFIED_COLOUR = (128, 128, 128)
 #: Where the map has no data: see-through in the colour table, and the band's nodata value.
 NODATA = 255
-#: Columns classified (and measured) at once: the distances to every class colour of 256 x 2048
+#: Columns read, classified and measured at once: the distances to every class colour of 256 x 2048
 #: pixels take 12 MB, their areas 4 MB (a whole row band of a 100 000-pixel-wide map: 200 MB).
 CHUNK_COLUMNS = 2048
 
@@ -64,11 +64,7 @@ def classes_of(rgb: np.ndarray) -> np.ndarray:
     """The class value (:data:`CLASS_VALUES`, 0 for none) of each pixel of ``rgb`` (3, h, w) uint8."""
     # colour_classes gives each pixel an index into MAP_CLASSES, len(MAP_CLASSES) for none.
     values = np.array([*CLASS_VALUES.values(), UNCLASSIFIED], np.uint8)
-    out = np.empty(rgb.shape[1:], np.uint8)
-    for left in range(0, rgb.shape[2], CHUNK_COLUMNS):
-        part = slice(left, left + CHUNK_COLUMNS)
-        out[:, part] = values[colour_classes(torch.from_numpy(np.ascontiguousarray(rgb[:, :, part]))).numpy()]
-    return out
+    return values[colour_classes(torch.from_numpy(np.ascontiguousarray(rgb))).numpy()]
 
 
 class PixelAreas:
@@ -121,8 +117,8 @@ def classify_map(map_path: str | Path, dst: str | Path, overwrite: bool = False,
                  cog: bool = False) -> dict[str, ClassArea]:
     """Write ``dst``: the class of each pixel of the RGB map at ``map_path`` (see the module),
     tiled, compressed (``compress``, lossless), :data:`NODATA` where the map has none, with
-    overviews (or a COG); returns each class's pixels and area, ``unclassified`` first, over the map's valid
-    pixels."""
+    overviews (or a COG); returns each class's pixels and area, ``unclassified`` first, over the
+    map's valid pixels."""
     dst = Path(dst)
     counts = np.zeros(len(CLASS_VALUES) + 1, np.int64)
     area = np.zeros(len(CLASS_VALUES) + 1)
@@ -137,15 +133,18 @@ def classify_map(map_path: str | Path, dst: str | Path, overwrite: bool = False,
         with GeoTIFFWriter(dst, src.width, src.height, src.crs, src.transform, cog=cog, compress=compress,
                            tags=tags, colormap=colormap(), nodata=NODATA) as writer:
             for top in range(0, src.height, BLOCK):
-                window = Window(0, top, src.width, min(BLOCK, src.height - top))
-                values = classes_of(src.read([1, 2, 3], window=window))
-                valid = src.dataset_mask(window=window) > 0
-                counts += np.bincount(values[valid], minlength=len(counts))
-                for left in range(0, src.width, CHUNK_COLUMNS) if ground.known else ():
-                    part = (slice(None), slice(left, left + CHUNK_COLUMNS))  # the areas of 2048 columns at once
-                    pixel_area = ground.of(top, window.height, left, CHUNK_COLUMNS)
-                    area += np.bincount(values[part][valid[part]], weights=pixel_area[valid[part]], minlength=len(area))
-                values[~valid] = NODATA
+                rows = min(BLOCK, src.height - top)
+                values = np.empty((rows, src.width), np.uint8)
+                for left in range(0, src.width, CHUNK_COLUMNS):
+                    window = Window(left, top, min(CHUNK_COLUMNS, src.width - left), rows)
+                    part = classes_of(src.read([1, 2, 3], window=window))
+                    valid = src.dataset_mask(window=window) > 0
+                    counts += np.bincount(part[valid], minlength=len(counts))
+                    if ground.known:
+                        pixel_area = ground.of(top, rows, left, window.width)
+                        area += np.bincount(part[valid], weights=pixel_area[valid], minlength=len(area))
+                    part[~valid] = NODATA
+                    values[:, left : left + window.width] = part
                 writer.write_rows(top, values[None], None)
             writer.commit()
     return {name: ClassArea(int(counts[v]), float(area[v]) if ground.known else None)

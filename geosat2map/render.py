@@ -225,11 +225,11 @@ class MapRenderer:
             ground = self.frame.from_crs(layer.geometries, layer.crs)
             for geom, props in zip(ground, layer.properties):
                 kind = _KINDS.get(geom.geom_type)
-                rule_i = next((i for i, r in enumerate(self.style.rules) if r.matches(layer.name, kind, props)), None)
-                if rule_i is None or self.style.rules[rule_i].fill == NOT_DRAWN:
+                rule_i, rule = next(((i, r) for i, r in enumerate(self.style.rules)
+                                     if r.matches(layer.name, kind, props)), (None, None))
+                if rule is None or rule.fill == NOT_DRAWN:
                     continue
                 self.feature_count += 1
-                rule = self.style.rules[rule_i]
                 if kind == "polygon":
                     buckets.setdefault((rule_i, False), []).append(geom)
                     if rule.outline:

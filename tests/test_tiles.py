@@ -73,29 +73,34 @@ def test_osm_and_geofabrik_attributes_are_drawn_as_the_maps_draw_them(tmp_path):
     colour = {name: [int(hex_[i : i + 2], 16) for i in (1, 3, 5)] for name, hex_ in (
         ("land", style.background), ("water", "#b2d2fc"), ("green", "#cadcac"), ("building", "#f1efe9"),
         ("road", "#fefefe"), ("motorway", "#fc9e26"), ("ramp", "#fdd98c"), ("rail", "#bdb9b3"))}
-    cells = [  # each feature in a 40 x 40 cell of its own; the colour at the cell's centre
-        (square(0, 0, 40, 40, fclass="water"), "water"),
-        (square(40, 0, 80, 40, fclass="residential"), "land"),
-        (square(80, 0, 120, 40, landuse="industrial"), "land"),
-        (square(120, 0, 160, 40, boundary="administrative"), "land"),
-        (square(160, 0, 200, 40, fclass="park"), "green"),
-        (square(0, 40, 40, 80, building="yes", amenity="school"), "building"),
-        (square(40, 40, 80, 80, fclass="building"), "building"),
-        (square(80, 40, 120, 80), "building"),
-        (line(120, 60, 160, 60, fclass="primary"), "road"),
-        (line(160, 60, 200, 60, fclass="motorway"), "motorway"),
-        (line(0, 100, 40, 100, railway="rail"), "rail"),
-        (line(40, 100, 80, 100, fclass="river"), "water"),
-        (line(80, 100, 120, 100, highway="primary", tunnel="yes"), "land"),
-        (line(120, 100, 160, 100, power="line"), "land"),
-        (line(160, 100, 200, 100, fclass="subway"), "land"),
-        (line(0, 140, 40, 140, highway="motorway_link"), "ramp"),
+    cases = [  # (polygon or line, its attributes, the colour drawn)
+        (square, {"fclass": "water"}, "water"),
+        (square, {"fclass": "residential"}, "land"),
+        (square, {"landuse": "industrial"}, "land"),
+        (square, {"boundary": "administrative"}, "land"),
+        (square, {"fclass": "park"}, "green"),
+        (square, {"building": "yes", "amenity": "school"}, "building"),
+        (square, {"fclass": "building"}, "building"),
+        (square, {}, "building"),
+        (line, {"fclass": "primary"}, "road"),
+        (line, {"fclass": "motorway"}, "motorway"),
+        (line, {"railway": "rail"}, "rail"),
+        (line, {"fclass": "river"}, "water"),
+        (line, {"highway": "primary", "tunnel": "yes"}, "land"),
+        (line, {"power": "line"}, "land"),
+        (line, {"fclass": "subway"}, "land"),
+        (line, {"highway": "motorway_link"}, "ramp"),
     ]
-    vec = write_geojson(tmp_path / "osm.geojson", [feature for feature, _ in cells])
+    # Each feature in a 40 x 40 cell of its own, five cells a row: a square fills it, a line runs
+    # through its middle; the colour is read at the cell's centre.
+    corners = [(40 * (i % 5), 40 * (i // 5)) for i in range(len(cases))]
+    features = [square(x, y, x + 40, y + 40, **props) if shape is square else line(x, y + 20, x + 40, y + 20, **props)
+                for (shape, props, _), (x, y) in zip(cases, corners)]
+    vec = write_geojson(tmp_path / "osm.geojson", features)
     grid = Grid(rasterio.crs.CRS.from_epsg(32633), rasterio.Affine(1, 0, ORIGIN[0], 0, -1, ORIGIN[1]), 200, 160)
     pixels, _ = MapRenderer([read_vectors(str(vec))], grid, style).render(0, 0, 200, 160)
-    got = [pixels[:, 40 * (i // 5) + 20, 40 * (i % 5) + 20].tolist() for i in range(len(cells))]  # 5 cells a row
-    assert got == [colour[name] for _, name in cells]
+    got = [pixels[:, y + 20, x + 20].tolist() for x, y in corners]
+    assert got == [colour[name] for _, _, name in cases]
 
 
 def test_only_the_features_near_the_grid_are_read_and_the_map_is_the_same(tmp_path):
