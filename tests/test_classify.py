@@ -16,6 +16,8 @@ from geosat2map.classify import CLASS_VALUES, UNCLASSIFIED, classify_map
 from geosat2map.metrics import MAP_CLASSES
 from geosat2map_cli.main import cli
 
+from .conftest import NAIP_SCENE
+
 
 def write_map(path: Path, rgb: np.ndarray, crs: str, transform: Affine, valid: np.ndarray | None = None) -> Path:
     with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(
@@ -140,3 +142,15 @@ def test_a_picture_without_a_crs_gets_classes_and_no_areas(tmp_path):
     assert all(c.area_m2 is None for c in by_class.values())
     result = CliRunner().invoke(cli, ["classify", str(picture), str(tmp_path / "d.tif")])
     assert result.exit_code == 0 and "ha" not in result.stdout and "km²" not in result.stdout
+
+
+def test_a_scene_given_for_a_map_is_classified_with_a_note(tmp_path):
+    """A satellite scene has no map colours: its classes are written, and a note asks whether it is a
+    map; a map (a fifth of it black, labels) gets no note."""
+    rgb, _ = striped_map(60, 64)
+    src = write_map(tmp_path / "map.tif", rgb, "EPSG:32633", Affine(100, 0, 500000, 0, -100, 4600000))
+    result = CliRunner().invoke(cli, ["classify", str(src), str(tmp_path / "c.tif")])
+    assert result.exit_code == 0 and "note:" not in result.stderr
+    result = CliRunner().invoke(cli, ["classify", str(NAIP_SCENE), str(tmp_path / "s.tif"), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["unclassified"]["pixels"] > 0
+    assert result.stderr.startswith("note: 100 % of ") and "is it a map (translate's output)" in result.stderr
