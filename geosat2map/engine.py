@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .allocator import release_freed_memory
+from .cache import cache_dir
 from .devices import PRECISIONS as COMPUTE_PRECISIONS, use_bf16
 from .errors import WeightsError, first_line
 from .model import PixelScaled
@@ -237,13 +238,6 @@ def onnx_available() -> bool:
     """Whether the onnx extra is installed, without importing it (importing onnx takes about a
     second, more than a small scene's whole run)."""
     return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
-
-
-def cache_dir() -> Path:
-    """Where exported engines are kept: $GEOSAT2MAP_CACHE, else $XDG_CACHE_HOME or ~/.cache, /geosat2map."""
-    if os.environ.get("GEOSAT2MAP_CACHE"):
-        return Path(os.environ["GEOSAT2MAP_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "geosat2map"
 
 
 def engine_onnx(model: nn.Module, in_channels: int, tile: int) -> Path:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cache import prune
 from .model import PixelScaled, subpixel_generator
 from .weights import model_digest
 
@@ -84,19 +85,12 @@ def quantized_onnx(net: nn.Module, tiles: np.ndarray, cache: Path, *, fp32_level
                         nodes_to_exclude=fp32_nodes, calibrate_method={
                             "minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}[method])
         os.replace(out, path)
-    _prune(cache, KEPT_MODELS)
+    prune(cache, "int8-*.onnx", KEPT_MODELS)
     return path
 
 
 #: int8 models kept in the cache (each about the size of the fp32 model): one per scene translated.
 KEPT_MODELS = 4
-
-
-def _prune(cache: Path, keep: int) -> None:
-    """Delete all but the ``keep`` most recently used int8 models."""
-    models = sorted(cache.glob("int8-*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in models[keep:]:
-        old.unlink(missing_ok=True)
 
 
 def _prepared_onnx(net: nn.Module, shape: tuple[int, ...], cache: Path, fp32_levels: int) -> tuple[Path, list[str]]:

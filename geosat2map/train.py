@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from . import datasets
+from . import datasets, teacher_maps
 from .devices import resolve_device, use_bf16
 from .distributed import DistContext, convert_batchnorm, init_distributed, shutdown_distributed
 from .errors import DataError, OutputError, TrainingError, first_line
@@ -47,8 +47,8 @@ CHECKPOINT = "checkpoint.pt"
 RECORDED_SETTINGS = ("load_size", "crop_size", "batch_size", "lr", "lr_d", "beta1", "beta2", "lambda_l1",
                      "lambda_l2", "epochs", "epochs_decay", "ndf", "holdout", "seed", "ema_decay",
                      "freeze_batchnorm", "no_dropout", "rot90", "distill_from", "distill_weight", "storage_aware")
-#: The most memory the teacher's kept maps take (Trainer._taught): the maps set's 986 training pairs
-#: at 256 x 256 take 775 MB; a larger set keeps the first pairs' and asks the teacher for the rest.
+#: The most memory the teacher's kept maps take (Trainer._taught, fp16): the maps set's 986 training
+#: pairs at 256 x 256 take 388 MB; a larger set keeps the first pairs' and asks the teacher for the rest.
 TEACHER_MAPS_BYTES = 2 * 2**30
 #: What ``storage_aware`` can train for: the lossy storages of weights files.
 STORAGE_AWARE = ("int8", "int4")
@@ -297,8 +297,16 @@ class Trainer:
         # the model whole, mirrored or not (load size = crop size, no turns), the flip-averaged
         # teacher's map of it is the same in every epoch, mirrored with it (FlipAveraged is
         # mirror-symmetric), so epochs after the first skip the teacher's two passes, a quarter
-        # of the step. Kept up to TEACHER_MAPS_BYTES.
+        # of the step. Kept up to TEACHER_MAPS_BYTES, and in the cache once all are made (see
+        # teacher_maps): the next run with this teacher and these pairs skips it from the start.
         self._taught: dict[int, torch.Tensor] = {}
+        self._taught_file: Path | None = None
+        if self.teacher is not None and self.train_set.kept is not None and self.train_set.mirrored(0) is not None:
+            self._taught_file = teacher_maps.maps_file(
+                self.teacher_lineage["sha256"], (a for a, _ in self.train_set.kept),
+                f"{self.device.type}-{'bf16' if self.amp else 'fp32'}")
+            kept = teacher_maps.load_maps(self._taught_file)
+            self._taught = kept if len(kept) == len(self.train_set) else {}
         if dist_ctx.enabled:
             convert_batchnorm(self.G)
             convert_batchnorm(self.D)
@@ -453,8 +461,7 @@ class Trainer:
             pixel, loss_teacher = self._pixel_loss(fake, real_b.float(), loss_l1), None
             if self.teacher is not None:
                 if taught is None:
-                    with torch.no_grad():
-                        taught = self.teacher(real_a).float()
+                    taught = self._ask_teacher(real_a).float()
                 loss_teacher = F.l1_loss(fake, taught)
                 share = self.cfg.distill_weight
                 pixel = (1 - share) * pixel + share * self._pixel_loss(fake, taught, loss_teacher)
@@ -503,13 +510,22 @@ class Trainer:
         if None in mirrored:
             return None
         if all(i in self._taught for i in batch):
-            return torch.stack([self._taught[i].flip(-1) if m else self._taught[i] for i, m in zip(batch, mirrored)])
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            taught = self.teacher(real_a).float()
+            return torch.stack([self._taught[i].flip(-1) if m else self._taught[i]
+                                for i, m in zip(batch, mirrored)]).to(self.device).float()
+        taught = self._ask_teacher(real_a)
         if (len(self._taught) + len(batch)) * taught[0].nelement() * taught.element_size() <= TEACHER_MAPS_BYTES:
             for k, (i, m) in enumerate(zip(batch, mirrored)):
-                self._taught[i] = taught[k].flip(-1) if m else taught[k]
-        return taught
+                self._taught[i] = taught[k].flip(-1) if m else taught[k].clone()  # not a view of the batch
+            if self._taught_file and self.dist.is_main and len(self._taught) == len(self.train_set):
+                teacher_maps.save_maps(self._taught_file, {i: m.cpu() for i, m in self._taught.items()})
+                self._taught_file = None  # kept
+        return taught.float()
+
+    def _ask_teacher(self, real_a: torch.Tensor) -> torch.Tensor:
+        """The teacher's flip-averaged maps of ``real_a``, in fp16 as they are kept (rounded by at
+        most a thirtieth of a level), so that a step trains alike on a kept map and on one asked for."""
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return self.teacher(real_a).half()
 
     # --- the loop -------------------------------------------------------------------------
     def run(self, progress: Callable[[dict], None] | None = None) -> dict:

@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from geosat2map import metrics, weights
+from geosat2map import metrics, teacher_maps, weights
 from geosat2map.datasets import PairDataset
 from geosat2map.errors import DataError, OutputError, TrainingError
 from geosat2map.model import PatchDiscriminator, UNetGenerator, init_weights
@@ -399,15 +399,19 @@ def test_quarter_turns_augment_input_and_target_alike_and_are_recorded(tmp_path)
     assert spec.provenance["settings"]["rot90"] is True
 
 
-def test_the_teachers_maps_are_made_once_and_train_as_if_made_at_every_step(tmp_path, monkeypatch):
+def test_the_teachers_maps_are_made_once_kept_for_the_next_run_and_train_as_if_made_at_every_step(
+        tmp_path, monkeypatch):
     """Pairs used whole (load size = crop size), mirrored or not: the teacher runs in the first
-    epoch only, and the run ends with the weights of one that asks it at every step."""
+    epoch only, the next run with that teacher and those pairs (a chain's next cycle, a resumed
+    run) takes its maps from the cache, and both end with the weights of a run that asks the
+    teacher at every step. The cache keeps the last two teachers' maps."""
+    monkeypatch.setenv("GEOSAT2MAP_CACHE", str(tmp_path / "cache"))
     data = write_aligned(tmp_path / "data")
     teacher_file = tmp_path / "teacher.safetensors"
-    torch.manual_seed(5)
-    save_generator(UNetGenerator(ngf=4).eval(), ModelSpec(ngf=4, gsd_m=2.0), teacher_file)
 
-    def run(name: str) -> tuple[int, dict, list]:
+    def run(name: str, teacher_seed: int = 5) -> tuple[int, dict, list]:
+        torch.manual_seed(teacher_seed)
+        save_generator(UNetGenerator(ngf=4).eval(), ModelSpec(ngf=4, gsd_m=2.0), teacher_file)
         torch.manual_seed(0)
         trainer = Trainer(tiny_config(data, tmp_path / name, distill_from=str(teacher_file), epochs=2,
                                       epochs_decay=0, load_size=256, crop_size=256))
@@ -421,14 +425,23 @@ def test_the_teachers_maps_are_made_once_and_train_as_if_made_at_every_step(tmp_
         return len(calls), {k: v.clone() for k, v in trainer.saved_generator.state_dict().items()}, mirrored
 
     kept_calls, kept, mirrored = run("kept")
+    cached_calls, cached, _ = run("cached")
     # A pair mirrored in one epoch and not in the other: its kept map was mirrored for it.
     assert any(first != second for first, second in zip(*mirrored)) and None not in mirrored[0] + mirrored[1]
+    cache = sorted((tmp_path / "cache").glob("teacher-maps-*.safetensors"))
+    assert len(cache) == 1 and cache[0].stat().st_size > 4 * 3 * 256 * 256 * 2  # four pairs' maps, fp16
+    train_pairs = 4  # 6 pairs, every 3rd held out
+    assert [run(f"other{seed}", seed)[0] for seed in (6, 7)] == [train_pairs] * 2  # other teachers: made again
+    assert len(list((tmp_path / "cache").glob("teacher-maps-*.safetensors"))) == 2
+    broken = tmp_path / "cache" / "teacher-maps-broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    assert teacher_maps.load_maps(broken) == {}  # made again, not a failed run
     monkeypatch.setattr(PairDataset, "mirrored", lambda self, index: None)  # as a cropped set: no keeping
     asked_calls, asked, _ = run("asked")
-    train_pairs = 4  # 6 pairs, every 3rd held out
-    assert (kept_calls, asked_calls) == (train_pairs, 2 * train_pairs)
+    assert (kept_calls, cached_calls, asked_calls) == (train_pairs, 0, 2 * train_pairs)
     for k in kept:
         assert torch.allclose(kept[k].float(), asked[k].float(), atol=1e-6), k
+        assert torch.equal(kept[k], cached[k]), k
 
 
 def test_distillation_pulls_towards_the_teachers_flip_average_and_records_the_teacher(tmp_path):

@@ -1,0 +1,66 @@
+"""The teacher's maps of a training set, kept on disk from one training run to the next.
+
+Distillation (``train --distill-from``) asks the teacher for its flip-averaged map of each training
+pair: two of the step's passes, a quarter of its time. Where pairs are used whole, that map is
+the same in every epoch (mirrored with its pair), so a run keeps the maps in memory after its
+first epoch (``Trainer._teacher_maps``); it is also the same in every run with the same teacher,
+the same pairs and the same arithmetic, so the maps are kept here too, in the cache, for the
+next run of a chain of fine-tuning cycles taught by one teacher and for a resumed run: their
+first epoch then skips the teacher as well. The file is named by what the maps depend on, so
+a changed teacher or set of pairs finds none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .cache import cache_dir, prune
+
+#: Teachers whose maps are kept (the maps set's 986 training pairs take 388 MB as fp16).
+KEPT_TEACHERS = 2
+
+PATTERN = "teacher-maps-*.safetensors"
+
+
+def maps_file(teacher_digest: str, inputs: Iterable[torch.Tensor], arithmetic: str) -> Path:
+    """Where the maps of a teacher (its :func:`~geosat2map.weights.model_digest`) for the pairs
+    whose model inputs are ``inputs`` (uint8, in the set's order) are kept; ``arithmetic`` names
+    what else changes the maps (device type, autocast)."""
+    h = hashlib.sha256()
+    for image in inputs:
+        h.update(repr(tuple(image.shape)).encode())
+        h.update(image.contiguous().numpy().tobytes())
+    return cache_dir() / PATTERN.replace("*", f"{teacher_digest[:32]}-{h.hexdigest()[:16]}-{arithmetic}")
+
+
+def load_maps(path: Path) -> dict[int, torch.Tensor]:
+    """The maps kept in ``path`` by item index; none where the file is missing or unreadable (they
+    are made again)."""
+    try:
+        maps = {int(k): v for k, v in load_file(path).items()}
+        path.touch()  # recently used: kept by the pruning
+    except (OSError, SafetensorError, ValueError):
+        return {}
+    return maps
+
+
+def save_maps(path: Path, maps: dict[int, torch.Tensor]) -> bool:
+    """Keep ``maps`` in ``path`` (written whole, then renamed into place) and prune the cache to the
+    last ``KEPT_TEACHERS``; False where it cannot be written (the run goes on without)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({str(i): m.contiguous() for i, m in maps.items()}, tmp)
+        os.replace(tmp, path)
+        prune(path.parent, PATTERN, KEPT_TEACHERS)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+    return True
