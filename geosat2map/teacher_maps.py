@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -61,6 +62,7 @@ def save_maps(path: Path, maps: dict[int, torch.Tensor]) -> bool:
         os.replace(tmp, path)
         prune(path.parent, PATTERN, KEPT_TEACHERS)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # nothing there to remove, or no folder at all
+            tmp.unlink()
         return False
     return True
