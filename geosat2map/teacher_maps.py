@@ -5,8 +5,8 @@ pair: two of the step's passes, a quarter of its time. Where pairs are used whol
 the same in every epoch (mirrored with its pair), so a run keeps the maps in memory after its
 first epoch (``Trainer._teacher_maps``); it is also the same in every run with the same teacher,
 the same pairs and the same arithmetic, so the maps are kept here too, in the cache, for the
-next run of a chain of fine-tuning cycles taught by one teacher and for a resumed run: their
-first epoch then skips the teacher as well. The file is named by what the maps depend on, so
+next run of a chain of fine-tuning cycles taught by one teacher and for a run resumed after its
+first epoch (in a new process, which has lost the maps in memory): they skip the teacher as well. The file is named by what the maps depend on, so
 a changed teacher or set of pairs finds none.
 """
 
