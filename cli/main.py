@@ -153,6 +153,9 @@ def _parse_bands(ctx, param, value: str | None):
               help="The value that marks nodata in the scene (a pixel with it in every band), in place of the "
                    "scene's own nodata, alpha or mask: e.g. 0 for a black collar the file does not mark (as "
                    "gdalwarp -srcnodata).")
+@click.option("--rpc-dem", default=None, metavar="DEM",
+              help="Orthorectify a scene georeferenced by RPCs (a raw satellite product) over this raster of "
+                   "heights, as gdalwarp -rpc -to RPC_DEM=DEM does [default: the RPCs' mean height].")
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: average each tile's map with the mirrored map of its mirror image "
                    "(a cleaner map, twice the compute).")

@@ -188,6 +188,7 @@ def translate(
     bounds_crs: str | None = None,
     aoi: str | area.AreaOfInterest | None = None,
     src_nodata: float | None = None,
+    rpc_dem: str | Path | None = None,
 ) -> TranslateResult:
     """Translate the GeoTIFF ``src`` into a map GeoTIFF at ``dst``; see ``geosat2map translate --help``.
     ``src`` may be any address GDAL reads (a URL such as ``https://.../scene.tif`` or ``s3://...``,
@@ -209,6 +210,9 @@ def translate(
     (or its :class:`~geosat2map.aoi.AreaOfInterest`): the map covers their bounding box and is
     nodata outside them. ``src_nodata``: the value that marks nodata in the scene (in every band
     of a pixel), in place of its own nodata, alpha or mask: a black collar the file does not mark.
+    ``rpc_dem``: a raster of heights (any CRS GDAL reads) to orthorectify a scene georeferenced by
+    RPCs over, as ``gdalwarp -rpc -to RPC_DEM=...`` (without it, RPCs place the ground at their
+    mean height; see :func:`~geosat2map.placement.placement`).
     ``compress``: ``zstd`` (the default), ``deflate`` or ``lzw`` (lossless), ``jpeg`` or ``webp``
     (lossy, at ``quality`` 1-100, 90 unless given); see :mod:`~geosat2map.writer`.
     """
@@ -248,9 +252,10 @@ def translate(
                                          "fp32" if backend == "onnxruntime" or precision == "int8" else precision)
         asked = asked_options(dict(resolution=resolution, bands=bands, tile_size=tile_size, overlap=overlap, tta=tta,
                                    precision=precision, backend=backend, bounds=bounds, bounds_crs=bounds_crs,
-                                   aoi=aoi, src_nodata=src_nodata, cog=cog, compress=compress, quality=quality))
+                                   aoi=aoi, src_nodata=src_nodata, rpc_dem=rpc_dem, cog=cog, compress=compress,
+                                   quality=quality))
         return _run(src, dst, net, spec, torch_device, started, asked, bands=bands, resolution=resolution,
-                    bounds=bounds, bounds_crs=bounds_crs, aoi=aoi, src_nodata=src_nodata,
+                    bounds=bounds, bounds_crs=bounds_crs, aoi=aoi, src_nodata=src_nodata, rpc_dem=rpc_dem,
                     tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
                     compress=compress, quality=quality, allow_ungeoreferenced=allow_ungeoreferenced,
                     progress=progress, resume=resume, backend=backend, precision=precision, ctx=ctx)
@@ -360,6 +365,8 @@ def asked_options(options: dict) -> str:
     asked["aoi"] = None if aoi is None else f"{area.digest(aoi.geometry)} {aoi.crs.to_string()}"
     if asked["src_nodata"] is not None:
         asked["src_nodata"] = repr(float(asked["src_nodata"]))  # NaN as text
+    if asked["rpc_dem"] is not None:
+        asked["rpc_dem"] = str(asked["rpc_dem"])
     return json.dumps(asked, sort_keys=True)
 
 
@@ -374,7 +381,7 @@ def changed_options(asked: str) -> dict:
 #: with their defaults.
 _ASKED = {name: p.default for name, p in inspect.signature(translate).parameters.items()
           if name in ("resolution", "bands", "tile_size", "overlap", "tta", "precision", "backend", "bounds",
-                      "bounds_crs", "aoi", "src_nodata", "cog", "compress", "quality")}
+                      "bounds_crs", "aoi", "src_nodata", "rpc_dem", "cog", "compress", "quality")}
 
 
 def map_name(src: str | Path) -> str:
@@ -415,10 +422,10 @@ def first_row_after(grid: TileGrid, rows: int) -> int:
 
 
 def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size, overlap, bounds,
-                  bounds_crs, aoi, src_nodata) -> tuple[Scene, TileGrid, int]:
+                  bounds_crs, aoi, src_nodata, rpc_dem) -> tuple[Scene, TileGrid, int]:
     """The scene, its tile grid and the GDAL cache size for it, once it is known to fit in memory."""
     scene = open_scene(src, bands, resolution, spec.gsd_m, allow_ungeoreferenced, bounds, bounds_crs, aoi,
-                       src_nodata)
+                       src_nodata, rpc_dem)
     try:
         if len(scene.bands) != spec.in_channels:
             raise WeightsError(
@@ -439,11 +446,12 @@ def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size
 
 
 def _run(src, dst, net, spec, torch_device, started, asked, *, bands, resolution, bounds, bounds_crs, aoi, src_nodata,
-         tile_size, overlap, batch_size, cog, compress, quality, allow_ungeoreferenced, progress, resume, backend,
-         precision, ctx) -> TranslateResult:
+         rpc_dem, tile_size, overlap, batch_size, cog, compress, quality, allow_ungeoreferenced, progress, resume,
+         backend, precision, ctx) -> TranslateResult:
     opened: list = []
     _agree(ctx, lambda: opened.append(_open_checked(src, bands, resolution, spec, allow_ungeoreferenced,
-                                                    tile_size, overlap, bounds, bounds_crs, aoi, src_nodata)))
+                                                    tile_size, overlap, bounds, bounds_crs, aoi, src_nodata,
+                                                    rpc_dem)))
     scene, grid, cache = opened[0]
     try:
         # rasterio takes GDAL_CACHEMAX in bytes (a bare 32 would be a 32-byte cache, i.e. none).
@@ -482,7 +490,8 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, asked
                "cog": cog, "compress": compress, "quality": quality, "backend": engine.name, "tta": tta,
                "crop": [int(c.col_off), int(c.row_off), int(c.width), int(c.height)],
                "aoi": None if scene.aoi is None else area.digest(scene.aoi),
-               "src_nodata": None if scene.src_nodata is None else repr(float(scene.src_nodata))}  # NaN as text
+               "src_nodata": None if scene.src_nodata is None else repr(float(scene.src_nodata)),  # NaN as text
+               "rpc_dem": scene.rpc_dem}
     digest = model_digest(net.generator if tta else net)  # the weights the record and the map's tags name
     ident = progress_record.identity(src, options, digest)
     if resume:
@@ -562,10 +571,12 @@ def provenance_tags(src: Path | str, scene: Scene, digest: str, engine: str, til
     scene's file name, the model's ``digest`` (the sha256 weights provenance and resume records use,
     see :func:`~geosat2map.weights.model_digest`), the resolution and the tiling, the options it
     was ``asked`` for (:func:`asked_options`); with an area of interest, the polygons' file (and
-    layer); with ``--src-nodata``, its value."""
+    layer); with ``--src-nodata``, its value; with ``--rpc-dem``, the DEM's file name."""
     optional = {} if scene.aoi_source is None else {"GEOSAT2MAP_AOI": Path(scene.aoi_source).name}
     if scene.src_nodata is not None:
         optional["GEOSAT2MAP_SRC_NODATA"] = f"{scene.src_nodata:g}"
+    if scene.rpc_dem is not None:
+        optional["GEOSAT2MAP_RPC_DEM"] = scene_name(scene.rpc_dem)
     return optional | {
         "GEOSAT2MAP_SOURCE": scene_name(src),
         "GEOSAT2MAP_MODEL_SHA256": digest,

@@ -1,11 +1,12 @@
 """Placing a raster north-up on the Earth: what georeferences it when it is not a north-up
-geotransform (a rotated, sheared or flipped one, ground control points, RPCs), and GDAL's warper
-to put it north-up, for scenes (:func:`~geosat2map.reader.open_scene`) and for map rasters warped
-onto a scene's grid (``tiles --map``, ``evaluate --map``).
+geotransform (a rotated, sheared or flipped one, ground control points, RPCs, RPCs over a DEM),
+and GDAL's warper to put it north-up, for scenes (:func:`~geosat2map.reader.open_scene`) and for
+map rasters warped onto a scene's grid (``tiles --map``, ``evaluate --map``).
 """
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import rasterio
@@ -15,20 +16,27 @@ from rasterio._err import CPLE_BaseError  # what GDAL's warper raises through ra
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
+from rasterio.warp import calculate_default_transform
 
 from .errors import InputError, gdal_reason
 
 
-def placement(path: Path | str, src: rasterio.io.DatasetReader,
-              allow_ungeoreferenced: bool | None = None) -> tuple[CRS, str, dict] | None:
+def placement(path: Path | str, src: rasterio.io.DatasetReader, allow_ungeoreferenced: bool | None = None,
+              rpc_dem: Path | str | None = None) -> tuple[CRS, str, dict] | None:
     """What places ``src`` on the Earth when it is not a north-up geotransform (rows from north to
     south, columns from west to east): a rotated, sheared, south-up or mirrored one, ground
     control points or RPCs, as (the CRS to warp into, a description, GDAL transformer
     options); None for a north-up scene or one with no georeferencing. RPCs are projected at their
     mean height (HEIGHT_OFF): with no DEM, ground far above or below it lands off by its height
-    times the view's slant. Ground control points in no CRS place nothing: an error, or (a scene
-    ``allow_ungeoreferenced``) None, pixel space; None for the flag means a map, which has no such
-    option."""
+    times the view's slant. With ``rpc_dem`` (a raster of heights) the RPCs are projected onto it,
+    orthorectified as ``gdalwarp -rpc -to RPC_DEM=...`` does, even in a file that also has a
+    geotransform (an approximate one often rides along with RPCs). Ground control points in no
+    CRS place nothing: an error, or (a scene ``allow_ungeoreferenced``) None, pixel space; None
+    for the flag means a map, which has no such option."""
+    if rpc_dem is not None:
+        if not src.rpcs:
+            raise InputError(f"{path} has no RPCs: a DEM (--rpc-dem) places only a scene georeferenced by RPCs")
+        return CRS.from_epsg(4326), f"its RPCs over the DEM {rpc_dem}", {"RPC_DEM": _checked_dem(rpc_dem)}
     if src.crs is not None and not src.transform.is_identity:
         t = src.transform
         if abs(t.b) + abs(t.d) > 1e-9 * (abs(t.a) + abs(t.e)):  # a turn by 90 degrees as well
@@ -51,15 +59,65 @@ def placement(path: Path | str, src: rasterio.io.DatasetReader,
 
 
 def warp_north_up(path: Path | str, src: rasterio.io.DatasetReader, where: tuple[CRS, str, dict],
-                  resampling: Resampling) -> WarpedVRT:
+                  resampling: Resampling) -> WarpedVRT | rasterio.io.DatasetReader:
     """``src`` warped north-up by GDAL onto its suggested grid (about the scene's pixel size), as
     QGIS shows such rasters; the model, the tile grid and the map need north-up pixels. Where the
     scene has no mask an alpha band marks the ground it covers (a rotated scene's corners)."""
     crs, how, options = where
     try:
+        if "RPC_DEM" in options:
+            return _over_dem(src, crs, resampling, options["RPC_DEM"])
         return WarpedVRT(src, crs=crs, resampling=resampling, add_alpha=_unmasked(src), **options)
     except (RasterioError, CPLE_BaseError) as exc:
         raise InputError(f"GDAL cannot warp {path} north-up from {how}: {gdal_reason(exc)}") from None
+
+
+def _checked_dem(dem: Path | str) -> str:
+    """``dem`` as GDAL's name for it (``/vsicurl/`` for a URL, absolute for a local file: the
+    warp's document has no folder of its own), once it opens as a one-band raster with a CRS
+    (else GDAL's warper fails at every pixel, or reads the wrong band, with no word why)."""
+    try:
+        with rasterio.open(dem) as d:
+            if d.crs is None:
+                raise InputError(f"the DEM {dem} has no CRS: its heights cannot be placed under the scene")
+            if d.count != 1:
+                raise InputError(f"the DEM {dem} has {d.count} bands: a DEM is one band of heights")
+            name = d.name
+    except RasterioError as exc:
+        raise InputError(f"cannot open the DEM {dem}: {gdal_reason(exc)}") from None
+    return str(Path(name).resolve()) if Path(name).exists() else name
+
+
+def _over_dem(src: rasterio.io.DatasetReader, crs: CRS, resampling: Resampling,
+              dem: str) -> rasterio.io.DatasetReader:
+    """``src`` orthorectified by its RPCs over the heights in ``dem``, as GDAL's own warped VRT.
+
+    rasterio's WarpedVRT upper-cases every warp option's value, so a DEM's path cannot reach GDAL
+    through it (rasterio's reproject and calculate_default_transform keep RPC_DEM as given). So the
+    grid comes from GDAL's suggested output over the DEM (calculate_default_transform), the warp
+    from a WarpedVRT at height 0, and the document GDAL serialises for that warp gets the DEM and
+    the grid before GDAL opens it: GDAL's RPC transformer reads DEMPath (and the rest) from it.
+    The RPCs, not a geotransform that rides along (SRC_METHOD=RPC, as ``gdalwarp -rpc``).
+    Where the DEM has no height (a void, or beyond it) the RPCs' mean height stands in, as
+    RPC_DEM_MISSING_VALUE does, so a hole in the DEM is no hole in the map. Exact transforms (no
+    approximation along a row: the DEM's relief is not smooth). Heights are GDAL's: ellipsoidal
+    unless the DEM's CRS names a vertical datum (GDAL then shifts them)."""
+    missing = repr(src.rpcs.height_off)
+    transform, width, height = calculate_default_transform(None, crs, src.width, src.height, rpcs=src.rpcs,
+                                                           RPC_DEM=dem, RPC_DEM_MISSING_VALUE=missing)
+    with WarpedVRT(src, crs=crs, resampling=resampling, add_alpha=_unmasked(src), tolerance=0, SRC_METHOD="RPC",
+                   RPC_HEIGHT=0) as vrt:
+        doc = ET.fromstring(vrt.tags(ns="xml:VRT")["xml:VRT"])
+    doc.set("rasterXSize", str(width))
+    doc.set("rasterYSize", str(height))
+    doc.find("GeoTransform").text = ",".join(repr(v) for v in transform.to_gdal())
+    warp = doc.find("GDALWarpOptions/Transformer/GenImgProjTransformer")
+    warp.find("DstGeoTransform").text = ",".join(repr(v) for v in transform.to_gdal())
+    warp.find("DstInvGeoTransform").text = ",".join(repr(v) for v in (~transform).to_gdal())
+    rpc = warp.find("SrcRPCTransformer/RPCTransformer")
+    for tag, text in (("DEMPath", dem), ("DEMInterpolation", "bilinear"), ("DEMMissingValue", missing)):
+        ET.SubElement(rpc, tag).text = text
+    return rasterio.open(ET.tostring(doc, encoding="unicode"))
 
 
 def north_up(path: Path | str, src: rasterio.io.DatasetReader) -> rasterio.io.DatasetReader | WarpedVRT:

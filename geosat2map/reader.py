@@ -133,6 +133,8 @@ class Scene:
     gdal_options: dict = field(default_factory=dict)
     #: The nodata value that replaces the scene's own (its handles open with it: :func:`open_raster`).
     src_nodata: float | None = None
+    #: The DEM the scene's RPCs were projected onto (:func:`~geosat2map.placement.placement`).
+    rpc_dem: str | None = None
     #: Threads (each with its own dataset handle) that read the strips of a resampled read. GDAL
     #: decodes and averages a resampled read on one thread (GDAL_NUM_THREADS parallelises only
     #: native multi-block reads): on 2 cores, a 0.5 m scene's row bands at 2.12 m took 0.47-0.50 s
@@ -570,6 +572,7 @@ def open_scene(
     bounds_crs: str | None = None,
     aoi: area.AreaOfInterest | None = None,
     src_nodata: float | None = None,
+    rpc_dem: str | Path | None = None,
 ) -> Scene:
     """Open ``path`` (a file, or any address GDAL reads: see :func:`is_gdal_path`) for windowed
     reading on the output grid.
@@ -580,6 +583,8 @@ def open_scene(
     that cover them: the output grid is theirs. ``aoi`` (instead of ``bounds``): the source pixels
     under its bounding box, those outside its polygons read as nodata. ``src_nodata``: a value
     that marks nodata in every band, in place of the scene's own nodata, alpha or mask.
+    ``rpc_dem``: a raster of heights to orthorectify a scene georeferenced by RPCs over (see
+    :func:`~geosat2map.placement.placement`).
     """
     path = scene_path(path)
     options = _remote_options(path)
@@ -588,7 +593,7 @@ def open_scene(
         expanded = _expansion(src)
         base = None  # the scene's own file, when src is its north-up warp
         try:
-            where = placement(path, src, allow_ungeoreferenced)
+            where = placement(path, src, allow_ungeoreferenced, rpc_dem)
             if where is not None:  # planned on a cheap warp, read through the one that suits the plan
                 base, src = src, warp_north_up(path, src, where, Resampling.nearest)
             scene = _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, bounds, bounds_crs,
@@ -602,6 +607,7 @@ def open_scene(
                 base.close()
             raise
     scene.gdal_options, scene.src_nodata = options, src_nodata
+    scene.rpc_dem = None if rpc_dem is None else str(rpc_dem)
     scene.warped_from = base
     if src_nodata is not None:
         scene.notes.append(f"pixels of value {src_nodata:g} in every band read as nodata (--src-nodata), in place "

@@ -232,3 +232,100 @@ def test_a_warped_scene_resumes_as_if_never_stopped(tmp_path):
         np.testing.assert_array_equal(a.read(), b.read())
         np.testing.assert_array_equal(a.dataset_mask(), b.dataset_mask())
         assert a.dataset_mask()[0, 0] == 0  # a corner outside the turned scene
+
+
+def _dem(path: Path, heights: np.ndarray, nodata: float | None = None, crs: str | None = "EPSG:4326") -> Path:
+    """A DEM over the RPC scene and beyond it (0.0002 degree cells, 20 scene pixels), rows north to south."""
+    rows, cols = heights.shape
+    with rasterio.open(path, "w", driver="GTiff", width=cols, height=rows, count=1, dtype="float32", crs=crs,
+                       nodata=nodata, transform=Affine.translation(LON0 - 0.005, LAT0 + 0.005) @
+                       Affine.scale(0.0002, -0.0002)) as dst:
+        dst.write(heights.astype(np.float32)[None])
+    return path
+
+
+def _shifted(height: float) -> tuple[float, float]:
+    """Where by_rpcs' square lies on ground at ``height``: 20 pixels east per 500 m below the
+    RPCs' mean height (their sample term in height)."""
+    return (LON0 + (MARK_CENTRE[0] - SIZE / 2 + 20 * (500 - height) / 500) * DEG,
+            LAT0 - (MARK_CENTRE[1] - SIZE / 2) * DEG)
+
+
+@pytest.mark.parametrize("height", [0.0, 500.0, 1000.0])
+def test_rpcs_over_a_dem_put_each_pixel_at_its_ground_height(tmp_path, height):
+    """--rpc-dem: GDAL's RPC transformer projects each pixel onto the DEM (orthorectification),
+    where without one all ground sits at the RPCs' mean height (500 m here)."""
+    dem = _dem(tmp_path / "dem.tif", np.full((50, 50), height))
+    with open_scene(by_rpcs(tmp_path), resolution="native", rpc_dem=dem) as scene:
+        assert any(f"from its RPCs over the DEM {dem}" in note for note in scene.notes)
+        x, y = _mark_position(scene)
+        ex, ey = _shifted(height)
+        assert abs(x - ex) < 1.5 * DEG and abs(y - ey) < 1.5 * DEG, ((x - LON0) / DEG, (ex - LON0) / DEG)
+        _, valid = scene.read(Window(0, 0, scene.width, scene.height))
+        assert valid.all()  # the grid is the one over the DEM: the moved scene fills it
+
+
+def test_a_void_in_the_dem_is_ground_at_the_rpcs_mean_height(tmp_path):
+    """Where the DEM has no height (nodata, as SRTM's voids) the RPCs' mean height stands in: over
+    a DEM at that height with a void under the square, the scene reads as it does with no DEM,
+    with no hole in it."""
+    heights = np.full((50, 50), 500.0)
+    heights[15:35, 20:45] = -32768  # under the square and round it
+    dem = _dem(tmp_path / "void.tif", heights, nodata=-32768)
+    rpcs = by_rpcs(tmp_path)
+    with open_scene(rpcs, resolution="native", rpc_dem=dem) as scene, \
+            open_scene(rpcs, resolution="native") as at_mean_height:
+        assert scene.transform.almost_equals(at_mean_height.transform)
+        pixels, valid = scene.read(Window(0, 0, scene.width, scene.height))
+        expected, expected_valid = at_mean_height.read(Window(0, 0, scene.width, scene.height))
+        assert valid.all() and expected_valid.all()
+        np.testing.assert_allclose(pixels, expected, atol=1)
+
+
+def test_a_dem_places_by_the_rpcs_a_scene_whose_geotransform_rides_along(tmp_path):
+    """Raw products often carry an approximate geotransform beside their RPCs: placed as a
+    north-up geotransform unless a DEM is given, which asks for the RPCs (gdalwarp -rpc)."""
+    path = by_rpcs(tmp_path)
+    with rasterio.open(path, "r+") as ds:
+        ds.crs, ds.transform = "EPSG:4326", Affine.translation(LON0 - 0.001, LAT0 + 0.001) @ Affine.scale(DEG, -DEG)
+    with open_scene(path, resolution="native") as plain:
+        assert not any("RPCs" in note for note in plain.notes)
+    with open_scene(path, resolution="native", rpc_dem=_dem(tmp_path / "dem.tif", np.zeros((50, 50)))) as scene:
+        x, y = _mark_position(scene)
+        ex, ey = _shifted(0.0)
+        assert abs(x - ex) < 1.5 * DEG and abs(y - ey) < 1.5 * DEG, ((x - LON0) / DEG, (ex - LON0) / DEG)
+
+
+def test_a_dem_that_cannot_place_the_scene_says_why(tmp_path):
+    rpcs = by_rpcs(tmp_path)
+    with pytest.raises(InputError, match="cannot open the DEM .*missing.tif"):
+        open_scene(rpcs, rpc_dem=tmp_path / "missing.tif")
+    with pytest.raises(InputError, match="the DEM .* has no CRS"):
+        open_scene(rpcs, rpc_dem=_dem(tmp_path / "nocrs.tif", np.zeros((50, 50)), crs=None))
+    with pytest.raises(InputError, match="rotated.tif has no RPCs: a DEM .*--rpc-dem"):
+        open_scene(rotated(tmp_path), rpc_dem=_dem(tmp_path / "dem.tif", np.zeros((50, 50))))
+
+
+def test_translate_over_a_dem_from_the_command_line(tmp_path, tiny_weights):
+    """The command line's --rpc-dem: the map is the DEM-placed scene's, says which DEM in its tags,
+    and a run with another DEM is another map (not kept by --resume)."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    scene, out = by_rpcs(tmp_path), tmp_path / "map.tif"
+    dem = _dem(tmp_path / "dem.tif", np.zeros((50, 50)))
+    common = ["translate", str(scene), str(out), "--weights", str(tiny_weights), "--resolution", "native", "--quiet"]
+    result = CliRunner().invoke(cli, [*common, "--rpc-dem", str(dem)])
+    assert result.exit_code == 0, result.output
+    assert "over the DEM" in result.stderr
+    with rasterio.open(out) as dst, open_scene(scene, resolution="native", rpc_dem=dem) as placed:
+        assert dst.tags()["GEOSAT2MAP_RPC_DEM"] == "dem.tif"
+        assert dst.transform.almost_equals(placed.transform) and dst.shape == (placed.height, placed.width)
+    result = CliRunner().invoke(cli, [*common, "--resume", "--rpc-dem", str(_dem(tmp_path / "hills.tif",
+                                                                               np.full((50, 50), 900.0)))])
+    assert result.exit_code != 0 and "made with other options (rpc_dem" in result.stderr
+    result = CliRunner().invoke(cli, [*common[:2], str(tmp_path / "none.tif"), *common[3:], "--rpc-dem",
+                                      str(tmp_path / "missing.tif")])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "cannot open the DEM" in result.stderr
+    assert not (tmp_path / "none.tif").exists()

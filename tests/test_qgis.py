@@ -258,6 +258,23 @@ def test_processing_script_nodata_value_is_src_nodata(script, tiny_weights, tmp_
         np.testing.assert_array_equal(a.dataset_mask(), b.dataset_mask())
 
 
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # writing the RPC image
+def test_processing_script_dem_orthorectifies_an_rpc_image(script, tiny_weights, tmp_path):
+    """The DEM parameter is translate's --rpc-dem (a raw product georeferenced by RPCs)."""
+    from .test_placement import _dem, by_rpcs
+
+    scene, dem = by_rpcs(tmp_path), _dem(tmp_path / "dem.tif", np.zeros((50, 50)))
+    out = tmp_path / "from_qgis.tif"
+    report = _run_processing(script, f"INPUT={scene}", f"OUTPUT={out}", f"WEIGHTS={tiny_weights}", f"DEM={dem}",
+                             "RESOLUTION=native")
+    assert report.get("error") is None and report["output_valid"]
+    direct = translate(scene, tmp_path / "direct.tif", weights=tiny_weights, resolution="native", rpc_dem=dem).dst
+    with rasterio.open(out) as a, rasterio.open(direct) as b:
+        assert a.tags()["GEOSAT2MAP_RPC_DEM"] == "dem.tif"
+        assert a.transform.almost_equals(b.transform)
+        np.testing.assert_array_equal(a.read(), b.read())
+
+
 def test_processing_script_translates_an_extent_given_in_another_crs(script, tiny_weights, tmp_path):
     """The Extent parameter (say, the map canvas in longitude and latitude) is translate's --bounds."""
     from rasterio.warp import transform_bounds

@@ -42,7 +42,7 @@ FOREIGN = ("PYTHONHOME", "PYTHONPATH", "GDAL_DATA", "GDAL_DRIVER_PATH", "PROJ_LI
 class Geosat2mapTranslate(QgsProcessingAlgorithm):
     INPUT, EXTENT, AOI, BANDS, WEIGHTS, RESOLUTION = "INPUT", "EXTENT", "AOI", "BANDS", "WEIGHTS", "RESOLUTION"
     NODATA, TTA, COMPRESSION, RESUME, OUTPUT = "NODATA", "TTA", "COMPRESSION", "RESUME", "OUTPUT"
-    CLASSES = "CLASSES"
+    CLASSES, DEM = "CLASSES", "DEM"
     #: translate --compress's choices, as the dialog lists them.
     COMPRESSIONS = (("zstd", "ZSTD (lossless)"), ("deflate", "DEFLATE (lossless, for older readers)"),
                     ("lzw", "LZW (lossless, for older readers)"), ("jpeg", "JPEG (lossy, small)"),
@@ -87,6 +87,9 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterNumber(
             self.NODATA, "Nodata value of the image, in every band (empty: the image's own nodata or mask)",
             type=QgsProcessingParameterNumber.Double, optional=True))
+        self.addParameter(QgsProcessingParameterRasterLayer(
+            self.DEM, "DEM to orthorectify an image georeferenced by RPCs over (empty: the RPCs' mean height)",
+            optional=True))
         self.addParameter(QgsProcessingParameterBoolean(
             self.TTA, "Average with the mirrored image's map (cleaner, twice the compute)", defaultValue=False))
         self.addParameter(QgsProcessingParameterEnum(
@@ -128,6 +131,9 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
             command += ["--weights", weights]
         if parameters.get(self.NODATA) is not None:  # translate --src-nodata: a collar the file does not mark
             command += ["--src-nodata", repr(self.parameterAsDouble(parameters, self.NODATA, context))]
+        dem = self.parameterAsRasterLayer(parameters, self.DEM, context)
+        if dem is not None:  # translate --rpc-dem
+            command += ["--rpc-dem", dem.source()]
         if self.parameterAsBoolean(parameters, self.TTA, context):
             command.append("--tta")
         command += ["--compress", self.COMPRESSIONS[self.parameterAsEnum(parameters, self.COMPRESSION, context)][0]]
