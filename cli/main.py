@@ -414,6 +414,8 @@ def mosaic(sheets, dst, index, index_field, aoi, crs, src_nodata, overwrite) -> 
 @click.option("--src-nodata", type=float, default=None, metavar="VALUE",
               help="SAT's nodata value, a pixel holding it in every band, in place of its own marking (as "
                    "translate's).")
+@click.option("--rpc-dem", default=None, metavar="DEM",
+              help="Orthorectify SAT, georeferenced by RPCs, over this raster of heights (as translate's).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it is an earlier tiles folder (or empty).")
 def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
@@ -774,6 +776,8 @@ def _map_info(path: str, as_json: bool) -> None:
     inside = f"; only inside the polygons of {p['GEOSAT2MAP_AOI']}" if "GEOSAT2MAP_AOI" in p else ""
     if "GEOSAT2MAP_SRC_NODATA" in p:
         inside += f"; the scene's nodata taken as {p['GEOSAT2MAP_SRC_NODATA']} (--src-nodata)"
+    if "GEOSAT2MAP_RPC_DEM" in p:
+        inside += f"; orthorectified over the DEM {p['GEOSAT2MAP_RPC_DEM']} (--rpc-dem)"
     click.echo(f"{p.get('GEOSAT2MAP_RESOLUTION', '?')}; {p.get('GEOSAT2MAP_TILING', '?')}{inside}")
     if "GEOSAT2MAP_OPTIONS" in p:  # maps made before session 38 do not record them
         changed = changed_options(p["GEOSAT2MAP_OPTIONS"]).items()

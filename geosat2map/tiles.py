@@ -54,6 +54,7 @@ class TileOptions:
     seed: int = 0
     style: str | None = None
     src_nodata: float | None = None  # the scene's nodata value in place of its own marking (translate's)
+    rpc_dem: str | None = None  # a DEM to orthorectify a scene georeferenced by RPCs over (translate's)
 
     def check(self) -> None:
         """Refuse options that cut no usable tile, in one line (a stride of -5 cut tiles outside the
@@ -197,7 +198,8 @@ def make_tiles(
     stride = options.stride or t
     # "model" goes through as such, so open_scene refuses a scene far coarser than the model's pixels.
     try:
-        scene = open_scene(sat, resolution=options.resolution, model_gsd_m=model_gsd, src_nodata=options.src_nodata)
+        scene = open_scene(sat, resolution=options.resolution, model_gsd_m=model_gsd, src_nodata=options.src_nodata,
+                           rpc_dem=options.rpc_dem)
     except NotGeoreferenced:
         raise InputError(f"{sat} has no georeferencing: tiles pairs it with the map where both lie on the ground") \
             from None

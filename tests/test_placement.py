@@ -311,7 +311,7 @@ def test_translate_over_a_dem_from_the_command_line(tmp_path, tiny_weights):
     and a run with another DEM is another map (not kept by --resume)."""
     from click.testing import CliRunner
 
-    from cli.main import cli
+    from geosat2map_cli.main import cli
 
     scene, out = by_rpcs(tmp_path), tmp_path / "map.tif"
     dem = _dem(tmp_path / "dem.tif", np.zeros((50, 50)))
@@ -322,6 +322,8 @@ def test_translate_over_a_dem_from_the_command_line(tmp_path, tiny_weights):
     with rasterio.open(out) as dst, open_scene(scene, resolution="native", rpc_dem=dem) as placed:
         assert dst.tags()["GEOSAT2MAP_RPC_DEM"] == "dem.tif"
         assert dst.transform.almost_equals(placed.transform) and dst.shape == (placed.height, placed.width)
+    info = CliRunner().invoke(cli, ["info", str(out)])
+    assert "orthorectified over the DEM dem.tif (--rpc-dem)" in info.output and "--rpc-dem" in info.output
     result = CliRunner().invoke(cli, [*common, "--resume", "--rpc-dem", str(_dem(tmp_path / "hills.tif",
                                                                                np.full((50, 50), 900.0)))])
     assert result.exit_code != 0 and "made with other options (rpc_dem" in result.stderr

@@ -490,3 +490,44 @@ def test_tiles_are_cut_through_a_cache_sized_like_translate(region, tmp_path, mo
         (rasterio.env.getenv().get("GDAL_CACHEMAX"), self.cache_bytes(256))) or original(self, window))
     make_tiles(sat, tmp_path / "tiles", vectors=[str(vec)], options=TileOptions(resolution=1.0))
     assert seen and all(cache == reader.bounded_cache(need) for cache, need in seen)
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # writing the RPC scene
+def test_tiles_from_a_scene_placed_by_rpcs_over_a_dem(tmp_path):
+    """tiles --rpc-dem (a raw product georeferenced by RPCs): the pairs are cut on the grid of the
+    scene orthorectified over the DEM, as translate reads it, and the manifest records the DEM."""
+    from rasterio.rpc import RPC
+    from rasterio.transform import from_origin
+
+    from geosat2map.reader import open_scene
+
+    size, lon0, lat0, deg = 600, -115.1, 36.2, 1e-5
+    terms = [0.0] * 20
+    samp_num, line_num, den = terms.copy(), terms.copy(), terms.copy()
+    samp_num[1], line_num[2], den[0], samp_num[3] = 1.0, -1.0, 1.0, 0.2  # 0.2: ground height shifts columns
+    half = size / 2
+    sat = tmp_path / "raw.tif"
+    with rasterio.open(sat, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8") as dst:
+        dst.write(synthetic_image(size, size).astype(np.uint8))
+        dst.rpcs = RPC(height_off=500, height_scale=500, lat_off=lat0, lat_scale=half * deg, line_den_coeff=den,
+                       line_num_coeff=line_num, line_off=half, line_scale=half, long_off=lon0,
+                       long_scale=half * deg, samp_den_coeff=den, samp_num_coeff=samp_num, samp_off=half,
+                       samp_scale=half, err_bias=0, err_rand=0)
+    common = dict(driver="GTiff", count=1, dtype="float32", crs="EPSG:4326")
+    dem = tmp_path / "dem.tif"
+    with rasterio.open(dem, "w", width=100, height=100, transform=from_origin(lon0 - 0.01, lat0 + 0.01, 2e-4, 2e-4),
+                       **common) as dst:
+        dst.write(np.zeros((1, 100, 100), np.float32))  # 500 m below the RPCs' mean height: 60 pixels east
+    map_raster = tmp_path / "map.tif"
+    with rasterio.open(map_raster, "w", driver="GTiff", width=1000, height=1000, count=3, dtype="uint8",
+                       crs="EPSG:4326", transform=from_origin(lon0 - 0.005, lat0 + 0.005, deg, deg)) as dst:
+        dst.write(synthetic_image(1000, 1000, seed=1).astype(np.uint8))
+    out = tmp_path / "tiles"
+    result = make_tiles(sat, out, map_raster=map_raster, options=TileOptions(
+        resolution="native", rpc_dem=str(dem), val_fraction=0, block_tiles=1))
+    assert result.train == 4
+    assert json.loads((out / "manifest.json").read_text())["options"]["rpc_dem"] == str(dem)
+    with open_scene(sat, resolution="native", rpc_dem=dem) as placed, \
+            rasterio.open(out / "train" / "sat" / "r000000_c000000.tif") as tile:
+        assert tile.transform.almost_equals(placed.transform)
+        assert placed.transform.c == pytest.approx(lon0 - half * deg + 60 * deg, abs=1.5 * deg)
