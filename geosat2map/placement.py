@@ -100,8 +100,8 @@ def _over_dem(src: rasterio.io.DatasetReader, crs: CRS, resampling: Resampling,
     The RPCs, not a geotransform that rides along (SRC_METHOD=RPC, as ``gdalwarp -rpc``).
     Where the DEM has no height (a void, or beyond it) the RPCs' mean height stands in, as
     RPC_DEM_MISSING_VALUE does, so a hole in the DEM is no hole in the map. Exact transforms, as
-    rasterio's reproject uses with RPC_DEM (an approximation along a row assumes smooth ground; it
-    read 2-3x faster in benchmarks/rpc_dem.py). Heights are GDAL's: ellipsoidal
+    rasterio's reproject uses with RPC_DEM (an approximation along a row assumes smooth ground; on
+    benchmarks/rpc_dem.py's scene it read 2-3x faster). Heights are GDAL's: ellipsoidal
     unless the DEM's CRS names a vertical datum (GDAL then shifts them)."""
     missing = repr(src.rpcs.height_off)
     transform, width, height = calculate_default_transform(None, crs, src.width, src.height, rpcs=src.rpcs,
