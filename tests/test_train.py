@@ -87,7 +87,8 @@ def test_l1_falls_on_a_fixed_pair(tmp_path, precision):
     assert trainer.amp is (precision == "bf16")
     a, b = trainer.train_set[0]
     a, b = a[None], b[None]
-    losses = [trainer.train_step(a, b)["G_L1"] for _ in range(40)]
+    # 20 steps: the last five's mean was 0.33 (fp32) and 0.35 (bf16) of the first five's here.
+    losses = [trainer.train_step(a, b)["G_L1"] for _ in range(20)]
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
 
 
