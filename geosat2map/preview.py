@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -44,7 +45,9 @@ def side_by_side(scene: str | Path, map_path: str | Path, png: str | Path, size:
             # The scene under the map only: a map of part of it (--bounds, --aoi) beside the whole
             # scene would not line up. translate keeps the scene's CRS, so the box is in it.
             footprint = tuple(dst.bounds) if dst.crs is not None and not dst.transform.is_identity else None
-        src = open_scene(scene, resolution="native", allow_ungeoreferenced=True, bounds=footprint)
+            # A scene orthorectified over a DEM (translate --rpc-dem) is placed over it again.
+            rpc_dem = _recorded(dst.tags(), "rpc_dem")
+        src = open_scene(scene, resolution="native", allow_ungeoreferenced=True, bounds=footprint, rpc_dem=rpc_dem)
         try:
             photo, photo_valid = src.read_decimated(h, w)
         finally:
@@ -66,3 +69,11 @@ def side_by_side(scene: str | Path, map_path: str | Path, png: str | Path, size:
     finally:
         tmp.unlink(missing_ok=True)
     return h, grid.shape[2]
+
+
+def _recorded(tags: dict, option: str):
+    """A translate option a map records as asked (``GEOSAT2MAP_OPTIONS``), None if it does not."""
+    try:
+        return json.loads(tags.get("GEOSAT2MAP_OPTIONS", "{}")).get(option)
+    except (ValueError, AttributeError):
+        return None

@@ -324,6 +324,14 @@ def test_translate_over_a_dem_from_the_command_line(tmp_path, tiny_weights):
         assert dst.transform.almost_equals(placed.transform) and dst.shape == (placed.height, placed.width)
     info = CliRunner().invoke(cli, ["info", str(out)])
     assert "orthorectified over the DEM dem.tif (--rpc-dem)" in info.output and "--rpc-dem" in info.output
+    # The preview places the scene over the DEM the map records, as the map was: the square where
+    # the map has it (at the RPCs' mean height it would lie 20 pixels west).
+    preview = CliRunner().invoke(cli, ["preview", str(scene), str(out), str(tmp_path / "p.png"), "--size", "200"])
+    assert preview.exit_code == 0, preview.output
+    with rasterio.open(tmp_path / "p.png") as png, rasterio.open(out) as dst:
+        rows, cols = np.nonzero(png.read(1)[:, : dst.width] == 250)
+        x = dst.transform.c + (cols.mean() + 0.5) * dst.transform.a
+    assert abs(x - _shifted(0.0)[0]) < 1.5 * DEG, ((x - LON0) / DEG, (_shifted(0.0)[0] - LON0) / DEG)
     result = CliRunner().invoke(cli, [*common, "--resume", "--rpc-dem", str(_dem(tmp_path / "hills.tif",
                                                                                np.full((50, 50), 900.0)))])
     assert result.exit_code != 0 and "made with other options (rpc_dem" in result.stderr
