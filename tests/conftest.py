@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from rasterio.rpc import RPC
 from rasterio.transform import from_origin
 
 from geosat2map.model import UNetGenerator, init_weights
@@ -153,3 +154,17 @@ def torchrun_translate(scene: Path, dst: Path, weights: Path, **options) -> list
                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def oblique_rpcs(size: int, lon0: float, lat0: float, deg: float) -> RPC:
+    """RPCs of a ``size`` x ``size`` oblique view centred on (``lon0``, ``lat0``), ``deg`` degrees a
+    pixel: the column follows the longitude and the row the latitude, and ground 500 m below the
+    mean height (HEIGHT_OFF, 500 m) lands 0.1 * ``size`` columns east (20 pixels at 200)."""
+    terms = [0.0] * 20
+    samp_num, line_num, den = terms.copy(), terms.copy(), terms.copy()
+    samp_num[1], line_num[2], den[0] = 1.0, -1.0, 1.0
+    samp_num[3] = 0.2  # the height term
+    half = size / 2
+    return RPC(height_off=500, height_scale=500, lat_off=lat0, lat_scale=half * deg, line_den_coeff=den,
+               line_num_coeff=line_num, line_off=half, line_scale=half, long_off=lon0, long_scale=half * deg,
+               samp_den_coeff=den, samp_num_coeff=samp_num, samp_off=half, samp_scale=half, err_bias=0, err_rand=0)

@@ -12,7 +12,6 @@ import rasterio
 from affine import Affine
 from rasterio.control import GroundControlPoint
 from rasterio.enums import Resampling
-from rasterio.rpc import RPC
 from rasterio.windows import Window
 
 from geosat2map import translate
@@ -20,7 +19,7 @@ from geosat2map.errors import InputError
 from geosat2map.reader import open_scene
 from geosat2map.weights import ModelSpec
 
-from .conftest import random_generator
+from .conftest import oblique_rpcs, random_generator
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # writing them
 
@@ -74,15 +73,7 @@ LON0, LAT0, DEG = -115.1, 36.2, 1e-5  # the centre, and degrees per pixel
 
 
 def by_rpcs(tmp_path: Path) -> Path:
-    terms = [0.0] * 20
-    samp_num, line_num, den = terms.copy(), terms.copy(), terms.copy()
-    samp_num[1], line_num[2], den[0] = 1.0, -1.0, 1.0  # sample ~ longitude, line ~ -latitude
-    samp_num[3] = 0.2  # height: projected at 0 m instead of 500, the square lands 20 pixels off (measured)
-    half = SIZE / 2
-    rpcs = RPC(height_off=500, height_scale=500, lat_off=LAT0, lat_scale=half * DEG, line_den_coeff=den,
-               line_num_coeff=line_num, line_off=half, line_scale=half, long_off=LON0, long_scale=half * DEG,
-               samp_den_coeff=den, samp_num_coeff=samp_num, samp_off=half, samp_scale=half, err_bias=0, err_rand=0)
-    return _write(tmp_path / "rpcs.tif", rpcs=rpcs)
+    return _write(tmp_path / "rpcs.tif", rpcs=oblique_rpcs(SIZE, LON0, LAT0, DEG))
 
 
 def _mark_position(scene) -> tuple[float, float]:

@@ -17,7 +17,7 @@ from geosat2map.tiles import TileOptions, make_tiles
 from geosat2map.train import TrainConfig, Trainer
 from geosat2map_cli.main import cli
 
-from .conftest import synthetic_image, write_scene
+from .conftest import oblique_rpcs, synthetic_image, write_scene
 
 ORIGIN = (500000.0, 4500000.0)  # the test scenes' top-left corner in EPSG:32633 (conftest.write_scene)
 
@@ -496,23 +496,16 @@ def test_tiles_are_cut_through_a_cache_sized_like_translate(region, tmp_path, mo
 def test_tiles_from_a_scene_placed_by_rpcs_over_a_dem(tmp_path):
     """tiles --rpc-dem (a raw product georeferenced by RPCs): the pairs are cut on the grid of the
     scene orthorectified over the DEM, as translate reads it, and the manifest records the DEM."""
-    from rasterio.rpc import RPC
     from rasterio.transform import from_origin
 
     from geosat2map.reader import open_scene
 
     size, lon0, lat0, deg = 600, -115.1, 36.2, 1e-5
-    terms = [0.0] * 20
-    samp_num, line_num, den = terms.copy(), terms.copy(), terms.copy()
-    samp_num[1], line_num[2], den[0], samp_num[3] = 1.0, -1.0, 1.0, 0.2  # 0.2: ground height shifts columns
     half = size / 2
     sat = tmp_path / "raw.tif"
     with rasterio.open(sat, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8") as dst:
         dst.write(synthetic_image(size, size).astype(np.uint8))
-        dst.rpcs = RPC(height_off=500, height_scale=500, lat_off=lat0, lat_scale=half * deg, line_den_coeff=den,
-                       line_num_coeff=line_num, line_off=half, line_scale=half, long_off=lon0,
-                       long_scale=half * deg, samp_den_coeff=den, samp_num_coeff=samp_num, samp_off=half,
-                       samp_scale=half, err_bias=0, err_rand=0)
+        dst.rpcs = oblique_rpcs(size, lon0, lat0, deg)
     common = dict(driver="GTiff", count=1, dtype="float32", crs="EPSG:4326")
     dem = tmp_path / "dem.tif"
     with rasterio.open(dem, "w", width=100, height=100, transform=from_origin(lon0 - 0.01, lat0 + 0.01, 2e-4, 2e-4),
