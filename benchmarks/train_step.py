@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--ngf 64] [--batch-size 1] [--steps 10] [--device auto]
                                     [--precision fp32] [--storage-aware int4] [--fine-tune]
+                                    [--lambda-gan 1 --lambda-gan 0]
 
 Uses the real Trainer on a small synthetic aligned folder; prints the median step time in the
 channels_last and the contiguous layouts (the trainer uses contiguous on the CPU for fp32 and
@@ -12,7 +13,8 @@ for the steps of train --storage-aware (the weights rounded as stored in every s
 BatchNorm frozen, a teacher of the same width run at every step, and a moving average of the
 weights (train --init-from --freeze-batchnorm --distill-from --ema-decay 0.999); and the same
 step with the teacher's maps given, as the trainer keeps them after the first epoch for pairs used
-whole (load size = crop size).
+whole (load size = crop size). Each --lambda-gan (train --lambda-gan; default 1) is timed in
+turn: 0 skips the discriminator.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], action="append",
                         help="time only these (repeatable; default: both)")
     parser.add_argument("--storage-aware", choices=["int8", "int4"], default=None)
+    parser.add_argument("--lambda-gan", type=float, action="append",
+                        help="the adversarial term's weight (repeatable; default: 1; 0: no discriminator)")
     parser.add_argument("--fine-tune", action="store_true",
                         help="the default model's fine-tuning recipe (teacher, frozen BatchNorm, moving average)")
     args = parser.parse_args()
@@ -107,10 +111,12 @@ def main() -> None:
                 trainer.amp = precision == "bf16"
                 for name, fmt in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
                     for kept in (False, True) if args.fine_tune else (False,):
-                        s = time_steps(trainer, args.steps, fmt, kept)
-                        what = ", the teacher's maps kept (epochs after the first)" if kept else ""
-                        print(f"{precision} {name:>14}{label}{what}: {s:.3f} s/step, "
-                              f"{args.batch_size / s:.2f} images/s")
+                        for weight in args.lambda_gan or (1.0,):
+                            trainer.cfg.lambda_gan = weight
+                            s = time_steps(trainer, args.steps, fmt, kept)
+                            what = ", the teacher's maps kept (epochs after the first)" if kept else ""
+                            print(f"{precision} {name:>14}{label}{what}, lambda_gan {weight:g}: {s:.3f} s/step, "
+                                  f"{args.batch_size / s:.2f} images/s")
 
 
 if __name__ == "__main__":

@@ -447,6 +447,10 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
 @click.option("--lr-d", type=float, default=None,
               help="The discriminator's learning rate [default: --lr]; lower, it slows a fresh discriminator "
                    "against a fine-tuned generator.")
+@click.option("--lambda-gan", type=float, default=1.0, show_default=True,
+              help="Weight of the adversarial term; 0: the generator trains on its pixel terms alone and the "
+                   "discriminator is skipped (fine-tuning where --lambda-l1 has made the adversarial term "
+                   "negligible: each step without the discriminator's passes).")
 @click.option("--lambda-l1", type=float, default=100.0, show_default=True)
 @click.option("--lambda-l2", type=float, default=0.0, show_default=True,
               help="Weight of a squared-error term beside L1 (0: none, the pix2pix recipe): pulls uncertain "

@@ -527,6 +527,39 @@ def test_the_squared_error_term_adds_its_gradient_towards_the_real_and_the_teach
         train(tiny_config(data, tmp_path / "run2", lambda_l2=-1.0))
 
 
+def test_the_adversarial_weight_scales_its_term_and_zero_skips_the_discriminator(tmp_path):
+    """--lambda-gan: G's gradient is the pixel terms' plus lambda_gan times the adversarial
+    term's (so 2 adds as much again as 1 does over 0); at 0, D is never run or trained and the
+    step reports no adversarial losses."""
+    data = write_aligned(tmp_path / "data", n=1)
+    grads, reported = [], []
+    for weight in (0.0, 1.0, 2.0):
+        trainer = Trainer(tiny_config(data, tmp_path / f"run{weight}", lambda_gan=weight, no_dropout=True,
+                                      load_size=256, holdout=0))
+        trainer._train_mode()
+        a, b, _ = next(trainer._batches())
+        calls = []
+        hook = trainer.D.register_forward_hook(lambda *_: calls.append(1))
+        before = [q.detach().clone() for q in trainer.D.parameters()]
+        reported.append(trainer._losses_and_gradients(a, b))
+        hook.remove()
+        grads.append([q.grad.clone() for q in trainer.G.parameters()])
+        unchanged = all(torch.equal(x, q) for x, q in zip(before, trainer.D.parameters()))
+        assert (len(calls), unchanged) == ((0, True) if weight == 0 else (3, False))
+        trainer.release()
+    assert set(reported[0]) == {"G_L1"} and set(reported[1]) == {"D", "G_GAN", "G_L1"}
+    # Over all of G's gradients: float32's sums leave 0.9 % of the term's part off a straight line
+    # here (the output bias sums 65 536 pixels' gradients); a weight not applied would leave all of it.
+    def norm(tensors) -> float:
+        return float(sum((t.double() ** 2).sum() for t in tensors)) ** 0.5
+
+    term = norm([g1 - g0 for g0, g1 in zip(grads[0], grads[1])])
+    bend = norm([g2 - 2 * g1 + g0 for g0, g1, g2 in zip(*grads)])
+    assert term > 0.01 and bend < 0.1 * term, (bend, term)
+    with pytest.raises(TrainingError, match="adversarial weight"):
+        train(tiny_config(data, tmp_path / "bad", lambda_gan=-1.0))
+
+
 def test_a_lineage_records_each_ancestor_once(tmp_path):
     """A cycle fine-tuned from and taught by the same generator names it twice; a chain of them
     doubled its provenance each time (5.9 MB of JSON after eight cycles). Saved, a repeated
@@ -763,7 +796,7 @@ def test_train_and_evaluate_cli(tmp_path, monkeypatch):
     run = tmp_path / "run"
     result = CliRunner().invoke(cli, ["train", str(data), "--out", str(run), "--ngf", "4", "--ndf", "4",
                                       "--epochs", "1", "--epochs-decay", "0", "--holdout", "3", "--gsd", "2.0",
-                                      "--quiet", "--device", "cpu"])
+                                      "--lambda-gan", "0.5", "--quiet", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "val RMSE" in result.stdout
     # --resume takes the stored options; --epochs given with it extends the finished schedule.
@@ -772,6 +805,7 @@ def test_train_and_evaluate_cli(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("epoch 2 ")
     assert TrainConfig.from_json(run / "config.json").epochs_decay == 0
+    assert TrainConfig.from_json(run / "config.json").lambda_gan == 0.5
     out = tmp_path / "exported.safetensors"
     result = CliRunner().invoke(cli, ["export-weights", str(run), str(out), "--half"])
     assert result.exit_code == 0, result.output
