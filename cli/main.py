@@ -511,7 +511,8 @@ def train(ctx, data, out, resume, quiet, **options) -> None:
     def progress(info: dict) -> None:
         step = bar.get()
         step.update(1)
-        step.set_postfix(epoch=info["epoch"] + 1, L1=f"{info['G_L1']:.3f}", D=f"{info['D']:.3f}", refresh=False)
+        shown = {"D": f"{info['D']:.3f}"} if "D" in info else {}  # no discriminator at --lambda-gan 0
+        step.set_postfix(epoch=info["epoch"] + 1, L1=f"{info['G_L1']:.3f}", **shown, refresh=False)
 
     given = {name for name in ("epochs", "epochs_decay")
              if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
