@@ -29,6 +29,7 @@ from . import resume as progress_record
 from .errors import Geosat2mapError, InputError, Interrupted, OutputError, WeightsError
 from .grid import RowBlender, TileGrid
 from .model import FlipAveraged
+from .placement import dem_name
 from .quantize import calibration_picks
 from .reader import (RowBand, Scene, available_memory, bounded_cache, is_subdataset, open_raster, open_scene,
                      scene_name, scene_path)
@@ -366,7 +367,7 @@ def asked_options(options: dict) -> str:
     if asked["src_nodata"] is not None:
         asked["src_nodata"] = repr(float(asked["src_nodata"]))  # NaN as text
     if asked["rpc_dem"] is not None:
-        asked["rpc_dem"] = str(asked["rpc_dem"])
+        asked["rpc_dem"] = dem_name(asked["rpc_dem"])
     return json.dumps(asked, sort_keys=True)
 
 

@@ -72,6 +72,13 @@ def warp_north_up(path: Path | str, src: rasterio.io.DatasetReader, where: tuple
         raise InputError(f"GDAL cannot warp {path} north-up from {how}: {gdal_reason(exc)}") from None
 
 
+def dem_name(dem: Path | str) -> str:
+    """The name a DEM is known by, wherever the command runs: a local file's absolute path, any
+    other address (a URL, /vsi...) as given. A map records it, its resume compares it, and preview
+    opens it again, perhaps from another folder."""
+    return str(Path(dem).resolve()) if Path(dem).exists() else str(dem)
+
+
 def _checked_dem(dem: Path | str) -> str:
     """``dem`` as GDAL's name for it (``/vsicurl/`` for a URL, absolute for a local file: the
     warp's document has no folder of its own), once it opens as a one-band raster with a CRS
@@ -85,7 +92,7 @@ def _checked_dem(dem: Path | str) -> str:
             name = d.name
     except RasterioError as exc:
         raise InputError(f"cannot open the DEM {dem}: {gdal_reason(exc)}") from None
-    return str(Path(name).resolve()) if Path(name).exists() else name
+    return dem_name(name)
 
 
 def _over_dem(src: rasterio.io.DatasetReader, crs: CRS, resampling: Resampling,

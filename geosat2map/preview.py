@@ -13,7 +13,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 
 from .errors import InputError, OutputError, gdal_reason
-from .reader import MIN_GDAL_CACHE, open_raster, open_scene
+from .reader import MIN_GDAL_CACHE, is_gdal_path, open_raster, open_scene
 from .writer import GDAL_WRITE_ERRORS, PNG, check_destination
 
 
@@ -45,8 +45,11 @@ def side_by_side(scene: str | Path, map_path: str | Path, png: str | Path, size:
             # The scene under the map only: a map of part of it (--bounds, --aoi) beside the whole
             # scene would not line up. translate keeps the scene's CRS, so the box is in it.
             footprint = tuple(dst.bounds) if dst.crs is not None and not dst.transform.is_identity else None
-            # A scene orthorectified over a DEM (translate --rpc-dem) is placed over it again.
+            # A scene orthorectified over a DEM (translate --rpc-dem) is placed over it again, if
+            # it is still there (else at the RPCs' mean height: a picture a few pixels off).
             rpc_dem = _recorded(dst.tags(), "rpc_dem")
+            if rpc_dem is not None and not (is_gdal_path(rpc_dem) or Path(rpc_dem).exists()):
+                rpc_dem = None
         src = open_scene(scene, resolution="native", allow_ungeoreferenced=True, bounds=footprint, rpc_dem=rpc_dem)
         try:
             photo, photo_valid = src.read_decimated(h, w)

@@ -40,7 +40,7 @@ from rasterio.windows import Window, from_bounds
 from . import aoi as area
 from .buffers import row_buffer
 from .errors import InputError, NotGeoreferenced, gdal_reason
-from .placement import placement, warp_north_up
+from .placement import dem_name, placement, warp_north_up
 
 #: Share of the darkest and brightest pixels clipped when stretching non-8-bit input to 0..255.
 STRETCH_PERCENT = (2.0, 98.0)
@@ -607,7 +607,7 @@ def open_scene(
                 base.close()
             raise
     scene.gdal_options, scene.src_nodata = options, src_nodata
-    scene.rpc_dem = None if rpc_dem is None else str(rpc_dem)
+    scene.rpc_dem = None if rpc_dem is None else dem_name(rpc_dem)
     scene.warped_from = base
     if src_nodata is not None:
         scene.notes.append(f"pixels of value {src_nodata:g} in every band read as nodata (--src-nodata), in place "

@@ -297,9 +297,10 @@ def test_a_dem_that_cannot_place_the_scene_says_why(tmp_path):
         open_scene(rotated(tmp_path), rpc_dem=_dem(tmp_path / "dem.tif", np.zeros((50, 50))))
 
 
-def test_translate_over_a_dem_from_the_command_line(tmp_path, tiny_weights):
-    """The command line's --rpc-dem: the map is the DEM-placed scene's, says which DEM in its tags,
-    and a run with another DEM is another map (not kept by --resume)."""
+def test_translate_over_a_dem_from_the_command_line(tmp_path, tiny_weights, monkeypatch):
+    """The command line's --rpc-dem: the map is the DEM-placed scene's, says which DEM in its tags
+    (and records its absolute path: a resume or a preview from another folder finds it), and a
+    run with another DEM is another map (not kept by --resume)."""
     from click.testing import CliRunner
 
     from geosat2map_cli.main import cli
@@ -307,14 +308,19 @@ def test_translate_over_a_dem_from_the_command_line(tmp_path, tiny_weights):
     scene, out = by_rpcs(tmp_path), tmp_path / "map.tif"
     dem = _dem(tmp_path / "dem.tif", np.zeros((50, 50)))
     common = ["translate", str(scene), str(out), "--weights", str(tiny_weights), "--resolution", "native", "--quiet"]
-    result = CliRunner().invoke(cli, [*common, "--rpc-dem", str(dem)])
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, [*common, "--rpc-dem", "dem.tif"])  # relative to this folder
     assert result.exit_code == 0, result.output
     assert "over the DEM" in result.stderr
     with rasterio.open(out) as dst, open_scene(scene, resolution="native", rpc_dem=dem) as placed:
         assert dst.tags()["GEOSAT2MAP_RPC_DEM"] == "dem.tif"
         assert dst.transform.almost_equals(placed.transform) and dst.shape == (placed.height, placed.width)
     info = CliRunner().invoke(cli, ["info", str(out)])
-    assert "orthorectified over the DEM dem.tif (--rpc-dem)" in info.output and "--rpc-dem" in info.output
+    assert "orthorectified over the DEM dem.tif (--rpc-dem)" in info.output and f"--rpc-dem {dem}" in info.output
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = CliRunner().invoke(cli, [*common, "--resume", "--rpc-dem", str(dem)])  # the same DEM: kept
+    assert result.exit_code == 0 and result.output.startswith("kept "), result.output
     # The preview places the scene over the DEM the map records, as the map was: the square where
     # the map has it (at the RPCs' mean height it would lie 20 pixels west).
     preview = CliRunner().invoke(cli, ["preview", str(scene), str(out), str(tmp_path / "p.png"), "--size", "200"])
