@@ -329,6 +329,9 @@ def test_translate_over_a_dem_from_the_command_line(tmp_path, tiny_weights, monk
         rows, cols = np.nonzero(png.read(1)[:, : dst.width] == 250)
         x = dst.transform.c + (cols.mean() + 0.5) * dst.transform.a
     assert abs(x - _shifted(0.0)[0]) < 1.5 * DEG, ((x - LON0) / DEG, (_shifted(0.0)[0] - LON0) / DEG)
+    dem.rename(tmp_path / "moved.tif")  # gone: the preview places the scene at the RPCs' mean height
+    preview = CliRunner().invoke(cli, ["preview", str(scene), str(out), str(tmp_path / "p.png"), "--overwrite"])
+    assert preview.exit_code == 0, preview.output
     result = CliRunner().invoke(cli, [*common, "--resume", "--rpc-dem", str(_dem(tmp_path / "hills.tif",
                                                                                np.full((50, 50), 900.0)))])
     assert result.exit_code != 0 and "made with other options (rpc_dem" in result.stderr
