@@ -173,8 +173,11 @@ def _parse_bands(ctx, param, value: str | None):
                    "of the same scene and model is kept; with several SRC, partial ones are resumed and the rest "
                    "translated.")
 @click.option("--allow-ungeoreferenced", is_flag=True, help="Translate a raster without georeferencing.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the map each SRC would make (its size, resolution, CRS, bands, tiles and notes) and "
+                   "write nothing: no model is loaded, no tile computed.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def translate(src, dst, overlap, quiet, **options) -> None:
+def translate(src, dst, overlap, quiet, dry_run, **options) -> None:
     """Translate the satellite/aerial raster SRC into a map-style GeoTIFF DST. SRC may also be any
     address GDAL reads: https://..., s3://..., /vsizip/archive.zip/scene.tif.
 
@@ -186,6 +189,9 @@ def translate(src, dst, overlap, quiet, **options) -> None:
 
     to_folder = len(src) > 1 or any(glob.has_magic(p) and not is_gdal_path(p) for p in src)  # pattern: a folder
     src = _expand_globs(src)
+    if dry_run:
+        _dry_run(src, Path(dst), to_folder, overlap, options)
+        return
     if not to_folder:  # the library checks these again; here they come before the model loads
         check_input(src[0])
         if options["resume"] and Path(dst).exists() and not options["overwrite"]:  # a rerun after the end
@@ -227,6 +233,42 @@ def translate(src, dst, overlap, quiet, **options) -> None:
                 _report(outcome)
     finally:
         bar.close()
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+def _dry_run(sources: tuple[str, ...], dst: Path, to_folder: bool, overlap: int | None, options: dict) -> None:
+    """translate --dry-run: each scene's plan (geosat2map.pipeline.plan_translation), after the
+    checks a run makes first; with several, a scene that fails is reported and the others go on."""
+    from geosat2map.pipeline import DEFAULT_OVERLAP, map_name, plan_translation
+    from geosat2map.reader import check_input, is_gdal_path
+    from geosat2map.writer import GEOTIFF, check_destination
+
+    if to_folder and not dst.is_dir():
+        raise Geosat2mapError(f"with several inputs the output must be an existing folder, not {dst}")
+    asked = {k: options[k] for k in ("weights", "resolution", "tile_size", "bands", "bounds", "bounds_crs", "aoi",
+                                     "src_nodata", "rpc_dem", "allow_ungeoreferenced")}
+    asked["overlap"] = DEFAULT_OVERLAP if overlap is None else overlap
+    failed = 0
+    for scene in sources:
+        out = dst / map_name(scene) if to_folder else dst
+        try:
+            check_input(scene)
+            if not options["resume"]:
+                check_destination(out, None if is_gdal_path(scene) else Path(scene), options["overwrite"], GEOTIFF)
+            plan = plan_translation(scene, **asked)
+        except Geosat2mapError as exc:
+            if not to_folder:
+                raise
+            failed += 1
+            click.echo(f"geosat2map: error: {'' if str(scene) in str(exc) else f'{scene}: '}{exc}", err=True)
+            continue
+        for note in plan.notes:
+            click.echo(f"note: {note}", err=True)
+        gsd = f", {plan.gsd_m:.2f} m/px" if plan.gsd_m else ""
+        click.echo(f"would write {out}: {plan.width} x {plan.height}{gsd}, {plan.crs or 'no CRS'}, bands "
+                   f"{','.join(map(str, plan.bands))}, {plan.tiles} tiles of {options['tile_size']} overlapping "
+                   f"by {asked['overlap']}")
     if failed:
         raise click.exceptions.Exit(1)
 

@@ -33,7 +33,7 @@ from .placement import dem_name
 from .quantize import calibration_picks
 from .reader import (RowBand, Scene, available_memory, bounded_cache, is_subdataset, open_raster, open_scene,
                      scene_name, scene_path)
-from .weights import ModelSpec, load_generator, model_digest
+from .weights import ModelSpec, default_weights_path, load_generator, model_digest, read_spec
 from .writer import (BLOCK, BUFFERS, GEOTIFF, GEOTIFF_SUFFIXES, GeoTIFFWriter, check_compression,
                      check_destination, partial_path)
 
@@ -218,10 +218,7 @@ def translate(
     (lossy, at ``quality`` 1-100, 90 unless given); see :mod:`~geosat2map.writer`.
     """
     src, dst = scene_path(src), Path(dst)
-    if tile_size % 256 or tile_size <= 0:
-        raise InputError(f"tile size must be a multiple of 256 (the U-Net halves it 8 times), not {tile_size}")
-    if not 0 <= overlap <= tile_size // 2:
-        raise InputError(f"overlap must be between 0 and {tile_size // 2} pixels, not {overlap}")
+    _check_tiling(tile_size, overlap)
     if batch_size is not None and batch_size < 1:
         raise InputError("batch size must be at least 1")
     if precision not in PRECISIONS:
@@ -260,6 +257,58 @@ def translate(
                     tile_size=tile_size, overlap=overlap, batch_size=batch_size, cog=cog,
                     compress=compress, quality=quality, allow_ungeoreferenced=allow_ungeoreferenced,
                     progress=progress, resume=resume, backend=backend, precision=precision, ctx=ctx)
+
+
+@dataclass
+class TranslatePlan:
+    """What :func:`translate` would make of a scene (:func:`plan_translation`)."""
+
+    width: int
+    height: int
+    gsd_m: float | None
+    crs: str | None
+    tiles: int
+    bands: list[int]
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_translation(
+    src: str | Path,
+    weights: str | Path | None = None,
+    *,
+    resolution: str | float = "model",
+    tile_size: int = 256,
+    overlap: int = DEFAULT_OVERLAP,
+    bands: list[int] | None = None,
+    bounds: tuple[float, float, float, float] | None = None,
+    bounds_crs: str | None = None,
+    aoi: str | area.AreaOfInterest | None = None,
+    src_nodata: float | None = None,
+    rpc_dem: str | Path | None = None,
+    allow_ungeoreferenced: bool = False,
+) -> TranslatePlan:
+    """The map :func:`translate` would write from ``src`` with these options, and its tiles, planned
+    as translate plans them (placement, resampling to the model's ground sampling distance, bounds
+    or area of interest, bands, the memory check) but with no model loaded and no tile computed:
+    a large scene's size and cost before a long run (``translate --dry-run``). Every tile of the
+    grid is counted; a run skips those wholly outside an area of interest or nodata."""
+    _check_tiling(tile_size, overlap)
+    spec = read_spec(weights if weights is not None else default_weights_path())
+    scene, grid, _ = _open_checked(scene_path(src), bands, resolution, spec, allow_ungeoreferenced, tile_size,
+                                   overlap, bounds, bounds_crs, _area(aoi, bounds), src_nodata, rpc_dem)
+    try:
+        return TranslatePlan(scene.width, scene.height, scene.gsd_m,
+                             None if scene.crs is None else scene.crs.to_string(), len(grid), list(scene.bands),
+                             list(scene.notes))
+    finally:
+        scene.close()
+
+
+def _check_tiling(tile_size: int, overlap: int) -> None:
+    if tile_size % 256 or tile_size <= 0:
+        raise InputError(f"tile size must be a multiple of 256 (the U-Net halves it 8 times), not {tile_size}")
+    if not 0 <= overlap <= tile_size // 2:
+        raise InputError(f"overlap must be between 0 and {tile_size // 2} pixels, not {overlap}")
 
 
 def _area(aoi: str | Path | area.AreaOfInterest | None, bounds) -> area.AreaOfInterest | None:

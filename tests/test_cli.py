@@ -704,3 +704,39 @@ def test_every_output_is_named_for_its_format(args, out, phrase, scene, tiny_wei
     dst = tmp_path / out
     fill = {"scene": scene, "tmp": tmp_path, "weights": tiny_weights}
     assert_clean_failure(run(*[a.format(**fill) for a in args], dst), dst, phrase)
+
+
+def test_dry_run_plans_the_map_as_translate_makes_it_and_writes_nothing(tiny_weights_gsd, tmp_path, monkeypatch):
+    """--dry-run: the map's size, resolution, CRS, bands and tile count, as the real run then makes
+    it, with no model loaded and nothing written; with several scenes, one that fails is reported
+    and the others planned."""
+    from geosat2map import pipeline, weights
+
+    scene = write_scene(tmp_path / "scene.tif", width=700, height=900)  # 1 m pixels; the model's are 2 m
+    out = tmp_path / "map.tif"
+
+    def no_model(*_, **__):
+        raise AssertionError("a dry run loaded the model")
+
+    with monkeypatch.context() as m:
+        m.setattr(weights, "load_generator", no_model)
+        m.setattr(pipeline, "load_generator", no_model)
+        result = run("translate", scene, out, "--weights", tiny_weights_gsd, "--dry-run")
+        assert result.exit_code == 0, result.output
+        planned = result.stdout
+        bad = tmp_path / "notes.txt"
+        bad.write_text("not a raster")
+        folder = tmp_path / "maps"
+        folder.mkdir()
+        several = run("translate", scene, bad, folder, "--weights", tiny_weights_gsd, "--dry-run")
+    assert not out.exists() and not any(folder.iterdir())
+    assert several.exit_code == 1 and "notes.txt is not a raster" in several.stderr
+    assert several.stdout.startswith(f"would write {folder / 'scene.tif'}: ")
+    made = run("translate", scene, out, "--weights", tiny_weights_gsd, "--quiet")
+    assert made.exit_code == 0, made.output
+    with rasterio.open(out) as dst:
+        tiles = re.search(r"(\d+)/\d+ tiles computed", made.stdout).group(1)
+        assert planned.strip() == (f"would write {out}: {dst.width} x {dst.height}, 2.00 m/px, EPSG:32633, bands "
+                                   f"1,2,3, {tiles} tiles of 256 overlapping by 64")
+    assert_clean_failure(run("translate", scene, out, "--weights", tiny_weights_gsd, "--dry-run"), tmp_path / "x",
+                         "exists (pass --overwrite")
