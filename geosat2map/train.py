@@ -610,7 +610,8 @@ class Trainer:
         record = {"epoch": self.epoch + 1, "step": self.global_step, "seconds": round(seconds, 1),
                   "lr": self.opt_G.param_groups[0]["lr"], **losses}
         self.sched_G.step()
-        self.sched_D.step()
+        if self.cfg.lambda_gan > 0:  # an untrained D's schedule (PyTorch warns of a step with no update)
+            self.sched_D.step()
         self.epoch += 1
         self.step_in_epoch = 0
         if not self.cfg.freeze_batchnorm:
