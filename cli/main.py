@@ -225,8 +225,7 @@ def translate(src, dst, overlap, quiet, dry_run, **options) -> None:
             bar.close()
             if isinstance(outcome, Geosat2mapError):
                 failed += 1
-                where = "" if str(scene) in str(outcome) else f"{scene}: "
-                click.echo(f"geosat2map: error: {where}{outcome}", err=True)
+                _scene_error(scene, outcome)
             elif isinstance(outcome, FinishedMap):
                 click.echo(f"kept {outcome.dst}: finished before")
             elif not helper:
@@ -240,12 +239,12 @@ def translate(src, dst, overlap, quiet, dry_run, **options) -> None:
 def _dry_run(sources: tuple[str, ...], dst: Path, to_folder: bool, overlap: int | None, options: dict) -> None:
     """translate --dry-run: each scene's plan (geosat2map.pipeline.plan_translation), after the
     checks a run makes first; with several, a scene that fails is reported and the others go on."""
-    from geosat2map.pipeline import DEFAULT_OVERLAP, map_name, plan_translation
+    from geosat2map.pipeline import DEFAULT_OVERLAP, check_map_folder, map_name, plan_translation
     from geosat2map.reader import check_input, is_gdal_path
     from geosat2map.writer import GEOTIFF, check_destination
 
-    if to_folder and not dst.is_dir():
-        raise Geosat2mapError(f"with several inputs the output must be an existing folder, not {dst}")
+    if to_folder:
+        check_map_folder(list(sources), dst)
     asked = {k: options[k] for k in ("weights", "resolution", "tile_size", "bands", "bounds", "bounds_crs", "aoi",
                                      "src_nodata", "rpc_dem", "allow_ungeoreferenced")}
     asked["overlap"] = DEFAULT_OVERLAP if overlap is None else overlap
@@ -261,7 +260,7 @@ def _dry_run(sources: tuple[str, ...], dst: Path, to_folder: bool, overlap: int 
             if not to_folder:
                 raise
             failed += 1
-            click.echo(f"geosat2map: error: {'' if str(scene) in str(exc) else f'{scene}: '}{exc}", err=True)
+            _scene_error(scene, exc)
             continue
         for note in plan.notes:
             click.echo(f"note: {note}", err=True)
@@ -271,6 +270,11 @@ def _dry_run(sources: tuple[str, ...], dst: Path, to_folder: bool, overlap: int 
                    f"by {asked['overlap']}")
     if failed:
         raise click.exceptions.Exit(1)
+
+
+def _scene_error(scene: str, exc: Exception) -> None:
+    """One scene's failure in a run of several: its one line, naming the scene unless it does."""
+    click.echo(f"geosat2map: error: {'' if str(scene) in str(exc) else f'{scene}: '}{exc}", err=True)
 
 
 def _keep_finished(src: str, dst: Path, options: dict) -> None:

@@ -344,6 +344,17 @@ def _agree(ctx: DistContext, check: Callable[[], None]) -> None:
         raise failure
 
 
+def check_map_folder(srcs: list[str | Path], dst_dir: Path) -> None:
+    """Refuse, before any work, a folder of maps that is not there or where two scenes' maps would
+    take one name (:func:`map_name`)."""
+    if not dst_dir.is_dir():
+        raise OutputError(f"with several inputs the output must be an existing folder, not {dst_dir}")
+    names = [map_name(s) for s in srcs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"several inputs share a file name, their outputs would collide: {', '.join(twice)}")
+
+
 def translate_many(
     srcs: list[str | Path],
     dst_dir: str | Path,
@@ -361,12 +372,7 @@ def translate_many(
     partial output is resumed, the rest are translated.
     """
     dst_dir = Path(dst_dir)
-    if not dst_dir.is_dir():
-        raise OutputError(f"with several inputs the output must be an existing folder, not {dst_dir}")
-    names = [map_name(s) for s in srcs]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise InputError(f"several inputs share a file name, their outputs would collide: {', '.join(twice)}")
+    check_map_folder(srcs, dst_dir)
     options["aoi"] = _area(options.get("aoi"), options.get("bounds"))  # read once for all scenes
     model = options.pop("model", None) or load_generator(weights)
     if options.get("tta") and not isinstance(model[0], FlipAveraged):  # wrapped once for all scenes

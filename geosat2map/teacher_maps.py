@@ -6,8 +6,9 @@ the same in every epoch (mirrored with its pair), so a run keeps the maps in mem
 first epoch (``Trainer._teacher_maps``); it is also the same in every run with the same teacher,
 the same pairs and the same arithmetic, so the maps are kept here too, in the cache, for the
 next run of a chain of fine-tuning cycles taught by one teacher and for a run resumed after its
-first epoch (in a new process, which has lost the maps in memory): they skip the teacher as well. The file is named by what the maps depend on, so
-a changed teacher or set of pairs finds none.
+first epoch (in a new process, which has lost the maps in memory): they skip the teacher as
+well. The file is named by what the maps depend on, so a changed teacher or set of pairs finds
+none.
 """
 
 from __future__ import annotations

@@ -500,17 +500,15 @@ def test_tiles_from_a_scene_placed_by_rpcs_over_a_dem(tmp_path):
 
     from geosat2map.reader import open_scene
 
-    size, lon0, lat0, deg = 600, -115.1, 36.2, 1e-5
+    from .test_placement import DEG as deg, LAT0 as lat0, LON0 as lon0, _dem
+
+    size = 600
     half = size / 2
     sat = tmp_path / "raw.tif"
     with rasterio.open(sat, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8") as dst:
         dst.write(synthetic_image(size, size).astype(np.uint8))
         dst.rpcs = oblique_rpcs(size, lon0, lat0, deg)
-    common = dict(driver="GTiff", count=1, dtype="float32", crs="EPSG:4326")
-    dem = tmp_path / "dem.tif"
-    with rasterio.open(dem, "w", width=100, height=100, transform=from_origin(lon0 - 0.01, lat0 + 0.01, 2e-4, 2e-4),
-                       **common) as dst:
-        dst.write(np.zeros((1, 100, 100), np.float32))  # 500 m below the RPCs' mean height: 60 pixels east
+    dem = _dem(tmp_path / "dem.tif", np.zeros((50, 50)))  # 500 m below the RPCs' mean height: 60 pixels east
     map_raster = tmp_path / "map.tif"
     with rasterio.open(map_raster, "w", driver="GTiff", width=1000, height=1000, count=3, dtype="uint8",
                        crs="EPSG:4326", transform=from_origin(lon0 - 0.005, lat0 + 0.005, deg, deg)) as dst:
