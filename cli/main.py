@@ -265,9 +265,10 @@ def _dry_run(sources: tuple[str, ...], dst: Path, to_folder: bool, overlap: int 
         for note in plan.notes:
             click.echo(f"note: {note}", err=True)
         gsd = f", {plan.gsd_m:.2f} m/px" if plan.gsd_m else ""
+        outside = plan.grid_tiles - plan.tiles
         click.echo(f"would write {out}: {plan.width} x {plan.height}{gsd}, {plan.crs or 'no CRS'}, bands "
                    f"{','.join(map(str, plan.bands))}, {plan.tiles} tiles of {options['tile_size']} overlapping "
-                   f"by {asked['overlap']}")
+                   f"by {asked['overlap']}" + (f" ({outside} more outside the area of interest)" if outside else ""))
     if failed:
         raise click.exceptions.Exit(1)
 

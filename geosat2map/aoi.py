@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,6 +76,23 @@ def inside(geometry: shapely.Geometry, transform: Affine, shape: tuple[int, int]
     if part.is_empty:
         return np.zeros(shape, bool)
     return geometry_mask([part], out_shape=shape, transform=transform, invert=True)
+
+
+def windows_touched(geometry: shapely.Geometry, transform: Affine,
+                    windows: Iterable[tuple[int, int, int, int]]) -> int:
+    """How many ``windows`` (column, row, width, height on the grid at ``transform``) have a pixel
+    centre inside ``geometry``: the tiles a run over the area computes at most. Only the windows its
+    boundary crosses are rasterised (:func:`inside`), so a large scene's count takes no reads."""
+    shapely.prepare(geometry)
+    count = 0
+    for col, row, width, height in windows:
+        at = transform @ Affine.translation(col, row)
+        box = shapely.Polygon([at @ corner for corner in ((0, 0), (width, 0), (width, height), (0, height))])
+        if shapely.contains_properly(geometry, box):
+            count += 1
+        elif shapely.intersects(geometry, box) and inside(geometry, at, (height, width)).any():
+            count += 1
+    return count
 
 
 def digest(geometry: shapely.Geometry) -> str:

@@ -267,9 +267,13 @@ class TranslatePlan:
     height: int
     gsd_m: float | None
     crs: str | None
+    #: The tiles a run computes at most: those of the grid with a pixel inside the area of interest
+    #: (all without one). A run also skips those wholly nodata, which only reading the scene tells.
     tiles: int
     bands: list[int]
     notes: list[str] = field(default_factory=list)
+    #: All the tiles of the map's grid.
+    grid_tiles: int = 0
 
 
 def plan_translation(
@@ -290,16 +294,18 @@ def plan_translation(
     """The map :func:`translate` would write from ``src`` with these options, and its tiles, planned
     as translate plans them (placement, resampling to the model's ground sampling distance, bounds
     or area of interest, bands, the memory check) but with no model loaded and no tile computed:
-    a large scene's size and cost before a long run (``translate --dry-run``). Every tile of the
-    grid is counted; a run skips those wholly outside an area of interest or nodata."""
+    a large scene's size and cost before a long run (``translate --dry-run``)."""
     _check_tiling(tile_size, overlap)
     spec = read_spec(weights if weights is not None else default_weights_path())
     scene, grid, _ = _open_checked(scene_path(src), bands, resolution, spec, allow_ungeoreferenced, tile_size,
                                    overlap, bounds, bounds_crs, _area(aoi, bounds), src_nodata, rpc_dem)
     try:
+        tiles = len(grid) if scene.aoi is None else area.windows_touched(
+            scene.aoi, scene.transform, ((x, y, *grid.tile_shape(r, c)[::-1]) for r, y in enumerate(grid.ys)
+                                         for c, x in enumerate(grid.xs)))
         return TranslatePlan(scene.width, scene.height, scene.gsd_m,
-                             None if scene.crs is None else scene.crs.to_string(), len(grid), list(scene.bands),
-                             list(scene.notes))
+                             None if scene.crs is None else scene.crs.to_string(), tiles, list(scene.bands),
+                             list(scene.notes), len(grid))
     finally:
         scene.close()
 

@@ -138,6 +138,24 @@ def test_lines_are_no_area(tiny_weights, tmp_path):
         translate(scene, tmp_path / "map.tif", weights=tiny_weights, aoi=str(roads))
 
 
+@pytest.mark.parametrize("shape", ["diagonal", "ring"])
+def test_a_plan_counts_the_tiles_the_run_computes(tiny_weights_gsd, tmp_path, shape):
+    """translate's plan (--dry-run) counts the tiles with a pixel inside the area, as the run then
+    computes them, without reading the scene: a thin diagonal band and a ring on a 1 m scene
+    mapped at 2 m (the run's count is of tiles with a valid pixel: the scene has no nodata)."""
+    from geosat2map.pipeline import plan_translation
+
+    scene = write_scene(tmp_path / "scene.tif", width=1800, height=1600)
+    box = shapely.box(LEFT, TOP - 1600, LEFT + 1800, TOP)
+    polygon = (shapely.LineString([(LEFT, TOP), (LEFT + 1800, TOP - 1600)]).buffer(3) if shape == "diagonal"
+               else box.buffer(-100).difference(box.buffer(-150)))
+    aoi = write_polygons(tmp_path / "aoi.gpkg", [polygon])
+    plan = plan_translation(scene, tiny_weights_gsd, aoi=str(aoi))
+    result = translate(scene, tmp_path / "map.tif", weights=tiny_weights_gsd, backend="torch", aoi=str(aoi))
+    assert (plan.width, plan.height, plan.grid_tiles) == (result.width, result.height, result.tiles)
+    assert plan.tiles == result.tiles_computed < result.tiles
+
+
 def test_cli_aoi(tiny_weights, tmp_path):
     from .test_cli import run
 
@@ -149,6 +167,8 @@ def test_cli_aoi(tiny_weights, tmp_path):
     with rasterio.open(out) as ds:
         assert ds.bounds == L_SHAPE.bounds and (ds.dataset_mask() == 0).any()
     assert run("info", out).stdout.splitlines()[2].endswith("; only inside the polygons of aoi.gpkg")
+    planned = run("translate", scene, tmp_path / "plan.tif", "--weights", tiny_weights, "--aoi", aoi, "--dry-run")
+    assert planned.stdout.strip().endswith(" 8 tiles of 256 overlapping by 64 (1 more outside the area of interest)")
     result = run("translate", scene, tmp_path / "b.tif", "--weights", tiny_weights, "--aoi", aoi, "--bounds",
                  LEFT, TOP - 10, LEFT + 10, TOP)
     assert result.exit_code == 1 and result.output.strip() == \

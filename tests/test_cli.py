@@ -271,9 +271,9 @@ def test_signal_in_the_middle_of_a_run_leaves_nothing(tmp_path, tiny_weights, si
     # is reset to the default: SIGINT is handled here while the child starts, so the test asks
     # what translate does on Ctrl-C however the suite was launched.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    try:  # --backend torch: auto would first time ONNX Runtime on this 441-tile scene (some 10 s)
         proc = subprocess.Popen([sys.executable, "-m", "geosat2map_cli", "translate", str(scene), str(out),
-                                 "--weights", str(tiny_weights), "--batch-size", "1"],
+                                 "--weights", str(tiny_weights), "--batch-size", "1", "--backend", "torch"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     finally:
         signal.signal(signal.SIGINT, previous)

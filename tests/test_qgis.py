@@ -345,11 +345,12 @@ def test_processing_script_reports_errors_and_cancels_cleanly(script, tiny_weigh
     assert report["error"].startswith("geosat2map: error:") and "no georeferencing" in report["error"]
     assert not (tmp_path / "x.tif").exists()
 
-    # Slow enough to be canceled part way with rows kept (width 16, 256 tiles: about 6 s here),
-    # at 30 %: about a third of the rows done, several of the writer's 256-row blocks whole.
+    # Slow enough to be canceled part way with rows kept (width 16, 169 tiles: about 6 s here),
+    # at 30 %: about a third of the rows done, several of the writer's 256-row blocks whole. Under
+    # AUTO_MIN_TILES, so the backend is PyTorch without first timing ONNX Runtime.
     slower = tmp_path / "width16.safetensors"
     save_generator(random_generator(ngf=16), ModelSpec(ngf=16), slower)
-    scene = write_scene(tmp_path / "big.tif", width=3072, height=3072)
+    scene = write_scene(tmp_path / "big.tif", width=2560, height=2560)
     out = tmp_path / "map.tif"
     params = (f"INPUT={scene}", f"OUTPUT={out}", f"WEIGHTS={slower}", "RESOLUTION=native")
     report = _run_processing(script, *params, cancel_at=30)
