@@ -174,8 +174,9 @@ def _parse_bands(ctx, param, value: str | None):
                    "translated.")
 @click.option("--allow-ungeoreferenced", is_flag=True, help="Translate a raster without georeferencing.")
 @click.option("--dry-run", is_flag=True,
-              help="Print the map each SRC would make (its size, resolution, CRS, bands, tiles and notes) and "
-                   "write nothing: no model is loaded, no tile computed.")
+              help="Print the map each SRC would make (its size, resolution, CRS, bands, tiles and notes; with "
+                   "--resume, the maps kept and the rows a partial one holds) and write nothing: no model is "
+                   "loaded, no tile computed.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def translate(src, dst, overlap, quiet, dry_run, **options) -> None:
     """Translate the satellite/aerial raster SRC into a map-style GeoTIFF DST. SRC may also be any
@@ -239,7 +240,7 @@ def translate(src, dst, overlap, quiet, dry_run, **options) -> None:
 def _dry_run(sources: tuple[str, ...], dst: Path, to_folder: bool, overlap: int | None, options: dict) -> None:
     """translate --dry-run: each scene's plan (geosat2map.pipeline.plan_translation), after the
     checks a run makes first; with several, a scene that fails is reported and the others go on."""
-    from geosat2map.pipeline import DEFAULT_OVERLAP, check_map_folder, map_name, plan_translation
+    from geosat2map.pipeline import DEFAULT_OVERLAP, check_map_folder, kept_rows, map_name, plan_translation
     from geosat2map.reader import check_input, is_gdal_path
     from geosat2map.writer import GEOTIFF, check_destination
 
@@ -253,8 +254,12 @@ def _dry_run(sources: tuple[str, ...], dst: Path, to_folder: bool, overlap: int 
         out = dst / map_name(scene) if to_folder else dst
         try:
             check_input(scene)
-            if not options["resume"]:
-                check_destination(out, None if is_gdal_path(scene) else Path(scene), options["overwrite"], GEOTIFF)
+            if options["resume"] and not options["overwrite"] and out.exists():
+                click.echo(f"would keep {out}: finished before (if made from this scene by this model with these "
+                           "options)")
+                continue
+            check_destination(out, None if is_gdal_path(scene) else Path(scene), options["overwrite"], GEOTIFF)
+            kept = kept_rows(out, required=not to_folder) if options["resume"] else None
             plan = plan_translation(scene, **asked)
         except Geosat2mapError as exc:
             if not to_folder:
@@ -268,7 +273,8 @@ def _dry_run(sources: tuple[str, ...], dst: Path, to_folder: bool, overlap: int 
         outside = plan.grid_tiles - plan.tiles
         click.echo(f"would write {out}: {plan.width} x {plan.height}{gsd}, {plan.crs or 'no CRS'}, bands "
                    f"{','.join(map(str, plan.bands))}, {plan.tiles} tiles of {options['tile_size']} overlapping "
-                   f"by {asked['overlap']}" + (f" ({outside} more outside the area of interest)" if outside else ""))
+                   f"by {asked['overlap']}" + (f" ({outside} more outside the area of interest)" if outside else "")
+                   + ("" if kept is None else f"; continuing its partial output, {kept} of {plan.height} rows kept"))
     if failed:
         raise click.exceptions.Exit(1)
 

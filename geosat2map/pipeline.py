@@ -310,6 +310,17 @@ def plan_translation(
         scene.close()
 
 
+def kept_rows(dst: Path, required: bool = True) -> int | None:
+    """The rows of ``dst`` an interrupted run kept in its partial output, which ``resume=True``
+    continues from (whether this run may is checked when it starts: the same input, options and
+    model). None when there is none and it is not ``required`` (a batch starts such a map
+    afresh); else, or when its record is unreadable, the run's error."""
+    record = progress_record.record_path(dst)
+    if not required and not record.exists():
+        return None
+    return progress_record.load(record, partial_path(dst), dst)["rows"]
+
+
 def _check_tiling(tile_size: int, overlap: int) -> None:
     if tile_size % 256 or tile_size <= 0:
         raise InputError(f"tile size must be a multiple of 256 (the U-Net halves it 8 times), not {tile_size}")

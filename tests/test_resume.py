@@ -284,6 +284,17 @@ def test_a_resumed_batch_keeps_finished_maps_resumes_partial_ones_and_starts_the
     translate(scenes[0], maps / "a.tif", weights=tiny_weights)
     with pytest.raises(Interrupted):
         translate(scenes[1], maps / "b.tif", weights=tiny_weights, progress=stop_after(20))
+    # What the resumed batch will do, planned (--dry-run): keep, continue, start.
+    plan = CliRunner().invoke(cli, ["translate", *map(str, scenes), str(maps), "--weights", str(tiny_weights),
+                                    "--resume", "--dry-run"])
+    rows = json.loads((maps / ".b.tif.part.json").read_text())["rows"]
+    assert plan.exit_code == 0 and plan.stdout.splitlines()[0] == (
+        f"would keep {maps / 'a.tif'}: finished before (if made from this scene by this model with these options)")
+    assert plan.stdout.splitlines()[1].endswith(f"; continuing its partial output, {rows} of 1500 rows kept")
+    assert plan.stdout.splitlines()[2].endswith(" 32 tiles of 256 overlapping by 64"), plan.output
+    alone = CliRunner().invoke(cli, ["translate", str(scenes[2]), str(maps / "c.tif"), "--weights",
+                                     str(tiny_weights), "--resume", "--dry-run"])  # as the run: nothing to resume
+    assert alone.exit_code == 1 and alone.stderr.startswith("geosat2map: error: nothing to resume for ")
     outcomes = dict(translate_many(scenes, maps, weights=tiny_weights, resume=True))
     assert isinstance(outcomes[scenes[0]], FinishedMap)
     assert outcomes[scenes[1]].tiles_computed == outcomes[scenes[2]].tiles_computed == 32  # counted over both runs
