@@ -83,16 +83,16 @@ def windows_touched(geometry: shapely.Geometry, transform: Affine,
     """How many ``windows`` (column, row, width, height on the grid at ``transform``) have a pixel
     centre inside ``geometry``: the tiles a run over the area computes at most. Only the windows its
     boundary crosses are rasterised (:func:`inside`), so a large scene's count takes no reads."""
+    cols, rows, widths, heights = np.array(list(windows), dtype=np.float64).reshape(-1, 4).T
+    corners = np.stack([np.stack(transform @ (cols + dx * widths, rows + dy * heights), axis=-1)
+                        for dx, dy in ((0, 0), (1, 0), (1, 1), (0, 1), (0, 0))], axis=1)
+    boxes = shapely.polygons(corners)
     shapely.prepare(geometry)
-    count = 0
-    for col, row, width, height in windows:
-        at = transform @ Affine.translation(col, row)
-        box = shapely.Polygon([at @ corner for corner in ((0, 0), (width, 0), (width, height), (0, height))])
-        if shapely.contains_properly(geometry, box):
-            count += 1
-        elif shapely.intersects(geometry, box) and inside(geometry, at, (height, width)).any():
-            count += 1
-    return count
+    within = shapely.contains_properly(geometry, boxes)
+    crossed = np.flatnonzero(~within & shapely.intersects(geometry, boxes))
+    return int(within.sum()) + sum(
+        bool(inside(geometry, transform @ Affine.translation(cols[i], rows[i]), (int(heights[i]), int(widths[i]))).any())
+        for i in crossed)
 
 
 def digest(geometry: shapely.Geometry) -> str:
