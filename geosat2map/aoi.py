@@ -90,9 +90,8 @@ def windows_touched(geometry: shapely.Geometry, transform: Affine,
     shapely.prepare(geometry)
     within = shapely.contains_properly(geometry, boxes)
     crossed = np.flatnonzero(~within & shapely.intersects(geometry, boxes))
-    return int(within.sum()) + sum(
-        bool(inside(geometry, transform @ Affine.translation(cols[i], rows[i]), (int(heights[i]), int(widths[i]))).any())
-        for i in crossed)
+    return int(within.sum()) + sum(bool(inside(geometry, transform @ Affine.translation(cols[i], rows[i]),
+                                               (int(heights[i]), int(widths[i]))).any()) for i in crossed)
 
 
 def digest(geometry: shapely.Geometry) -> str:
