@@ -34,7 +34,8 @@ PATTERN = "teacher-maps-*.safetensors"
 def maps_file(teacher_digest: str, inputs: Iterable[torch.Tensor], arithmetic: str) -> Path:
     """Where the maps of a teacher (its :func:`~geosat2map.weights.model_digest`) for the pairs
     whose model inputs are ``inputs`` (uint8, in the set's order) are kept; ``arithmetic`` names
-    what else changes the maps (device type, autocast)."""
+    what else changes the maps (device type, autocast, the torch release: its kernels may round
+    otherwise)."""
     h = hashlib.sha256()
     for image in inputs:
         h.update(repr(tuple(image.shape)).encode())

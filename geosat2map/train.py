@@ -311,7 +311,7 @@ class Trainer:
         if self.teacher is not None and self.train_set.kept is not None and self.train_set.mirrored(0) is not None:
             self._taught_file = teacher_maps.maps_file(
                 self.teacher_lineage["sha256"], (a for a, _ in self.train_set.kept),
-                f"{self.device.type}-{'bf16' if self.amp else 'fp32'}")
+                f"{self.device.type}-{'bf16' if self.amp else 'fp32'}-torch{torch.__version__}")
             kept = teacher_maps.load_maps(self._taught_file)
             self._taught = kept if len(kept) == len(self.train_set) else {}
         if dist_ctx.enabled:
