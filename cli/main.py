@@ -271,9 +271,10 @@ def _dry_run(sources: tuple[str, ...], dst: Path, to_folder: bool, overlap: int 
             click.echo(f"note: {note}", err=True)
         gsd = f", {plan.gsd_m:.2f} m/px" if plan.gsd_m else ""
         outside = plan.grid_tiles - plan.tiles
+        tiles = f"{plan.tiles} tile{'' if plan.tiles == 1 else 's'} of {options['tile_size']}"
         click.echo(f"would write {out}: {plan.width} x {plan.height}{gsd}, {plan.crs or 'no CRS'}, bands "
-                   f"{','.join(map(str, plan.bands))}, {plan.tiles} tiles of {options['tile_size']} overlapping "
-                   f"by {asked['overlap']}" + (f" ({outside} more outside the area of interest)" if outside else "")
+                   f"{','.join(map(str, plan.bands))}, {tiles} overlapping by {asked['overlap']}"
+                   + (f" ({outside} more outside the area of interest)" if outside else "")
                    + ("" if kept is None else f"; continuing its partial output, {kept} of {plan.height} rows kept"))
     if failed:
         raise click.exceptions.Exit(1)
