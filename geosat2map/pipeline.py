@@ -270,10 +270,10 @@ class TranslatePlan:
     #: The tiles a run computes at most: those of the grid with a pixel inside the area of interest
     #: (all without one). A run also skips those wholly nodata, which only reading the scene tells.
     tiles: int
+    #: All the tiles of the map's grid.
+    grid_tiles: int
     bands: list[int]
     notes: list[str] = field(default_factory=list)
-    #: All the tiles of the map's grid.
-    grid_tiles: int = 0
 
 
 def plan_translation(
@@ -304,8 +304,8 @@ def plan_translation(
             scene.aoi, scene.transform, ((x, y, *grid.tile_shape(r, c)[::-1]) for r, y in enumerate(grid.ys)
                                          for c, x in enumerate(grid.xs)))
         return TranslatePlan(scene.width, scene.height, scene.gsd_m,
-                             None if scene.crs is None else scene.crs.to_string(), tiles, list(scene.bands),
-                             list(scene.notes), len(grid))
+                             None if scene.crs is None else scene.crs.to_string(), tiles, len(grid),
+                             list(scene.bands), list(scene.notes))
     finally:
         scene.close()
 
