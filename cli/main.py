@@ -375,8 +375,9 @@ UNLIKE_A_MAP = 0.5
 def classify(map_path, dst, compress, cog, as_json, overwrite) -> None:
     """Write DST: each pixel of MAP (a translated map) as its map colour class (1 land, 2 building,
     3 road, 4 highway, 5 water, 6 park; 0 unclassified: labels, edges), a paletted GeoTIFF in the
-    classes' colours; print each class's area."""
-    from geosat2map.classify import classify_map
+    classes' colours, with a QGIS style beside it (DST named .qml: QGIS's legend then names the
+    classes); print each class's area."""
+    from geosat2map.classify import classify_map, style_path
 
     by_class = classify_map(map_path, dst, overwrite=overwrite, compress=compress, cog=cog)
     total = sum(c.pixels for c in by_class.values())
@@ -387,7 +388,7 @@ def classify(map_path, dst, compress, cog, as_json, overwrite) -> None:
     if as_json:
         click.echo(json.dumps({name: {"pixels": c.pixels, "area_m2": c.area_m2} for name, c in by_class.items()}))
         return
-    click.echo(f"wrote {dst}: {total:,} valid pixels")
+    click.echo(f"wrote {dst} (its QGIS style: {style_path(Path(dst)).name}): {total:,} valid pixels")
     for name, c in by_class.items():
         area = "" if c.area_m2 is None else f"  {_area(c.area_m2):>12}"
         click.echo(f"  {name:<12} {100 * c.pixels / max(total, 1):5.1f} %{area}")

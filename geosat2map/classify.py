@@ -7,11 +7,15 @@ colour, as ``evaluate --classes`` scores them (:data:`metrics.MAP_CLASSES`, with
 between two colours). The result is a paletted uint8 GeoTIFF on the map's grid, drawn in the
 classes' own colours and naming them in its metadata, with the map's nodata as the value
 :data:`NODATA` (a nodata value, not a mask band: see :class:`writer.GeoTIFFWriter`), and each
-class's area on the ground. The map is read block row by block row, never whole.
+class's area on the ground. Beside it, the classes' QGIS style (:func:`style_path`). The map is
+read block row by block row, never whole.
 """
 
 from __future__ import annotations
 
+import os
+import xml.etree.ElementTree as ET
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +26,7 @@ from pyproj import CRS as ProjCRS
 from pyproj import Transformer
 from rasterio.windows import Window
 
-from .errors import InputError
+from .errors import InputError, OutputError
 from .metrics import MAP_CLASSES, colour_classes
 from .reader import open_raster
 from .writer import BLOCK, GEOTIFF_SUFFIXES, GeoTIFFWriter, check_destination
@@ -58,6 +62,31 @@ def colormap() -> dict[int, tuple[int, ...]]:
     """Each class value drawn in its class's map colour (QGIS shows the raster as the map)."""
     return {UNCLASSIFIED: UNCLASSIFIED_COLOUR, **{CLASS_VALUES[k]: rgb for k, rgb in MAP_CLASSES.items()},
             NODATA: (0, 0, 0, 0)}
+
+
+def style_path(dst: Path) -> Path:
+    """The classes' QGIS style beside the class raster ``dst`` (its name, ``.qml``). QGIS loads a
+    raster's same-named ``.qml`` as its default style: the layer's legend then lists the classes by
+    name, where the colour table alone gives 256 entries numbered 0 to 255 (a GeoTIFF palette has
+    one per byte value)."""
+    return dst.with_suffix(".qml")
+
+
+def qgis_style() -> str:
+    """A QGIS paletted renderer of the classes (:func:`colormap` without nodata, which the raster's
+    nodata value already hides), each labelled with its name."""
+    qgis = ET.Element("qgis", version="3.22", styleCategories="Symbology")
+    renderer = ET.SubElement(ET.SubElement(qgis, "pipe"), "rasterrenderer", type="paletted", band="1",
+                             opacity="1", alphaBand="-1", nodataColor="")
+    ET.SubElement(renderer, "rasterTransparency")
+    palette = ET.SubElement(renderer, "colorPalette")
+    names = {UNCLASSIFIED: "unclassified", **{v: k for k, v in CLASS_VALUES.items()}}
+    for value, rgb in colormap().items():
+        if value != NODATA:
+            ET.SubElement(palette, "paletteEntry", value=str(value), color="#{:02x}{:02x}{:02x}".format(*rgb[:3]),
+                          alpha="255", label=names[value])
+    ET.indent(qgis)
+    return "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n" + ET.tostring(qgis, encoding="unicode") + "\n"
 
 
 def classes_of(rgb: np.ndarray) -> np.ndarray:
@@ -117,13 +146,16 @@ def classify_map(map_path: str | Path, dst: str | Path, overwrite: bool = False,
                  cog: bool = False) -> dict[str, ClassArea]:
     """Write ``dst``: the class of each pixel of the RGB map at ``map_path`` (see the module),
     tiled, compressed (``compress``, lossless), :data:`NODATA` where the map has none, with
-    overviews (or a COG); returns each class's pixels and area, ``unclassified`` first, over the
-    map's valid pixels."""
+    overviews (or a COG), and its QGIS style beside it (:func:`style_path`); returns each class's
+    pixels and area, ``unclassified`` first, over the map's valid pixels."""
     dst = Path(dst)
+    style = style_path(dst)
     counts = np.zeros(len(CLASS_VALUES) + 1, np.int64)
     area = np.zeros(len(CLASS_VALUES) + 1)
     with open_raster(map_path) as src:
         check_destination(dst, Path(map_path), overwrite, ("the classes are a GeoTIFF", GEOTIFF_SUFFIXES))
+        if style.exists() and not overwrite:
+            raise OutputError(f"{style} exists (pass --overwrite to replace it with the classes' QGIS style)")
         if src.count < 3 or src.dtypes[0] != "uint8":
             raise InputError(f"{map_path} is not an RGB map of 8-bit colours ({src.count} band(s) of {src.dtypes[0]})")
         ground = PixelAreas(src.crs, src.transform, src.width)
@@ -146,7 +178,17 @@ def classify_map(map_path: str | Path, dst: str | Path, overwrite: bool = False,
                     part[~valid] = NODATA
                     values[:, left : left + window.width] = part
                 writer.write_rows(top, values[None], None)
-            writer.commit()
+            style_tmp = style.with_name(f".{style.name}.{os.getpid()}.part")
+            try:  # written whole before the raster is committed, renamed into place (its folder) after it
+                try:
+                    style_tmp.write_text(qgis_style())
+                except OSError as exc:
+                    raise OutputError(f"writing the QGIS style {style} failed: {exc.strerror or exc}") from None
+                writer.commit()
+                os.replace(style_tmp, style)
+            finally:
+                with suppress(OSError):
+                    style_tmp.unlink()
     return {name: ClassArea(int(counts[v]), float(area[v]) if ground.known else None)
             for name, v in {"unclassified": UNCLASSIFIED, **CLASS_VALUES}.items()}
 

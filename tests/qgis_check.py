@@ -6,10 +6,10 @@ venv; ``tests/test_qgis.py`` calls it and checks the report. Usage:
     python3 tests/qgis_check.py RASTER PNG [--under SCENE] [--probe X,Y ...] [--size PIXELS]
 
 It loads RASTER as QGIS does when a user drags it in (default renderer, default contrast
-handling), renders it (over SCENE, if given) to PNG with a transparent background, and reports
-validity, CRS, extent, band types and colour interpretation (QGIS shows a GDAL mask as an extra
-Alpha band), the renderer, its bands and contrast enhancement, and the rendered RGBA at each probe
-point (map coordinates of RASTER's CRS).
+handling, a same-named .qml style), renders it (over SCENE, if given) to PNG with a transparent
+background, and reports validity, CRS, extent, band types and colour interpretation (QGIS shows a
+GDAL mask as an extra Alpha band), the renderer, its bands, contrast enhancement and legend, and
+the rendered RGBA at each probe point (map coordinates of RASTER's CRS).
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ def main() -> None:
             renderer_bands=[getattr(layer.renderer(), f"{c}Band", lambda: None)()  # None: a paletted renderer
                             for c in ("red", "green", "blue", "alpha")],
             contrast=_enhancement(layer.renderer()),
+            # a paletted renderer's legend: (value, label) per class
+            legend=[[c.value, c.label] for c in getattr(layer.renderer(), "classes", lambda: [])()],
         )
         layers = [layer]
         if args.under:

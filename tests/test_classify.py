@@ -113,7 +113,7 @@ def test_cli_prints_areas_and_refuses_a_map_that_is_not_rgb(tmp_path):
     result = CliRunner().invoke(cli, ["classify", str(src), str(tmp_path / "c.tif")])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0] == f"wrote {tmp_path / 'c.tif'}: 3,840 valid pixels"
+    assert lines[0] == f"wrote {tmp_path / 'c.tif'} (its QGIS style: c.qml): 3,840 valid pixels"
     assert any(line.split()[:2] == ["water", "40.0"] and line.endswith("km²") for line in lines), lines
     result = CliRunner().invoke(cli, ["classify", str(src), str(tmp_path / "j.tif"), "--json"])
     assert json.loads(result.stdout)["park"]["area_m2"] == pytest.approx(12 * 64 * 1e4 / 0.9996**2, rel=1e-5)
@@ -130,6 +130,42 @@ def test_cli_prints_areas_and_refuses_a_map_that_is_not_rgb(tmp_path):
     assert not (tmp_path / "g.tif").exists()
     result = CliRunner().invoke(cli, ["classify", str(src), str(tmp_path / "c.png")])
     assert result.exit_code == 1 and "the classes are a GeoTIFF: name it .tif or .tiff" in result.stderr
+
+
+def test_the_qgis_style_beside_the_classes_names_them_and_is_never_left_half_made(tmp_path, monkeypatch):
+    """The .qml QGIS loads as the layer's style (its legend checked in QGIS: tests/test_qgis.py):
+    each class's value, colour and name; an existing one is replaced only with overwrite, and a
+    failure leaves neither file."""
+    import xml.etree.ElementTree as ET
+
+    import geosat2map.writer as writer
+    from geosat2map.errors import OutputError
+
+    rgb, _ = striped_map(60, 64)
+    src = write_map(tmp_path / "map.tif", rgb, "EPSG:32633", Affine(100, 0, 500000, 0, -100, 4600000))
+    classify_map(src, tmp_path / "c.tif")
+    entries = ET.parse(tmp_path / "c.qml").getroot().findall("pipe/rasterrenderer[@type='paletted']/colorPalette/"
+                                                             "paletteEntry")
+    named = {name: (int(e.get("value")), e.get("color")) for e in entries for name in [e.get("label")]}
+    assert named.pop("unclassified") == (UNCLASSIFIED, "#808080")
+    assert named == {k: (CLASS_VALUES[k], "#{:02x}{:02x}{:02x}".format(*rgb)) for k, rgb in MAP_CLASSES.items()}
+    with rasterio.open(tmp_path / "c.tif") as ds:
+        assert all(ds.colormap(1)[v][:3] == tuple(int(c[i : i + 2], 16) for i in (1, 3, 5))
+                   for v, c in named.values())
+    (tmp_path / "d.qml").write_text("the user's own style")
+    with pytest.raises(OutputError, match=r"d\.qml exists \(pass --overwrite"):
+        classify_map(src, tmp_path / "d.tif")
+    assert not (tmp_path / "d.tif").exists() and (tmp_path / "d.qml").read_text() == "the user's own style"
+    classify_map(src, tmp_path / "d.tif", overwrite=True)
+    assert (tmp_path / "d.qml").read_text() == (tmp_path / "c.qml").read_text()
+
+    def failed_commit(self) -> None:
+        raise OutputError("finishing the file failed: No space left on device")
+
+    monkeypatch.setattr(writer.GeoTIFFWriter, "commit", failed_commit)
+    with pytest.raises(OutputError, match="No space left"):
+        classify_map(src, tmp_path / "e.tif")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.qml", "c.tif", "d.qml", "d.tif", "map.tif"]
 
 
 def test_a_picture_without_a_crs_gets_classes_and_no_areas(tmp_path):

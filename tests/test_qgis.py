@@ -97,8 +97,9 @@ def test_qgis_opens_the_output_as_a_georeferenced_unstretched_rgb_with_transpare
 
 
 def test_qgis_draws_a_class_raster_in_the_class_colours_with_its_nodata_transparent(tmp_path):
-    """classify's output, dragged into QGIS: its colour table drawn (paletted), the mask see-through."""
-    from geosat2map.classify import classify_map
+    """classify's output, dragged into QGIS: drawn in the classes' colours, the mask see-through,
+    and the legend naming the classes (its .qml style: the colour table alone lists 256 numbers)."""
+    from geosat2map.classify import CLASS_VALUES, classify_map
     from geosat2map.metrics import MAP_CLASSES
 
     rgb = np.zeros((3, 300, 400), np.uint8)
@@ -121,6 +122,7 @@ def test_qgis_draws_a_class_raster_in_the_class_colours_with_its_nodata_transpar
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["valid"] and report["renderer"] == "paletted"
+    assert report["legend"] == [[0, "unclassified"], *([v, k] for k, v in CLASS_VALUES.items())]
     nodata, park, water = report["probes"]
     assert nodata[3] == 0
     assert park == [*MAP_CLASSES["park"], 255] and water == [*MAP_CLASSES["water"], 255]
@@ -236,6 +238,7 @@ def test_processing_script_writes_the_maps_classes_when_asked(script, tiny_weigh
                              f"WEIGHTS={tiny_weights}", "RESOLUTION=native")
     assert report.get("error") is None and report["results"] == {"OUTPUT": str(out), "CLASSES": str(classes)}
     assert any(m.startswith(f"wrote {classes}") for m in report["messages"])
+    assert (tmp_path / "classes.qml").exists()  # the style QGIS loads with the layer: its legend names the classes
     from geosat2map.classify import classify_map
 
     classify_map(out, tmp_path / "direct.tif")
