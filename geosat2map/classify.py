@@ -34,6 +34,8 @@ from .writer import BLOCK, GEOTIFF_SUFFIXES, GeoTIFFWriter, check_destination
 #: The value of pixels in no class; the classes follow from 1 in :data:`MAP_CLASSES`' order.
 UNCLASSIFIED = 0
 CLASS_VALUES = {name: k + 1 for k, name in enumerate(MAP_CLASSES)}
+#: Each value's name, unclassified first (the tag, the QGIS legend, the areas).
+CLASS_NAMES = {UNCLASSIFIED: "unclassified", **{v: k for k, v in CLASS_VALUES.items()}}
 #: Unclassified pixels are drawn mid grey, apart from every class colour.
 UNCLASSIFIED_COLOUR = (128, 128, 128)
 #: Where the map has no data: see-through in the colour table, and the band's nodata value.
@@ -54,7 +56,7 @@ class ClassArea:
 
 def class_tags() -> dict[str, str]:
     """The class raster's metadata naming each value (gdalinfo, QGIS's layer information)."""
-    names = {UNCLASSIFIED: "unclassified", **{v: k for k, v in CLASS_VALUES.items()}, NODATA: "nodata"}
+    names = {**CLASS_NAMES, NODATA: "nodata"}
     return {"GEOSAT2MAP_CLASSES": ", ".join(f"{v}={name}" for v, name in sorted(names.items()))}
 
 
@@ -80,11 +82,10 @@ def qgis_style() -> str:
                              opacity="1", alphaBand="-1", nodataColor="")
     ET.SubElement(renderer, "rasterTransparency")
     palette = ET.SubElement(renderer, "colorPalette")
-    names = {UNCLASSIFIED: "unclassified", **{v: k for k, v in CLASS_VALUES.items()}}
     for value, rgb in colormap().items():
         if value != NODATA:
             ET.SubElement(palette, "paletteEntry", value=str(value), color="#{:02x}{:02x}{:02x}".format(*rgb[:3]),
-                          alpha="255", label=names[value])
+                          alpha="255", label=CLASS_NAMES[value])
     ET.indent(qgis)
     return "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n" + ET.tostring(qgis, encoding="unicode") + "\n"
 
@@ -190,5 +191,5 @@ def classify_map(map_path: str | Path, dst: str | Path, overwrite: bool = False,
                 with suppress(OSError):
                     style_tmp.unlink()
     return {name: ClassArea(int(counts[v]), float(area[v]) if ground.known else None)
-            for name, v in {"unclassified": UNCLASSIFIED, **CLASS_VALUES}.items()}
+            for v, name in CLASS_NAMES.items()}
 
