@@ -146,9 +146,9 @@ def test_the_qgis_style_beside_the_classes_names_them_and_is_never_left_half_mad
     classify_map(src, tmp_path / "c.tif")
     entries = ET.parse(tmp_path / "c.qml").getroot().findall("pipe/rasterrenderer[@type='paletted']/colorPalette/"
                                                              "paletteEntry")
-    named = {name: (int(e.get("value")), e.get("color")) for e in entries for name in [e.get("label")]}
+    named = {e.get("label"): (int(e.get("value")), e.get("color")) for e in entries}
     assert named.pop("unclassified") == (UNCLASSIFIED, "#808080")
-    assert named == {k: (CLASS_VALUES[k], "#{:02x}{:02x}{:02x}".format(*rgb)) for k, rgb in MAP_CLASSES.items()}
+    assert named == {k: (CLASS_VALUES[k], "#{:02x}{:02x}{:02x}".format(*colour)) for k, colour in MAP_CLASSES.items()}
     with rasterio.open(tmp_path / "c.tif") as ds:
         assert all(ds.colormap(1)[v][:3] == tuple(int(c[i : i + 2], 16) for i in (1, 3, 5))
                    for v, c in named.values())
