@@ -240,6 +240,7 @@ def translate(src, dst, overlap, quiet, dry_run, **options) -> None:
 def _dry_run(sources: tuple[str, ...], dst: Path, to_folder: bool, overlap: int | None, options: dict) -> None:
     """translate --dry-run: each scene's plan (geosat2map.pipeline.plan_translation), after the
     checks a run makes first; with several, a scene that fails is reported and the others go on."""
+    from geosat2map.aoi import AreaOfInterest
     from geosat2map.pipeline import DEFAULT_OVERLAP, check_map_folder, kept_rows, map_name, plan_translation
     from geosat2map.reader import check_input, is_gdal_path
     from geosat2map.writer import GEOTIFF, check_destination
@@ -249,6 +250,8 @@ def _dry_run(sources: tuple[str, ...], dst: Path, to_folder: bool, overlap: int 
     asked = {k: options[k] for k in ("weights", "resolution", "tile_size", "bands", "bounds", "bounds_crs", "aoi",
                                      "src_nodata", "rpc_dem", "allow_ungeoreferenced")}
     asked["overlap"] = DEFAULT_OVERLAP if overlap is None else overlap
+    if asked["aoi"] is not None:  # read once for all scenes, as translate_many does
+        asked["aoi"] = AreaOfInterest.read(asked["aoi"])
     failed = 0
     for scene in sources:
         out = dst / map_name(scene) if to_folder else dst
