@@ -496,7 +496,8 @@ def first_row_after(grid: TileGrid, rows: int) -> int:
 
 def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size, overlap, bounds,
                   bounds_crs, aoi, src_nodata, rpc_dem) -> tuple[Scene, TileGrid, int]:
-    """The scene, its tile grid and the GDAL cache size for it, once it is known to fit in memory."""
+    """The scene, its tile grid and the GDAL cache size for it, once it is known to fit in memory
+    and its data to decode (:meth:`Scene.check_readable`)."""
     scene = open_scene(src, bands, resolution, spec.gsd_m, allow_ungeoreferenced, bounds, bounds_crs, aoi,
                        src_nodata, rpc_dem)
     try:
@@ -512,6 +513,7 @@ def _open_checked(src, bands, resolution, spec, allow_ungeoreferenced, tile_size
             raise InputError(f"{src} is {scene.width} pixels wide at this resolution: streaming it needs "
                              f"{need / 2**30:.1f} GiB of row buffers and {free / 2**30:.1f} GiB is available; "
                              "use a coarser --resolution or cut the scene into strips")
+        scene.check_readable()
     except BaseException:
         scene.close()
         raise

@@ -299,6 +299,14 @@ class Scene:
             data[:, ~valid] = 0.0
         return data, valid
 
+    def check_readable(self) -> None:
+        """Read the scene's first and last pixel: a file whose data GDAL cannot decode (a header
+        declaring more pixels than the file holds, a download cut short) fails here, with GDAL's
+        reason, before a model is prepared for it (on a first run, auto's ONNX export and timing:
+        10-20 s) rather than at its first or last tile."""
+        for col, row in ((0, 0), (self.width - 1, self.height - 1)):
+            self.read(Window(col, row, 1, 1))
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
