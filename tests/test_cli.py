@@ -323,6 +323,8 @@ def test_truncated_geotiff(tiny_weights, tmp_path, monkeypatch):
     no_model_prepared(monkeypatch)  # its last blocks are gone: it fails before the model is prepared
     result = run("translate", cut, out, "--weights", tiny_weights, "--quiet")
     assert_clean_failure(result, out, "cut.tif")
+    # The dry run makes the same checks first: it says the run would fail, not what it would write.
+    assert_clean_failure(run("translate", cut, out, "--weights", tiny_weights, "--dry-run"), out, "cut.tif")
 
 
 def test_all_nodata_scene(tiny_weights, tmp_path):
