@@ -303,7 +303,8 @@ class Scene:
         """Read the scene's first and last pixel: a file whose data GDAL cannot decode (a header
         declaring more pixels than the file holds, a download cut short) fails here, with GDAL's
         reason, before a model is prepared for it (on a first run, auto's ONNX export and timing:
-        10-20 s) rather than at its first or last tile."""
+        13.5 s of the 17.0 s a 375-byte file declaring 200 000 x 200 000 pixels took before) rather
+        than at its first or last tile."""
         for col, row in ((0, 0), (self.width - 1, self.height - 1)):
             self.read(Window(col, row, 1, 1))
 
