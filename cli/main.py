@@ -807,7 +807,8 @@ def info(weights, as_json) -> None:
 
 def _map_info(path: str, as_json: bool) -> None:
     from geosat2map.errors import WeightsError
-    from geosat2map.pipeline import changed_options, read_provenance
+    from geosat2map.pipeline import changed_options
+    from geosat2map.provenance import read_provenance
     from geosat2map.weights import describe_weights
 
     p = read_provenance(path)
@@ -817,8 +818,6 @@ def _map_info(path: str, as_json: bool) -> None:
         default = None
     p["shipped_model"] = p.get("GEOSAT2MAP_MODEL_SHA256") == default
     if as_json:
-        if "GEOSAT2MAP_OPTIONS" in p:
-            p["GEOSAT2MAP_OPTIONS"] = json.loads(p["GEOSAT2MAP_OPTIONS"])
         click.echo(json.dumps(p, indent=2))
         return
     which = "the shipped model" if p["shipped_model"] else "not the shipped model"
@@ -842,9 +841,13 @@ def _map_info(path: str, as_json: bool) -> None:
     if "GEOSAT2MAP_RPC_DEM" in p:
         inside += f"; orthorectified over the DEM {p['GEOSAT2MAP_RPC_DEM']} (--rpc-dem)"
     click.echo(f"{p.get('GEOSAT2MAP_RESOLUTION', '?')}; {p.get('GEOSAT2MAP_TILING', '?')}{inside}")
-    if "GEOSAT2MAP_OPTIONS" in p:  # maps made before session 38 do not record them
-        changed = changed_options(p["GEOSAT2MAP_OPTIONS"]).items()
-        click.echo("asked with " + (" ".join(_as_option(name, value) for name, value in changed) or "the defaults"))
+    if "GEOSAT2MAP_OPTIONS" not in p:  # maps made before session 38 do not record them
+        return
+    if p["GEOSAT2MAP_OPTIONS"] is None:
+        click.echo("the options it was asked with: unreadable (GEOSAT2MAP_OPTIONS is not a JSON object)")
+        return
+    changed = changed_options(p["GEOSAT2MAP_OPTIONS"]).items()
+    click.echo("asked with " + (" ".join(_as_option(name, value) for name, value in changed) or "the defaults"))
 
 
 def _as_option(name: str, value) -> str:

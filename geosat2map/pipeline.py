@@ -30,8 +30,9 @@ from .errors import Geosat2mapError, InputError, Interrupted, OutputError, Weigh
 from .grid import RowBlender, TileGrid
 from .model import FlipAveraged
 from .placement import dem_name
+from .provenance import OPTIONS_TAG, provenance_tags, read_provenance
 from .quantize import calibration_picks
-from .reader import (RowBand, Scene, available_memory, bounded_cache, is_subdataset, open_raster, open_scene,
+from .reader import (RowBand, Scene, available_memory, bounded_cache, is_subdataset, open_scene,
                      scene_name, scene_path)
 from .weights import ModelSpec, default_weights_path, load_generator, model_digest, read_spec
 from .writer import (BLOCK, BUFFERS, GEOTIFF, GEOTIFF_SUFFIXES, GeoTIFFWriter, check_compression,
@@ -416,11 +417,10 @@ def finished_map(src: str | Path, dst: Path, digest: str, options: dict) -> Fini
     made = read_provenance(dst)
     if (made.get("GEOSAT2MAP_SOURCE"), made.get("GEOSAT2MAP_MODEL_SHA256")) != (scene_name(src), digest):
         raise OutputError(f"{dst} exists and is not this scene's map by this model; pass --overwrite to replace it")
-    try:
-        then = json.loads(made.get("GEOSAT2MAP_OPTIONS", ""))
-    except ValueError:
+    then = made.get(OPTIONS_TAG)
+    if then is None:
         raise OutputError(f"{dst} exists and does not record the options it was made with; pass --overwrite to "
-                          "replace it") from None
+                          "replace it")
     now = json.loads(asked_options(options))
     differ = [f"{name} {then.get(name)!r}, not {value!r}" for name, value in now.items() if then.get(name) != value]
     if differ:
@@ -443,10 +443,11 @@ def asked_options(options: dict) -> str:
     return json.dumps(asked, sort_keys=True)
 
 
-def changed_options(asked: str) -> dict:
-    """The options a map records as asked (its ``GEOSAT2MAP_OPTIONS``) that are not translate's
-    defaults: what its command line said beyond ``translate SRC DST``."""
-    recorded, defaults = json.loads(asked), json.loads(asked_options({}))
+def changed_options(recorded: dict) -> dict:
+    """The options a map records as asked (its ``GEOSAT2MAP_OPTIONS``, read by
+    :func:`~geosat2map.provenance.read_provenance`) that are not translate's defaults: what its
+    command line said beyond ``translate SRC DST``."""
+    defaults = json.loads(asked_options({}))
     return {name: value for name, value in recorded.items() if defaults.get(name) != value}
 
 
@@ -638,42 +639,6 @@ def _record_follows_partial(record_file: Path, partial: Path) -> Iterator[None]:
         if not partial.exists():
             record_file.unlink(missing_ok=True)
         raise
-
-
-def provenance_tags(src: Path | str, scene: Scene, digest: str, engine: str, tile_size: int,
-                    overlap: int, tta: bool, asked: str) -> dict[str, str]:
-    """What a map records of how it was made (beside :func:`~geosat2map.writer.software_tags`): the
-    scene's file name, the model's ``digest`` (the sha256 weights provenance and resume records use,
-    see :func:`~geosat2map.weights.model_digest`), the resolution and the tiling, the options it
-    was ``asked`` for (:func:`asked_options`); with an area of interest, the polygons' file (and
-    layer); with ``--src-nodata``, its value; with ``--rpc-dem``, the DEM's file name."""
-    optional = {} if scene.aoi_source is None else {"GEOSAT2MAP_AOI": Path(scene.aoi_source).name}
-    if scene.src_nodata is not None:
-        optional["GEOSAT2MAP_SRC_NODATA"] = f"{scene.src_nodata:g}"
-    if scene.rpc_dem is not None:
-        optional["GEOSAT2MAP_RPC_DEM"] = scene_name(scene.rpc_dem)
-    return optional | {
-        "GEOSAT2MAP_SOURCE": scene_name(src),
-        "GEOSAT2MAP_MODEL_SHA256": digest,
-        "GEOSAT2MAP_RESOLUTION": f"{scene.gsd_m:.4g} m/pixel" if scene.gsd_m else "the scene's pixels (no ground size)",
-        "GEOSAT2MAP_TILING": f"{tile_size}-pixel tiles overlapping by {overlap}, {engine}"
-                             + (", flip-averaged (--tta)" if tta else ""),
-        "GEOSAT2MAP_OPTIONS": asked,
-    }
-
-
-def read_provenance(path: str | Path) -> dict:
-    """What the map at ``path`` records of how it was made (:func:`provenance_tags` and the
-    software tags), with its size and CRS; an :class:`InputError` for a raster geosat2map did not
-    make."""
-    with open_raster(path) as src:
-        tags = src.tags()
-        about = {"file": str(path), "width": src.width, "height": src.height,
-                 "crs": src.crs.to_string() if src.crs else None}
-    if not any(k.startswith("GEOSAT2MAP_") for k in tags):
-        raise InputError(f"{path} is a raster, but not a map geosat2map made: it records no GEOSAT2MAP tags")
-    return about | {k: v for k, v in tags.items()
-                    if k.startswith(("GEOSAT2MAP_", "TIFFTAG_SOFTWARE", "TIFFTAG_DATETIME"))}
 
 
 def _blend_on_device(engine: Engine, grid: TileGrid) -> bool:

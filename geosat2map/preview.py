@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -13,6 +12,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 
 from .errors import InputError, OutputError, gdal_reason
+from .provenance import recorded_options
 from .reader import MIN_GDAL_CACHE, is_gdal_path, open_raster, open_scene
 from .writer import GDAL_WRITE_ERRORS, PNG, check_destination
 
@@ -47,7 +47,7 @@ def side_by_side(scene: str | Path, map_path: str | Path, png: str | Path, size:
             footprint = tuple(dst.bounds) if dst.crs is not None and not dst.transform.is_identity else None
             # A scene orthorectified over a DEM (translate --rpc-dem) is placed over it again, if
             # it is still there (else at the RPCs' mean height: a picture a few pixels off).
-            rpc_dem = _recorded(dst.tags(), "rpc_dem")
+            rpc_dem = (recorded_options(dst.tags()) or {}).get("rpc_dem")
             if rpc_dem is not None and not (is_gdal_path(rpc_dem) or Path(rpc_dem).exists()):
                 rpc_dem = None
         src = open_scene(scene, resolution="native", allow_ungeoreferenced=True, bounds=footprint, rpc_dem=rpc_dem)
@@ -73,10 +73,3 @@ def side_by_side(scene: str | Path, map_path: str | Path, png: str | Path, size:
         tmp.unlink(missing_ok=True)
     return h, grid.shape[2]
 
-
-def _recorded(tags: dict, option: str):
-    """A translate option a map records as asked (``GEOSAT2MAP_OPTIONS``), None if it does not."""
-    try:
-        return json.loads(tags.get("GEOSAT2MAP_OPTIONS", "{}")).get(option)
-    except (ValueError, AttributeError):
-        return None

@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import rasterio
 import torch
 from safetensors.torch import load_file
 
@@ -61,6 +62,13 @@ def test_info_of_a_map_says_how_it_was_made_and_by_which_model(tiny_weights, sce
     d = json.loads(run("info", shipped, "--json").stdout)
     assert d["shipped_model"] is True and d["GEOSAT2MAP_OPTIONS"]["bands"] == [3, 2, 1]
     assert run("info", shipped).stdout.splitlines()[-1] == "asked with --bands 3,2,1 --compress deflate --overlap 32"
+    for edited in ("[3, 2, 1]", "{cut"):  # the record edited by hand (gdal_edit.py -mo): reported, not a traceback
+        with rasterio.open(shipped, "r+") as dst:
+            dst.update_tags(GEOSAT2MAP_OPTIONS=edited)
+        text = run("info", shipped)
+        assert text.exit_code == 0 and text.stdout.splitlines()[-1] == \
+            "the options it was asked with: unreadable (GEOSAT2MAP_OPTIONS is not a JSON object)", text.output
+        assert json.loads(run("info", shipped, "--json").stdout)["GEOSAT2MAP_OPTIONS"] is None
     result = run("info", scene)
     assert result.exit_code == 1 and result.output.strip() == \
         f"geosat2map: error: {scene} is a raster, but not a map geosat2map made: it records no GEOSAT2MAP tags"

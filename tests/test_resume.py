@@ -322,3 +322,9 @@ def test_a_resumed_batch_keeps_finished_maps_resumes_partial_ones_and_starts_the
     assert "was made with other options (compress 'zstd', not 'deflate'; overlap 64, not 32)" in resized.stderr
     other = translate_many(scenes[:1], maps, weights=tiny_weights, resume=True, resolution=1.0)
     assert "was made with other options (resolution 'model', not 1.0)" in str(dict(other)[scenes[0]])
+    # Its record edited by hand (gdal_edit.py -mo) into text that is not an object of options.
+    for edited in ("[1, 2]", "{cut"):
+        with rasterio.open(maps / "a.tif", "r+") as dst:
+            dst.update_tags(GEOSAT2MAP_OPTIONS=edited)
+        outcome = dict(translate_many(scenes[:1], maps, weights=tiny_weights, resume=True))[scenes[0]]
+        assert "exists and does not record the options it was made with" in str(outcome), edited
