@@ -23,8 +23,10 @@ import math
 import os
 import time
 from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
+from types import UnionType
+from typing import get_args, get_origin, get_type_hints
 from collections.abc import Callable, Iterator
 
 import torch
@@ -181,7 +183,6 @@ class TrainConfig:
     @classmethod
     def from_json(cls, path: Path) -> TrainConfig:
         """The config a run recorded, or a :class:`TrainingError` saying why there is none."""
-        known = {f.name for f in fields(cls)}
         try:
             stored = json.loads(path.read_text())
         except FileNotFoundError:
@@ -189,7 +190,56 @@ class TrainConfig:
                                 "missing)") from None
         except (OSError, ValueError) as exc:
             raise TrainingError(f"the run's {path} is unreadable: {first_line(exc)}") from None
-        return cls(**{k: v for k, v in stored.items() if k in known})
+        # A file edited by hand (or by another tool) is checked field by field, so that a wrong
+        # type is named here rather than met as a traceback steps into the run.
+        if not isinstance(stored, dict):
+            raise TrainingError(f"the run's {path} is unreadable: not a JSON object of settings")
+        hints = get_type_hints(cls)
+        kept = {name: value for name, value in stored.items() if name in hints}  # older runs' settings: ignored
+        for name, value in kept.items():
+            if not _fits(value, hints[name]):
+                raise TrainingError(f"the run's {path} is unreadable: {name} is {json.dumps(value)}, not "
+                                    f"{_type_name(hints[name])}")
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in kept]
+        if missing:
+            raise TrainingError(f"the run's {path} is unreadable: it does not say {' or '.join(missing)}")
+        return cls(**kept)
+
+
+def _fits(value, hint) -> bool:
+    """Whether ``value``, read from JSON, is of the field type ``hint`` (a whole number is a float,
+    a bool is not an int)."""
+    if isinstance(hint, UnionType):
+        return any(_fits(value, h) for h in get_args(hint))
+    if get_origin(hint) is list:
+        return isinstance(value, list) and all(_fits(v, get_args(hint)[0]) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    """A field type in words: ``int | None`` -> 'a whole number or null'."""
+    if isinstance(hint, UnionType):
+        return " or ".join(_type_name(h) for h in get_args(hint))
+    if get_origin(hint) is list:
+        return f"a list of {_type_name(get_args(hint)[0]).removeprefix('a ')}s"
+    return {int: "a whole number", float: "a number", str: "a string", bool: "true or false",
+            type(None): "null"}[hint]
+
+
+def _write_config(config: TrainConfig, path: Path) -> None:
+    """The run's settings written whole or not at all: a resumed run with a new schedule replaces
+    them, and a kill or a full disk mid-write must not leave the run unresumable."""
+    tmp = path.with_name(path.name + ".part")
+    try:
+        tmp.write_text(json.dumps(asdict(config), indent=2))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"writing {path} failed: {exc.strerror or exc}") from None
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
@@ -767,9 +817,9 @@ def train(
         if resume:
             trainer.load_checkpoint()
             if schedule is not None and trainer.dist.is_main:
-                (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+                _write_config(config, out / "config.json")
         elif trainer.dist.is_main:
-            (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+            _write_config(config, out / "config.json")
         return trainer.run(progress)
     finally:
         trainer.release()

@@ -705,6 +705,13 @@ def test_resume_without_a_run_or_an_out_that_cannot_be_made_is_one_line(tmp_path
     (tmp_path / "torn" / "config.json").write_text("{")
     with pytest.raises(TrainingError, match="config.json is unreadable"):
         train(tiny_config(data, tmp_path / "torn", max_steps=1), resume=True)
+    for edited, why in (("[1]", "not a JSON object of settings"), ('{"data": "d"}', "it does not say out"),
+                        ('{"data": "d", "out": "o", "epochs": "5"}', 'epochs is "5", not a whole number'),
+                        ('{"data": ["d", 2], "out": "o"}', 'data is \\["d", 2\\], not a string or a list of strings'),
+                        ('{"data": "d", "out": "o", "rot90": 1}', "rot90 is 1, not true or false")):
+        (tmp_path / "torn" / "config.json").write_text(edited)  # edited by hand: named, not a traceback
+        with pytest.raises(TrainingError, match=f"config.json is unreadable: {why}$"):
+            train(tiny_config(data, tmp_path / "torn", max_steps=1), resume=True)
     (tmp_path / "a_file").write_text("")  # and a new run whose --out cannot be a folder
     with pytest.raises(TrainingError, match="cannot create the run folder"):
         train(tiny_config(data, tmp_path / "a_file" / "run", max_steps=1))
@@ -732,6 +739,13 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeyp
         f"geosat2map: error: writing {tmp_path / 'run' / 'checkpoint.pt'} failed (disk full?): [enforce fail at "
         "inline_container.cc:603] . unexpected pos 64 vs 0"], result.output
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    assert not list((tmp_path / "run").glob("*.part"))
+    # The settings a resumed run with a new schedule rewrites: the old ones stay whole.
+    settings = (tmp_path / "run" / "config.json").read_text()
+    with monkeypatch.context() as patched, pytest.raises(OutputError, match="writing .*config.json failed: No sp"):
+        patched.setattr(train_module.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
+        train(tiny_config(data, tmp_path / "run", max_steps=2), resume=True, schedule=(3, None))
+    assert (tmp_path / "run" / "config.json").read_text() == settings
     assert not list((tmp_path / "run").glob("*.part"))
     monkeypatch.setattr(weights.os, "chmod", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     (tmp_path / "w.safetensors").write_bytes(b"")  # an existing file: its mode is copied, where the write fails here
