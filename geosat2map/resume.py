@@ -54,7 +54,11 @@ def load(path: Path, partial: Path, dst: Path) -> dict:
         raise InputError(f"nothing to resume for {dst}: no partial output of an interrupted run beside it")
     try:
         record = json.loads(path.read_text())
-        if record.get("version") != VERSION or not isinstance(record.get("rows"), int):
+        # What a resume reads from it, checked: a record edited or damaged into other JSON is
+        # unreadable, not a traceback further on.
+        if not isinstance(record, dict) or record.get("version") != VERSION or \
+                not all(isinstance(record.get(n), int) and record[n] >= 0 for n in ("rows", "computed")) or \
+                not isinstance(record.get("options", {}), dict):
             raise ValueError
     except (ValueError, OSError):
         raise InputError(f"the progress record {path} is unreadable; run without --resume to start over") from None

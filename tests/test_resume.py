@@ -116,6 +116,13 @@ def test_resume_refuses_other_options_input_or_nothing(scene, tiny_weights, tmp_
     (tmp_path / RECORD).write_text(json.dumps(record))
     with pytest.raises(InputError, match="compress='zstd', not 'webp'"):
         translate(scene, out, weights=tiny_weights, compress="webp", resume=True, overwrite=True)
+    # A record damaged or edited into other JSON: one line, the partial kept for a run without --resume.
+    for damaged in ([record], {**record, "options": []}, {**record, "rows": "768"},
+                    {k: v for k, v in record.items() if k != "computed"}):
+        (tmp_path / RECORD).write_text(json.dumps(damaged))
+        with pytest.raises(InputError, match=r"the progress record .* is unreadable; run without --resume"):
+            translate(scene, out, weights=tiny_weights, resume=True, overwrite=True)
+    (tmp_path / RECORD).write_text(json.dumps(record))
     advances: list[int] = []
     translate(scene, out, weights=tiny_weights, resume=True, overwrite=True, progress=lambda a, t: advances.append(a))
     assert advances[0] > 1 and sum(advances) == 32  # the kept rows' tiles counted at once: it resumed
