@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
-from .errors import DataError
+from .errors import DataError, first_line
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 #: The most a data set's resized pairs may take in memory; a larger one is read pair by pair.
@@ -241,7 +241,18 @@ def tile_folder_gsd(folder: str | Path) -> float | None:
     folder = Path(folder)
     if not is_tile_folder(folder):
         return None
-    return json.loads((folder / "manifest.json").read_text()).get("gsd_m")
+    manifest = folder / "manifest.json"
+    try:
+        made = json.loads(manifest.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{manifest} is unreadable ({first_line(exc)}): is {folder} a `geosat2map tiles` folder?") \
+            from None
+    if not isinstance(made, dict):
+        raise DataError(f"{manifest} is not a JSON object: is {folder} a `geosat2map tiles` folder?")
+    gsd = made.get("gsd_m")
+    if gsd is not None and not (isinstance(gsd, (int, float)) and not isinstance(gsd, bool) and gsd > 0):
+        raise DataError(f"{manifest} gives gsd_m {json.dumps(gsd)}, not a resolution in metres per pixel")
+    return gsd
 
 
 def data_gsd(folders: str | Path | Sequence[str | Path]) -> float | None:

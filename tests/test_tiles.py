@@ -267,6 +267,22 @@ def test_train_runs_on_tiles(region, tmp_path):
     assert trainer.spec.gsd_m == pytest.approx(1.0, rel=0.01)  # taken from the manifest
 
 
+@pytest.mark.parametrize("manifest, phrase", [
+    ("{", "manifest.json is unreadable (Expecting property name"), ("[1.0]", "manifest.json is not a JSON object"),
+    ('{"gsd_m": "1.0"}', 'manifest.json gives gsd_m "1.0", not a resolution'),
+    ('{"gsd_m": 0}', "manifest.json gives gsd_m 0, not a resolution")])
+def test_a_damaged_tiles_manifest_is_one_line_naming_it(tmp_path, manifest, phrase):
+    """The resolution train records is read from a tiles folder's manifest.json, which a user may
+    have edited: its damage is named, not met as a traceback."""
+    for kind in ("sat", "map"):  # one pair of tiles, as tiles writes them
+        (tmp_path / "tiles" / "train" / kind).mkdir(parents=True)
+        write_scene(tmp_path / "tiles" / "train" / kind / "r000000_c000000.tif", 256, 256)
+    (tmp_path / "tiles" / "manifest.json").write_text(manifest)
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "tiles"), "--out", str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and phrase in result.stderr, result.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_tile_folder_without_val_tiles_trains_without_validation(region, tmp_path):
     """A small region can give no val tiles; training said "no images in tiles/val/sat"."""
     sat, vec = region
