@@ -787,7 +787,15 @@ def info(weights, as_json) -> None:
                f"({spec.input_bands}), {spec.out_channels} out, {spec.tile_size} x {spec.tile_size} tiles")
     click.echo(f"trained at {spec.gsd_m:.2f} m/pixel: translate resamples scenes to it" if spec.gsd_m else
                "no ground sampling distance recorded: translate keeps each scene's own pixels")
-    _echo_val(prov, d.dtype)
+    try:
+        _echo_provenance(prov, d.dtype)
+    except (KeyError, TypeError, ValueError, AttributeError):  # written by another tool, or edited
+        click.echo("its provenance is not as geosat2map writes it (--json: as recorded)")
+
+
+def _echo_provenance(prov: dict, dtype: str) -> None:
+    """A weights file's held-out scores and where it came from, as geosat2map records them."""
+    _echo_val(prov, dtype)
     made = [f"recipe {prov['recipe']}"] if prov.get("recipe") else []
     if "epoch" in prov:
         made.append(f"epoch {prov['epoch']}, step {prov.get('step', '?')}")

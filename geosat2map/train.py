@@ -23,10 +23,8 @@ import math
 import os
 import time
 from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from types import UnionType
-from typing import get_args, get_origin, get_type_hints
 from collections.abc import Callable, Iterator
 
 import torch
@@ -41,6 +39,7 @@ from .distributed import DistContext, convert_batchnorm, init_distributed, shutd
 from .errors import DataError, OutputError, TrainingError, first_line
 from .evaluate import evaluate_generator, write_triplets
 from .model import FlipAveraged, PatchDiscriminator, UNetGenerator, init_weights, modes_kept, widen_generator
+from .records import field_problem
 from .storage_aware import StoredRounding, rounded_as_stored
 from .weights import TRAINED_WEIGHTS, ModelSpec, as_stored, load_generator, model_digest, save_generator
 
@@ -194,40 +193,12 @@ class TrainConfig:
         # type is named here rather than met as a traceback steps into the run.
         if not isinstance(stored, dict):
             raise TrainingError(f"the run's {path} is unreadable: not a JSON object of settings")
-        hints = get_type_hints(cls)
-        kept = {name: value for name, value in stored.items() if name in hints}  # older runs' settings: ignored
-        for name, value in kept.items():
-            if not _fits(value, hints[name]):
-                raise TrainingError(f"the run's {path} is unreadable: {name} is {json.dumps(value)}, not "
-                                    f"{_type_name(hints[name])}")
-        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in kept]
-        if missing:
-            raise TrainingError(f"the run's {path} is unreadable: it does not say {' or '.join(missing)}")
+        known = {f.name for f in fields(cls)}
+        kept = {name: value for name, value in stored.items() if name in known}  # older runs' settings: ignored
+        problem = field_problem(cls, kept)
+        if problem:
+            raise TrainingError(f"the run's {path} is unreadable: {problem}")
         return cls(**kept)
-
-
-def _fits(value, hint) -> bool:
-    """Whether ``value``, read from JSON, is of the field type ``hint`` (a whole number is a float,
-    a bool is not an int)."""
-    if isinstance(hint, UnionType):
-        return any(_fits(value, h) for h in get_args(hint))
-    if get_origin(hint) is list:
-        return isinstance(value, list) and all(_fits(v, get_args(hint)[0]) for v in value)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _type_name(hint) -> str:
-    """A field type in words: ``int | None`` -> 'a whole number or null'."""
-    if isinstance(hint, UnionType):
-        return " or ".join(_type_name(h) for h in get_args(hint))
-    if get_origin(hint) is list:
-        return f"a list of {_type_name(get_args(hint)[0]).removeprefix('a ')}s"
-    return {int: "a whole number", float: "a number", str: "a string", bool: "true or false",
-            type(None): "null"}[hint]
 
 
 def _write_config(config: TrainConfig, path: Path) -> None:

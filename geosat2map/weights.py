@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save
 
 from .errors import OutputError, WeightsError, first_line
 from .model import UNetGenerator
+from .records import field_problem
 
 FORMAT = "geosat2map-generator/1"
 DEFAULT_WEIGHTS_NAME = "default_generator.safetensors"
@@ -49,9 +50,18 @@ class ModelSpec:
     provenance: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # A weights file's metadata is JSON any tool can write: a wrong type is named here, not
+        # met as a traceback from the network's constructor.
+        problem = field_problem(type(self), vars(self))
+        if problem:
+            raise WeightsError(f"the model's description is unreadable: {problem}")
+        sizes = {"ngf": self.ngf, "in_channels": self.in_channels, "out_channels": self.out_channels,
+                 "tile_size": self.tile_size}
+        for name, size in sizes.items():
+            if size < 1:
+                raise WeightsError(f"the model's description is unreadable: {name} is {size}, not a size")
         # translate resamples scenes to this size: zero or less would ask for an infinite raster
-        if self.gsd_m is not None and not (isinstance(self.gsd_m, (int, float)) and math.isfinite(self.gsd_m)
-                                           and self.gsd_m > 0):
+        if self.gsd_m is not None and not (math.isfinite(self.gsd_m) and self.gsd_m > 0):
             raise WeightsError(f"the ground sampling distance must be positive metres per pixel, not {self.gsd_m}")
 
     def build(self) -> UNetGenerator:
@@ -280,7 +290,12 @@ def read_spec(path: str | Path) -> ModelSpec:
     if meta.get("format") != FORMAT:
         raise WeightsError(f"{path} is not a geosat2map generator (format {meta.get('format')!r})")
     try:
-        return ModelSpec(**json.loads(meta["geosat2map"]))
+        described = json.loads(meta["geosat2map"])
+        if not isinstance(described, dict):
+            raise ValueError("not a JSON object")
+        return ModelSpec(**described)
+    except WeightsError as exc:
+        raise WeightsError(f"{path}: {exc}") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise WeightsError(f"{path} has unreadable metadata ({exc})") from None
 

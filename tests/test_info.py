@@ -82,6 +82,43 @@ def test_info_of_a_file_that_is_not_weights(tmp_path):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("edit, phrase", [
+    ({"ngf": "8"}, 'ngf is "8", not a whole number'), ({"ngf": 8.0}, "ngf is 8.0, not a whole number"),
+    ({"in_channels": 0}, "in_channels is 0, not a size"), ({"gsd_m": True}, "gsd_m is true, not a number or null"),
+    ({"provenance": [1]}, "provenance is [1], not an object"), (None, "has unreadable metadata (not a JSON object)")])
+def test_weights_whose_description_was_edited_are_one_line_naming_the_field(tiny_weights, tmp_path, edit, phrase):
+    """A weights file's metadata is JSON another tool may have written: a wrong type is named
+    before the network is built (it was a TypeError from its constructor, or a traceback in info)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tiny_weights), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    described = [1] if edit is None else {**json.loads(meta["geosat2map"]), **edit}
+    save_file(tensors, tmp_path / "edited.safetensors", metadata={**meta, "geosat2map": json.dumps(described)})
+    for command in (["info", tmp_path / "edited.safetensors"],
+                    ["export-onnx", tmp_path / "edited.safetensors", tmp_path / "m.onnx"]):
+        result = run(*command)
+        assert result.exit_code == 1 and result.stderr.count("\n") == 1 and phrase in result.stderr, result.output
+        assert result.stderr.startswith(f"geosat2map: error: {tmp_path / 'edited.safetensors'}")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_weights_whose_provenance_another_tool_wrote_are_described_without_it(tiny_weights, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tiny_weights), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    described = {**json.loads(meta["geosat2map"]), "provenance": {"val": {"rmse": "low"}, "fine_tuned_from": "x"}}
+    save_file(tensors, tmp_path / "other.safetensors", metadata={**meta, "geosat2map": json.dumps(described)})
+    result = run("info", tmp_path / "other.safetensors")
+    assert result.exit_code == 0 and "width 8" in result.stdout, result.output
+    assert result.stdout.splitlines()[-1] == "its provenance is not as geosat2map writes it (--json: as recorded)"
+    assert json.loads(run("info", tmp_path / "other.safetensors", "--json").stdout)["spec"]["provenance"] == \
+        described["provenance"]
+
+
 def test_a_training_run_given_as_weights_says_how_to_export_it(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
