@@ -259,6 +259,23 @@ def engine_onnx(model: nn.Module, in_channels: int, tile: int) -> Path:
     return path
 
 
+def _cached_session(make: Callable[[], Path], name: str = "onnxruntime") -> OnnxRuntimeEngine:
+    """ONNX Runtime on the model file ``make`` finds in the cache or exports into it. A cached file
+    ONNX Runtime cannot load (damaged, or exported by a later onnx than this ONNX Runtime reads)
+    is made again, once; a fresh one it cannot load is a :class:`WeightsError`."""
+    path = make()
+    try:
+        return _ort_engine(path, name)
+    except Exception:  # ONNX Runtime's errors (InvalidProtobuf, Fail, ...) derive from Exception alone
+        path.unlink(missing_ok=True)
+    path = make()
+    try:
+        return _ort_engine(path, name)
+    except Exception as exc:
+        raise WeightsError(f"ONNX Runtime cannot load the model exported to {path}: {first_line(exc)} (use "
+                           "--backend torch)") from None
+
+
 def _ort_engine(onnx_path: Path, name: str = "onnxruntime") -> OnnxRuntimeEngine:
     key = (onnx_path, torch.get_num_threads())
     if key not in _sessions:
@@ -279,10 +296,10 @@ def _int8_engine(model: nn.Module, device: torch.device, backend: str,
     if calibration is None or not len(calibration):
         raise ValueError("int8 needs calibration tiles")
     try:
-        path = quantized_onnx(model, calibration, cache_dir())
+        return _cached_session(lambda: quantized_onnx(model, calibration, cache_dir()),
+                               engine_name("onnxruntime", "int8"))
     except OSError as exc:
         raise WeightsError(f"cannot keep the int8 model in {cache_dir()}: {exc} (set GEOSAT2MAP_CACHE)") from None
-    return _ort_engine(path, engine_name("onnxruntime", "int8"))
 
 
 def _seconds_per_batch(engine: Engine, batch: np.ndarray, runs: int = 1) -> float:
@@ -333,7 +350,7 @@ def make_engine(
         if not onnx_available():
             raise WeightsError("the onnxruntime backend needs the onnx extra: pip install 'geosat2map[onnx]'")
         try:
-            return _ort_engine(engine_onnx(model, in_channels, tile))
+            return _cached_session(lambda: engine_onnx(model, in_channels, tile))
         except OSError as exc:
             raise WeightsError(f"cannot keep the ONNX export in {cache_dir()}: {exc} (set GEOSAT2MAP_CACHE)") from None
     names = [torch_engine.name, *(["torch"] if bf16 else []), *(["onnxruntime"] if onnx_available() else [])]
@@ -343,14 +360,14 @@ def make_engine(
     def build(name: str) -> Engine | None:
         """The candidate called ``name``, made only when it is timed or picked: a remembered
         PyTorch pick then never exports or opens ONNX Runtime (about a second per run here).
-        None for ONNX Runtime when its export cannot be kept (no writable cache)."""
+        None for ONNX Runtime when its export cannot be kept (no writable cache) or loaded."""
         if name == torch_engine.name:
             return torch_engine
         if name == "torch":
             return InferenceEngine(model, device)
         try:
-            return _ort_engine(engine_onnx(model, in_channels, tile))
-        except OSError:
+            return _cached_session(lambda: engine_onnx(model, in_channels, tile))
+        except (OSError, WeightsError):
             return None
 
     key = (model_digest(model), tuple(names), batch_size, in_channels, tile)

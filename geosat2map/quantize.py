@@ -101,7 +101,13 @@ def _prepared_onnx(net: nn.Module, shape: tuple[int, ...], cache: Path, fp32_lev
     import onnx  # about a second to import: only when quantizing
 
     path = cache / f"subpixel-{model_digest(net)[:32]}-{'x'.join(map(str, shape))}.onnx"
-    if not path.exists():
+    nodes = None  # the model's, topologically sorted
+    if path.exists():
+        try:
+            nodes = onnx.load(str(path)).graph.node
+        except Exception:  # damaged (protobuf's DecodeError, onnx's own errors): made again
+            path.unlink()
+    if nodes is None:
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         from .onnx_export import export_proto
@@ -113,6 +119,6 @@ def _prepared_onnx(net: nn.Module, shape: tuple[int, ...], cache: Path, fp32_lev
             onnx.save_model(export_proto(module, torch.zeros(2, *shape), "tiles", "maps", dynamic_batch=True), fp32)
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
             os.replace(prepared, path)
-    nodes = onnx.load(str(path)).graph.node  # topologically sorted
+        nodes = onnx.load(str(path)).graph.node
     convs = [i for i, node in enumerate(nodes) if node.op_type == "Conv"]
     return path, [node.name for node in nodes[: convs[0] + 1] + nodes[convs[-fp32_levels - 1] + 1 :]]

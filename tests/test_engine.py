@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from geosat2map import translate
 from geosat2map.engine import AUTO_MIN_TILES, cache_dir, make_engine
-from geosat2map.errors import Interrupted
+from geosat2map.errors import Interrupted, WeightsError
 from geosat2map.weights import model_digest
 
 from .conftest import random_generator, stop_after, write_scene
@@ -34,6 +35,34 @@ def test_onnxruntime_engine_agrees_with_torch_and_is_exported_once(engine_cache)
     before = [p.stat().st_mtime_ns for p in exports]
     make_engine(model, torch.device("cpu"), "onnxruntime")
     assert [p.stat().st_mtime_ns for p in sorted(cache_dir().glob("engine-*.onnx"))] == before
+
+
+def test_a_damaged_cached_export_is_made_again_and_one_never_loadable_is_one_line(engine_cache, monkeypatch):
+    """The ONNX export is kept in the cache across runs: one ONNX Runtime cannot load (damaged, or
+    written by an onnx newer than this ONNX Runtime reads) is exported again, not a traceback; a
+    fresh export that still fails is a WeightsError naming it, and auto times PyTorch alone."""
+    from geosat2map import engine
+
+    model = random_generator()
+    make_engine(model, torch.device("cpu"), "onnxruntime")
+    export = next(engine_cache.glob("engine-*.onnx"))
+    whole = export.read_bytes()
+    export.write_bytes(whole[:1000])
+    engine._sessions.clear()  # as in a new process
+    tiles = np.random.default_rng(1).uniform(0, 255, (1, 3, 256, 256)).astype(np.float32)
+    assert make_engine(model, torch.device("cpu"), "onnxruntime")(tiles).shape == (1, 3, 256, 256)
+    assert export.read_bytes() == whole  # exported again (the export is deterministic)
+
+    def unloadable(*args) -> Path:
+        (engine_cache / "bad.onnx").write_bytes(b"not a model")
+        return engine_cache / "bad.onnx"
+
+    monkeypatch.setattr(engine, "engine_onnx", unloadable)
+    engine._sessions.clear()
+    with pytest.raises(WeightsError, match=r"ONNX Runtime cannot load the model exported to .*bad.onnx: "):
+        make_engine(model, torch.device("cpu"), "onnxruntime")
+    # auto, for a batch size no run has timed: ONNX Runtime left out, PyTorch picked
+    assert make_engine(model, torch.device("cpu"), "auto", "fp32", batch_size=3, tiles=AUTO_MIN_TILES).name == "torch"
 
 
 def test_auto_uses_torch_for_small_scenes_and_times_both_for_big_ones():

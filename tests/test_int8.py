@@ -97,6 +97,16 @@ def test_int8_resumes_to_the_same_map_and_keeps_few_models(engine_cache, tiny_we
     resumed = translate(scene, out, weights=tiny_weights, precision="fp32", resume=True)
     assert resumed.backend == "onnxruntime-int8"
     assert np.array_equal(_read(whole.dst), _read(out))
+    # Cached models damaged (a disk's fault, another onnx release): made again, the same map.
+    from geosat2map import engine
+    from geosat2map.weights import load_generator, model_digest
+
+    digest = model_digest(load_generator(tiny_weights)[0])[:32]
+    for cached in [*cache_dir().glob(f"int8-{digest}-*.onnx"), *cache_dir().glob(f"subpixel-{digest}-*.onnx")]:
+        cached.write_bytes(cached.read_bytes()[:1000])
+    engine._sessions.clear()  # as in a new process
+    again = translate(scene, tmp_path / "again.tif", weights=tiny_weights, precision="int8")
+    assert again.backend == "onnxruntime-int8" and np.array_equal(_read(whole.dst), _read(again.dst))
     monkeypatch.setattr(quantize, "KEPT_MODELS", 2)
     for seed in range(3):  # other scenes: other calibrations, the oldest models go
         pixels = np.random.default_rng(seed).integers(0, 255, (3, 300, 300), dtype=np.uint8)
