@@ -190,6 +190,10 @@ def sheets_from_index(index: str, field: str = "location") -> list[str]:
     if field not in layer.properties[0]:
         raise InputError(f"{index} has no field {field!r} (its fields: {', '.join(layer.properties[0])}); "
                          "name the one that holds the sheets' paths")
+    blank = [n for n, p in enumerate(layer.properties, 1) if p.get(field) in (None, "")]
+    if blank:  # a feature drawn by hand, or a sheet left out of the delivery
+        more = f" (and {len(blank) - 1} more)" if len(blank) > 1 else ""
+        raise InputError(f"{index}: feature {blank[0]}{more} has no sheet path in its {field!r} field")
     file = layer.source
     paths = [str(p[field]) for p in layer.properties]
     if is_gdal_path(file):  # a URL or /vsi path: its sheets beside it, at that address

@@ -326,3 +326,10 @@ def test_sheets_from_a_tile_index_and_only_those_that_meet_an_area(tmp_path):
                                                          "--aoi", far).stderr
     assert "has no field 'path'" in run("mosaic", tmp_path / "g.vrt", "--index", index, "--index-field",
                                         "path").stderr
+    # Footprints without a path (drawn by hand in QGIS, the field left empty): named, not "input not found: None".
+    pyogrio.raw.write(tmp_path / "gaps.gpkg", geometry=np.array(shapely.to_wkb(footprints), dtype=object),
+                      field_data=[np.array([f"delivery/sheets/{sheets[0].name}", None, "", None], dtype=object)],
+                      fields=["location"], crs="EPSG:32633", geometry_type="Polygon")
+    gaps = run("mosaic", tmp_path / "h.vrt", "--index", tmp_path / "gaps.gpkg")
+    assert gaps.exit_code == 1 and gaps.stderr == (f"geosat2map: error: {tmp_path / 'gaps.gpkg'}: feature 2 (and 2 "
+                                                   "more) has no sheet path in its 'location' field\n"), gaps.output
