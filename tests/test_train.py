@@ -649,6 +649,12 @@ def test_a_bad_image_fails_when_the_set_is_loaded_not_in_training(tmp_path):
     with pytest.raises(DataError, match="cannot read image .*7.png"):
         datasets.load_pairs(data, "all", holdout=0)
     (data / "7.png").unlink()
+    whole = (data / "5.png").read_bytes()
+    (data / "5.png").write_bytes(whole[: len(whole) // 2])  # cut short: its header reads, its pixels do not
+    pairs, names = datasets.load_pairs(data, "all", holdout=0)
+    with pytest.raises(DataError, match=r"cannot read image .*5.png: (?!Read failed)\S"):  # GDAL's reason
+        datasets.PairDataset(pairs, names, 96, 64)
+    (data / "5.png").write_bytes(whole)
     with rasterio.open(data / "8.tif", "w", driver="GTiff", width=128, height=64, count=3, dtype="uint16") as dst:
         dst.write(np.zeros((3, 64, 128), np.uint16))
     with pytest.raises(DataError, match="8.tif: expected 8-bit images, found uint16"):
