@@ -48,8 +48,8 @@ def side_by_side(scene: str | Path, map_path: str | Path, png: str | Path, size:
             # A scene orthorectified over a DEM (translate --rpc-dem) is placed over it again, if
             # it is still there (else at the RPCs' mean height: a picture a few pixels off).
             rpc_dem = (recorded_options(dst.tags()) or {}).get("rpc_dem")
-            if rpc_dem is not None and not (is_gdal_path(rpc_dem) or Path(rpc_dem).exists()):
-                rpc_dem = None
+            if not isinstance(rpc_dem, str) or not (is_gdal_path(rpc_dem) or Path(rpc_dem).exists()):
+                rpc_dem = None  # none recorded, gone, or the record edited into something else
         src = open_scene(scene, resolution="native", allow_ungeoreferenced=True, bounds=footprint, rpc_dem=rpc_dem)
         try:
             photo, photo_valid = src.read_decimated(h, w)

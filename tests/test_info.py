@@ -69,6 +69,11 @@ def test_info_of_a_map_says_how_it_was_made_and_by_which_model(tiny_weights, sce
         assert text.exit_code == 0 and text.stdout.splitlines()[-1] == \
             "the options it was asked with: unreadable (GEOSAT2MAP_OPTIONS is not a JSON object)", text.output
         assert json.loads(run("info", shipped, "--json").stdout)["GEOSAT2MAP_OPTIONS"] is None
+    with rasterio.open(shipped, "r+") as dst:  # an object, with a DEM that is not a path: preview places no DEM
+        dst.update_tags(GEOSAT2MAP_OPTIONS='{"rpc_dem": 5}')
+    pictured = run("preview", scene, shipped, tmp_path / "p.png")
+    assert pictured.exit_code == 0 and (tmp_path / "p.png").exists(), pictured.output
+    assert run("info", shipped).stdout.splitlines()[-1] == "asked with --rpc-dem 5"
     result = run("info", scene)
     assert result.exit_code == 1 and result.output.strip() == \
         f"geosat2map: error: {scene} is a raster, but not a map geosat2map made: it records no GEOSAT2MAP tags"
