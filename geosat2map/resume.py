@@ -58,7 +58,8 @@ def load(path: Path, partial: Path, dst: Path) -> dict:
         # unreadable, not a traceback further on.
         if not isinstance(record, dict) or record.get("version") != VERSION or \
                 not all(isinstance(record.get(n), int) and record[n] >= 0 for n in ("rows", "computed")) or \
-                not isinstance(record.get("options", {}), dict):
+                not isinstance(record.get("options", {}), dict) or \
+                not isinstance(record.get("options", {}).get("backend", ""), str):  # the engine a resume makes again
             raise ValueError
     except (ValueError, OSError):
         raise InputError(f"the progress record {path} is unreadable; run without --resume to start over") from None

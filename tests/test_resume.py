@@ -118,7 +118,8 @@ def test_resume_refuses_other_options_input_or_nothing(scene, tiny_weights, tmp_
         translate(scene, out, weights=tiny_weights, compress="webp", resume=True, overwrite=True)
     # A record damaged or edited into other JSON: one line, the partial kept for a run without --resume.
     for damaged in ([record], {**record, "options": []}, {**record, "rows": "768"},
-                    {k: v for k, v in record.items() if k != "computed"}):
+                    {k: v for k, v in record.items() if k != "computed"},
+                    {**record, "options": {**record["options"], "backend": 5}}):
         (tmp_path / RECORD).write_text(json.dumps(damaged))
         with pytest.raises(InputError, match=r"the progress record .* is unreadable; run without --resume"):
             translate(scene, out, weights=tiny_weights, resume=True, overwrite=True)
