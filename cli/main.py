@@ -188,7 +188,7 @@ def translate(src, dst, overlap, quiet, dry_run, **options) -> None:
     from geosat2map.reader import check_input, is_gdal_path
     from geosat2map.writer import GEOTIFF, check_destination
 
-    to_folder = len(src) > 1 or any(glob.has_magic(p) and not is_gdal_path(p) for p in src)  # pattern: a folder
+    to_folder = len(src) > 1 or any(map(_is_pattern, src))  # pattern: a folder
     src = _expand_globs(src)
     if dry_run:
         _dry_run(src, Path(dst), to_folder, overlap, options)
@@ -321,13 +321,20 @@ class _LazyBar:
             self.bar = None
 
 
-def _expand_globs(sources: tuple[str, ...]) -> tuple[str, ...]:
-    """Expand quoted patterns such as 'scenes/*.tif' (for shells that do not, or long lists)."""
+def _is_pattern(source: str) -> bool:
+    """Whether ``source`` is a file pattern to expand: it has ``*``, ``?`` or ``[``, is not an
+    address GDAL reads (a URL's "?" starts its query) and names no file as it is (a scene named
+    ``scene[1].tif`` is that file, not a pattern matching ``scene1.tif``)."""
     from geosat2map.reader import is_gdal_path
 
+    return glob.has_magic(source) and not is_gdal_path(source) and not os.path.lexists(source)
+
+
+def _expand_globs(sources: tuple[str, ...]) -> tuple[str, ...]:
+    """Expand quoted patterns such as 'scenes/*.tif' (for shells that do not, or long lists)."""
     out: list[str] = []
     for pattern in sources:
-        if glob.has_magic(pattern) and not is_gdal_path(pattern):  # a URL's "?" starts its query
+        if _is_pattern(pattern):
             matches = sorted(glob.glob(pattern))
             if not matches:
                 raise Geosat2mapError(f"no file matches {pattern}")

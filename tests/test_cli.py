@@ -473,6 +473,12 @@ def test_a_quoted_pattern_translates_every_match(tiny_weights, tmp_path):
     assert one.exit_code == 0, one.output  # a pattern with one match still writes into the folder
     none = run("translate", str(tmp_path / "*.jp2"), out, "--weights", tiny_weights)
     assert none.exit_code == 1 and none.stderr.strip() == f"geosat2map: error: no file matches {tmp_path / '*.jp2'}"
+    # A file named with a pattern's characters is that file (one map at DST), not a pattern.
+    Path(tmp_path / "a.tif").rename(tmp_path / "scene [1].tif")
+    named = run("translate", tmp_path / "scene [1].tif", tmp_path / "one.tif", "--weights", tiny_weights, "--quiet")
+    assert named.exit_code == 0 and (tmp_path / "one.tif").is_file(), named.output
+    mosaic = run("mosaic", tmp_path / "scene [1].tif", tmp_path / "m.vrt")
+    assert mosaic.exit_code == 0 and "1 sheet" in mosaic.stdout, mosaic.output
 
 
 def test_help_and_version_do_not_import_torch():
