@@ -109,6 +109,15 @@ def test_weights_whose_description_was_edited_are_one_line_naming_the_field(tiny
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_a_model_description_takes_numpy_numbers_from_python_and_names_a_wrong_one():
+    """The field check serves Python callers too: NumPy's scalars are numbers, a float is no width."""
+    import numpy as np
+
+    assert ModelSpec(ngf=np.int64(8), gsd_m=np.float32(2.0)).build() is not None
+    with pytest.raises(weights.WeightsError, match=r"ngf is np.float32\(8.0\), not a whole number"):
+        ModelSpec(ngf=np.float32(8))
+
+
 def test_weights_whose_provenance_another_tool_wrote_are_described_without_it(tiny_weights, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
