@@ -209,8 +209,9 @@ def _write_config(config: TrainConfig, path: Path) -> None:
         tmp.write_text(json.dumps(asdict(config), indent=2))
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise OutputError(f"writing {path} failed: {exc.strerror or exc}") from None
+    finally:  # also on Ctrl-C; after the rename there is nothing to remove
+        tmp.unlink(missing_ok=True)
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
