@@ -252,8 +252,11 @@ def engine_onnx(model: nn.Module, in_channels: int, tile: int) -> Path:
     proto = export_proto(PixelScaled(model.float().eval().cpu()), torch.zeros(2, in_channels, tile, tile), "tiles",
                          "maps", dynamic_batch=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    onnx.save_model(proto, str(tmp))
-    os.replace(tmp, path)
+    try:
+        onnx.save_model(proto, str(tmp))
+        os.replace(tmp, path)
+    finally:  # a full disk or Ctrl-C mid-write: no export-sized file left behind in the cache
+        tmp.unlink(missing_ok=True)
     del proto
     release_freed_memory()  # the export's tracing: about 0.5 GB for the width-48 model
     return path

@@ -64,7 +64,8 @@ def save_maps(path: Path, maps: dict[int, torch.Tensor]) -> bool:
         os.replace(tmp, path)
         prune(path.parent, PATTERN, KEPT_TEACHERS)
     except OSError:
-        with suppress(OSError):  # nothing there to remove, or no folder at all
-            tmp.unlink()
         return False
+    finally:  # a full disk or Ctrl-C mid-write: no hundreds of MB left behind in the cache
+        with suppress(OSError):  # renamed, never made, or no folder at all
+            tmp.unlink()
     return True

@@ -65,6 +65,23 @@ def test_a_damaged_cached_export_is_made_again_and_one_never_loadable_is_one_lin
     assert make_engine(model, torch.device("cpu"), "auto", "fp32", batch_size=3, tiles=AUTO_MIN_TILES).name == "torch"
 
 
+def test_an_export_that_fills_the_disk_is_one_line_and_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    import onnx
+
+    from geosat2map import engine
+
+    def full_disk(proto, path) -> None:
+        Path(path).write_bytes(b"part of an export")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setenv("GEOSAT2MAP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(engine, "export_proto", lambda *args, **kwargs: onnx.ModelProto())  # no 5 s export
+    monkeypatch.setattr(onnx, "save_model", full_disk)
+    with pytest.raises(WeightsError, match=r"cannot keep the ONNX export in .*cache: .*No space left on device"):
+        make_engine(random_generator(seed=9), torch.device("cpu"), "onnxruntime")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
 def test_auto_uses_torch_for_small_scenes_and_times_both_for_big_ones():
     model = random_generator()
     assert make_engine(model, torch.device("cpu"), "auto", "fp32", tiles=AUTO_MIN_TILES - 1).name == "torch"

@@ -443,6 +443,15 @@ def test_the_teachers_maps_are_made_once_kept_for_the_next_run_and_train_as_if_m
     assert teacher_maps.load_maps(broken) == {}  # made again, not a failed run
     unwritable = teacher_file / "cache" / "teacher-maps-x.safetensors"  # under a file: no folder there
     assert teacher_maps.save_maps(unwritable, {0: torch.zeros(3, 4, 4, dtype=torch.half)}) is False  # the run goes on
+
+    def cut_short(tensors, filename) -> None:  # Ctrl-C while the maps are written
+        Path(filename).write_bytes(b"part of the maps")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(teacher_maps, "save_file", cut_short)
+        teacher_maps.save_maps(tmp_path / "cache" / "teacher-maps-cut.safetensors", {0: torch.zeros(3, 4, 4)})
+    assert not [p.name for p in (tmp_path / "cache").iterdir() if p.name.endswith(".part")]
     monkeypatch.setattr(PairDataset, "mirrored", lambda self, index: None)  # as a cropped set: no keeping
     asked_calls, asked, _ = run("asked")
     assert (kept_calls, cached_calls, asked_calls) == (train_pairs, 0, 2 * train_pairs)
