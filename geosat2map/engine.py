@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import time
+from contextlib import suppress
 from pathlib import Path
 from collections.abc import Callable
 from typing import Protocol
@@ -427,13 +428,16 @@ def _remembered_or_timed(key: tuple, build: Callable[[str], Engine | None]) -> s
         del engine
         release_freed_memory()
     name = min(seconds, key=seconds.__getitem__)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
         tmp.write_text(json.dumps({**kept, record: name}, indent=1))
         os.replace(tmp, path)
     except OSError:
-        pass
+        pass  # kept in memory only
+    finally:
+        with suppress(OSError):
+            tmp.unlink()
     return name
 
 
