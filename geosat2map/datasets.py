@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from .errors import DataError, first_line, gdal_reason
+from .records import fits
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 #: The most a data set's resized pairs may take in memory; a larger one is read pair by pair.
@@ -257,7 +258,7 @@ def tile_folder_gsd(folder: str | Path) -> float | None:
     if not isinstance(made, dict):
         raise DataError(f"{manifest} is not a JSON object: is {folder} a `geosat2map tiles` folder?")
     gsd = made.get("gsd_m")
-    if gsd is not None and not (isinstance(gsd, (int, float)) and not isinstance(gsd, bool) and gsd > 0):
+    if gsd is not None and not (fits(gsd, float) and gsd > 0):
         raise DataError(f"{manifest} gives gsd_m {json.dumps(gsd)}, not a resolution in metres per pixel")
     return gsd
 
