@@ -764,10 +764,16 @@ def _echo_val(provenance: dict, dtype: str = "float32") -> None:
                        ("val", ", as stored" if stored else ", scored before storage" if before else "")):
         val = provenance.get(key)
         if val:
-            click.echo(f"held-out pairs ({int(val['count'])}{label}): RMSE {val['rmse']:.2f}  acc@5 {val['acc5']:.3f}  "
-                       f"acc@10 {val['acc10']:.3f}  PSNR {val['psnr']:.2f} dB  SSIM {val['ssim']:.3f}")
+            click.echo(f"held-out pairs ({int(val['count'])}{label}): {_scores(val)}")
     if "val_before_storage" in provenance and "val" not in provenance:
         click.echo("not scored as stored: the run's data folder was not found")
+
+
+def _scores(val: dict) -> str:
+    """Held-out scores as evaluate prints them (those a record holds: older runs scored fewer)."""
+    shown = (("rmse", "RMSE {:.2f}"), ("acc5", "acc@5 {:.3f}"), ("acc10", "acc@10 {:.3f}"), ("psnr", "PSNR {:.2f} dB"),
+             ("ssim", "SSIM {:.3f}"))
+    return "  ".join(text.format(val[key]) for key, text in shown if isinstance(val.get(key), (int, float)))
 
 
 @cli.command()
@@ -776,12 +782,16 @@ def _echo_val(provenance: dict, dtype: str = "float32") -> None:
 def info(weights, as_json) -> None:
     """What the generator WEIGHTS (default: the shipped model) is: its architecture, the ground
     sampling distance translate resamples scenes to, its held-out scores and where it came from.
-    Given a map (.tif) translate wrote: how it was made, and by which model."""
+    Given a map (.tif) translate wrote: how it was made, and by which model. Given a training
+    run's folder: its epochs so far and their held-out scores."""
     from geosat2map.weights import describe_weights
     from geosat2map.writer import GEOTIFF_SUFFIXES
 
     if Path(weights).suffix.lower() in GEOTIFF_SUFFIXES:
         _map_info(weights, as_json)
+        return
+    if (Path(weights) / "config.json").is_file():
+        _run_info(weights, as_json)
         return
     d = describe_weights(None if weights == "default" else weights)
     if as_json:
@@ -818,6 +828,45 @@ def _echo_provenance(prov: dict, dtype: str) -> None:
         made.append(f"the mean of {len(prov['averaged_from'])} generators")
     if made:
         click.echo("; ".join(made) + " (--json: the whole provenance)")
+
+
+def _run_info(path: str, as_json: bool) -> None:
+    """A training run's settings, epochs and held-out scores, and what can be done with it next."""
+    from dataclasses import asdict
+
+    from geosat2map.run_info import read_run
+
+    run = read_run(path)
+    c, done = run.config, len(run.history)
+    if as_json:
+        click.echo(json.dumps({"run": str(run.path), "epochs_done": done, "epochs_planned": run.epochs_planned,
+                               "resumable": run.resumable, "generators": run.generators,
+                               "unreadable_history_lines": run.unreadable_lines, "config": asdict(c),
+                               "history": run.history}, indent=2))
+        return
+    data = c.data if isinstance(c.data, str) else ", ".join(c.data)
+    start = f", from {c.init_from}" if c.init_from else ""
+    click.echo(f"{run.path}: a training run of width {c.ngf or 'as --init-from'}{start} on {data} (--holdout "
+               f"{c.holdout}): {done} of {run.epochs_planned} epochs done")
+    taught = f", distilled from {c.distill_from}" if c.distill_from else ""
+    click.echo(f"lr {c.lr:g} ({c.epochs} epochs, then {c.epochs_decay} of decay), L1 weight {c.lambda_l1:g}, "
+               f"adversarial weight {c.lambda_gan:g}{taught}")
+    last, best = (run.history[-1] if run.history else None), run.best()
+    for label, record in (("last" if best is not last else "last, the best", last), ("best", best)):
+        if record is None or (label == "best" and record is last):
+            continue
+        val = record.get("val")
+        scored = f"held out {_scores(val)}" if isinstance(val, dict) else "not scored (no held-out pairs)"
+        click.echo(f"{label}: epoch {record.get('epoch', '?')}, step {record.get('step', '?')}: {scored}")
+    if run.unreadable_lines:
+        click.echo(f"{run.unreadable_lines} line(s) of history.jsonl unreadable (cut short by a kill?)")
+    if run.resumable and done < run.epochs_planned:
+        click.echo(f"`geosat2map train {data} --out {run.path} --resume` continues it")
+    elif run.resumable:
+        click.echo(f"finished: `geosat2map train {data} --out {run.path} --resume --epochs-decay N` trains it longer")
+    if run.generators:
+        which = "its best generator" if "best_generator.safetensors" in run.generators else "its latest generator"
+        click.echo(f"`geosat2map export-weights {run.path} OUT.safetensors` makes a weights file of {which}")
 
 
 def _map_info(path: str, as_json: bool) -> None:

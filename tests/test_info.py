@@ -137,10 +137,14 @@ def test_a_training_run_given_as_weights_says_how_to_export_it(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.json").write_text("{}")
-    result = run("info", run_dir)
+    result = run("export-onnx", run_dir, tmp_path / "m.onnx")
     assert result.exit_code == 1 and "is a training run, not a weights file" in result.stderr
     assert f"geosat2map export-weights {run_dir}" in result.stderr
     assert "is a folder, not a weights file" in run("info", tmp_path).stderr
+    # info reads a run folder as a run: this one's settings are damaged, and it says so in one line
+    damaged = run("info", run_dir)
+    assert damaged.exit_code == 1 and damaged.stderr == \
+        f"geosat2map: error: the run's {run_dir / 'config.json'} is unreadable: it does not say data or out\n"
 
 
 def test_int4_weights_load_within_half_a_level_gap_and_the_rest_as_int8(tmp_path, monkeypatch):

@@ -704,6 +704,31 @@ def test_several_data_folders_are_trained_on_as_one(tmp_path):
     assert Trainer(told).spec.gsd_m == 1.0
 
 
+def test_info_on_a_run_folder_gives_its_epochs_scores_and_next_step(tmp_path):
+    """`geosat2map info RUN` follows a run in the background from its files: epochs done of those
+    planned, the last and best held-out scores, how to continue and export it."""
+    data = write_aligned(tmp_path / "maps")
+    run_dir = tmp_path / "run"
+    train(tiny_config(data, run_dir, max_steps=4))  # 4 training pairs: one epoch of 3
+    first = json.loads((run_dir / "history.jsonl").read_text())
+    result = CliRunner().invoke(cli, ["info", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{run_dir}: a training run of width 4 on {data} (--holdout 3): 1 of 3 epochs done"
+    assert lines[2] == f"last, the best: epoch 1, step 4: held out RMSE {first['val']['rmse']:.2f}  " \
+                       f"acc@5 {first['val']['acc5']:.3f}  acc@10 {first['val']['acc10']:.3f}  " \
+                       f"PSNR {first['val']['psnr']:.2f} dB  SSIM {first['val']['ssim']:.3f}"
+    assert lines[3] == f"`geosat2map train {data} --out {run_dir} --resume` continues it"
+    assert lines[4] == f"`geosat2map export-weights {run_dir} OUT.safetensors` makes a weights file of its best " \
+                       "generator"
+    with open(run_dir / "history.jsonl", "a") as f:  # a kill while the next epoch's line was written
+        f.write('{"epoch": 2, "st')
+    described = json.loads(CliRunner().invoke(cli, ["info", str(run_dir), "--json"]).stdout)
+    assert (described["epochs_done"], described["epochs_planned"], described["unreadable_history_lines"]) == (1, 3, 1)
+    assert described["history"] == [first] and described["config"]["ngf"] == 4 and described["resumable"]
+    assert "1 line(s) of history.jsonl unreadable" in CliRunner().invoke(cli, ["info", str(run_dir)]).stdout
+
+
 def test_existing_run_needs_resume(tmp_path):
     data = write_aligned(tmp_path / "data")
     train(tiny_config(data, tmp_path / "run", max_steps=1))
