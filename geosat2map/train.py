@@ -201,6 +201,17 @@ class TrainConfig:
         return cls(**kept)
 
 
+def _append_line(path: Path, line: str) -> None:
+    """``line`` appended to ``path`` as a line of its own: a run killed while writing the line
+    before leaves it cut short, without its newline, and the next must not join it."""
+    with open(path, "a+b") as f:
+        if f.tell():  # (appending: at the end)
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(line.encode() + b"\n")
+
+
 def _write_config(config: TrainConfig, path: Path) -> None:
     """The run's settings written whole or not at all: a resumed run with a new schedule replaces
     them, and a kill or a full disk mid-write must not leave the run unresumable."""
@@ -664,8 +675,7 @@ class Trainer:
                 if trained_spec:
                     save_generator(self.G, trained_spec, snapshots / f"epoch{self.epoch:03d}.trained.safetensors",
                                    storage or "fp16")
-            with open(self.out / "history.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            _append_line(self.out / "history.jsonl", json.dumps(record))
         self.save_checkpoint()
         return record
 

@@ -727,6 +727,9 @@ def test_info_on_a_run_folder_gives_its_epochs_scores_and_next_step(tmp_path):
     assert (described["epochs_done"], described["epochs_planned"], described["unreadable_history_lines"]) == (1, 3, 1)
     assert described["history"] == [first] and described["config"]["ngf"] == 4 and described["resumable"]
     assert "1 line(s) of history.jsonl unreadable" in CliRunner().invoke(cli, ["info", str(run_dir)]).stdout
+    train(tiny_config(data, run_dir, max_steps=4), resume=True)  # the next epoch's line stands on its own
+    resumed = json.loads(CliRunner().invoke(cli, ["info", str(run_dir), "--json"]).stdout)
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2] and resumed["unreadable_history_lines"] == 1
 
 
 def test_existing_run_needs_resume(tmp_path):
