@@ -265,8 +265,8 @@ def engine_onnx(model: nn.Module, in_channels: int, tile: int) -> Path:
 
 def _cached_session(make: Callable[[], Path], name: str = "onnxruntime") -> OnnxRuntimeEngine:
     """ONNX Runtime on the model file ``make`` finds in the cache or exports into it. A cached file
-    ONNX Runtime cannot load (damaged, or exported by a later onnx than this ONNX Runtime reads)
-    is made again, once; a fresh one it cannot load is a :class:`WeightsError`."""
+    ONNX Runtime cannot load (damaged, say, or written by an onnx release newer than this ONNX
+    Runtime reads) is made again, once; a fresh one it cannot load is a :class:`WeightsError`."""
     path = make()
     try:
         return _ort_engine(path, name)

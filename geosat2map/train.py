@@ -205,7 +205,7 @@ def _append_line(path: Path, line: str) -> None:
     """``line`` appended to ``path`` as a line of its own: a run killed while writing the line
     before leaves it cut short, without its newline, and the next must not join it."""
     with open(path, "a+b") as f:
-        if f.tell():  # (appending: at the end)
+        if f.tell():  # opened for appending: at the end, past the last line's end if it has one
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
                 f.write(b"\n")
