@@ -846,7 +846,8 @@ def _run_info(path: str, as_json: bool) -> None:
         return
     data = c.data if isinstance(c.data, str) else ", ".join(c.data)
     start = f", from {c.init_from}" if c.init_from else ""
-    click.echo(f"{run.path}: a training run of width {c.ngf or 'as --init-from'}{start} on {data} (--holdout "
+    width = c.ngf or ("as --init-from" if c.init_from else 64)  # the trainer's default
+    click.echo(f"{run.path}: a training run of width {width}{start} on {data} (--holdout "
                f"{c.holdout}): {done} of {run.epochs_planned} epochs done")
     taught = f", distilled from {c.distill_from}" if c.distill_from else ""
     click.echo(f"lr {c.lr:g} ({c.epochs} epochs, then {c.epochs_decay} of decay), L1 weight {c.lambda_l1:g}, "

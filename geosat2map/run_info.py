@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import TrainingError
+from .records import fits
 from .train import CHECKPOINT, TrainConfig
 
 
@@ -31,7 +32,7 @@ class RunInfo:
 
     def best(self) -> dict | None:
         """The epoch's record with the lowest held-out RMSE (the run's best_generator), if scored."""
-        scored = [r for r in self.history if isinstance(r.get("val"), dict) and "rmse" in r["val"]]
+        scored = [r for r in self.history if isinstance(r.get("val"), dict) and fits(r["val"].get("rmse"), float)]
         return min(scored, key=lambda r: r["val"]["rmse"]) if scored else None
 
 

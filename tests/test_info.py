@@ -147,6 +147,19 @@ def test_a_training_run_given_as_weights_says_how_to_export_it(tmp_path):
         f"geosat2map: error: the run's {run_dir / 'config.json'} is unreadable: it does not say data or out\n"
 
 
+def test_a_run_whose_history_was_edited_is_described_from_what_reads(tmp_path):
+    from geosat2map.run_info import read_run
+
+    (tmp_path / "config.json").write_text(json.dumps({"data": "d", "out": str(tmp_path), "ngf": 8}))
+    (tmp_path / "history.jsonl").write_text('{"epoch": 1, "val": {"rmse": "low"}}\n[2]\n'
+                                            '{"epoch": 3, "val": {"rmse": 30.5, "acc5": 0.25}}\n')
+    described = read_run(tmp_path)
+    assert [r["epoch"] for r in described.history] == [1, 3] and described.unreadable_lines == 1
+    assert described.best()["epoch"] == 3 and not described.resumable
+    text = run("info", tmp_path)
+    assert text.exit_code == 0 and "last, the best: epoch 3, step ?: held out RMSE 30.50  acc@5 0.250" in text.stdout
+
+
 def test_int4_weights_load_within_half_a_level_gap_and_the_rest_as_int8(tmp_path, monkeypatch):
     model = random_generator()
     monkeypatch.setattr(weights, "INT8_MIN_ELEMENTS", 1)
