@@ -41,11 +41,14 @@ def save(path: Path, ident: dict, rows: int, computed: int) -> None:
     """Write the record atomically and durably (a torn record would make the partial file
     unusable; one lost in a power cut would hide it)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps({"version": VERSION, **ident, "rows": rows, "computed": computed}, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps({"version": VERSION, **ident, "rows": rows, "computed": computed}, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # a full disk: nothing of it left beside the output
+        tmp.unlink(missing_ok=True)
 
 
 def load(path: Path, partial: Path, dst: Path) -> dict:
