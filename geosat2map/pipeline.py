@@ -611,9 +611,10 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, asked
                 raise
             try:
                 keep(rows)
-            except OSError:
+            except OSError as exc:  # a full disk: the rows cannot be vouched for, so none are kept
                 writer.drop_partial()
-                raise KeyboardInterrupt from None
+                raise KeyboardInterrupt(f"keeping the {rows} rows done failed ({exc.strerror or exc}): "
+                                        "nothing to resume") from None
             raise Interrupted(f"{rows} of {scene.height} rows are kept; the same command with --resume "
                               "continues") from None
         computed = computed_before + sum(computed_in_row[first_row:])

@@ -280,6 +280,21 @@ def test_a_run_that_fails_after_checkpoints_leaves_nothing(scene, tiny_weights, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.tif"]
 
 
+def test_an_interrupt_whose_rows_cannot_be_kept_says_why_and_leaves_nothing(scene, tiny_weights, tmp_path,
+                                                                           monkeypatch):
+    import geosat2map.resume as resume
+
+    def full_disk(fd) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(resume, "os", SimpleNamespace(fsync=full_disk, replace=os.replace))
+    with pytest.raises(KeyboardInterrupt, match=r"keeping the \d+ rows done failed \(No space left on device\): "
+                                                "nothing to resume") as stopped:
+        translate(scene, tmp_path / "map.tif", weights=tiny_weights, progress=stop_after(25))
+    assert not isinstance(stopped.value, Interrupted)  # no --resume to offer
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.tif"]
+
+
 def test_a_resumed_batch_keeps_finished_maps_resumes_partial_ones_and_starts_the_rest(scene, tiny_weights,
                                                                                       tmp_path):
     """The batch was stopped in its second scene: its first map is kept, the second resumed (and
