@@ -25,7 +25,6 @@ import importlib.util
 import json
 import os
 import time
-from contextlib import suppress
 from pathlib import Path
 from collections.abc import Callable
 from typing import Protocol
@@ -38,6 +37,7 @@ from .allocator import release_freed_memory
 from .cache import cache_dir
 from .devices import PRECISIONS as COMPUTE_PRECISIONS, use_bf16
 from .errors import WeightsError, first_line
+from .files import write_text_whole
 from .model import PixelScaled
 from .onnx_export import export_proto
 from .quantize import quantized_onnx
@@ -428,16 +428,11 @@ def _remembered_or_timed(key: tuple, build: Callable[[str], Engine | None]) -> s
         del engine
         release_freed_memory()
     name = min(seconds, key=seconds.__getitem__)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({**kept, record: name}, indent=1))
-        os.replace(tmp, path)
+        write_text_whole(path, json.dumps({**kept, record: name}, indent=1))
     except OSError:
         pass  # kept in memory only
-    finally:
-        with suppress(OSError):
-            tmp.unlink()
     return name
 
 

@@ -10,10 +10,10 @@ continues) follows from the tile grid, so no blending state is stored.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from .errors import InputError
+from .files import write_text_whole
 
 VERSION = 1
 #: Options records came to hold after they first did, with the value every run had before: a
@@ -40,15 +40,8 @@ def identity(src: Path | str, options: dict, digest: str) -> dict:
 def save(path: Path, ident: dict, rows: int, computed: int) -> None:
     """Write the record atomically and durably (a torn record would make the partial file
     unusable; one lost in a power cut would hide it)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps({"version": VERSION, **ident, "rows": rows, "computed": computed}, indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:  # a full disk: nothing of it left beside the output
-        tmp.unlink(missing_ok=True)
+    record = {"version": VERSION, **ident, "rows": rows, "computed": computed}
+    write_text_whole(path, json.dumps(record, indent=1), durable=True)
 
 
 def load(path: Path, partial: Path, dst: Path) -> dict:
@@ -57,16 +50,22 @@ def load(path: Path, partial: Path, dst: Path) -> dict:
         raise InputError(f"nothing to resume for {dst}: no partial output of an interrupted run beside it")
     try:
         record = json.loads(path.read_text())
-        # What a resume reads from it, checked: a record edited or damaged into other JSON is
-        # unreadable, not a traceback further on.
-        if not isinstance(record, dict) or record.get("version") != VERSION or \
-                not all(isinstance(record.get(n), int) and record[n] >= 0 for n in ("rows", "computed")) or \
-                not isinstance(record.get("options", {}), dict) or \
-                not isinstance(record.get("options", {}).get("backend", ""), str):  # the engine a resume makes again
+        if not _well_formed(record):
             raise ValueError
     except (ValueError, OSError):
         raise InputError(f"the progress record {path} is unreadable; run without --resume to start over") from None
     return record
+
+
+def _well_formed(record) -> bool:
+    """Whether ``record`` holds what a resume reads from it, of the right types: one edited or
+    damaged into other JSON is unreadable, not a traceback further on."""
+    if not isinstance(record, dict) or record.get("version") != VERSION:
+        return False
+    options = record.get("options", {})
+    counts = all(isinstance(record.get(n), int) and record[n] >= 0 for n in ("rows", "computed"))
+    # the backend names the engine a resume makes again
+    return counts and isinstance(options, dict) and isinstance(options.get("backend", ""), str)
 
 
 def check(record: dict, ident: dict, dst: Path) -> None:

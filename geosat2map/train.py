@@ -38,6 +38,7 @@ from .devices import resolve_device, use_bf16
 from .distributed import DistContext, convert_batchnorm, init_distributed, shutdown_distributed
 from .errors import DataError, OutputError, TrainingError, first_line
 from .evaluate import evaluate_generator, write_triplets
+from .files import write_text_whole
 from .model import FlipAveraged, PatchDiscriminator, UNetGenerator, init_weights, modes_kept, widen_generator
 from .records import field_problem
 from .storage_aware import StoredRounding, rounded_as_stored
@@ -215,14 +216,10 @@ def _append_line(path: Path, line: str) -> None:
 def _write_config(config: TrainConfig, path: Path) -> None:
     """The run's settings written whole or not at all: a resumed run with a new schedule replaces
     them, and a kill or a full disk mid-write must not leave the run unresumable."""
-    tmp = path.with_name(path.name + ".part")
     try:
-        tmp.write_text(json.dumps(asdict(config), indent=2))
-        os.replace(tmp, path)
+        write_text_whole(path, json.dumps(asdict(config), indent=2))
     except OSError as exc:
         raise OutputError(f"writing {path} failed: {exc.strerror or exc}") from None
-    finally:  # also on Ctrl-C; after the rename there is nothing to remove
-        tmp.unlink(missing_ok=True)
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:

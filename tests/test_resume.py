@@ -260,7 +260,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(scene, tiny_weights, tmp_
 def test_a_run_that_fails_after_checkpoints_leaves_nothing(scene, tiny_weights, tmp_path, monkeypatch, where):
     """A full disk when a checkpoint's record is saved is one line; a failure when the map is
     finished (after records were saved) takes the record with the partial file."""
-    import geosat2map.resume as resume
+    import geosat2map.files as files
     import geosat2map.writer as writer
     from geosat2map.errors import OutputError
 
@@ -272,7 +272,7 @@ def test_a_run_that_fails_after_checkpoints_leaves_nothing(scene, tiny_weights, 
 
     monkeypatch.setattr(writer, "CHECKPOINT_SECONDS", 0.0)
     if where == "record":  # the record's own write fails (its module's os, not the writer's)
-        monkeypatch.setattr(resume, "os", SimpleNamespace(fsync=full_disk, replace=os.replace))
+        monkeypatch.setattr(files, "os", SimpleNamespace(fsync=full_disk, replace=os.replace, getpid=os.getpid))
     else:
         monkeypatch.setattr(writer.GeoTIFFWriter, "commit", failed_commit)
     with pytest.raises(OutputError, match="No space left on device"):
@@ -282,12 +282,12 @@ def test_a_run_that_fails_after_checkpoints_leaves_nothing(scene, tiny_weights, 
 
 def test_an_interrupt_whose_rows_cannot_be_kept_says_why_and_leaves_nothing(scene, tiny_weights, tmp_path,
                                                                            monkeypatch):
-    import geosat2map.resume as resume
+    import geosat2map.files as files
 
     def full_disk(fd) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(resume, "os", SimpleNamespace(fsync=full_disk, replace=os.replace))
+    monkeypatch.setattr(files, "os", SimpleNamespace(fsync=full_disk, replace=os.replace, getpid=os.getpid))
     with pytest.raises(KeyboardInterrupt, match=r"keeping the \d+ rows done failed \(No space left on device\): "
                                                 "nothing to resume") as stopped:
         translate(scene, tmp_path / "map.tif", weights=tiny_weights, progress=stop_after(25))
