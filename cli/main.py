@@ -834,6 +834,7 @@ def _run_info(path: str, as_json: bool) -> None:
     """A training run's settings, epochs and held-out scores, and what can be done with it next."""
     from dataclasses import asdict
 
+    from geosat2map.datasets import as_folders
     from geosat2map.run_info import read_run
 
     run = read_run(path)
@@ -844,7 +845,8 @@ def _run_info(path: str, as_json: bool) -> None:
                                "unreadable_history_lines": run.unreadable_lines, "config": asdict(c),
                                "history": run.history}, indent=2))
         return
-    data = c.data if isinstance(c.data, str) else ", ".join(c.data)
+    folders = [str(f) for f in as_folders(c.data)]
+    data = ", ".join(folders)
     start = f", from {c.init_from}" if c.init_from else ""
     width = c.ngf or ("as --init-from" if c.init_from else 64)  # the trainer's default
     click.echo(f"{run.path}: a training run of width {width}{start} on {data} (--holdout "
@@ -862,9 +864,10 @@ def _run_info(path: str, as_json: bool) -> None:
     if run.unreadable_lines:
         click.echo(f"{run.unreadable_lines} line(s) of history.jsonl unreadable (cut short by a kill?)")
     if run.resumable and done < run.epochs_planned:
-        click.echo(f"`geosat2map train {data} --out {run.path} --resume` continues it")
+        click.echo(f"`geosat2map train {' '.join(folders)} --out {run.path} --resume` continues it")
     elif run.resumable:
-        click.echo(f"finished: `geosat2map train {data} --out {run.path} --resume --epochs-decay N` trains it longer")
+        click.echo(f"finished: `geosat2map train {' '.join(folders)} --out {run.path} --resume --epochs-decay N` "
+                   "trains it longer")
     if run.generators:
         which = "its best generator" if "best_generator.safetensors" in run.generators else "its latest generator"
         click.echo(f"`geosat2map export-weights {run.path} OUT.safetensors` makes a weights file of {which}")

@@ -156,6 +156,9 @@ def test_a_run_whose_history_was_edited_is_described_from_what_reads(tmp_path):
     described = read_run(tmp_path)
     assert [r["epoch"] for r in described.history] == [1, 3] and described.unreadable_lines == 1
     assert described.best()["epoch"] == 3 and not described.resumable
+    (tmp_path / "config.json").write_text(json.dumps({"data": ["d", "e"], "out": str(tmp_path), "ngf": 8}))
+    (tmp_path / "checkpoint.pt").write_bytes(b"")  # resumable: the command to continue it names both folders
+    assert f"`geosat2map train d e --out {tmp_path} --resume` continues it" in run("info", tmp_path).stdout
     text = run("info", tmp_path)
     assert text.exit_code == 0 and "last, the best: epoch 3, step ?: held out RMSE 30.50  acc@5 0.250" in text.stdout
 
