@@ -11,6 +11,7 @@ one would.
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -258,7 +259,7 @@ def tile_folder_gsd(folder: str | Path) -> float | None:
     if not isinstance(made, dict):
         raise DataError(f"{manifest} is not a JSON object: is {folder} a `geosat2map tiles` folder?")
     gsd = made.get("gsd_m")
-    if gsd is not None and not (fits(gsd, float) and gsd > 0):
+    if gsd is not None and not (fits(gsd, float) and math.isfinite(gsd) and gsd > 0):  # JSON allows Infinity
         raise DataError(f"{manifest} gives gsd_m {json.dumps(gsd)}, not a resolution in metres per pixel")
     return gsd
 

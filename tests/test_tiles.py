@@ -270,7 +270,8 @@ def test_train_runs_on_tiles(region, tmp_path):
 @pytest.mark.parametrize("manifest, phrase", [
     ("{", "manifest.json is unreadable (Expecting property name"), ("[1.0]", "manifest.json is not a JSON object"),
     ('{"gsd_m": "1.0"}', 'manifest.json gives gsd_m "1.0", not a resolution'),
-    ('{"gsd_m": 0}', "manifest.json gives gsd_m 0, not a resolution")])
+    ('{"gsd_m": 0}', "manifest.json gives gsd_m 0, not a resolution"),
+    ('{"gsd_m": Infinity}', "manifest.json gives gsd_m Infinity, not a resolution")])
 def test_a_damaged_tiles_manifest_is_one_line_naming_it(tmp_path, manifest, phrase):
     """The resolution train records is read from a tiles folder's manifest.json, which a user may
     have edited: its damage is named, not met as a traceback."""
