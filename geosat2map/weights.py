@@ -11,7 +11,7 @@ import json
 import math
 import os
 import weakref
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 
@@ -293,6 +293,10 @@ def read_spec(path: str | Path) -> ModelSpec:
         described = json.loads(meta["geosat2map"])
         if not isinstance(described, dict):
             raise ValueError("not a JSON object")
+        unknown = sorted(set(described) - {f.name for f in fields(ModelSpec)})
+        if unknown:  # a field can change how the network is built: guessing could run another model
+            raise WeightsError(f"describes the model with {', '.join(unknown)}, which this version of geosat2map "
+                               "does not know: made by a newer one? upgrade geosat2map to load it")
         return ModelSpec(**described)
     except WeightsError as exc:
         raise WeightsError(f"{path}: {exc}") from None

@@ -90,7 +90,9 @@ def test_info_of_a_file_that_is_not_weights(tmp_path):
 @pytest.mark.parametrize("edit, phrase", [
     ({"ngf": "8"}, 'ngf is "8", not a whole number'), ({"ngf": 8.0}, "ngf is 8.0, not a whole number"),
     ({"in_channels": 0}, "in_channels is 0, not a size"), ({"gsd_m": True}, "gsd_m is true, not a number or null"),
-    ({"provenance": [1]}, "provenance is [1], not an object"), (None, "has unreadable metadata (not a JSON object)")])
+    ({"provenance": [1]}, "provenance is [1], not an object"), (None, "has unreadable metadata (not a JSON object)"),
+    ({"padding": "reflect", "attention": 1}, ": describes the model with attention, padding, which this version of "
+                                             "geosat2map does not know: made by a newer one?")])
 def test_weights_whose_description_was_edited_are_one_line_naming_the_field(tiny_weights, tmp_path, edit, phrase):
     """A weights file's metadata is JSON another tool may have written: a wrong type is named
     before the network is built (it was a TypeError from its constructor, or a traceback in info)."""
