@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from .errors import DataError, first_line, gdal_reason
+from .reader import PNG_READ_OPTIONS
 from .records import fits
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
@@ -33,18 +34,11 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 IN_MEMORY_BYTES = 4 * 2**30
 
 
-#: GDAL's options while a pair's image is read. GDAL 3.10's fast whole-image PNG decoding gives a
-#: PNG cut short (its last 1 % missing, or more) as its compressed bytes, with no error: every row
-#: of the image noise. Its row-by-row decoding reports the cut. That doubles the time to decode a
-#: PNG pair (18.5 against 9.6 ms for a 1200 x 600 one here); JPEG and TIFF pairs are unaffected.
-_READ_OPTIONS = {"GDAL_PNG_WHOLE_IMAGE_OPTIM": "NO"}
-
-
 @contextmanager
 def _image(path: Path) -> Iterator[rasterio.io.DatasetReader]:
     """``path`` open, an 8-bit image, or a :class:`DataError` (for the open or any read in the block)."""
     try:
-        with warnings.catch_warnings(), rasterio.Env(**_READ_OPTIONS):
+        with warnings.catch_warnings(), rasterio.Env(**PNG_READ_OPTIONS):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as src:
                 if src.dtypes[0] != "uint8":

@@ -204,12 +204,13 @@ def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256
 
     from .errors import InputError
     from .placement import north_up, warped_onto
-    from .reader import bounded_cache, open_raster
+    from .reader import PNG_READ_OPTIONS, bounded_cache, open_raster, reading
 
     # A paletted map is opened in its colours (open_raster). The windows go row by row, so GDAL's
     # cache needs a row of both rasters' blocks, three bands and a mask (a 10000 x 10000 output
     # scored against itself: 1.74 GB of RSS in GDAL's default cache, 396 MB so).
-    with open_raster(output) as out_ds, rasterio.Env(GDAL_CACHEMAX=bounded_cache(2 * 4 * tile * out_ds.width)), \
+    with open_raster(output) as out_ds, \
+            rasterio.Env(GDAL_CACHEMAX=bounded_cache(2 * 4 * tile * out_ds.width), **PNG_READ_OPTIONS), \
             open_raster(map_raster) as map_ds, north_up(map_raster, map_ds) as north, \
             warped_onto(north, out_ds.crs, out_ds.transform, out_ds.width, out_ds.height) as warped:
         bands = [1, 2, 3] if map_ds.count >= 3 else [1, 1, 1]
@@ -217,10 +218,15 @@ def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256
         for y in range(0, out_ds.height - tile + 1, tile):
             for x in range(0, out_ds.width - tile + 1, tile):
                 w = Window(x, y, tile, tile)
-                if not ((out_ds.dataset_mask(window=w) > 0).all() and (warped.dataset_mask(window=w) > 0).all()):
-                    continue
-                a = torch.from_numpy(out_ds.read([1, 2, 3], window=w).astype(np.float32))
-                b = torch.from_numpy(warped.read(bands, window=w).astype(np.float32))
+                with reading(output):
+                    out_valid = (out_ds.dataset_mask(window=w) > 0).all()
+                with reading(map_raster):
+                    if not (out_valid and (warped.dataset_mask(window=w) > 0).all()):
+                        continue
+                with reading(output):
+                    a = torch.from_numpy(out_ds.read([1, 2, 3], window=w).astype(np.float32))
+                with reading(map_raster):
+                    b = torch.from_numpy(warped.read(bands, window=w).astype(np.float32))
                 per_tile.append(metrics.image_metrics(a, b, classes))
     if not per_tile:
         raise InputError(f"no complete {tile}-pixel window where {output} and {map_raster} both have data")

@@ -13,7 +13,7 @@ from rasterio.errors import NotGeoreferencedWarning
 
 from .errors import InputError, OutputError, gdal_reason
 from .provenance import recorded_options
-from .reader import MIN_GDAL_CACHE, is_gdal_path, open_raster, open_scene
+from .reader import MIN_GDAL_CACHE, PNG_READ_OPTIONS, is_gdal_path, open_raster, open_scene
 from .writer import GDAL_WRITE_ERRORS, PNG, check_destination
 
 
@@ -34,7 +34,7 @@ def side_by_side(scene: str | Path, map_path: str | Path, png: str | Path, size:
     check_destination(png, None, overwrite, PNG)
     # Each source block is decoded once for the shrunk read, so GDAL's cache need not keep them: its
     # default (5 % of memory) let a 10000 x 10000 scene without overviews take 716 MB of RSS, 130 MB in 16 MiB.
-    with rasterio.Env(GDAL_CACHEMAX=PREVIEW_GDAL_CACHE):
+    with rasterio.Env(GDAL_CACHEMAX=PREVIEW_GDAL_CACHE, **PNG_READ_OPTIONS):
         with open_raster(map_path) as dst:
             scale = size / max(dst.width, dst.height)
             h, w = max(1, round(dst.height * scale)), max(1, round(dst.width * scale))

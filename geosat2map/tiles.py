@@ -34,7 +34,7 @@ from rasterio.windows import Window, transform as window_transform
 from .aoi import AreaOfInterest
 from .errors import InputError, NotGeoreferenced, OutputError, gdal_reason
 from .placement import north_up, warped_onto
-from .reader import Scene, bounded_cache, open_raster, open_scene
+from .reader import PNG_READ_OPTIONS, Scene, bounded_cache, open_raster, open_scene
 from .render import Grid, MapRenderer, Style, read_vectors
 
 
@@ -208,7 +208,7 @@ def make_tiles(
     # Tiles are cut row by row, as translate reads: the scene's shared blocks, and the map raster's
     # as many (a 10000 x 10000 scene and map: 951 MB of RSS in GDAL's default cache, 434 MB so).
     cache = bounded_cache(scene.cache_bytes(t) * (2 if map_raster is not None else 1))
-    with rasterio.Env(GDAL_CACHEMAX=cache):
+    with rasterio.Env(GDAL_CACHEMAX=cache, **PNG_READ_OPTIONS):  # a map raster may be a PNG
         try:
             grid = Grid(scene.crs, scene.transform, scene.width, scene.height)
             source = (_RasterMap(map_raster, grid) if map_raster is not None

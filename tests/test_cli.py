@@ -519,6 +519,22 @@ def test_preview_refuses_a_missing_or_unreadable_map_in_one_line(scene, tmp_path
     assert not png.exists()
 
 
+def test_preview_of_a_png_cut_short_is_one_line_and_leaves_nothing(tmp_path):
+    """GDAL's fast whole-image PNG decoding read a PNG cut short, enlarged into a preview panel, as
+    zeros with no error: the preview showed a black photo. Read row by row, the cut is reported."""
+    whole, cut = tmp_path / "whole.png", tmp_path / "cut.png"
+    noise = np.random.default_rng(0).integers(0, 256, (3, 200, 200), dtype=np.uint8)  # incompressible
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(whole, "w", driver="PNG", width=200, height=200, count=3, dtype="uint8") as dst:
+            dst.write(noise)
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    map_raster = write_scene(tmp_path / "map.tif", width=200, height=200, crs=None)
+    png = tmp_path / "preview.png"
+    assert_clean_failure(run("preview", cut, map_raster, png), png, f"reading {cut} failed")
+    assert run("preview", whole, map_raster, png).exit_code == 0 and png.exists()
+
+
 def test_preview_on_a_full_disk_is_one_line_and_leaves_nothing(scene, tmp_path, monkeypatch):
     def full_disk(*args) -> None:
         raise OSError(28, "No space left on device")

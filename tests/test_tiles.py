@@ -439,6 +439,18 @@ def test_a_paletted_map_raster_is_compared_in_its_colours(tmp_path):
     assert scores["count"] == 4 and scores["rmse"] == 0
 
 
+def test_evaluate_of_a_map_or_an_output_cut_short_is_one_line_naming_it(tmp_path):
+    """Their headers read and their pixels do not: GDAL's read failure was a traceback."""
+    whole = write_scene(tmp_path / "whole.tif", width=512, height=512, tiled=True, blockxsize=256, blockysize=256,
+                        data=np.random.default_rng(0).integers(0, 256, (3, 512, 512), dtype=np.uint8))
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    for output, map_raster in ((whole, cut), (cut, whole)):
+        result = CliRunner().invoke(cli, ["evaluate", str(output), "--map", str(map_raster)])
+        assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+        assert result.stderr.startswith(f"geosat2map: error: reading {cut} failed:"), result.stderr
+
+
 @pytest.mark.parametrize("options, phrase", [
     (dict(tile_size=0), "tile size must be at least 256"),
     (dict(stride=-5), "stride must be at least 1"),
