@@ -118,7 +118,6 @@ class Scene:
     height: int
     transform: Affine
     crs: rasterio.crs.CRS | None
-    native_gsd_m: float | None
     gsd_m: float | None
     #: The source pixels the output grid covers: the whole scene, or what ``bounds`` selected.
     crop: Window
@@ -779,7 +778,7 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
 
     if target is None or math.isclose(target, native, rel_tol=1e-3):
         _check_size(path, cols, rows, native)
-        return Scene(path, src, bands, cols, rows, t, src.crs, native, native, crop, stretch, notes,
+        return Scene(path, src, bands, cols, rows, t, src.crs, native, crop, stretch, notes,
                      all_valid=all_valid, aoi=aoi_here, aoi_source=aoi_source)
 
     # Same CRS and footprint, pixels scaled so one covers `target` metres on the ground.
@@ -797,6 +796,6 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
     # A warp is read on one thread: the readers' own handles would open the unwarped file.
     one = is_remote(path) or warped is not None
     readers = 1 if one else max(1, min(reader_threads(), math.ceil(width / STRIP)))
-    return Scene(path, src, bands, width, height, transform, src.crs, native, native * cols / width, crop, stretch,
+    return Scene(path, src, bands, width, height, transform, src.crs, native * cols / width, crop, stretch,
                  notes, scale=(cols / width, rows / height), resampling=method, all_valid=all_valid, readers=readers,
                  aoi=aoi_here, aoi_source=aoi_source)
