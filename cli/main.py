@@ -590,7 +590,7 @@ def train(ctx, data, out, resume, quiet, **options) -> None:
     if record:
         val = record.get("val", {})
         click.echo(f"epoch {record['epoch']} step {record['step']}: L1 {record.get('G_L1', 0):.4f}"
-                   + (f", val RMSE {val['rmse']:.2f} acc@5 {val['acc5']:.3f}" if val else ""))
+                   + (f", val {_scores(val, ('rmse', 'acc5'))}" if val else ""))
 
 
 @cli.command()
@@ -641,8 +641,7 @@ def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, 
     else:  # each mean with its standard error over the pairs (or tiles of a translate output)
         se = result["se"]
         # no spread to give for one pair, or for PSNR where every pair is identical (infinite)
-        cells = [f"{heading.removesuffix(' dB')} {result[k]:.{d}f}" + (f" +- {se[k]:.{d}f}" if math.isfinite(se[k]) else "")
-                 + (" dB" if k == "psnr" else "") for k, heading, d in _METRIC_COLUMNS]
+        cells = [_metric(k, heading, d, result[k], se[k]) for k, heading, d in _METRIC_COLUMNS]
         n = int(result["count"])
         click.echo(f"{n} {'tile' if map_raster else 'pair'}{'' if n == 1 else 's'} of 256 x 256 (mean +- standard "
                    f"error): " + "  ".join(cells))
@@ -663,6 +662,18 @@ def _echo_classes(by_class: dict, against: str | None) -> None:
 #: evaluate's columns: (key, heading, decimals).
 _METRIC_COLUMNS = [("rmse", "RMSE", 2), ("acc5", "acc@5", 4), ("acc10", "acc@10", 4), ("psnr", "PSNR dB", 2),
                    ("ssim", "SSIM", 4)]
+
+
+def _metric(key: str, heading: str, decimals: int, value: float, se: float | None = None) -> str:
+    """One score as evaluate prints it in a line: 'RMSE 22.09 +- 0.51', 'PSNR 27.63 dB'."""
+    spread = f" +- {se:.{decimals}f}" if se is not None and math.isfinite(se) else ""
+    return f"{heading.removesuffix(' dB')} {value:.{decimals}f}{spread}" + (" dB" if key == "psnr" else "")
+
+
+def _scores(val: dict, keys: tuple[str, ...] = ("rmse", "acc5", "acc10", "psnr", "ssim")) -> str:
+    """Held-out scores (those of ``keys`` a record holds: older runs scored fewer) as evaluate prints them."""
+    return "  ".join(_metric(k, heading, d, val[k]) for k, heading, d in _METRIC_COLUMNS
+                     if k in keys and isinstance(val.get(k), (int, float)))
 
 
 def _echo_comparison(result: dict) -> None:
@@ -769,13 +780,6 @@ def _echo_val(provenance: dict, dtype: str = "float32") -> None:
         click.echo("not scored as stored: the run's data folder was not found")
 
 
-def _scores(val: dict) -> str:
-    """Held-out scores as evaluate prints them (those a record holds: older runs scored fewer)."""
-    shown = (("rmse", "RMSE {:.2f}"), ("acc5", "acc@5 {:.3f}"), ("acc10", "acc@10 {:.3f}"), ("psnr", "PSNR {:.2f} dB"),
-             ("ssim", "SSIM {:.3f}"))
-    return "  ".join(text.format(val[key]) for key, text in shown if isinstance(val.get(key), (int, float)))
-
-
 @cli.command()
 @click.argument("weights", required=False, default="default")
 @click.option("--json", "as_json", is_flag=True, help="Print everything, the whole provenance included, as JSON.")
@@ -812,12 +816,14 @@ def info(weights, as_json) -> None:
 
 def _echo_provenance(prov: dict, dtype: str) -> None:
     """A weights file's held-out scores and where it came from, as geosat2map records them."""
+    from geosat2map.datasets import folders_text
+
     _echo_val(prov, dtype)
     made = [f"recipe {prov['recipe']}"] if prov.get("recipe") else []
     if "epoch" in prov:
         made.append(f"epoch {prov['epoch']}, step {prov.get('step', '?')}")
     if "data" in prov:  # one folder, or several trained on as one
-        made.append("trained on " + (prov["data"] if isinstance(prov["data"], str) else ", ".join(prov["data"])))
+        made.append("trained on " + folders_text(prov["data"]))
     if "fine_tuned_from" in prov:
         parent = prov["fine_tuned_from"]
         grown = f" (grown from width {parent['widened_from_ngf']})" if "widened_from_ngf" in parent else ""
@@ -834,7 +840,7 @@ def _run_info(path: str, as_json: bool) -> None:
     """A training run's settings, epochs and held-out scores, and what can be done with it next."""
     from dataclasses import asdict
 
-    from geosat2map.datasets import as_folders
+    from geosat2map.datasets import as_folders, folders_text
     from geosat2map.run_info import read_run
 
     run = read_run(path)
@@ -846,10 +852,9 @@ def _run_info(path: str, as_json: bool) -> None:
                                "history": run.history}, indent=2))
         return
     folders = [str(f) for f in as_folders(c.data)]
-    data = ", ".join(folders)
     start = f", from {c.init_from}" if c.init_from else ""
     width = c.ngf or ("as --init-from" if c.init_from else 64)  # the trainer's default
-    click.echo(f"{run.path}: a training run of width {width}{start} on {data} (--holdout "
+    click.echo(f"{run.path}: a training run of width {width}{start} on {folders_text(c.data)} (--holdout "
                f"{c.holdout}): {done} of {run.epochs_planned} epochs done")
     taught = f", distilled from {c.distill_from}" if c.distill_from else ""
     click.echo(f"lr {c.lr:g} ({c.epochs} epochs, then {c.epochs_decay} of decay), L1 weight {c.lambda_l1:g}, "

@@ -291,3 +291,8 @@ def load_pairs(folders: str | Path | Sequence[str | Path], split: str, direction
 def as_folders(folders: str | Path | Sequence[str | Path]) -> list[Path]:
     """One folder or several, as paths (a run's config records one as a str, several as a list)."""
     return [Path(folders)] if isinstance(folders, (str, Path)) else [Path(f) for f in folders]
+
+
+def folders_text(folders: str | Path | Sequence[str | Path]) -> str:
+    """One folder or several in words, for messages: 'tiles, ../maps_train'."""
+    return ", ".join(str(f) for f in as_folders(folders))

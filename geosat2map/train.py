@@ -272,9 +272,8 @@ class Trainer:
 
         pairs, names = datasets.load_pairs(config.data, "train", config.direction, config.holdout)
         if not pairs:  # e.g. one image, which --holdout keeps for validation
-            where = config.data if isinstance(config.data, str) else ", ".join(config.data)
-            raise DataError(f"no training pairs in {where}: its images all went to validation "
-                            f"(--holdout {config.holdout}) or its train/ folder is empty")
+            raise DataError(f"no training pairs in {datasets.folders_text(config.data)}: its images all went to "
+                            f"validation (--holdout {config.holdout}) or its train/ folder is empty")
         self.train_set = datasets.PairDataset(pairs, names, config.load_size, config.crop_size, True, config.seed,
                                               rot90=config.rot90)
         val_pairs, val_names = datasets.load_pairs(config.data, "val", config.direction, config.holdout)

@@ -716,8 +716,8 @@ def test_info_on_a_run_folder_gives_its_epochs_scores_and_next_step(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0] == f"{run_dir}: a training run of width 4 on {data} (--holdout 3): 1 of 3 epochs done"
     assert lines[2] == f"last, the best: epoch 1, step 4: held out RMSE {first['val']['rmse']:.2f}  " \
-                       f"acc@5 {first['val']['acc5']:.3f}  acc@10 {first['val']['acc10']:.3f}  " \
-                       f"PSNR {first['val']['psnr']:.2f} dB  SSIM {first['val']['ssim']:.3f}"
+                       f"acc@5 {first['val']['acc5']:.4f}  acc@10 {first['val']['acc10']:.4f}  " \
+                       f"PSNR {first['val']['psnr']:.2f} dB  SSIM {first['val']['ssim']:.4f}"
     assert lines[3] == f"`geosat2map train {data} --out {run_dir} --resume` continues it"
     assert lines[4] == f"`geosat2map export-weights {run_dir} OUT.safetensors` makes a weights file of its best " \
                        "generator"
