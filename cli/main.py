@@ -848,7 +848,8 @@ def _run_info(path: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"run": str(run.path), "epochs_done": done, "epochs_planned": run.epochs_planned,
                                "resumable": run.resumable, "generators": run.generators,
-                               "unreadable_history_lines": run.unreadable_lines, "config": asdict(c),
+                               "unreadable_history_lines": run.unreadable_lines, "checkpoint": run.position,
+                               "config": asdict(c),
                                "history": run.history}, indent=2))
         return
     folders = [str(f) for f in as_folders(c.data)]
@@ -866,6 +867,10 @@ def _run_info(path: str, as_json: bool) -> None:
         val = record.get("val")
         scored = f"held out {_scores(val)}" if isinstance(val, dict) else "not scored (no held-out pairs)"
         click.echo(f"{label}: epoch {record.get('epoch', '?')}, step {record.get('step', '?')}: {scored}")
+    if run.position and run.position["step_in_epoch"]:
+        n = run.steps_per_epoch()
+        click.echo(f"epoch {run.position['epoch'] + 1} under way: {run.position['step_in_epoch']}"
+                   f"{f' of {n}' if n else ''} steps at the last checkpoint (step {run.position['global_step']})")
     if run.unreadable_lines:
         click.echo(f"{run.unreadable_lines} line(s) of history.jsonl unreadable (cut short by a kill?)")
     if run.resumable and done < run.epochs_planned:

@@ -5,8 +5,11 @@ in the background can be followed without reading its log."""
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from .errors import TrainingError
 from .records import fits
@@ -25,10 +28,21 @@ class RunInfo:
     #: Lines of ``history.jsonl`` that are not a record: a line cut short by a kill mid-write.
     unreadable_lines: int = 0
     generators: list[str] = field(default_factory=list)
+    #: Where the checkpoint stands (``epoch`` from 0, ``step_in_epoch``, ``global_step``): a run's
+    #: progress within an epoch, which history.jsonl records only at the epoch's end. None without
+    #: a checkpoint or where it cannot be read.
+    position: dict | None = None
 
     @property
     def epochs_planned(self) -> int:
         return self.config.epochs + self.config.epochs_decay
+
+    def steps_per_epoch(self) -> int | None:
+        """An epoch's steps: the last epoch's record's step less the one before's (None before the
+        first epoch ends)."""
+        last = self.history[-1] if self.history else {}
+        before = self.history[-2].get("step") if len(self.history) > 1 else 0
+        return last["step"] - before if fits(last.get("step"), int) and fits(before, int) else None
 
     def best(self) -> dict | None:
         """The epoch's record with the lowest held-out RMSE (the run's best_generator), if scored."""
@@ -57,4 +71,19 @@ def read_run(run_dir: str | Path) -> RunInfo:
         else:
             unreadable += 1
     generators = [p.name for p in sorted(run_dir.glob("*generator.safetensors"))]
-    return RunInfo(run_dir, config, history, (run_dir / CHECKPOINT).is_file(), unreadable, generators)
+    checkpoint = run_dir / CHECKPOINT
+    return RunInfo(run_dir, config, history, checkpoint.is_file(), unreadable, generators,
+                   _position(checkpoint) if checkpoint.is_file() else None)
+
+
+def _position(checkpoint: Path) -> dict | None:
+    """The checkpoint's epoch and steps, read memory-mapped: its tensors (500 MB for width 48 with
+    the optimisers' moments) are not read (0.03 s)."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):  # cut short, not a checkpoint
+        return None
+    keys = ("epoch", "step_in_epoch", "global_step")
+    if not isinstance(state, dict) or not all(fits(state.get(k), int) for k in keys):
+        return None
+    return {k: state[k] for k in keys}

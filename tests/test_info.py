@@ -163,6 +163,7 @@ def test_a_run_whose_history_was_edited_is_described_from_what_reads(tmp_path):
     assert f"`geosat2map train d e --out {tmp_path} --resume` continues it" in run("info", tmp_path).stdout
     text = run("info", tmp_path)
     assert text.exit_code == 0 and "last, the best: epoch 3, step ?: held out RMSE 30.50  acc@5 0.2500" in text.stdout
+    assert read_run(tmp_path).position is None  # an empty checkpoint: no position, still resumable
 
 
 def test_int4_weights_load_within_half_a_level_gap_and_the_rest_as_int8(tmp_path, monkeypatch):

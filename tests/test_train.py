@@ -730,6 +730,12 @@ def test_info_on_a_run_folder_gives_its_epochs_scores_and_next_step(tmp_path):
     train(tiny_config(data, run_dir, max_steps=4), resume=True)  # the next epoch's line stands on its own
     resumed = json.loads(CliRunner().invoke(cli, ["info", str(run_dir), "--json"]).stdout)
     assert [r["epoch"] for r in resumed["history"]] == [1, 2] and resumed["unreadable_history_lines"] == 1
+    assert "under way" not in CliRunner().invoke(cli, ["info", str(run_dir)]).stdout  # checkpoint at an epoch's end
+    train(tiny_config(data, run_dir, max_steps=2), resume=True)  # stopped within epoch 3: its checkpoint says where
+    assert "epoch 3 under way: 2 of 4 steps at the last checkpoint (step 10)" in \
+        CliRunner().invoke(cli, ["info", str(run_dir)]).stdout.splitlines()
+    assert json.loads(CliRunner().invoke(cli, ["info", str(run_dir), "--json"]).stdout)["checkpoint"] == \
+        {"epoch": 2, "step_in_epoch": 2, "global_step": 10}
 
 
 def test_existing_run_needs_resume(tmp_path):
