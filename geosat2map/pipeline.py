@@ -622,7 +622,13 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, asked
             raise InputError(f"{src} has no valid pixels: everything is nodata")
         if blender is not None:
             blender.release()  # the overviews are built next: no blending buffers held meanwhile
-        writer.commit()
+        try:
+            writer.commit()
+        except KeyboardInterrupt:
+            if not writer.kept:
+                raise
+            raise Interrupted(f"all {scene.height} rows are kept; the same command with --resume finishes "
+                              "the map") from None
         record_file.unlink(missing_ok=True)
     return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
                            time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name, scene.notes,

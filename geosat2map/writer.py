@@ -488,8 +488,30 @@ class GeoTIFFWriter:
                 os.replace(self.final_tmp if self.copied_at_commit else self.tmp, self.dst)
         except GDAL_WRITE_ERRORS as exc:
             raise OutputError(f"finishing {self.dst} failed: {gdal_reason(exc)}") from None
+        except KeyboardInterrupt:
+            self._keep = self._kept_whole()
+            raise
         finally:
             self._cleanup()
+
+    def _kept_whole(self) -> bool:
+        """Stopped while finishing (overviews, a COG or JPEG copy: minutes for a large map), every
+        row is in the partial file: whether it is kept, whole and recorded, for a resumed run to
+        finish instead of computing the map again. GDAL's calls run to their end before Python
+        raises the interrupt, so the file is closed and its overviews (if begun) built."""
+        if self.checkpoint is None or not self.tmp.exists() or not self._ds.closed:
+            return False
+        try:
+            self._check_whole()
+            self.checkpoint(self.height)
+        except (OutputError, OSError):  # the blocks cannot be vouched for, or no record written
+            return False
+        return True
+
+    @property
+    def kept(self) -> bool:
+        """After an interruption: the partial file is kept for a resumed run."""
+        return self._keep
 
     def _check_whole(self, rows: int | None = None) -> None:
         """After a close: the file's blocks (those of its first ``rows`` rows) are all on disk."""

@@ -79,6 +79,33 @@ def test_interrupted_twice_and_resumed_equals_an_uninterrupted_run(scene, tiny_w
     assert result.tiles_computed == uninterrupted.tiles_computed == total
 
 
+@pytest.mark.parametrize("options", [{}, {"cog": True}, {"compress": "jpeg"}])
+def test_interrupted_while_the_map_is_finished_keeps_every_row_for_resume(scene, tiny_weights, tmp_path,
+                                                                           monkeypatch, options):
+    """Stopped after every tile was computed, while the overviews or the COG or JPEG copy were
+    made (minutes for a large map): the run was thrown away. Its rows are kept; --resume finishes it."""
+    whole = tmp_path / "whole.tif"
+    translate(scene, whole, weights=tiny_weights, **options)
+    out = tmp_path / "map.tif"
+    real_replace = os.replace
+
+    def stopped_before_the_rename(src, dst) -> None:  # the finished file's rename into place: the last step
+        if Path(dst) == out:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", stopped_before_the_rename)
+    with pytest.raises(Interrupted, match="all 1500 rows are kept; the same command with --resume finishes the map"):
+        translate(scene, out, weights=tiny_weights, **options)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([PARTIAL, RECORD, "src.tif", "whole.tif"])
+    assert json.loads((tmp_path / RECORD).read_text())["rows"] == 1500
+    result = translate(scene, out, weights=tiny_weights, resume=True, **options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.tif", "src.tif", "whole.tif"]
+    assert_same_map(whole, out)
+    assert result.tiles_computed == 4 * 8
+
+
 def test_interrupted_before_a_block_row_is_done_keeps_nothing(scene, tiny_weights, tmp_path):
     out = tmp_path / "map.tif"
     with pytest.raises(KeyboardInterrupt) as info:
