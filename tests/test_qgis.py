@@ -6,6 +6,7 @@ Needs Debian's QGIS (``make test-qgis`` installs it); skips with the reason wher
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -348,18 +349,23 @@ def test_processing_script_reports_errors_and_cancels_cleanly(script, tiny_weigh
     assert report["error"].startswith("geosat2map: error:") and "no georeferencing" in report["error"]
     assert not (tmp_path / "x.tif").exists()
 
-    # Slow enough to be canceled part way with rows kept (width 16, 169 tiles: about 6 s here),
-    # at 30 %: about a third of the rows done, several of the writer's 256-row blocks whole. Under
-    # AUTO_MIN_TILES, so the backend is PyTorch without first timing ONNX Runtime.
+    # Slow enough to be canceled part way with rows kept: at 30 %, about a third of the rows done,
+    # several of the writer's 256-row blocks whole. The script polls for the cancel every 0.2 s, so
+    # the run must last seconds: 169 tiles of width 16 took 6 s on 2 AVX2 cores (fp32) and 0.7 s on
+    # 2 AMX cores (bf16), so the scene is sized by this machine's speed, for about 4 s of tiles.
+    # Under AUTO_MIN_TILES, so the backend is PyTorch without first timing ONNX Runtime.
     slower = tmp_path / "width16.safetensors"
     save_generator(random_generator(ngf=16), ModelSpec(ngf=16), slower)
-    scene = write_scene(tmp_path / "big.tif", width=2560, height=2560)
+    timed = translate(write_scene(tmp_path / "probe.tif", width=1024, height=1024), tmp_path / "probe_map.tif",
+                      weights=slower, resolution="native")
+    per_side = max(13, math.ceil(math.sqrt(4.0 * timed.tiles_computed / timed.seconds)))  # tiles 192 apart
+    scene = write_scene(tmp_path / "big.tif", width=per_side * 192 + 64, height=per_side * 192 + 64)
     out = tmp_path / "map.tif"
     params = (f"INPUT={scene}", f"OUTPUT={out}", f"WEIGHTS={slower}", "RESOLUTION=native")
     report = _run_processing(script, *params, cancel_at=30)
     assert report["canceled"] and report["results"] == {}
     assert 30 <= report["progress"] < 100
-    assert any("rows are kept" in m for m in report["messages"])
+    assert any("rows are kept" in m for m in report["messages"]), report["messages"]
     assert not out.exists()  # nothing half-written at the output path
     report = _run_processing(script, *params, "RESUME=true")  # "Continue the run canceled (or killed) before"
     assert report.get("error") is None and out.exists()
