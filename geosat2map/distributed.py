@@ -49,6 +49,16 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank; every rank calls it at the same point (without torchrun:
+    ``flag``)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 @contextmanager
 def process_group(device_type: str) -> Iterator[DistContext]:
     """The torchrun group for a job: created here when none exists yet (and then destroyed at the

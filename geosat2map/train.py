@@ -35,12 +35,13 @@ from torch.utils.data import DistributedSampler
 
 from . import datasets, teacher_maps
 from .devices import resolve_device, use_bf16
-from .distributed import DistContext, convert_batchnorm, init_distributed, shutdown_distributed
-from .errors import DataError, OutputError, TrainingError, first_line
+from .distributed import DistContext, any_rank, convert_batchnorm, init_distributed, shutdown_distributed
+from .errors import DataError, Interrupted, OutputError, TrainingError, first_line
 from .evaluate import evaluate_generator, write_triplets
 from .files import write_text_whole
 from .model import FlipAveraged, PatchDiscriminator, UNetGenerator, init_weights, modes_kept, widen_generator
 from .records import field_problem
+from .stop_request import StopRequest
 from .storage_aware import StoredRounding, rounded_as_stored
 from .weights import TRAINED_WEIGHTS, ModelSpec, as_stored, load_generator, model_digest, save_generator
 
@@ -578,8 +579,13 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------
     def run(self, progress: Callable[[dict], None] | None = None) -> dict:
-        """Train until the schedule ends or ``max_steps`` more steps have run; returns the last record."""
+        """Train until the schedule ends or ``max_steps`` more steps have run; returns the last record.
+        Ctrl-C or SIGTERM stops it at the next step's start with a checkpoint (:class:`Interrupted`)."""
         self.out.mkdir(parents=True, exist_ok=True)
+        with StopRequest() as stop:
+            return self._run(progress, stop)
+
+    def _run(self, progress: Callable[[dict], None] | None, stop: StopRequest) -> dict:
         steps_left = self.cfg.max_steps
         record: dict = {}
         self._train_mode()
@@ -591,6 +597,11 @@ class Trainer:
                 if steps_left is not None and steps_left <= 0:
                     self.save_checkpoint()
                     return record
+                if any_rank(stop.requested, self.device):  # every rank stops before the same step
+                    self.save_checkpoint()
+                    raise Interrupted(f"stopped at step {self.global_step} ({self.step_in_epoch} of epoch "
+                                      f"{self.epoch + 1}), its checkpoint saved; the same command with --resume "
+                                      "continues")
                 losses = self.train_step(a, b, self._teacher_maps(a, batch))
                 self.step_in_epoch += 1
                 self.global_step += 1

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -20,7 +21,7 @@ from safetensors.torch import load_file
 
 from geosat2map import metrics, teacher_maps, weights
 from geosat2map.datasets import PairDataset
-from geosat2map.errors import DataError, OutputError, TrainingError
+from geosat2map.errors import DataError, Interrupted, OutputError, TrainingError
 from geosat2map.model import PatchDiscriminator, UNetGenerator, init_weights
 from geosat2map.train import TrainConfig, Trainer, train
 from geosat2map.weights import ModelSpec, load_generator, read_spec, save_generator
@@ -130,6 +131,37 @@ def test_resumed_run_takes_the_same_next_step(tmp_path):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), (key, name)
     assert a["opt_G"]["state"][0]["exp_avg"].equal(b["opt_G"]["state"][0]["exp_avg"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_training_between_steps_with_a_checkpoint_it_resumes_from(tmp_path, signum):
+    """Ctrl-C (or SIGTERM) stopped a run wherever it landed, losing the steps since the last
+    checkpoint (500 by default). It now stops before the next step with a checkpoint there, and
+    resumes to the same weights as a run never stopped; a second signal stops at once."""
+    data = write_aligned(tmp_path / "data")
+    train(tiny_config(data, tmp_path / "full", max_steps=5))
+
+    def signal_at(step: int, times: int = 1):
+        def progress(record: dict) -> None:
+            if record["step"] == step:
+                for _ in range(times):
+                    os.kill(os.getpid(), signum)
+        return progress
+
+    with pytest.raises(Interrupted, match=r"stopped at step 3 \(3 of epoch 1\), its checkpoint saved"):
+        train(tiny_config(data, tmp_path / "part"), progress=signal_at(3))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+    assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["global_step"] == 3
+    train(tiny_config(data, tmp_path / "part", max_steps=2), resume=True)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 5
+    for key in ("G", "D"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
+    with pytest.raises(KeyboardInterrupt) as twice:  # the second signal does not wait for the step's end
+        train(tiny_config(data, tmp_path / "impatient"), progress=signal_at(1, times=2))
+    assert not isinstance(twice.value, Interrupted)
 
 
 def test_fp32_on_the_cpu_trains_contiguous_and_resumes_a_channels_last_run_in_that_layout(tmp_path):
