@@ -124,9 +124,14 @@ def test_resumed_run_takes_the_same_next_step(tmp_path):
     part = tiny_config(data, tmp_path / "part", max_steps=3)
     train(part)
     train(tiny_config(data, tmp_path / "part", max_steps=2), resume=True)
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 5
+    assert_same_checkpoint(tmp_path / "full", tmp_path / "part", step=5)
+
+
+def assert_same_checkpoint(run_a: Path, run_b: Path, step: int) -> None:
+    """Both runs' checkpoints are at ``step`` with the same networks and the same optimiser state."""
+    a = torch.load(run_a / "checkpoint.pt", weights_only=True)
+    b = torch.load(run_b / "checkpoint.pt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == step
     for key in ("G", "D"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), (key, name)
@@ -153,12 +158,7 @@ def test_ctrl_c_stops_training_between_steps_with_a_checkpoint_it_resumes_from(t
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
     assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["global_step"] == 3
     train(tiny_config(data, tmp_path / "part", max_steps=2), resume=True)
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 5
-    for key in ("G", "D"):
-        for name, tensor in a[key].items():
-            assert torch.equal(tensor, b[key][name]), (key, name)
+    assert_same_checkpoint(tmp_path / "full", tmp_path / "part", step=5)
     with pytest.raises(KeyboardInterrupt) as twice:  # the second signal does not wait for the step's end
         train(tiny_config(data, tmp_path / "impatient"), progress=signal_at(1, times=2))
     assert not isinstance(twice.value, Interrupted)
