@@ -277,9 +277,12 @@ def read_spec(path: str | Path) -> ModelSpec:
     from safetensors import safe_open
 
     if Path(path).is_dir():
-        run = (Path(path) / "config.json").is_file()
-        raise WeightsError(f"{path} is a training run, not a weights file: `geosat2map export-weights {path} "
-                           "OUT.safetensors` makes one" if run else f"{path} is a folder, not a weights file")
+        if (Path(path) / "config.json").is_file():
+            raise WeightsError(f"{path} is a training run, not a weights file: `geosat2map export-weights {path} "
+                               "OUT.safetensors` makes one")
+        # train makes its folder first and writes config.json once the data and networks are loaded
+        starting = "" if any(Path(path).iterdir()) else " (empty: a training run just started has no config.json yet)"
+        raise WeightsError(f"{path} is a folder, not a weights file{starting}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
