@@ -219,15 +219,13 @@ def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256
             for x in range(0, out_ds.width - tile + 1, tile):
                 w = Window(x, y, tile, tile)
                 with reading(output):
-                    out_valid = (out_ds.dataset_mask(window=w) > 0).all()
+                    a = out_ds.read([1, 2, 3], window=w) if (out_ds.dataset_mask(window=w) > 0).all() else None
                 with reading(map_raster):
-                    if not (out_valid and (warped.dataset_mask(window=w) > 0).all()):
+                    if a is None or not (warped.dataset_mask(window=w) > 0).all():
                         continue
-                with reading(output):
-                    a = torch.from_numpy(out_ds.read([1, 2, 3], window=w).astype(np.float32))
-                with reading(map_raster):
-                    b = torch.from_numpy(warped.read(bands, window=w).astype(np.float32))
-                per_tile.append(metrics.image_metrics(a, b, classes))
+                    b = warped.read(bands, window=w)
+                per_tile.append(metrics.image_metrics(torch.from_numpy(a.astype(np.float32)),
+                                                      torch.from_numpy(b.astype(np.float32)), classes))
     if not per_tile:
         raise InputError(f"no complete {tile}-pixel window where {output} and {map_raster} both have data")
     by_class = {"classes": metrics.class_scores(per_tile)} if classes else {}

@@ -637,8 +637,8 @@ def reading(path: Path | str) -> Iterator[None]:
 
 #: GDAL's options while a PNG is read. GDAL 3.10's fast whole-image PNG decoding gives a PNG cut
 #: short (its last 1 % missing, or more) as its compressed bytes with no error, every row of it
-#: noise, and read shrunk or enlarged (a preview) as zeros. Its row-by-row decoding reports the
-#: cut. That doubles the time to decode a PNG (18.5 against 9.6 ms for a 1200 x 600 one here);
+#: noise, and read enlarged (a preview of a small image) as zeros. Its row-by-row decoding reports
+#: the cut. That doubles the time to decode a PNG (18.5 against 9.6 ms for a 1200 x 600 one here);
 #: other formats ignore it.
 PNG_READ_OPTIONS = {"GDAL_PNG_WHOLE_IMAGE_OPTIM": "NO"}
 
