@@ -605,7 +605,13 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, asked
                 _stream_on_device(scene, grid, first_row, batch_size, engine, writer, tile_done, computed_in_row)
             else:
                 _stream(scene, grid, first_row, batch_size, engine, blender, tile_done, computed_in_row)
-        except KeyboardInterrupt:
+            computed = computed_before + sum(computed_in_row[first_row:])
+            if computed == 0:
+                raise InputError(f"{src} has no valid pixels: everything is nodata")
+            if blender is not None:
+                blender.release()  # the overviews are built next: no blending buffers held meanwhile
+            writer.commit()
+        except KeyboardInterrupt:  # while the tiles were computed, or while the map was finished
             rows = writer.keep_partial()
             if not rows:
                 raise
@@ -615,20 +621,10 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, asked
                 writer.drop_partial()
                 raise KeyboardInterrupt(f"keeping the {rows} rows done failed ({exc.strerror or exc}): "
                                         "nothing to resume") from None
-            raise Interrupted(f"{rows} of {scene.height} rows are kept; the same command with --resume "
-                              "continues") from None
-        computed = computed_before + sum(computed_in_row[first_row:])
-        if computed == 0:
-            raise InputError(f"{src} has no valid pixels: everything is nodata")
-        if blender is not None:
-            blender.release()  # the overviews are built next: no blending buffers held meanwhile
-        try:
-            writer.commit()
-        except KeyboardInterrupt:
-            if not writer.kept:
-                raise
-            raise Interrupted(f"all {scene.height} rows are kept; the same command with --resume finishes "
-                              "the map") from None
+            if rows < scene.height:
+                raise Interrupted(f"{rows} of {scene.height} rows are kept; the same command with --resume "
+                                  "continues") from None
+            raise Interrupted(f"all {rows} rows are kept; the same command with --resume finishes the map") from None
         record_file.unlink(missing_ok=True)
     return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
                            time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name, scene.notes,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .files import write_text_whole
+from .records import fits
 
 VERSION = 1
 #: Options records came to hold after they first did, with the value every run had before: a
@@ -63,7 +64,7 @@ def _well_formed(record) -> bool:
     if not isinstance(record, dict) or record.get("version") != VERSION:
         return False
     options = record.get("options", {})
-    counts = all(isinstance(record.get(n), int) and record[n] >= 0 for n in ("rows", "computed"))
+    counts = all(fits(record.get(n), int) and record[n] >= 0 for n in ("rows", "computed"))
     # the backend names the engine a resume makes again
     return counts and isinstance(options, dict) and isinstance(options.get("backend", ""), str)
 

@@ -229,6 +229,7 @@ class GeoTIFFWriter:
         self.tags = {**software_tags(), **(tags or {})}
         self._lock: int | None = None
         self._keep = False
+        self._finishing = False  # commit has begun: the rows are all written
         self.profile = {
             "driver": "GTiff",
             "width": width,
@@ -459,6 +460,7 @@ class GeoTIFFWriter:
         self._wait()
         if self.rows_written != self.height:
             raise ValueError(f"only {self.rows_written} of {self.height} rows were written")
+        self._finishing = True
         self._pixels, self._masks = [], None  # not needed while the overviews are built
         try:
             self._ds.close()
@@ -489,29 +491,21 @@ class GeoTIFFWriter:
         except GDAL_WRITE_ERRORS as exc:
             raise OutputError(f"finishing {self.dst} failed: {gdal_reason(exc)}") from None
         except KeyboardInterrupt:
-            self._keep = self._kept_whole()
+            # Stopped while finishing (overviews, a COG or JPEG copy: minutes for a large map): every
+            # row is in the partial file, kept if whole, for a resumed run to finish instead of
+            # computing the map again. GDAL's calls run to their end before Python raises the
+            # interrupt, so the file is closed and its overviews (if begun) built.
+            self._keep = self._ds.closed and self._whole_on_disk()
             raise
         finally:
             self._cleanup()
 
-    def _kept_whole(self) -> bool:
-        """Stopped while finishing (overviews, a COG or JPEG copy: minutes for a large map), every
-        row is in the partial file: whether it is kept, whole and recorded, for a resumed run to
-        finish instead of computing the map again. GDAL's calls run to their end before Python
-        raises the interrupt, so the file is closed and its overviews (if begun) built."""
-        if self.checkpoint is None or not self.tmp.exists() or not self._ds.closed:
-            return False
+    def _whole_on_disk(self) -> bool:
+        """The partial file is there with every block whole (False where it cannot be read)."""
         try:
-            self._check_whole()
-            self.checkpoint(self.height)
-        except (OutputError, OSError):  # the blocks cannot be vouched for, or no record written
+            return self.tmp.exists() and blocks_written(self.tmp)
+        except (RasterioIOError, OSError):
             return False
-        return True
-
-    @property
-    def kept(self) -> bool:
-        """After an interruption: the partial file is kept for a resumed run."""
-        return self._keep
 
     def _check_whole(self, rows: int | None = None) -> None:
         """After a close: the file's blocks (those of its first ``rows`` rows) are all on disk."""
@@ -520,7 +514,10 @@ class GeoTIFFWriter:
 
     def keep_partial(self) -> int:
         """After an interruption: close the partial file with its whole block rows and keep it
-        (and the lock's release) for a resumed run; returns the rows it holds (0: nothing kept)."""
+        (and the lock's release) for a resumed run; returns the rows it holds (0: nothing kept).
+        Stopped in :meth:`commit`, that kept it if it was whole."""
+        if self._finishing:
+            return self.height if self._keep else 0
         try:
             self._wait()
         except OutputError:
