@@ -611,7 +611,11 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, asked
             if blender is not None:
                 blender.release()  # the overviews are built next: no blending buffers held meanwhile
             writer.commit()
+            record_file.unlink(missing_ok=True)
         except KeyboardInterrupt:  # while the tiles were computed, or while the map was finished
+            if writer.committed:
+                record_file.unlink(missing_ok=True)
+                raise Interrupted(f"{dst} was finished before the stop: the map is whole") from None
             rows = writer.keep_partial()
             if not rows:
                 raise
@@ -625,7 +629,6 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, asked
                 raise Interrupted(f"{rows} of {scene.height} rows are kept; the same command with --resume "
                                   "continues") from None
             raise Interrupted(f"all {rows} rows are kept; the same command with --resume finishes the map") from None
-        record_file.unlink(missing_ok=True)
     return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
                            time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name, scene.notes,
                            batch_size, tta)

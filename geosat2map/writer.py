@@ -230,6 +230,8 @@ class GeoTIFFWriter:
         self._lock: int | None = None
         self._keep = False
         self._finishing = False  # commit has begun: the rows are all written
+        #: The finished map is at ``dst``: a stop after this point interrupted nothing of it.
+        self.committed = False
         self.profile = {
             "driver": "GTiff",
             "width": width,
@@ -462,6 +464,7 @@ class GeoTIFFWriter:
             raise ValueError(f"only {self.rows_written} of {self.height} rows were written")
         self._finishing = True
         self._pixels, self._masks = [], None  # not needed while the overviews are built
+        renaming = None
         try:
             self._ds.close()
             self._check_whole()
@@ -472,7 +475,6 @@ class GeoTIFFWriter:
                     bigtiff="IF_SAFER", num_threads="ALL_CPUS",
                     **compression_options(self.compress, self.quality, cog=True),
                 )
-                os.replace(self.final_tmp, self.dst)
             else:
                 factors = overview_factors(self.width, self.height)
                 if factors:
@@ -487,10 +489,15 @@ class GeoTIFFWriter:
                         blockysize=BLOCK, interleave="pixel", bigtiff="IF_SAFER", num_threads="ALL_CPUS",
                         copy_src_overviews=True, **compression_options(self.compress, self.quality),
                     )
-                os.replace(self.final_tmp if self.copied_at_commit else self.tmp, self.dst)
+            renaming = self.final_tmp if self.cog or self.copied_at_commit else self.tmp
+            os.replace(renaming, self.dst)
+            self.committed = True
         except GDAL_WRITE_ERRORS as exc:
             raise OutputError(f"finishing {self.dst} failed: {gdal_reason(exc)}") from None
         except KeyboardInterrupt:
+            if renaming is not None and not renaming.exists():  # stopped once the rename was done
+                self.committed = True
+                raise
             # Stopped while finishing (overviews, a COG or JPEG copy: minutes for a large map): every
             # row is in the partial file, kept if whole, for a resumed run to finish instead of
             # computing the map again. GDAL's calls run to their end before Python raises the

@@ -106,6 +106,27 @@ def test_interrupted_while_the_map_is_finished_keeps_every_row_for_resume(scene,
     assert result.tiles_computed == 4 * 8
 
 
+@pytest.mark.parametrize("options", [{}, {"cog": True}])
+def test_a_stop_once_the_map_is_in_place_says_it_is_whole(scene, tiny_weights, tmp_path, monkeypatch, options):
+    """Stopped just after the finished map's rename: it said "interrupted" with nothing kept,
+    though the map was whole at the destination."""
+    whole = tmp_path / "whole.tif"
+    translate(scene, whole, weights=tiny_weights, **options)
+    out = tmp_path / "map.tif"
+    real_replace = os.replace
+
+    def stopped_after_the_rename(src, dst) -> None:
+        real_replace(src, dst)
+        if Path(dst) == out:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", stopped_after_the_rename)
+    with pytest.raises(Interrupted, match="map.tif was finished before the stop: the map is whole"):
+        translate(scene, out, weights=tiny_weights, **options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.tif", "src.tif", "whole.tif"]
+    assert_same_map(whole, out)
+
+
 def test_interrupted_before_a_block_row_is_done_keeps_nothing(scene, tiny_weights, tmp_path):
     out = tmp_path / "map.tif"
     with pytest.raises(KeyboardInterrupt) as info:
