@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from geosat2map.errors import DataError, Geosat2mapError
+from geosat2map.errors import DataError, Geosat2mapError, Interrupted
 
 
 @contextmanager
@@ -73,8 +73,14 @@ class _Group(click.Group):
             click.echo(f"geosat2map: error: {exc}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt as exc:
-            click.echo("geosat2map: interrupted" + (f": {exc}" if str(exc) else ""), err=True)
+            if not (isinstance(exc, Interrupted) and _helper_rank()):  # rank 0 says where every rank stopped
+                click.echo("geosat2map: interrupted" + (f": {exc}" if str(exc) else ""), err=True)
             ctx.exit(130)
+
+
+def _helper_rank() -> bool:
+    """Under torchrun, a rank other than 0: rank 0 reports for all."""
+    return int(os.environ.get("RANK", "0")) > 0
 
 
 def _terminate(signum, frame) -> None:
@@ -205,7 +211,7 @@ def translate(src, dst, overlap, quiet, dry_run, **options) -> None:
 
     retain_freed_memory()  # batch after batch, the same activations' memory (see geosat2map.allocator)
 
-    helper = int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 reports for all
+    helper = _helper_rank()
     bar = _LazyBar(unit="tile", disable=quiet or helper, dynamic_ncols=True, leave=False)  # one per scene
 
     def progress(advance: int, total: int) -> None:
@@ -571,7 +577,8 @@ def train(ctx, data, out, resume, quiet, **options) -> None:
     from geosat2map.train import TrainConfig, train as run_training
 
     config = TrainConfig(data=data[0] if len(data) == 1 else list(data), out=out, **options)
-    bar = _LazyBar(unit="step", disable=quiet, dynamic_ncols=True, smoothing=0.05)
+    helper = _helper_rank()
+    bar = _LazyBar(unit="step", disable=quiet or helper, dynamic_ncols=True, smoothing=0.05)
 
     def progress(info: dict) -> None:
         step = bar.get()
@@ -587,7 +594,7 @@ def train(ctx, data, out, resume, quiet, **options) -> None:
         record = run_training(config, resume=resume, progress=progress, schedule=schedule)
     finally:  # before the stderr it writes to is restored: an interrupted run prints one line
         bar.close()
-    if record:
+    if record and not helper:
         val = record.get("val", {})
         click.echo(f"epoch {record['epoch']} step {record['step']}: L1 {record.get('G_L1', 0):.4f}"
                    + (f", val {_scores(val, ('rmse', 'acc5'))}" if val else ""))

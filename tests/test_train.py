@@ -649,6 +649,31 @@ def test_interrupted_training_says_so_in_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].endswith("geosat2map: interrupted"), proc.stderr
 
 
+@pytest.mark.parametrize("stopped", [False, True])
+def test_under_torchrun_rank_0_alone_reports(tmp_path, monkeypatch, stopped):
+    """Every rank ran the CLI's reporting: two progress bars, two end-of-run lines (each rank's own
+    loss), and the same interrupt line twice."""
+    import geosat2map.train as train_module
+
+    data = write_aligned(tmp_path / "data")
+
+    def run(config, resume=False, progress=None, schedule=None):
+        progress({"epoch": 0, "step": 1, "G_L1": 0.1, "D": 0.5})
+        if stopped:
+            raise Interrupted("stopped at step 1 (1 of epoch 1), its checkpoint saved")
+        return {"epoch": 1, "step": 1, "G_L1": 0.1}
+
+    monkeypatch.setattr(train_module, "train", run)
+    said = {}
+    for rank in ("0", "1"):
+        result = CliRunner().invoke(cli, ["train", str(data), "--out", str(tmp_path / "run")], env={"RANK": rank})
+        assert result.exit_code == (130 if stopped else 0), result.output
+        said[rank] = result.output  # stdout and stderr
+    assert said["1"] == ""
+    assert ("stopped at step 1" if stopped else "epoch 1 step 1: L1 0.1000") in said["0"]
+    assert "1step [" in said["0"]  # its progress bar
+
+
 def write_tile_folder(folder: Path, gsd_m: float, train_n: int = 3, val_n: int = 1, size: int = 64) -> Path:
     """A folder laid out as `geosat2map tiles` writes one: SPLIT/sat and SPLIT/map, and a manifest."""
     for split, n in (("train", train_n), ("val", val_n)):
