@@ -15,13 +15,14 @@ import signal
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from geosat2map.errors import DataError, Geosat2mapError, Interrupted
+from geosat2map.errors import DataError, Geosat2mapError, Interrupted, first_line
 
 
 @contextmanager
@@ -83,6 +84,12 @@ def _helper_rank() -> bool:
     return int(os.environ.get("RANK", "0")) > 0
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library's warning (GDAL's through pyogrio: "Non closed ring detected...") in one line,
+    where Python's showed the file and source line it was raised from."""
+    click.echo(f"geosat2map: warning: {first_line(message) if isinstance(message, Warning) else message}", err=True)
+
+
 def _terminate(signum, frame) -> None:
     # SIGTERM takes the same path as Ctrl-C, so temporary outputs are removed on the way out.
     raise KeyboardInterrupt
@@ -95,6 +102,7 @@ def cli() -> None:
     # GDAL's messages reach us as exceptions; without this, Python's last-resort handler would
     # also print rasterio's error log lines on stderr next to our one-line error.
     logging.getLogger("rasterio").addHandler(logging.NullHandler())
+    warnings.showwarning = _one_line_warning
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
         if hasattr(signal, "SIGXFSZ"):  # over a file-size limit: a write error to report, not a crash

@@ -24,7 +24,7 @@ from pyproj import CRS, Transformer
 from rasterio.features import rasterize
 
 from .errors import InputError, first_line
-from .reader import ground_pixel_size, is_remote
+from .reader import ground_pixel_size, is_remote, open_raster
 
 DEFAULT_STYLE = "maps"
 #: How far outside a grid a feature may lie and still be drawn on it: more than half the widest line.
@@ -158,8 +158,9 @@ def read_vectors(spec: str, near: Grid | None = None) -> VectorLayer:
     names = list(meta["fields"])
     props = [{n: fields[i][k] for i, n in enumerate(names)} for k in range(len(wkb))]
     # A malformed feature (a one-point line, as real OSM extracts hold now and then) is left out,
-    # as gdal_rasterize leaves it, rather than failing the whole layer.
-    geoms = shapely.from_wkb(wkb, on_invalid="ignore")
+    # as gdal_rasterize leaves it, rather than failing the whole layer. A polygon whose ring is not
+    # closed (GDAL reads it with a warning) is closed: it was left out, as if it were not there.
+    geoms = shapely.from_wkb(wkb, on_invalid="fix")
     keep = ~shapely.is_missing(geoms) & ~shapely.is_empty(geoms)
     layer_name = layer or Path(path).stem
     return VectorLayer(layer_name, geoms[keep], [p for p, k in zip(props, keep) if k], crs, str(path))
@@ -288,16 +289,10 @@ def grid_from(like: str | Path | None = None, bounds=None, crs: str | None = Non
     """A grid copied from a reference raster, or made from bounds + CRS + resolution (refused over
     ``max_pixels``, default :data:`MAX_PIXELS`; a reference raster's grid is not: it exists already)."""
     if like is not None:
-        import rasterio
-        from rasterio.errors import RasterioIOError
-
-        try:
-            with rasterio.open(like) as ref:
-                if ref.crs is None:
-                    raise InputError(f"{like} has no georeferencing")
-                return Grid(ref.crs, ref.transform, ref.width, ref.height)
-        except RasterioIOError:
-            raise InputError(f"{like} is not a raster GDAL can read") from None
+        with open_raster(like, expand_palette=False) as ref:  # a missing file or a folder said as such
+            if ref.crs is None:
+                raise InputError(f"{like} has no georeferencing")
+            return Grid(ref.crs, ref.transform, ref.width, ref.height)
     if not bounds or not crs or not resolution:
         raise InputError("give --like RASTER, or --bounds with --crs and --resolution")
     left, bottom, right, top = bounds

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +149,36 @@ def test_render_map_cli_writes_on_the_reference_grid(tmp_path):
         assert (m.crs, m.transform, m.width, m.height) == (r.crs, r.transform, r.width, r.height)
         assert m.count == 3 and m.dtypes[0] == "uint8"
         assert m.tags()["TIFFTAG_SOFTWARE"].startswith("geosat2map ")
+
+
+def test_a_polygon_whose_ring_is_not_closed_is_drawn_with_one_warning_line(tmp_path):
+    """GDAL reads an unclosed ring with a warning; the polygon was then dropped (render-map said
+    "no vector feature ... falls within the raster's extent") and Python printed the warning with
+    pyogrio's source line. It is closed and drawn; the warning is one line."""
+    ref = write_scene(tmp_path / "ref.tif", width=300, height=200)
+    closed = square(10, 10, 60, 60, building="yes")
+    ring = closed["geometry"]["coordinates"][0][:-1]  # the last point, the first again, left off
+    vec = write_geojson(tmp_path / "b.geojson", [{**closed, "geometry": {"type": "Polygon", "coordinates": [ring]}}])
+    maps, said = {}, {}
+    for name, source in (("open", vec), ("closed", write_geojson(tmp_path / "c.geojson", [closed]))):
+        maps[name] = tmp_path / f"{name}.tif"
+        proc = subprocess.run([sys.executable, "-m", "geosat2map_cli", "render-map", str(source), str(maps[name]),
+                               "--like", str(ref)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert "1 feature drawn" in proc.stdout
+        said[name] = proc.stderr.splitlines()
+    assert said["closed"] == []
+    assert len(said["open"]) == 1 and said["open"][0].startswith("geosat2map: warning: Non closed ring detected")
+    with rasterio.open(maps["open"]) as a, rasterio.open(maps["closed"]) as b:
+        assert np.array_equal(a.read(), b.read())
+
+
+def test_render_map_names_a_missing_reference_raster(tmp_path):
+    vec = write_geojson(tmp_path / "b.geojson", [square(10, 10, 60, 60)])
+    result = CliRunner().invoke(cli, ["render-map", str(vec), str(tmp_path / "m.tif"), "--like",
+                                      str(tmp_path / "nowhere.tif")])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"geosat2map: error: input not found: {tmp_path / 'nowhere.tif'}"
 
 
 def test_render_map_refuses_a_grid_past_the_pixel_limit(tmp_path):
