@@ -292,6 +292,7 @@ def _dry_run(sources: tuple[str, ...], dst: Path, to_folder: bool, overlap: int 
         click.echo(f"would write {out}: {plan.width} x {plan.height}{gsd}, {plan.crs or 'no CRS'}, bands "
                    f"{','.join(map(str, plan.bands))}, {tiles} overlapping by {asked['overlap']}"
                    + (f" ({outside} more outside the area of interest)" if outside else "")
+                   + (", fewer if some are wholly nodata" if plan.masked and plan.tiles > 1 else "")
                    + ("" if kept is None else f"; continuing its partial output, {kept} of {plan.height} rows kept"))
     if failed:
         raise click.exceptions.Exit(1)

@@ -275,6 +275,8 @@ class TranslatePlan:
     grid_tiles: int
     bands: list[int]
     notes: list[str] = field(default_factory=list)
+    #: The scene marks nodata (a nodata value, an alpha band or a mask): tiles wholly nodata are skipped.
+    masked: bool = False
 
 
 def plan_translation(
@@ -306,7 +308,7 @@ def plan_translation(
                                          for c, x in enumerate(grid.xs)))
         return TranslatePlan(scene.width, scene.height, scene.gsd_m,
                              None if scene.crs is None else scene.crs.to_string(), tiles, len(grid),
-                             list(scene.bands), list(scene.notes))
+                             list(scene.bands), list(scene.notes), masked=not scene.all_valid)
     finally:
         scene.close()
 

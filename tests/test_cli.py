@@ -773,3 +773,7 @@ def test_dry_run_plans_the_map_as_translate_makes_it_and_writes_nothing(tiny_wei
                                    f"1,2,3, {tiles} tiles of 256 overlapping by 64")
     assert_clean_failure(run("translate", scene, out, "--weights", tiny_weights_gsd, "--dry-run"), tmp_path / "x",
                          "exists (pass --overwrite")
+    # A scene that marks nodata: the count is at most, which the plan says (the run skips tiles wholly nodata).
+    masked = write_scene(tmp_path / "masked.tif", width=700, height=900, nodata=0)
+    plan = run("translate", masked, tmp_path / "m.tif", "--weights", tiny_weights_gsd, "--dry-run")
+    assert plan.stdout.strip().endswith(f" {tiles} tiles of 256 overlapping by 64, fewer if some are wholly nodata")
