@@ -60,7 +60,8 @@ def read_provenance(path: str | Path) -> dict:
         about = {"file": str(path), "width": src.width, "height": src.height,
                  "crs": src.crs.to_string() if src.crs else None}
     if not any(k.startswith("GEOSAT2MAP_") for k in tags):
-        raise InputError(f"{path} is a raster, but not a map geosat2map made: it records no GEOSAT2MAP tags")
+        raise InputError(f"{path} is a raster, but not a map geosat2map made: it records no GEOSAT2MAP tags "
+                         "(translate --dry-run plans the map of a scene)")
     made = about | {k: v for k, v in tags.items()
                     if k.startswith(("GEOSAT2MAP_", "TIFFTAG_SOFTWARE", "TIFFTAG_DATETIME"))}
     if OPTIONS_TAG in made:

@@ -76,7 +76,8 @@ def test_info_of_a_map_says_how_it_was_made_and_by_which_model(tiny_weights, sce
     assert run("info", shipped).stdout.splitlines()[-1] == "asked with --rpc-dem 5"
     result = run("info", scene)
     assert result.exit_code == 1 and result.output.strip() == \
-        f"geosat2map: error: {scene} is a raster, but not a map geosat2map made: it records no GEOSAT2MAP tags"
+        f"geosat2map: error: {scene} is a raster, but not a map geosat2map made: it records no GEOSAT2MAP tags " \
+        "(translate --dry-run plans the map of a scene)"
 
 
 def test_info_of_a_file_that_is_not_weights(tmp_path):
