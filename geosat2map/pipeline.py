@@ -627,10 +627,10 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, asked
                 writer.drop_partial()
                 raise KeyboardInterrupt(f"keeping the {rows} rows done failed ({exc.strerror or exc}): "
                                         "nothing to resume") from None
+            again = "the same command with --resume" + (" in one process (not under torchrun)" if ctx.enabled else "")
             if rows < scene.height:
-                raise Interrupted(f"{rows} of {scene.height} rows are kept; the same command with --resume "
-                                  "continues") from None
-            raise Interrupted(f"all {rows} rows are kept; the same command with --resume finishes the map") from None
+                raise Interrupted(f"{rows} of {scene.height} rows are kept; {again} continues") from None
+            raise Interrupted(f"all {rows} rows are kept; {again} finishes the map") from None
     return TranslateResult(dst, scene.width, scene.height, len(grid), computed,
                            time.perf_counter() - started, scene.gsd_m, str(torch_device), engine.name, scene.notes,
                            batch_size, tta)

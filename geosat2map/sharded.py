@@ -11,6 +11,7 @@ same as a one-process run's.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
 
 import numpy as np
 import torch
@@ -65,7 +66,8 @@ def send_rows(ctx: DistContext, grid: TileGrid, read_row: ReadRow, engine, batch
         try:
             payload = compute_row(read_row, grid, row, engine, batch_size)
         except BaseException:  # tell rank 0, which would otherwise wait for this row forever
-            dist.send(torch.tensor([0, _FAILED]), 0)
+            with suppress(RuntimeError):  # unless it is gone (a Ctrl-C reaches every rank): this error, not gloo's
+                dist.send(torch.tensor([0, _FAILED]), 0)
             raise
         n = len(payload.outputs)
         dist.send(torch.tensor([n, _ROW]), 0)

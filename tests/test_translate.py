@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -440,6 +443,58 @@ def test_torchrun_two_ranks_share_the_rows_and_write_the_single_process_file(tin
         assert np.array_equal(a.dataset_mask(), b.dataset_mask())
         assert a.transform == b.transform and a.crs == b.crs
     assert not [p for p in tmp_path.iterdir() if ".part" in p.name or p.name.endswith(".lock")]
+
+
+def test_a_run_stopped_under_torchrun_says_to_resume_in_one_process(tiny_weights, tmp_path):
+    """Its rows are kept as a one-process run keeps them, but torchrun refuses --resume: the
+    message said "the same command with --resume continues", which then failed."""
+    scene = write_scene(tmp_path / "scene.tif", width=700, height=1500)
+    single = translate(scene, tmp_path / "single.tif", weights=tiny_weights, backend="torch")
+    out = tmp_path / "multi.tif"
+    script = tmp_path / "stopped.py"
+    script.write_text(
+        "import os\n"
+        "from geosat2map import translate\n"
+        "from geosat2map.errors import Interrupted\n"
+        "seen = [0]\n"
+        "def progress(advance, total):\n"
+        "    seen[0] += advance\n"
+        "    if seen[0] >= 20:\n"
+        "        raise KeyboardInterrupt\n"
+        "try:\n"
+        f"    translate({str(scene)!r}, {str(out)!r}, weights={str(tiny_weights)!r}, batch_size=2,\n"
+        "              progress=progress if os.environ['RANK'] == '0' else None)\n"
+        "except Interrupted as exc:\n"
+        f"    open({str(tmp_path / 'said.txt')!r}, 'w').write(str(exc))\n"
+    )
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script)], capture_output=True, text=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)  # rank 1 fails once rank 0 is gone
+    said = (tmp_path / "said.txt").read_text()
+    assert said.endswith("rows are kept; the same command with --resume in one process (not under torchrun) continues")
+    resumed = translate(scene, out, weights=tiny_weights, resume=True)
+    assert resumed.tiles_computed == single.tiles_computed
+    with rasterio.open(tmp_path / "single.tif") as a, rasterio.open(out) as b:
+        assert np.array_equal(a.read(), b.read()) and np.array_equal(a.dataset_mask(), b.dataset_mask())
+
+
+def test_a_helper_rank_stopped_after_rank_0_is_gone_stops_with_its_own_interrupt(monkeypatch):
+    """Ctrl-C under torchrun reaches every rank: rank 1 then told rank 0 it had failed, and rank 0,
+    stopped already, had closed the connection, so gloo's "Connection closed by peer" replaced the
+    interrupt with a traceback."""
+    from geosat2map import sharded
+    from geosat2map.distributed import DistContext
+
+    def stopped(*_):
+        raise KeyboardInterrupt
+
+    def peer_gone(*_):
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(sharded, "compute_row", stopped)
+    monkeypatch.setattr(sharded.dist, "send", peer_gone)
+    with pytest.raises(KeyboardInterrupt):
+        sharded.send_rows(DistContext(rank=1, world_size=2), TileGrid(700, 900), None, None, 2)
 
 
 def _write_rows(path, valid: np.ndarray) -> None:
