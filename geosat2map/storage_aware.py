@@ -17,22 +17,26 @@ log = logging.getLogger(__name__)
 
 
 class StoredRounding:
-    """Rounds generator parameters in place to what a file stored as ``storage`` holds
+    """Rounds generator parameters to what a file stored as ``storage`` holds
     (:func:`stored_value`), and puts their exact values back afterwards.
 
-    The exact values wait in buffers kept from step to step, and the rounding is written straight
-    into the parameters: fresh tensors of the generator's size at every step cost more than the
-    rounding itself, in page faults (glibc maps each afresh). On the CPU the int4-coded tensors
-    (28.3 M of the width-48 generator's 30.6 M weights) are rounded by :func:`int4_rounded`
-    compiled with torch.compile into one fused pass over each tensor viewed as its groups, which
-    inductor writes in place with no temporary of the tensor's size. Rounding, saving and
-    restoring the width-48 generator: 0.046-0.049 against 0.096 s (rounding into new tensors and
-    cloning; session 31, 2 AVX-512 cores, contiguous), 0.091-0.098 against 0.119-0.127 s for
-    channels_last weights, which are rounded through one contiguous scratch tensor (the trainer
-    keeps weights it rounds contiguous on the CPU for that reason). Compiling takes 13-23 s once per process. Each tensor shape's first compiled result
-    is checked equal to stored_value's; where compiling fails (no C++ compiler) or a result
-    differs, stored_value rounds from then on, so the compiled path only ever reaches the same
-    values sooner.
+    Each parameter's data is swapped with a spare tensor of its shape and layout, kept from step
+    to step, into which the rounding is written; putting the exact values back swaps them again.
+    Fresh tensors of the generator's size at every step cost more than the rounding itself, in
+    page faults (glibc maps each afresh); copying the exact values aside and back, as sessions 31
+    to 46 did, cost more than the swaps: rounding and restoring the width-48 generator took
+    0.070-0.083 s so, 0.041-0.055 s swapped (session 47, 2 AMX cores, contiguous), of a 0.3 s step.
+
+    On the CPU the int4-coded tensors (28.3 M of the width-48 generator's 30.6 M weights) are
+    rounded by :func:`int4_rounded` compiled with torch.compile into one fused pass over each
+    tensor viewed as its groups, which inductor writes in place with no temporary of the tensor's
+    size: 0.046-0.049 against 0.096 s for rounding into new tensors (session 31, 2 AVX-512 cores,
+    contiguous), 0.091-0.098 against 0.119-0.127 s for channels_last weights, which are rounded
+    through one contiguous scratch tensor (the trainer keeps weights it rounds contiguous on the
+    CPU for that reason). Compiling takes 13-23 s once per process. Each tensor shape's first
+    compiled result is checked equal to stored_value's; where compiling fails (no C++ compiler)
+    or a result differs, stored_value rounds from then on, so the compiled path only ever reaches
+    the same values sooner.
     """
 
     def __init__(self, storage: str, device: torch.device) -> None:
@@ -40,31 +44,39 @@ class StoredRounding:
         #: True once the compiled rounding is in use, False once it has been given up.
         self.fused: bool | None = None if storage == "int4" and device.type == "cpu" else False
         self._checked: set[tuple[int, ...]] = set()
-        self._exact: list[torch.Tensor] = []
+        self._spare: list[torch.Tensor] = []  # outside round_ ... restore_: the rounded values' tensors
+        self._exact: list[torch.Tensor] = []  # inside: the exact values' tensors, swapped out
         self._scratch = torch.empty(0)
 
     def round_(self, params: Sequence[torch.Tensor]) -> None:
-        """Keep ``params``' exact values, then round them in place (no autograd history)."""
-        if [(e.shape, e.dtype, e.device) for e in self._exact] != [(p.shape, p.dtype, p.device) for p in params]:
-            self._exact = [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in params]
+        """Swap ``params``' exact values out for their rounding (no autograd history)."""
+        if [(t.shape, t.stride(), t.dtype, t.device) for t in self._spare] != \
+                [(p.shape, p.stride(), p.dtype, p.device) for p in params]:
+            self._spare = [torch.empty_like(p) for p in params]  # in each parameter's own layout
+        self._exact = []
         with torch.no_grad():
-            for param, exact in zip(params, self._exact):
-                exact.copy_(param)
+            for param, rounded in zip(params, self._spare):
+                exact = param.data
+                param.data = rounded
+                self._exact.append(exact)
                 self._round(param.detach(), exact)
+        self._spare = []
 
     def restore_(self, params: Sequence[torch.Tensor]) -> None:
-        """Put back the exact values :meth:`round_` kept."""
-        with torch.no_grad():
-            for param, exact in zip(params, self._exact):
-                param.copy_(exact)
+        """Put back the exact values :meth:`round_` swapped out."""
+        for param, exact in zip(params, self._exact):
+            self._spare.append(param.data)
+            param.data = exact
+        self._exact = []
 
     def _round(self, param: torch.Tensor, exact: torch.Tensor) -> None:
         if self.fused is False or not int4_coded(exact):
             param.copy_(stored_value(exact, self.storage))
             return
         target = param if param.is_contiguous() else self._scratch_for(exact)
+        source = exact.contiguous()  # itself unless laid out channels_last (CPU storage-aware runs keep weights contiguous)
         try:
-            _compiled_int4_into(target.view(-1, INT4_GROUP), exact.view(-1, INT4_GROUP))
+            _compiled_int4_into(target.view(-1, INT4_GROUP), source.view(-1, INT4_GROUP))
         except Exception as exc:  # noqa: BLE001 - inductor's failures (no C++ compiler, ...) have many types
             self._give_up(param, exact, f"torch.compile failed ({first_line(exc)[:200]})")
             return
@@ -118,8 +130,8 @@ def rounded_as_stored(module: nn.Module, rounding: StoredRounding | None) -> Ite
         yield
         return
     params = list(module.parameters())
-    rounding.round_(params)
     try:
+        rounding.round_(params)
         yield
-    finally:
+    finally:  # also after a failure part-way through the rounding: what was swapped out goes back
         rounding.restore_(params)

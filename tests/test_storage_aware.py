@@ -76,3 +76,35 @@ def test_the_rounding_falls_back_to_the_stored_one_when_compiling_fails_or_diffe
     rounding = StoredRounding("int4", torch.device("cpu"))
     assert torch.equal(rounded(rounding, coded), stored_value(coded, "int4")) and rounding.fused is False
     assert torch.equal(rounded(rounding, coded), stored_value(coded, "int4"))  # and stays on the stored rounding
+
+
+def test_a_rounding_failing_part_way_puts_every_exact_value_back(coded, monkeypatch):
+    """The exact values are swapped out one parameter at a time; a failure after the first (a
+    Ctrl-C in the middle, say) left it rounded, and the next optimiser step would have started
+    from the rounded value."""
+    from torch import nn
+
+    from geosat2map.storage_aware import rounded_as_stored
+
+    module = nn.Module()
+    module.first = nn.Parameter(coded.clone())
+    module.second = nn.Parameter(torch.randn(8, 4, 3, 3))
+    exact = [p.detach().clone() for p in module.parameters()]
+    rounding = StoredRounding("int4", torch.device("cpu"))
+    done = []
+    real = rounding._round
+
+    def fails_on_the_second(param, value):
+        if done:
+            raise KeyboardInterrupt
+        real(param, value)
+        done.append(param)
+
+    monkeypatch.setattr(rounding, "_round", fails_on_the_second)
+    with pytest.raises(KeyboardInterrupt), rounded_as_stored(module, rounding):
+        pass
+    assert done and all(torch.equal(p, e) for p, e in zip(module.parameters(), exact))
+    monkeypatch.setattr(rounding, "_round", real)
+    with rounded_as_stored(module, rounding):  # and the next step rounds as ever
+        assert torch.equal(module.first, stored_value(exact[0], "int4"))
+    assert all(torch.equal(p, e) for p, e in zip(module.parameters(), exact))
