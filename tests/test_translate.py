@@ -468,8 +468,9 @@ def test_a_run_stopped_under_torchrun_says_to_resume_in_one_process(tiny_weights
         f"    open({str(tmp_path / 'said.txt')!r}, 'w').write(str(exc))\n"
     )
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    # Not checked: rank 1, still sending rows, fails once rank 0 has stopped.
     subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script)], capture_output=True, text=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)  # rank 1 fails once rank 0 is gone
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, check=False)
     said = (tmp_path / "said.txt").read_text()
     assert said.endswith("rows are kept; the same command with --resume in one process (not under torchrun) continues")
     resumed = translate(scene, out, weights=tiny_weights, resume=True)
