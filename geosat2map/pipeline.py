@@ -615,8 +615,7 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, asked
             writer.commit()
             record_file.unlink(missing_ok=True)
         except KeyboardInterrupt:  # while the tiles were computed, or while the map was finished
-            if writer.committed:
-                record_file.unlink(missing_ok=True)
+            if writer.committed:  # its progress record goes with the partial file (_record_follows_partial)
                 raise Interrupted(f"{dst} was finished before the stop: the map is whole") from None
             rows = writer.keep_partial()
             if not rows:
