@@ -75,7 +75,9 @@ class _Group(click.Group):
             ctx.exit(1)
         except KeyboardInterrupt as exc:
             if not (isinstance(exc, Interrupted) and _helper_rank()):  # rank 0 says where every rank stopped
-                click.echo("geosat2map: interrupted" + (f": {exc}" if str(exc) else ""), err=True)
+                # A helper's own line names it: rank 0's "rank N failed (its own error is above)" points here.
+                rank = f" (rank {os.environ['RANK']})" if _helper_rank() else ""
+                click.echo(f"geosat2map: interrupted{rank}" + (f": {exc}" if str(exc) else ""), err=True)
             ctx.exit(130)
 
 

@@ -208,7 +208,12 @@ def test_unwritable_output_folder(tiny_weights):
         shutil.rmtree(base)
 
 
-def test_ctrl_c_midway_leaves_nothing(tmp_path, tiny_weights, monkeypatch):
+@pytest.mark.parametrize("rank", [None, "1"])
+def test_ctrl_c_midway_leaves_nothing(tmp_path, tiny_weights, monkeypatch, rank):
+    """A helper rank under torchrun names itself: rank 0's "rank 1 failed (its own error is above)"
+    points to its line, and beside rank 0's own report a bare "interrupted" read as a second run."""
+    if rank:
+        monkeypatch.setenv("RANK", rank)
     scene = write_scene(tmp_path / "scene.tif", width=900, height=900)
     calls = {"n": 0}
     from geosat2map import engine
@@ -225,7 +230,7 @@ def test_ctrl_c_midway_leaves_nothing(tmp_path, tiny_weights, monkeypatch):
     out = tmp_path / "map.tif"
     result = run("translate", scene, out, "--weights", tiny_weights, "--batch-size", "2", "--quiet")
     assert result.exit_code == 130
-    assert result.stderr.strip() == "geosat2map: interrupted"
+    assert result.stderr.strip() == "geosat2map: interrupted" + (f" (rank {rank})" if rank else "")
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]
 
