@@ -867,6 +867,7 @@ def _run_info(path: str, as_json: bool) -> None:
         click.echo(json.dumps({"run": str(run.path), "epochs_done": done, "epochs_planned": run.epochs_planned,
                                "resumable": run.resumable, "generators": run.generators,
                                "unreadable_history_lines": run.unreadable_lines, "checkpoint": run.position,
+                               "seconds_to_go": run.seconds_to_go(),
                                "config": asdict(c),
                                "history": run.history}, indent=2))
         return
@@ -889,6 +890,10 @@ def _run_info(path: str, as_json: bool) -> None:
         n = run.steps_per_epoch()
         click.echo(f"epoch {run.position['epoch'] + 1} under way: {run.position['step_in_epoch']}"
                    f"{f' of {n}' if n else ''} steps at the last checkpoint (step {run.position['global_step']})")
+    to_go = run.seconds_to_go()
+    if to_go:
+        click.echo(f"at the recent epochs' pace (about {_duration(run.epoch_seconds())} each): about "
+                   f"{_duration(to_go)} to go")
     if run.unreadable_lines:
         click.echo(f"{run.unreadable_lines} line(s) of history.jsonl unreadable (cut short by a kill?)")
     if run.resumable and done < run.epochs_planned:
@@ -899,6 +904,12 @@ def _run_info(path: str, as_json: bool) -> None:
     if run.generators:
         which = "its best generator" if "best_generator.safetensors" in run.generators else "its latest generator"
         click.echo(f"`geosat2map export-weights {run.path} OUT.safetensors` makes a weights file of {which}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
 
 
 def _map_info(path: str, as_json: bool) -> None:

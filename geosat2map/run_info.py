@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,24 @@ class RunInfo:
         last = self.history[-1] if self.history else {}
         before = self.history[-2].get("step") if len(self.history) > 1 else 0
         return last["step"] - before if fits(last.get("step"), int) and fits(before, int) else None
+
+    def epoch_seconds(self, last: int = 5) -> float | None:
+        """The median time of the last ``last`` finished epochs (their records' ``seconds``), or
+        None before one. The median: an epoch resumed part-way records only the part after the
+        resume, and one paused or sharing the machine records that too."""
+        times = [r["seconds"] for r in self.history[-last:] if fits(r.get("seconds"), float) and r["seconds"] > 0]
+        return float(statistics.median(times)) if times else None
+
+    def seconds_to_go(self) -> float | None:
+        """The rest of the planned epochs at :meth:`epoch_seconds` each, less the part of the epoch
+        under way that the last checkpoint holds (None before an epoch ends; 0 once finished)."""
+        per_epoch = self.epoch_seconds()
+        if per_epoch is None:
+            return None
+        left, steps = max(self.epochs_planned - len(self.history), 0), self.steps_per_epoch()
+        if left and self.position and steps and self.position["epoch"] == len(self.history):  # the next epoch's
+            left -= min(self.position["step_in_epoch"] / steps, 1.0)
+        return left * per_epoch
 
     def best(self) -> dict | None:
         """The epoch's record with the lowest held-out RMSE (the run's best_generator), if scored."""

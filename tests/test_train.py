@@ -775,14 +775,17 @@ def test_info_on_a_run_folder_gives_its_epochs_scores_and_next_step(tmp_path):
     assert lines[2] == f"last, the best: epoch 1, step 4: held out RMSE {first['val']['rmse']:.2f}  " \
                        f"acc@5 {first['val']['acc5']:.4f}  acc@10 {first['val']['acc10']:.4f}  " \
                        f"PSNR {first['val']['psnr']:.2f} dB  SSIM {first['val']['ssim']:.4f}"
-    assert lines[3] == f"`geosat2map train {data} --out {run_dir} --resume` continues it"
-    assert lines[4] == f"`geosat2map export-weights {run_dir} OUT.safetensors` makes a weights file of its best " \
+    secs = first["seconds"]
+    assert lines[3] == f"at the recent epochs' pace (about {secs:.0f} s each): about {2 * secs:.0f} s to go"
+    assert lines[4] == f"`geosat2map train {data} --out {run_dir} --resume` continues it"
+    assert lines[5] == f"`geosat2map export-weights {run_dir} OUT.safetensors` makes a weights file of its best " \
                        "generator"
     with open(run_dir / "history.jsonl", "a") as f:  # a kill while the next epoch's line was written
         f.write('{"epoch": 2, "st')
     described = json.loads(CliRunner().invoke(cli, ["info", str(run_dir), "--json"]).stdout)
     assert (described["epochs_done"], described["epochs_planned"], described["unreadable_history_lines"]) == (1, 3, 1)
     assert described["history"] == [first] and described["config"]["ngf"] == 4 and described["resumable"]
+    assert described["seconds_to_go"] == pytest.approx(2 * secs)
     assert "1 line(s) of history.jsonl unreadable" in CliRunner().invoke(cli, ["info", str(run_dir)]).stdout
     train(tiny_config(data, run_dir, max_steps=4), resume=True)  # the next epoch's line stands on its own
     resumed = json.loads(CliRunner().invoke(cli, ["info", str(run_dir), "--json"]).stdout)
@@ -793,6 +796,21 @@ def test_info_on_a_run_folder_gives_its_epochs_scores_and_next_step(tmp_path):
         CliRunner().invoke(cli, ["info", str(run_dir)]).stdout.splitlines()
     assert json.loads(CliRunner().invoke(cli, ["info", str(run_dir), "--json"]).stdout)["checkpoint"] == \
         {"epoch": 2, "step_in_epoch": 2, "global_step": 10}
+
+
+def test_the_time_to_go_counts_the_epochs_left_at_the_median_pace(tmp_path):
+    """An epoch resumed part-way records only its rest (100 s here): the median of the recent
+    epochs, not their mean, sets the pace; the checkpoint's part of the epoch under way is done."""
+    from geosat2map.run_info import RunInfo
+
+    config = tiny_config(tmp_path, tmp_path / "run", epochs=2, epochs_decay=3)
+    history = [{"epoch": e + 1, "step": 986 * (e + 1), "seconds": s} for e, s in enumerate((400.0, 100.0, 410.0))]
+    run = RunInfo(tmp_path, config, history, True, position={"epoch": 3, "step_in_epoch": 493, "global_step": 3451})
+    assert run.epoch_seconds() == 400.0
+    assert run.seconds_to_go() == pytest.approx(1.5 * 400.0)
+    assert RunInfo(tmp_path, config, history[:0], False).seconds_to_go() is None  # no epoch timed yet
+    config.epochs_decay = 1
+    assert run.seconds_to_go() == 0.0  # finished
 
 
 def test_existing_run_needs_resume(tmp_path):
