@@ -34,7 +34,7 @@ from rasterio.windows import Window, transform as window_transform
 from .aoi import AreaOfInterest
 from .errors import InputError, NotGeoreferenced, OutputError, gdal_reason
 from .placement import north_up, warped_onto
-from .reader import PNG_READ_OPTIONS, Scene, bounded_cache, open_raster, open_scene
+from .reader import PNG_READ_OPTIONS, Scene, bounded_cache, ground_gsd_m, open_raster, open_scene
 from .render import Grid, MapRenderer, Style, read_vectors
 
 
@@ -219,7 +219,7 @@ def make_tiles(
             rows, cols = range(0, scene.height - t + 1, stride), range(0, scene.width - t + 1, stride)
             if not rows or not cols:
                 raise InputError(f"the scene is {scene.width} x {scene.height} pixels at {scene.gsd_m:.2f} m: "
-                                 f"smaller than one {t}-pixel tile")
+                                 f"smaller than one {t}-pixel tile{_finer_hint(scene)}")
             skipped = {"aoi": 0, "nodata": 0, "empty_map": 0}
             # Tiles go to a staging folder as they are cut (memory stays flat), then move to their split.
             if work.exists():
@@ -328,3 +328,11 @@ def _index_feature(scene: Scene, to_wgs84: Transformer, x: int, y: int, t: int, 
     return {"type": "Feature", "geometry": shapely.geometry.mapping(wgs),
             "properties": {"name": name, "split": split, "x": x, "y": y, "nodata": round(nodata, 4)}}
 
+
+def _finer_hint(scene: Scene) -> str:
+    """Where the scene was resampled coarser than its own pixels (a small scene at the model's
+    2.12 m), the resolution that would cut tiles of it: the model then learns that scale."""
+    if scene.scale is None or min(scene.scale) <= 1:
+        return ""
+    native = ground_gsd_m(scene.src.crs, scene.src.transform, scene.src.width, scene.src.height)
+    return f"; its own pixels are {native:.2f} m: --resolution native (or metres per pixel) cuts tiles finer"

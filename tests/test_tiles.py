@@ -413,6 +413,20 @@ def test_a_scene_far_coarser_than_the_model_is_not_cut_at_its_resolution(tmp_pat
     assert not (tmp_path / "t").exists()
 
 
+def test_a_small_fine_scene_is_pointed_to_its_own_resolution(tmp_path):
+    """A 200 m scene at 0.5 m is 94 pixels at the model's 2.12 m: the error gave the size only,
+    and its own pixels, which a tile fits in, went unmentioned (as for the 0.27 m Las Vegas sample)."""
+    sat = write_scene(tmp_path / "small.tif", width=400, height=400, res=0.5)
+    vec = write_geojson(tmp_path / "v.geojson", [square(10, 10, 300, 300, res=0.5)])
+    message = "smaller than one 256-pixel tile; its own pixels are 0.50 m: --resolution native"
+    with pytest.raises(InputError, match=message):
+        make_tiles(sat, tmp_path / "t", vectors=[str(vec)])
+    assert make_tiles(sat, tmp_path / "t", vectors=[str(vec)], options=TileOptions(resolution="native")).train
+    coarse = write_scene(tmp_path / "coarse.tif", width=100, height=100, res=0.5)  # too small at any scale
+    with pytest.raises(InputError, match="smaller than one 256-pixel tile$"):
+        make_tiles(coarse, tmp_path / "c", vectors=[str(vec)], options=TileOptions(resolution="native"))
+
+
 def test_grid_from_bounds():
     grid = grid_from(bounds=(0, 0, 100, 50), crs="EPSG:32633", resolution=2)
     assert (grid.width, grid.height) == (50, 25)
