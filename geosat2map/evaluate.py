@@ -213,6 +213,9 @@ def evaluate_rasters(output: str | Path, map_raster: str | Path, tile: int = 256
             rasterio.Env(GDAL_CACHEMAX=bounded_cache(2 * 4 * tile * out_ds.width), **PNG_READ_OPTIONS), \
             open_raster(map_raster) as map_ds, north_up(map_raster, map_ds) as north, \
             warped_onto(north, out_ds.crs, out_ds.transform, out_ds.width, out_ds.height) as warped:
+        if out_ds.width < tile or out_ds.height < tile:  # a small scene at the model's resolution
+            raise InputError(f"{output} is {out_ds.width} x {out_ds.height} pixels: smaller than one {tile}-pixel "
+                             "window to score (translate the scene at a finer --resolution)")
         bands = [1, 2, 3] if map_ds.count >= 3 else [1, 1, 1]
         per_tile = []
         for y in range(0, out_ds.height - tile + 1, tile):
