@@ -518,7 +518,8 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
 @click.option("--direction", type=click.Choice(["AtoB", "BtoA"]), default="AtoB", show_default=True)
 @click.option("--ngf", type=int, default=None,
               help="Generator width [default: 64; with --init-from, that generator's; wider than it, the "
-                   "generator is grown to this width, new channels starting with no effect on its maps].")
+                   "generator is grown to this width, new channels starting with no effect on its maps; the "
+                   "width a grown generator was grown from: narrowed back to those channels as trained].")
 @click.option("--ndf", type=int, default=64, show_default=True, help="Discriminator width.")
 @click.option("--batch-size", type=int, default=1, show_default=True)
 @click.option("--load-size", type=int, default=286, show_default=True,
@@ -844,7 +845,8 @@ def _echo_provenance(prov: dict, dtype: str) -> None:
         made.append("trained on " + folders_text(prov["data"]))
     if "fine_tuned_from" in prov:
         parent = prov["fine_tuned_from"]
-        grown = f" (grown from width {parent['widened_from_ngf']})" if "widened_from_ngf" in parent else ""
+        grown = (f" (grown from width {parent['widened_from_ngf']})" if "widened_from_ngf" in parent else
+                 f" (narrowed from width {parent['narrowed_from_ngf']})" if "narrowed_from_ngf" in parent else "")
         made.append(f"fine-tuned from {parent['file']}{grown}")
     if "distilled_from" in prov:
         made.append(f"distilled from {prov['distilled_from']['file']}'s flip-averaged maps")

@@ -1305,6 +1305,53 @@ def test_a_widened_generator_computes_what_the_narrow_one_did():
         widen_generator(wide, 4)
 
 
+def test_narrowing_a_grown_generator_gives_back_the_one_it_grew_from():
+    """Widened, then trained (its old and new channels changed here at random), then narrowed:
+    the old channels as trained; untrained, exactly the generator it grew from."""
+    from geosat2map.model import narrow_generator, widen_generator
+
+    torch.manual_seed(0)
+    narrow = UNetGenerator(ngf=4)
+    init_weights(narrow)
+    set_batchnorm_statistics(narrow, 0.25, 3.0)
+    wide, _ = widen_generator(narrow, 6)
+    back = narrow_generator(wide, 4)
+    assert all(torch.equal(a, b) for a, b in zip(narrow.state_dict().values(), back.state_dict().values()))
+    with torch.no_grad():
+        for p in wide.parameters():
+            p.add_(torch.randn_like(p))
+    back = narrow_generator(wide, 4)
+    assert torch.equal(back.encoder[1][1].weight, wide.encoder[1][1].weight[:8, :4])  # level 1: 8 of 12, from 4 of 6
+    assert torch.equal(back.decoder[-1][1].weight, wide.decoder[-1][1].weight[torch.tensor([0, 1, 2, 3, 6, 7, 8, 9])])
+    assert torch.equal(back.decoder[0][2].running_var, wide.decoder[0][2].running_var[:32])
+    with pytest.raises(ValueError, match="cannot narrow a width-6 generator to 8"):
+        narrow_generator(wide, 8)
+
+
+def test_fine_tuning_narrowed_back_to_the_width_it_was_grown_from_resumes_at_it(tmp_path):
+    """`train --init-from GROWN --ngf N`, N the width GROWN was grown from; any other narrower
+    width is refused, naming the one allowed."""
+    from geosat2map.weights import load_generator
+
+    data, start = data_and_start(tmp_path)
+    train(tiny_config(data, tmp_path / "wide", init_from=str(start), ngf=6, max_steps=4))  # one epoch
+    grown = tmp_path / "wide" / "generator.safetensors"
+    with pytest.raises(TrainingError, match="width-6 generator grown from width 4: --ngf can widen it, or narrow "
+                                            "it back to 4, not narrow it to 3"):
+        train(tiny_config(data, tmp_path / "other", init_from=str(grown), max_steps=1, ngf=3))
+    train(tiny_config(data, tmp_path / "run", init_from=str(grown), ngf=4, max_steps=1, checkpoint_every=1))
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (recorded["ngf"], recorded["narrowed"], recorded["widened"]) == (4, True, False)
+    train(tiny_config(data, tmp_path / "run", max_steps=3), resume=True)
+    _, spec = load_generator(tmp_path / "run" / "generator.safetensors")
+    assert spec.ngf == 4 and spec.provenance["fine_tuned_from"]["narrowed_from_ngf"] == 6
+    info = CliRunner().invoke(cli, ["info", str(tmp_path / "run" / "generator.safetensors")])
+    assert f"fine-tuned from {grown} (narrowed from width 6)" in info.stdout
+    with pytest.raises(TrainingError, match="width-4 generator: --ngf can widen it, not narrow it to 2"):
+        train(tiny_config(data, tmp_path / "again", init_from=str(tmp_path / "run" / "generator.safetensors"),
+                          max_steps=1, ngf=2))
+
+
 def test_fine_tuning_at_a_wider_width_grows_the_generator_and_resumes_at_that_width(tmp_path):
     from geosat2map.weights import load_generator
 
