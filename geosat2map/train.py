@@ -729,14 +729,23 @@ def _batchnorms(module: nn.Module) -> list[nn.BatchNorm2d]:
 
 def _grown_from(provenance: dict) -> int | None:
     """The width a generator was grown from, as its file's lineage records it (the run that grew
-    it, or a run fine-tuned from its result without changing width)."""
+    it, or runs fine-tuned from its result without changing width); a mean of generators
+    (``average-weights``) was, where each of them was grown from that width."""
+    averaged = provenance.get("averaged_from")
+    if isinstance(averaged, list) and averaged:
+        # An input met twice (the same snapshot) has its provenance written once (compact_lineage).
+        recorded = {p.get("sha256"): p["provenance"] for p in averaged
+                    if isinstance(p, dict) and isinstance(p.get("provenance"), dict)}
+        widths = {_grown_from(recorded[p.get("sha256")]) if isinstance(p, dict) and p.get("sha256") in recorded
+                  else None for p in averaged}
+        return widths.pop() if len(widths) == 1 else None
     parent = provenance.get("fine_tuned_from")
-    while isinstance(parent, dict) and "narrowed_from_ngf" not in parent:  # (narrowed back since: none)
-        if fits(parent.get("widened_from_ngf"), int):
-            return parent["widened_from_ngf"]
-        above = parent.get("provenance")
-        parent = above.get("fine_tuned_from") if isinstance(above, dict) else None
-    return None
+    if not isinstance(parent, dict) or "narrowed_from_ngf" in parent:  # narrowed back since: none
+        return None
+    if fits(parent.get("widened_from_ngf"), int):
+        return parent["widened_from_ngf"]
+    above = parent.get("provenance")
+    return _grown_from(above) if isinstance(above, dict) else None
 
 
 def widen(narrow: UNetGenerator, ngf: int, dataset: datasets.PairDataset, seed: int,

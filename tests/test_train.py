@@ -1339,6 +1339,12 @@ def test_fine_tuning_narrowed_back_to_the_width_it_was_grown_from_resumes_at_it(
     with pytest.raises(TrainingError, match="width-6 generator grown from width 4: --ngf can widen it, or narrow "
                                             "it back to 4, not narrow it to 3"):
         train(tiny_config(data, tmp_path / "other", init_from=str(grown), max_steps=1, ngf=3))
+    mean = tmp_path / "mean.safetensors"  # a mean of generators grown from width 4 narrows back too
+    averaged = CliRunner().invoke(cli, ["average-weights", str(grown), str(grown), str(mean), "--data", str(data),
+                                        "--holdout", "3"])
+    assert averaged.exit_code == 0, averaged.output
+    train(tiny_config(data, tmp_path / "from_mean", init_from=str(mean), ngf=4, max_steps=1))
+    assert json.loads((tmp_path / "from_mean" / "config.json").read_text())["narrowed"]
     train(tiny_config(data, tmp_path / "run", init_from=str(grown), ngf=4, max_steps=1, checkpoint_every=1))
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (recorded["ngf"], recorded["narrowed"], recorded["widened"]) == (4, True, False)
