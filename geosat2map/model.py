@@ -238,36 +238,42 @@ def narrow_generator(wide: UNetGenerator, ngf: int) -> UNetGenerator:
     with torch.no_grad():
         for part, i, src, dst in _grown_positions(image_in, image_out, ngf, old_ngf):
             wide_block, narrow_block = getattr(wide, part)[i], getattr(narrow, part)[i]
-            conv_w, conv_n = (next(m for m in block if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
-                              for block in (wide_block, narrow_block))
-            transposed = part == "decoder"  # ConvTranspose2d weights are (in, out, kh, kw)
-            weight = conv_w.weight.transpose(0, 1) if transposed else conv_w.weight
-            (conv_n.weight.transpose(0, 1) if transposed else conv_n.weight).copy_(weight[dst[:, None], src])
+            (conv_w, weight), (conv_n, kept) = (_conv_out_in(block, part == "decoder")
+                                                for block in (wide_block, narrow_block))
+            kept.copy_(weight[dst[:, None], src])
             if conv_n.bias is not None:
                 conv_n.bias.copy_(conv_w.bias[dst])
             for bn_w, bn_n in zip(wide_block, narrow_block):
                 if isinstance(bn_w, nn.BatchNorm2d):
-                    for name in ("weight", "bias", "running_mean", "running_var"):
+                    for name in _BATCHNORM_STATE:
                         getattr(bn_n, name).copy_(getattr(bn_w, name)[dst])
                     bn_n.num_batches_tracked.copy_(bn_w.num_batches_tracked)
     return narrow.train(wide.training)
+
+
+#: A BatchNorm layer's per-channel parameters and running statistics.
+_BATCHNORM_STATE = ("weight", "bias", "running_mean", "running_var")
+
+
+def _conv_out_in(block: nn.Sequential, transposed: bool) -> tuple[nn.Module, torch.Tensor]:
+    """A level's convolution and its weight as an (out, in, kh, kw) view (a ConvTranspose2d
+    stores (in, out, kh, kw))."""
+    conv = next(m for m in block if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
+    return conv, conv.weight.transpose(0, 1) if transposed else conv.weight
 
 
 def _copy_block(narrow: nn.Sequential, wide: nn.Sequential, src: torch.Tensor, dst: torch.Tensor,
                 transposed: bool) -> list[torch.Tensor]:
     """Copy one level's conv (and BatchNorm) into the wide level at input positions ``src`` and
     output positions ``dst``; zero the weights from the other inputs into ``dst``."""
-    conv_n, conv_w = (next(m for m in block if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)))
-                      for block in (narrow, wide))
-    weight = conv_w.weight.transpose(0, 1) if transposed else conv_w.weight  # (out, in, kh, kw) view
-    old = conv_n.weight.transpose(0, 1) if transposed else conv_n.weight
+    (conv_n, old), (conv_w, weight) = (_conv_out_in(block, transposed) for block in (narrow, wide))
     weight[dst] = 0.0
     weight[dst[:, None], src] = old
     if conv_n.bias is not None:
         conv_w.bias[dst] = conv_n.bias
     bns = [(a, b) for a, b in zip(narrow, wide) if isinstance(a, nn.BatchNorm2d)]
     for bn_n, bn_w in bns:
-        for name in ("weight", "bias", "running_mean", "running_var"):
+        for name in _BATCHNORM_STATE:
             getattr(bn_w, name)[dst] = getattr(bn_n, name)
         bn_w.num_batches_tracked.copy_(bn_n.num_batches_tracked)
     fresh = torch.ones(conv_w.out_channels, dtype=torch.bool)

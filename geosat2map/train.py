@@ -297,10 +297,11 @@ class Trainer:
             pretrained, pspec = load_generator(None if config.init_from == "default" else config.init_from)
             grown_from = _grown_from(pspec.provenance)
             if config.ngf is not None and config.ngf < pspec.ngf and config.ngf != grown_from:
-                back = f" grown from width {grown_from}" if grown_from else ""
-                raise TrainingError(f"--init-from {config.init_from} is a width-{pspec.ngf} generator{back}: --ngf "
-                                    f"can widen it{f', or narrow it back to {grown_from}' if back else ''}, not "
-                                    f"narrow it to {config.ngf} (leave --ngf out to fine-tune it)")
+                grown = f" grown from width {grown_from}" if grown_from else ""
+                back = f", or narrow it back to {grown_from}" if grown_from else ""
+                raise TrainingError(f"--init-from {config.init_from} is a width-{pspec.ngf} generator{grown}: --ngf "
+                                    f"can widen it{back}, not narrow it to {config.ngf} (leave --ngf out to "
+                                    "fine-tune it)")
             config.widened = config.ngf is not None and config.ngf > pspec.ngf
             config.narrowed = config.ngf is not None and config.ngf < pspec.ngf
             if not (config.widened or config.narrowed):
