@@ -568,6 +568,10 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
                    "output; 'default': the shipped model): one pass learns what the teacher needs two for.")
 @click.option("--distill-weight", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.5, show_default=True,
               help="With --distill-from: the teacher's share of the L1 term (the real map has the rest).")
+@click.option("--distill-views", type=click.Choice(["flip", "median"]), default="flip", show_default=True,
+              help="With --distill-from: the teacher's map is the mean of each pair and its mirror image "
+                   "(flip), or the per-pixel median of 18 shifted and mirrored views (median: closer to the "
+                   "real maps, nine times the teacher's passes, made once a run and kept).")
 @click.option("--storage-aware", type=click.Choice(["int8", "int4"]), default=None,
               help="Quantisation-aware training for a weights file stored this way (export-weights --int8 or "
                    "--int4): every step computes with the weights rounded as stored; the run scores and saves "
@@ -849,7 +853,9 @@ def _echo_provenance(prov: dict, dtype: str) -> None:
                  f" (narrowed from width {parent['narrowed_from_ngf']})" if "narrowed_from_ngf" in parent else "")
         made.append(f"fine-tuned from {parent['file']}{grown}")
     if "distilled_from" in prov:
-        made.append(f"distilled from {prov['distilled_from']['file']}'s flip-averaged maps")
+        teacher = prov["distilled_from"]
+        views = "median of 18 views" if teacher.get("views") == "median" else "flip-averaged maps"
+        made.append(f"distilled from {teacher['file']}'s {views}")
     if "averaged_from" in prov:
         made.append(f"the mean of {len(prov['averaged_from'])} generators")
     if made:
@@ -878,7 +884,8 @@ def _run_info(path: str, as_json: bool) -> None:
     width = c.ngf or ("as --init-from" if c.init_from else 64)  # the trainer's default
     click.echo(f"{run.path}: a training run of width {width}{start} on {folders_text(c.data)} (--holdout "
                f"{c.holdout}): {done} of {run.epochs_planned} epochs done")
-    taught = f", distilled from {c.distill_from}" if c.distill_from else ""
+    taught = (f", distilled from {c.distill_from}" + (" (median of views)" if c.distill_views == "median" else "")
+              if c.distill_from else "")
     click.echo(f"lr {c.lr:g} ({c.epochs} epochs, then {c.epochs_decay} of decay), L1 weight {c.lambda_l1:g}, "
                f"adversarial weight {c.lambda_gan:g}{taught}")
     last, best = (run.history[-1] if run.history else None), run.best()

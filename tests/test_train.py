@@ -522,7 +522,7 @@ def test_distillation_pulls_towards_the_teachers_flip_average_and_records_the_te
     train(cfg)
     spec = load_generator(tmp_path / "run" / "generator.safetensors")[1]
     assert spec.provenance["distilled_from"] == {"file": str(teacher_file), "sha256": model_digest(teacher),
-                                                 "provenance": {"epoch": 3}}
+                                                 "views": "flip", "provenance": {"epoch": 3}}
     assert spec.provenance["settings"]["distill_weight"] == 0.25
     info = CliRunner().invoke(cli, ["info", str(tmp_path / "run" / "generator.safetensors")])
     assert info.exit_code == 0 and f"distilled from {teacher_file}'s flip-averaged maps" in info.output
@@ -532,6 +532,68 @@ def test_distillation_pulls_towards_the_teachers_flip_average_and_records_the_te
         train(cfg, resume=True, schedule=(2, 0))
     with pytest.raises(TrainingError, match="distillation weight"):
         train(tiny_config(data, tmp_path / "run2", distill_from=str(teacher_file), distill_weight=0.0))
+
+
+def test_the_median_of_views_realigns_each_shifted_view_and_is_mirror_symmetric():
+    """ViewMedian maps each shifted view back to where it came from: a generator that commutes
+    with shifts (a 1 x 1 convolution) gives its own map back from all 18 views, to the edges
+    (where a view shifted out is left to the others); and a U-Net's median map of a mirrored
+    image is the mirrored median map."""
+    from geosat2map.model import ViewMedian
+
+    torch.manual_seed(3)
+    x = torch.rand(2, 3, 256, 256) * 2 - 1
+    pointwise = torch.nn.Conv2d(3, 3, 1)
+    with torch.no_grad():
+        assert torch.allclose(ViewMedian(pointwise)(x), pointwise(x), atol=1e-6)
+        g = UNetGenerator(ngf=4).eval()
+        median = ViewMedian(g)(x)
+        assert torch.allclose(ViewMedian(g)(x.flip(-1)), median.flip(-1), atol=1e-5)
+        assert not torch.allclose(median, g(x), atol=1e-3)  # the views disagree: not one pass
+        assert not torch.isnan(median).any()
+
+
+def test_distilling_the_median_of_views_trains_towards_it_and_keeps_its_maps_apart(tmp_path, monkeypatch):
+    """--distill-views median: the step's teacher map is ViewMedian's, the run records it (config,
+    provenance, info), and its kept maps are not the flip-averaged teacher's (another cache file)."""
+    import torch.nn.functional as F
+
+    from geosat2map import teacher_maps
+    from geosat2map.model import ViewMedian
+    from geosat2map.weights import load_generator
+
+    monkeypatch.setenv("GEOSAT2MAP_CACHE", str(tmp_path / "cache"))
+    data = write_aligned(tmp_path / "data")
+    teacher_file = tmp_path / "teacher.safetensors"
+    torch.manual_seed(5)
+    save_generator(UNetGenerator(ngf=4).eval(), ModelSpec(ngf=4, gsd_m=2.0), teacher_file)
+    teacher = load_generator(teacher_file)[0].eval()
+    files = {}
+    for views in ("flip", "median"):
+        cfg = tiny_config(data, tmp_path / views, distill_from=str(teacher_file), distill_views=views,
+                          no_dropout=True, epochs=1, epochs_decay=0, load_size=256)
+        trainer = Trainer(cfg)
+        trainer._train_mode()
+        files[views] = trainer._taught_file
+        a, b, _ = next(trainer._batches())
+        fake = trainer.G(a).detach()
+        losses = trainer.train_step(a, b)
+        trainer.release()
+    with torch.no_grad():
+        taught = ViewMedian(teacher)(a)
+    assert losses["G_L1_teacher"] == pytest.approx(F.l1_loss(fake, taught).item(), rel=1e-3)
+    assert files["flip"] != files["median"] and files["median"].name.startswith("teacher-maps-")
+    train(cfg)
+    spec = load_generator(tmp_path / "median" / "generator.safetensors")[1]
+    assert spec.provenance["distilled_from"]["views"] == "median"
+    assert spec.provenance["settings"]["distill_views"] == "median"
+    assert len(teacher_maps.load_maps(files["median"])) == len(trainer.train_set)
+    info = CliRunner().invoke(cli, ["info", str(tmp_path / "median" / "generator.safetensors")])
+    assert info.exit_code == 0 and f"distilled from {teacher_file}'s median of 18 views" in info.output
+    run_info = CliRunner().invoke(cli, ["info", str(tmp_path / "median")])
+    assert run_info.exit_code == 0 and "(median of views)" in run_info.output
+    with pytest.raises(TrainingError, match="teacher's views are combined as flip or median, not mean"):
+        train(tiny_config(data, tmp_path / "bad", distill_from=str(teacher_file), distill_views="mean"))
 
 
 def test_the_squared_error_term_adds_its_gradient_towards_the_real_and_the_teachers_maps(tmp_path):
