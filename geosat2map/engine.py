@@ -36,9 +36,9 @@ from torch import nn
 from .allocator import release_freed_memory
 from .cache import cache_dir
 from .devices import PRECISIONS as COMPUTE_PRECISIONS, use_bf16
-from .errors import WeightsError, first_line
+from .errors import InputError, WeightsError, first_line
 from .files import write_text_whole
-from .model import PixelScaled
+from .model import PixelScaled, ViewMedian
 from .onnx_export import export_proto
 from .quantize import quantized_onnx
 from .weights import model_digest
@@ -334,6 +334,11 @@ def make_engine(
     scene's own, float32 0..255: see :mod:`geosat2map.quantize`)."""
     if backend not in BACKENDS:
         raise WeightsError(f"unknown backend {backend!r} (use {', '.join(BACKENDS)})")
+    if isinstance(model, ViewMedian):  # its per-pixel median of views has no ONNX or compiled form here
+        if precision == "int8" or backend in ("onnxruntime", "compiled"):
+            raise InputError("--tta-median runs on PyTorch only: use --backend torch (or auto) and a precision "
+                             "other than int8")
+        backend = "torch"
     if precision == "int8":
         return _int8_engine(model, device, backend, calibration)
     bf16 = use_bf16(precision, device)

@@ -13,8 +13,8 @@ from rasterio.errors import NotGeoreferencedWarning
 from . import datasets, metrics
 from .devices import resolve_device, use_bf16
 from .engine import make_engine
-from .errors import DataError, OutputError, gdal_reason
-from .model import FlipAveraged, modes_kept
+from .errors import DataError, InputError, OutputError, gdal_reason
+from .model import modes_kept, recorded_tta, tta_name, with_tta
 from .quantize import calibration_picks
 from .weights import ModelSpec, as_stored, load_generator
 from .writer import GDAL_WRITE_ERRORS
@@ -115,14 +115,15 @@ def evaluate(
     direction: str = "AtoB",
     holdout: int = 10,
     device: str = "auto",
-    tta: bool = False,
+    tta: bool | str = False,
     against: str | Path | None = None,
     precision: str = "fp32",
     classes: bool = False,
 ) -> dict:
     """Score a weights file (None or 'default': the default model) on the ``split`` of a paired data
-    folder (or of several, as one: :func:`datasets.load_pairs`), with translate's flip averaging
-    when ``tta``, at ``precision`` (fp32 by default: the figures then do not depend on the machine;
+    folder (or of several, as one: :func:`datasets.load_pairs`), with translate's test-time
+    augmentation ``tta`` (True or ``"flip"``: its flip averaging; ``"median"``: its median of 18
+    views, not in int8), at ``precision`` (fp32 by default: the figures then do not depend on the machine;
     ``bf16`` or ``auto`` score what translate's bf16 engine makes, ``int8`` what ``translate
     --precision int8`` makes, see :func:`int8_metrics`).
 
@@ -142,6 +143,12 @@ def evaluate(
         hint = " (--holdout 0 holds none out)" if split == "val" and aligned else ""
         raise DataError(f"no {split} pairs in {', '.join(map(str, folders))}{hint}")
     int8 = precision == "int8"
+    try:
+        tta = tta_name(tta)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if tta == "median" and int8:
+        raise InputError("--tta-median runs on PyTorch only, not in int8 (ONNX Runtime)")
     dev = resolve_device("cpu" if int8 and device == "auto" else device)
     bf16 = not int8 and use_bf16(precision, dev)
     scores = [_per_pair(w, pairs, names, dev, tta, bf16, int8, classes)
@@ -149,7 +156,7 @@ def evaluate(
     by_class = [metrics.class_scores(s) for s in scores] if classes else []
     scores = [metrics.without_classes(s) for s in scores]
     named = [str(f) for f in data] if isinstance(data, list) else str(data)
-    result = {"weights": str(weights or "default"), "data": named, "split": split, "tta": tta,
+    result = {"weights": str(weights or "default"), "data": named, "split": split, "tta": recorded_tta(tta),
               "precision": "int8" if int8 else "bf16" if bf16 else "fp32"}
     if against is None:
         return {**result, **metrics.summarize(scores[0]), "se": metrics.standard_errors(scores[0]),
@@ -161,11 +168,11 @@ def evaluate(
 
 
 def _per_pair(weights: str | Path | None, pairs: list, names: list[str], device: torch.device,
-              tta: bool, bf16: bool, int8: bool = False, classes: bool = False) -> list[dict[str, float]]:
-    """Each pair's metrics for the generator in ``weights``, on ``device``, flip-averaged when ``tta``."""
+              tta: str | None, bf16: bool, int8: bool = False, classes: bool = False) -> list[dict[str, float]]:
+    """Each pair's metrics for the generator in ``weights``, on ``device``, under the test-time
+    augmentation ``tta`` (a key of :data:`~geosat2map.model.TTA`, or None)."""
     model, spec = load_generator(None if weights in (None, "default") else weights)
-    if tta:
-        model = FlipAveraged(model)
+    model = with_tta(model, tta)
     if int8:
         return int8_metrics(model, datasets.PairDataset(pairs, names, spec.tile_size, spec.tile_size, augment=False),
                             device, classes)

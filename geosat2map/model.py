@@ -109,8 +109,8 @@ class ViewMedian(nn.Module):
     paints a blend no map has, so it gains RMSE but loses acc@5, where the median keeps one of
     the colours (the default model on the held-out pairs: see the model card). A pixel a shift
     moves out of view is left to the other views. Mirror-symmetric, like :class:`FlipAveraged`
-    (the shifts are), and inference only; 18 passes, so used as a teacher whose maps are made
-    once (``train --distill-views median``).
+    (the shifts are), and inference only: 18 passes (``translate --tta-median``; a teacher's maps,
+    ``train --distill-views median``, are made once a run).
     """
 
     def __init__(self, generator: nn.Module, shift: int = 3) -> None:
@@ -134,6 +134,43 @@ class ViewMedian(nn.Module):
                     views.append(back)
         return torch.stack(views).nanmedian(dim=0).values
 
+
+
+#: Test-time augmentations by name: translate/evaluate --tta ("flip") and --tta-median, and the
+#: teacher's views in distillation (train --distill-views).
+TTA = {"flip": FlipAveraged, "median": ViewMedian}
+#: How maps and summaries name each.
+TTA_LABELS = {"flip": "flip-averaged", "median": "median of 18 views"}
+
+
+def tta_name(tta: bool | str | None) -> str | None:
+    """The test-time augmentation asked for: a key of :data:`TTA`, or None; True is the flip
+    average (``tta=True`` before the median was added)."""
+    name = {False: None, True: "flip"}.get(tta, tta) if isinstance(tta, bool) else tta
+    if name is not None and name not in TTA:
+        raise ValueError(f"unknown test-time augmentation {tta!r} (use {' or '.join(TTA)})")
+    return name
+
+
+def recorded_tta(name: str | None) -> bool | str:
+    """How maps, progress records and evaluate's JSON hold the test-time augmentation ``name``:
+    false and true for none and the flip average, as they did before the median was added (so
+    that their records still match), the name for the others."""
+    return {None: False, "flip": True}.get(name, name)
+
+
+def with_tta(net: nn.Module, tta: bool | str | None) -> nn.Module:
+    """``net`` wrapped for the test-time augmentation ``tta`` (see :func:`tta_name`), once: a
+    generator already wrapped so is returned as is."""
+    name = tta_name(tta)
+    if name is None or isinstance(net, TTA[name]):
+        return net
+    return TTA[name](net)
+
+
+def tta_of(net: nn.Module) -> str | None:
+    """The test-time augmentation ``net`` runs (a key of :data:`TTA`), None for a bare generator."""
+    return next((name for name, cls in TTA.items() if isinstance(net, cls)), None)
 
 class PixelScaled(nn.Module):
     """The generator with translate's value mapping inside: 0..255 pixels in, 0..255 map out (the

@@ -28,7 +28,7 @@ from .engine import PRECISIONS, Engine, InferenceEngine, auto_batch_size, engine
 from . import resume as progress_record
 from .errors import Geosat2mapError, InputError, Interrupted, OutputError, WeightsError
 from .grid import RowBlender, TileGrid
-from .model import FlipAveraged
+from .model import TTA_LABELS, recorded_tta, tta_name, tta_of, with_tta
 from .placement import dem_name
 from .provenance import OPTIONS_TAG, provenance_tags, read_provenance
 from .quantize import calibration_picks
@@ -57,7 +57,7 @@ class TranslateResult:
     backend: str = "torch"
     notes: list[str] = field(default_factory=list)
     batch_size: int = 0
-    tta: bool = False  # flip-averaged (FlipAveraged)
+    tta: str | None = None  # the test-time augmentation run (a key of model.TTA)
 
 
 @dataclass
@@ -185,7 +185,7 @@ def translate(
     resume: bool = False,
     backend: str = "auto",
     precision: str = "auto",
-    tta: bool = False,
+    tta: bool | str = False,
     bounds: tuple[float, float, float, float] | None = None,
     bounds_crs: str | None = None,
     aoi: str | area.AreaOfInterest | None = None,
@@ -205,8 +205,10 @@ def translate(
     Interrupted (Ctrl-C, SIGTERM), a run keeps its finished rows beside ``dst`` and raises :class:`Interrupted`;
     killed, its rows up to the last checkpoint (:data:`~geosat2map.writer.CHECKPOINT_SECONDS`) are
     kept. ``resume=True`` with the same input, options and model continues it. ``tta``: average each
-    tile's map with the mirrored map of its mirror image (:class:`~geosat2map.model.FlipAveraged`,
-    twice the compute). ``bounds`` (left, bottom, right, top; in the scene's CRS, or in
+    tile's map with the mirrored map of its mirror image (True or ``"flip"``:
+    :class:`~geosat2map.model.FlipAveraged`, twice the compute), or take the per-pixel median of
+    18 shifted and mirrored views (``"median"``: :class:`~geosat2map.model.ViewMedian`, 18 times
+    the compute, PyTorch only). ``bounds`` (left, bottom, right, top; in the scene's CRS, or in
     ``bounds_crs`` such as ``"EPSG:4326"``) translates only the source pixels that cover them.
     ``aoi`` (instead of ``bounds``): an area of interest, ``FILE`` or ``FILE:LAYER`` of polygons
     (or its :class:`~geosat2map.aoi.AreaOfInterest`): the map covers their bounding box and is
@@ -224,6 +226,10 @@ def translate(
         raise InputError("batch size must be at least 1")
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
+    try:
+        tta = tta_name(tta)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     check_compression(compress, quality)
     aoi = _area(aoi, bounds)
     batch_bytes = (batch_size or 0) * tile_size**2 * 3 * 4 * 2  # float32 tiles in, maps out: a lower bound
@@ -243,8 +249,7 @@ def translate(
         local_src = None if isinstance(src, str) else src
         _agree(ctx, lambda: check_destination(dst, local_src, overwrite, GEOTIFF) if ctx.is_main else None)
         net, spec = model if model is not None else load_generator(weights)
-        if tta and not isinstance(net, FlipAveraged):
-            net = FlipAveraged(net)
+        net = with_tta(net, tta)
         started = time.perf_counter()
         if batch_size is None:  # ONNX Runtime never computes in bf16, whatever the hardware: fp32's batch
             batch_size = auto_batch_size(net, torch_device, spec.in_channels, tile_size,
@@ -395,10 +400,9 @@ def translate_many(
     check_map_folder(srcs, dst_dir)
     options["aoi"] = _area(options.get("aoi"), options.get("bounds"))  # read once for all scenes
     model = options.pop("model", None) or load_generator(weights)
-    if options.get("tta") and not isinstance(model[0], FlipAveraged):  # wrapped once for all scenes
-        model = (FlipAveraged(model[0]), model[1])
+    model = (with_tta(model[0], options.get("tta")), model[1])  # wrapped once for all scenes
     resume = options.pop("resume", False)
-    digest = model_digest(model[0].generator if isinstance(model[0], FlipAveraged) else model[0]) if resume else ""
+    digest = model_digest(model[0].generator if tta_of(model[0]) else model[0]) if resume else ""
     with process_group(resolve_device(options.get("device", "auto")).type):  # one group for all scenes
         for src in srcs:
             dst = dst_dir / map_name(src)
@@ -442,7 +446,13 @@ def asked_options(options: dict) -> str:
         asked["src_nodata"] = repr(float(asked["src_nodata"]))  # NaN as text
     if asked["rpc_dem"] is not None:
         asked["rpc_dem"] = dem_name(asked["rpc_dem"])
+    asked["tta"] = recorded_tta(tta_name(asked["tta"]))
     return json.dumps(asked, sort_keys=True)
+
+
+def tta_text(name: str) -> str:
+    """The test-time augmentation ``name`` as a map's tags and translate's summary say it, with its option."""
+    return f"{TTA_LABELS[name]} (--tta{'' if name == 'flip' else '-' + name})"
 
 
 def changed_options(recorded: dict) -> dict:
@@ -546,7 +556,7 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, asked
                   batch_size, cog, compress, quality, progress, resume, backend, precision,
                   ctx) -> TranslateResult:
     """The main rank reads, infers, blends and writes; a helper rank (torchrun) computes and sends rows."""
-    tta = isinstance(net, FlipAveraged)
+    tta = tta_of(net)
     record_file = progress_record.record_path(dst)
     kept_rows, computed_before = 0, 0
     if resume:  # the interrupted run's engine again: backends differ in the last float bit (no resume in torchrun)
@@ -565,7 +575,7 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, asked
                                scene.notes, batch_size, tta)
     c = scene.crop
     options = {"resolution": resolution, "tile_size": tile_size, "overlap": overlap, "bands": scene.bands,
-               "cog": cog, "compress": compress, "quality": quality, "backend": engine.name, "tta": tta,
+               "cog": cog, "compress": compress, "quality": quality, "backend": engine.name, "tta": recorded_tta(tta),
                "crop": [int(c.col_off), int(c.row_off), int(c.width), int(c.height)],
                "aoi": None if scene.aoi is None else area.digest(scene.aoi),
                "src_nodata": None if scene.src_nodata is None else repr(float(scene.src_nodata)),  # NaN as text
@@ -587,7 +597,7 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, asked
         done = computed_before + sum(computed_in_row[first_row : first_row_after(grid, rows)])
         progress_record.save(record_file, ident, rows, done)
 
-    tags = provenance_tags(src, scene, digest, engine.name, tile_size, overlap, tta, asked)
+    tags = provenance_tags(src, scene, digest, engine.name, tile_size, overlap, tta and tta_text(tta), asked)
     with _record_follows_partial(record_file, partial_path(dst)), \
             GeoTIFFWriter(dst, scene.width, scene.height, scene.crs, scene.transform, cog=cog, compress=compress,
                           quality=quality, resume_rows=kept_rows, parallel=engine.asynchronous, tags=tags,

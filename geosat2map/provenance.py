@@ -17,13 +17,14 @@ OPTIONS_TAG = "GEOSAT2MAP_OPTIONS"
 
 
 def provenance_tags(src: Path | str, scene: Scene, digest: str, engine: str, tile_size: int,
-                    overlap: int, tta: bool, asked: str) -> dict[str, str]:
+                    overlap: int, tta: str | None, asked: str) -> dict[str, str]:
     """What a map records of how it was made (beside :func:`~geosat2map.writer.software_tags`): the
     scene's file name, the model's ``digest`` (the sha256 weights provenance and resume records use,
     see :func:`~geosat2map.weights.model_digest`), the resolution and the tiling, the options it
-    was ``asked`` for (:func:`~geosat2map.pipeline.asked_options`); with an area of interest, the
-    polygons' file (and layer); with ``--src-nodata``, its value; with ``--rpc-dem``, the DEM's
-    file name."""
+    was ``asked`` for (:func:`~geosat2map.pipeline.asked_options`); ``tta``: how the test-time
+    augmentation run is named (``"flip-averaged (--tta)"``), None without one; with an area of
+    interest, the polygons' file (and layer); with ``--src-nodata``, its value; with
+    ``--rpc-dem``, the DEM's file name."""
     optional = {} if scene.aoi_source is None else {"GEOSAT2MAP_AOI": Path(scene.aoi_source).name}
     if scene.src_nodata is not None:
         optional["GEOSAT2MAP_SRC_NODATA"] = f"{scene.src_nodata:g}"
@@ -34,7 +35,7 @@ def provenance_tags(src: Path | str, scene: Scene, digest: str, engine: str, til
         "GEOSAT2MAP_MODEL_SHA256": digest,
         "GEOSAT2MAP_RESOLUTION": f"{scene.gsd_m:.4g} m/pixel" if scene.gsd_m else "the scene's pixels (no ground size)",
         "GEOSAT2MAP_TILING": f"{tile_size}-pixel tiles overlapping by {overlap}, {engine}"
-                             + (", flip-averaged (--tta)" if tta else ""),
+                             + (f", {tta}" if tta else ""),
         OPTIONS_TAG: asked,
     }
 

@@ -39,8 +39,8 @@ from .distributed import DistContext, any_rank, convert_batchnorm, init_distribu
 from .errors import DataError, Interrupted, OutputError, TrainingError, first_line
 from .evaluate import evaluate_generator, write_triplets
 from .files import write_text_whole
-from .model import (FlipAveraged, PatchDiscriminator, UNetGenerator, ViewMedian, init_weights, modes_kept,
-                    narrow_generator, widen_generator)
+from .model import (TTA, PatchDiscriminator, UNetGenerator, init_weights, modes_kept, narrow_generator,
+                    widen_generator)
 from .records import field_problem, fits
 from .stop_request import StopRequest
 from .storage_aware import StoredRounding, rounded_as_stored
@@ -55,8 +55,6 @@ RECORDED_SETTINGS = ("load_size", "crop_size", "batch_size", "lr", "lr_d", "beta
 #: The most memory the teacher's kept maps take (Trainer._taught, fp16): the maps set's 986 training
 #: pairs at 256 x 256 take 388 MB; a larger set keeps the first pairs' and asks the teacher for the rest.
 TEACHER_MAPS_BYTES = 2 * 2**30
-#: How a teacher's views of a pair make its map (TrainConfig.distill_views).
-TEACHER_VIEWS = {"flip": FlipAveraged, "median": ViewMedian}
 #: What ``storage_aware`` can train for: the lossy storages of weights files.
 STORAGE_AWARE = ("int8", "int4")
 
@@ -184,8 +182,8 @@ class TrainConfig:
             (self.max_steps is not None and self.max_steps < 1, f"--max-steps must be at least 1, not {self.max_steps}"),
             (bool(self.distill_from) and not 0.0 < self.distill_weight <= 1.0,
              f"the distillation weight must be in (0, 1], not {self.distill_weight}"),
-            (self.distill_views not in TEACHER_VIEWS,
-             f"the teacher's views are combined as {' or '.join(TEACHER_VIEWS)}, not {self.distill_views}"),
+            (self.distill_views not in TTA,
+             f"the teacher's views are combined as {' or '.join(TTA)}, not {self.distill_views}"),
             (self.storage_aware not in (None, *STORAGE_AWARE),
              f"storage-aware training is for {' or '.join(STORAGE_AWARE)} storage, not {self.storage_aware}"),
             (self.freeze_batchnorm and not self.init_from,
@@ -353,11 +351,11 @@ class Trainer:
             teacher, tspec = load_generator(None if config.distill_from == "default" else config.distill_from)
             self.teacher_lineage = {"file": config.distill_from, "sha256": model_digest(teacher),
                                     "views": config.distill_views, "provenance": tspec.provenance}
-            views = TEACHER_VIEWS[config.distill_views]
+            views = TTA[config.distill_views]
             self.teacher = views(teacher.eval().requires_grad_(False)).to(self.device, memory_format=self.layout)
         # The teacher's map of each training pair, unmirrored, kept once made: where a pair reaches
         # the model whole, mirrored or not (load size = crop size, no turns), the teacher's map of
-        # it is the same in every epoch, mirrored with it (both TEACHER_VIEWS are mirror-symmetric),
+        # it is the same in every epoch, mirrored with it (FlipAveraged and ViewMedian are mirror-symmetric),
         # so epochs after the first skip the teacher's passes (the flip average's two are a
         # quarter of the step). Kept up to TEACHER_MAPS_BYTES, and in the cache once all are made (see
         # teacher_maps): the next run with this teacher and these pairs skips it from the start.

@@ -1067,6 +1067,13 @@ def test_train_and_evaluate_cli(tmp_path, monkeypatch):
                                       "--holdout", "3", "--json", "--device", "cpu", "--tta"])
     flipped = json.loads(result.stdout)
     assert flipped["tta"] is True and flipped["count"] == 2 and flipped["rmse"] != scores["rmse"]
+    result = CliRunner().invoke(cli, ["evaluate", str(data), "--weights", str(out), "--split", "val",
+                                      "--holdout", "3", "--json", "--device", "cpu", "--tta-median"])
+    median = json.loads(result.stdout)
+    assert median["tta"] == "median" and median["rmse"] not in (scores["rmse"], flipped["rmse"])
+    result = CliRunner().invoke(cli, ["evaluate", str(data), "--weights", str(out), "--split", "val",
+                                      "--holdout", "3", "--tta-median", "--precision", "int8"])
+    assert result.exit_code == 1 and "not in int8" in result.stderr
     result = CliRunner().invoke(cli, ["evaluate", str(data), "--map", str(out), "--tta"])
     assert result.exit_code == 2 and "score generators" in result.output
 

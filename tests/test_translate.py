@@ -154,13 +154,37 @@ def test_translate_tta_maps_a_mirrored_scene_to_the_mirrored_map(tiny_weights, t
         for tta in (False, True):
             result = translate(src, tmp_path / f"{name}-{tta}.tif", weights=tiny_weights, tta=tta, backend=backend,
                                precision="fp32")
-            assert result.tta is tta and result.backend == backend
+            assert result.tta == ("flip" if tta else None) and result.backend == backend
             with rasterio.open(result.dst) as dst:
                 maps[name, tta] = dst.read().astype(int)
     # (The random test generator paints nearly flat grey: its differences are a few levels.)
     assert np.abs(maps["mirrored", True] - maps["scene", True][:, :, ::-1]).max() <= 1
     assert np.abs(maps["mirrored", False] - maps["scene", False][:, :, ::-1]).mean() > 0.3
     assert np.abs(maps["scene", True] - maps["scene", False]).mean() > 0.15
+
+
+def test_translate_tta_median_is_mirror_symmetric_recorded_and_torch_only(tiny_weights, tmp_path):
+    """--tta-median: the map of a mirrored scene is the mirrored map (the views are symmetric, and
+    so are the grid's tiles at 0, 192 and 384 of 640), not the flip average's map; the map says
+    how it was made; ONNX Runtime and int8 are refused, nothing written."""
+    image = synthetic_image(300, 640)
+    maps = {}
+    for name, data in (("scene", image), ("mirrored", image[:, :, ::-1])):
+        src = write_scene(tmp_path / f"{name}.tif", width=640, height=300, data=data)
+        for tta in ("flip", "median"):
+            result = translate(src, tmp_path / f"{name}-{tta}.tif", weights=tiny_weights, tta=tta, precision="fp32")
+            assert result.tta == tta and result.backend == "torch"
+            with rasterio.open(result.dst) as dst:
+                maps[name, tta] = dst.read().astype(int)
+                tags = dst.tags()
+    assert np.abs(maps["mirrored", "median"] - maps["scene", "median"][:, :, ::-1]).max() <= 1
+    assert np.abs(maps["scene", "median"] - maps["scene", "flip"]).mean() > 0.1
+    assert tags["GEOSAT2MAP_TILING"].endswith(", median of 18 views (--tta-median)")
+    assert '"tta": "median"' in tags["GEOSAT2MAP_OPTIONS"]
+    for refused in (dict(backend="onnxruntime"), dict(precision="int8")):
+        with pytest.raises(InputError, match="--tta-median runs on PyTorch only"):
+            translate(src, tmp_path / "refused.tif", weights=tiny_weights, tta="median", **refused)
+        assert not (tmp_path / "refused.tif").exists()
 
 
 def test_batch_size_does_not_change_the_output(scene, tiny_weights, tmp_path):
@@ -709,7 +733,7 @@ def test_tiles_blended_on_the_device_give_the_cpu_blenders_map(tmp_path, tiny_we
     monkeypatch.setattr(geosat2map.device_rows, "stream_rows", logged)
     result = translate(src, out, weights=tiny_weights, batch_size=3, backend="torch", resolution=resolution,
                        tta=tta)
-    assert rows and result.tta is tta  # the device path ran
+    assert rows and (result.tta == "flip") is tta  # the device path ran
     with rasterio.open(out) as a, rasterio.open(reference) as b:
         assert np.array_equal(a.read_masks(1), b.read_masks(1))
         diff = np.abs(a.read().astype(int) - b.read().astype(int))
