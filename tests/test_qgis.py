@@ -232,6 +232,21 @@ def test_processing_script_makes_the_command_lines_map(script, tiny_weights, tmp
         np.testing.assert_array_equal(a.dataset_mask(), b.dataset_mask())
 
 
+def test_processing_script_passes_the_test_time_augmentation(script, tiny_weights, tmp_path):
+    """The dialog's second and third augmentations are translate --tta and --tta-median."""
+    scene = write_scene(tmp_path / "scene.tif", width=300, height=200)
+    for value, tta in (("2", "median"), ("1", "flip")):
+        out = tmp_path / f"{tta}.tif"
+        report = _run_processing(script, f"INPUT={scene}", f"OUTPUT={out}", f"WEIGHTS={tiny_weights}",
+                                 "RESOLUTION=native", f"TTA={value}")
+        assert report.get("error") is None, report
+        direct = translate(scene, tmp_path / f"direct-{tta}.tif", weights=tiny_weights, resolution="native",
+                           tta=tta).dst
+        with rasterio.open(out) as a, rasterio.open(direct) as b:
+            assert a.tags()["GEOSAT2MAP_TILING"] == b.tags()["GEOSAT2MAP_TILING"]
+            np.testing.assert_array_equal(a.read(), b.read())
+
+
 def test_processing_script_writes_the_maps_classes_when_asked(script, tiny_weights, tmp_path):
     scene = write_scene(tmp_path / "scene.tif", width=300, height=200)
     out, classes = tmp_path / "map.tif", tmp_path / "classes.tif"

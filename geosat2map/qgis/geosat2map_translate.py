@@ -47,6 +47,9 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
     COMPRESSIONS = (("zstd", "ZSTD (lossless)"), ("deflate", "DEFLATE (lossless, for older readers)"),
                     ("lzw", "LZW (lossless, for older readers)"), ("jpeg", "JPEG (lossy, small)"),
                     ("webp", "WebP (lossy, smallest)"))
+    #: translate's test-time augmentations, as the dialog lists them.
+    TTAS = ((None, "None"), ("--tta", "Average with the mirrored image's map (cleaner, twice the compute)"),
+            ("--tta-median", "Median of 18 shifted and mirrored views (cleaner still, 18 times the compute)"))
 
     def name(self) -> str:
         return "translate"
@@ -90,8 +93,8 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterRasterLayer(
             self.DEM, "DEM to orthorectify an image georeferenced by RPCs over (empty: the RPCs' mean height)",
             optional=True))
-        self.addParameter(QgsProcessingParameterBoolean(
-            self.TTA, "Average with the mirrored image's map (cleaner, twice the compute)", defaultValue=False))
+        self.addParameter(QgsProcessingParameterEnum(
+            self.TTA, "Test-time augmentation", options=[label for _, label in self.TTAS], defaultValue=0))
         self.addParameter(QgsProcessingParameterEnum(
             self.COMPRESSION, "Compression", options=[label for _, label in self.COMPRESSIONS], defaultValue=0))
         self.addParameter(QgsProcessingParameterBoolean(
@@ -134,8 +137,9 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
         dem = self.parameterAsRasterLayer(parameters, self.DEM, context)
         if dem is not None:  # translate --rpc-dem
             command += ["--rpc-dem", dem.source()]
-        if self.parameterAsBoolean(parameters, self.TTA, context):
-            command.append("--tta")
+        tta = self.TTAS[self.parameterAsEnum(parameters, self.TTA, context)][0]
+        if tta:
+            command.append(tta)
         command += ["--compress", self.COMPRESSIONS[self.parameterAsEnum(parameters, self.COMPRESSION, context)][0]]
         if not _run(command, feedback):
             return {}
