@@ -135,7 +135,6 @@ class ViewMedian(nn.Module):
         return torch.stack(views).nanmedian(dim=0).values
 
 
-
 #: Test-time augmentations by name: translate/evaluate --tta ("flip") and --tta-median, and the
 #: teacher's views in distillation (train --distill-views).
 TTA = {"flip": FlipAveraged, "median": ViewMedian}
@@ -146,7 +145,7 @@ TTA_LABELS = {"flip": "flip-averaged", "median": "median of 18 views"}
 def tta_name(tta: bool | str | None) -> str | None:
     """The test-time augmentation asked for: a key of :data:`TTA`, or None; True is the flip
     average (``tta=True`` before the median was added)."""
-    name = {False: None, True: "flip"}.get(tta, tta) if isinstance(tta, bool) else tta
+    name = ("flip" if tta else None) if isinstance(tta, bool) else tta
     if name is not None and name not in TTA:
         raise ValueError(f"unknown test-time augmentation {tta!r} (use {' or '.join(TTA)})")
     return name
@@ -171,6 +170,7 @@ def with_tta(net: nn.Module, tta: bool | str | None) -> nn.Module:
 def tta_of(net: nn.Module) -> str | None:
     """The test-time augmentation ``net`` runs (a key of :data:`TTA`), None for a bare generator."""
     return next((name for name, cls in TTA.items() if isinstance(net, cls)), None)
+
 
 class PixelScaled(nn.Module):
     """The generator with translate's value mapping inside: 0..255 pixels in, 0..255 map out (the

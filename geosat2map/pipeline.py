@@ -451,7 +451,7 @@ def asked_options(options: dict) -> str:
 
 
 def tta_text(name: str) -> str:
-    """The test-time augmentation ``name`` as a map's tags and translate's summary say it, with its option."""
+    """The test-time augmentation ``name`` as a map's tags say it, with its option."""
     return f"{TTA_LABELS[name]} (--tta{'' if name == 'flip' else '-' + name})"
 
 
