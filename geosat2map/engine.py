@@ -336,8 +336,8 @@ def make_engine(
         raise WeightsError(f"unknown backend {backend!r} (use {', '.join(BACKENDS)})")
     if isinstance(model, ViewMedian):  # its per-pixel median of views has no ONNX or compiled form here
         if precision == "int8" or backend in ("onnxruntime", "compiled"):
-            raise InputError("--tta-median runs on PyTorch only: use --backend torch (or auto) and a precision "
-                             "other than int8")
+            raise InputError("--tta-median runs on PyTorch only, not in int8 nor through ONNX Runtime or the "
+                             "compiled backend: use --backend torch (or auto)")
         backend = "torch"
     if precision == "int8":
         return _int8_engine(model, device, backend, calibration)

@@ -13,7 +13,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from . import datasets, metrics
 from .devices import resolve_device, use_bf16
 from .engine import make_engine
-from .errors import DataError, InputError, OutputError, gdal_reason
+from .errors import DataError, OutputError, gdal_reason
 from .model import modes_kept, recorded_tta, tta_name, with_tta
 from .quantize import calibration_picks
 from .weights import ModelSpec, as_stored, load_generator
@@ -143,12 +143,7 @@ def evaluate(
         hint = " (--holdout 0 holds none out)" if split == "val" and aligned else ""
         raise DataError(f"no {split} pairs in {', '.join(map(str, folders))}{hint}")
     int8 = precision == "int8"
-    try:
-        tta = tta_name(tta)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
-    if tta == "median" and int8:
-        raise InputError("--tta-median runs on PyTorch only, not in int8 (ONNX Runtime)")
+    tta = tta_name(tta)  # the median in int8 is refused by the engine (make_engine)
     dev = resolve_device("cpu" if int8 and device == "auto" else device)
     bf16 = not int8 and use_bf16(precision, dev)
     scores = [_per_pair(w, pairs, names, dev, tta, bf16, int8, classes)

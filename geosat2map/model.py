@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError
+
 #: Channel multipliers of the eight encoder levels (times ``ngf``).
 _ENCODER_MULT = (1, 2, 4, 8, 8, 8, 8, 8)
 #: Decoder levels whose output gets dropout (the three ``ngf*8`` levels above the innermost).
@@ -144,10 +146,10 @@ TTA_LABELS = {"flip": "flip-averaged", "median": "median of 18 views"}
 
 def tta_name(tta: bool | str | None) -> str | None:
     """The test-time augmentation asked for: a key of :data:`TTA`, or None; True is the flip
-    average (``tta=True`` before the median was added)."""
+    average (``tta=True`` before the median was added); any other value is an :class:`InputError`."""
     name = ("flip" if tta else None) if isinstance(tta, bool) else tta
     if name is not None and name not in TTA:
-        raise ValueError(f"unknown test-time augmentation {tta!r} (use {' or '.join(TTA)})")
+        raise InputError(f"unknown test-time augmentation {tta!r} (use {' or '.join(TTA)})")
     return name
 
 

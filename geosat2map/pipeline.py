@@ -226,10 +226,7 @@ def translate(
         raise InputError("batch size must be at least 1")
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
-    try:
-        tta = tta_name(tta)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
+    tta = tta_name(tta)
     check_compression(compress, quality)
     aoi = _area(aoi, bounds)
     batch_bytes = (batch_size or 0) * tile_size**2 * 3 * 4 * 2  # float32 tiles in, maps out: a lower bound
