@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from .errors import DataError, first_line, gdal_reason
+from .model import moved
 from .reader import PNG_READ_OPTIONS
 from .records import fits
 
@@ -83,7 +84,8 @@ def _resize(img: torch.Tensor, size: int) -> torch.Tensor:
 
 class PairDataset(torch.utils.data.Dataset):
     """(input, target) pairs resized to ``load_size``; ``crop_size`` random crops with flips when
-    ``augment``, and random quarter turns too with ``rot90``.
+    ``augment``, random quarter turns too with ``rot90``, and random moves by up to ``shift``
+    pixels each way (:func:`~geosat2map.model.moved`).
 
     ``pairs``: (input, target) uint8 arrays, or sources that read them (:class:`AlignedPair`,
     :class:`TilePair`); kept resized in memory when they fit in ``in_memory_bytes``, else read
@@ -98,12 +100,15 @@ class PairDataset(torch.utils.data.Dataset):
         augment: bool = True,
         seed: int = 0,
         rot90: bool = False,
+        shift: int = 0,
         in_memory_bytes: int = IN_MEMORY_BYTES,
     ) -> None:
         if not pairs:
             raise DataError("the data set is empty")
         if crop_size > load_size:
             raise DataError(f"crop size {crop_size} exceeds load size {load_size}")
+        if not 0 <= shift < crop_size // 2:
+            raise DataError(f"the shift must be from 0 to {crop_size // 2 - 1} pixels, not {shift}")
         self.size = load_size if augment else crop_size
         self.sources = list(pairs)
         self.kept = None
@@ -113,7 +118,7 @@ class PairDataset(torch.utils.data.Dataset):
         self.count = len(pairs)
         self.names = names
         self.load_size, self.crop_size, self.augment, self.seed = load_size, crop_size, augment, seed
-        self.rot90 = rot90
+        self.rot90, self.shift = rot90, shift
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -128,37 +133,46 @@ class PairDataset(torch.utils.data.Dataset):
         a, b = pair() if callable(pair) else pair
         return _resize(torch.from_numpy(a), self.size), _resize(torch.from_numpy(b), self.size)
 
-    def _draw(self, index: int) -> tuple[int, int, bool, int]:
-        """Item ``index``'s crop corner (y, x), mirroring and quarter turns this epoch."""
+    def _draw(self, index: int) -> tuple[int, int, bool, int, int, int]:
+        """Item ``index``'s crop corner (y, x), mirroring, quarter turns and move (dy, dx) this epoch."""
         gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
         span = self.load_size - self.crop_size + 1
         y, x = torch.randint(span, (2,), generator=gen).tolist()
         flip = bool(torch.rand((), generator=gen) < 0.5)
-        # drawn last, so runs without it see the same crops and flips as before
+        # each drawn after the ones before, so runs without it see the same crops and flips as before
         turns = int(torch.randint(4, (), generator=gen)) if self.rot90 else 0
-        return y, x, flip, turns
+        dy, dx = (torch.randint(2 * self.shift + 1, (2,), generator=gen) - self.shift).tolist() if self.shift else (0, 0)
+        return y, x, flip, turns, dy, dx
 
-    def mirrored(self, index: int) -> bool | None:
-        """Whether item ``index`` is its pair mirrored this epoch, where that is all that changes it
-        from epoch to epoch (the whole pair, no quarter turns); None where a crop or turn does."""
+    def placement(self, index: int) -> tuple[bool, int, int] | None:
+        """How item ``index`` is its pair this epoch (mirrored, moved by dy, dx), where that is all
+        that changes it from epoch to epoch (the whole pair, no quarter turns); None where a crop
+        or turn does."""
         if not self.augment:
-            return False
+            return False, 0, 0
         if self.size != self.crop_size or self.rot90:
             return None
-        return self._draw(index)[2]
+        _, _, flip, _, dy, dx = self._draw(index)
+        return flip, dy, dx
+
+    def whole(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pair ``index`` as it is kept, without this epoch's augmentation; float, in [-1, 1]."""
+        a, b = self.kept[index] if self.kept is not None else self._read(index)
+        return to_model_range(a), to_model_range(b)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float tensors in [-1, 1]; the same crop, flip and turn for input and target."""
+        """Float tensors in [-1, 1]; the same crop, flip, turn and move for input and target."""
+        if not self.augment:
+            return self.whole(index)
         a, b = self.kept[index] if self.kept is not None else self._read(index)
-        if self.augment:
-            y, x, flip, turns = self._draw(index)
-            a = a[:, y : y + self.crop_size, x : x + self.crop_size]
-            b = b[:, y : y + self.crop_size, x : x + self.crop_size]
-            if flip:
-                a, b = a.flip(-1), b.flip(-1)
-            if turns:
-                a, b = a.rot90(turns, (-2, -1)), b.rot90(turns, (-2, -1))
-        return to_model_range(a), to_model_range(b)
+        y, x, flip, turns, dy, dx = self._draw(index)
+        a = a[:, y : y + self.crop_size, x : x + self.crop_size]
+        b = b[:, y : y + self.crop_size, x : x + self.crop_size]
+        if flip:
+            a, b = a.flip(-1), b.flip(-1)
+        if turns:
+            a, b = a.rot90(turns, (-2, -1)), b.rot90(turns, (-2, -1))
+        return moved(to_model_range(a), dy, dx), moved(to_model_range(b), dy, dx)
 
 
 def to_model_range(img: torch.Tensor) -> torch.Tensor:

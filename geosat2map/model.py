@@ -100,6 +100,19 @@ class FlipAveraged(nn.Module):
         return (y[:n] + y[n:].flip(-1)) * 0.5
 
 
+def moved(img: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``img`` (..., H, W) with its content moved ``dy`` pixels down and ``dx`` right, the edge it
+    leaves filled with the content's mirror image: the same scene at another place on the U-Net's
+    256-pixel grid, whose map differs (:class:`ViewMedian`'s views; ``train --shift``)."""
+    if not (dy or dx):
+        return img
+    h, w = img.shape[-2:]
+    pad = (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0))
+    padded = F.pad(img.reshape(1, -1, h, w), pad, mode="reflect").reshape(*img.shape[:-2], h + abs(dy), w + abs(dx))
+    top, left = max(-dy, 0), max(-dx, 0)
+    return padded[..., top : top + h, left : left + w]
+
+
 class ViewMedian(nn.Module):
     """Test-time augmentation, stronger: the per-pixel median of 18 views, each image shifted by
     ``shift`` pixels on a 3 x 3 grid (reflected at its edges) and each shift mirrored too.
@@ -123,11 +136,10 @@ class ViewMedian(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         s = self.shift
-        padded = F.pad(x, (s, s, s, s), mode="reflect")
         views = []
         for dy in (-s, 0, s):
             for dx in (-s, 0, s):
-                v = padded[:, :, s + dy:s + dy + h, s + dx:s + dx + w]
+                v = moved(x, -dy, -dx)
                 y = self.generator(torch.cat([v, v.flip(-1)])).float()
                 for out in (y[:n], y[n:].flip(-1)):  # out[i, j] is the map at (i + dy, j + dx)
                     back = torch.full_like(out, float("nan"))

@@ -2,7 +2,7 @@
 
 Distillation (``train --distill-from``) asks the teacher for its flip-averaged map of each training
 pair: two of the step's passes, a quarter of its time. Where pairs are used whole, that map is
-the same in every epoch (mirrored with its pair), so a run keeps the maps in memory after its
+the same in every epoch (mirrored and moved with its pair), so a run keeps the maps in memory after its
 first epoch (``Trainer._teacher_maps``); it is also the same in every run with the same teacher,
 the same pairs and the same arithmetic, so the maps are kept here too, in the cache, for the
 next run of a chain of fine-tuning cycles taught by one teacher and for a run resumed after its

@@ -39,7 +39,7 @@ from .distributed import DistContext, any_rank, convert_batchnorm, init_distribu
 from .errors import DataError, Interrupted, OutputError, TrainingError, first_line
 from .evaluate import evaluate_generator, write_triplets
 from .files import write_text_whole
-from .model import (TTA, PatchDiscriminator, UNetGenerator, init_weights, modes_kept, narrow_generator,
+from .model import (TTA, PatchDiscriminator, UNetGenerator, init_weights, modes_kept, moved, narrow_generator,
                     widen_generator)
 from .records import field_problem, fits
 from .stop_request import StopRequest
@@ -50,7 +50,7 @@ CHECKPOINT = "checkpoint.pt"
 #: The TrainConfig fields every saved generator's provenance records (how it was trained).
 RECORDED_SETTINGS = ("load_size", "crop_size", "batch_size", "lr", "lr_d", "beta1", "beta2", "lambda_gan",
                      "lambda_l1", "lambda_l2", "epochs", "epochs_decay", "ndf", "holdout", "seed", "ema_decay",
-                     "freeze_batchnorm", "no_dropout", "rot90", "distill_from", "distill_weight", "distill_views",
+                     "freeze_batchnorm", "no_dropout", "rot90", "shift", "distill_from", "distill_weight", "distill_views",
                      "storage_aware")
 #: The most memory the teacher's kept maps take (Trainer._taught, fp16): the maps set's 986 training
 #: pairs at 256 x 256 take 388 MB; a larger set keeps the first pairs' and asks the teacher for the rest.
@@ -131,6 +131,13 @@ class TrainConfig:
     #: well as mirroring it: imagery seen from above has no "up", so the eight turns and mirrors
     #: are all plausible scenes (the pix2pix recipe only mirrors).
     rot90: bool = False
+    #: Move each training pair (input and target alike) by a random whole number of pixels, up to
+    #: this many in each direction, its edges mirrored (:func:`~geosat2map.model.moved`): the
+    #: U-Net's map of a scene depends on where the scene falls on its 256-pixel grid (see
+    #: :class:`~geosat2map.model.ViewMedian`), and this shows it each pair at other places on that
+    #: grid at the scale translate uses (the recipe's jitter, a 286-pixel resize cropped to 256,
+    #: changes the scale too). 0: off, as the recipe.
+    shift: int = 0
     #: Self-distillation: a teacher generator whose flip-averaged output (translate --tta, which
     #: scores better on every held-out metric than one pass of the same weights) becomes a second
     #: L1 target, so that one pass of the student learns what the teacher needs two for. The L1
@@ -174,6 +181,8 @@ class TrainConfig:
             # The U-Net halves a crop 8 times; below 256 its innermost BatchNorm sees one value.
             (self.crop_size < 256 or self.crop_size % 256,
              f"crop size must be a multiple of 256 (the U-Net halves it 8 times), not {self.crop_size}"),
+            (not 0 <= self.shift < self.crop_size // 2,
+             f"--shift must be from 0 to {self.crop_size // 2 - 1} pixels, not {self.shift}"),
             ((self.ngf is not None and self.ngf < 1) or self.ndf < 1,
              f"network widths must be at least 1, not {self.ngf} and {self.ndf}"),
             (self.checkpoint_every < 0,
@@ -289,7 +298,7 @@ class Trainer:
             raise DataError(f"no training pairs in {datasets.folders_text(config.data)}: its images all went to "
                             f"validation (--holdout {config.holdout}) or its train/ folder is empty")
         self.train_set = datasets.PairDataset(pairs, names, config.load_size, config.crop_size, True, config.seed,
-                                              rot90=config.rot90)
+                                              rot90=config.rot90, shift=config.shift)
         val_pairs, val_names = datasets.load_pairs(config.data, "val", config.direction, config.holdout)
         self.val_set = (
             datasets.PairDataset(val_pairs, val_names, config.crop_size, config.crop_size, False) if val_pairs else None
@@ -353,15 +362,16 @@ class Trainer:
                                     "views": config.distill_views, "provenance": tspec.provenance}
             views = TTA[config.distill_views]
             self.teacher = views(teacher.eval().requires_grad_(False)).to(self.device, memory_format=self.layout)
-        # The teacher's map of each training pair, unmirrored, kept once made: where a pair reaches
-        # the model whole, mirrored or not (load size = crop size, no turns), the teacher's map of
-        # it is the same in every epoch, mirrored with it (FlipAveraged and ViewMedian are mirror-symmetric),
+        # The teacher's map of each training pair, whole and unmirrored, kept once made: where a
+        # pair reaches the model whole (load size = crop size, no turns), mirrored or moved, its
+        # teacher's map is that map mirrored and moved with it (FlipAveraged and ViewMedian are
+        # mirror-symmetric; a moved pair's map is the teacher's map of the place, moved with it),
         # so epochs after the first skip the teacher's passes (the flip average's two are a
         # quarter of the step). Kept up to TEACHER_MAPS_BYTES, and in the cache once all are made (see
         # teacher_maps): the next run with this teacher and these pairs skips it from the start.
         self._taught: dict[int, torch.Tensor] = {}
         self._taught_file: Path | None = None
-        if self.teacher is not None and self.train_set.kept is not None and self.train_set.mirrored(0) is not None:
+        if self.teacher is not None and self.train_set.kept is not None and self.train_set.placement(0) is not None:
             self._taught_file = teacher_maps.maps_file(
                 self.teacher_lineage["sha256"], (a for a, _ in self.train_set.kept),
                 f"{self.device.type}-{'bf16' if self.amp else 'fp32'}-torch{torch.__version__}"
@@ -574,26 +584,32 @@ class Trainer:
             b = torch.stack([y for _, y in items]).to(self.device, memory_format=self.layout)
             yield a, b, batch
 
-    def _teacher_maps(self, real_a: torch.Tensor, batch: list[int]) -> torch.Tensor | None:
-        """The teacher's maps of the items ``batch`` (``real_a``), kept from an earlier epoch or made
-        now and kept (see ``_taught``); None without a teacher, or where the items change from
-        epoch to epoch by more than a mirroring (the step then asks the teacher)."""
+    def _teacher_maps(self, batch: list[int]) -> torch.Tensor | None:
+        """The teacher's maps of the items ``batch``, placed as the items are this epoch: kept from
+        an earlier epoch or made now from the whole pairs and kept (see ``_taught``); None without
+        a teacher, or where the items change from epoch to epoch by more than a mirroring and a
+        move (the step then asks the teacher)."""
         if self.teacher is None:
             return None
-        mirrored = [self.train_set.mirrored(i) for i in batch]
-        if None in mirrored:
+        placements = [self.train_set.placement(i) for i in batch]
+        if None in placements:
             return None
-        if all(i in self._taught for i in batch):
-            return torch.stack([self._taught[i].flip(-1) if m else self._taught[i]
-                                for i, m in zip(batch, mirrored)]).to(self.device).float()
-        taught = self._ask_teacher(real_a)
-        if (len(self._taught) + len(batch)) * taught[0].nelement() * taught.element_size() <= TEACHER_MAPS_BYTES:
-            for k, (i, m) in enumerate(zip(batch, mirrored)):
-                self._taught[i] = taught[k].flip(-1) if m else taught[k].clone()  # not a view of the batch
-            if self._taught_file and self.dist.is_main and len(self._taught) == len(self.train_set):
-                teacher_maps.save_maps(self._taught_file, {i: m.cpu() for i, m in self._taught.items()})
-                self._taught_file = None  # kept
-        return taught.float()
+        made: dict[int, torch.Tensor] = {}
+        missing = [i for i in batch if i not in self._taught]
+        if missing:
+            whole = torch.stack([self.train_set.whole(i)[0] for i in missing])
+            made = dict(zip(missing, self._ask_teacher(whole.to(self.device, memory_format=self.layout))))
+            size = made[missing[0]].nelement() * made[missing[0]].element_size()
+            if (len(self._taught) + len(made)) * size <= TEACHER_MAPS_BYTES:
+                self._taught.update((i, m.clone()) for i, m in made.items())  # not views of the batch
+                if self._taught_file and self.dist.is_main and len(self._taught) == len(self.train_set):
+                    teacher_maps.save_maps(self._taught_file, {i: m.cpu() for i, m in self._taught.items()})
+                    self._taught_file = None  # kept
+        maps = []
+        for i, (mirrored, dy, dx) in zip(batch, placements):
+            m = self._taught[i] if i in self._taught else made[i]
+            maps.append(moved(m.flip(-1) if mirrored else m, dy, dx))
+        return torch.stack(maps).to(self.device).float()
 
     def _ask_teacher(self, real_a: torch.Tensor) -> torch.Tensor:
         """The teacher's maps of ``real_a`` (its views combined as ``distill_views`` says), in fp16 as
@@ -627,7 +643,7 @@ class Trainer:
                     raise Interrupted(f"stopped at step {self.global_step} ({self.step_in_epoch} of epoch "
                                       f"{self.epoch + 1}), its checkpoint saved; the same command with --resume "
                                       "continues")
-                losses = self.train_step(a, b, self._teacher_maps(a, batch))
+                losses = self.train_step(a, b, self._teacher_maps(batch))
                 self.step_in_epoch += 1
                 self.global_step += 1
                 count += 1

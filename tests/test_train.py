@@ -433,6 +433,74 @@ def test_quarter_turns_augment_input_and_target_alike_and_are_recorded(tmp_path)
     assert spec.provenance["settings"]["rot90"] is True
 
 
+def test_shift_moves_input_and_target_alike_and_leaves_the_crops_and_flips_as_they_were():
+    """--shift: each pair is its whole image moved by up to ``shift`` pixels each way (edges
+    mirrored), input and target alike, at the same scale; drawn after the flip, so a run without
+    it mirrors the same pairs in the same epochs as before."""
+    from geosat2map.model import moved
+
+    img = torch.arange(3 * 10 * 10, dtype=torch.float).reshape(3, 10, 10)
+    m = moved(img, 2, -3)  # content 2 pixels down and 3 left
+    assert torch.equal(m[:, 2:, :7], img[:, :8, 3:]) and torch.equal(m[:, 0, :7], img[:, 2, 3:])  # top: mirrored
+    assert torch.equal(moved(img[None], -1, 4)[0, :, :9, 4:], img[:, 1:, :6]) and moved(img, 0, 0) is img
+    a = np.arange(3 * 16 * 16, dtype=np.uint8).reshape(3, 16, 16)
+    plain = PairDataset([(a, 255 - a)], ["p"], load_size=16, crop_size=16, seed=0)
+    moving = PairDataset([(a, 255 - a)], ["p"], load_size=16, crop_size=16, seed=0, shift=3)
+    moves = set()
+    for epoch in range(40):
+        plain.set_epoch(epoch)
+        moving.set_epoch(epoch)
+        flip, dy, dx = moving.placement(0)
+        assert plain.placement(0) == (flip, 0, 0)
+        x, y = moving[0]
+        assert torch.allclose(x, -y, atol=1e-6)  # the target moved with its input
+        assert torch.equal(x, moved(plain[0][0], dy, dx))
+        moves.add((dy, dx))
+    assert len(moves) > 10 and max(max(abs(dy), abs(dx)) for dy, dx in moves) == 3
+    with pytest.raises(DataError, match="from 0 to 7 pixels, not 8"):
+        PairDataset([(a, 255 - a)], ["p"], load_size=16, crop_size=16, shift=8)
+
+
+def test_a_moved_pair_is_taught_its_teachers_map_moved_with_it(tmp_path, monkeypatch):
+    """With --shift the teacher maps each whole pair once (first epoch) and the step's teacher map
+    is that map mirrored and moved as the pair is; the setting is refused out of range and
+    recorded in the saved generator."""
+    from geosat2map.model import FlipAveraged, moved
+
+    monkeypatch.setenv("GEOSAT2MAP_CACHE", str(tmp_path / "cache"))
+    data = write_aligned(tmp_path / "data")
+    teacher_file = tmp_path / "teacher.safetensors"
+    torch.manual_seed(5)
+    save_generator(UNetGenerator(ngf=4).eval(), ModelSpec(ngf=4, gsd_m=2.0), teacher_file)
+    teacher = FlipAveraged(load_generator(teacher_file)[0].eval())
+    trainer = Trainer(tiny_config(data, tmp_path / "run", distill_from=str(teacher_file), epochs=2,
+                                  epochs_decay=0, load_size=256, shift=9))
+    calls, seen = [], []
+    trainer.teacher.register_forward_hook(lambda *_: calls.append(1))
+    asked = trainer._teacher_maps
+
+    def watched(batch):
+        maps = asked(batch)
+        seen.append((batch, [trainer.train_set.placement(i) for i in batch], maps))
+        return maps
+
+    monkeypatch.setattr(trainer, "_teacher_maps", watched)
+    trainer.run()
+    train_pairs = len(trainer.train_set)
+    assert len(calls) == train_pairs and len(seen) == 2 * train_pairs  # made in epoch 1, kept for epoch 2
+    assert any(dy or dx for _, placements, _ in seen for _, dy, dx in placements)
+    with torch.no_grad():
+        for batch, placements, maps in seen:
+            for i, (mirrored, dy, dx), got in zip(batch, placements, maps):
+                whole = teacher(trainer.train_set.whole(i)[0][None])[0].half().float()
+                assert torch.allclose(got, moved(whole.flip(-1) if mirrored else whole, dy, dx), atol=2e-3)
+    assert load_generator(tmp_path / "run" / "generator.safetensors")[1].provenance["settings"]["shift"] == 9
+    with pytest.raises(TrainingError, match="--shift must be from 0 to 127 pixels, not 128"):
+        train(tiny_config(data, tmp_path / "bad", shift=128))
+    result = CliRunner().invoke(cli, ["train", str(data), "--out", str(tmp_path / "bad"), "--shift", "-1"])
+    assert result.exit_code == 2 and "--shift" in result.output and not (tmp_path / "bad").exists()
+
+
 def test_the_teachers_maps_are_made_once_kept_for_the_next_run_and_train_as_if_made_at_every_step(
         tmp_path, monkeypatch):
     """Pairs used whole (load size = crop size), mirrored or not: the teacher runs in the first
@@ -455,13 +523,14 @@ def test_the_teachers_maps_are_made_once_kept_for_the_next_run_and_train_as_if_m
         mirrored = []
         for epoch in (0, 1):
             trainer.train_set.set_epoch(epoch)
-            mirrored.append([trainer.train_set.mirrored(i) for i in range(len(trainer.train_set))])
+            mirrored.append([trainer.train_set.placement(i) for i in range(len(trainer.train_set))])
         return len(calls), {k: v.clone() for k, v in trainer.saved_generator.state_dict().items()}, mirrored
 
     kept_calls, kept, mirrored = run("kept")
     cached_calls, cached, _ = run("cached")
     # A pair mirrored in one epoch and not in the other: its kept map was mirrored for it.
-    assert any(first != second for first, second in zip(*mirrored)) and None not in mirrored[0] + mirrored[1]
+    assert None not in mirrored[0] + mirrored[1]
+    assert any(first[0] != second[0] for first, second in zip(*mirrored))
     cache = sorted((tmp_path / "cache").glob("teacher-maps-*.safetensors"))
     assert len(cache) == 1 and cache[0].stat().st_size > 4 * 3 * 256 * 256 * 2  # four pairs' maps, fp16
     train_pairs = 4  # 6 pairs, every 3rd held out
@@ -484,7 +553,7 @@ def test_the_teachers_maps_are_made_once_kept_for_the_next_run_and_train_as_if_m
         m.setattr(teacher_maps, "save_file", cut_short)
         teacher_maps.save_maps(tmp_path / "cache" / "teacher-maps-cut.safetensors", {0: torch.zeros(3, 4, 4)})
     assert not [p.name for p in (tmp_path / "cache").iterdir() if p.name.endswith(".part")]
-    monkeypatch.setattr(PairDataset, "mirrored", lambda self, index: None)  # as a cropped set: no keeping
+    monkeypatch.setattr(PairDataset, "placement", lambda self, index: None)  # as a cropped set: no keeping
     asked_calls, asked, _ = run("asked")
     assert (kept_calls, cached_calls, asked_calls) == (train_pairs, 0, 2 * train_pairs)
     for k in kept:
