@@ -870,6 +870,8 @@ def _echo_provenance(prov: dict, dtype: str) -> None:
         teacher = prov["distilled_from"]
         views = "median of 18 views" if teacher.get("views") == "median" else "flip-averaged maps"
         made.append(f"distilled from {teacher['file']}'s {views}")
+    if prov.get("settings", {}).get("shift"):
+        made.append(f"pairs moved by up to {prov['settings']['shift']} pixels each way")
     if "averaged_from" in prov:
         made.append(f"the mean of {len(prov['averaged_from'])} generators")
     if made:

@@ -495,6 +495,8 @@ def test_a_moved_pair_is_taught_its_teachers_map_moved_with_it(tmp_path, monkeyp
                 whole = teacher(trainer.train_set.whole(i)[0][None])[0].half().float()
                 assert torch.allclose(got, moved(whole.flip(-1) if mirrored else whole, dy, dx), atol=2e-3)
     assert load_generator(tmp_path / "run" / "generator.safetensors")[1].provenance["settings"]["shift"] == 9
+    info = CliRunner().invoke(cli, ["info", str(tmp_path / "run" / "generator.safetensors")])
+    assert info.exit_code == 0 and "pairs moved by up to 9 pixels each way" in info.output
     with pytest.raises(TrainingError, match="--shift must be from 0 to 127 pixels, not 128"):
         train(tiny_config(data, tmp_path / "bad", shift=128))
     result = CliRunner().invoke(cli, ["train", str(data), "--out", str(tmp_path / "bad"), "--shift", "-1"])
