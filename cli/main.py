@@ -569,7 +569,7 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
 @click.option("--rot90", is_flag=True,
               help="Also turn each training crop by a random multiple of 90 degrees (imagery seen from "
                    "above has no up; the pix2pix recipe only mirrors).")
-@click.option("--shift", type=click.IntRange(0, 127), default=0, show_default=True,
+@click.option("--shift", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also move each training pair by a random number of pixels, up to this many each way, "
                    "its edges mirrored: the scene at other places on the U-Net's grid, at the same scale "
                    "(0: off, as the recipe).")

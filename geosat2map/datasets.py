@@ -139,9 +139,11 @@ class PairDataset(torch.utils.data.Dataset):
         span = self.load_size - self.crop_size + 1
         y, x = torch.randint(span, (2,), generator=gen).tolist()
         flip = bool(torch.rand((), generator=gen) < 0.5)
-        # each drawn after the ones before, so runs without it see the same crops and flips as before
+        # turns and moves drawn last, each only where asked: runs without them see the same crops and flips
         turns = int(torch.randint(4, (), generator=gen)) if self.rot90 else 0
-        dy, dx = (torch.randint(2 * self.shift + 1, (2,), generator=gen) - self.shift).tolist() if self.shift else (0, 0)
+        dy, dx = 0, 0
+        if self.shift:
+            dy, dx = (torch.randint(2 * self.shift + 1, (2,), generator=gen) - self.shift).tolist()
         return y, x, flip, turns, dy, dx
 
     def placement(self, index: int) -> tuple[bool, int, int] | None:

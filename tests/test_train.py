@@ -501,6 +501,9 @@ def test_a_moved_pair_is_taught_its_teachers_map_moved_with_it(tmp_path, monkeyp
         train(tiny_config(data, tmp_path / "bad", shift=128))
     result = CliRunner().invoke(cli, ["train", str(data), "--out", str(tmp_path / "bad"), "--shift", "-1"])
     assert result.exit_code == 2 and "--shift" in result.output and not (tmp_path / "bad").exists()
+    result = CliRunner().invoke(cli, ["train", str(data), "--out", str(tmp_path / "bad"), "--shift", "200"])
+    assert result.exit_code == 1 and "--shift must be from 0 to 127 pixels, not 200" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "bad").exists()
 
 
 def test_the_teachers_maps_are_made_once_kept_for_the_next_run_and_train_as_if_made_at_every_step(
