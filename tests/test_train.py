@@ -143,6 +143,16 @@ def test_ctrl_c_stops_training_between_steps_with_a_checkpoint_it_resumes_from(t
     """Ctrl-C (or SIGTERM) stopped a run wherever it landed, losing the steps since the last
     checkpoint (500 by default). It now stops before the next step with a checkpoint there, and
     resumes to the same weights as a run never stopped; a second signal stops at once."""
+    # Python's own Ctrl-C handler, as in a terminal: a suite started as a background job of a
+    # shell without job control inherits SIGINT ignored (see test_cli's Ctrl-C test).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _stop_and_resume(tmp_path, signum)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop_and_resume(tmp_path: Path, signum: int) -> None:
     data = write_aligned(tmp_path / "data")
     train(tiny_config(data, tmp_path / "full", max_steps=5))
 
