@@ -82,6 +82,12 @@ def _resize(img: torch.Tensor, size: int) -> torch.Tensor:
     return out[0].round().clamp(0, 255).to(torch.uint8)
 
 
+def largest_shift(crop_size: int) -> int:
+    """The most pixels a pair may be moved each way (``shift``): under half the crop, which the
+    mirrored edge (a reflection) needs."""
+    return crop_size // 2 - 1
+
+
 class PairDataset(torch.utils.data.Dataset):
     """(input, target) pairs resized to ``load_size``; ``crop_size`` random crops with flips when
     ``augment``, random quarter turns too with ``rot90``, and random moves by up to ``shift``
@@ -107,8 +113,8 @@ class PairDataset(torch.utils.data.Dataset):
             raise DataError("the data set is empty")
         if crop_size > load_size:
             raise DataError(f"crop size {crop_size} exceeds load size {load_size}")
-        if not 0 <= shift < crop_size // 2:
-            raise DataError(f"the shift must be from 0 to {crop_size // 2 - 1} pixels, not {shift}")
+        if not 0 <= shift <= largest_shift(crop_size):
+            raise DataError(f"the shift must be from 0 to {largest_shift(crop_size)} pixels, not {shift}")
         self.size = load_size if augment else crop_size
         self.sources = list(pairs)
         self.kept = None

@@ -319,7 +319,7 @@ def narrow_generator(wide: UNetGenerator, ngf: int) -> UNetGenerator:
     A grown generator trained on does not need its new channels much: session 48's width-64 run,
     grown from the then shipped width-48 file and trained 21 epochs, scored 22.03 held-out RMSE
     narrowed back (the width-48 file 22.09, the width-64 one 21.99), before any fine-tuning; the
-    default model is it narrowed and fine-tuned (session 49)."""
+    default model is it narrowed and fine-tuned (sessions 49-50)."""
     old_ngf = wide.encoder[0][0].out_channels
     if ngf > old_ngf:
         raise ValueError(f"cannot narrow a width-{old_ngf} generator to {ngf}")

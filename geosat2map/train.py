@@ -181,8 +181,8 @@ class TrainConfig:
             # The U-Net halves a crop 8 times; below 256 its innermost BatchNorm sees one value.
             (self.crop_size < 256 or self.crop_size % 256,
              f"crop size must be a multiple of 256 (the U-Net halves it 8 times), not {self.crop_size}"),
-            (not 0 <= self.shift < self.crop_size // 2,
-             f"--shift must be from 0 to {self.crop_size // 2 - 1} pixels, not {self.shift}"),
+            (not 0 <= self.shift <= datasets.largest_shift(self.crop_size),
+             f"--shift must be from 0 to {datasets.largest_shift(self.crop_size)} pixels, not {self.shift}"),
             ((self.ngf is not None and self.ngf < 1) or self.ndf < 1,
              f"network widths must be at least 1, not {self.ngf} and {self.ndf}"),
             (self.checkpoint_every < 0,
