@@ -178,7 +178,8 @@ def _parse_bands(ctx, param, value: str | None):
 @click.option("--tta-median", "tta", flag_value="median",
               help="Test-time augmentation, stronger: each tile's map is the per-pixel median of 18 views (shifted "
                    "by 3 pixels on a 3 x 3 grid, each mirrored): closer to real maps than --tta on every "
-                   "held-out metric, 18 times the compute (PyTorch only).")
+                   "held-out metric, 18 times the compute (any --backend and --precision: the engine maps "
+                   "the views).")
 @click.option("--cog", is_flag=True, help="Write a Cloud Optimized GeoTIFF.")
 @click.option("--compress", type=click.Choice(["zstd", "deflate", "lzw", "jpeg", "webp"]), default="zstd",
               show_default=True,

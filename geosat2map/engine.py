@@ -13,6 +13,7 @@ library versions, so later runs of the same command run the same engine and make
 Where the hardware multiplies bf16 (CUDA GPUs, CPUs with AMX or AVX512-BF16) PyTorch under bf16
 autocast is a third candidate (``torch-bf16``): 2.5x the fp32 throughput on 2 AMX cores, its maps
 within 3 levels of fp32's at 99.9 % of values (NAIP sample). GPUs use PyTorch only.
+``translate --tta-median`` runs on any of them (:class:`MedianOfViewsEngine`).
 ``compiled`` (:class:`CompiledEngine`) is asked for, never picked: it takes seconds to compile.
 Nor is ``int8`` (ONNX Runtime on the model quantized with ranges from the scene's own tiles,
 :mod:`geosat2map.quantize`): 1.4x fp32 on the AVX2 machine, but its map differs a little more.
@@ -36,9 +37,9 @@ from torch import nn
 from .allocator import release_freed_memory
 from .cache import cache_dir
 from .devices import PRECISIONS as COMPUTE_PRECISIONS, use_bf16
-from .errors import InputError, WeightsError, first_line
+from .errors import WeightsError, first_line
 from .files import write_text_whole
-from .model import PixelScaled, ViewMedian
+from .model import PixelScaled, ViewMedian, median_of_views
 from .onnx_export import export_proto
 from .quantize import quantized_onnx
 from .weights import model_digest
@@ -207,6 +208,31 @@ class OnnxRuntimeEngine:
         return lambda: out
 
 
+class MedianOfViewsEngine:
+    """``translate --tta-median`` on any engine: :func:`~geosat2map.model.median_of_views` with the
+    ``inner`` engine making each view's maps, so the median runs in ONNX Runtime, int8 or compiled
+    too (on CPUs without bf16 those are the fastest engines, and the median costs 18 passes)."""
+
+    asynchronous = False
+
+    def __init__(self, inner: Engine, shift: int) -> None:
+        self.inner = inner
+        self.shift = shift
+        self.name = inner.name  # what computes the maps (a resumed run makes the same engine again)
+
+    def _maps(self, views: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.inner(views.numpy()))
+
+    @torch.inference_mode()
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        return median_of_views(torch.from_numpy(np.ascontiguousarray(tiles, np.float32)), self._maps,
+                               self.shift).numpy()
+
+    def submit(self, tiles: np.ndarray) -> Callable[[], np.ndarray]:
+        out = self(tiles)
+        return lambda: out
+
+
 def batch_for_memory(free_bytes: int, per_tile_bytes: float, most: int = GPU_BATCH_MAX) -> int:
     """The largest power of two of tiles, at most ``most``, whose memory fits in ``free_bytes``
     (at least 1)."""
@@ -334,11 +360,13 @@ def make_engine(
     scene's own, float32 0..255: see :mod:`geosat2map.quantize`)."""
     if backend not in BACKENDS:
         raise WeightsError(f"unknown backend {backend!r} (use {', '.join(BACKENDS)})")
-    if isinstance(model, ViewMedian):  # its per-pixel median of views has no ONNX or compiled form here
-        if precision == "int8" or backend in ("onnxruntime", "compiled"):
-            raise InputError("--tta-median runs on PyTorch only, not in int8 nor through ONNX Runtime or the "
-                             "compiled backend: use --backend torch (or auto)")
-        backend = "torch"
+    if isinstance(model, ViewMedian) and not (device.type != "cpu" and backend in ("auto", "torch")):
+        # The median has no ONNX or compiled form: any backend maps the views, the CPU takes their
+        # median. (On a GPU PyTorch runs the whole ViewMedian, its views never leaving the device.)
+        inner = make_engine(model.generator, device, backend, precision, in_channels=in_channels, tile=tile,
+                            batch_size=batch_size, tiles=None if tiles is None else tiles * 18,
+                            calibration=calibration)
+        return MedianOfViewsEngine(inner, model.shift)
     if precision == "int8":
         return _int8_engine(model, device, backend, calibration)
     bf16 = use_bf16(precision, device)

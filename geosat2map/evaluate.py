@@ -143,7 +143,7 @@ def evaluate(
         hint = " (--holdout 0 holds none out)" if split == "val" and aligned else ""
         raise DataError(f"no {split} pairs in {', '.join(map(str, folders))}{hint}")
     int8 = precision == "int8"
-    tta = tta_name(tta)  # the median in int8 is refused by the engine (make_engine)
+    tta = tta_name(tta)
     dev = resolve_device("cpu" if int8 and device == "auto" else device)
     bf16 = not int8 and use_bf16(precision, dev)
     scores = [_per_pair(w, pairs, names, dev, tta, bf16, int8, classes)

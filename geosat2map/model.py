@@ -9,7 +9,7 @@ Inference and training share this one definition.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -134,19 +134,26 @@ class ViewMedian(nn.Module):
         self.shift = shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
-        s = self.shift
-        views = []
-        for dy in (-s, 0, s):
-            for dx in (-s, 0, s):
-                v = moved(x, -dy, -dx)
-                y = self.generator(torch.cat([v, v.flip(-1)])).float()
-                for out in (y[:n], y[n:].flip(-1)):  # out[i, j] is the map at (i + dy, j + dx)
-                    back = torch.full_like(out, float("nan"))
-                    back[:, :, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-                        out[:, :, max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
-                    views.append(back)
-        return torch.stack(views).nanmedian(dim=0).values
+        return median_of_views(x, self.generator, self.shift)
+
+
+def median_of_views(x: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor], shift: int = 3) -> torch.Tensor:
+    """:class:`ViewMedian`'s median of 18 views of the batch ``x`` (N, C, H, W), each view's map made
+    by ``run``: the generator itself, or a translate engine on 0..255 pixels (any backend: the
+    median of ordered values commutes with the engines' monotone scaling and clamping, so it is
+    the same map). ``run`` is called on batches of N, the caller's own batch size, 18 times."""
+    h, w = x.shape[-2:]
+    s = shift
+    views = []
+    for dy in (-s, 0, s):
+        for dx in (-s, 0, s):
+            v = moved(x, -dy, -dx).contiguous()
+            for out in (run(v).float(), run(v.flip(-1)).float().flip(-1)):  # out[i, j]: the map at (i + dy, j + dx)
+                back = torch.full_like(out, float("nan"))
+                back[:, :, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+                    out[:, :, max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+                views.append(back)
+    return torch.stack(views).nanmedian(dim=0).values
 
 
 #: Test-time augmentations by name: translate/evaluate --tta ("flip") and --tta-median, and the

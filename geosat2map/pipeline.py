@@ -208,7 +208,7 @@ def translate(
     tile's map with the mirrored map of its mirror image (True or ``"flip"``:
     :class:`~geosat2map.model.FlipAveraged`, twice the compute), or take the per-pixel median of
     18 shifted and mirrored views (``"median"``: :class:`~geosat2map.model.ViewMedian`, 18 times
-    the compute, PyTorch only). ``bounds`` (left, bottom, right, top; in the scene's CRS, or in
+    the compute, on any engine). ``bounds`` (left, bottom, right, top; in the scene's CRS, or in
     ``bounds_crs`` such as ``"EPSG:4326"``) translates only the source pixels that cover them.
     ``aoi`` (instead of ``bounds``): an area of interest, ``FILE`` or ``FILE:LAYER`` of polygons
     (or its :class:`~geosat2map.aoi.AreaOfInterest`): the map covers their bounding box and is

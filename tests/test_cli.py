@@ -57,9 +57,6 @@ def test_translate_writes_a_map_and_reports_one_line(scene, tiny_weights, tmp_pa
     assert result.exit_code == 0 and ", median of 18 views) in " in result.stdout, result.output
     info = run("info", tmp_path / "median.tif")
     assert "median of 18 views (--tta-median)" in info.stdout and "asked with --tta-median" in info.stdout, info.output
-    out = tmp_path / "refused.tif"
-    assert_clean_failure(run("translate", scene, out, "--weights", tiny_weights, "--tta-median", "--backend",
-                             "onnxruntime"), out, "--tta-median runs on PyTorch only")
 
 
 def test_missing_input(tiny_weights, tmp_path):

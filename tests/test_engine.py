@@ -37,6 +37,24 @@ def test_onnxruntime_engine_agrees_with_torch_and_is_exported_once(engine_cache)
     assert [p.stat().st_mtime_ns for p in sorted(cache_dir().glob("engine-*.onnx"))] == before
 
 
+def test_the_median_of_views_runs_on_any_engine_as_the_module_does(engine_cache):
+    """On the CPU --tta-median wraps whichever engine maps the views: in PyTorch fp32 it is the
+    ViewMedian module's map exactly (the median is an order statistic: the engines' scaling and
+    clamping commute with it), through ONNX Runtime within its rounding; a map's record names the
+    engine that made the views."""
+    from geosat2map.engine import InferenceEngine, MedianOfViewsEngine
+    from geosat2map.model import ViewMedian
+
+    median = ViewMedian(random_generator())
+    tiles = np.random.default_rng(2).uniform(0, 255, (2, 3, 256, 256)).astype(np.float32)
+    module = InferenceEngine(median, torch.device("cpu"))(tiles)
+    for backend, close in (("torch", 0.0), ("onnxruntime", 0.05)):
+        engine = make_engine(median, torch.device("cpu"), backend, "fp32")
+        assert isinstance(engine, MedianOfViewsEngine) and engine.name == backend
+        assert np.abs(engine(tiles) - module).max() <= close
+    assert np.abs(module - InferenceEngine(median.generator, torch.device("cpu"))(tiles)).mean() > 0.1
+
+
 def test_a_damaged_cached_export_is_made_again_and_one_never_loadable_is_one_line(engine_cache, monkeypatch):
     """The ONNX export is kept in the cache across runs: one ONNX Runtime cannot load (damaged, or
     written by an onnx newer than this ONNX Runtime reads) is exported again, not a traceback; a
