@@ -3,7 +3,7 @@
     python benchmarks/translate.py [--sizes 2048,8192,16384] [--scene sample|noise]
                                    [--resolution native|model] [--backend auto|torch|compiled|onnxruntime]
                                    [--precision auto|fp32|bf16|int8] [--malloc retain|default]
-                                   [--device cpu|cuda|mps|auto] [--repeat 3]
+                                   [--device cpu|cuda|mps|auto] [--repeat 3] [--tta none|flip|median]
 
 For each size a uint8 RGB GeoTIFF (tiled, ZSTD, 0.5 m pixels) is written to a temporary folder.
 ``--scene sample`` (default) mirrors the real aerial scene in sample_data/ to the size, so it
@@ -21,7 +21,9 @@ against the mean of the model-only runs on either side of it, because these mach
 drifts by 10-20 % over minutes (a best-against-best ratio moved by as much between runs). The
 in-run ratio is the time of the model's own calls inside each translate over the translate's
 time (median over runs; CPU engines only): the share of the run the model had, which the drift
-between runs does not move. Peak RSS is the child's.
+between runs does not move. Peak RSS is the child's. ``--tta`` runs translate's test-time
+augmentation on both sides (flip: 2 passes a tile, median: 18 and their per-pixel median, whose
+time counts as the model's); GFLOP/s counts the passes.
 """
 
 from __future__ import annotations
@@ -74,16 +76,19 @@ from pathlib import Path
 import numpy as np, torch
 from geosat2map import load_generator, translate
 from geosat2map.devices import resolve_device
-from geosat2map.engine import InferenceEngine, OnnxRuntimeEngine, auto_batch_size, engine_choice, make_engine
+from geosat2map.engine import auto_batch_size, engine_choice, make_engine
+from geosat2map.model import tta_name, with_tta
 from geosat2map.grid import TileGrid
 from geosat2map.pipeline import _calibration_tiles
 from geosat2map.reader import open_scene
-src, dst, weights, batch, cap, backend, precision, resolution, repeat, device, malloc = sys.argv[1:12]
+src, dst, weights, batch, cap, backend, precision, resolution, repeat, device, malloc, tta = sys.argv[1:13]
+tta = None if tta == "none" else tta_name(tta)
 if malloc == "retain":  # as the CLI's translate does
     from geosat2map.allocator import retain_freed_memory
     retain_freed_memory()
 cap, repeat = int(cap), int(repeat)
 model = load_generator(None if weights == "default" else weights)
+model = (with_tta(model[0], tta), model[1])  # translate wraps it no further
 scene = open_scene(src, None, resolution, model[1].gsd_m)
 grid = TileGrid(scene.width, scene.height)
 tiles = min(cap, len(grid))
@@ -109,8 +114,8 @@ def timed(submit):
         finally:
             calls[0] += time.perf_counter() - start
     return wrapper
-for cls in (InferenceEngine, OnnxRuntimeEngine):
-    cls.submit = timed(cls.submit)
+# The outermost engine's class only: the median's engine calls its inner engine's submit itself.
+type(engine).submit = timed(type(engine).submit)
 
 def model_only():
     done, start = 0, time.perf_counter()
@@ -126,7 +131,7 @@ for _ in range(repeat):  # interleaved, so a slow spell of the machine shows in 
     Path(dst).unlink(missing_ok=True)
     calls[0] = 0.0
     r = translate(src, dst, model=model, resolution=resolution, batch_size=batch, device=device, overwrite=True,
-                  backend=backend, precision=precision)
+                  backend=backend, precision=precision, tta=tta)
     seconds.append(r.seconds)
     in_model.append(None if engine.asynchronous else calls[0])
     model_rates.append(model_only())
@@ -180,10 +185,12 @@ def main() -> None:
     parser.add_argument("--resolution", choices=["native", "model"], default="native")
     parser.add_argument("--repeat", type=int, default=3, help="translate runs per scene")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (as translate --device)")
+    parser.add_argument("--tta", choices=["none", "flip", "median"], default="none",
+                        help="translate's test-time augmentation, on both sides (--tta, --tta-median)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"batch {args.batch_size or 'as translate'}, device {args.device}, {args.scene} scene, {args.resolution} resolution, "
-          f"{args.malloc} malloc")
+          f"{args.malloc} malloc, test-time augmentation {args.tta}")
     export_first(args.weights, args.backend, args.precision)
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
@@ -192,13 +199,14 @@ def main() -> None:
             make_scene(src, size, args.scene)
             cmd = [sys.executable, "-c", CHILD, str(src), str(Path(tmp) / "out.tif"), args.weights or "default",
                    str(args.batch_size), str(args.model_tiles), args.backend, args.precision, args.resolution,
-                   str(args.repeat), args.device, args.malloc]
+                   str(args.repeat), args.device, args.malloc, args.tta]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append((size, result["all_tiles"], result))
             src.unlink()
-    gflop = gflop_per_tile(args.weights)
-    print(f"generator: {gflop:.2f} GFLOP per 256 x 256 tile (2 FLOP per multiply-add, whatever the precision); engine "
+    gflop = gflop_per_tile(args.weights) * {"none": 1, "flip": 2, "median": 18}[args.tta]
+    print(f"generator: {gflop:.2f} GFLOP per 256 x 256 tile, all its passes (2 FLOP per multiply-add, whatever the "
+          f"precision); engine "
           f"{', '.join(sorted({r['backend'] for _, _, r in rows}))}, batch "
           f"{', '.join(sorted({str(r['batch']) for _, _, r in rows}))}")
     print(f"{'scene':>13} {'output':>6} {'tiles':>6} {'model-only t/s (range)':>24} {'GFLOP/s':>8} "
