@@ -144,16 +144,18 @@ def median_of_views(x: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor]
     the same map). ``run`` is called on batches of N, the caller's own batch size, 18 times."""
     h, w = x.shape[-2:]
     s = shift
-    views = []
+    views = None  # the 18 maps moved back, filled in place (a stack of them would be a second copy)
+    k = 0
     for dy in (-s, 0, s):
         for dx in (-s, 0, s):
             v = moved(x, -dy, -dx).contiguous()
             for out in (run(v).float(), run(v.flip(-1)).float().flip(-1)):  # out[i, j]: the map at (i + dy, j + dx)
-                back = torch.full_like(out, float("nan"))
-                back[:, :, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+                if views is None:
+                    views = torch.full((18, *out.shape), float("nan"), dtype=torch.float32, device=out.device)
+                views[k, :, :, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
                     out[:, :, max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
-                views.append(back)
-    return torch.stack(views).nanmedian(dim=0).values
+                k += 1
+    return views.nanmedian(dim=0).values
 
 
 #: Test-time augmentations by name: translate/evaluate --tta ("flip") and --tta-median, and the
