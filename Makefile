@@ -38,7 +38,8 @@ demo: install
 	$(VENV)/bin/geosat2map translate sample_data/naip_4band_5m.tif out/demo_naip_map.tif --overwrite
 	$(VENV)/bin/geosat2map preview sample_data/naip_4band_5m.tif out/demo_naip_map.tif out/demo_naip_preview.png --overwrite
 	$(VENV)/bin/geosat2map classify out/demo_naip_map.tif out/demo_naip_classes.tif --overwrite
-	@echo "demo: out/demo_map.tif and out/demo_naip_map.tif (open them in QGIS), out/demo_preview.png and out/demo_naip_preview.png (input | output), out/demo_naip_classes.tif (the NAIP map's classes, its QGIS style beside it)"
+	$(VENV)/bin/geosat2map vectorize out/demo_naip_classes.tif out/demo_naip_features.gpkg --overwrite
+	@echo "demo: out/demo_map.tif and out/demo_naip_map.tif (open them in QGIS), out/demo_preview.png and out/demo_naip_preview.png (input | output), out/demo_naip_classes.tif (the NAIP map's classes, its QGIS style beside it), out/demo_naip_features.gpkg (their patches as polygons)"
 
 bench: install
 	$(PY) benchmarks/translate.py

@@ -433,6 +433,31 @@ def _area(m2: float) -> str:
     return f"{m2 / 1e4:,.2f} ha" if m2 < 1e6 else f"{m2 / 1e6:,.2f} km²"
 
 
+@cli.command()
+@click.argument("classes_path", metavar="CLASSES", type=click.Path(dir_okay=False))
+@click.argument("dst", type=click.Path(dir_okay=False))
+@click.option("--classes", "names", default="building,road,highway,water,park", show_default=True,
+              help="The classes made features, comma-separated (land, building, road, highway, water, park).")
+@click.option("--min-pixels", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Leave out patches of fewer pixels (a map's specks), as gdal_sieve would.")
+@click.option("--json", "as_json", is_flag=True, help="Each class's features and area (m²) as JSON.")
+@click.option("--overwrite", is_flag=True)
+def vectorize(classes_path, dst, names, min_pixels, as_json, overwrite) -> None:
+    """Write DST (.gpkg, .geojson or .fgb): each patch of a class in CLASSES (classify's raster) as
+    a polygon, with its class and its area on the ground, in the raster's CRS."""
+    from geosat2map.vectorize import vectorize_classes
+
+    by_class = vectorize_classes(classes_path, dst, tuple(n.strip() for n in names.split(",") if n.strip()),
+                                 min_pixels=min_pixels, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps({name: {"features": c.count, "area_m2": c.area_m2} for name, c in by_class.items()}))
+        return
+    click.echo(f"wrote {dst}: {sum(c.count for c in by_class.values()):,} polygons")
+    for name, c in by_class.items():
+        area = "" if c.area_m2 is None else f"  {_area(c.area_m2):>12}"
+        click.echo(f"  {name:<12} {c.count:>8,}{area}")
+
+
 @cli.command("render-map")
 @click.argument("vectors", nargs=-1, required=True)
 @click.argument("dst", type=click.Path(dir_okay=False))

@@ -157,6 +157,31 @@ def test_qgis_counts_a_class_raster_as_classify_does_its_nodata_left_out(tmp_pat
 
 
 @pytest.mark.skipif(not QGIS_PROCESS.exists(), reason="qgis_process.bin not installed (make test-qgis)")
+def test_qgis_reads_vectorize_features_as_valid_polygons(tmp_path):
+    """vectorize's GeoPackage in QGIS: every feature read, every polygon valid by GEOS (its check
+    of rings and holes), the patches cut by strips joined."""
+    from geosat2map.classify import classify_map
+    from geosat2map.metrics import MAP_CLASSES
+    from geosat2map.vectorize import vectorize_classes
+
+    rgb = np.empty((3, 200, 300), np.uint8)
+    rgb[:] = np.array(MAP_CLASSES["park"], np.uint8)[:, None, None]
+    rgb[:, 20:180, 40:260] = np.array(MAP_CLASSES["water"], np.uint8)[:, None, None]
+    rgb[:, 60:120, 100:160] = np.array(MAP_CLASSES["park"], np.uint8)[:, None, None]  # an island
+    src = write_scene(tmp_path / "map.tif", width=300, height=200, data=rgb)
+    classify_map(src, tmp_path / "classes.tif")
+    by_class = vectorize_classes(tmp_path / "classes.tif", tmp_path / "features.gpkg", strip_rows=64)
+    assert by_class["water"].count == 1 and by_class["park"].count == 2
+    proc = subprocess.run([str(QGIS_PROCESS), "--json", "run", "qgis:checkvalidity", "--",
+                           f"INPUT_LAYER={tmp_path / 'features.gpkg'}", "METHOD=2",
+                           f"VALID_OUTPUT={tmp_path / 'valid.gpkg'}"],
+                          capture_output=True, text=True, env=_system_environment(), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout)["results"]
+    assert results["VALID_COUNT"] == 3 and results["INVALID_COUNT"] == 0 and results["ERROR_COUNT"] == 0
+
+
+@pytest.mark.skipif(not QGIS_PROCESS.exists(), reason="qgis_process.bin not installed (make test-qgis)")
 def test_qgis_process_raster_statistics(output):
     _, out = output
     proc = subprocess.run([str(QGIS_PROCESS), "--json", "run", "native:rasterlayerstatistics", "--",
