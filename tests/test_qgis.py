@@ -287,6 +287,31 @@ def test_processing_script_writes_the_maps_classes_when_asked(script, tiny_weigh
         assert a.count == 1 and (a.read() == b.read()).all()
 
 
+def test_processing_script_writes_the_maps_features_when_asked(script, tiny_weights, tmp_path):
+    """The features output: vectorize on the map's classes (classified out of sight when the
+    classes are not asked for too), as the command line makes them; a format vectorize does not
+    write is one error line, before any work."""
+    import pyogrio
+
+    from geosat2map.classify import classify_map
+    from geosat2map.vectorize import vectorize_classes
+
+    scene = write_scene(tmp_path / "scene.tif", width=300, height=200)
+    out, features = tmp_path / "map.tif", tmp_path / "features.gpkg"
+    report = _run_processing(script, f"INPUT={scene}", f"OUTPUT={out}", f"FEATURES={features}",
+                             f"WEIGHTS={tiny_weights}", "RESOLUTION=native")
+    assert report.get("error") is None and report["results"] == {"OUTPUT": str(out), "FEATURES": str(features)}
+    assert any(m.startswith(f"wrote {features}") for m in report["messages"])
+    # No class raster left beside them (QGIS's own scene.tif.aux.xml aside).
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("classes") or p.suffix == ".qml"]
+    classify_map(out, tmp_path / "classes.tif")
+    vectorize_classes(tmp_path / "classes.tif", tmp_path / "direct.gpkg")
+    assert pyogrio.read_info(features)["features"] == pyogrio.read_info(tmp_path / "direct.gpkg")["features"]
+    report = _run_processing(script, f"INPUT={scene}", f"OUTPUT={tmp_path / 'again.tif'}",
+                             f"FEATURES={tmp_path / 'features.shp'}", f"WEIGHTS={tiny_weights}", "RESOLUTION=native")
+    assert "GeoPackage, GeoJSON or FlatGeobuf" in report["error"] and not (tmp_path / "again.tif").exists()
+
+
 def test_processing_script_nodata_value_is_src_nodata(script, tiny_weights, tmp_path):
     """The nodata parameter marks a black collar the file does not (translate --src-nodata)."""
     data = synthetic_image(300, 400)

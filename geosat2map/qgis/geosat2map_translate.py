@@ -5,7 +5,8 @@ PYTHON below set to the Python that has geosat2map installed; QGIS's own Python 
 torch or rasterio. The algorithm runs `python -m geosat2map_cli translate` on the layer's file
 in a child process (the same seamless, streaming map as on the command line), shows its progress,
 stops it (SIGTERM: no half-written map is left; the rows done wait for "Continue") when the user
-cancels, and loads the map; and, where asked, the map's classes (`geosat2map classify`).
+cancels, and loads the map; and, where asked, the map's classes (`geosat2map classify`) and
+their patches as polygons (`geosat2map vectorize`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from qgis.core import (
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
     QgsProcessingParameterString,
+    QgsProcessingParameterVectorDestination,
+    QgsProcessingUtils,
 )
 
 #: The Python interpreter with geosat2map installed (written by `geosat2map qgis-script`).
@@ -42,7 +45,9 @@ FOREIGN = ("PYTHONHOME", "PYTHONPATH", "GDAL_DATA", "GDAL_DRIVER_PATH", "PROJ_LI
 class Geosat2mapTranslate(QgsProcessingAlgorithm):
     INPUT, EXTENT, AOI, BANDS, WEIGHTS, RESOLUTION = "INPUT", "EXTENT", "AOI", "BANDS", "WEIGHTS", "RESOLUTION"
     NODATA, TTA, COMPRESSION, RESUME, OUTPUT = "NODATA", "TTA", "COMPRESSION", "RESUME", "OUTPUT"
-    CLASSES, DEM = "CLASSES", "DEM"
+    CLASSES, FEATURES, DEM = "CLASSES", "FEATURES", "DEM"
+    #: The formats vectorize writes (single files, renamed into place).
+    FEATURE_FORMATS = (".gpkg", ".geojson", ".json", ".fgb")
     #: translate --compress's choices, as the dialog lists them.
     COMPRESSIONS = (("zstd", "ZSTD (lossless)"), ("deflate", "DEFLATE (lossless, for older readers)"),
                     ("lzw", "LZW (lossless, for older readers)"), ("jpeg", "JPEG (lossy, small)"),
@@ -103,6 +108,9 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterRasterDestination(  # geosat2map classify on the map
             self.CLASSES, "Classes of the map (land, building, road, highway, water, park)", optional=True,
             createByDefault=False))
+        self.addParameter(QgsProcessingParameterVectorDestination(  # geosat2map vectorize on the classes
+            self.FEATURES, "Features of the map (its lakes, parks, buildings and roads as polygons)",
+            QgsProcessing.TypeVectorPolygon, optional=True, createByDefault=False))
 
     def processAlgorithm(self, parameters, context, feedback) -> dict:
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
@@ -110,6 +118,10 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
         if not source:
             raise QgsProcessingException("no input image")
         out = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
+        features = self.parameterAsOutputLayer(parameters, self.FEATURES, context)
+        if features and not features.lower().endswith(self.FEATURE_FORMATS):
+            raise QgsProcessingException(f"the features are written as GeoPackage, GeoJSON or FlatGeobuf, "
+                                         f"not {os.path.basename(features)}")
         resume = self.parameterAsBoolean(parameters, self.RESUME, context)
         # A new run replaces the map there (Processing's own rule); a resumed one keeps a map that is
         # already finished, if it is this image's by this model, instead of failing to find a partial.
@@ -145,10 +157,21 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
             return {}
         results = {self.OUTPUT: out}
         classes = self.parameterAsOutputLayer(parameters, self.CLASSES, context)
-        if classes:
-            if not _run([PYTHON, "-m", "geosat2map_cli", "classify", out, classes, "--overwrite"], feedback):
+        if features and not classes:  # the classes the features are traced from, kept out of sight
+            classes_for_features = QgsProcessingUtils.generateTempFilename("classes.tif")
+        else:
+            classes_for_features = classes
+        if classes_for_features:
+            if not _run([PYTHON, "-m", "geosat2map_cli", "classify", out, classes_for_features, "--overwrite"],
+                        feedback):
                 return {}
-            results[self.CLASSES] = classes
+            if classes:
+                results[self.CLASSES] = classes
+        if features:
+            if not _run([PYTHON, "-m", "geosat2map_cli", "vectorize", classes_for_features, features, "--overwrite"],
+                        feedback):
+                return {}
+            results[self.FEATURES] = features
         feedback.setProgress(100)
         return results
 
