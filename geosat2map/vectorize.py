@@ -16,6 +16,7 @@ Patches smaller than ``min_pixels`` (a GAN map's specks) are left out, as ``gdal
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,9 +138,12 @@ def _write(dst: Path, geoms: np.ndarray, values: np.ndarray, areas: np.ndarray |
     tmp = dst.with_name(f".{dst.stem}.{os.getpid()}.part{dst.suffix}")
     try:
         try:
-            pyogrio.raw.write(str(tmp), shapely.to_wkb(geoms), [names, values.astype(np.int32), area_field],
-                              ["class", "value", "area_m2"], layer=dst.stem, driver=VECTOR_SUFFIXES[dst.suffix.lower()],
-                              geometry_type="Polygon", crs=None if crs is None else crs.to_wkt())
+            with warnings.catch_warnings():  # a raster with no CRS makes features with none: no news
+                warnings.filterwarnings("ignore", "'crs' was not provided", UserWarning)
+                pyogrio.raw.write(str(tmp), shapely.to_wkb(geoms), [names, values.astype(np.int32), area_field],
+                                  ["class", "value", "area_m2"], layer=dst.stem,
+                                  driver=VECTOR_SUFFIXES[dst.suffix.lower()], geometry_type="Polygon",
+                                  crs=None if crs is None else crs.to_wkt())
         except Exception as exc:  # pyogrio's DataSourceError and GDAL's errors derive from Exception alone
             raise OutputError(f"writing {dst} failed: {str(exc).splitlines()[0] if str(exc) else exc}") from None
         os.replace(tmp, dst)

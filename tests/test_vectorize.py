@@ -109,3 +109,17 @@ def test_cli_prints_counts_and_areas(classes, tmp_path):
     result = CliRunner().invoke(cli, ["vectorize", str(classes), str(out), "--overwrite"])
     assert result.exit_code == 0 and result.stdout.startswith(f"wrote {out}: 5 polygons")  # park ground and island, 2 lakes, a building
     assert "water" in result.stdout and " ha" in result.stdout
+
+
+def test_a_raster_without_a_crs_gets_features_without_areas(tmp_path):
+    import warnings
+
+    src = write_map(tmp_path / "map.tif", lakes_map(), None, Affine.identity())
+    classify_map(src, tmp_path / "classes.tif")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no CRS is no news: nothing to warn about
+        by_class = vectorize_classes(tmp_path / "classes.tif", tmp_path / "f.gpkg", classes=("water",))
+    assert by_class["water"].count == 2 and by_class["water"].area_m2 is None
+    _, geoms, areas, _ = read(tmp_path / "f.gpkg")
+    assert pyogrio.read_info(tmp_path / "f.gpkg")["crs"] is None and np.isnan(areas.astype(float)).all()  # null
+    assert sorted(g.area for g in geoms) == [40 * 100, 100 * 80 - 40 * 20]  # in pixels
