@@ -43,6 +43,9 @@ if [ "$device" = cuda ]; then
 fi
 step translate "$py" benchmarks/translate.py --device "$device" --backend torch --sizes "$sizes" --repeat 2
 step pipeline "$py" benchmarks/pipeline.py --size "${sizes%%,*}" --repeat 2
+# translate --tta-median: the 18 views and their median on the device
+step translate_median "$py" benchmarks/translate.py --device "$device" --backend torch --sizes "${sizes%%,*}" \
+    --tta median --repeat 1
 # translate's default for fine scenes: resampled to the model's resolution (read in strips, one thread per core)
 step translate_model_res "$py" benchmarks/translate.py --device "$device" --backend torch --sizes "$sizes" \
     --resolution model --repeat 2

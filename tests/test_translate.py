@@ -773,6 +773,15 @@ def test_on_a_gpu_tiles_are_blended_on_the_device_and_match_the_cpu_map(tmp_path
         assert np.array_equal(a.read_masks(1), b.read_masks(1))
         diff = np.abs(a.read().astype(int) - b.read().astype(int))
         assert diff.mean() < 2 and np.percentile(diff, 99) <= 8
+    # --tta-median: on the GPU the whole ViewMedian runs on the device, on the CPU an engine's views
+    translate(src, tmp_path / "cpu-median.tif", weights=tiny_weights, device="cpu", backend="torch",
+              precision="fp32", tta="median")
+    result = translate(src, tmp_path / "gpu-median.tif", weights=tiny_weights, device="cuda", backend="torch",
+                       tta="median")
+    assert result.tta == "median" and result.backend.startswith("torch")
+    with rasterio.open(tmp_path / "gpu-median.tif") as a, rasterio.open(tmp_path / "cpu-median.tif") as b:
+        diff = np.abs(a.read().astype(int) - b.read().astype(int))
+        assert diff.mean() < 2 and np.percentile(diff, 99) <= 8
 
 
 def test_a_large_fine_scene_without_overviews_gets_a_hint_to_build_them(tmp_path):
