@@ -41,7 +41,8 @@ from .writer import BLOCK, check_destination
 VECTOR_SUFFIXES = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON", ".fgb": "FlatGeobuf"}
 #: The classes made features unless asked otherwise: all but land, the background of every map.
 DEFAULT_CLASSES = tuple(name for name in CLASS_VALUES if name != "land")
-#: Rows polygonized at once: 8 block rows (a 100 000-pixel-wide raster: 200 MB of classes).
+#: Rows polygonized at once: 8 block rows (a 100 000-pixel-wide raster: 200 MB of classes, as much
+#: again for the mask of the classes asked for).
 STRIP_ROWS = 8 * BLOCK
 
 
@@ -71,16 +72,12 @@ def vectorize_classes(classes_path: str | Path, dst: str | Path, classes: tuple[
             raise InputError(f"{classes_path} is not a class raster (geosat2map classify MAP CLASSES writes one)")
         pixel_polygons = _traced(src, np.array(wanted, np.uint8), strip_rows)
         crs, transform = src.crs, src.transform
-    geoms, values = [], []
-    for value, polygons in pixel_polygons.items():
-        kept = [p for p in polygons if p.area >= min_pixels]
-        geoms += kept
-        values += [value] * len(kept)
-    geoms = shapely.transform(np.array(geoms, dtype=object), lambda xy: _apply(transform, xy))
+    kept = [(p, value) for value, polygons in pixel_polygons.items() for p in polygons if p.area >= min_pixels]
+    geoms = shapely.transform(np.array([p for p, _ in kept], dtype=object), lambda xy: _apply(transform, xy))
+    values = np.array([value for _, value in kept], np.uint8)
     areas = _ground_areas(geoms, crs)
-    _write(dst, geoms, np.array(values, np.uint8), areas, crs)
-    return {CLASS_NAMES[v]: Patches(int(np.sum(np.array(values) == v)),
-                                    None if areas is None else float(areas[np.array(values) == v].sum()))
+    _write(dst, geoms, values, areas, crs)
+    return {CLASS_NAMES[v]: Patches(int(np.sum(values == v)), None if areas is None else float(areas[values == v].sum()))
             for v in wanted}
 
 
