@@ -423,7 +423,7 @@ def classify(map_path, dst, compress, cog, as_json, overwrite) -> None:
         click.echo(json.dumps({name: {"pixels": c.pixels, "area_m2": c.area_m2} for name, c in by_class.items()}))
         return
     click.echo(f"wrote {dst} (its QGIS style: {style_path(Path(dst)).name}): {total:,} valid pixels")
-    _echo_classes(by_class, lambda c: f"{100 * c.pixels / max(total, 1):5.1f} %")
+    _echo_class_areas(by_class, lambda c: f"{100 * c.pixels / max(total, 1):5.1f} %")
 
 
 def _area(m2: float) -> str:
@@ -431,7 +431,7 @@ def _area(m2: float) -> str:
     return f"{m2 / 1e4:,.2f} ha" if m2 < 1e6 else f"{m2 / 1e6:,.2f} km²"
 
 
-def _echo_classes(by_class: dict, amount: Callable) -> None:
+def _echo_class_areas(by_class: dict, amount: Callable) -> None:
     """One line per class: its name, ``amount`` of it (a share, a count) and its area where known."""
     for name, c in by_class.items():
         area = "" if c.area_m2 is None else f"  {_area(c.area_m2):>12}"
@@ -458,7 +458,7 @@ def vectorize(classes_path, dst, names, min_pixels, as_json, overwrite) -> None:
         click.echo(json.dumps({name: {"features": c.count, "area_m2": c.area_m2} for name, c in by_class.items()}))
         return
     click.echo(f"wrote {dst}: {sum(c.count for c in by_class.values()):,} polygons")
-    _echo_classes(by_class, lambda c: f"{c.count:>8,}")
+    _echo_class_areas(by_class, lambda c: f"{c.count:>8,}")
 
 
 @cli.command("render-map")
