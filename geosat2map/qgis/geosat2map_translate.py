@@ -157,19 +157,15 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
             return {}
         results = {self.OUTPUT: out}
         classes = self.parameterAsOutputLayer(parameters, self.CLASSES, context)
-        if features and not classes:  # the classes the features are traced from, kept out of sight
-            classes_for_features = QgsProcessingUtils.generateTempFilename("classes.tif")
-        else:
-            classes_for_features = classes
-        if classes_for_features:
-            if not _run([PYTHON, "-m", "geosat2map_cli", "classify", out, classes_for_features, "--overwrite"],
-                        feedback):
+        # The features are traced from the classes: asked for alone, those go to a temporary file.
+        classified = classes or (QgsProcessingUtils.generateTempFilename("classes.tif") if features else None)
+        if classified:
+            if not _run([PYTHON, "-m", "geosat2map_cli", "classify", out, classified, "--overwrite"], feedback):
                 return {}
             if classes:
                 results[self.CLASSES] = classes
         if features:
-            if not _run([PYTHON, "-m", "geosat2map_cli", "vectorize", classes_for_features, features, "--overwrite"],
-                        feedback):
+            if not _run([PYTHON, "-m", "geosat2map_cli", "vectorize", classified, features, "--overwrite"], feedback):
                 return {}
             results[self.FEATURES] = features
         feedback.setProgress(100)
