@@ -38,6 +38,8 @@ CLASS_VALUES = {name: k + 1 for k, name in enumerate(MAP_CLASSES)}
 CLASS_NAMES = {UNCLASSIFIED: "unclassified", **{v: k for k, v in CLASS_VALUES.items()}}
 #: Unclassified pixels are drawn mid grey, apart from every class colour.
 UNCLASSIFIED_COLOUR = (128, 128, 128)
+#: The class raster's tag naming each value; it also tells a class raster from other rasters.
+CLASSES_TAG = "GEOSAT2MAP_CLASSES"
 #: Where the map has no data: see-through in the colour table, and the band's nodata value.
 NODATA = 255
 #: Columns read, classified and measured at once: the distances to every class colour of 256 x 2048
@@ -57,7 +59,7 @@ class ClassArea:
 def class_tags() -> dict[str, str]:
     """The class raster's metadata naming each value (gdalinfo, QGIS's layer information)."""
     names = {**CLASS_NAMES, NODATA: "nodata"}
-    return {"GEOSAT2MAP_CLASSES": ", ".join(f"{v}={name}" for v, name in sorted(names.items()))}
+    return {CLASSES_TAG: ", ".join(f"{v}={name}" for v, name in sorted(names.items()))}
 
 
 def colormap() -> dict[int, tuple[int, ...]]:

@@ -39,7 +39,7 @@ from .cache import cache_dir
 from .devices import PRECISIONS as COMPUTE_PRECISIONS, use_bf16
 from .errors import WeightsError, first_line
 from .files import write_text_whole
-from .model import PixelScaled, ViewMedian, median_of_views
+from .model import MEDIAN_VIEWS, PixelScaled, ViewMedian, median_of_views
 from .onnx_export import export_proto
 from .quantize import quantized_onnx
 from .weights import model_digest
@@ -360,11 +360,11 @@ def make_engine(
     scene's own, float32 0..255: see :mod:`geosat2map.quantize`)."""
     if backend not in BACKENDS:
         raise WeightsError(f"unknown backend {backend!r} (use {', '.join(BACKENDS)})")
-    if isinstance(model, ViewMedian) and not (device.type != "cpu" and backend in ("auto", "torch")):
+    if isinstance(model, ViewMedian) and (device.type == "cpu" or backend not in ("auto", "torch")):
         # The median has no ONNX or compiled form: any backend maps the views, the CPU takes their
         # median. (On a GPU PyTorch runs the whole ViewMedian, its views never leaving the device.)
         inner = make_engine(model.generator, device, backend, precision, in_channels=in_channels, tile=tile,
-                            batch_size=batch_size, tiles=None if tiles is None else tiles * 18,
+                            batch_size=batch_size, tiles=None if tiles is None else tiles * MEDIAN_VIEWS,
                             calibration=calibration)
         return MedianOfViewsEngine(inner, model.shift)
     if precision == "int8":

@@ -137,11 +137,15 @@ class ViewMedian(nn.Module):
         return median_of_views(x, self.generator, self.shift)
 
 
+#: The views :func:`median_of_views` takes: a 3 x 3 grid of shifts, each also mirrored.
+MEDIAN_VIEWS = 18
+
+
 def median_of_views(x: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor], shift: int = 3) -> torch.Tensor:
     """:class:`ViewMedian`'s median of 18 views of the batch ``x`` (N, C, H, W), each view's map made
     by ``run``: the generator itself, or a translate engine on 0..255 pixels (any backend: the
     median of ordered values commutes with the engines' monotone scaling and clamping, so it is
-    the same map). ``run`` is called on batches of N, the caller's own batch size, 18 times."""
+    the same map). ``run`` is called on batches of N, the caller's own batch size, once a view."""
     h, w = x.shape[-2:]
     s = shift
     views = None  # the 18 maps moved back, filled in place (a stack of them would be a second copy)
@@ -151,7 +155,7 @@ def median_of_views(x: torch.Tensor, run: Callable[[torch.Tensor], torch.Tensor]
             v = moved(x, -dy, -dx).contiguous()
             for out in (run(v).float(), run(v.flip(-1)).float().flip(-1)):  # out[i, j]: the map at (i + dy, j + dx)
                 if views is None:
-                    views = torch.full((18, *out.shape), float("nan"), dtype=torch.float32, device=out.device)
+                    views = torch.full((MEDIAN_VIEWS, *out.shape), float("nan"), dtype=torch.float32, device=out.device)
                 views[k, :, :, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
                     out[:, :, max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
                 k += 1

@@ -31,8 +31,8 @@ from pyproj import Geod, Transformer
 from rasterio.features import shapes
 from rasterio.windows import Window
 
-from .classify import CLASS_NAMES, CLASS_VALUES
-from .errors import InputError, OutputError
+from .classify import CLASS_NAMES, CLASS_VALUES, CLASSES_TAG
+from .errors import InputError, OutputError, first_line
 from .reader import open_raster
 from .writer import BLOCK, check_destination
 
@@ -68,7 +68,7 @@ def vectorize_classes(classes_path: str | Path, dst: str | Path, classes: tuple[
     with open_raster(classes_path, expand_palette=False) as src:
         check_destination(dst, Path(classes_path), overwrite,
                           ("the features are a GeoPackage, GeoJSON or FlatGeobuf file", tuple(VECTOR_SUFFIXES)))
-        if src.count != 1 or src.dtypes[0] != "uint8" or "GEOSAT2MAP_CLASSES" not in src.tags():
+        if src.count != 1 or src.dtypes[0] != "uint8" or CLASSES_TAG not in src.tags():
             raise InputError(f"{classes_path} is not a class raster (geosat2map classify MAP CLASSES writes one)")
         pixel_polygons = _traced(src, np.array(wanted, np.uint8), strip_rows)
         crs, transform = src.crs, src.transform
@@ -142,9 +142,8 @@ def _write(dst: Path, geoms: np.ndarray, values: np.ndarray, areas: np.ndarray |
                                   driver=VECTOR_SUFFIXES[dst.suffix.lower()], geometry_type="Polygon",
                                   crs=None if crs is None else crs.to_wkt())
         except Exception as exc:  # pyogrio's DataSourceError and GDAL's errors derive from Exception alone
-            raise OutputError(f"writing {dst} failed: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+            raise OutputError(f"writing {dst} failed: {first_line(exc)}") from None
         os.replace(tmp, dst)
     finally:
         with suppress(OSError):
             tmp.unlink()
-

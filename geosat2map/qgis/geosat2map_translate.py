@@ -46,7 +46,8 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
     INPUT, EXTENT, AOI, BANDS, WEIGHTS, RESOLUTION = "INPUT", "EXTENT", "AOI", "BANDS", "WEIGHTS", "RESOLUTION"
     NODATA, TTA, COMPRESSION, RESUME, OUTPUT = "NODATA", "TTA", "COMPRESSION", "RESUME", "OUTPUT"
     CLASSES, FEATURES, DEM = "CLASSES", "FEATURES", "DEM"
-    #: The formats vectorize writes (single files, renamed into place).
+    #: The formats vectorize writes (geosat2map.vectorize.VECTOR_SUFFIXES: this script runs in QGIS's
+    #: Python, which has no geosat2map to import), checked before translate's minutes, not after.
     FEATURE_FORMATS = (".gpkg", ".geojson", ".json", ".fgb")
     #: translate --compress's choices, as the dialog lists them.
     COMPRESSIONS = (("zstd", "ZSTD (lossless)"), ("deflate", "DEFLATE (lossless, for older readers)"),
