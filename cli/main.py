@@ -444,16 +444,20 @@ def _echo_class_areas(by_class: dict, amount: Callable) -> None:
 @click.option("--classes", "names", default="building,road,highway,water,park", show_default=True,
               help="The classes made features, comma-separated (land, building, road, highway, water, park).")
 @click.option("--min-pixels", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Leave out patches of fewer pixels (a map's specks), as gdal_sieve would.")
+              help="Merge patches of fewer pixels (a map's specks) into their largest neighbour first, as "
+                   "gdal_sieve does (1: none).")
+@click.option("--simplify", type=click.FloatRange(min=0), default=0, show_default=True, metavar="PIXELS",
+              help="Smooth the outlines by this tolerance, in pixels of CLASSES (2 smooths the pixels' "
+                   "staircase; 0: the pixels' edges exactly). Neighbours stay edge to edge: no gaps or overlaps.")
 @click.option("--json", "as_json", is_flag=True, help="Each class's features and area (m²) as JSON.")
 @click.option("--overwrite", is_flag=True)
-def vectorize(classes_path, dst, names, min_pixels, as_json, overwrite) -> None:
+def vectorize(classes_path, dst, names, min_pixels, simplify, as_json, overwrite) -> None:
     """Write DST (.gpkg, .geojson or .fgb): each patch of a class in CLASSES (classify's raster) as
     a polygon, with its class and its area on the ground, in the raster's CRS."""
     from geosat2map.vectorize import vectorize_classes
 
     by_class = vectorize_classes(classes_path, dst, tuple(n.strip() for n in names.split(",") if n.strip()),
-                                 min_pixels=min_pixels, overwrite=overwrite)
+                                 min_pixels=min_pixels, simplify=simplify, overwrite=overwrite)
     if as_json:
         click.echo(json.dumps({name: {"features": c.count, "area_m2": c.area_m2} for name, c in by_class.items()}))
         return

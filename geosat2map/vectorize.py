@@ -10,7 +10,17 @@ GeoPackage, GeoJSON or FlatGeobuf layer in the raster's CRS.
 The raster is polygonized in strips of rows, never whole. A patch that a strip's edge cuts is put
 back together: its parts meet exactly on pixel edges (they are traced in pixel coordinates, carried
 into the CRS only at the end), so shapely's union of the parts touching an edge is the patch.
-Patches smaller than ``min_pixels`` (a GAN map's specks) are left out, as ``gdal_sieve`` would.
+Patches smaller than ``min_pixels`` (a GAN map's specks) are first merged into their largest
+neighbour by GDAL's sieve filter (``gdal_sieve``): a speck of land in a lake leaves no hole in it.
+Each strip is sieved with ``min_pixels`` rows of its neighbours on either side, which no speck
+can span, so a patch that only looks small because the strip cuts it is never taken for one (which
+neighbour is the largest, the strip judges by what it holds).
+
+Traced outlines follow the pixels' staircase. ``simplify`` smooths them with GEOS's coverage
+simplification, which moves an edge that two features share once, for both: neighbours stay
+edge to edge, with no slivers between them or overlaps. It needs each shared edge to have the
+same vertices on both sides, so the outlines get one at every pixel corner first (polygonize
+leaves a vertex only where an outline turns, which is not always where its neighbour's does).
 """
 
 from __future__ import annotations
@@ -28,10 +38,10 @@ import shapely.geometry
 from affine import Affine
 from pyproj import CRS as ProjCRS
 from pyproj import Geod, Transformer
-from rasterio.features import shapes
+from rasterio.features import shapes, sieve
 from rasterio.windows import Window
 
-from .classify import CLASS_NAMES, CLASS_VALUES, CLASSES_TAG
+from .classify import CLASS_NAMES, CLASS_VALUES, CLASSES_TAG, NODATA
 from .errors import InputError, OutputError, first_line
 from .reader import open_raster
 from .writer import BLOCK, check_destination
@@ -55,25 +65,32 @@ class Patches:
 
 
 def vectorize_classes(classes_path: str | Path, dst: str | Path, classes: tuple[str, ...] = DEFAULT_CLASSES,
-                      min_pixels: int = 4, overwrite: bool = False,
+                      min_pixels: int = 4, simplify: float = 0.0, overwrite: bool = False,
                       strip_rows: int = STRIP_ROWS) -> dict[str, Patches]:
     """Write ``dst``: each patch of ``classes`` in the class raster at ``classes_path`` (written by
     :func:`~geosat2map.classify.classify_map`) as a polygon with fields ``class``, ``value`` and
-    ``area_m2`` (see the module); patches under ``min_pixels`` pixels left out. Returns each
-    asked class's features."""
+    ``area_m2`` (see the module); patches under ``min_pixels`` pixels merged into their largest
+    neighbour first, outlines smoothed by ``simplify`` pixels (0: the pixels' edges, exactly).
+    Returns each asked class's features (areas of the polygons as written)."""
     dst = Path(dst)
     wanted = _class_values(classes)
     if min_pixels < 1:
         raise InputError(f"the smallest patch kept must be at least 1 pixel, not {min_pixels}")
+    if not simplify >= 0:  # NaN too
+        raise InputError(f"the simplification tolerance must be 0 or more pixels, not {simplify}")
     with open_raster(classes_path, expand_palette=False) as src:
         check_destination(dst, Path(classes_path), overwrite,
                           ("the features are a GeoPackage, GeoJSON or FlatGeobuf file", tuple(VECTOR_SUFFIXES)))
         if src.count != 1 or src.dtypes[0] != "uint8" or CLASSES_TAG not in src.tags():
             raise InputError(f"{classes_path} is not a class raster (geosat2map classify MAP CLASSES writes one)")
-        pixel_polygons = _traced(src, np.array(wanted, np.uint8), strip_rows)
+        pixel_polygons = _traced(src, np.array(wanted, np.uint8), strip_rows, min_pixels)
         crs, transform = src.crs, src.transform
+    # A patch walled in by nodata has no neighbour to merge into: left out.
     kept = [(p, value) for value, polygons in pixel_polygons.items() for p in polygons if p.area >= min_pixels]
-    geoms = shapely.transform(np.array([p for p, _ in kept], dtype=object), lambda xy: _apply(transform, xy))
+    outlines = np.array([p for p, _ in kept], dtype=object)
+    if simplify > 0 and len(outlines):
+        outlines = shapely.coverage_simplify(shapely.segmentize(outlines, 1.0), simplify)
+    geoms = shapely.transform(outlines, lambda xy: _apply(transform, xy))
     values = np.array([value for _, value in kept], np.uint8)
     areas = _ground_areas(geoms, crs)
     _write(dst, geoms, values, areas, crs)
@@ -88,14 +105,20 @@ def _class_values(classes: tuple[str, ...]) -> list[int]:
     return [CLASS_VALUES[c] for c in dict.fromkeys(classes)]
 
 
-def _traced(src, wanted: np.ndarray, strip_rows: int) -> dict[int, list[shapely.Polygon]]:
-    """Each wanted value's patches as polygons in pixel coordinates (x right, y down), the parts of
-    a patch cut by a strip's edge joined again."""
+def _traced(src, wanted: np.ndarray, strip_rows: int, min_pixels: int) -> dict[int, list[shapely.Polygon]]:
+    """Each wanted value's patches, sieved of those under ``min_pixels``, as polygons in pixel
+    coordinates (x right, y down), the parts of a patch cut by a strip's edge joined again."""
     done: dict[int, list] = {int(v): [] for v in wanted}
     cut: dict[int, list] = {int(v): [] for v in wanted}
+    margin = min_pixels if min_pixels > 1 else 0  # a patch of k pixels spans k rows at most
     for top in range(0, src.height, strip_rows):
         rows = min(strip_rows, src.height - top)
-        strip = src.read(1, window=Window(0, top, src.width, rows))
+        above = min(margin, top)
+        read = Window(0, top - above, src.width, min(rows + above + margin, src.height - top + above))
+        strip = src.read(1, window=read)
+        if margin:
+            strip = sieve(strip, min_pixels, mask=strip != NODATA, connectivity=4)
+        strip = strip[above:above + rows]
         mask = np.isin(strip, wanted)
         if not mask.any():
             continue

@@ -159,7 +159,7 @@ def test_qgis_counts_a_class_raster_as_classify_does_its_nodata_left_out(tmp_pat
 @pytest.mark.skipif(not QGIS_PROCESS.exists(), reason="qgis_process.bin not installed (make test-qgis)")
 def test_qgis_reads_vectorize_features_as_valid_polygons(tmp_path):
     """vectorize's GeoPackage in QGIS: every feature read, every polygon valid by GEOS (its check
-    of rings and holes), the patches cut by strips joined."""
+    of rings and holes), the patches cut by strips joined, exact or smoothed."""
     from geosat2map.classify import classify_map
     from geosat2map.metrics import MAP_CLASSES
     from geosat2map.vectorize import vectorize_classes
@@ -168,17 +168,21 @@ def test_qgis_reads_vectorize_features_as_valid_polygons(tmp_path):
     rgb[:] = np.array(MAP_CLASSES["park"], np.uint8)[:, None, None]
     rgb[:, 20:180, 40:260] = np.array(MAP_CLASSES["water"], np.uint8)[:, None, None]
     rgb[:, 60:120, 100:160] = np.array(MAP_CLASSES["park"], np.uint8)[:, None, None]  # an island
+    yy, xx = np.mgrid[:200, :300]
+    rgb[:, (yy - 150) ** 2 + (xx - 200) ** 2 < 25 ** 2] = np.array(MAP_CLASSES["building"], np.uint8)[:, None]
     src = write_scene(tmp_path / "map.tif", width=300, height=200, data=rgb)
     classify_map(src, tmp_path / "classes.tif")
-    by_class = vectorize_classes(tmp_path / "classes.tif", tmp_path / "features.gpkg", strip_rows=64)
-    assert by_class["water"].count == 1 and by_class["park"].count == 2
-    proc = subprocess.run([str(QGIS_PROCESS), "--json", "run", "qgis:checkvalidity", "--",
-                           f"INPUT_LAYER={tmp_path / 'features.gpkg'}", "METHOD=2",
-                           f"VALID_OUTPUT={tmp_path / 'valid.gpkg'}"],
-                          capture_output=True, text=True, env=_system_environment(), timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads(proc.stdout)["results"]
-    assert results["VALID_COUNT"] == 3 and results["INVALID_COUNT"] == 0 and results["ERROR_COUNT"] == 0
+    for simplify in (0, 2):  # smoothed too (a round building on the lake's shore)
+        features = tmp_path / f"features{simplify}.gpkg"
+        by_class = vectorize_classes(tmp_path / "classes.tif", features, strip_rows=64, simplify=simplify)
+        assert by_class["water"].count == 1 and by_class["park"].count == 2 and by_class["building"].count == 1
+        proc = subprocess.run([str(QGIS_PROCESS), "--json", "run", "qgis:checkvalidity", "--",
+                               f"INPUT_LAYER={features}", "METHOD=2",
+                               f"VALID_OUTPUT={tmp_path / f'valid{simplify}.gpkg'}"],
+                              capture_output=True, text=True, env=_system_environment(), timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results = json.loads(proc.stdout)["results"]
+        assert results["VALID_COUNT"] == 4 and results["INVALID_COUNT"] == 0 and results["ERROR_COUNT"] == 0
 
 
 @pytest.mark.skipif(not QGIS_PROCESS.exists(), reason="qgis_process.bin not installed (make test-qgis)")
@@ -292,6 +296,7 @@ def test_processing_script_writes_the_maps_features_when_asked(script, tiny_weig
     classes are not asked for too), as the command line makes them; a format vectorize does not
     write is one error line, before any work."""
     import pyogrio
+    import shapely
 
     from geosat2map.classify import classify_map
     from geosat2map.vectorize import vectorize_classes
@@ -299,14 +304,17 @@ def test_processing_script_writes_the_maps_features_when_asked(script, tiny_weig
     scene = write_scene(tmp_path / "scene.tif", width=300, height=200)
     out, features = tmp_path / "map.tif", tmp_path / "features.gpkg"
     report = _run_processing(script, f"INPUT={scene}", f"OUTPUT={out}", f"FEATURES={features}",
-                             f"WEIGHTS={tiny_weights}", "RESOLUTION=native")
+                             f"WEIGHTS={tiny_weights}", "RESOLUTION=native", "SIMPLIFY=2")
     assert report.get("error") is None and report["results"] == {"OUTPUT": str(out), "FEATURES": str(features)}
     assert any(m.startswith(f"wrote {features}") for m in report["messages"])
     # No class raster left beside them (QGIS's own scene.tif.aux.xml aside).
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("classes") or p.suffix == ".qml"]
     classify_map(out, tmp_path / "classes.tif")
-    vectorize_classes(tmp_path / "classes.tif", tmp_path / "direct.gpkg")
+    vectorize_classes(tmp_path / "classes.tif", tmp_path / "direct.gpkg", simplify=2)
     assert pyogrio.read_info(features)["features"] == pyogrio.read_info(tmp_path / "direct.gpkg")["features"]
+    vertices = [shapely.get_num_coordinates(shapely.from_wkb(pyogrio.raw.read(f)[2])).sum()
+                for f in (features, tmp_path / "direct.gpkg")]
+    assert vertices[0] == vertices[1]  # smoothed as asked
     report = _run_processing(script, f"INPUT={scene}", f"OUTPUT={tmp_path / 'again.tif'}",
                              f"FEATURES={tmp_path / 'features.shp'}", f"WEIGHTS={tiny_weights}", "RESOLUTION=native")
     assert "GeoPackage, GeoJSON or FlatGeobuf" in report["error"] and not (tmp_path / "again.tif").exists()

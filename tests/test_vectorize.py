@@ -23,8 +23,10 @@ UTM = Affine(2, 0, 500000, 0, -2, 4600000)
 
 
 def lakes_map(height: int = 300, width: int = 200) -> np.ndarray:
-    """Park ground with a 100 x 40 lake (cut by every strip edge of 32 rows), a ring-shaped lake
-    around a park island, a 2 x 1 speck of water, and a building."""
+    """Park ground with a 100 x 40 lake (cut by every strip edge of 32 rows) holding a 2 x 1 speck of
+    land across a strip's edge, a ring-shaped lake around a park island, a 2 x 1 speck of water,
+    a building, and a road one pixel wide from row 30 to 89 (2 of its pixels above the strip edge
+    at row 32)."""
     rgb = np.empty((3, height, width), np.uint8)
     rgb[:] = np.array(MAP_CLASSES["park"], np.uint8)[:, None, None]
 
@@ -36,6 +38,8 @@ def lakes_map(height: int = 300, width: int = 200) -> np.ndarray:
     paint(slice(180, 220), slice(130, 150), "park")  # the island: 40 x 20 pixels
     paint(slice(280, 282), slice(5, 6), "water")  # the speck
     paint(slice(40, 60), slice(150, 170), "building")
+    paint(slice(63, 65), slice(30, 31), "land")  # the speck in the lake, rows 63 and 64
+    paint(slice(30, 90), slice(190, 191), "road")
     return rgb
 
 
@@ -59,8 +63,9 @@ def test_each_patch_is_one_polygon_whole_across_strips_with_holes_and_ground_are
     names, geoms, areas, meta = read(out)
     assert pyogrio.read_info(out)["crs"] == "EPSG:32633" and meta["geometry_type"] == "Polygon"
     water = sorted((g for n, g in zip(names, geoms) if n == "water"), key=lambda g: g.area)
-    assert len(water) == 2  # the speck (2 pixels) left out, the lake cut by strips made whole
+    assert len(water) == 2  # the speck (2 pixels) merged into the park, the lake cut by strips made whole
     lake, ring = water
+    # ... and the speck of land in it merged into it, as gdal_sieve merges: no hole left
     assert lake.equals(shapely.box(500000 + 20 * 2, 4600000 - 110 * 2, 500000 + 60 * 2, 4600000 - 10 * 2))
     assert len(ring.interiors) == 1 and ring.area == (100 * 80 - 40 * 20) * 4
     assert names.count("building") == 1 and "park" in names and "land" not in names
@@ -70,13 +75,15 @@ def test_each_patch_is_one_polygon_whole_across_strips_with_holes_and_ground_are
     assert 1.0 < lake_area / lake.area < 1.002
     assert by_class["water"].count == 2 and by_class["water"].area_m2 == pytest.approx(
         sum(a for n, a in zip(names, areas) if n == "water"))
-    assert by_class["road"].count == 0
+    # The road (60 pixels) is no speck, though a strip of 32 rows holds only 2 of its pixels.
+    assert by_class["road"].count == 1 and by_class["road"].area_m2 == pytest.approx(60 * 4, rel=2e-3)
 
 
 def test_min_pixels_and_classes_choose_the_features(classes, tmp_path):
     vectorize_classes(classes, tmp_path / "all.geojson", classes=("water",), min_pixels=1)
     names, geoms, _, _ = read(tmp_path / "all.geojson")
     assert names == ["water"] * 3 and min(g.area for g in geoms) == 2 * 4
+    assert max(len(g.interiors) for g in geoms) == 1  # unsieved: the speck of land is a hole in the lake
     vectorize_classes(classes, tmp_path / "big.fgb", classes=("water", "building"), min_pixels=1000)
     names, _, _, _ = read(tmp_path / "big.fgb")
     assert sorted(names) == ["water", "water"]  # the building (400 pixels) is under 1000
@@ -107,7 +114,8 @@ def test_cli_prints_counts_and_areas(classes, tmp_path):
     result = CliRunner().invoke(cli, ["vectorize", str(classes), str(out)])
     assert result.exit_code == 1 and "exists" in result.stderr and "Traceback" not in result.output
     result = CliRunner().invoke(cli, ["vectorize", str(classes), str(out), "--overwrite"])
-    assert result.exit_code == 0 and result.stdout.startswith(f"wrote {out}: 5 polygons")  # park ground and island, 2 lakes, a building
+    # park ground and island, 2 lakes, a building, a road
+    assert result.exit_code == 0 and result.stdout.startswith(f"wrote {out}: 6 polygons")
     assert "water" in result.stdout and " ha" in result.stdout
 
 
@@ -123,3 +131,35 @@ def test_a_raster_without_a_crs_gets_features_without_areas(tmp_path):
     _, geoms, areas, _ = read(tmp_path / "f.gpkg")
     assert pyogrio.read_info(tmp_path / "f.gpkg")["crs"] is None and np.isnan(areas.astype(float)).all()  # null
     assert sorted(g.area for g in geoms) == [40 * 100, 100 * 80 - 40 * 20]  # in pixels
+
+
+def test_simplify_smooths_outlines_and_keeps_neighbours_edge_to_edge(tmp_path):
+    """A round lake and a diagonal road in park ground: every pixel is a feature, so the features
+    tile the raster, and must still do after simplification (no slivers, no overlaps)."""
+    rgb = lakes_map()
+    yy, xx = np.mgrid[:300, :200]
+    rgb[:, (yy - 150) ** 2 + (xx - 60) ** 2 < 45 ** 2] = np.array(MAP_CLASSES["water"], np.uint8)[:, None]
+    rgb[:, np.abs(yy - xx - 40) < 3] = np.array(MAP_CLASSES["road"], np.uint8)[:, None]
+    src = write_map(tmp_path / "map.tif", rgb, "EPSG:32633", UTM)
+    classify_map(src, tmp_path / "classes.tif")
+    every = ("building", "road", "water", "park")
+    by_tolerance = {}
+    for tolerance in (0, 1.5):
+        out = tmp_path / f"f{tolerance}.gpkg"
+        by_class = vectorize_classes(tmp_path / "classes.tif", out, classes=every, simplify=tolerance,
+                                     strip_rows=64)
+        _, geoms, _, _ = read(out)
+        raster = 300 * 200 * 4
+        assert shapely.union_all(geoms).area == pytest.approx(raster)  # no gaps ...
+        assert sum(g.area for g in geoms) == pytest.approx(raster)  # ... and no overlaps
+        assert shapely.is_valid(geoms).all()
+        # Simplified, each shared edge has the same vertices on both sides (GEOS's valid coverage);
+        # traced, an outline has none where its neighbour turns (no gap or overlap either way).
+        assert shapely.coverage_is_valid(geoms) == (tolerance > 0)
+        by_tolerance[tolerance] = (int(shapely.get_num_coordinates(geoms).sum()), by_class)
+    (exact, exact_classes), (smooth, smooth_classes) = by_tolerance[0], by_tolerance[1.5]
+    assert smooth < exact / 2  # the staircases taken out
+    assert smooth_classes["water"].count == exact_classes["water"].count
+    assert smooth_classes["water"].area_m2 == pytest.approx(exact_classes["water"].area_m2, rel=0.02)
+    with pytest.raises(InputError, match="0 or more pixels"):
+        vectorize_classes(tmp_path / "classes.tif", tmp_path / "x.gpkg", simplify=-1)

@@ -45,7 +45,7 @@ FOREIGN = ("PYTHONHOME", "PYTHONPATH", "GDAL_DATA", "GDAL_DRIVER_PATH", "PROJ_LI
 class Geosat2mapTranslate(QgsProcessingAlgorithm):
     INPUT, EXTENT, AOI, BANDS, WEIGHTS, RESOLUTION = "INPUT", "EXTENT", "AOI", "BANDS", "WEIGHTS", "RESOLUTION"
     NODATA, TTA, COMPRESSION, RESUME, OUTPUT = "NODATA", "TTA", "COMPRESSION", "RESUME", "OUTPUT"
-    CLASSES, FEATURES, DEM = "CLASSES", "FEATURES", "DEM"
+    CLASSES, FEATURES, SIMPLIFY, DEM = "CLASSES", "FEATURES", "SIMPLIFY", "DEM"
     #: The formats vectorize writes (geosat2map.vectorize.VECTOR_SUFFIXES: this script runs in QGIS's
     #: Python, which has no geosat2map to import), checked before translate's minutes, not after.
     FEATURE_FORMATS = (".gpkg", ".geojson", ".json", ".fgb")
@@ -112,6 +112,9 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterVectorDestination(  # geosat2map vectorize on the classes
             self.FEATURES, "Features of the map (its lakes, parks, buildings and roads as polygons)",
             QgsProcessing.TypeVectorPolygon, optional=True, createByDefault=False))
+        self.addParameter(QgsProcessingParameterNumber(  # vectorize --simplify
+            self.SIMPLIFY, "Smooth the features' outlines by, in pixels (0: the pixels' edges; 2: smooth)",
+            type=QgsProcessingParameterNumber.Double, minValue=0, defaultValue=0))
 
     def processAlgorithm(self, parameters, context, feedback) -> dict:
         layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
@@ -166,7 +169,9 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
             if classes:
                 results[self.CLASSES] = classes
         if features:
-            if not _run([PYTHON, "-m", "geosat2map_cli", "vectorize", classified, features, "--overwrite"], feedback):
+            simplify = repr(self.parameterAsDouble(parameters, self.SIMPLIFY, context))
+            if not _run([PYTHON, "-m", "geosat2map_cli", "vectorize", classified, features, "--simplify", simplify,
+                         "--overwrite"], feedback):
                 return {}
             results[self.FEATURES] = features
         feedback.setProgress(100)
