@@ -299,10 +299,20 @@ def _dry_run(sources: tuple[str, ...], dst: Path, to_folder: bool, overlap: int 
         click.echo(f"would write {out}: {plan.width} x {plan.height}{gsd}, {plan.crs or 'no CRS'}, bands "
                    f"{','.join(map(str, plan.bands))}, {tiles} overlapping by {asked['overlap']}"
                    + (f" ({outside} more outside the area of interest)" if outside else "")
-                   + (", fewer if some are wholly nodata" if plan.masked and plan.tiles > 1 else "")
+                   + _data_tiles(plan)
                    + ("" if kept is None else f"; continuing its partial output, {kept} of {plan.height} rows kept"))
     if failed:
         raise click.exceptions.Exit(1)
+
+
+def _data_tiles(plan) -> str:
+    """The dry run's count of the tiles a run computes (the others wholly nodata), where the scene
+    marks nodata."""
+    if plan.data_tiles is None or (plan.data_tiles == plan.tiles and plan.mask_step == 1):
+        return ""
+    if plan.mask_step == 1:
+        return f", {plan.data_tiles} with data (the rest wholly nodata: skipped)"
+    return f", about {plan.data_tiles} with data (its mask read every {plan.mask_step} pixels)"
 
 
 def _scene_error(scene: str, exc: Exception) -> None:

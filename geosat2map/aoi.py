@@ -79,19 +79,21 @@ def inside(geometry: shapely.Geometry, transform: Affine, shape: tuple[int, int]
 
 
 def windows_touched(geometry: shapely.Geometry, transform: Affine,
-                    windows: Iterable[tuple[int, int, int, int]]) -> int:
-    """How many ``windows`` (column, row, width, height on the grid at ``transform``) have a pixel
-    centre inside ``geometry``: the tiles a run over the area computes at most. Only the windows its
-    boundary crosses are rasterised (:func:`inside`), so a large scene's count takes no reads."""
+                    windows: Iterable[tuple[int, int, int, int]]) -> np.ndarray:
+    """Which ``windows`` (column, row, width, height on the grid at ``transform``) have a pixel
+    centre inside ``geometry`` (a bool each): the tiles a run over the area computes at most. Only
+    the windows its boundary crosses are rasterised (:func:`inside`), so a large scene's takes no
+    reads."""
     cols, rows, widths, heights = np.array(list(windows), dtype=np.float64).reshape(-1, 4).T
     corners = np.stack([np.stack(transform @ (cols + dx * widths, rows + dy * heights), axis=-1)
                         for dx, dy in ((0, 0), (1, 0), (1, 1), (0, 1), (0, 0))], axis=1)
     boxes = shapely.polygons(corners)
     shapely.prepare(geometry)
     within = shapely.contains_properly(geometry, boxes)
-    crossed = np.flatnonzero(~within & shapely.intersects(geometry, boxes))
-    return int(within.sum()) + sum(bool(inside(geometry, transform @ Affine.translation(cols[i], rows[i]),
-                                               (int(heights[i]), int(widths[i]))).any()) for i in crossed)
+    for i in np.flatnonzero(~within & shapely.intersects(geometry, boxes)):
+        within[i] = inside(geometry, transform @ Affine.translation(cols[i], rows[i]),
+                           (int(heights[i]), int(widths[i]))).any()
+    return within
 
 
 def digest(geometry: shapely.Geometry) -> str:

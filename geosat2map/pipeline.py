@@ -271,7 +271,7 @@ class TranslatePlan:
     gsd_m: float | None
     crs: str | None
     #: The tiles a run computes at most: those of the grid with a pixel inside the area of interest
-    #: (all without one). A run also skips those wholly nodata, which only reading the scene tells.
+    #: (all without one). A run also skips those wholly nodata: see ``data_tiles``.
     tiles: int
     #: All the tiles of the map's grid.
     grid_tiles: int
@@ -279,6 +279,11 @@ class TranslatePlan:
     notes: list[str] = field(default_factory=list)
     #: The scene marks nodata (a nodata value, an alpha band or a mask): tiles wholly nodata are skipped.
     masked: bool = False
+    #: Of ``tiles``, those with a valid pixel in the scene's mask read every ``mask_step`` pixels
+    #: (1: every pixel, the count a run computes; more, on a large scene: an estimate, which a thin
+    #: strip of data between the samples escapes). None when the scene marks no nodata.
+    data_tiles: int | None = None
+    mask_step: int = 1
 
 
 def plan_translation(
@@ -299,20 +304,43 @@ def plan_translation(
     """The map :func:`translate` would write from ``src`` with these options, and its tiles, planned
     as translate plans them (placement, resampling to the model's ground sampling distance, bounds
     or area of interest, bands, the memory check) but with no model loaded and no tile computed:
-    a large scene's size and cost before a long run (``translate --dry-run``)."""
+    a large scene's size and cost before a long run (``translate --dry-run``). Of the pixels,
+    only a scene's mask is read, where it marks nodata (:attr:`TranslatePlan.data_tiles`)."""
     _check_tiling(tile_size, overlap)
     spec = read_spec(weights if weights is not None else default_weights_path())
     scene, grid, _ = _open_checked(scene_path(src), bands, resolution, spec, allow_ungeoreferenced, tile_size,
                                    overlap, bounds, bounds_crs, _area(aoi, bounds), src_nodata, rpc_dem)
     try:
-        tiles = len(grid) if scene.aoi is None else area.windows_touched(
-            scene.aoi, scene.transform, ((x, y, *grid.tile_shape(r, c)[::-1]) for r, y in enumerate(grid.ys)
-                                         for c, x in enumerate(grid.xs)))
-        return TranslatePlan(scene.width, scene.height, scene.gsd_m,
-                             None if scene.crs is None else scene.crs.to_string(), tiles, len(grid),
+        windows = np.array([(x, y, *grid.tile_shape(r, c)[::-1]) for r, y in enumerate(grid.ys)
+                            for c, x in enumerate(grid.xs)], np.int64)
+        computed = (np.ones(len(windows), bool) if scene.aoi is None
+                    else area.windows_touched(scene.aoi, scene.transform, windows))
+        plan = TranslatePlan(scene.width, scene.height, scene.gsd_m,
+                             None if scene.crs is None else scene.crs.to_string(), int(computed.sum()), len(grid),
                              list(scene.bands), list(scene.notes), masked=not scene.all_valid)
+        if plan.masked:
+            plan.mask_step = -(-max(scene.width, scene.height) // PLAN_MASK_SIDE)
+            plan.data_tiles = int((computed & _with_data(scene, windows, plan.mask_step)).sum())
+        return plan
     finally:
         scene.close()
+
+
+#: The longest side of the mask :func:`plan_translation` reads (67 MB of counts at most).
+PLAN_MASK_SIDE = 4096
+
+
+def _with_data(scene: Scene, windows: np.ndarray, step: int) -> np.ndarray:
+    """Which ``windows`` (column, row, width, height) hold a valid pixel of the scene's mask read
+    every ``step`` pixels; each window is asked of the cells it overlaps at all."""
+    h, w = -(-scene.height // step), -(-scene.width // step)
+    valid = scene.valid_decimated(h, w)
+    counts = np.zeros((h + 1, w + 1), np.int32)  # valid cells above and left of each corner
+    np.cumsum(np.cumsum(valid, axis=0, dtype=np.int32), axis=1, out=counts[1:, 1:])
+    x, y, tw, th = windows.T
+    c0, c1 = x * w // scene.width, -(-(x + tw) * w // scene.width)
+    r0, r1 = y * h // scene.height, -(-(y + th) * h // scene.height)
+    return counts[r1, c1] - counts[r0, c1] - counts[r1, c0] + counts[r0, c0] > 0
 
 
 def kept_rows(dst: Path, required: bool = True) -> int | None:

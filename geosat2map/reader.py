@@ -283,8 +283,14 @@ class Scene:
         with reading(self.path), self._gdal_env():
             data = self.src.read(self.bands, window=self.crop, out_shape=(len(self.bands), *shape),
                                  out_dtype="float32", resampling=Resampling.bilinear)
-            valid = self.src.dataset_mask(window=self.crop, out_shape=shape, resampling=Resampling.nearest) > 0
-        return self._scale(data, valid)
+        return self._scale(data, self.valid_decimated(height, width))
+
+    def valid_decimated(self, height: int, width: int) -> np.ndarray:
+        """The scene's mask (its nodata value, alpha band or mask band; not a float scene's NaN)
+        sampled on a ``height`` x ``width`` grid over it (nearest: each cell's centre pixel)."""
+        with reading(self.path), self._gdal_env():
+            return self.src.dataset_mask(window=self.crop, out_shape=(height, width),
+                                         resampling=Resampling.nearest) > 0
 
     def _scale(self, data: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.stretch is not None:  # in place: ``data`` may be the caller's buffer

@@ -782,7 +782,31 @@ def test_dry_run_plans_the_map_as_translate_makes_it_and_writes_nothing(tiny_wei
                                    f"1,2,3, {tiles} tiles of 256 overlapping by 64")
     assert_clean_failure(run("translate", scene, out, "--weights", tiny_weights_gsd, "--dry-run"), tmp_path / "x",
                          "exists (pass --overwrite")
-    # A scene that marks nodata: the count is at most, which the plan says (the run skips tiles wholly nodata).
+    # A scene that marks nodata, valid everywhere: every tile computed, so nothing more to say.
     masked = write_scene(tmp_path / "masked.tif", width=700, height=900, nodata=0)
     plan = run("translate", masked, tmp_path / "m.tif", "--weights", tiny_weights_gsd, "--dry-run")
-    assert plan.stdout.strip().endswith(f" {tiles} tiles of 256 overlapping by 64, fewer if some are wholly nodata")
+    assert plan.stdout.strip().endswith(f" {tiles} tiles of 256 overlapping by 64")
+
+
+def test_dry_run_counts_the_tiles_with_data_a_run_computes(tiny_weights_gsd, tmp_path, monkeypatch):
+    """A scene nodata but for a diagonal band (a rotated strip's footprint): the plan counts the
+    tiles with data from the scene's mask, the ones the run computes; a large scene's mask is
+    sampled, and its count says so."""
+    from geosat2map import pipeline
+
+    from .conftest import synthetic_image
+
+    data = synthetic_image(1400, 1200, 3)
+    yy, xx = np.mgrid[:1400, :1200]
+    data[:, np.abs(yy - xx) > 150] = 0
+    scene = write_scene(tmp_path / "band.tif", width=1200, height=1400, nodata=0, data=data)
+    plan = run("translate", scene, tmp_path / "m.tif", "--weights", tiny_weights_gsd, "--dry-run")
+    planned = re.search(r"(\d+) tiles of 256 overlapping by 64, (\d+) with data \(the rest wholly nodata: skipped\)$",
+                        plan.stdout.strip())
+    assert planned, plan.stdout
+    made = run("translate", scene, tmp_path / "m.tif", "--weights", tiny_weights_gsd, "--quiet")
+    computed, tiles = map(int, re.search(r"(\d+)/(\d+) tiles computed", made.stdout).groups())
+    assert (int(planned.group(1)), int(planned.group(2))) == (tiles, computed) and computed < tiles
+    monkeypatch.setattr(pipeline, "PLAN_MASK_SIDE", 100)  # this scene's 600 x 700 map: read every 7 pixels
+    sampled = run("translate", scene, tmp_path / "n.tif", "--weights", tiny_weights_gsd, "--dry-run")
+    assert sampled.stdout.strip().endswith(f", about {computed} with data (its mask read every 7 pixels)")
