@@ -82,8 +82,8 @@ def windows_touched(geometry: shapely.Geometry, transform: Affine,
                     windows: Iterable[tuple[int, int, int, int]]) -> np.ndarray:
     """Which ``windows`` (column, row, width, height on the grid at ``transform``) have a pixel
     centre inside ``geometry`` (a bool each): the tiles a run over the area computes at most. Only
-    the windows its boundary crosses are rasterised (:func:`inside`), so a large scene's takes no
-    reads."""
+    the windows its boundary crosses are rasterised (:func:`inside`), so a large scene's tiles are
+    judged without reading it."""
     cols, rows, widths, heights = np.array(list(windows), dtype=np.float64).reshape(-1, 4).T
     corners = np.stack([np.stack(transform @ (cols + dx * widths, rows + dy * heights), axis=-1)
                         for dx, dy in ((0, 0), (1, 0), (1, 1), (0, 1), (0, 0))], axis=1)

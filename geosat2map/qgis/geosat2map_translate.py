@@ -113,7 +113,7 @@ class Geosat2mapTranslate(QgsProcessingAlgorithm):
             self.FEATURES, "Features of the map (its lakes, parks, buildings and roads as polygons)",
             QgsProcessing.TypeVectorPolygon, optional=True, createByDefault=False))
         self.addParameter(QgsProcessingParameterNumber(  # vectorize --simplify
-            self.SIMPLIFY, "Smooth the features' outlines by, in pixels (0: the pixels' edges; 2: smooth)",
+            self.SIMPLIFY, "Smoothing of the features' outlines, in pixels (0: the pixels' edges; 2: smooth)",
             type=QgsProcessingParameterNumber.Double, minValue=0, defaultValue=0))
 
     def processAlgorithm(self, parameters, context, feedback) -> dict:
