@@ -277,11 +277,10 @@ class TranslatePlan:
     grid_tiles: int
     bands: list[int]
     notes: list[str] = field(default_factory=list)
-    #: The scene marks nodata (a nodata value, an alpha band or a mask): tiles wholly nodata are skipped.
-    masked: bool = False
     #: Of ``tiles``, those with a valid pixel in the scene's mask read every ``mask_step`` pixels
     #: (1: every pixel, the count a run computes; more, on a large scene: an estimate, which a thin
-    #: strip of data between the samples escapes). None when the scene marks no nodata.
+    #: strip of data between the samples escapes). None when the scene marks no nodata (a nodata
+    #: value, an alpha band or a mask): every tile is computed.
     data_tiles: int | None = None
     mask_step: int = 1
 
@@ -317,8 +316,8 @@ def plan_translation(
                     else area.windows_touched(scene.aoi, scene.transform, windows))
         plan = TranslatePlan(scene.width, scene.height, scene.gsd_m,
                              None if scene.crs is None else scene.crs.to_string(), int(computed.sum()), len(grid),
-                             list(scene.bands), list(scene.notes), masked=not scene.all_valid)
-        if plan.masked:
+                             list(scene.bands), list(scene.notes))
+        if not scene.all_valid:
             plan.mask_step = -(-max(scene.width, scene.height) // PLAN_MASK_SIDE)
             plan.data_tiles = int((computed & _with_data(scene, windows, plan.mask_step)).sum())
         return plan
