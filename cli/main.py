@@ -616,6 +616,10 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
               help="Also move each training pair by a random number of pixels, up to this many each way, "
                    "its edges mirrored: the scene at other places on the U-Net's grid, at the same scale "
                    "(0: off, as the recipe).")
+@click.option("--colour-jitter", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="Also recolour each training input at random (white balance, tone curve, brightness, "
+                   "contrast, saturation, hue; 1: the full ranges, see geosat2map.recolour), its map as it is: "
+                   "for imagery whose colours are not the training imagery's (0: off, as the recipe).")
 @click.option("--distill-from", default=None,
               help="Also pull the generator towards this teacher's flip-averaged maps (translate --tta's "
                    "output, or see --distill-views; 'default': the shipped model): one pass learns what the "
@@ -915,6 +919,8 @@ def _echo_provenance(prov: dict, dtype: str) -> None:
         made.append(f"distilled from {teacher['file']}'s {views}")
     if prov.get("settings", {}).get("shift"):
         made.append(f"pairs moved by up to {prov['settings']['shift']} pixels each way")
+    if prov.get("settings", {}).get("colour_jitter"):
+        made.append(f"inputs recoloured at random (strength {prov['settings']['colour_jitter']:g})")
     if "averaged_from" in prov:
         made.append(f"the mean of {len(prov['averaged_from'])} generators")
     if made:

@@ -27,6 +27,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from .errors import DataError, first_line, gdal_reason
 from .model import moved
+from .recolour import Recolouring
 from .reader import PNG_READ_OPTIONS
 from .records import fits
 
@@ -91,7 +92,9 @@ def largest_shift(crop_size: int) -> int:
 class PairDataset(torch.utils.data.Dataset):
     """(input, target) pairs resized to ``load_size``; ``crop_size`` random crops with flips when
     ``augment``, random quarter turns too with ``rot90``, and random moves by up to ``shift``
-    pixels each way (:func:`~geosat2map.model.moved`).
+    pixels each way (:func:`~geosat2map.model.moved`). With ``colour_jitter``, :meth:`recoloured`
+    changes the inputs' colours (:mod:`~geosat2map.recolour`); the trainer calls it after the
+    teacher has seen the pair as it is.
 
     ``pairs``: (input, target) uint8 arrays, or sources that read them (:class:`AlignedPair`,
     :class:`TilePair`); kept resized in memory when they fit in ``in_memory_bytes``, else read
@@ -108,6 +111,7 @@ class PairDataset(torch.utils.data.Dataset):
         rot90: bool = False,
         shift: int = 0,
         in_memory_bytes: int = IN_MEMORY_BYTES,
+        colour_jitter: float = 0.0,
     ) -> None:
         if not pairs:
             raise DataError("the data set is empty")
@@ -125,6 +129,7 @@ class PairDataset(torch.utils.data.Dataset):
         self.names = names
         self.load_size, self.crop_size, self.augment, self.seed = load_size, crop_size, augment, seed
         self.rot90, self.shift = rot90, shift
+        self.colour_jitter = colour_jitter
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -151,6 +156,17 @@ class PairDataset(torch.utils.data.Dataset):
         if self.shift:
             dy, dx = (torch.randint(2 * self.shift + 1, (2,), generator=gen) - self.shift).tolist()
         return y, x, flip, turns, dy, dx
+
+    def recoloured(self, inputs: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+        """The batch ``inputs`` (N, 3, H, W, on the CPU) of items ``indices``, each recoloured as drawn for it this
+        epoch (its own generator: the crops, flips and moves drawn are those of a run without)."""
+        if not self.colour_jitter:
+            return inputs
+        out = []
+        for image, index in zip(inputs, indices):
+            gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, index, 1)) & 0x7FFFFFFF)
+            out.append(Recolouring.draw(self.colour_jitter, gen)(image))
+        return torch.stack(out)
 
     def placement(self, index: int) -> tuple[bool, int, int] | None:
         """How item ``index`` is its pair this epoch (mirrored, moved by dy, dx), where that is all

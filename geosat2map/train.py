@@ -50,7 +50,7 @@ CHECKPOINT = "checkpoint.pt"
 #: The TrainConfig fields every saved generator's provenance records (how it was trained).
 RECORDED_SETTINGS = ("load_size", "crop_size", "batch_size", "lr", "lr_d", "beta1", "beta2", "lambda_gan",
                      "lambda_l1", "lambda_l2", "epochs", "epochs_decay", "ndf", "holdout", "seed", "ema_decay",
-                     "freeze_batchnorm", "no_dropout", "rot90", "shift", "distill_from", "distill_weight", "distill_views",
+                     "freeze_batchnorm", "no_dropout", "rot90", "shift", "colour_jitter", "distill_from", "distill_weight", "distill_views",
                      "storage_aware")
 #: The most memory the teacher's kept maps take (Trainer._taught, fp16): the maps set's 986 training
 #: pairs at 256 x 256 take 388 MB; a larger set keeps the first pairs' and asks the teacher for the rest.
@@ -138,6 +138,11 @@ class TrainConfig:
     #: grid at the scale translate uses (the recipe's jitter, a 286-pixel resize cropped to 256,
     #: changes the scale too). 0: off, as the recipe.
     shift: int = 0
+    #: Recolour each training input at random (:mod:`~geosat2map.recolour`: white balance, tone
+    #: curve, brightness, contrast, saturation, hue), up to this share of the module's ranges (0:
+    #: off, as the recipe; 1: the full ranges), its map left as it is: for imagery whose colours
+    #: are not the training imagery's. A teacher sees the input as it is.
+    colour_jitter: float = 0.0
     #: Self-distillation: a teacher generator whose flip-averaged output (translate --tta, which
     #: scores better on every held-out metric than one pass of the same weights) becomes a second
     #: L1 target, so that one pass of the student learns what the teacher needs two for. The L1
@@ -183,6 +188,7 @@ class TrainConfig:
              f"crop size must be a multiple of 256 (the U-Net halves it 8 times), not {self.crop_size}"),
             (not 0 <= self.shift <= datasets.largest_shift(self.crop_size),
              f"--shift must be from 0 to {datasets.largest_shift(self.crop_size)} pixels, not {self.shift}"),
+            (not 0.0 <= self.colour_jitter <= 1.0, f"--colour-jitter must be from 0 to 1, not {self.colour_jitter}"),
             ((self.ngf is not None and self.ngf < 1) or self.ndf < 1,
              f"network widths must be at least 1, not {self.ngf} and {self.ndf}"),
             (self.checkpoint_every < 0,
@@ -298,7 +304,8 @@ class Trainer:
             raise DataError(f"no training pairs in {datasets.folders_text(config.data)}: its images all went to "
                             f"validation (--holdout {config.holdout}) or its train/ folder is empty")
         self.train_set = datasets.PairDataset(pairs, names, config.load_size, config.crop_size, True, config.seed,
-                                              rot90=config.rot90, shift=config.shift)
+                                              rot90=config.rot90, shift=config.shift,
+                                              colour_jitter=config.colour_jitter)
         val_pairs, val_names = datasets.load_pairs(config.data, "val", config.direction, config.holdout)
         self.val_set = (
             datasets.PairDataset(val_pairs, val_names, config.crop_size, config.crop_size, False) if val_pairs else None
@@ -643,7 +650,12 @@ class Trainer:
                     raise Interrupted(f"stopped at step {self.global_step} ({self.step_in_epoch} of epoch "
                                       f"{self.epoch + 1}), its checkpoint saved; the same command with --resume "
                                       "continues")
-                losses = self.train_step(a, b, self._teacher_maps(batch))
+                taught = self._teacher_maps(batch)
+                if self.train_set.colour_jitter:
+                    if self.teacher is not None and taught is None:
+                        taught = self._ask_teacher(a).float()  # the teacher sees the pair as it is
+                    a = self.train_set.recoloured(a.cpu(), batch).to(self.device, memory_format=self.layout)
+                losses = self.train_step(a, b, taught)
                 self.step_in_epoch += 1
                 self.global_step += 1
                 count += 1

@@ -472,6 +472,82 @@ def test_shift_moves_input_and_target_alike_and_leaves_the_crops_and_flips_as_th
         PairDataset([(a, 255 - a)], ["p"], load_size=16, crop_size=16, shift=8)
 
 
+def test_recolouring_changes_the_colours_not_the_scene_and_none_at_strength_0():
+    """A recolouring keeps the image's layout (a monotone change of its luma where no band clips),
+    lands on 8-bit levels in the model's range, and is the identity at its defaults and strength 0."""
+    from geosat2map.datasets import to_model_range
+    from geosat2map.recolour import Recolouring
+
+    img = to_model_range(torch.from_numpy(synthetic_image(32, 32, seed=3).astype(np.uint8)))
+    assert torch.allclose(Recolouring()(img), img, atol=1e-6)
+    assert Recolouring.draw(0.0, torch.Generator().manual_seed(1)) == Recolouring()
+    gen = torch.Generator().manual_seed(1)
+    drawn = [Recolouring.draw(1.0, gen) for _ in range(200)]
+    assert 0.9 < min(r.gains[0] for r in drawn) < 0.92 and 1.09 < max(r.gains[0] for r in drawn) < 1.11
+    assert max(abs(r.hue) for r in drawn) <= 0.15 and len({r.saturation for r in drawn}) == 200
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    gentle = Recolouring(gains=(1.05, 0.97, 1.0), gamma=1.2, brightness=0.9, contrast=0.8, saturation=1.3, hue=0.1)
+    out = gentle(img)
+    levels = (out + 1) * 127.5
+    assert out.shape == img.shape and out.min() >= -1 and out.max() <= 1
+    assert torch.allclose(levels, levels.round(), atol=1e-4) and not torch.allclose(out, img, atol=0.05)
+    y_in, y_out = (img * luma).sum(0).flatten(), (out * luma).sum(0).flatten()
+    order = y_in.argsort()
+    assert (y_out[order].diff() > -0.05).all()  # brighter pixels stay brighter (up to rounding and chroma)
+
+
+def test_colour_jitter_recolours_the_students_input_only_per_item_and_epoch(tmp_path, monkeypatch):
+    """--colour-jitter: each input is recoloured as drawn for its item and epoch (a resumed run
+    draws the same), its map is left alone, the crops and flips are those of a run without it, and
+    a teacher maps the input as it is. Refused out of range, recorded in the saved generator."""
+    a = synthetic_image(16, 16, seed=1).astype(np.uint8)
+    ds = PairDataset([(a, 255 - a), (a, a)], ["p", "q"], load_size=16, crop_size=16, seed=0, colour_jitter=0.5)
+    plain = PairDataset([(a, 255 - a), (a, a)], ["p", "q"], load_size=16, crop_size=16, seed=0)
+    x = torch.stack([ds[0][0], ds[1][0]])
+    assert torch.equal(x, torch.stack([plain[0][0], plain[1][0]]))  # the dataset's items themselves: as without
+    first = ds.recoloured(x, [0, 1])
+    assert torch.equal(first, ds.recoloured(x, [0, 1])) and not torch.equal(first[0], first[1])
+    ds.set_epoch(1)
+    assert not torch.equal(first, ds.recoloured(x, [0, 1]))
+    assert torch.equal(plain.recoloured(x, [0, 1]), x)
+
+    monkeypatch.setenv("GEOSAT2MAP_CACHE", str(tmp_path / "cache"))
+    data = write_aligned(tmp_path / "data")
+    teacher_file = tmp_path / "teacher.safetensors"
+    torch.manual_seed(5)
+    save_generator(UNetGenerator(ngf=4).eval(), ModelSpec(ngf=4, gsd_m=2.0), teacher_file)
+    # load 286: crops change every epoch, so the teacher maps each step's input (not kept maps)
+    trainer = Trainer(tiny_config(data, tmp_path / "run", distill_from=str(teacher_file), epochs=1,
+                                  epochs_decay=0, colour_jitter=1.0))
+    taught_inputs, student_inputs, clean = [], [], []
+    trainer.teacher.register_forward_pre_hook(lambda _, args: taught_inputs.append(args[0].clone()))
+    batches, step = trainer._batches, trainer.train_step
+
+    def watched_batches():
+        for a_, b_, batch in batches():
+            clean.append(a_.clone())
+            yield a_, b_, batch
+
+    def watched_step(real_a, real_b, taught=None):
+        student_inputs.append(real_a.clone())
+        return step(real_a, real_b, taught)
+
+    monkeypatch.setattr(trainer, "_batches", watched_batches)
+    monkeypatch.setattr(trainer, "train_step", watched_step)
+    trainer.run()
+    assert len(student_inputs) == len(trainer.train_set) == len(clean)
+    assert len(taught_inputs) == len(clean) and all(torch.equal(t, c) for t, c in zip(taught_inputs, clean))
+    assert all(not torch.allclose(s, c, atol=0.02) for s, c in zip(student_inputs, clean))
+    settings = load_generator(tmp_path / "run" / "generator.safetensors")[1].provenance["settings"]
+    assert settings["colour_jitter"] == 1.0
+    info = CliRunner().invoke(cli, ["info", str(tmp_path / "run" / "generator.safetensors")])
+    assert "inputs recoloured at random (strength 1)" in info.output
+    result = CliRunner().invoke(cli, ["train", str(data), "--out", str(tmp_path / "bad"), "--colour-jitter", "1.5"])
+    assert result.exit_code == 2 and "--colour-jitter" in result.output and not (tmp_path / "bad").exists()
+    with pytest.raises(TrainingError, match="--colour-jitter must be from 0 to 1, not -0.1"):
+        train(tiny_config(data, tmp_path / "bad", colour_jitter=-0.1))
+
+
 def test_a_moved_pair_is_taught_its_teachers_map_moved_with_it(tmp_path, monkeypatch):
     """With --shift the teacher maps each whole pair once (first epoch) and the step's teacher map
     is that map mirrored and moved as the pair is; the setting is refused out of range and
