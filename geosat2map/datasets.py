@@ -27,8 +27,8 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from .errors import DataError, first_line, gdal_reason
 from .model import moved
-from .recolour import Recolouring
 from .reader import PNG_READ_OPTIONS
+from .recolour import Recolouring
 from .records import fits
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
