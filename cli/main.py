@@ -695,9 +695,13 @@ def train(ctx, data, out, resume, quiet, **options) -> None:
 @click.option("--classes", is_flag=True,
               help="Also score each map colour class (land, buildings, roads, highways, water, parks): its share "
                    "of the real maps, and the generated maps' precision, recall and IoU in it.")
+@click.option("--recolour", type=click.Choice(["pale", "warm", "dark"]), default=None,
+              help="Recolour each input first, its map kept: pale (lower contrast and saturation, brighter: "
+                   "haze, desert light), warm (red up 10 %, blue down 12 %: another white balance) or dark "
+                   "(gamma 1.4): how the model copes with another source's colours.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, precision, against, classes,
-             as_json) -> None:
+             recolour, as_json) -> None:
     """Score a generator on paired DATA (a pix2pix aligned folder or a tiles folder; several are
     scored as one), or a translate output DATA against --map: RMSE, accuracy at delta 5 and 10,
     PSNR, SSIM."""
@@ -708,16 +712,16 @@ def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, 
         raise DataError(f"{files[0]} is a file: score a translate output against a reference map with --map MAP, "
                         "or a generator on a folder of pairs")
     if map_raster:
-        if tta or against:
-            raise click.UsageError("--tta, --tta-median and --against score generators; with --map, score "
-                                   "translate outputs")
+        if tta or against or recolour:
+            raise click.UsageError("--tta, --tta-median, --against and --recolour score generators; with --map, "
+                                   "score translate outputs")
         if len(data) > 1:
             raise click.UsageError("with --map, DATA is one translate output")
         result = evaluate_rasters(data[0], map_raster, classes=classes)
     else:
         result = run_eval(weights, data[0] if len(data) == 1 else list(data), split=split, direction=direction,
                           holdout=holdout, device=device, tta=tta, against=against, precision=precision,
-                          classes=classes)
+                          classes=classes, recolour=recolour)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     elif against:

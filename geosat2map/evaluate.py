@@ -16,6 +16,7 @@ from .engine import make_engine
 from .errors import DataError, OutputError, gdal_reason
 from .model import modes_kept, recorded_tta, tta_name, with_tta
 from .quantize import calibration_picks
+from .recolour import SHIFTS, RecolouredPair
 from .weights import ModelSpec, as_stored, load_generator
 from .writer import GDAL_WRITE_ERRORS
 
@@ -119,6 +120,7 @@ def evaluate(
     against: str | Path | None = None,
     precision: str = "fp32",
     classes: bool = False,
+    recolour: str | None = None,
 ) -> dict:
     """Score a weights file (None or 'default': the default model) on the ``split`` of a paired data
     folder (or of several, as one: :func:`datasets.load_pairs`), with translate's test-time
@@ -132,7 +134,9 @@ def evaluate(
     metric, the per-pair differences ``weights`` minus ``against`` (:func:`metrics.paired_differences`):
     whether a fine-tuned model is better, not only its means. With ``classes``, the result's ``classes`` gives
     per map colour class (:data:`metrics.MAP_CLASSES`: land, buildings, roads, water, parks...) the
-    generated maps' precision, recall and IoU (:func:`metrics.class_scores`).
+    generated maps' precision, recall and IoU (:func:`metrics.class_scores`). With ``recolour`` (a
+    key of :data:`recolour.SHIFTS`), each input is first recoloured that way, its map kept: how the
+    model copes with another source's colours.
     """
     if holdout < 0:
         raise DataError(f"--holdout must be 0 (none) or more, not {holdout}")
@@ -142,6 +146,10 @@ def evaluate(
         aligned = not all(map(datasets.is_tile_folder, folders))
         hint = " (--holdout 0 holds none out)" if split == "val" and aligned else ""
         raise DataError(f"no {split} pairs in {', '.join(map(str, folders))}{hint}")
+    if recolour is not None:
+        if recolour not in SHIFTS:
+            raise DataError(f"unknown recolouring {recolour!r} (use {', '.join(SHIFTS)})")
+        pairs = [RecolouredPair(p, SHIFTS[recolour]) for p in pairs]
     int8 = precision == "int8"
     tta = tta_name(tta)
     dev = resolve_device("cpu" if int8 and device == "auto" else device)
@@ -152,7 +160,7 @@ def evaluate(
     scores = [metrics.without_classes(s) for s in scores]
     named = [str(f) for f in data] if isinstance(data, list) else str(data)
     result = {"weights": str(weights or "default"), "data": named, "split": split, "tta": recorded_tta(tta),
-              "precision": "int8" if int8 else "bf16" if bf16 else "fp32"}
+              "precision": "int8" if int8 else "bf16" if bf16 else "fp32", **({"recolour": recolour} if recolour else {})}
     if against is None:
         return {**result, **metrics.summarize(scores[0]), "se": metrics.standard_errors(scores[0]),
                 **({"classes": by_class[0]} if classes else {})}

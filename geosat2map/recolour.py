@@ -62,3 +62,28 @@ class Recolouring:
         i, q = cos * i - sin * q, sin * i + cos * q
         rgb = torch.einsum("ck,khw->chw", _FROM_YIQ, torch.stack([y, i, q])).clamp(0, 1)
         return (rgb * 255).round() / 127.5 - 1
+
+
+#: Fixed colour changes by name, for ``evaluate --recolour``: how a model copes with imagery whose
+#: colours are not the training imagery's. Each goes beyond ``--colour-jitter``'s ranges on one knob
+#: at least, so that a model trained with it is not scored on changes it drew.
+SHIFTS = {
+    "pale": Recolouring(brightness=1.15, contrast=0.7, saturation=0.6),  # haze, a desert's light
+    "warm": Recolouring(gains=(1.1, 1.0, 0.88)),  # another white balance
+    "dark": Recolouring(gamma=1.4, brightness=0.85),  # another tone curve
+}
+
+
+@dataclass(frozen=True)
+class RecolouredPair:
+    """A training or validation pair (arrays, or a source that reads them) with its input
+    recoloured by ``change`` and its map as it is; read when called, as the pairs of
+    :func:`~geosat2map.datasets.load_pairs` are."""
+
+    pair: object
+    change: Recolouring
+
+    def __call__(self) -> tuple:
+        a, b = self.pair() if callable(self.pair) else self.pair
+        x = self.change(torch.from_numpy(a).float() / 127.5 - 1)
+        return ((x + 1) * 127.5).round().to(torch.uint8).numpy(), b

@@ -1272,6 +1272,36 @@ def test_evaluate_against_pairs_each_image_with_itself(tmp_path):
     assert missing.exit_code != 0 and "not found" in missing.stderr
 
 
+def test_evaluate_recolour_scores_the_model_on_inputs_recoloured_that_way(tmp_path):
+    """evaluate --recolour NAME: the same figures as a folder whose inputs were recoloured by hand,
+    the maps untouched; refused with --map."""
+    from geosat2map.recolour import SHIFTS
+
+    data = write_aligned(tmp_path / "data")
+    by_hand = tmp_path / "by_hand"
+    by_hand.mkdir()
+    for png in sorted(data.glob("*.png")):
+        with rasterio.open(png) as src:
+            pair = src.read()
+        a = torch.from_numpy(pair[:, :, :64].copy()).float() / 127.5 - 1
+        pair[:, :, :64] = ((SHIFTS["warm"](a) + 1) * 127.5).round().byte().numpy()
+        with rasterio.open(by_hand / png.name, "w", driver="PNG", width=128, height=64, count=3,
+                           dtype="uint8") as dst:
+            dst.write(pair)
+    weights_file = tmp_path / "g.safetensors"
+    save_generator(random_generator(seed=1), ModelSpec(ngf=8), weights_file)
+    common = ["--split", "val", "--holdout", "3", "--device", "cpu", "--weights", str(weights_file), "--json"]
+    scored = [json.loads(CliRunner().invoke(cli, ["evaluate", str(folder), *common, *extra]).stdout)
+              for folder, extra in ((data, ["--recolour", "warm"]), (by_hand, []), (data, []))]
+    assert scored[0]["recolour"] == "warm" and "recolour" not in scored[1]
+    for key in ("rmse", "acc5", "psnr", "ssim"):
+        assert scored[0][key] == pytest.approx(scored[1][key])
+    assert scored[0]["rmse"] != pytest.approx(scored[2]["rmse"])
+    with_map = CliRunner().invoke(cli, ["evaluate", str(data / "0.png"), "--map", str(data / "1.png"),
+                                        "--recolour", "pale"])
+    assert with_map.exit_code == 2 and "--recolour" in with_map.output
+
+
 def test_paired_differences_mean_standard_error_and_wins():
     first = [{"rmse": 10.0, "psnr": 30.0}, {"rmse": 12.0, "psnr": math.inf}, {"rmse": 20.0, "psnr": 20.0}]
     second = [{"rmse": 11.0, "psnr": 29.0}, {"rmse": 11.0, "psnr": 28.0}, {"rmse": 23.0, "psnr": 21.0}]
