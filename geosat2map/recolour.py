@@ -1,17 +1,17 @@
-"""Random changes of an aerial image's colours, as another sensor, season or processing would make.
+"""Changes of an aerial image's colours, as another sensor, season or processing would make them.
 
 The maps pairs are one source's imagery (Google's, around New York), and a model trained on them
-alone reads other imagery's colours as other things: on the Las Vegas, Paris and NAIP samples it
-paints a pale, near-empty map, while the same scenes with their colours matched to the training
-imagery show streets (see the model card). Matching at translate time breaks the imagery the model
-knows (each image's own mix of water and parks is its colour distribution), so the remedy belongs
-in training: each input is recoloured at random (``train --colour-jitter``), its map left as it is,
-and the model learns that a street is a street in any white balance, brightness, contrast,
-saturation or tint within the ranges below.
+alone reads other colours as other things: recoloured as another white balance (red x1.1, blue
+x0.88), the held-out pairs score RMSE 41 instead of 22 (``evaluate --recolour warm``, model card,
+session 53). Matching a scene's colours to the training imagery's at translate time breaks the
+imagery the model knows (each image's own mix of water and parks is its colour distribution;
+model card, session 44), so the change is made in training instead: each input is recoloured at
+random (``train --colour-jitter``), its map left as it is, for the model to learn that a street
+is a street in any white balance, tone, saturation or tint within the ranges below.
 
-The changes are those that separate real sources: a gain per band (white balance), a gamma (the
-tone curve), then, in YIQ (luma and two chroma axes, linear in RGB), the luma's brightness and
-contrast about its mean, and the chroma's saturation and hue (a turn of the chroma plane). The
+The changes are those that commonly tell sources apart: a gain per band (white balance), a gamma
+(the tone curve), then, in YIQ (luma and two chroma axes, linear in RGB), the luma's brightness
+and contrast about its mean, and the chroma's saturation and hue (a turn of the chroma plane). The
 result is rounded to 8-bit levels, as every scene translate reads is.
 """
 
