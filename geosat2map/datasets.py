@@ -28,7 +28,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from .errors import DataError, first_line, gdal_reason
 from .model import moved
 from .reader import PNG_READ_OPTIONS
-from .recolour import Recolouring
+from .recolour import SHIFTS, Recolouring
 from .records import fits
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
@@ -144,9 +144,13 @@ class PairDataset(torch.utils.data.Dataset):
         a, b = pair() if callable(pair) else pair
         return _resize(torch.from_numpy(a), self.size), _resize(torch.from_numpy(b), self.size)
 
+    def _generator(self, index: int, *stream: int) -> torch.Generator:
+        """Item ``index``'s random draws this epoch; another ``stream`` draws apart from the first."""
+        return torch.Generator().manual_seed(hash((self.seed, self.epoch, index, *stream)) & 0x7FFFFFFF)
+
     def _draw(self, index: int) -> tuple[int, int, bool, int, int, int]:
         """Item ``index``'s crop corner (y, x), mirroring, quarter turns and move (dy, dx) this epoch."""
-        gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
+        gen = self._generator(index)
         span = self.load_size - self.crop_size + 1
         y, x = torch.randint(span, (2,), generator=gen).tolist()
         flip = bool(torch.rand((), generator=gen) < 0.5)
@@ -158,15 +162,12 @@ class PairDataset(torch.utils.data.Dataset):
         return y, x, flip, turns, dy, dx
 
     def recoloured(self, inputs: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
-        """The batch ``inputs`` (N, 3, H, W, on the CPU) of items ``indices``, each recoloured as drawn for it this
-        epoch (its own generator: the crops, flips and moves drawn are those of a run without)."""
+        """The batch ``inputs`` (N, 3, H, W) of items ``indices``, each recoloured as drawn for it this
+        epoch (its own stream: the crops, flips and moves drawn are those of a run without)."""
         if not self.colour_jitter:
             return inputs
-        out = []
-        for image, index in zip(inputs, indices):
-            gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, index, 1)) & 0x7FFFFFFF)
-            out.append(Recolouring.draw(self.colour_jitter, gen)(image))
-        return torch.stack(out)
+        return torch.stack([Recolouring.draw(self.colour_jitter, self._generator(index, 1))(image)
+                            for image, index in zip(inputs, indices)])
 
     def placement(self, index: int) -> tuple[bool, int, int] | None:
         """How item ``index`` is its pair this epoch (mirrored, moved by dy, dx), where that is all
@@ -232,6 +233,20 @@ class TilePair:
 
     def __call__(self) -> tuple[np.ndarray, np.ndarray]:
         return read_image(self.sat), read_image(self.map)
+
+
+@dataclass(frozen=True)
+class RecolouredPair:
+    """A pair (arrays, or a source above) with its input recoloured as :data:`recolour.SHIFTS` names
+    (``evaluate --recolour``) and its map as it is, read when called."""
+
+    pair: tuple[np.ndarray, np.ndarray] | Callable[[], tuple[np.ndarray, np.ndarray]]
+    shift: str
+
+    def __call__(self) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.pair() if callable(self.pair) else self.pair
+        recoloured = SHIFTS[self.shift](to_model_range(torch.from_numpy(a)))
+        return from_model_range(recoloured).to(torch.uint8).numpy(), b
 
 
 def _checked_size(path: Path) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from .engine import make_engine
 from .errors import DataError, OutputError, gdal_reason
 from .model import modes_kept, recorded_tta, tta_name, with_tta
 from .quantize import calibration_picks
-from .recolour import SHIFTS, RecolouredPair
+from .recolour import SHIFTS
 from .weights import ModelSpec, as_stored, load_generator
 from .writer import GDAL_WRITE_ERRORS
 
@@ -149,7 +149,7 @@ def evaluate(
     if recolour is not None:
         if recolour not in SHIFTS:
             raise DataError(f"unknown recolouring {recolour!r} (use {', '.join(SHIFTS)})")
-        pairs = [RecolouredPair(p, SHIFTS[recolour]) for p in pairs]
+        pairs = [datasets.RecolouredPair(p, recolour) for p in pairs]
     int8 = precision == "int8"
     tta = tta_name(tta)
     dev = resolve_device("cpu" if int8 and device == "auto" else device)

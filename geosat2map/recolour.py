@@ -53,14 +53,16 @@ class Recolouring:
         return cls(gains, gamma, brightness, contrast, saturation, HUE * float(u[7]))
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        """``image`` (3, H, W) in the model's range [-1, 1], recoloured, in that range, on 8-bit levels."""
-        x = ((image.float() + 1) / 2 * torch.tensor(self.gains).view(3, 1, 1)).clamp(0, 1) ** self.gamma
-        y, i, q = torch.einsum("ck,khw->chw", _TO_YIQ, x)
+        """``image`` (3, H, W) in the model's range [-1, 1], on any device, recoloured, in that range,
+        on 8-bit levels."""
+        gains = torch.tensor(self.gains, device=image.device).view(3, 1, 1)
+        x = ((image.float() + 1) / 2 * gains).clamp(0, 1) ** self.gamma
+        y, i, q = torch.einsum("ck,khw->chw", _TO_YIQ.to(image.device), x)
         mean = y.mean()
         y = self.brightness * (mean + self.contrast * (y - mean))
         cos, sin = math.cos(self.hue) * self.saturation, math.sin(self.hue) * self.saturation
         i, q = cos * i - sin * q, sin * i + cos * q
-        rgb = torch.einsum("ck,khw->chw", _FROM_YIQ, torch.stack([y, i, q])).clamp(0, 1)
+        rgb = torch.einsum("ck,khw->chw", _FROM_YIQ.to(image.device), torch.stack([y, i, q])).clamp(0, 1)
         return (rgb * 255).round() / 127.5 - 1
 
 
@@ -73,17 +75,3 @@ SHIFTS = {
     "dark": Recolouring(gamma=1.4, brightness=0.85),  # another tone curve
 }
 
-
-@dataclass(frozen=True)
-class RecolouredPair:
-    """A training or validation pair (arrays, or a source that reads them) with its input
-    recoloured by ``change`` and its map as it is; read when called, as the pairs of
-    :func:`~geosat2map.datasets.load_pairs` are."""
-
-    pair: object
-    change: Recolouring
-
-    def __call__(self) -> tuple:
-        a, b = self.pair() if callable(self.pair) else self.pair
-        x = self.change(torch.from_numpy(a).float() / 127.5 - 1)
-        return ((x + 1) * 127.5).round().to(torch.uint8).numpy(), b

@@ -654,7 +654,7 @@ class Trainer:
                 if self.train_set.colour_jitter:
                     if self.teacher is not None and taught is None:
                         taught = self._ask_teacher(a).float()  # the teacher sees the pair as it is
-                    a = self.train_set.recoloured(a.cpu(), batch).to(self.device, memory_format=self.layout)
+                    a = self.train_set.recoloured(a, batch).contiguous(memory_format=self.layout)
                 losses = self.train_step(a, b, taught)
                 self.step_in_epoch += 1
                 self.global_step += 1
