@@ -7,8 +7,8 @@ first epoch (``Trainer._teacher_maps``); it is also the same in every run with t
 the same pairs and the same arithmetic, so the maps are kept here too, in the cache, for the
 next run of a chain of fine-tuning cycles taught by one teacher and for a run resumed after its
 first epoch (in a new process, which has lost the maps in memory): they skip the teacher as
-well. The file is named by what the maps depend on, so a changed teacher or set of pairs finds
-none.
+well. The file is named by what the maps depend on, so a changed teacher, set of pairs or code
+that makes the maps finds none.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import model
 from .cache import cache_dir, prune
 
 #: Teachers whose maps are kept (the maps set's 986 training pairs take 388 MB as fp16).
@@ -30,13 +31,20 @@ KEPT_TEACHERS = 2
 
 PATTERN = "teacher-maps-*.safetensors"
 
+#: The source files of the code that makes the maps: the generator and its views (how
+#: median_of_views batches and pads them). Their digest is part of the file's name, so maps made by
+#: code since changed are not taken for the new code's (in bf16 a regrouped pass rounds otherwise).
+MAKERS = (model.__file__,)
+
 
 def maps_file(teacher_digest: str, inputs: Iterable[torch.Tensor], arithmetic: str) -> Path:
     """Where the maps of a teacher (its :func:`~geosat2map.weights.model_digest`) for the pairs
-    whose model inputs are ``inputs`` (uint8, in the set's order) are kept; ``arithmetic`` names
-    what else changes the maps (device type, autocast, the torch release: its kernels may round
-    otherwise)."""
+    whose model inputs are ``inputs`` (uint8, in the set's order), made by the code in
+    :data:`MAKERS`, are kept; ``arithmetic`` names what else changes the maps (device type,
+    autocast, the torch release: its kernels may round otherwise)."""
     h = hashlib.sha256()
+    for source in MAKERS:
+        h.update(Path(source).read_bytes())
     for image in inputs:
         h.update(repr(tuple(image.shape)).encode())
         h.update(image.contiguous().numpy().tobytes())

@@ -598,7 +598,8 @@ def test_the_teachers_maps_are_made_once_kept_for_the_next_run_and_train_as_if_m
     """Pairs used whole (load size = crop size), mirrored or not: the teacher runs in the first
     epoch only, the next run with that teacher and those pairs (a chain's next cycle, a resumed
     run) takes its maps from the cache, and both end with the weights of a run that asks the
-    teacher at every step. The cache keeps the last two teachers' maps."""
+    teacher at every step. The cache keeps the last two teachers' maps; another teacher, torch
+    release or code that makes the maps finds none."""
     monkeypatch.setenv("GEOSAT2MAP_CACHE", str(tmp_path / "cache"))
     data = write_aligned(tmp_path / "data")
     teacher_file = tmp_path / "teacher.safetensors"
@@ -631,6 +632,11 @@ def test_the_teachers_maps_are_made_once_kept_for_the_next_run_and_train_as_if_m
     with monkeypatch.context() as m:  # the last run's teacher under another torch release: made again
         m.setattr(torch, "__version__", "0.0.0")
         assert run("other_torch", 7)[0] == train_pairs
+    edited = tmp_path / "model.py"  # the code that makes the maps, changed: made again
+    edited.write_text(Path(teacher_maps.MAKERS[0]).read_text() + "\n# batched otherwise\n")
+    with monkeypatch.context() as m:
+        m.setattr(teacher_maps, "MAKERS", (str(edited),))
+        assert run("other_code", 7)[0] == train_pairs
     broken = tmp_path / "cache" / "teacher-maps-broken.safetensors"
     broken.write_bytes(b"not a safetensors file")
     assert teacher_maps.load_maps(broken) == {}  # made again, not a failed run
