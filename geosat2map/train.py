@@ -175,13 +175,16 @@ class TrainConfig:
         used to fail steps later with a traceback from PyTorch, or train nothing)."""
         problems = [
             (self.batch_size < 1, f"batch size must be at least 1, not {self.batch_size}"),
-            (self.lr <= 0, f"the learning rate must be positive, not {self.lr}"),
-            (self.lr_d is not None and self.lr_d <= 0,
-             f"the discriminator's learning rate must be positive, not {self.lr_d}"),
-            (self.lambda_gan < 0, f"the adversarial weight must not be negative, not {self.lambda_gan}"),
-            (self.lambda_l1 < 0, f"the L1 weight must not be negative, not {self.lambda_l1}"),
-            (self.lambda_l2 < 0, f"the squared-error weight must not be negative, not {self.lambda_l2}"),
-            (min(self.epochs, self.epochs_decay) < 0 or self.epochs + self.epochs_decay < 1,
+            # Written so that NaN fails too (every comparison with it is false); inf is refused.
+            (not 0 < self.lr < math.inf, f"the learning rate must be a positive number, not {self.lr}"),
+            (self.lr_d is not None and not 0 < self.lr_d < math.inf,
+             f"the discriminator's learning rate must be a positive number, not {self.lr_d}"),
+            (not 0 <= self.lambda_gan < math.inf, f"the adversarial weight must be a number, 0 or more, not {self.lambda_gan}"),
+            (not 0 <= self.lambda_l1 < math.inf, f"the L1 weight must be a number, 0 or more, not {self.lambda_l1}"),
+            (not 0 <= self.lambda_l2 < math.inf, f"the squared-error weight must be a number, 0 or more, not {self.lambda_l2}"),
+            (min(self.epochs, self.epochs_decay) < 0,
+             f"--epochs and --epochs-decay count epochs: 0 or more, not {self.epochs} and {self.epochs_decay}"),
+            (self.epochs + self.epochs_decay < 1,
              f"nothing to train: {self.epochs} epochs and {self.epochs_decay} of decay"),
             # The U-Net halves a crop 8 times; below 256 its innermost BatchNorm sees one value.
             (self.crop_size < 256 or self.crop_size % 256,
@@ -189,6 +192,7 @@ class TrainConfig:
             (not 0 <= self.shift <= datasets.largest_shift(self.crop_size),
              f"--shift must be from 0 to {datasets.largest_shift(self.crop_size)} pixels, not {self.shift}"),
             (not 0.0 <= self.colour_jitter <= 1.0, f"--colour-jitter must be from 0 to 1, not {self.colour_jitter}"),
+            (not 0.0 <= self.ema_decay < 1.0, f"--ema-decay must be 0 (none) or more and under 1, not {self.ema_decay}"),
             ((self.ngf is not None and self.ngf < 1) or self.ndf < 1,
              f"network widths must be at least 1, not {self.ngf} and {self.ndf}"),
             (self.checkpoint_every < 0,

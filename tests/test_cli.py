@@ -578,9 +578,14 @@ def test_train_on_a_missing_folder_prints_one_line_and_no_progress_bar(tmp_path)
 
 @pytest.mark.parametrize("option, phrase", [
     (["--batch-size", "0"], "batch size must be at least 1"),
-    (["--lr", "-1"], "learning rate must be positive"),
-    (["--lr-d", "0"], "discriminator's learning rate must be positive"),
+    (["--lr", "-1"], "learning rate must be a positive number"),
+    (["--lr", "nan"], "learning rate must be a positive number, not nan"),  # was a traceback from Adam
+    (["--lr", "inf"], "learning rate must be a positive number, not inf"),  # was a failed first step
+    (["--lr-d", "0"], "discriminator's learning rate must be a positive number"),
+    (["--lambda-l1", "nan"], "L1 weight must be a number, 0 or more, not nan"),  # NaN weights, saved
+    (["--ema-decay", "nan"], "--ema-decay must be 0 (none) or more and under 1, not nan"),  # likewise
     (["--epochs", "0", "--epochs-decay", "0"], "nothing to train"),
+    (["--epochs", "-1", "--epochs-decay", "5"], "0 or more, not -1 and 5"),  # 4 in all: was 'nothing to train'
     (["--crop-size", "128", "--load-size", "128"], "crop size must be a multiple of 256"),
     (["--ngf", "0"], "network widths must be at least 1"),
     (["--max-steps", "0"], "--max-steps must be at least 1"),

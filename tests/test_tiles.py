@@ -183,7 +183,8 @@ def test_render_map_names_a_missing_reference_raster(tmp_path):
 
 def test_render_map_refuses_a_grid_past_the_pixel_limit(tmp_path):
     """A resolution typed in the wrong units (1e-8 degrees) is one line naming the size and unit,
-    before any pixel is drawn; --max-pixels lets a grid that large through."""
+    before any pixel is drawn; --max-pixels lets a grid that large through. A resolution or
+    bound that is not a number is one line too."""
     vec = write_geojson(tmp_path / "b.geojson", [square(10, 10, 60, 60)])
     out = tmp_path / "map.tif"
     args = ["render-map", str(vec), str(out), "--bounds", "0", "0", "0.001", "0.001", "--crs", "EPSG:4326"]
@@ -193,6 +194,12 @@ def test_render_map_refuses_a_grid_past_the_pixel_limit(tmp_path):
     result = CliRunner().invoke(cli, [*args, "--resolution", "1e-5", "--max-pixels", "9999"])
     assert result.exit_code == 1 and "100 x 100 pixels, more than 9,999" in result.output
     assert grid_from(bounds=(0, 0, 0.001, 0.001), crs="EPSG:4326", resolution=1e-5, max_pixels=10_000).width == 100
+    for bad, phrase in ((["--resolution", "nan"], "resolution must be a positive number of --crs units, not nan"),
+                        (["--resolution", "-1"], "not -1.0"),
+                        (["--resolution", "1e-5", "--bounds", "0", "0", "nan", "1"], "right > left")):
+        result = CliRunner().invoke(cli, [*args, *bad])  # NaN: was a traceback from the pixel count
+        assert result.exit_code == 1 and phrase in result.output and "Traceback" not in result.output
+        assert not out.exists()
 
 
 def make_region(tmp_path: Path, size: int = 1536) -> tuple[Path, Path]:
