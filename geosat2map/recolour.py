@@ -3,11 +3,13 @@
 The maps pairs are one source's imagery (Google's, around New York), and a model trained on them
 alone reads other colours as other things: recoloured as another white balance (red x1.1, blue
 x0.88), the held-out pairs score RMSE 41 instead of 22 (``evaluate --recolour warm``, model card,
-session 53). Matching a scene's colours to the training imagery's at translate time breaks the
-imagery the model knows (each image's own mix of water and parks is its colour distribution;
-model card, session 44), so the change is made in training instead: each input is recoloured at
-random (``train --colour-jitter``), its map left as it is, for the model to learn that a street
-is a street in any white balance, tone, saturation or tint within the ranges below.
+session 53). Matching colours to the training imagery's at translate time is no remedy: matched
+image by image, it erases each image's own mix of water and parks (model card, session 44); over
+a whole scene, it undoes a white balance on New York ground but paints the NAIP sample's farmland
+as water (session 54), since a scene's colours are its land cover as much as its sensor. So the
+change is made in training instead: each input is recoloured at random (``train
+--colour-jitter``), its map left as it is, for the model to learn that a street is a street in any
+white balance, tone, saturation or tint within the ranges below.
 
 The changes are those that commonly tell sources apart: a gain per band (white balance), a gamma
 (the tone curve), then, in YIQ (luma and two chroma axes, linear in RGB), the luma's brightness
