@@ -297,7 +297,8 @@ def grid_from(like: str | Path | None = None, bounds=None, crs: str | None = Non
         raise InputError("give --like RASTER, or --bounds with --crs and --resolution")
     left, bottom, right, top = bounds
     if not all(math.isfinite(v) for v in bounds) or right <= left or top <= bottom:
-        raise InputError(f"bounds must be left bottom right top with right > left and top > bottom, not {tuple(bounds)}")
+        raise InputError("bounds must be left bottom right top with right > left and top > bottom, "
+                         f"not {tuple(bounds)}")
     if not 0 < resolution < math.inf:  # NaN too
         raise InputError(f"the resolution must be a positive number of --crs units, not {resolution}")
     width, height = math.ceil((right - left) / resolution), math.ceil((top - bottom) / resolution)
