@@ -84,7 +84,8 @@ def check_destination(dst: Path, src: Path | None, overwrite: bool,
     if src is not None and dst.exists() and src.exists() and os.path.samefile(src, dst):  # links included
         raise OutputError(f"the output {dst} is the input; choose another path")
     if dst.is_dir():
-        raise OutputError(f"the output {dst} is a folder")
+        example = f", e.g. {dst / (src.stem + kind[1][0])}" if src is not None and kind is not None else ""
+        raise OutputError(f"the output {dst} is a folder: name a file in it{example}")
     if kind is not None and dst.suffix.lower() not in kind[1]:
         raise OutputError(f"{kind[0]}: name it {' or '.join(kind[1])}, not {dst.name}")
     if dst.exists() and not overwrite:

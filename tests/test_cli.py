@@ -212,6 +212,17 @@ def test_unwritable_output_folder(tiny_weights):
         shutil.rmtree(base)
 
 
+def test_one_scene_into_an_existing_folder_names_a_file_to_write(tiny_weights, tmp_path):
+    """One SRC with a folder for DST: refused (several SRC write into a folder), with a name to give."""
+    scene = write_scene(tmp_path / "scene.tif")
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    result = run("translate", scene, folder, "--weights", tiny_weights)
+    assert result.exit_code == 1 and list(folder.iterdir()) == []
+    assert result.stderr.strip() == (f"geosat2map: error: the output {folder} is a folder: "
+                                     f"name a file in it, e.g. {folder / 'scene.tif'}")
+
+
 @pytest.mark.parametrize("rank", [None, "1"])
 def test_ctrl_c_midway_leaves_nothing(tmp_path, tiny_weights, monkeypatch, rank):
     """A helper rank under torchrun names itself: rank 0's "rank 1 failed (its own error is above)"

@@ -412,6 +412,28 @@ def test_no_overlap_empty_layer_and_aoi_outside_are_clear_errors(region, tmp_pat
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
 
 
+def test_a_map_raster_elsewhere_or_without_georeferencing_is_one_line(region, tmp_path):
+    """The map raster is paired with the scene on the ground: one of another place, or with no
+    place at all, is refused before a tile is cut."""
+    sat, _ = region
+    with rasterio.open(sat) as s:
+        profile = {**s.profile, "driver": "GTiff"}
+        pixels = s.read()
+        elsewhere = profile["transform"] @ rasterio.Affine.translation(0, -10 * s.height)
+    cases = {"elsewhere.tif": ({**profile, "transform": elsewhere}, "does not overlap the satellite scene"),
+             "nowhere.tif": ({k: v for k, v in profile.items() if k not in ("crs", "transform")},
+                             "has no georeferencing")}
+    for name, (options, phrase) in cases.items():
+        with rasterio.open(tmp_path / name, "w", **options) as ds:
+            ds.write(pixels)
+        out = tmp_path / f"tiles_{name}"
+        result = CliRunner().invoke(cli, ["tiles", str(sat), str(out), "--map", str(tmp_path / name),
+                                          "--resolution", "1"])
+        assert result.exit_code == 1, result.output
+        assert phrase in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not out.exists()
+
+
 def test_a_scene_far_coarser_than_the_model_is_not_cut_at_its_resolution(tmp_path):
     sat = write_scene(tmp_path / "landsat.tif", width=64, height=64, res=30.0)  # 14x the default's 2.12 m
     vec = write_geojson(tmp_path / "v.geojson", [square(10, 10, 30, 30, res=30.0)])
