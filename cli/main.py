@@ -86,10 +86,20 @@ def _helper_rank() -> bool:
     return int(os.environ.get("RANK", "0")) > 0
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A library's warning (GDAL's through pyogrio: "Non closed ring detected...") in one line,
-    where Python's showed the file and source line it was raised from."""
-    click.echo(f"geosat2map: warning: {first_line(message) if isinstance(message, Warning) else message}", err=True)
+class _OneLineWarnings:
+    """Shows a library's warning (GDAL's through pyogrio: "Non closed ring detected...") in one
+    line, where Python's showed the file and source line it was raised from; and each text once a
+    command: Python dedupes by the line that warns, and rasterio warns the same thing ("nodata
+    attribute is shadowing the alpha band") from several of its lines, for every window read."""
+
+    def __init__(self) -> None:
+        self.shown: set[str] = set()
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None) -> None:
+        text = first_line(message) if isinstance(message, Warning) else str(message)
+        if text not in self.shown:
+            self.shown.add(text)
+            click.echo(f"geosat2map: warning: {text}", err=True)
 
 
 def _terminate(signum, frame) -> None:
@@ -104,7 +114,7 @@ def cli() -> None:
     # GDAL's messages reach us as exceptions; without this, Python's last-resort handler would
     # also print rasterio's error log lines on stderr next to our one-line error.
     logging.getLogger("rasterio").addHandler(logging.NullHandler())
-    warnings.showwarning = _one_line_warning
+    warnings.showwarning = _OneLineWarnings()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
         if hasattr(signal, "SIGXFSZ"):  # over a file-size limit: a write error to report, not a crash

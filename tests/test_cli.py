@@ -25,7 +25,7 @@ from geosat2map.errors import InputError
 from geosat2map.weights import ModelSpec, save_generator
 from geosat2map_cli.main import cli
 
-from .conftest import SAMPLE_SCENE, random_generator, write_scene
+from .conftest import SAMPLE_SCENE, random_generator, synthetic_image, write_scene
 
 
 def run(*args: str):
@@ -86,6 +86,23 @@ def test_no_georeferencing_unless_allowed(tiny_weights, tmp_path):
     refused = run("tiles", png, tiles, "--map", out)
     assert_clean_failure(refused, tiles, "photo.png has no georeferencing: tiles pairs it with the map")
     assert "--allow-ungeoreferenced" not in refused.stderr
+
+
+def test_a_warning_said_once(tiny_weights, tmp_path):
+    """A scene with a nodata value and an alpha band: rasterio warns that the nodata value wins for
+    every window it reads masks of, from several of its lines; the user hears it once."""
+    rgb = synthetic_image(300, 300)
+    alpha = np.full((1, 300, 300), 255.0)
+    alpha[:, :40] = 0
+    scene = write_scene(tmp_path / "both.tif", width=300, height=300, count=4, nodata=0,
+                        data=np.concatenate([rgb, alpha]), photometric="RGB", alpha="YES")
+    out = tmp_path / "map.tif"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # Python's own once-per-line registry out of the way
+        result = run("translate", scene, out, "--weights", tiny_weights, "--quiet", "--overlap", "128")
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.stderr.splitlines() if "shadowing the alpha band" in line]
+    assert len(said) == 1 and said[0].startswith("geosat2map: warning: "), result.stderr
 
 
 def test_coordinates_outside_their_crs(tiny_weights, tiny_weights_gsd, tmp_path):
