@@ -814,9 +814,11 @@ def _storage(half: bool, int8: bool, int4: bool) -> str:
 @cli.command("export-weights")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--which", type=click.Choice(["best", "latest", "trained"]), default="best", show_default=True,
+@click.option("--which", type=click.Choice(["best", "latest", "trained", "unrounded"]), default="best",
+              show_default=True,
               help="trained: with --ema-decay, the weights being trained instead of their average (after "
-                   "the latest epoch).")
+                   "the latest epoch). unrounded: the latest at full precision, from the run's checkpoint "
+                   "(a --storage-aware run's files hold it rounded; average those to round once).")
 @_storage_options
 @click.option("--gsd", "gsd_m", type=float, default=None, help="Override the ground sampling distance (m/px).")
 @click.option("--overwrite", is_flag=True)

@@ -416,6 +416,25 @@ def test_storage_aware_training_steps_with_the_stored_rounding_and_saves_what_it
     kept = read_spec(exported).provenance
     assert kept["val"] == prov["val"] and "val_before_storage" not in kept
     assert "as stored): RMSE" in CliRunner().invoke(cli, ["info", str(exported)]).stdout
+    # --which unrounded: the same generator at full precision from the checkpoint, which rounds to the file's
+    unrounded, rounded_again = tmp_path / "fp32.safetensors", tmp_path / "again.safetensors"
+    for path, storage in ((unrounded, []), (rounded_again, ["--int4"])):
+        result = CliRunner().invoke(cli, ["export-weights", str(tmp_path / "run"), str(path), "--which", "unrounded",
+                                          *storage])
+        assert result.exit_code == 0, result.output
+    full, again = load_file(unrounded), load_file(rounded_again)
+    assert not torch.equal(full["encoder.3.1.weight"], load_generator(saved)[0].state_dict()["encoder.3.1.weight"])
+    assert all(torch.equal(again[k], v) for k, v in load_file(saved).items())
+    full_model, full_spec = load_generator(unrounded)
+    assert full_spec.provenance["val_storage"] == "fp32" and full_spec.provenance["val"]["rmse"] == pytest.approx(
+        evaluate_generator(full_model, val_set, torch.device("cpu"))[0]["rmse"], rel=1e-6)
+    checkpoint = tmp_path / "run" / "checkpoint.pt"  # a checkpoint past the latest generator holds other weights
+    state = torch.load(checkpoint, weights_only=True)
+    torch.save({**state, "global_step": state["global_step"] + 1}, checkpoint)
+    refused = CliRunner().invoke(cli, ["export-weights", str(tmp_path / "run"), str(tmp_path / "no.safetensors"),
+                                       "--which", "unrounded"])
+    assert refused.exit_code == 1 and "not at its latest generator's" in refused.stderr.strip()
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "no.safetensors").exists()
     with pytest.raises(TrainingError, match="int8 or int4"):
         train(tiny_config(data, tmp_path / "run2", storage_aware="fp16"))
 
