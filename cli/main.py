@@ -938,7 +938,12 @@ def _echo_provenance(prov: dict, dtype: str) -> None:
     if prov.get("settings", {}).get("colour_jitter"):
         made.append(f"inputs recoloured at random (strength {prov['settings']['colour_jitter']:g})")
     if "averaged_from" in prov:
-        made.append(f"the mean of {len(prov['averaged_from'])} generators")
+        sources = prov["averaged_from"]
+        names = ", ".join(source.get("file", "?") for source in sources)
+        data = {json.dumps(source["provenance"]["data"]) for source in sources
+                if isinstance(source.get("provenance"), dict) and "data" in source["provenance"]}
+        each = f", each trained on {folders_text(json.loads(data.pop()))}" if len(data) == 1 else ""
+        made.append(f"the mean of {len(sources)} generators ({names}){each}")
     if made:
         click.echo("; ".join(made) + " (--json: the whole provenance)")
 

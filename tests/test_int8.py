@@ -76,13 +76,14 @@ def test_int8_maps_of_the_default_model_stay_close_to_fp32(engine_cache, tmp_pat
     int8 = translate(NAIP_SCENE, tmp_path / "int8.tif", precision="int8", bounds=box)
     assert int8.backend == "onnxruntime-int8" and int8.tiles == fp32.tiles == 9
     diff = np.abs(_read(int8.dst) - _read(fp32.dst))
-    # Measured (session 54, d48M epoch 1): here 0.31 levels on average, 98.3 % within 2, max 15; the
-    # whole NAIP map 0.31, 98.6 %, max 28 (session 51's w48_v2: 0.24, 99.1 %, 14; 0.22, 99.4 %, 20;
+    # Measured (session 56, the d48P+d48T mean): here 0.40 levels on average, 97.2 % within 2, max 31;
+    # the whole NAIP map 0.27, 99.2 %, max 27 (session 54's d48M: 0.31, 98.3 %, 15; 0.31, 98.6 %, 28;
+    # session 51's w48_v2: 0.24, 99.1 %, 14; 0.22, 99.4 %, 20;
     # session 50's w48_t2: 0.23, 99.3 %, 13; 0.20, 99.6 %, 25;
     # session 49's w48_m4: 0.29, 98.1 %, 17; 0.23, 99.1 %, 26;
     # w48_q37: 0.20, 99.4 %, 15; 0.19, 99.6 %, 13). The bound leaves room for another CPU's int8
-    # kernels (AVX2 rounds otherwise than AVX512-VNNI).
-    assert diff.mean() < 0.5 and (diff <= 2).mean() > 0.97
+    # kernels (AVX2 rounds otherwise than AVX512-VNNI): 95 % within 2, as the mean sits at 97.2 here.
+    assert diff.mean() < 0.6 and (diff <= 2).mean() > 0.95
     with rasterio.open(int8.dst) as dst:
         assert "onnxruntime-int8" in dst.tags()["GEOSAT2MAP_TILING"]
 

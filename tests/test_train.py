@@ -1473,7 +1473,7 @@ def test_average_weights_is_the_mean_with_fresh_batchnorm_statistics(tmp_path):
         init_weights(g)
         set_batchnorm_statistics(g, 0.1 * seed)  # each snapshot's own, as an ordinary run's epochs have
         paths.append(tmp_path / f"g{seed}.safetensors")
-        save_generator(g.eval(), ModelSpec(ngf=4, gsd_m=2.0, provenance={"epoch": seed}), paths[-1])
+        save_generator(g.eval(), ModelSpec(ngf=4, gsd_m=2.0, provenance={"epoch": seed, "data": str(data)}), paths[-1])
     first, second = (load_generator(p)[0].state_dict() for p in paths)
     model, spec = average_generators(paths, data, recalibration=4, batch=2, holdout=3, device="cpu")
     state = model.state_dict()
@@ -1482,8 +1482,7 @@ def test_average_weights_is_the_mean_with_fresh_batchnorm_statistics(tmp_path):
     bn_mean = next(k for k in state if k.endswith("running_mean"))
     assert not torch.allclose(state[bn_mean], (first[bn_mean] + second[bn_mean]) / 2)  # re-estimated
     assert torch.isfinite(state[bn_mean]).all() and not model.training
-    assert spec.gsd_m == 2.0 and [s["provenance"] for s in spec.provenance["averaged_from"]] == [{"epoch": 1},
-                                                                                                {"epoch": 2}]
+    assert spec.gsd_m == 2.0 and [s["provenance"]["epoch"] for s in spec.provenance["averaged_from"]] == [1, 2]
     assert spec.provenance["val"]["count"] == 3 and spec.provenance["val"]["rmse"] > 0  # every 3rd of 8 pairs
     assert spec.provenance["bn_recalibration"]["crops"] == 4
     every = average_generators(paths, data, batch=2, holdout=3, device="cpu")[1]  # by default, all 5 others
@@ -1508,6 +1507,8 @@ def test_average_weights_is_the_mean_with_fresh_batchnorm_statistics(tmp_path):
     own = evaluate(out, data, split="val", holdout=3, device="cpu")
     assert averaged.provenance["val"]["rmse"] == pytest.approx(own["rmse"], rel=1e-6)
     assert averaged.provenance["val_storage"] == "fp16"
+    info = CliRunner().invoke(cli, ["info", str(out)]).stdout  # its sources, and what they were trained on
+    assert f"the mean of 2 generators (g1.safetensors, g2.safetensors), each trained on {data} (" in info, info
     again = CliRunner().invoke(cli, args)
     assert again.exit_code != 0 and "exists" in again.stderr
 
