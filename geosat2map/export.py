@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .datasets import as_folders
-from .errors import InputError
+from .errors import InputError, first_line
 from .evaluate import score_as_stored
 from .model import UNetGenerator
 from .train import CHECKPOINT, TrainConfig
@@ -75,16 +76,21 @@ def _load_unrounded(model: UNetGenerator, run_dir: Path, spec: ModelSpec) -> Non
     """The run's checkpoint's generator (its weight average, with one) into ``model``: the same
     epoch as its latest generator file, at full precision. A checkpoint written after it (a run
     stopped, or still training, in a later epoch) holds other weights: refused."""
+    path = run_dir / CHECKPOINT
     try:
-        state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise InputError(f"{run_dir} has no {CHECKPOINT} to take full-precision weights from") from None
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        raise InputError(f"{path} is not a readable checkpoint: {first_line(exc)}") from None
     step = spec.provenance.get("step")
-    if state.get("global_step") != step:
-        raise InputError(f"{run_dir}'s checkpoint is at step {state.get('global_step')}, not at its latest "
-                         f"generator's (step {step}): export --which unrounded from a run that ended an epoch "
-                         "and stopped there")
-    model.load_state_dict(state.get("G_ema", state["G"]))
+    if not isinstance(state, dict) or state.get("global_step") != step:
+        raise InputError(f"{path} is not at its run's latest generator (step {step}): export --which "
+                         "unrounded from a run that ended an epoch and stopped there")
+    try:
+        model.load_state_dict(state.get("G_ema", state.get("G")))
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise InputError(f"{path} holds no generator of its run's width: {first_line(exc)}") from None
 
 
 def _scored(model: UNetGenerator, spec: ModelSpec, storage: str, run_dir: Path) -> dict:

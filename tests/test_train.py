@@ -433,8 +433,12 @@ def test_storage_aware_training_steps_with_the_stored_rounding_and_saves_what_it
     torch.save({**state, "global_step": state["global_step"] + 1}, checkpoint)
     refused = CliRunner().invoke(cli, ["export-weights", str(tmp_path / "run"), str(tmp_path / "no.safetensors"),
                                        "--which", "unrounded"])
-    assert refused.exit_code == 1 and "not at its latest generator's" in refused.stderr.strip()
-    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "no.safetensors").exists()
+    checkpoint.write_bytes(b"garbage")  # and one cut short or overwritten: one line too
+    garbled = CliRunner().invoke(cli, ["export-weights", str(tmp_path / "run"), str(tmp_path / "no.safetensors"),
+                                       "--which", "unrounded"])
+    for result, phrase in ((refused, "is not at its run's latest generator"), (garbled, "not a readable checkpoint")):
+        assert result.exit_code == 1 and phrase in result.stderr and "Traceback" not in result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "no.safetensors").exists()
     with pytest.raises(TrainingError, match="int8 or int4"):
         train(tiny_config(data, tmp_path / "run2", storage_aware="fp16"))
 
