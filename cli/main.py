@@ -940,9 +940,8 @@ def _echo_provenance(prov: dict, dtype: str) -> None:
     if "averaged_from" in prov:
         sources = prov["averaged_from"]
         names = ", ".join(source.get("file", "?") for source in sources)
-        data = {json.dumps(source["provenance"]["data"]) for source in sources
-                if isinstance(source.get("provenance"), dict) and "data" in source["provenance"]}
-        each = f", each trained on {folders_text(json.loads(data.pop()))}" if len(data) == 1 else ""
+        data = [p.get("data") if isinstance(p := source.get("provenance"), dict) else None for source in sources]
+        each = f", each trained on {folders_text(data[0])}" if data[0] and data.count(data[0]) == len(data) else ""
         made.append(f"the mean of {len(sources)} generators ({names}){each}")
     if made:
         click.echo("; ".join(made) + " (--json: the whole provenance)")
