@@ -7,8 +7,9 @@ first epoch (``Trainer._teacher_maps``); it is also the same in every run with t
 the same pairs and the same arithmetic, so the maps are kept here too, in the cache, for the
 next run of a chain of fine-tuning cycles taught by one teacher and for a run resumed after its
 first epoch (in a new process, which has lost the maps in memory): they skip the teacher as
-well. The file is named by what the maps depend on, so a changed teacher, set of pairs or code
-that makes the maps finds none.
+well. A run stopped in its first epoch has kept the maps it made by its last checkpoint, and
+makes only the rest. The file is named by what the maps depend on, so a changed teacher, set of
+pairs or code that makes the maps finds none.
 """
 
 from __future__ import annotations

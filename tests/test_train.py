@@ -682,6 +682,36 @@ def test_the_teachers_maps_are_made_once_kept_for_the_next_run_and_train_as_if_m
         assert torch.equal(kept[k], cached[k]), k
 
 
+def test_a_run_stopped_in_its_first_epoch_keeps_the_teachers_maps_made_so_far(tmp_path, monkeypatch):
+    """Each checkpoint of the first epoch keeps the teacher's maps made so far in the cache: the
+    resumed run asks the teacher only for the pairs it had not reached (not again for the others in
+    its second epoch), and ends where a run never stopped ends."""
+    data = write_aligned(tmp_path / "data")
+    teacher_file = tmp_path / "teacher.safetensors"
+    torch.manual_seed(5)
+    save_generator(UNetGenerator(ngf=4).eval(), ModelSpec(ngf=4, gsd_m=2.0), teacher_file)
+    asked = []
+    ask = Trainer._ask_teacher
+    monkeypatch.setattr(Trainer, "_ask_teacher", lambda self, real_a: asked.append(len(real_a)) or ask(self, real_a))
+
+    def run(name: str, cache: str, **kw) -> int:
+        monkeypatch.setenv("GEOSAT2MAP_CACHE", str(tmp_path / cache))
+        asked.clear()
+        train(tiny_config(data, tmp_path / name, distill_from=str(teacher_file), epochs=2, epochs_decay=0,
+                          load_size=256, crop_size=256, checkpoint_every=1, max_steps=kw.pop("max_steps", None)),
+              **kw)
+        return sum(asked)
+
+    train_pairs = 4  # 6 pairs, every 3rd held out
+    assert run("stopped", "cache", max_steps=2) == 2
+    (kept,) = (tmp_path / "cache").glob("teacher-maps-*.safetensors")
+    assert len(teacher_maps.load_maps(kept)) == 2  # the two pairs it reached
+    assert run("stopped", "cache", resume=True) == train_pairs - 2
+    assert sorted(teacher_maps.load_maps(kept)) == list(range(train_pairs))
+    assert run("whole", "cache2") == train_pairs
+    assert_same_checkpoint(tmp_path / "whole", tmp_path / "stopped", step=2 * train_pairs)
+
+
 def test_distillation_pulls_towards_the_teachers_flip_average_and_records_the_teacher(tmp_path):
     import torch.nn.functional as F
 
