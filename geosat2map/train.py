@@ -381,7 +381,7 @@ class Trainer:
         # teacher's map is that map mirrored and moved with it (FlipAveraged and ViewMedian are
         # mirror-symmetric; a moved pair's map is the teacher's map of the place, moved with it),
         # so epochs after the first skip the teacher's passes (the flip average's two are a
-        # quarter of the step). Kept up to TEACHER_MAPS_BYTES, and in the cache once all are made (see
+        # quarter of the step). Kept up to TEACHER_MAPS_BYTES, and in the cache at each checkpoint (see
         # teacher_maps): the next run with this teacher and these pairs skips it from the start.
         self._taught: dict[int, torch.Tensor] = {}
         self._taught_file: Path | None = None
@@ -459,14 +459,18 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        """The run's state, and the teacher's maps made so far in its first epoch: a run stopped
-        there (Ctrl-C, a session's end) makes only the rest when resumed; a width-64 teacher's
-        median of 18 views took half an hour of a two-core epoch (model card, session 54)."""
-        if self.dist.is_main:
-            _atomic_torch_save(self.state(), self.out / CHECKPOINT)
-            if self._taught_file is not None and len(self._taught) > self._taught_saved and teacher_maps.save_maps(
-                    self._taught_file, {i: m.cpu() for i, m in self._taught.items()}):
+        """The run's state, and the teacher's maps made so far (the first epoch's end writes a
+        checkpoint, so all of them by then): a run stopped in its first epoch (Ctrl-C, a session's
+        end) makes only the rest when resumed; a width-64 teacher's median of 18 views took half an
+        hour of a two-core epoch (model card, session 54)."""
+        if not self.dist.is_main:
+            return
+        _atomic_torch_save(self.state(), self.out / CHECKPOINT)
+        if self._taught_file is not None and len(self._taught) > self._taught_saved:
+            if teacher_maps.save_maps(self._taught_file, {i: m.cpu() for i, m in self._taught.items()}):
                 self._taught_saved = len(self._taught)
+            if len(self._taught) == len(self.train_set):
+                self._taught_file = None  # all kept (or the cache cannot be written: the run goes on)
 
     def load_checkpoint(self) -> None:
         path = self.out / CHECKPOINT
@@ -624,9 +628,6 @@ class Trainer:
             size = made[missing[0]].nelement() * made[missing[0]].element_size()
             if (len(self._taught) + len(made)) * size <= TEACHER_MAPS_BYTES:
                 self._taught.update((i, m.clone()) for i, m in made.items())  # not views of the batch
-                if self._taught_file and self.dist.is_main and len(self._taught) == len(self.train_set):
-                    teacher_maps.save_maps(self._taught_file, {i: m.cpu() for i, m in self._taught.items()})
-                    self._taught_file = None  # kept
         maps = []
         for i, (mirrored, dy, dx) in zip(batch, placements):
             m = self._taught[i] if i in self._taught else made[i]
