@@ -565,6 +565,8 @@ def tiles(sat, out_dir, map_raster, vectors, aoi, overwrite, **options) -> None:
 
     result = make_tiles(sat, out_dir, map_raster=map_raster, vectors=list(vectors), aoi=aoi,
                         options=TileOptions(**options), overwrite=overwrite)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
     skipped = ", ".join(f"{k} {v}" for k, v in result.skipped.items() if v)
     click.echo(f"wrote {result.out_dir}: {result.train} train + {result.val} val tiles at {result.gsd_m:.2f} m"
                + (f" (skipped: {skipped})" if skipped else ""))

@@ -19,7 +19,7 @@ import itertools
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +80,8 @@ class TilesResult:
     val: int
     skipped: dict[str, int]
     gsd_m: float | None
+    #: What the user should know about the tiles (a split that held nothing out, and why).
+    notes: list[str] = field(default_factory=list)
 
 
 def _model_resolution() -> float:
@@ -141,7 +143,12 @@ class _VectorMap:
 
 
 def _split(positions: list[tuple[int, int]], opts: TileOptions) -> tuple[list, list, int]:
-    """(train, val, dropped): val = whole random blocks; train tiles touching a val tile are dropped."""
+    """(train, val, dropped): val = whole random blocks; train tiles touching a val tile are dropped.
+
+    Blocks are taken for validation in a random order, skipping one whose gap would leave no
+    training tile: on a scene a few tiles across (overlapping tiles, ``--stride`` under the tile
+    size), any block's gap can take every other tile, and a folder of validation tiles alone
+    trains nothing. Where no block can be held out so, all tiles train (``val`` is empty)."""
     # Blocks shrink (down to one tile) on small scenes, so there are enough to split.
     block_tiles = opts.block_tiles
     while block_tiles > 1 and len({(y // (block_tiles * opts.tile_size), x // (block_tiles * opts.tile_size))
@@ -151,12 +158,22 @@ def _split(positions: list[tuple[int, int]], opts: TileOptions) -> tuple[list, l
     blocks = sorted({(y // block, x // block) for y, x in positions})
     rng = np.random.default_rng(opts.seed)
     n_val = 0 if len(blocks) < 2 or opts.val_fraction == 0 else max(1, round(opts.val_fraction * len(blocks)))
-    val_blocks = {blocks[i] for i in rng.permutation(len(blocks))[:n_val]}
-    val = [p for p in positions if (p[0] // block, p[1] // block) in val_blocks]
     t = opts.tile_size
-    # A training tile may not overlap or touch a validation tile: at least one pixel between them.
-    train = [p for p in positions if (p[0] // block, p[1] // block) not in val_blocks
-             and not any(abs(p[0] - v[0]) <= t and abs(p[1] - v[1]) <= t for v in val)]
+
+    def split(val_blocks: set) -> tuple[list, list]:
+        val = [p for p in positions if (p[0] // block, p[1] // block) in val_blocks]
+        # A training tile may not overlap or touch a validation tile: at least one pixel between them.
+        train = [p for p in positions if (p[0] // block, p[1] // block) not in val_blocks
+                 and not any(abs(p[0] - v[0]) <= t and abs(p[1] - v[1]) <= t for v in val)]
+        return train, val
+
+    val_blocks: set = set()
+    for i in rng.permutation(len(blocks)):
+        if len(val_blocks) == n_val:
+            break
+        if split(val_blocks | {blocks[i]})[0]:
+            val_blocks.add(blocks[i])
+    train, val = split(val_blocks)
     return train, val, len(positions) - len(val) - len(train)
 
 
@@ -284,7 +301,12 @@ def make_tiles(
             scene.close()
             if work.exists():
                 shutil.rmtree(work)
-    return TilesResult(out_dir, len(train), len(val), skipped, scene.gsd_m)
+    notes = []
+    if not val and options.val_fraction > 0:
+        notes.append("no validation tiles: the scene is too small to hold out a block of them with a gap to the "
+                     "training tiles and keep any to train on; train runs without validation (score the model on "
+                     "another scene's tiles)")
+    return TilesResult(out_dir, len(train), len(val), skipped, scene.gsd_m, notes)
 
 
 def _check_replaceable(out_dir: Path) -> None:

@@ -334,6 +334,34 @@ def test_a_tile_folder_without_val_tiles_trains_without_validation(region, tmp_p
     assert len(trainer.train_set) == result.train and trainer.val_set is None
 
 
+def test_a_scene_too_small_to_hold_a_block_out_trains_on_all_its_tiles(tmp_path):
+    """A scene 520 pixels across cut with --stride 128 (3 x 3 overlapping tiles, as the Paris sample at
+    0.3 m): any held-out block's gap took every other tile, and tiles wrote 0 train + 2 val, which
+    train refuses. Now no block is held out where none can be, all tiles train, and a note says so."""
+    sat, vec = make_region(tmp_path, size=520)
+    out = tmp_path / "tiles"
+    result = CliRunner().invoke(cli, ["tiles", str(sat), str(out), "--vector", str(vec), "--resolution", "1",
+                                      "--stride", "128"])
+    assert result.exit_code == 0, result.output
+    assert "9 train + 0 val tiles" in result.stdout
+    assert result.stderr.startswith("note: no validation tiles:") and result.stderr.count("\n") == 1
+    assert len(list((out / "train" / "sat").iterdir())) == 9 and not list((out / "val" / "sat").iterdir())
+
+
+def test_held_out_blocks_are_those_that_leave_tiles_to_train_on():
+    """Where some blocks can be held out and others cannot, the split takes one that can; each
+    validation tile still has a pixel's gap to every training tile."""
+    from geosat2map.tiles import _split
+
+    t = 256
+    # A row of three touching tiles: holding out the middle one would take both others with its gap.
+    positions = [(0, 0), (0, 256), (0, 512)]
+    for seed in range(8):
+        train, val, dropped = _split(positions, TileOptions(tile_size=t, block_tiles=1, val_fraction=0.2, seed=seed))
+        assert train and val and len(train) + len(val) + dropped == len(positions)
+        assert all(abs(a[0] - b[0]) > t or abs(a[1] - b[1]) > t for a in train for b in val)
+
+
 def test_tiles_from_a_map_raster(region, tmp_path):
     sat, vec = region
     with rasterio.open(sat) as s:
