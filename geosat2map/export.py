@@ -65,8 +65,9 @@ def export_run(
         spec = replace(spec, provenance={**provenance, **_scored(model, spec, storage, run_dir)})
     if gsd_m is not None:
         spec = replace(spec, gsd_m=gsd_m)
-    # (a storage-aware run's generator is already scored as it stores it)
-    if storage != "fp32" and "val" in spec.provenance and spec.provenance.get("val_storage") != storage:
+    # (a storage-aware run's generator is already scored as it stores it; one trained without
+    # validation pairs has no score to redo)
+    if storage != "fp32" and spec.provenance.get("val") and spec.provenance.get("val_storage") != storage:
         spec = replace(spec, provenance=_rescored(model, spec, storage, run_dir))
     save_generator(model, spec, out, storage)
     return spec

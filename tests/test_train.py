@@ -1214,6 +1214,11 @@ def test_export_weights_says_why_a_run_has_nothing_to_export(tmp_path):
     assert result.exit_code != 0 and "--which latest" in result.stderr
     assert "Traceback" not in result.output and not out.exists()
     assert export(tmp_path / "noval", "--which", "latest").exit_code == 0 and out.exists()
+    # Stored in fp16, it has no score to keep or redo: the export said "not scored as stored: the
+    # run's data folder was not found" and wrote an empty val_before_storage.
+    result = export(tmp_path / "noval", "--which", "latest", "--half", "--overwrite")
+    assert result.exit_code == 0 and result.output.count("\n") == 1 and "not scored" not in result.output
+    assert "val_before_storage" not in read_spec(out).provenance
 
 def test_train_and_evaluate_cli(tmp_path, monkeypatch):
     data = write_aligned(tmp_path / "data")
