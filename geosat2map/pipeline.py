@@ -35,7 +35,7 @@ from .quantize import calibration_picks
 from .reader import (RowBand, Scene, available_memory, bounded_cache, is_subdataset, open_scene,
                      scene_name, scene_path)
 from .weights import ModelSpec, default_weights_path, load_generator, model_digest, read_spec
-from .writer import (BLOCK, BUFFERS, GEOTIFF, GEOTIFF_SUFFIXES, GeoTIFFWriter, check_compression,
+from .writer import (BLOCK, GEOTIFF, GEOTIFF_SUFFIXES, GeoTIFFWriter, block_row_buffers, check_compression,
                      check_destination, partial_path)
 
 #: Default overlap between 256-pixel tiles (see benchmarks/overlap.py for the measurement).
@@ -509,7 +509,7 @@ def row_buffer_bytes(grid: TileGrid) -> int:
     """Memory the streaming needs beyond the model: the row band tiles are cut from and the
     blender's carried overlap rows (float32 RGB and a mask at most), and the writer's uint8
     block rows with their masks."""
-    return grid.width * ((grid.tile + grid.carried_rows) * (3 * 4 + 1) + BUFFERS * BLOCK * 4)
+    return grid.width * ((grid.tile + grid.carried_rows) * (3 * 4 + 1) + block_row_buffers(grid.tile) * BLOCK * 4)
 
 
 def gdal_cache_bytes(scene: Scene, tile: int) -> int:
@@ -625,7 +625,7 @@ def _stream_scene(scene, grid, src, dst, net, spec, torch_device, started, asked
     with _record_follows_partial(record_file, partial_path(dst)), \
             GeoTIFFWriter(dst, scene.width, scene.height, scene.crs, scene.transform, cog=cog, compress=compress,
                           quality=quality, resume_rows=kept_rows, parallel=engine.asynchronous, tags=tags,
-                          checkpoint=None if ctx.enabled else keep) as writer:
+                          checkpoint=None if ctx.enabled else keep, put_rows=tile_size) as writer:
         on_device = not ctx.enabled and _blend_on_device(engine, grid)
         blender = None if on_device else RowBlender(grid, writer, first_row, track_valid=not scene.always_valid)
         if not resume and record_file.exists():  # under the writer's lock, before its first checkpoint

@@ -44,8 +44,12 @@ BLOCK = 256
 #: How often a writer with a checkpoint callback makes its partial file resumable after a kill.
 #: Closing and reopening costs milliseconds (the block index of a 16384 x 16384 map is 32 KB).
 CHECKPOINT_SECONDS = 60.0
-#: block-row buffers: two filled while the writer thread writes the third (see GeoTIFFWriter).
-BUFFERS = 3
+def block_row_buffers(put_rows: int) -> int:
+    """How many block-row buffers a :class:`GeoTIFFWriter` given rectangles up to ``put_rows`` rows
+    tall keeps: those one rectangle can span, filled at once, and one more being written."""
+    return (BLOCK + max(put_rows, 1) - 2) // BLOCK + 2
+
+
 #: ZSTD level 1: on map-like rasters about as small as the default level 9 and 5-7x faster to write.
 ZSTD_LEVEL = 1
 #: Masks are written inside the TIFF (QGIS reads them as transparency), not as .msk sidecars;
@@ -196,6 +200,7 @@ class GeoTIFFWriter:
         checkpoint: Callable[[int], None] | None = None,
         colormap: dict[int, tuple[int, ...]] | None = None,
         nodata: int | None = None,
+        put_rows: int = BLOCK,
     ) -> None:
         """``compress``: one of :data:`COMPRESSIONS`; ``quality`` (1-100, for JPEG and WebP):
         :data:`DEFAULT_QUALITY` unless given. ``resume_rows``: continue the partial file of an
@@ -210,7 +215,9 @@ class GeoTIFFWriter:
         paletted band of class values with these colours (its overviews the most frequent class,
         never an average of two), instead of RGB; lossless compression only. ``nodata``: the
         band's nodata value, for such a band: QGIS 3.22 shows a one-band raster with a mask as two
-        bands (the mask as alpha) and then draws it as RGB, not in its colours."""
+        bands (the mask as alpha) and then draws it as RGB, not in its colours. ``put_rows``: the
+        tallest rectangle :meth:`put` or :meth:`write_rows` is given (a tile row's finished rows:
+        up to the tile size), which sets how many block rows are filled at once."""
         self.dst = Path(dst)
         self.width, self.height = width, height
         self.cog = cog
@@ -259,21 +266,24 @@ class GeoTIFFWriter:
         self._recorded = resume_rows  # rows the last checkpoint recorded
         self._env = rasterio.Env(**GDAL_ENV)
         self._ds = None
-        # Three block-row buffers, block row k in buffer k % 3: two are being filled (the blender
-        # puts its finished rectangles there, in any order) while the writer thread writes the
-        # third. With two, a tile row's rectangles reached the buffer just handed on at every other
+        # Block-row buffers, block row k in buffer k % len: those a rectangle of put_rows rows can
+        # span (two for 256-pixel tiles, three for 512) are being filled (the blender puts its
+        # finished rectangles there, in any order) while the writer thread writes one more. With
+        # none spare, a tile row's rectangles reached the buffer just handed on at every other
         # block row, and the main thread waited out that whole write (16 waits of 30-50 ms at
         # 8192 x 8192, a core idle in each).
         # Contiguous, not row-padded: rasterio copies a strided array before writing it (12.9 MB
         # more per block row at 16384 pixels wide).
         rows = min(BLOCK, height)
-        self._pixels = [np.zeros((self.bands, rows, width), np.uint8) for _ in range(BUFFERS)]
+        buffers = block_row_buffers(put_rows)
+        self._filled = buffers - 1  # block rows one rectangle may span
+        self._pixels = [np.zeros((self.bands, rows, width), np.uint8) for _ in range(buffers)]
         # The mask buffers are made at the first invalid pixel, and the mask band is created then:
         # a scene valid everywhere gets no mask, which spares writing it and halves the time GDAL
         # takes to build the overviews.
         self._masks: list[np.ndarray] | None = None
-        self._holds: list[int | None] = [None] * BUFFERS  # block row in each buffer
-        self._futures: list[Future | None] = [None] * BUFFERS  # its write, once handed on
+        self._holds: list[int | None] = [None] * len(self._pixels)  # block row in each buffer
+        self._futures: list[Future | None] = [None] * len(self._pixels)  # its write, once handed on
         self._next_block = -(-resume_rows // BLOCK)  # first block row not yet handed to the thread
         self._received = resume_rows  # rows given to write_rows so far
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geotiff-writer")
@@ -357,8 +367,8 @@ class GeoTIFFWriter:
         self.advance(end)
 
     def put(self, top: int, left: int, pixels: np.ndarray, valid: np.ndarray | None) -> None:
-        """Place a rectangle at row ``top``, column ``left``, anywhere in the two block rows after
-        the last one handed on; :meth:`advance` hands them on once whole.
+        """Place a rectangle at row ``top``, column ``left``, anywhere in the block rows being
+        filled (those after the last one handed on); :meth:`advance` hands them on once whole.
 
         ``pixels`` (bands, h, w) are cast straight into the uint8 block buffer: uint8, or any numeric
         type in [0, 256), whose integer part is kept; ``valid`` is the bool mask, None if all valid.
@@ -370,8 +380,8 @@ class GeoTIFFWriter:
         h, w = pixels.shape[1:]
         if not h:
             return
-        if top // BLOCK < self._next_block or (top + h - 1) // BLOCK > self._next_block + 1:
-            raise ValueError(f"rows {top}..{top + h} are not in the two block rows being filled")
+        if top // BLOCK < self._next_block or (top + h - 1) // BLOCK >= self._next_block + self._filled:
+            raise ValueError(f"rows {top}..{top + h} are not in the {self._filled} block rows being filled")
         if self._masks is None and valid is not None and not valid.all():
             self._masks = [np.full(p.shape[1:], 255, np.uint8) for p in self._pixels]
         r = top
@@ -391,7 +401,7 @@ class GeoTIFFWriter:
 
     def _slot(self, k: int) -> int:
         """The buffer for block row ``k``, once the write of the block row it held has finished."""
-        i = k % BUFFERS
+        i = k % len(self._pixels)
         if self._holds[i] != k:
             self._wait(i)
             self._holds[i] = k
@@ -452,7 +462,7 @@ class GeoTIFFWriter:
 
     def _wait(self, i: int | None = None) -> None:
         """Wait for the write from buffer ``i`` (all if None) and raise its error."""
-        for j in range(BUFFERS) if i is None else (i,):
+        for j in range(len(self._futures)) if i is None else (i,):
             future, self._futures[j] = self._futures[j], None
             if future is not None:
                 future.result()

@@ -756,6 +756,47 @@ def test_tiles_blended_on_the_device_give_the_cpu_blenders_map(tmp_path, tiny_we
             assert mask[0, 0] == mask[-1, -1] == 0 and mask[mask.shape[0] // 2, mask.shape[1] // 2] == 255
 
 
+@pytest.mark.parametrize("tile", [512, 768])
+def test_tiles_taller_than_two_block_rows_are_written_on_both_blending_paths(tmp_path, tiny_weights, monkeypatch,
+                                                                            tile):
+    """--tile-size 512 stopped with a traceback ("rows 398..796 are not in the two block rows being
+    filled") on a scene a few tiles tall: a tile row's finished rows, up to the tile size, can span
+    three or four of the writer's 256-row blocks. Both blenders' maps are written whole and agree."""
+    src = write_scene(tmp_path / "s.tif", width=900, height=1100, data=synthetic_image(1100, 900))
+    maps = {}
+    for path in ("cpu", "device"):
+        if path == "device":
+            monkeypatch.setattr(geosat2map.pipeline, "_blend_on_device",
+                                lambda engine, grid: isinstance(engine, InferenceEngine))
+        maps[path] = tmp_path / f"{path}.tif"
+        result = translate(src, maps[path], weights=tiny_weights, batch_size=2, backend="torch", tile_size=tile)
+        assert result.tiles == len(TileGrid(900, 1100, tile=tile)) > 2
+    with rasterio.open(maps["cpu"]) as a, rasterio.open(maps["device"]) as b:
+        assert (a.height, a.width) == (1100, 900) and a.dataset_mask().all()
+        cpu = a.read().astype(int)
+        assert np.abs(cpu - b.read().astype(int)).max() <= 1
+    # No block row left as an unfilled buffer (zeros): each is near the map's mean colour.
+    assert all(np.abs(cpu[:, top : top + 256].mean() - cpu.mean()) < 5 for top in range(0, 1100, 256))
+
+
+def test_rectangles_spanning_three_block_rows_land_where_they_are_put(tmp_path):
+    """A writer told of rectangles up to 512 rows keeps three block rows open: each rectangle's
+    rows are written where it was put, none into a buffer of another block row."""
+    from geosat2map.writer import GeoTIFFWriter
+
+    w, h = 40, 1300
+    tops = [0, 100, 612, 1124, h]  # 100 rows, then 512 starting mid-block: block rows 0-2 and 2-4
+    with GeoTIFFWriter(tmp_path / "m.tif", w, h, "EPSG:32633", rasterio.transform.from_origin(0, 0, 1, 1),
+                       put_rows=512) as writer:
+        for value, (top, end) in enumerate(zip(tops, tops[1:]), start=1):
+            writer.put(top, 0, np.full((3, end - top, w), value, np.uint8), None)
+            writer.advance(end)
+        writer.commit()
+    with rasterio.open(tmp_path / "m.tif") as dst:
+        band = dst.read(1)[:, 0]
+    assert all((band[top:end] == value).all() for value, (top, end) in enumerate(zip(tops, tops[1:]), start=1))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_tiles_are_blended_on_the_device_and_match_the_cpu_map(tmp_path, tiny_weights, monkeypatch):
     """On a real GPU: the device path runs (bf16 autocast there, so values differ a little from
