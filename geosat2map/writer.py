@@ -44,6 +44,8 @@ BLOCK = 256
 #: How often a writer with a checkpoint callback makes its partial file resumable after a kill.
 #: Closing and reopening costs milliseconds (the block index of a 16384 x 16384 map is 32 KB).
 CHECKPOINT_SECONDS = 60.0
+
+
 def block_row_buffers(put_rows: int) -> int:
     """How many block-row buffers a :class:`GeoTIFFWriter` given rectangles up to ``put_rows`` rows
     tall keeps: those one rectangle can span, filled at once, and one more being written."""
