@@ -292,8 +292,11 @@ def is_tile_folder(folder: Path) -> bool:
     return (folder / "manifest.json").is_file()
 
 
-def tile_folder_gsd(folder: str | Path) -> float | None:
-    """The ground sampling distance a ``geosat2map tiles`` folder was cut at (None for other data)."""
+def tile_folder_gsd(folder: str | Path, size: int | None = None) -> float | None:
+    """The ground sampling distance a ``geosat2map tiles`` folder was cut at (None for other data);
+    given ``size``, the one its tiles show resized to ``size`` pixels, as training validates a
+    model on them and records it for translate (tiles of 512 pixels cut at 0.15 m show 0.30 m at
+    256: recording 0.15 m had translate feed the model a scale twice finer than it learned)."""
     folder = Path(folder)
     if not is_tile_folder(folder):
         return None
@@ -308,18 +311,27 @@ def tile_folder_gsd(folder: str | Path) -> float | None:
     gsd = made.get("gsd_m")
     if gsd is not None and not (fits(gsd, float) and math.isfinite(gsd) and gsd > 0):  # JSON allows Infinity
         raise DataError(f"{manifest} gives gsd_m {json.dumps(gsd)}, not a resolution in metres per pixel")
-    return gsd
+    if gsd is None or size is None:
+        return gsd
+    tiles = [p for s in ("train", "val") if (folder / s / "sat").is_dir()
+             for p in list_images(folder / s / "sat", allow_empty=True)[:1]]
+    if not tiles:
+        return gsd
+    with _image(tiles[0]) as src:
+        return gsd * src.width / size
 
 
-def data_gsd(folders: str | Path | Sequence[str | Path]) -> float | None:
-    """The ground sampling distance the tile folders among ``folders`` share (None if none is one);
-    a :class:`DataError` if they were cut at different ones, which one model cannot learn as one."""
-    cut = {str(f): tile_folder_gsd(f) for f in as_folders(folders)}
+def data_gsd(folders: str | Path | Sequence[str | Path], size: int | None = None) -> float | None:
+    """The ground sampling distance the tile folders among ``folders`` share (None if none is one),
+    as their tiles show it resized to ``size`` pixels where given (see :func:`tile_folder_gsd`); a
+    :class:`DataError` if they differ, which one model cannot learn as one."""
+    cut = {str(f): tile_folder_gsd(f, size) for f in as_folders(folders)}
     found = sorted({round(g, 3) for g in cut.values() if g is not None})
     if len(found) > 1:
         listed = ", ".join(f"{f} at {g:.2f} m" for f, g in cut.items() if g is not None)
-        raise DataError(f"the tile folders were cut at different resolutions ({listed}): cut them at one "
-                        "(tiles --resolution), or give the one to record with --gsd")
+        seen = f" as {size}-pixel pairs" if size is not None else ""
+        raise DataError(f"the tile folders show the ground at different resolutions{seen} ({listed}): cut them at "
+                        "one (tiles --resolution, --tile-size), or give the one to record with --gsd")
     return next((g for g in cut.values() if g is not None), None)
 
 

@@ -321,7 +321,8 @@ class Trainer:
             self.train_set, num_replicas=dist_ctx.world_size, rank=dist_ctx.rank, shuffle=True, seed=config.seed
         )
 
-        gsd = config.gsd_m if config.gsd_m is not None else datasets.data_gsd(config.data)
+        # As the model sees the tiles: resized to the crop size, as validation and translate run it.
+        gsd = config.gsd_m if config.gsd_m is not None else datasets.data_gsd(config.data, config.crop_size)
         #: The generator this run was fine-tuned from, for the provenance of what it saves (kept in
         #: the checkpoint: the file behind ``init_from``, e.g. the shipped default, can change).
         self.lineage: dict | None = None

@@ -1023,7 +1023,7 @@ def test_several_data_folders_are_trained_on_as_one(tmp_path):
     trainer = Trainer(config)
     assert len(trainer.train_set) == 4 + 3 and len(trainer.val_set) == 2 + 1
     assert trainer.train_set.names[0] == "maps/1.png" and trainer.train_set.names[-1] == "region/train/r0c2.tif"
-    assert trainer.spec.gsd_m == 0.5
+    assert trainer.spec.gsd_m == 0.5 * 64 / 256  # its 64-pixel tiles, cut at 0.5 m, seen as 256-pixel pairs
     # export-weights scores the stored file again on the run's validation pairs, of both folders
     exported = CliRunner().invoke(cli, ["export-weights", str(tmp_path / "run"), str(tmp_path / "w.safetensors"),
                                         "--which", "latest", "--half"])
@@ -1038,9 +1038,24 @@ def test_several_data_folders_are_trained_on_as_one(tmp_path):
     other = write_tile_folder(tmp_path / "coarser", gsd_m=2.0)
     mixed, told = tiny_config(tiles, tmp_path / "mixed"), tiny_config(tiles, tmp_path / "told", gsd_m=1.0)
     mixed.data = told.data = [str(tiles), str(other)]
-    with pytest.raises(DataError, match="cut at different resolutions .*region at 0.50 m, .*coarser at 2.00 m"):
+    with pytest.raises(DataError, match="resolutions as 256-pixel pairs .*region at 0.12 m, .*coarser at 0.50 m"):
         Trainer(mixed)
     assert Trainer(told).spec.gsd_m == 1.0
+
+
+def test_the_resolution_recorded_is_the_one_the_model_sees_the_tiles_at(tmp_path):
+    """Tiles of 512 pixels cut at 0.15 m, trained as 256-pixel pairs (validated resized to the crop
+    size), show 0.30 m: the run recorded 0.15 m, and translate fed the model a scale twice finer than
+    it learned. Trained on 512-pixel crops, they show their own 0.15 m; tiles cut at 0.30 m of 256
+    pixels and those of 512 at 0.15 m are the same scale to the model, and train as one."""
+    fine = write_tile_folder(tmp_path / "fine", gsd_m=0.15, train_n=1, val_n=0, size=512)
+    coarse = write_tile_folder(tmp_path / "coarse", gsd_m=0.30, train_n=1, val_n=0, size=256)
+    assert Trainer(tiny_config(fine, tmp_path / "a", holdout=0)).spec.gsd_m == pytest.approx(0.30)
+    assert Trainer(tiny_config(fine, tmp_path / "b", holdout=0, load_size=512, crop_size=512)).spec.gsd_m == \
+        pytest.approx(0.15)
+    both = tiny_config(fine, tmp_path / "c", holdout=0)
+    both.data = [str(fine), str(coarse)]
+    assert Trainer(both).spec.gsd_m == pytest.approx(0.30)
 
 
 def test_info_on_a_run_folder_gives_its_epochs_scores_and_next_step(tmp_path):
