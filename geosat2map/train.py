@@ -23,7 +23,7 @@ import math
 import os
 import time
 from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from collections.abc import Callable, Iterator
 
@@ -346,7 +346,7 @@ class Trainer:
                             **({"narrowed_from_ngf": pspec.ngf} if config.narrowed else {})}
         elif config.ngf is None:
             config.ngf = 64
-        self.spec = ModelSpec(ngf=config.ngf, gsd_m=gsd)
+        self.spec = ModelSpec(ngf=config.ngf, gsd_m=gsd, tile_size=config.crop_size)  # the scale it validates at
         # A fresh generator is initialised even when one is loaded: the seed's random stream then
         # reaches the discriminator's initialisation as it always has.
         self.G = UNetGenerator(3, 3, config.ngf)
@@ -776,7 +776,7 @@ class Trainer:
             prov["fine_tuned_from"] = self.lineage
         if self.teacher_lineage:
             prov["distilled_from"] = self.teacher_lineage
-        return ModelSpec(ngf=self.spec.ngf, gsd_m=self.spec.gsd_m, provenance=prov)
+        return replace(self.spec, provenance=prov)
 
 
 def _batchnorms(module: nn.Module) -> list[nn.BatchNorm2d]:

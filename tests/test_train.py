@@ -1051,8 +1051,9 @@ def test_the_resolution_recorded_is_the_one_the_model_sees_the_tiles_at(tmp_path
     fine = write_tile_folder(tmp_path / "fine", gsd_m=0.15, train_n=1, val_n=0, size=512)
     coarse = write_tile_folder(tmp_path / "coarse", gsd_m=0.30, train_n=1, val_n=0, size=256)
     assert Trainer(tiny_config(fine, tmp_path / "a", holdout=0)).spec.gsd_m == pytest.approx(0.30)
-    assert Trainer(tiny_config(fine, tmp_path / "b", holdout=0, load_size=512, crop_size=512)).spec.gsd_m == \
-        pytest.approx(0.15)
+    whole = Trainer(tiny_config(fine, tmp_path / "b", holdout=0, load_size=512, crop_size=512))
+    # ... and records its 512-pixel pairs, which evaluate and export's scoring resize pairs to (256 before)
+    assert whole.spec.gsd_m == pytest.approx(0.15) and whole.spec.tile_size == 512
     both = tiny_config(fine, tmp_path / "c", holdout=0)
     both.data = [str(fine), str(coarse)]
     assert Trainer(both).spec.gsd_m == pytest.approx(0.30)
