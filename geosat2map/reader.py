@@ -750,11 +750,12 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
 
     all_valid = all(flags == [MaskFlags.all_valid] for flags in src.mask_flag_enums)
     try:
-        native = ground_gsd_m(src.crs, t, cols, rows) if georeferenced else None
+        ground = ground_pixel_size(src.crs, t, cols, rows) if georeferenced else None
     except InputError:  # no ground resolution: fine as long as nothing is resampled to one
         if (resolution == "model" and model_gsd_m is not None) or resolution not in ("model", "native"):
             raise
-        native = None
+        ground = None
+    native = math.sqrt(ground[0] * ground[1]) if ground else None
     target = None
     if resolution == "model":
         if model_gsd_m is None:
@@ -782,15 +783,17 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
             raise InputError(f"--resolution {target:g} m is {native / target:.0f} times finer than {path}'s "
                              f"{native:.3g} m pixels: the map would be {side} pixels; pass a coarser resolution")
 
-    if target is None or math.isclose(target, native, rel_tol=1e-3):
+    if target is None or all(math.isclose(target, g, rel_tol=1e-3) for g in ground):
         _check_size(path, cols, rows, native)
         return Scene(path, src, bands, cols, rows, t, src.crs, native, crop, stretch, notes,
                      all_valid=all_valid, aoi=aoi_here, aoi_source=aoi_source)
 
-    # Same CRS and footprint, pixels scaled so one covers `target` metres on the ground.
+    # Same CRS and footprint, pixels scaled so one covers `target` metres on the ground along each
+    # axis: square on the ground, as the model learned, though not in the CRS where a pixel's sides
+    # differ on the ground (degrees away from the equator: at 49 degrees north, 0.66 as wide as tall).
     scale = target / native
-    width = max(1, round(cols / scale))
-    height = max(1, round(rows / scale))
+    width = max(1, round(cols * ground[0] / target))
+    height = max(1, round(rows * ground[1] / target))
     _check_size(path, width, height, target)
     transform = Affine(t.a * cols / width, 0, t.c, 0, t.e * rows / height, t.f)
     method = Resampling.average if scale > 1 else Resampling.bilinear
@@ -802,6 +805,7 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
     # A warp is read on one thread: the readers' own handles would open the unwarped file.
     one = is_remote(path) or warped is not None
     readers = 1 if one else max(1, min(reader_threads(), math.ceil(width / STRIP)))
-    return Scene(path, src, bands, width, height, transform, src.crs, native * cols / width, crop, stretch,
+    gsd = math.sqrt(ground[0] * cols / width * ground[1] * rows / height)
+    return Scene(path, src, bands, width, height, transform, src.crs, gsd, crop, stretch,
                  notes, scale=(cols / width, rows / height), resampling=method, all_valid=all_valid, readers=readers,
                  aoi=aoi_here, aoi_source=aoi_source)

@@ -23,7 +23,7 @@ from geosat2map.engine import InferenceEngine
 from geosat2map.errors import InputError, OutputError
 from geosat2map.grid import TileGrid, seam_ratio
 from geosat2map.model import FlipAveraged, UNetGenerator, init_weights
-from geosat2map.reader import ground_gsd_m, open_scene
+from geosat2map.reader import ground_gsd_m, ground_pixel_size, open_scene
 from geosat2map import translate
 from geosat2map.weights import ModelSpec, describe_weights, save_generator
 
@@ -62,12 +62,31 @@ def test_resamples_to_the_model_gsd_over_the_same_footprint(scene, tiny_weights_
 
 
 def test_geographic_scene_is_resampled_by_ground_distance(tiny_weights_gsd, tmp_path):
+    """The Las Vegas sample's square pixels in degrees are 0.24 x 0.30 m on the ground at 36 degrees
+    north: both axes were scaled alike, so the model saw the ground squeezed to 0.81 of its width
+    (Paris, at 49 degrees, 0.66). Each axis is scaled to the model's metres: square on the ground."""
     out = tmp_path / "map.tif"
     translate(SAMPLE_SCENE, out, weights=tiny_weights_gsd)
     with rasterio.open(SAMPLE_SCENE) as src, rasterio.open(out) as dst:
         assert dst.crs == src.crs and dst.crs.is_geographic
         assert dst.bounds == pytest.approx(src.bounds, abs=1e-9)
-        assert ground_gsd_m(dst.crs, dst.transform, dst.width, dst.height) == pytest.approx(2.0, rel=0.02)
+        assert ground_pixel_size(dst.crs, dst.transform, dst.width, dst.height) == pytest.approx((2.0, 2.0), rel=0.02)
+        assert dst.res[0] > 1.2 * dst.res[1]  # so in degrees, wider than tall
+
+
+def test_a_scene_with_oblong_pixels_gets_square_ones(tiny_weights_gsd, tmp_path):
+    """A grid of 1 x 1.5 m pixels (a scanned or resampled product) mapped at the model's 2 m: 2 m
+    along each axis, the footprint kept; at native resolution its own pixels."""
+    src = write_scene(tmp_path / "oblong.tif", width=600, height=400)
+    with rasterio.open(src, "r+") as ds:
+        ds.transform = rasterio.Affine(1.0, 0, ds.transform.c, 0, -1.5, ds.transform.f)
+    translate(src, tmp_path / "map.tif", weights=tiny_weights_gsd)
+    translate(src, tmp_path / "native.tif", weights=tiny_weights_gsd, resolution="native")
+    with rasterio.open(src) as scene, rasterio.open(tmp_path / "map.tif") as dst, \
+            rasterio.open(tmp_path / "native.tif") as native:
+        assert (dst.width, dst.height) == (300, 300) and dst.res == pytest.approx((2.0, 2.0))
+        assert dst.bounds == pytest.approx(scene.bounds)
+        assert native.res == pytest.approx((1.0, 1.5)) and native.shape == scene.shape
 
 
 def test_web_mercator_scene_is_resampled_by_ground_distance_not_by_its_metres(tiny_weights_gsd, tmp_path):
