@@ -43,6 +43,9 @@ from .buffers import row_buffer
 from .errors import InputError, NotGeoreferenced, gdal_reason
 from .placement import dem_name, placement, warp_north_up
 
+#: Pixels whose ground sides differ by more than this share are named at native resolution: the
+#: model learned square ones (a degree pixel at 26 degrees north is 0.9 as wide as tall).
+OBLONG = 0.1
 #: Share of the darkest and brightest pixels clipped when stretching non-8-bit input to 0..255.
 STRETCH_PERCENT = (2.0, 98.0)
 #: Longest side of the decimated read used for scene statistics.
@@ -784,6 +787,10 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
                              f"{native:.3g} m pixels: the map would be {side} pixels; pass a coarser resolution")
 
     if target is None or all(math.isclose(target, g, rel_tol=1e-3) for g in ground):
+        if ground and not math.isclose(*ground, rel_tol=OBLONG):
+            notes.append(f"the scene's pixels are {ground[0]:.3g} x {ground[1]:.3g} m on the ground: at its own pixels "
+                         "the model sees the ground stretched one way; a resolution in metres (or model) resamples "
+                         "it to square ones")
         _check_size(path, cols, rows, native)
         return Scene(path, src, bands, cols, rows, t, src.crs, native, crop, stretch, notes,
                      all_valid=all_valid, aoi=aoi_here, aoi_source=aoi_source)

@@ -76,12 +76,14 @@ def test_geographic_scene_is_resampled_by_ground_distance(tiny_weights_gsd, tmp_
 
 def test_a_scene_with_oblong_pixels_gets_square_ones(tiny_weights_gsd, tmp_path):
     """A grid of 1 x 1.5 m pixels (a scanned or resampled product) mapped at the model's 2 m: 2 m
-    along each axis, the footprint kept; at native resolution its own pixels."""
+    along each axis, the footprint kept; at native resolution its own pixels, and a note why not."""
     src = write_scene(tmp_path / "oblong.tif", width=600, height=400)
     with rasterio.open(src, "r+") as ds:
         ds.transform = rasterio.Affine(1.0, 0, ds.transform.c, 0, -1.5, ds.transform.f)
-    translate(src, tmp_path / "map.tif", weights=tiny_weights_gsd)
-    translate(src, tmp_path / "native.tif", weights=tiny_weights_gsd, resolution="native")
+    assert not translate(src, tmp_path / "map.tif", weights=tiny_weights_gsd).notes
+    kept = translate(src, tmp_path / "native.tif", weights=tiny_weights_gsd, resolution="native")
+    assert kept.notes == ["the scene's pixels are 1 x 1.5 m on the ground: at its own pixels the model sees the "
+                          "ground stretched one way; a resolution in metres (or model) resamples it to square ones"]
     with rasterio.open(src) as scene, rasterio.open(tmp_path / "map.tif") as dst, \
             rasterio.open(tmp_path / "native.tif") as native:
         assert (dst.width, dst.height) == (300, 300) and dst.res == pytest.approx((2.0, 2.0))
