@@ -988,8 +988,10 @@ def _run_info(path: str, as_json: bool) -> None:
                    f"{f' of {n}' if n else ''} steps at the last checkpoint (step {run.position['global_step']})")
     to_go = run.seconds_to_go()
     if to_go:
+        slow_first = run.first_epoch_teaches and len(run.history) == 1
         click.echo(f"at the recent epochs' pace (about {_duration(run.epoch_seconds())} each): about "
-                   f"{_duration(to_go)} to go")
+                   f"{_duration(to_go)} to go" + (" (less: the first epoch also made the teacher's maps, which the "
+                                                  "next reuse)" if slow_first else ""))
     if run.unreadable_lines:
         click.echo(f"{run.unreadable_lines} line(s) of history.jsonl unreadable (cut short by a kill?)")
     if run.resumable and done < run.epochs_planned:

@@ -1109,6 +1109,11 @@ def test_the_time_to_go_counts_the_epochs_left_at_the_median_pace(tmp_path):
     assert RunInfo(tmp_path, config, history[:0], False).seconds_to_go() is None  # no epoch timed yet
     config.epochs_decay = 1
     assert run.seconds_to_go() == 0.0  # finished
+    # A distilled run's first epoch also made the teacher's maps: timed only while it is the only one.
+    config.epochs_decay, config.distill_from = 3, "teacher.safetensors"
+    taught = RunInfo(tmp_path, config, [{"epoch": 1, "step": 986, "seconds": 2400.0}, *history[1:]], True)
+    assert taught.epoch_seconds() == pytest.approx(255.0) and taught.seconds_to_go() == pytest.approx(2 * 255.0)
+    assert RunInfo(tmp_path, config, taught.history[:1], True).epoch_seconds() == 2400.0
 
 
 def test_existing_run_needs_resume(tmp_path):
