@@ -693,7 +693,9 @@ def train(ctx, data, out, resume, quiet, **options) -> None:
 @click.option("--weights", default=None, help="Generator weights (default: the shipped model).")
 @click.option("--split", type=click.Choice(["all", "train", "val"]), default="all", show_default=True)
 @click.option("--holdout", type=int, default=10, show_default=True, help="Aligned folders: every Nth is val.")
-@click.option("--direction", type=click.Choice(["AtoB", "BtoA"]), default="AtoB", show_default=True)
+@click.option("--direction", type=click.Choice(["AtoB", "BtoA"]), default=None,
+              help="Which half of an aligned pair is the input [default: the direction the weights were trained "
+                   "in, else AtoB].")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--tta", "tta", flag_value="flip", help="Score the generator with translate --tta's flip averaging.")
 @click.option("--tta-median", "tta", flag_value="median",

@@ -17,7 +17,7 @@ from .errors import DataError, OutputError, gdal_reason
 from .model import modes_kept, recorded_tta, tta_name, with_tta
 from .quantize import calibration_picks
 from .recolour import SHIFTS
-from .weights import ModelSpec, as_stored, load_generator
+from .weights import ModelSpec, as_stored, default_weights_path, load_generator, read_spec
 from .writer import GDAL_WRITE_ERRORS
 
 
@@ -113,7 +113,7 @@ def evaluate(
     weights: str | Path | None,
     data: str | Path | list[str | Path],
     split: str = "all",
-    direction: str = "AtoB",
+    direction: str | None = None,
     holdout: int = 10,
     device: str = "auto",
     tta: bool | str = False,
@@ -136,8 +136,10 @@ def evaluate(
     per map colour class (:data:`metrics.MAP_CLASSES`: land, buildings, roads, water, parks...) the
     generated maps' precision, recall and IoU (:func:`metrics.class_scores`). With ``recolour`` (a
     key of :data:`recolour.SHIFTS`), each input is first recoloured that way, its map kept: how the
-    model copes with another source's colours.
+    model copes with another source's colours. ``direction``: which half of an aligned pair is
+    the input; by default the one ``weights`` was trained in (:func:`trained_direction`).
     """
+    direction = direction or trained_direction(weights)
     if holdout < 0:
         raise DataError(f"--holdout must be 0 (none) or more, not {holdout}")
     pairs, names = datasets.load_pairs(data, split, direction, holdout)
@@ -168,6 +170,16 @@ def evaluate(
             "scores": {"weights": metrics.summarize(scores[0]), "against": metrics.summarize(scores[1])},
             "difference": metrics.paired_differences(scores[0], scores[1]),
             **({"classes": {"weights": by_class[0], "against": by_class[1]}} if classes else {})}
+
+
+def trained_direction(weights: str | Path | None) -> str:
+    """The direction (``AtoB`` or ``BtoA``) ``weights`` was trained in, as its provenance records
+    it; ``AtoB`` where it records none (the shipped model; files from before it was recorded): a
+    map -> aerial model scored the other way round scores garbage, without a word."""
+    path = default_weights_path() if weights in (None, "default") else weights
+    settings = read_spec(path).provenance.get("settings")
+    recorded = settings.get("direction") if isinstance(settings, dict) else None
+    return recorded if recorded in ("AtoB", "BtoA") else "AtoB"
 
 
 def _per_pair(weights: str | Path | None, pairs: list, names: list[str], device: torch.device,

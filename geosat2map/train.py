@@ -48,7 +48,7 @@ from .weights import TRAINED_WEIGHTS, ModelSpec, as_stored, load_generator, mode
 
 CHECKPOINT = "checkpoint.pt"
 #: The TrainConfig fields every saved generator's provenance records (how it was trained).
-RECORDED_SETTINGS = ("load_size", "crop_size", "batch_size", "lr", "lr_d", "beta1", "beta2", "lambda_gan",
+RECORDED_SETTINGS = ("direction", "load_size", "crop_size", "batch_size", "lr", "lr_d", "beta1", "beta2", "lambda_gan",
                      "lambda_l1", "lambda_l2", "epochs", "epochs_decay", "ndf", "holdout", "seed", "ema_decay",
                      "freeze_batchnorm", "no_dropout", "rot90", "shift", "colour_jitter", "distill_from", "distill_weight", "distill_views",
                      "storage_aware")

@@ -1734,3 +1734,18 @@ def test_a_folder_with_no_training_pairs_is_one_clear_error(tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output and not (tmp_path / "run").exists()
     assert result.stderr.strip() == (f"geosat2map: error: no training pairs in {data}: its images all went to "
                                      "validation (--holdout 10) or its train/ folder is empty")
+
+
+def test_evaluate_scores_a_model_in_the_direction_it_was_trained_in(tmp_path):
+    """A map -> aerial model (train --direction BtoA) was scored aerial -> map unless evaluate was
+    told again: garbage figures without a word. Its files record the direction, evaluate follows it."""
+    from geosat2map.evaluate import evaluate
+
+    data = write_aligned(tmp_path / "data")
+    train(tiny_config(data, tmp_path / "run", direction="BtoA", epochs=1, epochs_decay=0))
+    weights = tmp_path / "run" / "generator.safetensors"
+    assert read_spec(weights).provenance["settings"]["direction"] == "BtoA"
+    by_default = evaluate(str(weights), str(data), split="val", holdout=3, device="cpu")
+    told = evaluate(str(weights), str(data), split="val", holdout=3, device="cpu", direction="BtoA")
+    other_way = evaluate(str(weights), str(data), split="val", holdout=3, device="cpu", direction="AtoB")
+    assert by_default["rmse"] == told["rmse"] != other_way["rmse"]
