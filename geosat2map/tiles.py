@@ -80,7 +80,8 @@ class TilesResult:
     val: int
     skipped: dict[str, int]
     gsd_m: float | None
-    #: What the user should know about the tiles (a split that held nothing out, and why).
+    #: What the user should know about the tiles: how the scene was read (as translate's notes),
+    #: a split that held nothing out and why.
     notes: list[str] = field(default_factory=list)
 
 
@@ -301,7 +302,7 @@ def make_tiles(
             scene.close()
             if work.exists():
                 shutil.rmtree(work)
-    notes = []
+    notes = list(scene.notes)  # as translate says them: bands guessed, values stretched, a warp
     if not val and options.val_fraction > 0:
         notes.append("no validation tiles: the scene is too small to hold out a block of them with a gap to the "
                      "training tiles and keep any to train on; train runs without validation (score the model on "

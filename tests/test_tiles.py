@@ -348,6 +348,17 @@ def test_a_scene_too_small_to_hold_a_block_out_trains_on_all_its_tiles(tmp_path)
     assert len(list((out / "train" / "sat").iterdir())) == 9 and not list((out / "val" / "sat").iterdir())
 
 
+def test_tiles_say_how_the_scene_was_read_as_translate_does(tmp_path):
+    """A 16-bit scene is stretched to 8 bits for its tiles: tiles said nothing of it (translate's
+    note, with the ranges used), so a user could not tell what the model will learn from."""
+    _, vec = make_region(tmp_path)
+    sat = write_scene(tmp_path / "u16.tif", width=1536, height=1536, dtype="uint16")
+    result = CliRunner().invoke(cli, ["tiles", str(sat), str(tmp_path / "tiles"), "--vector", str(vec),
+                                      "--resolution", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("note: uint16 input stretched to 0-255 per band")
+
+
 def test_held_out_blocks_are_those_that_leave_tiles_to_train_on():
     """Where some blocks can be held out and others cannot, the split takes one that can; each
     validation tile still has a pixel's gap to every training tile."""
