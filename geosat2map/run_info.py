@@ -48,7 +48,7 @@ class RunInfo:
     @property
     def first_epoch_teaches(self) -> bool:
         """A distilled run's first epoch also asks its teacher for the maps later epochs reuse:
-        a width-48 median of 18 views made it four times as long as the next (session 58)."""
+        with a width-48 median of 18 views, 2 429 s against the next one's 969 (session 58)."""
         return bool(self.config.distill_from)
 
     def epoch_seconds(self, last: int = 5) -> float | None:
