@@ -48,10 +48,10 @@ from .weights import TRAINED_WEIGHTS, ModelSpec, as_stored, load_generator, mode
 
 CHECKPOINT = "checkpoint.pt"
 #: The TrainConfig fields every saved generator's provenance records (how it was trained).
-RECORDED_SETTINGS = ("direction", "load_size", "crop_size", "batch_size", "lr", "lr_d", "beta1", "beta2", "lambda_gan",
-                     "lambda_l1", "lambda_l2", "epochs", "epochs_decay", "ndf", "holdout", "seed", "ema_decay",
-                     "freeze_batchnorm", "no_dropout", "rot90", "shift", "colour_jitter", "distill_from", "distill_weight", "distill_views",
-                     "storage_aware")
+RECORDED_SETTINGS = ("direction", "load_size", "crop_size", "batch_size", "lr", "lr_d", "beta1", "beta2",
+                     "lambda_gan", "lambda_l1", "lambda_l2", "epochs", "epochs_decay", "ndf", "holdout", "seed",
+                     "ema_decay", "freeze_batchnorm", "no_dropout", "rot90", "shift", "colour_jitter", "distill_from",
+                     "distill_weight", "distill_views", "storage_aware")
 #: The most memory the teacher's kept maps take (Trainer._taught, fp16): the maps set's 986 training
 #: pairs at 256 x 256 take 388 MB; a larger set keeps the first pairs' and asks the teacher for the rest.
 TEACHER_MAPS_BYTES = 2 * 2**30
