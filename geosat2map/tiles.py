@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -34,7 +35,7 @@ from rasterio.windows import Window, transform as window_transform
 from .aoi import AreaOfInterest
 from .errors import InputError, NotGeoreferenced, OutputError, gdal_reason
 from .placement import north_up, warped_onto
-from .reader import PNG_READ_OPTIONS, Scene, bounded_cache, ground_gsd_m, open_raster, open_scene
+from .reader import OBLONG, PNG_READ_OPTIONS, Scene, bounded_cache, ground_pixel_size, open_raster, open_scene
 from .render import Grid, MapRenderer, Style, read_vectors
 
 
@@ -357,5 +358,9 @@ def _finer_hint(scene: Scene) -> str:
     2.12 m), the resolution that would cut tiles of it: the model then learns that scale."""
     if scene.scale is None or min(scene.scale) <= 1:
         return ""
-    native = ground_gsd_m(scene.src.crs, scene.src.transform, scene.src.width, scene.src.height)
-    return f"; its own pixels are {native:.2f} m: --resolution native (or metres per pixel) cuts tiles finer"
+    dx, dy = ground_pixel_size(scene.src.crs, scene.src.transform, scene.src.width, scene.src.height)
+    if math.isclose(dx, dy, rel_tol=OBLONG):
+        own = f"{math.sqrt(dx * dy):.2f} m: --resolution native (or metres per pixel)"
+    else:  # not square on the ground (degrees away from the equator): native would keep them so
+        own = f"{dx:.2f} x {dy:.2f} m: --resolution {max(dx, dy):.2g} (square pixels on the ground)"
+    return f"; its own pixels are {own} cuts tiles finer"

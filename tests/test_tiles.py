@@ -493,6 +493,11 @@ def test_a_small_fine_scene_is_pointed_to_its_own_resolution(tmp_path):
     coarse = write_scene(tmp_path / "coarse.tif", width=100, height=100, res=0.5)  # too small at any scale
     with pytest.raises(InputError, match="smaller than one 256-pixel tile$"):
         make_tiles(coarse, tmp_path / "c", vectors=[str(vec)], options=TileOptions(resolution="native"))
+    # Pixels not square on the ground (0.5 x 0.75 m): metres, not native, give the model square ones.
+    with rasterio.open(sat, "r+") as ds:
+        ds.transform = rasterio.Affine(0.5, 0, ds.transform.c, 0, -0.75, ds.transform.f)
+    with pytest.raises(InputError, match=r"its own pixels are 0.50 x 0.75 m: --resolution 0.75 \(square pixels"):
+        make_tiles(sat, tmp_path / "t2", vectors=[str(vec)])
 
 
 def test_grid_from_bounds():
