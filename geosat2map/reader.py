@@ -43,9 +43,6 @@ from .buffers import row_buffer
 from .errors import InputError, NotGeoreferenced, gdal_reason
 from .placement import dem_name, placement, warp_north_up
 
-#: Pixels whose ground sides differ by more than this share are named at native resolution: the
-#: model learned square ones (a degree pixel at 26 degrees north is 0.9 as wide as tall).
-OBLONG = 0.1
 #: Share of the darkest and brightest pixels clipped when stretching non-8-bit input to 0..255.
 STRETCH_PERCENT = (2.0, 98.0)
 #: Longest side of the decimated read used for scene statistics.
@@ -549,6 +546,13 @@ def _local_pixel_size(crs, transform: Affine) -> tuple[float, float]:
     return math.hypot(transform.a, transform.d) * factors[0], math.hypot(transform.b, transform.e) * factors[1]
 
 
+def oblong(ground: tuple[float, float]) -> bool:
+    """Whether pixels of these ground sides (:func:`ground_pixel_size`) differ by more than a tenth,
+    which translate and tiles say at native resolution: the model learned square ones (a degree
+    pixel at 26 degrees north is 0.9 as wide as tall)."""
+    return not math.isclose(*ground, rel_tol=0.1)
+
+
 def ground_gsd_m(crs, transform: Affine, width: int, height: int) -> float:
     """Metres on the ground per pixel at the scene centre (geometric mean of the two axes)."""
     dx, dy = ground_pixel_size(crs, transform, width, height)
@@ -787,7 +791,7 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
                              f"{native:.3g} m pixels: the map would be {side} pixels; pass a coarser resolution")
 
     if target is None or all(math.isclose(target, g, rel_tol=1e-3) for g in ground):
-        if ground and not math.isclose(*ground, rel_tol=OBLONG):
+        if ground and oblong(ground):
             notes.append(f"the scene's pixels are {ground[0]:.3g} x {ground[1]:.3g} m on the ground: at its own pixels "
                          "the model sees the ground stretched one way; a resolution in metres (or model) resamples "
                          "it to square ones")

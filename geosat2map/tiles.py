@@ -35,7 +35,7 @@ from rasterio.windows import Window, transform as window_transform
 from .aoi import AreaOfInterest
 from .errors import InputError, NotGeoreferenced, OutputError, gdal_reason
 from .placement import north_up, warped_onto
-from .reader import OBLONG, PNG_READ_OPTIONS, Scene, bounded_cache, ground_pixel_size, open_raster, open_scene
+from .reader import PNG_READ_OPTIONS, Scene, bounded_cache, ground_pixel_size, oblong, open_raster, open_scene
 from .render import Grid, MapRenderer, Style, read_vectors
 
 
@@ -147,10 +147,11 @@ class _VectorMap:
 def _split(positions: list[tuple[int, int]], opts: TileOptions) -> tuple[list, list, int]:
     """(train, val, dropped): val = whole random blocks; train tiles touching a val tile are dropped.
 
-    Blocks are taken for validation in a random order, skipping one whose gap would leave no
-    training tile: on a scene a few tiles across (overlapping tiles, ``--stride`` under the tile
-    size), any block's gap can take every other tile, and a folder of validation tiles alone
-    trains nothing. Where no block can be held out so, all tiles train (``val`` is empty)."""
+    On a scene a few tiles across (overlapping tiles, ``--stride`` under the tile size) the random
+    blocks' gap can take every other tile, and a folder of validation tiles alone trains nothing:
+    then blocks are taken in the same random order, skipping one whose gap would leave no training
+    tile, and where none can be held out so, all tiles train (``val`` is empty). Elsewhere the
+    split is the random blocks', computed once (each try costs a pass over tiles and val tiles)."""
     # Blocks shrink (down to one tile) on small scenes, so there are enough to split.
     block_tiles = opts.block_tiles
     while block_tiles > 1 and len({(y // (block_tiles * opts.tile_size), x // (block_tiles * opts.tile_size))
@@ -169,13 +170,14 @@ def _split(positions: list[tuple[int, int]], opts: TileOptions) -> tuple[list, l
                  and not any(abs(p[0] - v[0]) <= t and abs(p[1] - v[1]) <= t for v in val)]
         return train, val
 
-    val_blocks: set = set()
-    for i in rng.permutation(len(blocks)):
-        if len(val_blocks) == n_val:
-            break
-        if split(val_blocks | {blocks[i]})[0]:
-            val_blocks.add(blocks[i])
-    train, val = split(val_blocks)
+    order = [blocks[i] for i in rng.permutation(len(blocks))]
+    train, val = split(set(order[:n_val]))
+    if not train:  # the random blocks' gap took every training tile
+        val_blocks: set = set()
+        for b in order:
+            if len(val_blocks) < n_val and split(val_blocks | {b})[0]:
+                val_blocks.add(b)
+        train, val = split(val_blocks)
     return train, val, len(positions) - len(val) - len(train)
 
 
@@ -359,7 +361,7 @@ def _finer_hint(scene: Scene) -> str:
     if scene.scale is None or min(scene.scale) <= 1:
         return ""
     dx, dy = ground_pixel_size(scene.src.crs, scene.src.transform, scene.src.width, scene.src.height)
-    if math.isclose(dx, dy, rel_tol=OBLONG):
+    if not oblong((dx, dy)):
         own = f"{math.sqrt(dx * dy):.2f} m: --resolution native (or metres per pixel)"
     else:  # not square on the ground (degrees away from the equator): native would keep them so
         own = f"{dx:.2f} x {dy:.2f} m: --resolution {max(dx, dy):.2g} (square pixels on the ground)"

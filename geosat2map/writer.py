@@ -277,9 +277,7 @@ class GeoTIFFWriter:
         # Contiguous, not row-padded: rasterio copies a strided array before writing it (12.9 MB
         # more per block row at 16384 pixels wide).
         rows = min(BLOCK, height)
-        buffers = block_row_buffers(put_rows)
-        self._filled = buffers - 1  # block rows one rectangle may span
-        self._pixels = [np.zeros((self.bands, rows, width), np.uint8) for _ in range(buffers)]
+        self._pixels = [np.zeros((self.bands, rows, width), np.uint8) for _ in range(block_row_buffers(put_rows))]
         # The mask buffers are made at the first invalid pixel, and the mask band is created then:
         # a scene valid everywhere gets no mask, which spares writing it and halves the time GDAL
         # takes to build the overviews.
@@ -382,8 +380,9 @@ class GeoTIFFWriter:
         h, w = pixels.shape[1:]
         if not h:
             return
-        if top // BLOCK < self._next_block or (top + h - 1) // BLOCK >= self._next_block + self._filled:
-            raise ValueError(f"rows {top}..{top + h} are not in the {self._filled} block rows being filled")
+        filled = len(self._pixels) - 1  # the block rows one rectangle may span; the last buffer is being written
+        if top // BLOCK < self._next_block or (top + h - 1) // BLOCK >= self._next_block + filled:
+            raise ValueError(f"rows {top}..{top + h} are not in the {filled} block rows being filled")
         if self._masks is None and valid is not None and not valid.all():
             self._masks = [np.full(p.shape[1:], 255, np.uint8) for p in self._pixels]
         r = top

@@ -541,7 +541,7 @@ def test_evaluate_a_translate_output_against_a_map_raster(tmp_path):
         ds.write(pixels)
     part = json.loads(CliRunner().invoke(cli, ["evaluate", str(map_tif), "--map", str(half), "--json"]).stdout)
     assert part["count"] == 6 and part["rmse"] == 0
-    small = write_scene(tmp_path / "small.tif", width=165, height=300)  # as the Las Vegas sample at 2.12 m (149 x 184)
+    small = write_scene(tmp_path / "small.tif", width=165, height=300)  # under a window wide, as the Vegas sample's map
     result = CliRunner().invoke(cli, ["evaluate", str(small), "--map", str(map_tif)])
     assert result.exit_code == 1 and result.stderr == (
         f"geosat2map: error: {small} is 165 x 300 pixels: smaller than one 256-pixel window to score (translate "
