@@ -553,12 +553,6 @@ def oblong(ground: tuple[float, float]) -> bool:
     return not math.isclose(*ground, rel_tol=0.1)
 
 
-def ground_gsd_m(crs, transform: Affine, width: int, height: int) -> float:
-    """Metres on the ground per pixel at the scene centre (geometric mean of the two axes)."""
-    dx, dy = ground_pixel_size(crs, transform, width, height)
-    return math.sqrt(dx * dy)
-
-
 def _stretch(src, bands: list[int], crop: Window,
              aoi: shapely.Geometry | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-band 2-98 % percentiles over the part of the scene translated (``crop``, and inside

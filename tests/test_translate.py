@@ -23,7 +23,7 @@ from geosat2map.engine import InferenceEngine
 from geosat2map.errors import InputError, OutputError
 from geosat2map.grid import TileGrid, seam_ratio
 from geosat2map.model import FlipAveraged, UNetGenerator, init_weights
-from geosat2map.reader import ground_gsd_m, ground_pixel_size, open_scene
+from geosat2map.reader import ground_pixel_size, open_scene
 from geosat2map import translate
 from geosat2map.weights import ModelSpec, describe_weights, save_generator
 
@@ -100,7 +100,7 @@ def test_web_mercator_scene_is_resampled_by_ground_distance_not_by_its_metres(ti
     translate(src, out, weights=tiny_weights_gsd)
     with rasterio.open(out) as dst:
         assert dst.res == pytest.approx((2.0 / math.cos(math.radians(latitude)),) * 2, rel=0.01)
-        assert ground_gsd_m(dst.crs, dst.transform, dst.width, dst.height) == pytest.approx(2.0, rel=0.01)
+        assert ground_pixel_size(dst.crs, dst.transform, dst.width, dst.height) == pytest.approx((2.0, 2.0), rel=0.01)
 
 
 @pytest.mark.parametrize("unit, metres", [('"metre",1', 1.0), ('"US survey foot",0.304800609601219', 0.3048)])
