@@ -90,7 +90,9 @@ class _OneLineWarnings:
     """Shows a library's warning (GDAL's through pyogrio: "Non closed ring detected...") in one
     line, where Python's showed the file and source line it was raised from; and each text once a
     command: Python dedupes by the line that warns, and rasterio warns the same thing ("nodata
-    attribute is shadowing the alpha band") from several of its lines, for every window read."""
+    attribute is shadowing the alpha band") from several of its lines, for every window read.
+    Under torchrun a helper rank's line names it: every rank reads the scene, so each meets a
+    warning about it, and rank 0's line alone would not say whose the others are."""
 
     def __init__(self) -> None:
         self.shown: set[str] = set()
@@ -99,7 +101,8 @@ class _OneLineWarnings:
         text = first_line(message) if isinstance(message, Warning) else str(message)
         if text not in self.shown:
             self.shown.add(text)
-            click.echo(f"geosat2map: warning: {text}", err=True)
+            rank = f" (rank {os.environ['RANK']})" if _helper_rank() else ""
+            click.echo(f"geosat2map: warning{rank}: {text}", err=True)
 
 
 def _terminate(signum, frame) -> None:

@@ -105,6 +105,18 @@ def test_a_warning_said_once(tiny_weights, tmp_path):
     assert len(said) == 1 and said[0].startswith("geosat2map: warning: "), result.stderr
 
 
+@pytest.mark.parametrize("rank, prefix", [("0", "geosat2map: warning: "), ("1", "geosat2map: warning (rank 1): ")])
+def test_a_helper_ranks_warning_names_it(monkeypatch, capsys, rank, prefix):
+    """Under torchrun every rank reads the scene and meets its warnings: a helper's line says whose it is."""
+    from cli.main import _OneLineWarnings
+
+    monkeypatch.setenv("RANK", rank)
+    show = _OneLineWarnings()
+    show(UserWarning("the nodata attribute is shadowing the alpha band\nmore"), UserWarning, "x.py", 1)
+    show(UserWarning("the nodata attribute is shadowing the alpha band"), UserWarning, "y.py", 2)
+    assert capsys.readouterr().err == prefix + "the nodata attribute is shadowing the alpha band\n"
+
+
 def test_coordinates_outside_their_crs(tiny_weights, tiny_weights_gsd, tmp_path):
     """UTM eastings of a billion metres: no place on Earth, so no ground resolution to resample to;
     at native resolution there is nothing to resample."""
