@@ -108,7 +108,7 @@ def test_a_warning_said_once(tiny_weights, tmp_path):
 @pytest.mark.parametrize("rank, prefix", [("0", "geosat2map: warning: "), ("1", "geosat2map: warning (rank 1): ")])
 def test_a_helper_ranks_warning_names_it(monkeypatch, capsys, rank, prefix):
     """Under torchrun every rank reads the scene and meets its warnings: a helper's line says whose it is."""
-    from cli.main import _OneLineWarnings
+    from geosat2map_cli.main import _OneLineWarnings
 
     monkeypatch.setenv("RANK", rank)
     show = _OneLineWarnings()
