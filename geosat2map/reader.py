@@ -691,11 +691,13 @@ def _crop_window(path: Path | str, src: rasterio.io.DatasetReader, bounds: tuple
     return Window(col0, row0, col1 - col0, row1 - row0), (col0, row0, col1, row1) != cover
 
 
-def _check_size(path: Path | str, width: int, height: int, gsd_m: float | None) -> None:
+def _check_size(path: Path | str, width: int, height: int, gsd_m: float | None, native_fits: bool = False) -> None:
+    """Refuse a grid too small for the model; ``native_fits``: the scene's own pixels would do."""
     if min(width, height) < MIN_SIDE:
         at = f" at {gsd_m:.2f} m/pixel" if gsd_m else ""
+        hint = " (at --resolution native it would fit)" if native_fits else ""
         raise InputError(f"{path} is only {width} x {height} pixels{at}; translate needs at least {MIN_SIDE} x "
-                         f"{MIN_SIDE} (a small clip may fit at --resolution native)")
+                         f"{MIN_SIDE}{hint}")
 
 
 def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, bounds, bounds_crs,
@@ -799,7 +801,7 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
     scale = target / native
     width = max(1, round(cols * ground[0] / target))
     height = max(1, round(rows * ground[1] / target))
-    _check_size(path, width, height, target)
+    _check_size(path, width, height, target, native_fits=min(cols, rows) >= MIN_SIDE)
     transform = Affine(t.a * cols / width, 0, t.c, 0, t.e * rows / height, t.f)
     method = Resampling.average if scale > 1 else Resampling.bilinear
     large = max(cols, rows) >= OVERVIEW_HINT_SIDE

@@ -465,7 +465,20 @@ def test_zero_by_zero_raster(tiny_weights, tmp_path):
 def test_one_by_one_raster(tiny_weights, tmp_path):
     path = write_scene(tmp_path / "one.tif", width=1, height=1)
     out = tmp_path / "map.tif"
-    assert_clean_failure(run("translate", path, out, "--weights", tiny_weights), out, "only 1 x 1 pixels")
+    result = run("translate", path, out, "--weights", tiny_weights)
+    assert_clean_failure(result, out, "only 1 x 1 pixels")
+    assert "native" not in result.stderr  # it is at its own pixels already
+
+
+def test_a_clip_too_small_at_the_models_resolution_is_pointed_to_native(tiny_weights_gsd, tmp_path):
+    """40 x 40 pixels of 0.25 m are 5 x 5 at the model's 2 m: too few, and its own pixels would do."""
+    path = write_scene(tmp_path / "clip.tif", width=40, height=40, res=0.25)
+    out = tmp_path / "map.tif"
+    result = run("translate", path, out, "--weights", tiny_weights_gsd)
+    assert_clean_failure(result, out, "only 5 x 5 pixels at 2.00 m/pixel")
+    assert "(at --resolution native it would fit)" in result.stderr
+    fits = run("translate", path, out, "--weights", tiny_weights_gsd, "--resolution", "native", "--quiet")
+    assert fits.exit_code == 0 and out.exists(), fits.output
 
 
 def test_header_declaring_a_huge_size(tiny_weights, tmp_path, monkeypatch):
