@@ -788,8 +788,9 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
 
     if target is None or all(math.isclose(target, g, rel_tol=1e-3) for g in ground):
         if ground and oblong(ground):
+            also = " (or model)" if model_gsd_m is not None else ""  # a model without one keeps these pixels
             notes.append(f"the scene's pixels are {ground[0]:.3g} x {ground[1]:.3g} m on the ground: at its own pixels "
-                         "the model sees the ground stretched one way; a resolution in metres (or model) resamples "
+                         f"the model sees the ground stretched one way; a resolution in metres{also} resamples "
                          "it to square ones")
         _check_size(path, cols, rows, native)
         return Scene(path, src, bands, cols, rows, t, src.crs, native, crop, stretch, notes,

@@ -74,7 +74,7 @@ def test_geographic_scene_is_resampled_by_ground_distance(tiny_weights_gsd, tmp_
         assert dst.res[0] > 1.2 * dst.res[1]  # so in degrees, wider than tall
 
 
-def test_a_scene_with_oblong_pixels_gets_square_ones(tiny_weights_gsd, tmp_path):
+def test_a_scene_with_oblong_pixels_gets_square_ones(tiny_weights, tiny_weights_gsd, tmp_path):
     """A grid of 1 x 1.5 m pixels (a scanned or resampled product) mapped at the model's 2 m: 2 m
     along each axis, the footprint kept; at native resolution its own pixels, and a note why not."""
     src = write_scene(tmp_path / "oblong.tif", width=600, height=400)
@@ -89,6 +89,11 @@ def test_a_scene_with_oblong_pixels_gets_square_ones(tiny_weights_gsd, tmp_path)
         assert (dst.width, dst.height) == (300, 300) and dst.res == pytest.approx((2.0, 2.0))
         assert dst.bounds == pytest.approx(scene.bounds)
         assert native.res == pytest.approx((1.0, 1.5)) and native.shape == scene.shape
+    # A model that records no resolution keeps every scene's pixels: "model" would not square them.
+    unscaled = translate(src, tmp_path / "unscaled.tif", weights=tiny_weights)
+    assert unscaled.notes == ["the model records no ground sampling distance: native resolution used",
+                              "the scene's pixels are 1 x 1.5 m on the ground: at its own pixels the model sees "
+                              "the ground stretched one way; a resolution in metres resamples it to square ones"]
 
 
 def test_web_mercator_scene_is_resampled_by_ground_distance_not_by_its_metres(tiny_weights_gsd, tmp_path):
