@@ -739,6 +739,8 @@ def evaluate(data, map_raster, weights, split, holdout, direction, device, tta, 
         result = run_eval(weights, data[0] if len(data) == 1 else list(data), split=split, direction=direction,
                           holdout=holdout, device=device, tta=tta, against=against, precision=precision,
                           classes=classes, recolour=recolour)
+        for note in result["notes"]:
+            click.echo(f"note: {note}", err=True)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     elif against:

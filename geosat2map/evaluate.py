@@ -161,8 +161,11 @@ def evaluate(
     by_class = [metrics.class_scores(s) for s in scores] if classes else []
     scores = [metrics.without_classes(s) for s in scores]
     named = [str(f) for f in data] if isinstance(data, list) else str(data)
+    scored = [weights] if against is None else [weights, against]
+    notes = [note for note in (trained_pairs_note(w, data, split, holdout) for w in scored) if note]
     result = {"weights": str(weights or "default"), "data": named, "split": split, "tta": recorded_tta(tta),
-              "precision": "int8" if int8 else "bf16" if bf16 else "fp32", **({"recolour": recolour} if recolour else {})}
+              "precision": "int8" if int8 else "bf16" if bf16 else "fp32", **({"recolour": recolour} if recolour else {}),
+              "notes": list(dict.fromkeys(notes))}
     if against is None:
         return {**result, **metrics.summarize(scores[0]), "se": metrics.standard_errors(scores[0]),
                 **({"classes": by_class[0]} if classes else {})}
@@ -170,6 +173,56 @@ def evaluate(
             "scores": {"weights": metrics.summarize(scores[0]), "against": metrics.summarize(scores[1])},
             "difference": metrics.paired_differences(scores[0], scores[1]),
             **({"classes": {"weights": by_class[0], "against": by_class[1]}} if classes else {})}
+
+
+def trained_folders(weights: str | Path | None) -> dict[str, int]:
+    """The names (last path part) of the data folders ``weights`` was trained on anywhere in its
+    lineage (the runs it was fine-tuned from, the generators it is a mean of), each with the
+    ``--holdout`` it was trained with (0 where none was recorded)."""
+    path = default_weights_path() if weights in (None, "default") else weights
+    found: dict[str, int] = {}
+
+    def walk(provenance: object) -> None:
+        if not isinstance(provenance, dict):
+            return
+        settings = provenance.get("settings")
+        holdout = settings.get("holdout", 0) if isinstance(settings, dict) else 0
+        data = provenance.get("data")
+        for folder in data if isinstance(data, list) else [data] if isinstance(data, str) else []:
+            found.setdefault(Path(folder).name, holdout if isinstance(holdout, int) else 0)
+        parent = provenance.get("fine_tuned_from")
+        walk(parent.get("provenance") if isinstance(parent, dict) else None)
+        for source in provenance.get("averaged_from") or []:
+            walk(source.get("provenance") if isinstance(source, dict) else None)
+
+    walk(read_spec(path).provenance)
+    return found
+
+
+def trained_pairs_note(weights: str | Path | None, data: str | Path | list[str | Path], split: str,
+                       holdout: int) -> str | None:
+    """A note where the pairs scored include pairs ``weights`` was trained on (by the folders'
+    names, :func:`trained_folders`): ``--split all`` of a folder it learned from, or ``--split
+    val`` at another ``--holdout`` than it held out. Such scores flatter; the user is told how to
+    score the held-out pairs alone."""
+    if split == "train":  # asked for in so many words
+        return None
+    learned = trained_folders(weights)
+    for folder in datasets.as_folders(data):
+        name = folder.resolve().name
+        if name not in learned:
+            continue
+        if datasets.is_tile_folder(folder):
+            if split == "all":
+                return (f"the model was trained on a tiles folder named {name}: --split all scores its training "
+                        "tiles too; --split val scores the held-out ones alone")
+            continue
+        kept = learned[name]
+        if split == "all" or not kept or holdout % kept:
+            held = f"held out one pair in {kept} (--holdout {kept})" if kept else "held out no pairs"
+            alone = f"; --split val --holdout {kept} scores those alone" if kept else ""
+            return f"the model was trained on a folder named {name} and {held}: these scores include pairs it learned{alone}"
+    return None
 
 
 def trained_direction(weights: str | Path | None) -> str:

@@ -1749,3 +1749,35 @@ def test_evaluate_scores_a_model_in_the_direction_it_was_trained_in(tmp_path):
     told = evaluate(str(weights), str(data), split="val", holdout=3, device="cpu", direction="BtoA")
     other_way = evaluate(str(weights), str(data), split="val", holdout=3, device="cpu", direction="AtoB")
     assert by_default["rmse"] == told["rmse"] != other_way["rmse"]
+
+
+def test_evaluate_says_when_the_pairs_scored_include_pairs_the_model_learned(tmp_path):
+    """Scored on --split all of the folder it trained on, or at a --holdout that is not a multiple
+    of its own, a model's figures flatter it: a note says so, by the folder's name anywhere in its
+    lineage (here a mean of a run fine-tuned from one trained on maps_train); another folder, its
+    held-out pairs, or --split train (asked for in so many words) get none."""
+    from geosat2map.evaluate import evaluate
+
+    maps = write_aligned(tmp_path / "maps_train", n=4)
+    other = write_aligned(tmp_path / "elsewhere", n=4)
+    parent = {"data": "../shared/data/maps_train", "settings": {"holdout": 2}}
+    child = {"data": str(tmp_path / "tiles"), "fine_tuned_from": {"file": "p", "provenance": parent}}
+    weights = tmp_path / "mean.safetensors"
+    save_generator(UNetGenerator(ngf=4).eval(), ModelSpec(ngf=4, gsd_m=2.0, provenance={
+        "averaged_from": [{"file": "c", "provenance": child}]}), weights)
+    said = "the model was trained on a folder named maps_train and held out one pair in 2 (--holdout 2)"
+    for data, split, holdout, note in [(maps, "all", 10, True), (maps, "val", 3, True), (maps, "val", 2, False),
+                                       (maps, "val", 4, False), (maps, "train", 2, False), (other, "all", 10, False)]:
+        result = evaluate(str(weights), str(data), split=split, holdout=holdout, device="cpu")
+        assert result["notes"] == ([said + ": these scores include pairs it learned; --split val --holdout 2 scores "
+                                    "those alone"] if note else []), (data.name, split, holdout)
+    # A tiles folder holds its validation tiles apart: only --split all mixes its training ones in.
+    from geosat2map.evaluate import trained_pairs_note
+
+    (tmp_path / "tiles").mkdir()
+    (tmp_path / "tiles" / "manifest.json").write_text("{}")
+    assert "--split all scores its training tiles too" in trained_pairs_note(weights, tmp_path / "tiles", "all", 10)
+    assert trained_pairs_note(weights, tmp_path / "tiles", "val", 10) is None
+    # The CLI says it on stderr, as translate's notes; --against's model is asked too.
+    shown = CliRunner().invoke(cli, ["evaluate", str(maps), "--weights", str(weights), "--against", str(weights)])
+    assert shown.exit_code == 0 and shown.stderr.count(f"note: {said}") == 1, shown.output
