@@ -137,7 +137,8 @@ def evaluate(
     generated maps' precision, recall and IoU (:func:`metrics.class_scores`). With ``recolour`` (a
     key of :data:`recolour.SHIFTS`), each input is first recoloured that way, its map kept: how the
     model copes with another source's colours. ``direction``: which half of an aligned pair is
-    the input; by default the one ``weights`` was trained in (:func:`trained_direction`).
+    the input; by default the one ``weights`` was trained in (:func:`trained_direction`). The
+    result's ``notes`` say where the pairs scored include pairs a model learned (:func:`trained_pairs_note`).
     """
     direction = direction or trained_direction(weights)
     if holdout < 0:
