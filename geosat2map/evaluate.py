@@ -162,11 +162,11 @@ def evaluate(
     by_class = [metrics.class_scores(s) for s in scores] if classes else []
     scores = [metrics.without_classes(s) for s in scores]
     named = [str(f) for f in data] if isinstance(data, list) else str(data)
-    scored = [weights] if against is None else [weights, against]
-    notes = [note for note in (trained_pairs_note(w, data, split, holdout) for w in scored) if note]
+    scored = [(weights, "the model")] + ([] if against is None else [(against, "the --against model")])
+    notes = [note for note in (trained_pairs_note(w, data, split, holdout, who) for w, who in scored) if note]
     result = {"weights": str(weights or "default"), "data": named, "split": split, "tta": recorded_tta(tta),
               "precision": "int8" if int8 else "bf16" if bf16 else "fp32", **({"recolour": recolour} if recolour else {}),
-              "notes": list(dict.fromkeys(notes))}
+              "notes": notes}
     if against is None:
         return {**result, **metrics.summarize(scores[0]), "se": metrics.standard_errors(scores[0]),
                 **({"classes": by_class[0]} if classes else {})}
@@ -201,11 +201,11 @@ def trained_folders(weights: str | Path | None) -> dict[str, int]:
 
 
 def trained_pairs_note(weights: str | Path | None, data: str | Path | list[str | Path], split: str,
-                       holdout: int) -> str | None:
+                       holdout: int, who: str = "the model") -> str | None:
     """A note where the pairs scored include pairs ``weights`` was trained on (by the folders'
     names, :func:`trained_folders`): ``--split all`` of a folder it learned from, or ``--split
     val`` at another ``--holdout`` than it held out. Such scores flatter; the user is told how to
-    score the held-out pairs alone."""
+    score the held-out pairs alone. ``who`` names the model in the note."""
     if split == "train":  # asked for in so many words
         return None
     learned = trained_folders(weights)
@@ -215,14 +215,15 @@ def trained_pairs_note(weights: str | Path | None, data: str | Path | list[str |
             continue
         if datasets.is_tile_folder(folder):
             if split == "all":
-                return (f"the model was trained on a tiles folder named {name}: --split all scores its training "
-                        "tiles too; --split val scores the held-out ones alone")
+                return (f"{who} was trained on a tiles folder named {name}: --split all scores its training tiles "
+                        "too; --split val scores the held-out ones alone")
             continue
         kept = learned[name]
         if split == "all" or not kept or holdout % kept:
             held = f"held out one pair in {kept} (--holdout {kept})" if kept else "held out no pairs"
             alone = f"; --split val --holdout {kept} scores those alone" if kept else ""
-            return f"the model was trained on a folder named {name} and {held}: these scores include pairs it learned{alone}"
+            return (f"{who} was trained on a folder named {name} and {held}: these scores include pairs it "
+                    f"learned{alone}")
     return None
 
 

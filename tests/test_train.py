@@ -1781,3 +1781,4 @@ def test_evaluate_says_when_the_pairs_scored_include_pairs_the_model_learned(tmp
     # The CLI says it on stderr, as translate's notes; --against's model is asked too.
     shown = CliRunner().invoke(cli, ["evaluate", str(maps), "--weights", str(weights), "--against", str(weights)])
     assert shown.exit_code == 0 and shown.stderr.count(f"note: {said}") == 1, shown.output
+    assert "note: the --against model was trained on a folder named maps_train" in shown.stderr
