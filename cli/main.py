@@ -76,14 +76,18 @@ class _Group(click.Group):
         except KeyboardInterrupt as exc:
             if not (isinstance(exc, Interrupted) and _helper_rank()):  # rank 0 says where every rank stopped
                 # A helper's own line names it: rank 0's "rank N failed (its own error is above)" points here.
-                rank = f" (rank {os.environ['RANK']})" if _helper_rank() else ""
-                click.echo(f"geosat2map: interrupted{rank}" + (f": {exc}" if str(exc) else ""), err=True)
+                click.echo(f"geosat2map: interrupted{_rank_named()}" + (f": {exc}" if str(exc) else ""), err=True)
             ctx.exit(130)
 
 
 def _helper_rank() -> bool:
     """Under torchrun, a rank other than 0: rank 0 reports for all."""
     return int(os.environ.get("RANK", "0")) > 0
+
+
+def _rank_named() -> str:
+    """What a helper rank's own lines carry, ' (rank N)', so they say whose they are; '' elsewhere."""
+    return f" (rank {os.environ['RANK']})" if _helper_rank() else ""
 
 
 class _OneLineWarnings:
@@ -101,8 +105,7 @@ class _OneLineWarnings:
         text = first_line(message) if isinstance(message, Warning) else str(message)
         if text not in self.shown:
             self.shown.add(text)
-            rank = f" (rank {os.environ['RANK']})" if _helper_rank() else ""
-            click.echo(f"geosat2map: warning{rank}: {text}", err=True)
+            click.echo(f"geosat2map: warning{_rank_named()}: {text}", err=True)
 
 
 def _terminate(signum, frame) -> None:
