@@ -10,17 +10,28 @@ import pytest
 import rasterio
 import torch
 from click.testing import CliRunner
+from geosat2map_cli.main import cli
 
-from cli.main import cli
-from geosat2map import translate
-from geosat2map.engine import cache_dir, engine_choice, engine_name, make_engine, onnx_available
+from geosat2map import quantize, translate
+from geosat2map.engine import (
+    cache_dir,
+    engine_choice,
+    engine_name,
+    make_engine,
+    onnx_available,
+)
 from geosat2map.errors import Interrupted, WeightsError
 from geosat2map.grid import TileGrid
 from geosat2map.model import FlipAveraged, subpixel_generator
-from geosat2map import quantize
 from geosat2map.quantize import calibration_picks
 
-from .conftest import NAIP_SCENE, random_generator, stop_after, torchrun_translate, write_scene
+from .conftest import (
+    NAIP_SCENE,
+    random_generator,
+    stop_after,
+    torchrun_translate,
+    write_scene,
+)
 
 CPU = torch.device("cpu")
 needs_onnx = pytest.mark.skipif(not onnx_available(), reason="the onnx extra is not installed")
