@@ -1,0 +1,81 @@
+"""The README's Python API example runs as written, so the calls it documents cannot drift from
+the library's: here on small scenes made under its file names, around its longitude/latitude box,
+its URL read from a local file of the same content (no network in tests)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+import rasterio
+import shapely
+from pyproj import Transformer
+from rasterio.transform import from_origin
+
+from .conftest import synthetic_image
+
+README = Path(__file__).parents[1] / "README.md"
+URL = "https://example.com/ortho.tif"
+UTM = "EPSG:32614"  # the zone of the example's box (97.7 degrees west)
+RES, SIZE = 2.0, 240  # one tile at the default model's 2.12 m
+
+
+def python_example() -> str:
+    """The example's code, after as many blank lines as precede it, so a traceback names README lines."""
+    text = README.read_text(encoding="utf-8")
+    block = re.compile(r"```python\n(.*?)```", re.S).search(text, text.index("## Python API"))
+    return "\n" * text.count("\n", 0, block.start(1)) + block.group(1)
+
+
+def write(path: Path, data: np.ndarray, left: float, top: float) -> None:
+    path.parent.mkdir(exist_ok=True)
+    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=3,
+                       dtype="uint8", crs=UTM, transform=from_origin(left, top, RES, RES)) as dst:
+        dst.write(data.astype("uint8"))
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+    code = python_example()
+    assert URL in code
+    monkeypatch.chdir(tmp_path)
+    x, y = Transformer.from_crs("EPSG:4326", UTM, always_xy=True).transform(-97.735, 47.51)  # in the box
+    left, top = x - RES * SIZE / 2, y + RES * SIZE / 2
+    data = synthetic_image(SIZE, SIZE)
+    for name in ("scene.tif", "ortho_copy.tif", "a.tif", "b.tif"):
+        write(tmp_path / name, data, left, top)
+    half = SIZE // 2
+    write(tmp_path / "sheets" / "a.tif", data[:, :, :half], left, top)
+    write(tmp_path / "sheets" / "b.tif", data[:, :, half:], left + RES * half, top)
+    park = shapely.box(left + 100, top - 300, left + 300, top - 100)
+    pyogrio.raw.write(tmp_path / "city.gpkg", geometry=np.array([shapely.to_wkb(park)], dtype=object),
+                      field_data=[], fields=[], crs=UTM, geometry_type="Polygon", layer="parks")
+
+    exec(compile(code.replace(URL, "ortho_copy.tif"), str(README), "exec"), {})
+
+    for name in ("map.tif", "town.tif", "parks.tif", "ortho_map.tif", "a_map.tif", "b_map.tif", "maps/a.tif",
+                 "maps/b.tif"):
+        with rasterio.open(tmp_path / name) as ds:
+            assert (ds.count, ds.dtypes[0], ds.crs) == (3, "uint8", UTM), name
+    with rasterio.open("map.tif") as whole, rasterio.open("ortho_map.tif") as mosaic:
+        assert whole.bounds == mosaic.bounds  # the two sheets, put together, are the scene
+        assert np.abs(whole.read().astype(int) - mosaic.read().astype(int)).mean() < 1
+    with rasterio.open("parks.tif") as ds:  # the polygon's box, nodata outside the polygon: here none
+        assert ds.dataset_mask().all() and abs(ds.bounds.left - park.bounds[0]) <= RES
+
+
+def test_the_calls_the_readme_names_exist():
+    """The Python API section's calls named in its prose (export_onnx, classify_map...) resolve from
+    ``import geosat2map`` as written."""
+    import geosat2map
+
+    section = README.read_text(encoding="utf-8").split("## Python API", 1)[1].split("\n## ", 1)[0]
+    calls = set(re.findall(r"`(geosat2map(?:\.\w+)+)\(", section))
+    assert len(calls) >= 7
+    for call in calls:
+        obj = geosat2map
+        for part in call.split(".")[1:]:
+            obj = getattr(obj, part, None)
+            assert obj is not None, call
+        assert callable(obj), call
