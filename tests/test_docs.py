@@ -1,18 +1,23 @@
-"""The README's Python API example runs as written, so the calls it documents cannot drift from
-the library's: here on small scenes made under its file names, around its longitude/latitude box,
-its URL read from a local file of the same content (no network in tests)."""
+"""The documentation stays true to the code: the README's Python API example runs as written (on
+small scenes made under its file names, around its longitude/latitude box, its URL read from a
+local file of the same content: no network in tests), and the command lines the README and docs/
+show use commands and options that exist."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import click
 import numpy as np
 import pyogrio
+import pytest
 import rasterio
 import shapely
 from pyproj import Transformer
 from rasterio.transform import from_origin
+
+from geosat2map_cli.main import cli
 
 from .conftest import synthetic_image
 
@@ -79,3 +84,39 @@ def test_the_calls_the_readme_names_exist():
             obj = getattr(obj, part, None)
             assert obj is not None, call
         assert callable(obj), call
+
+
+def command_lines(text: str, commands: list[str]) -> list[str]:
+    """Every geosat2map command line the text shows: in code blocks (continuations joined, comments
+    cut) and in inline code, where it may start at the command's name (`translate --tta`)."""
+    lines = []
+    for block in re.findall(r"```\w*\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").split("\n"):
+            line = re.sub(r"^\s*(\$|#)\s*", "", line.split("  #")[0])
+            if line.startswith("geosat2map "):
+                lines.append(line)
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    lines += re.findall(r"`(?:rio )?(geosat2map [a-z][^`]*)`", prose)
+    named = "|".join(map(re.escape, commands))
+    lines += ["geosat2map " + span for span in re.findall(rf"`((?:{named}) --[^`]*)`", prose)]
+    return lines
+
+
+@pytest.mark.parametrize("doc, least", [("README.md", 60), ("docs/model_card.md", 100),
+                                        ("docs/performance.md", 5)])
+def test_the_documented_command_lines_use_options_the_commands_have(doc, least):
+    """A renamed or removed option or command would leave the README telling users to type something
+    that fails, or the model card giving a training command that no longer runs: each command they
+    show exists, and each --option it passes is one of that command's."""
+    ctx = click.Context(cli)
+    lines = command_lines((README.parent / doc).read_text(encoding="utf-8"), cli.list_commands(ctx))
+    assert len(lines) >= least
+    for line in lines:
+        name, *words = line.split()[1:]
+        command = cli.get_command(ctx, name)
+        assert command is not None, line
+        known = {opt for param in command.params for opt in param.opts + param.secondary_opts}
+        for word in words:
+            option = word.split("=")[0].rstrip(",.;:)")
+            if option.startswith("--"):
+                assert option in known | {"--help"}, f"{line!r}: {name} has no {option}"
