@@ -107,7 +107,7 @@ def command_lines(text: str, commands: list[str]) -> list[str]:
 def test_the_documented_command_lines_use_options_the_commands_have(doc, least):
     """A renamed or removed option or command would leave the README telling users to type something
     that fails, or the model card giving a training command that no longer runs: each command they
-    show exists, and each --option it passes is one of that command's."""
+    show exists, each --option it passes is one of that command's, and a choice's value one it takes."""
     ctx = click.Context(cli)
     lines = command_lines((README.parent / doc).read_text(encoding="utf-8"), cli.list_commands(ctx))
     assert len(lines) >= least
@@ -115,8 +115,12 @@ def test_the_documented_command_lines_use_options_the_commands_have(doc, least):
         name, *words = line.split()[1:]
         command = cli.get_command(ctx, name)
         assert command is not None, line
-        known = {opt for param in command.params for opt in param.opts + param.secondary_opts}
-        for word in words:
+        params = {opt: param for param in command.params for opt in param.opts + param.secondary_opts}
+        for word, following in zip(words, words[1:] + [""]):
             option = word.split("=")[0].rstrip(",.;:)")
-            if option.startswith("--"):
-                assert option in known | {"--help"}, f"{line!r}: {name} has no {option}"
+            if not option.startswith("--") or option == "--help":
+                continue
+            assert option in params, f"{line!r}: {name} has no {option}"
+            value = following.rstrip(",.;:)")
+            if isinstance(params[option].type, click.Choice) and re.fullmatch(r"[a-z][\w-]*", value):
+                assert value in params[option].type.choices, f"{line!r}: {option} takes no {value}"
