@@ -201,7 +201,8 @@ class TrainConfig:
             (self.checkpoint_every < 0,
              f"--checkpoint-every must be 0 (epoch ends only) or more, not {self.checkpoint_every}"),
             (self.holdout < 0, f"--holdout must be 0 (none) or more, not {self.holdout}"),
-            (self.max_steps is not None and self.max_steps < 1, f"--max-steps must be at least 1, not {self.max_steps}"),
+            (self.max_steps is not None and self.max_steps < 1,
+             f"--max-steps must be at least 1, not {self.max_steps}"),
             (bool(self.distill_from) and not 0.0 < self.distill_weight <= 1.0,
              f"the distillation weight must be in (0, 1], not {self.distill_weight}"),
             (self.distill_views not in TTA,
@@ -321,44 +322,8 @@ class Trainer:
             self.train_set, num_replicas=dist_ctx.world_size, rank=dist_ctx.rank, shuffle=True, seed=config.seed
         )
 
-        # As the model sees the tiles: resized to the crop size, as validation and translate run it.
-        gsd = config.gsd_m if config.gsd_m is not None else datasets.data_gsd(config.data, config.crop_size)
-        #: The generator this run was fine-tuned from, for the provenance of what it saves (kept in
-        #: the checkpoint: the file behind ``init_from``, e.g. the shipped default, can change).
-        self.lineage: dict | None = None
-        if config.init_from:
-            pretrained, pspec = load_generator(None if config.init_from == "default" else config.init_from)
-            grown_from = _grown_from(pspec.provenance)
-            if config.ngf is not None and config.ngf < pspec.ngf and config.ngf != grown_from:
-                grown = f" grown from width {grown_from}" if grown_from else ""
-                back = f", or narrow it back to {grown_from}" if grown_from else ""
-                raise TrainingError(f"--init-from {config.init_from} is a width-{pspec.ngf} generator{grown}: --ngf "
-                                    f"can widen it{back}, not narrow it to {config.ngf} (leave --ngf out to "
-                                    "fine-tune it)")
-            config.widened = config.ngf is not None and config.ngf > pspec.ngf
-            config.narrowed = config.ngf is not None and config.ngf < pspec.ngf
-            if not (config.widened or config.narrowed):
-                config.ngf = pspec.ngf  # config.json records the width it trains
-            gsd = gsd if gsd is not None else pspec.gsd_m
-            self.lineage = {"file": config.init_from, "sha256": model_digest(pretrained),
-                            "provenance": pspec.provenance,
-                            **({"widened_from_ngf": pspec.ngf} if config.widened else {}),
-                            **({"narrowed_from_ngf": pspec.ngf} if config.narrowed else {})}
-        elif config.ngf is None:
-            config.ngf = 64
+        self.G, self.D, gsd, self.lineage = _starting_models(config, self.train_set)
         self.spec = ModelSpec(ngf=config.ngf, gsd_m=gsd, tile_size=config.crop_size)  # the scale it validates at
-        # A fresh generator is initialised even when one is loaded: the seed's random stream then
-        # reaches the discriminator's initialisation as it always has.
-        self.G = UNetGenerator(3, 3, config.ngf)
-        self.D = PatchDiscriminator(6, config.ndf)
-        init_weights(self.G)
-        init_weights(self.D)
-        if config.init_from:
-            if config.widened:
-                pretrained = widen(pretrained, config.ngf, self.train_set, config.seed)
-            elif config.narrowed:
-                pretrained = narrow_generator(pretrained, config.ngf)
-            self.G = pretrained.train()
         self.amp = use_bf16(config.precision, self.device)
         # Contiguous for fp32 on the CPU: the step took 0.60 against 0.71 s in channels_last (the
         # recipe from scratch) and 0.84 against 0.94 s (the default model's storage-aware
@@ -369,14 +334,7 @@ class Trainer:
         # 0.51-0.57 s (session 31). channels_last on CUDA, not measured against contiguous there.
         cpu_contiguous = self.device.type == "cpu" and (not self.amp or config.storage_aware is not None)
         self.layout = torch.contiguous_format if cpu_contiguous else torch.channels_last
-        self.teacher: nn.Module | None = None
-        self.teacher_lineage: dict | None = None
-        if config.distill_from:
-            teacher, tspec = load_generator(None if config.distill_from == "default" else config.distill_from)
-            self.teacher_lineage = {"file": config.distill_from, "sha256": model_digest(teacher),
-                                    "views": config.distill_views, "provenance": tspec.provenance}
-            views = TTA[config.distill_views]
-            self.teacher = views(teacher.eval().requires_grad_(False)).to(self.device, memory_format=self.layout)
+        self.teacher, self.teacher_lineage = _teacher(config, self.device, self.layout)
         # The teacher's map of each training pair, whole and unmirrored, kept once made: where a
         # pair reaches the model whole (load size = crop size, no turns), mirrored or moved, its
         # teacher's map is that map mirrored and moved with it (FlipAveraged and ViewMedian are
@@ -500,8 +458,9 @@ class Trainer:
             self.lineage = json.loads(state["lineage"])
         started_with = json.loads(state.get("teacher", "null"))
         if started_with and started_with["sha256"] != self.teacher_lineage["sha256"]:
+            now = self.teacher_lineage["sha256"]
             raise TrainingError(f"the teacher {self.cfg.distill_from} has changed since this run started "
-                                f"(sha256 {started_with['sha256'][:12]}..., now {self.teacher_lineage['sha256'][:12]}...)")
+                                f"(sha256 {started_with['sha256'][:12]}..., now {now[:12]}...)")
         # The rate comes from this run's schedule, not the saved optimiser: a schedule extended on
         # resume (see train()) would otherwise continue at the old, decayed rate.
         factor = _lr_lambda(self.cfg.epochs, self.cfg.epochs_decay)(self.epoch)
@@ -777,6 +736,65 @@ class Trainer:
         if self.teacher_lineage:
             prov["distilled_from"] = self.teacher_lineage
         return replace(self.spec, provenance=prov)
+
+
+def _starting_models(config: TrainConfig,
+                     train_set: datasets.PairDataset) -> tuple[nn.Module, nn.Module, float | None, dict | None]:
+    """The generator a run starts from, a fresh discriminator, the ground sampling distance the
+    run records, and the lineage of the generator it was fine-tuned from (None for a fresh one).
+
+    With ``init_from`` the generator is that file's, fine-tuned as it is, grown to a wider
+    ``ngf`` or narrowed back to the width it was grown from; ``config`` then records the width
+    trained (``ngf``, ``widened``, ``narrowed``). The lineage is kept in the checkpoint: the file
+    behind ``init_from``, e.g. the shipped default, can change."""
+    # As the model sees the tiles: resized to the crop size, as validation and translate run it.
+    gsd = config.gsd_m if config.gsd_m is not None else datasets.data_gsd(config.data, config.crop_size)
+    lineage: dict | None = None
+    if config.init_from:
+        pretrained, pspec = load_generator(None if config.init_from == "default" else config.init_from)
+        grown_from = _grown_from(pspec.provenance)
+        if config.ngf is not None and config.ngf < pspec.ngf and config.ngf != grown_from:
+            grown = f" grown from width {grown_from}" if grown_from else ""
+            back = f", or narrow it back to {grown_from}" if grown_from else ""
+            raise TrainingError(f"--init-from {config.init_from} is a width-{pspec.ngf} generator{grown}: --ngf "
+                                f"can widen it{back}, not narrow it to {config.ngf} (leave --ngf out to "
+                                "fine-tune it)")
+        config.widened = config.ngf is not None and config.ngf > pspec.ngf
+        config.narrowed = config.ngf is not None and config.ngf < pspec.ngf
+        if not (config.widened or config.narrowed):
+            config.ngf = pspec.ngf  # config.json records the width it trains
+        gsd = gsd if gsd is not None else pspec.gsd_m
+        lineage = {"file": config.init_from, "sha256": model_digest(pretrained), "provenance": pspec.provenance,
+                   **({"widened_from_ngf": pspec.ngf} if config.widened else {}),
+                   **({"narrowed_from_ngf": pspec.ngf} if config.narrowed else {})}
+    elif config.ngf is None:
+        config.ngf = 64
+    # A fresh generator is initialised even when one is loaded: the seed's random stream then
+    # reaches the discriminator's initialisation as it always has.
+    generator = UNetGenerator(3, 3, config.ngf)
+    discriminator = PatchDiscriminator(6, config.ndf)
+    init_weights(generator)
+    init_weights(discriminator)
+    if config.init_from:
+        if config.widened:
+            pretrained = widen(pretrained, config.ngf, train_set, config.seed)
+        elif config.narrowed:
+            pretrained = narrow_generator(pretrained, config.ngf)
+        generator = pretrained.train()
+    return generator, discriminator, gsd, lineage
+
+
+def _teacher(config: TrainConfig, device: torch.device,
+             layout: torch.memory_format) -> tuple[nn.Module | None, dict | None]:
+    """The teacher ``distill_from`` names, wrapped to give its maps as ``distill_views`` asks
+    (flip-averaged or the median of views), frozen, and its lineage; (None, None) without one."""
+    if not config.distill_from:
+        return None, None
+    teacher, tspec = load_generator(None if config.distill_from == "default" else config.distill_from)
+    lineage = {"file": config.distill_from, "sha256": model_digest(teacher), "views": config.distill_views,
+               "provenance": tspec.provenance}
+    views = TTA[config.distill_views]
+    return views(teacher.eval().requires_grad_(False)).to(device, memory_format=layout), lineage
 
 
 def _batchnorms(module: nn.Module) -> list[nn.BatchNorm2d]:
