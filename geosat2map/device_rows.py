@@ -2,11 +2,11 @@
 
 On the CPU, blending tiles and handing rows to the writer cost more than reading and cutting
 them (0.94 against 0.6 ms a tile in the README's profile), all on the main thread: that capped
-what a GPU could be fed at about 600 tiles a second on 2 cores (benchmarks/pipeline.py). Here the CPU only
-reads each tile row's band (on every core: GDAL decoding, or strip readers when resampling) and
-copies it to the device as read (uint8 for 8-bit scenes, a quarter of float32's bytes); the device cuts the tiles, runs the model,
-weights the outputs and sums them into the row; only the finished rows come back, as uint8, for
-the writer (GDAL compressing on every core).
+what a GPU could be fed at about 600 tiles a second on 2 cores (benchmarks/pipeline.py). Here
+the CPU only reads each tile row's band (on every core: GDAL decoding, or strip readers when
+resampling) and copies it to the device as read (uint8 for 8-bit scenes, a quarter of float32's
+bytes); the device cuts the tiles, runs the model, weights the outputs and sums them into the
+row; only the finished rows come back, as uint8, for the writer (GDAL compressing on every core).
 
 The arithmetic is :class:`~geosat2map.grid.RowBlender`'s: the same float32 weights, tiles summed in
 the same order onto the same 0.5 rounding offset, masked pixels multiplied by 0, a truncating cast.
@@ -69,7 +69,8 @@ class DeviceRowBlender:
         return staged.to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def submit(self, row: int, pixels: np.ndarray, valid: np.ndarray, has_data: list[bool]) -> Callable[[], FinishedRows]:
+    def submit(self, row: int, pixels: np.ndarray, valid: np.ndarray,
+               has_data: list[bool]) -> Callable[[], FinishedRows]:
         """Start tile row ``row`` (``pixels``: its band (bands, h, width) as read; ``valid``: its
         mask; ``has_data``: which tiles have valid pixels) and return a function that waits for
         its finished rows. Rows come in order, and each row's function is called before the row

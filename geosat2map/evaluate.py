@@ -105,7 +105,8 @@ def write_triplets(triplets: list[tuple[torch.Tensor, ...]], path: Path) -> None
 
 
 def _write_png(path: Path, grid: np.ndarray) -> None:
-    with rasterio.open(path, "w", driver="PNG", width=grid.shape[2], height=grid.shape[1], count=3, dtype="uint8") as dst:
+    with rasterio.open(path, "w", driver="PNG", width=grid.shape[2], height=grid.shape[1], count=3,
+                       dtype="uint8") as dst:
         dst.write(grid)
 
 
@@ -165,8 +166,8 @@ def evaluate(
     scored = [(weights, "the model")] + ([] if against is None else [(against, "the --against model")])
     notes = [note for note in (trained_pairs_note(w, data, split, holdout, who) for w, who in scored) if note]
     result = {"weights": str(weights or "default"), "data": named, "split": split, "tta": recorded_tta(tta),
-              "precision": "int8" if int8 else "bf16" if bf16 else "fp32", **({"recolour": recolour} if recolour else {}),
-              "notes": notes}
+              "precision": "int8" if int8 else "bf16" if bf16 else "fp32",
+              **({"recolour": recolour} if recolour else {}), "notes": notes}
     if against is None:
         return {**result, **metrics.summarize(scores[0]), "se": metrics.standard_errors(scores[0]),
                 **({"classes": by_class[0]} if classes else {})}

@@ -199,7 +199,8 @@ class RowBlender:
     def _begin(self, row: int, col: int) -> tuple[int, tuple[int, int]]:
         """Check the raster order and bring the tile's columns into the window."""
         if (row, col) != (self.row, self.next_col):
-            raise ValueError(f"tiles must arrive in raster order: got {(row, col)}, expected {(self.row, self.next_col)}")
+            expected = (self.row, self.next_col)
+            raise ValueError(f"tiles must arrive in raster order: got {(row, col)}, expected {expected}")
         x, (h, w) = self.grid.xs[col], self.grid.tile_shape(row, col)
         end = x + w
         if end - self.base > self.window.shape[2]:  # slide: only columns from lo on are still open

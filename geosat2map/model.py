@@ -61,7 +61,8 @@ class UNetGenerator(nn.Module):
                 )
                 continue
             out_width = widths[len(widths) - 2 - k]
-            layers = [nn.ReLU(), nn.ConvTranspose2d(in_width, out_width, 4, 2, 1, bias=False), nn.BatchNorm2d(out_width)]
+            layers = [nn.ReLU(), nn.ConvTranspose2d(in_width, out_width, 4, 2, 1, bias=False),
+                      nn.BatchNorm2d(out_width)]
             if k in _DROPOUT_LEVELS:
                 layers.append(nn.Dropout(0.5))
             self.decoder.append(nn.Sequential(*layers))

@@ -50,8 +50,8 @@ class Recolouring:
         ranges above times ``strength`` (0: none, 1: the full ranges)."""
         u = (torch.rand(8, generator=gen, dtype=torch.float64) * 2 - 1) * strength
         gains = tuple(math.exp(LOG_GAIN * float(v)) for v in u[:3])
-        gamma, brightness, contrast, saturation = (math.exp(s * float(v)) for s, v in
-                                                   zip((LOG_GAMMA, LOG_BRIGHTNESS, LOG_CONTRAST, LOG_SATURATION), u[3:7]))
+        scales = (LOG_GAMMA, LOG_BRIGHTNESS, LOG_CONTRAST, LOG_SATURATION)
+        gamma, brightness, contrast, saturation = (math.exp(s * float(v)) for s, v in zip(scales, u[3:7]))
         return cls(gains, gamma, brightness, contrast, saturation, HUE * float(u[7]))
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:

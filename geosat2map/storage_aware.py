@@ -74,7 +74,8 @@ class StoredRounding:
             param.copy_(stored_value(exact, self.storage))
             return
         target = param if param.is_contiguous() else self._scratch_for(exact)
-        source = exact.contiguous()  # itself unless laid out channels_last (CPU storage-aware runs keep weights contiguous)
+        # Itself unless laid out channels_last (CPU storage-aware runs keep weights contiguous).
+        source = exact.contiguous()
         try:
             _compiled_int4_into(target.view(-1, INT4_GROUP), source.view(-1, INT4_GROUP))
         except Exception as exc:  # noqa: BLE001 - inductor's failures (no C++ compiler, ...) have many types

@@ -97,7 +97,8 @@ def vectorize_classes(classes_path: str | Path, dst: str | Path, classes: tuple[
     values = np.array([value for _, value in kept], np.uint8)
     areas = _ground_areas(geoms, crs)
     _write(dst, geoms, values, areas, crs)
-    return {CLASS_NAMES[v]: Patches(int(np.sum(values == v)), None if areas is None else float(areas[values == v].sum()))
+    return {CLASS_NAMES[v]: Patches(int(np.sum(values == v)),
+                                    None if areas is None else float(areas[values == v].sum()))
             for v in wanted}
 
 
