@@ -168,6 +168,17 @@ def test_a_run_whose_history_was_edited_is_described_from_what_reads(tmp_path):
     text = run("info", tmp_path)
     assert text.exit_code == 0 and "last, the best: epoch 3, step ?: held out RMSE 30.50  acc@5 0.2500" in text.stdout
     assert read_run(tmp_path).position is None  # an empty checkpoint: no position, still resumable
+    # A weight average's last epoch where the trained weights scored better: how to export them.
+    with open(tmp_path / "history.jsonl", "a") as f:
+        f.write('{"epoch": 4, "val": {"rmse": 30.0, "acc5": 0.3}, "val_online": {"rmse": 29.5, "acc5": 0.31}}\n')
+    hint = f"its trained weights (not the average) at epoch 4: held out RMSE 29.50  acc@5 0.3100; `geosat2map " \
+           f"export-weights {tmp_path} OUT.safetensors --which trained` makes a weights file of them"
+    assert hint not in run("info", tmp_path).stdout.splitlines()  # no trained weights saved: nothing to export
+    (tmp_path / "trained_generator.safetensors").write_bytes(b"")
+    assert hint in run("info", tmp_path).stdout.splitlines()
+    with open(tmp_path / "history.jsonl", "a") as f:  # the average better again: no hint
+        f.write('{"epoch": 5, "val": {"rmse": 29.0}, "val_online": {"rmse": 29.2}}\n')
+    assert "its trained weights" not in run("info", tmp_path).stdout
 
 
 def test_int4_weights_load_within_half_a_level_gap_and_the_rest_as_int8(tmp_path, monkeypatch):
