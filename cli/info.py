@@ -110,10 +110,11 @@ def _run_info(path: str, as_json: bool) -> None:
         val = record.get("val")
         scored = f"held out {scores(val)}" if isinstance(val, dict) else "not scored (no held-out pairs)"
         click.echo(f"{label}: epoch {record.get('epoch', '?')}, step {record.get('step', '?')}: {scored}")
-    if last is not None and _trained_scores_better(last) and "trained_generator.safetensors" in run.generators:
+    trained = run.trained_beat_average()
+    if trained:
         click.echo(f"its trained weights (not the average) at epoch {last.get('epoch', '?')}: held out "
-                   f"{scores(last['val_online'])}; `geosat2map export-weights {run.path} OUT.safetensors --which "
-                   "trained` makes a weights file of them")
+                   f"{scores(trained)}; `geosat2map export-weights {run.path} OUT.safetensors --which trained` "
+                   "makes a weights file of them")
     if run.position and run.position["step_in_epoch"]:
         n = run.steps_per_epoch()
         click.echo(f"epoch {run.position['epoch'] + 1} under way: {run.position['step_in_epoch']}"
@@ -134,15 +135,6 @@ def _run_info(path: str, as_json: bool) -> None:
     if run.generators:
         which = "its best generator" if "best_generator.safetensors" in run.generators else "its latest generator"
         click.echo(f"`geosat2map export-weights {run.path} OUT.safetensors` makes a weights file of {which}")
-
-
-def _trained_scores_better(record: dict) -> bool:
-    """Whether an epoch of a run keeping a weight average (``--ema-decay``) scored its trained
-    weights (``val_online``) better on RMSE than the average it saves: the average usually wins,
-    but not always (the model card's g64_59: 21.29 against 21.35 at its last epoch)."""
-    val, online = record.get("val"), record.get("val_online")
-    return (isinstance(val, dict) and isinstance(online, dict) and isinstance(val.get("rmse"), (int, float))
-            and isinstance(online.get("rmse"), (int, float)) and online["rmse"] < val["rmse"])
 
 
 def _duration(seconds: float) -> str:
