@@ -98,10 +98,12 @@ def main() -> None:
             if proc.returncode:
                 sys.exit(f"{name} failed: {proc.stderr[-2000:]}")
             rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"{args.size} x {args.size}, overlap {args.overlap}, batch {args.batch_size}, CPU, precision {args.precision}")
+    print(f"{args.size} x {args.size}, overlap {args.overlap}, batch {args.batch_size}, CPU, "
+          f"precision {args.precision}")
     print(f"{'':>24} {'tiles':>6} {'seconds':>8} {'tiles/s':>8} {'peak RSS MB':>12}")
     for name, r in rows.items():
-        print(f"{name:>24} {r['tiles']:>6} {r['seconds']:>8.1f} {r['tiles'] / r['seconds']:>8.1f} {r['peak_rss_mb']:>12.0f}")
+        rate = r['tiles'] / r['seconds']
+        print(f"{name:>24} {r['tiles']:>6} {r['seconds']:>8.1f} {rate:>8.1f} {r['peak_rss_mb']:>12.0f}")
     ours, base = rows["streaming (geosat2map)"], rows["in-memory (tiler)"]
     print(f"speed (time ratio baseline/streaming): {base['seconds'] / ours['seconds']:.2f}x; "
           f"peak memory streaming/baseline: {ours['peak_rss_mb'] / base['peak_rss_mb']:.2f}")

@@ -6,7 +6,8 @@
 
 Uses the real Trainer on a small synthetic aligned folder; prints the median step time in the
 channels_last and the contiguous layouts (the trainer uses contiguous on the CPU for fp32 and
-wherever it rounds as stored, channels_last on CUDA and otherwise under bf16), in fp32 and under bf16 autocast (train --precision; auto uses bf16 where the hardware multiplies it: CUDA, AMX or
+wherever it rounds as stored, channels_last on CUDA and otherwise under bf16), in fp32 and under
+bf16 autocast (train --precision; auto uses bf16 where the hardware multiplies it: CUDA, AMX or
 AVX512-BF16 CPUs; elsewhere bf16 is emulated and slow). With --storage-aware, the same again
 for the steps of train --storage-aware (the weights rounded as stored in every step). With
 --fine-tune, the recipe of the default model's fine-tuning runs: from a saved generator, its

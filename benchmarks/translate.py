@@ -13,9 +13,10 @@ ground sampling distance, as translate does by default (fewer tiles, each read f
 times as many source pixels).
 
 A child process loads the model once, picks the engine (--backend and --precision; auto: the
-fastest of PyTorch fp32, ONNX Runtime and, where the CPU multiplies bf16, PyTorch bf16), and then alternates: the model alone on random tiles (same engine, batch size
-and number of tiles, capped by --model-tiles), translate into a new file (its own clock: open, read,
-infer, blend, write, overviews, rename), the model alone, ... ``--repeat`` translate runs (default 3). Each
+fastest of PyTorch fp32, ONNX Runtime and, where the CPU multiplies bf16, PyTorch bf16), and then
+alternates: the model alone on random tiles (same engine, batch size and number of tiles, capped
+by --model-tiles), translate into a new file (its own clock: open, read, infer, blend, write,
+overviews, rename), the model alone, ... ``--repeat`` translate runs (default 3). Each
 side's best is reported with its range; the ratio is the median over translate runs of each run
 against the mean of the model-only runs on either side of it, because these machines' speed
 drifts by 10-20 % over minutes (a best-against-best ratio moved by as much between runs). The
@@ -176,7 +177,8 @@ def main() -> None:
     parser.add_argument("--weights", default=None, help="default: the shipped model")
     parser.add_argument("--batch-size", type=int, default=0, help="default: translate's (8 on the CPU, 16 in bf16)")
     parser.add_argument("--model-tiles", type=int, default=512)
-    parser.add_argument("--backend", default="auto", help="auto, torch, compiled or onnxruntime (both sides use the same)")
+    parser.add_argument("--backend", default="auto",
+                        help="auto, torch, compiled or onnxruntime (both sides use the same)")
     parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or int8 (as translate --precision)")
     parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
                         help="retain: glibc keeps freed memory, as the CLI's translate sets it "
@@ -189,7 +191,8 @@ def main() -> None:
                         help="translate's test-time augmentation, on both sides (--tta, --tta-median)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"batch {args.batch_size or 'as translate'}, device {args.device}, {args.scene} scene, {args.resolution} resolution, "
+    print(f"batch {args.batch_size or 'as translate'}, device {args.device}, {args.scene} scene, "
+          f"{args.resolution} resolution, "
           f"{args.malloc} malloc, test-time augmentation {args.tta}")
     export_first(args.weights, args.backend, args.precision)
     with tempfile.TemporaryDirectory() as tmp:

@@ -94,7 +94,8 @@ def main() -> None:
             col = int((x - visible.xMinimum()) / visible.width() * image.width())
             row = int((visible.yMaximum() - y) / visible.height() * image.height())
             c = QColor(image.pixel(col, row)) if 0 <= col < image.width() and 0 <= row < image.height() else None
-            probes.append(None if c is None else [c.red(), c.green(), c.blue(), QColor.fromRgba(image.pixel(col, row)).alpha()])
+            alpha = None if c is None else QColor.fromRgba(image.pixel(col, row)).alpha()
+            probes.append(None if c is None else [c.red(), c.green(), c.blue(), alpha])
         report["probes"] = probes
     print(json.dumps(report), flush=True)
     # QGIS 3.22 can crash in exitQgis() when run headless; the report is out, so leave directly.

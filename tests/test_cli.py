@@ -408,8 +408,9 @@ def test_a_small_map_on_a_full_disk_is_not_reported_written(tmp_path):
     ref = write_scene(tmp_path / "ref.tif", width=1300, height=1300)
     vec = tmp_path / "roads.geojson"
     road = {"type": "LineString", "coordinates": [[500000 + i * 97.0, 4500000 - i * 89.0] for i in range(14)]}
-    vec.write_text(json.dumps({"type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": "EPSG:32633"}},
-                               "features": [{"type": "Feature", "properties": {"highway": "primary"}, "geometry": road}]}))
+    crs = {"type": "name", "properties": {"name": "EPSG:32633"}}
+    feature = {"type": "Feature", "properties": {"highway": "primary"}, "geometry": road}
+    vec.write_text(json.dumps({"type": "FeatureCollection", "crs": crs, "features": [feature]}))
     out = tmp_path / "map.tif"
     code = ("import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (4_096, 4_096)); "
             "from geosat2map_cli.main import cli; cli(prog_name='geosat2map')")

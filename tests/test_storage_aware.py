@@ -48,7 +48,8 @@ def rounded(rounding: StoredRounding, value: torch.Tensor) -> torch.Tensor:
 def test_the_compiled_rounding_is_used_where_it_compiles_and_gives_the_stored_values(coded):
     rounding = StoredRounding("int4", torch.device("cpu"))
     small = torch.randn(8, 4, 3, 3)  # not coded in 4 bits: stored as int8 storage does
-    channels_last = (coded * 0.5).contiguous(memory_format=torch.channels_last)  # as the benchmark's channels_last steps lay them out
+    # laid out as the benchmark's channels_last steps lay them out
+    channels_last = (coded * 0.5).contiguous(memory_format=torch.channels_last)
     exact = [coded, small, channels_last]
     params = [t.clone(memory_format=torch.preserve_format) for t in exact]
     rounding.round_(params)

@@ -195,7 +195,8 @@ def test_fp32_on_the_cpu_trains_contiguous_and_resumes_a_channels_last_run_in_th
         for p in model.parameters():
             assert p.is_contiguous() and opt.state[p]["exp_avg"].stride() == p.stride()
             assert opt.state[p]["exp_avg_sq"].stride() == p.stride()
-    assert torch.equal(resumed.opt_G.state[next(resumed.G.parameters())]["exp_avg"], saved["opt_G"]["state"][0]["exp_avg"])
+    first = next(resumed.G.parameters())
+    assert torch.equal(resumed.opt_G.state[first]["exp_avg"], saved["opt_G"]["state"][0]["exp_avg"])
 
 
 def test_weight_average_follows_each_step_resumes_and_is_what_the_run_saves(tmp_path):

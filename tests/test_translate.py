@@ -761,7 +761,8 @@ def test_tiles_blended_on_the_device_give_the_cpu_blenders_map(tmp_path, tiny_we
         rows.append(len(grid.ys))
         return stream_rows(scene, grid, first_row, blender, write_rows, row_done)
 
-    monkeypatch.setattr(geosat2map.pipeline, "_blend_on_device", lambda engine, grid: isinstance(engine, InferenceEngine))
+    monkeypatch.setattr(geosat2map.pipeline, "_blend_on_device",
+                        lambda engine, grid: isinstance(engine, InferenceEngine))
     monkeypatch.setattr(geosat2map.device_rows, "stream_rows", logged)
     result = translate(src, out, weights=tiny_weights, batch_size=3, backend="torch", resolution=resolution,
                        tta=tta)
