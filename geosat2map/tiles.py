@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -241,48 +242,13 @@ def make_tiles(
             if not rows or not cols:
                 raise InputError(f"the scene is {scene.width} x {scene.height} pixels at {scene.gsd_m:.2f} m: "
                                  f"smaller than one {t}-pixel tile{_finer_hint(scene)}")
-            skipped = {"aoi": 0, "nodata": 0, "empty_map": 0}
-            # Tiles go to a staging folder as they are cut (memory stays flat), then move to their split.
             if work.exists():
                 shutil.rmtree(work)
             staging = work / "staging"
-            for kind in ("sat", "map"):
-                (staging / kind).mkdir(parents=True)
-            kept: dict[tuple[int, int], float] = {}
-            for y, x in itertools.product(rows, cols):  # not listed first: a small stride makes millions
-                footprint = _footprint(scene, x, y, t)
-                if area is not None and shapely.intersection(footprint, area).area < 0.5 * footprint.area:
-                    skipped["aoi"] += 1
-                    continue
-                sat_px, valid = scene.read(Window(x, y, t, t))
-                nodata = 1.0 - float(valid.mean())
-                if nodata > options.max_nodata:
-                    skipped["nodata"] += 1
-                    continue
-                map_px, usable = source.read(x, y, t)
-                if not usable:
-                    skipped["empty_map"] += 1
-                    continue
-                name = _tile_name(y, x)
-                _write_tile(staging / "sat" / name, np.clip(np.rint(sat_px), 0, 255).astype(np.uint8), scene, x, y)
-                _write_tile(staging / "map" / name, map_px, scene, x, y)
-                kept[(y, x)] = nodata
-            if not kept:
-                raise InputError(f"no usable tile: skipped {skipped}")
+            kept, skipped = _cut(scene, source, area, itertools.product(rows, cols), options, staging)
             train, val, dropped = _split(sorted(kept), options)
             skipped["split_buffer"] = dropped
-
-            features = []
-            to_wgs84 = Transformer.from_crs(scene.crs, "EPSG:4326", always_xy=True)
-            for split, positions in (("train", train), ("val", val)):
-                for kind in ("sat", "map"):
-                    (work / split / kind).mkdir(parents=True, exist_ok=True)
-                for y, x in positions:
-                    name = _tile_name(y, x)
-                    for kind in ("sat", "map"):
-                        (staging / kind / name).rename(work / split / kind / name)
-                    features.append(_index_feature(scene, to_wgs84, x, y, t, name, split, kept[(y, x)]))
-            shutil.rmtree(staging)  # what is left are tiles dropped by the split buffer
+            features = _place(staging, work, scene, {"train": train, "val": val}, kept, t)
             _write_text(work / "index.geojson", json.dumps({"type": "FeatureCollection", "features": features}))
             manifest = {
                 "format": TILES_FORMAT,
@@ -311,6 +277,60 @@ def make_tiles(
                      "training tiles and keep any to train on; train runs without validation (score the model on "
                      "another scene's tiles)")
     return TilesResult(out_dir, len(train), len(val), skipped, scene.gsd_m, notes)
+
+
+def _cut(scene: Scene, source: _RasterMap | _VectorMap, area: shapely.Geometry | None,
+         positions: Iterable[tuple[int, int]], options: TileOptions,
+         staging: Path) -> tuple[dict[tuple[int, int], float], dict[str, int]]:
+    """Write each usable pair at ``positions`` (top, left) into ``staging``/sat and /map as it is
+    cut, so memory stays flat (``positions`` is not listed first: a small stride makes millions).
+
+    Returns the kept positions with their share of nodata pixels, and the count of each reason a
+    tile was skipped."""
+    t = options.tile_size
+    for kind in ("sat", "map"):
+        (staging / kind).mkdir(parents=True)
+    skipped = {"aoi": 0, "nodata": 0, "empty_map": 0}
+    kept: dict[tuple[int, int], float] = {}
+    for y, x in positions:
+        footprint = _footprint(scene, x, y, t)
+        if area is not None and shapely.intersection(footprint, area).area < 0.5 * footprint.area:
+            skipped["aoi"] += 1
+            continue
+        sat_px, valid = scene.read(Window(x, y, t, t))
+        nodata = 1.0 - float(valid.mean())
+        if nodata > options.max_nodata:
+            skipped["nodata"] += 1
+            continue
+        map_px, usable = source.read(x, y, t)
+        if not usable:
+            skipped["empty_map"] += 1
+            continue
+        name = _tile_name(y, x)
+        _write_tile(staging / "sat" / name, np.clip(np.rint(sat_px), 0, 255).astype(np.uint8), scene, x, y)
+        _write_tile(staging / "map" / name, map_px, scene, x, y)
+        kept[(y, x)] = nodata
+    if not kept:
+        raise InputError(f"no usable tile: skipped {skipped}")
+    return kept, skipped
+
+
+def _place(staging: Path, work: Path, scene: Scene, splits: dict[str, list[tuple[int, int]]],
+           kept: dict[tuple[int, int], float], size: int) -> list[dict]:
+    """Move each staged pair into its split's folders under ``work`` and return the index's
+    features; the pairs left in ``staging`` (those the split's gap dropped) go with it."""
+    features = []
+    to_wgs84 = Transformer.from_crs(scene.crs, "EPSG:4326", always_xy=True)
+    for split, positions in splits.items():
+        for kind in ("sat", "map"):
+            (work / split / kind).mkdir(parents=True, exist_ok=True)
+        for y, x in positions:
+            name = _tile_name(y, x)
+            for kind in ("sat", "map"):
+                (staging / kind / name).rename(work / split / kind / name)
+            features.append(_index_feature(scene, to_wgs84, x, y, size, name, split, kept[(y, x)]))
+    shutil.rmtree(staging)
+    return features
 
 
 def _check_replaceable(out_dir: Path) -> None:
