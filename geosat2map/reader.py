@@ -700,6 +700,61 @@ def _check_size(path: Path | str, width: int, height: int, gsd_m: float | None, 
                          f"{MIN_SIDE}{hint}")
 
 
+def _rgb_bands(path, src, bands: list[int] | None, notes: list[str]) -> list[int]:
+    """The three bands read as red, green and blue: ``bands`` as given (one band as grey), else
+    by the file's colour interpretation; bands it lacks, or complex values, are refused."""
+    if not bands:
+        bands = default_bands(src)
+        if src.count > 3 and bands == [1, 2, 3] and ColorInterp.red not in src.colorinterp:
+            # NAIP's order, but an 8-band WorldView or a Sentinel-2 stack starts with coastal blue.
+            notes.append(f"bands 1, 2, 3 of {src.count} read as red, green, blue (the file does not say which "
+                         "are): pass --bands to choose others")
+    bad = [b for b in bands if not 1 <= b <= src.count]
+    if bad:
+        raise InputError(f"{path} has {src.count} band(s); cannot read band(s) {bad}")
+    if any(src.dtypes[b - 1].startswith("complex") for b in bands):  # GDAL would hand over the real parts
+        raise InputError(f"{path} holds complex values (radar, or a Fourier transform), not the optical "
+                         "imagery the model reads")
+    return bands * 3 if len(bands) == 1 else bands
+
+
+def _target_gsd(path, resolution, model_gsd_m: float | None, native: float | None, size: tuple[int, int],
+                notes: list[str]) -> float | None:
+    """The ground sampling distance to resample the scene to, in metres, or None for its own
+    pixels: ``resolution`` is "model", "native" or metres. A scene that would grow past all reason
+    at it (a 300 m mosaic at the model's 2.12 m: 100,000 pixels a side) is refused with the way out."""
+    cols, rows = size
+    if resolution == "native":
+        return None
+    if resolution == "model":
+        if model_gsd_m is None:
+            notes.append("the model records no ground sampling distance: native resolution used")
+            return None
+        if native is None:
+            notes.append("the scene has no georeferencing: native resolution used")
+            return None
+        target = model_gsd_m
+        if native / target > MAX_UPSAMPLE:
+            side = f"{round(cols * native / target):,} x {round(rows * native / target):,}"
+            raise InputError(f"{path} has {native:.3g} m pixels, {native / target:.0f} times coarser than the "
+                             f"model's {target:.2f} m: at the model's resolution it would be {side} pixels; "
+                             "pass --resolution native, or metres per pixel, to use it anyway")
+        return target
+    try:
+        target = float(resolution)
+    except (TypeError, ValueError):
+        raise InputError(f"resolution is 'model', 'native' or metres per pixel, not {resolution!r}") from None
+    if not target > 0:
+        raise InputError(f"resolution must be positive metres, not {resolution}")
+    if native is None:
+        raise InputError("a resolution in metres needs a georeferenced scene")
+    if native / target > MAX_EXPLICIT_UPSAMPLE:
+        side = f"{round(cols * native / target):,} x {round(rows * native / target):,}"
+        raise InputError(f"--resolution {target:g} m is {native / target:.0f} times finer than {path}'s "
+                         f"{native:.3g} m pixels: the map would be {side} pixels; pass a coarser resolution")
+    return target
+
+
 def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, bounds, bounds_crs,
           warped: str | None, aoi: area.AreaOfInterest | None = None) -> Scene:
     """The output grid and reading plan for ``src``: the scene, or its north-up warp (``warped``
@@ -730,20 +785,7 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
                      "inside them")
     # From here on the scene is its crop: these pixels, at this place.
     cols, rows, t = int(crop.width), int(crop.height), src.window_transform(crop)
-    if not bands:
-        bands = default_bands(src)
-        if src.count > 3 and bands == [1, 2, 3] and ColorInterp.red not in src.colorinterp:
-            # NAIP's order, but an 8-band WorldView or a Sentinel-2 stack starts with coastal blue.
-            notes.append(f"bands 1, 2, 3 of {src.count} read as red, green, blue (the file does not say which "
-                         "are): pass --bands to choose others")
-    bad = [b for b in bands if not 1 <= b <= src.count]
-    if bad:
-        raise InputError(f"{path} has {src.count} band(s); cannot read band(s) {bad}")
-    if any(src.dtypes[b - 1].startswith("complex") for b in bands):  # GDAL would hand over the real parts
-        raise InputError(f"{path} holds complex values (radar, or a Fourier transform), not the optical "
-                         "imagery the model reads")
-    if len(bands) == 1:
-        bands = bands * 3
+    bands = _rgb_bands(path, src, bands, notes)
     stretch = None if all(src.dtypes[b - 1] == "uint8" for b in bands) else _stretch(src, bands, crop, aoi_here)
     if stretch is not None:  # say what the map's colours were computed from
         kinds = "/".join(sorted({src.dtypes[b - 1] for b in bands}))
@@ -759,33 +801,7 @@ def _plan(path, src, bands, resolution, model_gsd_m, allow_ungeoreferenced, boun
             raise
         ground = None
     native = math.sqrt(ground[0] * ground[1]) if ground else None
-    target = None
-    if resolution == "model":
-        if model_gsd_m is None:
-            notes.append("the model records no ground sampling distance: native resolution used")
-        elif native is None:
-            notes.append("the scene has no georeferencing: native resolution used")
-        else:
-            target = model_gsd_m
-            if native / target > MAX_UPSAMPLE:
-                side = f"{round(cols * native / target):,} x {round(rows * native / target):,}"
-                raise InputError(f"{path} has {native:.3g} m pixels, {native / target:.0f} times coarser than the "
-                                 f"model's {target:.2f} m: at the model's resolution it would be {side} pixels; "
-                                 "pass --resolution native, or metres per pixel, to use it anyway")
-    elif resolution != "native":
-        try:
-            target = float(resolution)
-        except (TypeError, ValueError):
-            raise InputError(f"resolution is 'model', 'native' or metres per pixel, not {resolution!r}") from None
-        if not target > 0:
-            raise InputError(f"resolution must be positive metres, not {resolution}")
-        if native is None:
-            raise InputError("a resolution in metres needs a georeferenced scene")
-        if native / target > MAX_EXPLICIT_UPSAMPLE:
-            side = f"{round(cols * native / target):,} x {round(rows * native / target):,}"
-            raise InputError(f"--resolution {target:g} m is {native / target:.0f} times finer than {path}'s "
-                             f"{native:.3g} m pixels: the map would be {side} pixels; pass a coarser resolution")
-
+    target = _target_gsd(path, resolution, model_gsd_m, native, (cols, rows), notes)
     if target is None or all(math.isclose(target, g, rel_tol=1e-3) for g in ground):
         if ground and oblong(ground):
             also = " (or model)" if model_gsd_m is not None else ""  # a model without one keeps these pixels
