@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
+import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
 import torch
+from click.testing import CliRunner
 from rasterio.rpc import RPC
 from rasterio.transform import from_origin
 
 from geosat2map.model import UNetGenerator, init_weights
 from geosat2map.weights import ModelSpec, save_generator
+from geosat2map_cli.main import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_SCENE = ROOT / "sample_data" / "vegas_spacenet_rgb.tif"
@@ -32,6 +36,19 @@ def random_generator(ngf: int = 8, seed: int = 0) -> UNetGenerator:
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
     return g.eval()
+
+
+def cli_json(args: list[str]) -> dict:
+    """The JSON a geosat2map command prints, once it has exited 0: where it has not, the failure
+    names its output and traceback (a bare ``json.loads`` of an empty output said only that it
+    was not JSON)."""
+    result = CliRunner().invoke(cli, args)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        cause = "".join(traceback.format_exception(result.exception))
+    else:
+        cause = ""
+    assert result.exit_code == 0, f"{args[0]} exited {result.exit_code}: {result.output}{cause}"
+    return json.loads(result.stdout)
 
 
 @pytest.fixture(autouse=True, scope="session")

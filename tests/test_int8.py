@@ -3,8 +3,6 @@ and the int8 engine carries through --resume, --tta and torchrun like the others
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import rasterio
@@ -27,6 +25,7 @@ from geosat2map.quantize import calibration_picks
 
 from .conftest import (
     NAIP_SCENE,
+    cli_json,
     random_generator,
     stop_after,
     torchrun_translate,
@@ -177,10 +176,8 @@ def test_evaluate_scores_what_translate_int8_makes(engine_cache, tiny_weights, t
 
     data = write_aligned(tmp_path / "data", n=9)
     common = ["evaluate", str(data), "--weights", str(tiny_weights), "--split", "val", "--holdout", "3", "--json"]
-    fp32 = json.loads(CliRunner().invoke(cli, common).stdout)
-    result = CliRunner().invoke(cli, [*common, "--precision", "int8"])
-    assert result.exit_code == 0, result.output
-    int8 = json.loads(result.stdout)
+    fp32 = cli_json(common)
+    int8 = cli_json([*common, "--precision", "int8"])
     assert int8["precision"] == "int8" and int8["count"] == fp32["count"] == 3
     assert int8["rmse"] != fp32["rmse"] and abs(int8["rmse"] - fp32["rmse"]) < 2  # quantized, not another model
     assert list(cache_dir().glob("int8-*.onnx"))

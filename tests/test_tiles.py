@@ -19,7 +19,7 @@ from geosat2map.tiles import TileOptions, make_tiles
 from geosat2map.train import TrainConfig, Trainer
 from geosat2map_cli.main import cli
 
-from .conftest import oblique_rpcs, synthetic_image, write_scene
+from .conftest import cli_json, oblique_rpcs, synthetic_image, write_scene
 
 ORIGIN = (500000.0, 4500000.0)  # the test scenes' top-left corner in EPSG:32633 (conftest.write_scene)
 
@@ -525,11 +525,10 @@ def test_evaluate_a_translate_output_against_a_map_raster(tmp_path):
     render_map([str(vec)], other, grid, style=None)
     with rasterio.open(other, "r+") as ds:
         ds.write(np.full((3, 768, 768), 255, np.uint8))
-    worse = json.loads(CliRunner().invoke(cli, ["evaluate", str(other), "--map", str(map_tif), "--json"]).stdout)
+    worse = cli_json(["evaluate", str(other), "--map", str(map_tif), "--json"])
     assert worse["rmse"] > 10 and worse["acc5"] < 0.5
     # by class: all white, the output is all road; the rendered map is land and buildings
-    by_class = json.loads(CliRunner().invoke(cli, ["evaluate", str(other), "--map", str(map_tif), "--json",
-                                                   "--classes"]).stdout)["classes"]
+    by_class = cli_json(["evaluate", str(other), "--map", str(map_tif), "--json", "--classes"])["classes"]
     assert by_class["land"]["recall"] == 0 and by_class["road"]["precision"] == 0 and by_class["land"]["share"] > 0.5
     # A map (valid everywhere, no mask) of the left half only: the windows beyond it are not
     # scored (they were, against the warp's zeros).
@@ -539,7 +538,7 @@ def test_evaluate_a_translate_output_against_a_map_raster(tmp_path):
         pixels = m.read(window=((0, 768), (0, 512)))
     with rasterio.open(half, "w", **profile) as ds:
         ds.write(pixels)
-    part = json.loads(CliRunner().invoke(cli, ["evaluate", str(map_tif), "--map", str(half), "--json"]).stdout)
+    part = cli_json(["evaluate", str(map_tif), "--map", str(half), "--json"])
     assert part["count"] == 6 and part["rmse"] == 0
     small = write_scene(tmp_path / "small.tif", width=165, height=300)  # under a window wide, as the Vegas sample's map
     result = CliRunner().invoke(cli, ["evaluate", str(small), "--map", str(map_tif)])
@@ -559,7 +558,7 @@ def test_a_paletted_map_raster_is_compared_in_its_colours(tmp_path):
         ds.write_colormap(1, table)
     colours = np.array([table[i][:3] for i in range(8)], np.uint8).T[:, index]
     rgb = write_scene(tmp_path / "rgb.tif", width=512, height=512, data=colours)
-    scores = json.loads(CliRunner().invoke(cli, ["evaluate", str(rgb), "--map", str(paletted), "--json"]).stdout)
+    scores = cli_json(["evaluate", str(rgb), "--map", str(paletted), "--json"])
     assert scores["count"] == 4 and scores["rmse"] == 0
 
 

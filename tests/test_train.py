@@ -28,7 +28,7 @@ from geosat2map.train import TrainConfig, Trainer, train
 from geosat2map.weights import ModelSpec, load_generator, read_spec, save_generator
 from geosat2map_cli.main import cli
 
-from .conftest import random_generator, synthetic_image
+from .conftest import cli_json, random_generator, synthetic_image
 
 
 def write_aligned(folder: Path, n: int = 6, size: int = 64) -> Path:
@@ -1081,19 +1081,19 @@ def test_info_on_a_run_folder_gives_its_epochs_scores_and_next_step(tmp_path):
                        "generator"
     with open(run_dir / "history.jsonl", "a") as f:  # a kill while the next epoch's line was written
         f.write('{"epoch": 2, "st')
-    described = json.loads(CliRunner().invoke(cli, ["info", str(run_dir), "--json"]).stdout)
+    described = cli_json(["info", str(run_dir), "--json"])
     assert (described["epochs_done"], described["epochs_planned"], described["unreadable_history_lines"]) == (1, 3, 1)
     assert described["history"] == [first] and described["config"]["ngf"] == 4 and described["resumable"]
     assert described["seconds_to_go"] == pytest.approx(2 * secs)
     assert "1 line(s) of history.jsonl unreadable" in CliRunner().invoke(cli, ["info", str(run_dir)]).stdout
     train(tiny_config(data, run_dir, max_steps=4), resume=True)  # the next epoch's line stands on its own
-    resumed = json.loads(CliRunner().invoke(cli, ["info", str(run_dir), "--json"]).stdout)
+    resumed = cli_json(["info", str(run_dir), "--json"])
     assert [r["epoch"] for r in resumed["history"]] == [1, 2] and resumed["unreadable_history_lines"] == 1
     assert "under way" not in CliRunner().invoke(cli, ["info", str(run_dir)]).stdout  # checkpoint at an epoch's end
     train(tiny_config(data, run_dir, max_steps=2), resume=True)  # stopped within epoch 3: its checkpoint says where
     assert "epoch 3 under way: 2 of 4 steps at the last checkpoint (step 10)" in \
         CliRunner().invoke(cli, ["info", str(run_dir)]).stdout.splitlines()
-    assert json.loads(CliRunner().invoke(cli, ["info", str(run_dir), "--json"]).stdout)["checkpoint"] == \
+    assert cli_json(["info", str(run_dir), "--json"])["checkpoint"] == \
         {"epoch": 2, "step_in_epoch": 2, "global_step": 10}
 
 
@@ -1340,15 +1340,13 @@ def test_evaluate_against_pairs_each_image_with_itself(tmp_path):
     import json
 
     compared = json.loads(result.stdout)
-    alone = [json.loads(CliRunner().invoke(cli, ["evaluate", str(data), "--weights", str(w), "--json",
-                                                  *common]).stdout) for w in (first, second)]
+    alone = [cli_json(["evaluate", str(data), "--weights", str(w), "--json", *common]) for w in (first, second)]
     for key in ("rmse", "acc5", "ssim"):  # each side scores as evaluate scores it alone
         assert compared["scores"]["weights"][key] == pytest.approx(alone[0][key])
         assert compared["scores"]["against"][key] == pytest.approx(alone[1][key])
         assert compared["difference"][key]["mean"] == pytest.approx(alone[0][key] - alone[1][key])
     assert compared["count"] == 2 and compared["difference"]["rmse"]["count"] == 2
-    same = json.loads(CliRunner().invoke(cli, ["evaluate", str(data), "--weights", str(first), "--against",
-                                                str(first), "--json", *common]).stdout)
+    same = cli_json(["evaluate", str(data), "--weights", str(first), "--against", str(first), "--json", *common])
     assert all(d["mean"] == 0 and d["se"] == 0 and d["better"] == 0 for d in same["difference"].values())
     text = CliRunner().invoke(cli, ["evaluate", str(data), "--weights", str(first), "--against", str(second),
                                     *common])
@@ -1377,7 +1375,7 @@ def test_evaluate_recolour_scores_the_model_on_inputs_recoloured_that_way(tmp_pa
     weights_file = tmp_path / "g.safetensors"
     save_generator(random_generator(seed=1), ModelSpec(ngf=8), weights_file)
     common = ["--split", "val", "--holdout", "3", "--device", "cpu", "--weights", str(weights_file), "--json"]
-    scored = [json.loads(CliRunner().invoke(cli, ["evaluate", str(folder), *common, *extra]).stdout)
+    scored = [cli_json(["evaluate", str(folder), *common, *extra])
               for folder, extra in ((data, ["--recolour", "warm"]), (by_hand, []), (data, []))]
     assert scored[0]["recolour"] == "warm" and "recolour" not in scored[1]
     for key in ("rmse", "acc5", "psnr", "ssim"):
@@ -1411,8 +1409,8 @@ def test_evaluate_scores_each_map_colour_class(tmp_path):
     weights_file = tmp_path / "w.safetensors"
     save_generator(random_generator(seed=1), ModelSpec(ngf=8), weights_file)
     common = ["evaluate", str(data), "--weights", str(weights_file), "--device", "cpu", "--json"]
-    plain = json.loads(CliRunner().invoke(cli, common).stdout)
-    scored = json.loads(CliRunner().invoke(cli, [*common, "--classes"]).stdout)
+    plain = cli_json(common)
+    scored = cli_json([*common, "--classes"])
     assert {k: scored[k] for k in plain} == plain
     assert list(scored["classes"]) == list(metrics.MAP_CLASSES)
     assert all(set(c) == {"share", "precision", "recall", "iou"} for c in scored["classes"].values())
