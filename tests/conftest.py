@@ -38,15 +38,18 @@ def random_generator(ngf: int = 8, seed: int = 0) -> UNetGenerator:
     return g.eval()
 
 
+def run(*args: str):
+    """A geosat2map command run in this process, as click's test runner reports it."""
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
 def cli_json(args: list[str]) -> dict:
     """The JSON a geosat2map command prints, once it has exited 0: where it has not, the failure
     names its output and traceback (a bare ``json.loads`` of an empty output said only that it
     was not JSON)."""
-    result = CliRunner().invoke(cli, args)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        cause = "".join(traceback.format_exception(result.exception))
-    else:
-        cause = ""
+    result = run(*args)
+    crashed = result.exc_info is not None and not isinstance(result.exception, SystemExit)
+    cause = "".join(traceback.format_exception(*result.exc_info)) if crashed else ""
     assert result.exit_code == 0, f"{args[0]} exited {result.exit_code}: {result.output}{cause}"
     return json.loads(result.stdout)
 

@@ -157,7 +157,7 @@ def test_a_plan_counts_the_tiles_the_run_computes(tiny_weights_gsd, tmp_path, sh
 
 
 def test_cli_aoi(tiny_weights, tmp_path):
-    from .test_cli import run
+    from .conftest import run
 
     scene = write_scene(tmp_path / "scene.tif")
     aoi = write_polygons(tmp_path / "aoi.gpkg", [L_SHAPE])

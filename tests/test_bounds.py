@@ -90,7 +90,7 @@ def test_bounds_need_georeferencing(tiny_weights, tmp_path):
 
 
 def test_cli_bounds(scene, tiny_weights, tmp_path):
-    from .test_cli import run
+    from .conftest import run
 
     out = tmp_path / "map.tif"
     result = run("translate", scene, out, "--weights", tiny_weights, "--quiet", "--bounds", LEFT + 50, TOP - 250,

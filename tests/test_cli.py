@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from click.testing import CliRunner
 from rasterio.errors import NotGeoreferencedWarning
 
 from geosat2map import preview
@@ -25,11 +24,7 @@ from geosat2map.errors import InputError
 from geosat2map.weights import ModelSpec, save_generator
 from geosat2map_cli.main import cli
 
-from .conftest import SAMPLE_SCENE, random_generator, synthetic_image, write_scene
-
-
-def run(*args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+from .conftest import SAMPLE_SCENE, random_generator, run, synthetic_image, write_scene
 
 
 def assert_clean_failure(result, out: Path, phrase: str) -> None:

@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 from geosat2map import weights
 from geosat2map.weights import ModelSpec, load_generator, model_digest, save_generator
 
-from .conftest import random_generator
-from .test_cli import run
+from .conftest import random_generator, run
 
 
 def test_info_reports_the_file_and_its_spec(tiny_weights, tiny_weights_gsd):

@@ -176,7 +176,7 @@ def test_a_src_nodata_outside_the_sheets_values_is_refused(tmp_path):
 
 
 def test_cli_mosaic_takes_a_pattern_and_keeps_an_existing_mosaic(tmp_path):
-    from .test_cli import run
+    from .conftest import run
 
     whole = write_scene(tmp_path / "whole.tif", width=400, height=300)
     cut(whole, tmp_path / "sheets", (200, 150))
@@ -297,7 +297,7 @@ def test_sheets_from_a_tile_index_and_only_those_that_meet_an_area(tmp_path):
     import pyogrio
     import shapely
 
-    from .test_cli import run
+    from .conftest import run
 
     whole = write_scene(tmp_path / "whole.tif", width=400, height=300)
     sheets = cut(whole, tmp_path / "delivery" / "sheets", (200, 150))
